@@ -1,0 +1,39 @@
+# Set-up and checks. `make demo` and `make test` bootstrap .venv on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Pinned for this environment (a local CPU wheel); pyproject keeps a normal range for users.
+TORCH_PIN ?= torch==2.13.0
+PIP := $(BIN)/pip install -q --disable-pip-version-check
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test test-fast bench bench-smoke clean
+
+$(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) --upgrade pip 2>&1 | grep -v "is ignored" || true
+	$(PIP) "$(TORCH_PIN)" 2>&1 | grep -v "is ignored" || true
+	$(PIP) -e ".[dev,bench,remote]" "$(TORCH_PIN)" 2>&1 | grep -v "is ignored" || true
+	for p in plugins/*/; do [ -f $$p/pyproject.toml ] && $(PIP) -e "$$p" "$(TORCH_PIN)" 2>&1 | grep -v "is ignored"; done; true
+	$(BIN)/python -c "import ckpt, torch; print('ckpt', ckpt.__version__, 'torch', torch.__version__)"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not server"
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run
+
+bench-smoke: $(STAMP)
+	$(BIN)/python -m benchmarks.run --smoke
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,284 @@
+"""Byte codecs: named, registered through ``ckpt_register_codecs``, recorded per object.
+
+A chunk is encoded by a chain of codecs (applied left to right); the chain, with each
+codec's parameters, is written into the manifest so a reader always knows how to
+decode. Decoding runs the chain right to left and the last step writes straight into
+the destination memory.
+
+Built-in codecs:
+
+``zstd``
+    plain zstandard (integer, bool and other non-float data).
+``bgzstd``
+    byte-grouped zstandard for floating point: byte *k* of every element goes to plane
+    *k*, each plane is compressed on its own (the exponent plane compresses ~2.7x, the
+    mantissa planes barely), and a plane that does not compress is stored raw.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Protocol, runtime_checkable
+
+import numpy as np
+import zstandard
+
+from ckpt.errors import CorruptCheckpointError, PluginError, UnknownCodecError
+
+
+@dataclass(frozen=True)
+class EncodeContext:
+    """What a codec may know about the chunk it encodes."""
+
+    dtype: str
+    itemsize: int
+    #: raw bytes of the same chunk in the parent checkpoint, when there is one (delta codecs)
+    parent: memoryview | None = None
+    #: the parent chunk's manifest record (``ChunkRef.to_json()``), for a delta codec to cite
+    parent_ref: Mapping[str, Any] | None = None
+
+
+class DecodeContext(Protocol):
+    """What a codec may ask for while decoding."""
+
+    def raw_chunk(self, ref: Mapping[str, Any]) -> memoryview:
+        """The verified raw bytes of another chunk, given its manifest record (a delta's parent)."""
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """A reversible transform of bytes; see :mod:`ckpt.codecs`."""
+
+    name: str
+
+    def encode(self, data: memoryview, ctx: EncodeContext) -> tuple[bytes | memoryview, dict[str, Any]] | None:
+        """Encode ``data``; return ``(payload, params)`` or None when this codec does not help."""
+
+    def decode(self, payload: memoryview, out: memoryview, params: Mapping[str, Any], ctx: DecodeContext) -> None:
+        """Decode ``payload`` into ``out`` (exactly the raw size), using the recorded ``params``."""
+
+
+class CodecRegistry:
+    """Name -> codec. Passed to ``ckpt_register_codecs`` as ``register``."""
+
+    def __init__(self) -> None:
+        self._codecs: dict[str, Codec] = {}
+        self._owner: dict[str, str] = {}
+        self.current_plugin = "?"
+
+    def __call__(self, codec: Codec) -> None:
+        name = getattr(codec, "name", None)
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"codec {codec!r} from plugin {self.current_plugin!r} has no name")
+        if name in self._codecs:
+            raise PluginError(
+                f"codec name {name!r} registered twice: by {self._owner[name]!r} and by {self.current_plugin!r}"
+            )
+        self._codecs[name] = codec
+        self._owner[name] = self.current_plugin
+
+    def get(self, name: str, *, what: str = "") -> Codec:
+        try:
+            return self._codecs[name]
+        except KeyError:
+            where = f" (needed by {what})" if what else ""
+            known = ", ".join(sorted(self._codecs)) or "none"
+            raise UnknownCodecError(
+                f"unknown codec {name!r}{where}; loaded codecs: {known}. Install the plugin that provides it."
+            ) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._codecs
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._codecs))
+
+    def owner(self, name: str) -> str:
+        return self._owner[name]
+
+
+# -- zstandard helpers ------------------------------------------------------------------
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    # ZstdCompressor objects must not be shared between threads that use them at once.
+    cache = getattr(_local, "cctx", None)
+    if cache is None:
+        cache = _local.cctx = {}
+    c = cache.get(level)
+    if c is None:
+        c = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "dctx", None)
+    if d is None:
+        d = _local.dctx = zstandard.ZstdDecompressor()
+    return d
+
+
+def _decompress_exact(payload: memoryview | bytes, size: int, what: str) -> bytes:
+    try:
+        raw = _decompressor().decompress(payload, max_output_size=size)
+    except zstandard.ZstdError as exc:
+        raise CorruptCheckpointError(f"zstd frame of {what} does not decode: {exc}") from None
+    if len(raw) != size:
+        raise CorruptCheckpointError(f"{what} decodes to {len(raw)} bytes, expected {size}")
+    return raw
+
+
+#: a plane is compressed only when that saves at least this fraction of it
+_MIN_SAVING = 0.02
+_SAMPLE = 128 * 1024
+
+
+class ZstdCodec:
+    """Plain zstandard."""
+
+    name = "zstd"
+
+    def __init__(self, level: int | None = None) -> None:
+        from ckpt import config
+
+        self.level = config.zstd_level() if level is None else level
+
+    def encode(self, data: memoryview, ctx: EncodeContext) -> tuple[bytes, dict[str, Any]] | None:
+        out = _compressor(self.level).compress(data)
+        if len(out) >= len(data) * (1 - _MIN_SAVING):
+            return None
+        return out, {}
+
+    def decode(self, payload: memoryview, out: memoryview, params: Mapping[str, Any], ctx: DecodeContext) -> None:
+        raw = _decompress_exact(payload, len(out), "zstd object")
+        out[:] = raw
+
+
+_PLANE = struct.Struct("<BQ")  # mode (0 raw, 1 zstd), stored length
+_RAW, _ZSTD = 0, 1
+
+
+class ByteGroupZstdCodec:
+    """Byte-grouped zstandard for floating-point data (see module docstring)."""
+
+    name = "bgzstd"
+
+    def __init__(self, level: int | None = None) -> None:
+        from ckpt import config
+
+        self.level = config.zstd_level() if level is None else level
+
+    def _compress_plane(self, plane: np.ndarray) -> tuple[int, bytes | np.ndarray]:
+        comp = _compressor(self.level)
+        n = plane.nbytes
+        if n > 4 * _SAMPLE:
+            # Mantissa planes are close to random: a sample decides cheaply.
+            sample = comp.compress(plane[:_SAMPLE])
+            if len(sample) >= _SAMPLE * (1 - _MIN_SAVING):
+                return _RAW, plane
+        out = comp.compress(plane)
+        if len(out) >= n * (1 - _MIN_SAVING):
+            return _RAW, plane
+        return _ZSTD, out
+
+    def encode(self, data: memoryview, ctx: EncodeContext) -> tuple[bytes, dict[str, Any]] | None:
+        k = ctx.itemsize
+        if k < 2 or len(data) % k:
+            return None
+        grid = np.frombuffer(data, dtype=np.uint8).reshape(-1, k)
+        parts: list[tuple[int, bytes | np.ndarray]] = [
+            self._compress_plane(np.ascontiguousarray(grid[:, i])) for i in range(k)
+        ]
+        if all(mode == _RAW for mode, _ in parts):
+            return None
+        header = b"".join(_PLANE.pack(mode, len(p) if mode == _ZSTD else p.nbytes) for mode, p in parts)
+        body = b"".join(p if mode == _ZSTD else memoryview(p) for mode, p in parts)
+        return header + body, {"itemsize": k}
+
+    def decode(self, payload: memoryview, out: memoryview, params: Mapping[str, Any], ctx: DecodeContext) -> None:
+        k = int(params.get("itemsize", 0))
+        if k < 2 or len(out) % k:
+            raise CorruptCheckpointError(f"bgzstd: bad itemsize {k} for {len(out)} bytes")
+        n = len(out) // k
+        grid = np.frombuffer(out, dtype=np.uint8).reshape(-1, k)
+        pos = _PLANE.size * k
+        if len(payload) < pos:
+            raise CorruptCheckpointError("bgzstd: truncated plane table")
+        for i in range(k):
+            mode, length = _PLANE.unpack_from(payload, i * _PLANE.size)
+            body = payload[pos : pos + length]
+            if len(body) != length:
+                raise CorruptCheckpointError(f"bgzstd: plane {i} truncated ({len(body)} of {length} bytes)")
+            pos += length
+            if mode == _RAW:
+                if length != n:
+                    raise CorruptCheckpointError(f"bgzstd: raw plane {i} has {length} bytes, expected {n}")
+                plane = np.frombuffer(body, dtype=np.uint8)
+            elif mode == _ZSTD:
+                plane = np.frombuffer(_decompress_exact(body, n, f"bgzstd plane {i}"), dtype=np.uint8)
+            else:
+                raise CorruptCheckpointError(f"bgzstd: plane {i} has unknown mode {mode}")
+            grid[:, i] = plane
+        if pos != len(payload):
+            raise CorruptCheckpointError(f"bgzstd: {len(payload) - pos} trailing bytes")
+
+
+FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64", "complex64", "complex128"}
+
+
+def default_chain(dtype: str) -> list[str]:
+    """The codec chain tried for a fresh (non-delta) chunk of ``dtype``."""
+    return ["bgzstd"] if dtype in FLOAT_DTYPES else ["zstd"]
+
+
+def encode_chain(
+    registry: CodecRegistry, names: list[str], data: memoryview, ctx: EncodeContext
+) -> tuple[bytes | memoryview, list[dict[str, Any]]]:
+    """Run the codecs named in ``names`` in order, skipping those that do not help.
+
+    Returns the payload and the chain actually applied (``[]`` = stored raw).
+    """
+    chain: list[dict[str, Any]] = []
+    payload: bytes | memoryview = data
+    for name in names:
+        codec = registry.get(name)
+        result = codec.encode(memoryview(payload), ctx)
+        if result is None:
+            continue
+        payload, params = result
+        chain.append({"name": name, **params})
+    return payload, chain
+
+
+def decode_chain(
+    registry: CodecRegistry,
+    chain: list[Mapping[str, Any]],
+    payload: memoryview,
+    out: memoryview,
+    ctx: DecodeContext,
+    what: str,
+) -> None:
+    """Decode ``payload`` through ``chain`` (reversed) into ``out``."""
+    if not chain:
+        if len(payload) != len(out):
+            raise CorruptCheckpointError(f"{what}: raw object has {len(payload)} bytes, expected {len(out)}")
+        out[:] = payload
+        return
+    # Every built-in stage before the last is size-preserving, so intermediates have out's size.
+    current = payload
+    for depth, step in enumerate(reversed(chain)):
+        codec = registry.get(str(step.get("name")), what=what)
+        last = depth == len(chain) - 1
+        target = out if last else memoryview(bytearray(len(out)))
+        codec.decode(current, target, step, ctx)
+        current = target
+
+
+def builtin_codecs() -> list[Codec]:
+    return [ZstdCodec(), ByteGroupZstdCodec()]
+
+

@@ -1,0 +1,151 @@
+"""State trees <-> JSON with tensor references.
+
+A state tree is nested mappings, lists and tuples whose leaves are tensors (torch or
+NumPy) or JSON scalars. :func:`encode` turns it into a JSON-safe structure in which every
+tensor is replaced by ``{"$tensor": path}`` and returns the tensors by path; :func:`decode`
+reverses it. Python types JSON cannot express are tagged so they come back exactly:
+
+=====================  =========================================
+``{"$tuple": [...]}``  a tuple
+``{"$map": [[k, v]]}`` a mapping with non-string keys (optimizer state ``{0: ...}``)
+``{"$float": "nan"}``  a non-finite float
+``{"$dtype": "..."}``  a ``torch.dtype``
+``{"$bytes": "..."}``  bytes (base64)
+=====================  =========================================
+
+Nothing is pickled: a value of any other type raises :class:`UnsupportedValueError`
+naming its key. Decoding only ever builds these plain types.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from ckpt.errors import SchemaError, UnsupportedValueError
+
+TAGS = ("$tensor", "$tuple", "$map", "$float", "$dtype", "$bytes")
+
+
+def escape(key: str) -> str:
+    """One path component, JSON-pointer escaped so '/' in keys stays unambiguous."""
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def join(prefix: str, key: Any) -> str:
+    part = escape(str(key))
+    return f"{prefix}/{part}" if prefix else part
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str, *, what: str = "") -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise SchemaError(f"unknown dtype {name!r}" + (f" for {what}" if what else ""))
+    return dtype
+
+
+def encode(tree: Any, tensors: dict[str, torch.Tensor], numpy_paths: set[str], path: str = "") -> Any:
+    """Encode ``tree``; tensors found are added to ``tensors`` keyed by their path."""
+    if isinstance(tree, torch.Tensor):
+        tensors[path] = tree
+        return {"$tensor": path}
+    if isinstance(tree, np.ndarray):
+        if tree.dtype.hasobject:
+            raise UnsupportedValueError(f"{path or '<root>'}: NumPy object arrays cannot be stored without pickle")
+        tensors[path] = torch.from_numpy(np.ascontiguousarray(tree))
+        numpy_paths.add(path)
+        return {"$tensor": path, "numpy": True}
+    if isinstance(tree, Mapping):
+        if all(isinstance(k, str) and not k.startswith("$") for k in tree):
+            return {k: encode(v, tensors, numpy_paths, join(path, k)) for k, v in tree.items()}
+        items = []
+        for k, v in tree.items():
+            if not (k is None or isinstance(k, (str, int, float, bool))):
+                raise UnsupportedValueError(
+                    f"{path or '<root>'}: mapping key {k!r} of type {type(k).__name__} is not a JSON scalar"
+                )
+            items.append([encode(k, tensors, numpy_paths, path), encode(v, tensors, numpy_paths, join(path, k))])
+        return {"$map": items}
+    if isinstance(tree, tuple):
+        return {"$tuple": [encode(v, tensors, numpy_paths, join(path, i)) for i, v in enumerate(tree)]}
+    if isinstance(tree, list):
+        return [encode(v, tensors, numpy_paths, join(path, i)) for i, v in enumerate(tree)]
+    if tree is None or isinstance(tree, (bool, int, str)):
+        return tree
+    if isinstance(tree, float):
+        if math.isfinite(tree):
+            return tree
+        return {"$float": "nan" if math.isnan(tree) else ("inf" if tree > 0 else "-inf")}
+    if isinstance(tree, np.generic):
+        return encode(tree.item(), tensors, numpy_paths, path)
+    if isinstance(tree, torch.dtype):
+        return {"$dtype": _dtype_name(tree)}
+    if isinstance(tree, (bytes, bytearray)):
+        return {"$bytes": base64.b64encode(bytes(tree)).decode("ascii")}
+    raise UnsupportedValueError(
+        f"{path or '<root>'}: cannot checkpoint a value of type {type(tree).__module__}.{type(tree).__qualname__} "
+        "without pickle. Store tensors, JSON values or objects an adapter handles; "
+        "to support this type, register an adapter plugin (see README 'Writing a plugin')."
+    )
+
+
+def decode(node: Any, tensor: Callable[[str, bool], Any], path: str = "") -> Any:
+    """Rebuild a tree from :func:`encode`'s output; ``tensor(path, numpy)`` supplies tensors."""
+    if isinstance(node, list):
+        return [decode(v, tensor, join(path, i)) for i, v in enumerate(node)]
+    if not isinstance(node, dict):
+        return node
+    if len(node) >= 1:
+        if "$tensor" in node:
+            return tensor(str(node["$tensor"]), bool(node.get("numpy", False)))
+        if "$tuple" in node:
+            return tuple(decode(v, tensor, join(path, i)) for i, v in enumerate(_list(node, "$tuple", path)))
+        if "$map" in node:
+            out = {}
+            for pair in _list(node, "$map", path):
+                if not isinstance(pair, list) or len(pair) != 2:
+                    raise SchemaError(f"{path}: malformed $map entry {pair!r}")
+                key = decode(pair[0], tensor, path)
+                out[key] = decode(pair[1], tensor, join(path, key))
+            return out
+        if "$float" in node:
+            return float(node["$float"])
+        if "$dtype" in node:
+            return dtype_from_name(str(node["$dtype"]), what=path)
+        if "$bytes" in node:
+            return base64.b64decode(node["$bytes"])
+    return {k: decode(v, tensor, join(path, k)) for k, v in node.items()}
+
+
+def _list(node: dict, tag: str, path: str) -> list:
+    value = node[tag]
+    if not isinstance(value, list):
+        raise SchemaError(f"{path}: {tag} must hold a list")
+    return value
+
+
+def tensor_paths(node: Any) -> list[str]:
+    """Every tensor path referenced by an encoded tree, in tree order."""
+    found: list[str] = []
+
+    def walk(n: Any) -> None:
+        if isinstance(n, list):
+            for v in n:
+                walk(v)
+        elif isinstance(n, dict):
+            if "$tensor" in n:
+                found.append(str(n["$tensor"]))
+            else:
+                for v in n.values():
+                    walk(v)
+
+    walk(node)
+    return found
