@@ -14,7 +14,9 @@ __version__ = "0.1.0"
 
 from ckpt.adapters import Adapter, AdapterRegistry
 from ckpt.api import CheckpointInfo, load, restore, save
+from ckpt.checkpointer import Checkpointer, SaveHandle
 from ckpt.codecs import Codec, CodecRegistry
+from ckpt.dataloader import track
 from ckpt.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -35,6 +37,7 @@ __all__ = [
     "AdapterRegistry",
     "CheckpointError",
     "CheckpointInfo",
+    "Checkpointer",
     "Codec",
     "CodecRegistry",
     "CorruptCheckpointError",
@@ -44,6 +47,7 @@ __all__ = [
     "RNG",
     "SchemaError",
     "StateMismatchError",
+    "SaveHandle",
     "StoreError",
     "UnknownCodecError",
     "UnsupportedValueError",
@@ -52,4 +56,5 @@ __all__ = [
     "load",
     "restore",
     "save",
+    "track",
 ]

@@ -9,8 +9,8 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, MutableMapping
 
 import torch
 
@@ -37,6 +37,8 @@ class CheckpointInfo:
     created: str = ""
     parent: int | None = None
     tensors: int = 0
+    #: the committed manifest itself
+    manifest: Manifest | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_manifest(cls, m: Manifest, url: str) -> CheckpointInfo:
@@ -48,6 +50,7 @@ class CheckpointInfo:
             created=m.created,
             parent=m.parent,
             tensors=len(m.tensors),
+            manifest=m,
         )
 
 
@@ -111,15 +114,49 @@ def write_checkpoint(
     step: int,
     json_tree: Any,
     adapters: Mapping[str, str],
-    tensors: Mapping[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
     parent: Manifest | None,
     pool: ThreadPoolExecutor,
     meta: Mapping[str, Any] | None = None,
+    on_tensor_written: Callable[[str], None] | None = None,
+    parent_tensors: Mapping[str, torch.Tensor] | None = None,
+    delta: bool = True,
+    max_chain: int | None = None,
 ) -> CheckpointInfo:
-    """Write objects, then the manifest, then the ref. The one commit path of ckpt."""
-    writer = Writer(store, plugins.codecs, pool, known=known_chunks(parent), chunk_bytes=config.chunk_bytes())
-    futures: dict[str, Future[TensorEntry]] = {p: writer.submit(p, t) for p, t in tensors.items()}
-    wait_all(futures.values())
+    """Write objects, then the manifest, then the ref. The one commit path of ckpt.
+
+    ``tensors`` may be a lazy iterable of ``(path, tensor)`` pairs: the async engine yields
+    each tensor as soon as it is staged, and ``on_tensor_written(path)`` tells it when the
+    tensor's bytes are no longer needed (its staging buffer can be reused).
+
+    Chunks stored by ``parent`` are referenced, not written (dedup). With ``delta`` (the
+    default), a changed chunk is also tried as an XOR delta against the parent's chunk and
+    kept when smaller (:mod:`ckpt.delta`); its parent's raw bytes come from
+    ``parent_tensors`` (the previous snapshot's host tensors by path, checked against the
+    parent's hashes) or are read back from the store. ``max_chain`` bounds delta chains
+    (``CKPT_DELTA_MAX_CHAIN``, default 8: a full object at least every 8 saves of a chunk).
+    """
+    writer = Writer(
+        store,
+        plugins.codecs,
+        pool,
+        known=known_chunks(parent),
+        chunk_bytes=config.chunk_bytes(),
+        parent=parent,
+        parent_tensors=parent_tensors,
+        delta=delta,
+        max_chain=config.delta_max_chain() if max_chain is None else max_chain,
+    )
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    futures: dict[str, Future[TensorEntry]] = {}
+    try:
+        for path, tensor in items:
+            fut = writer.submit(path, tensor)
+            if on_tensor_written is not None:
+                fut.add_done_callback(lambda _f, p=path: on_tensor_written(p))
+            futures[path] = fut
+    finally:
+        wait_all(futures.values())
     entries = {p: f.result() for p, f in futures.items()}
     manifest = Manifest(
         step=step,
@@ -345,5 +382,13 @@ def load(
     store = Store(url, storage_options)
     manifest = load_manifest(store, step)
     paths = treemod.tensor_paths(manifest.tree)
-    tensors = _read_tensors(store, plugins, manifest, paths, {}, map_location)
-    return treemod.decode(manifest.tree, lambda p, is_np: _as_numpy(tensors[p], is_np))
+    tensors = _read_tensors(store, plugins, manifest, paths, {})
+
+    def leaf(path: str, is_numpy: bool) -> Any:
+        # NumPy arrays live in host memory whatever map_location says
+        t = tensors[path]
+        if is_numpy:
+            return t.numpy()
+        return t if map_location is None or str(map_location) == "cpu" else t.to(map_location)
+
+    return treemod.decode(manifest.tree, leaf)

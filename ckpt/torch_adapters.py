@@ -150,7 +150,11 @@ class RNGAdapter:
 
 
 def builtin_adapters() -> list[Any]:
+    from ckpt.dataloader import DataLoaderAdapter, StatefulDataLoaderAdapter
+
     return [
+        StatefulDataLoaderAdapter(),
+        DataLoaderAdapter(),
         ModuleAdapter(),
         OptimizerAdapter(),
         SchedulerAdapter(),

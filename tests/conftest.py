@@ -25,16 +25,18 @@ def store_url(request, tmp_path):
     """A fresh, empty store URL of each kind."""
     kind = request.param
     if kind == "file":
-        return f"file://{tmp_path}/store"
-    if kind == "memory":
-        url = f"memory://ckpt-test-{uuid.uuid4().hex}"
-        yield url
+        yield f"file://{tmp_path}/store"
+    elif kind == "memory":
         import fsspec
 
+        url = f"memory://ckpt-test-{uuid.uuid4().hex}"
+        yield url
         fs = fsspec.filesystem("memory")
-        fs.rm(url.removeprefix("memory://"), recursive=True) if fs.exists(url) else None
-        return
-    raise AssertionError(kind)
+        path = url.removeprefix("memory://")
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    else:
+        raise AssertionError(kind)
 
 
 def make_training_state(seed: int = 0, width: int = 32):
