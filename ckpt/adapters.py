@@ -22,6 +22,8 @@ class Adapter(Protocol):
 
     #: stable name recorded in the manifest, e.g. ``"torch.nn.Module"``
     name: str
+    # Optional: a class attribute ``exact_tensors = True`` makes restore refuse, before
+    # writing anything, a checkpoint holding tensors the live object lacks.
 
     def handles(self, obj: Any) -> bool:
         """True when this adapter knows how to capture ``obj``."""

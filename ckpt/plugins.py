@@ -42,9 +42,24 @@ def make_plugin_manager(*, load_entrypoints: bool = True) -> pluggy.PluginManage
         try:
             pm.load_setuptools_entrypoints(PROJECT)
         except Exception as exc:  # a broken third-party plugin must say who it is
-            raise PluginError(f"failed to load a 'ckpt' entry-point plugin: {exc!r}") from exc
-    pm.check_pending()
+            raise PluginError(f"failed to load the 'ckpt' entry-point plugin {_failed_entry_point(pm)!r}: {exc!r}") from exc
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {pm.get_name(exc.plugin)!r}: {exc}") from exc
     return pm
+
+
+def _failed_entry_point(pm: pluggy.PluginManager) -> str:
+    """The entry point pluggy was loading when it failed: the first one not registered,
+    in the order pluggy walks them."""
+    import importlib.metadata
+
+    for dist in importlib.metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group == PROJECT and not pm.has_plugin(ep.name) and not pm.is_blocked(ep.name):
+                return ep.name
+    return "?"
 
 
 @dataclass(frozen=True)

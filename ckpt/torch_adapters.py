@@ -25,6 +25,8 @@ class ModuleAdapter:
     """``torch.nn.Module`` <-> its ``state_dict()`` (parameters and buffers, by name)."""
 
     name = "torch.nn.Module"
+    #: restore checks the stored tensors are exactly the live ones before writing any
+    exact_tensors = True
 
     def handles(self, obj: Any) -> bool:
         return isinstance(obj, torch.nn.Module)

@@ -55,12 +55,15 @@ def dtype_from_name(name: str, *, what: str = "") -> torch.dtype:
 def encode(tree: Any, tensors: dict[str, torch.Tensor], numpy_paths: set[str], path: str = "") -> Any:
     """Encode ``tree``; tensors found are added to ``tensors`` keyed by their path."""
     if isinstance(tree, torch.Tensor):
+        _claim(tensors, path)
         tensors[path] = tree
         return {"$tensor": path}
     if isinstance(tree, np.ndarray):
         if tree.dtype.hasobject:
             raise UnsupportedValueError(f"{path or '<root>'}: NumPy object arrays cannot be stored without pickle")
-        tensors[path] = torch.from_numpy(np.ascontiguousarray(tree))
+        # ascontiguousarray turns a 0-d array into shape (1,); keep the shape
+        _claim(tensors, path)
+        tensors[path] = torch.from_numpy(np.ascontiguousarray(tree).reshape(tree.shape))
         numpy_paths.add(path)
         return {"$tensor": path, "numpy": True}
     if isinstance(tree, Mapping):
@@ -97,6 +100,15 @@ def encode(tree: Any, tensors: dict[str, torch.Tensor], numpy_paths: set[str], p
     )
 
 
+def _claim(tensors: Mapping[str, Any], path: str) -> None:
+    # keys 1 and "1" (or "None" and None) share a path: storing both would mix them up
+    if path in tensors:
+        raise UnsupportedValueError(
+            f"{path or '<root>'}: two tensors would be stored under this path (keys that differ only in "
+            "type, like 1 and '1'); rename one"
+        )
+
+
 def decode(node: Any, tensor: Callable[[str, bool], Any], path: str = "") -> Any:
     """Rebuild a tree from :func:`encode`'s output; ``tensor(path, numpy)`` supplies tensors."""
     if isinstance(node, list):
@@ -114,15 +126,25 @@ def decode(node: Any, tensor: Callable[[str, bool], Any], path: str = "") -> Any
                 if not isinstance(pair, list) or len(pair) != 2:
                     raise SchemaError(f"{path}: malformed $map entry {pair!r}")
                 key = decode(pair[0], tensor, path)
+                if not (key is None or isinstance(key, (str, int, float, bool))):
+                    raise SchemaError(f"{path}: $map key {pair[0]!r} is not a JSON scalar")
                 out[key] = decode(pair[1], tensor, join(path, key))
             return out
         if "$float" in node:
+            if node["$float"] not in _NONFINITE:
+                raise SchemaError(f"{path}: $float must be one of {sorted(_NONFINITE)}, got {node['$float']!r}")
             return float(node["$float"])
         if "$dtype" in node:
             return dtype_from_name(str(node["$dtype"]), what=path)
         if "$bytes" in node:
-            return base64.b64decode(node["$bytes"])
+            try:
+                return base64.b64decode(node["$bytes"], validate=True)
+            except (TypeError, ValueError) as exc:  # binascii.Error is a ValueError
+                raise SchemaError(f"{path}: $bytes is not base64 ({exc})") from None
     return {k: decode(v, tensor, join(path, k)) for k, v in node.items()}
+
+
+_NONFINITE = ("nan", "inf", "-inf")
 
 
 def _list(node: dict, tag: str, path: str) -> list:
