@@ -68,8 +68,11 @@ def _set(gen: torch.Generator | None, state: torch.Tensor) -> None:
 class _SkipSampler:
     """The loader's index sampler, drawing its order eagerly and skipping ``skip`` batches.
 
-    The first draw happens when the epoch's iterator is built, in both the original and
-    the resumed run, so the generators are in the recorded state when it happens.
+    The first batch is pulled when the epoch's iterator is built, in the original and the
+    resumed run alike, so the order is drawn while the generators are in the recorded
+    state. Skipping is lazy: a multiprocessing iterator builds (and throws away) one
+    index iterator before the one it uses, and the throw-away one must make exactly the
+    same draws in both runs.
     """
 
     def __init__(self, sampler: Any, skip: int, position: _Position) -> None:
@@ -82,22 +85,22 @@ class _SkipSampler:
 
     def __iter__(self) -> Iterator[Any]:
         it = iter(self.sampler)
-        head = []
-        for _ in range(self.skip):
-            if next(it, _END) is _END:
-                return iter(())
-        first = next(it, _END)
-        if first is not _END:
-            head.append(first)
-        return _chain(head, it)
+        return _skipping(next(it, _END), it, self.skip)
+
+
+def _skipping(first: Any, rest: Iterator[Any], skip: int) -> Iterator[Any]:
+    if first is _END:
+        return
+    if skip == 0:
+        yield first
+    else:
+        for _ in range(skip - 1):  # `first` is the first one skipped
+            if next(rest, _END) is _END:
+                return
+    yield from rest
 
 
 _END = object()
-
-
-def _chain(head: list, rest: Iterator) -> Iterator:
-    yield from head
-    yield from rest
 
 
 def _tracked_class(cls: type) -> type:
@@ -127,7 +130,7 @@ def _tracked_iter(loader: Any, start_iterator: Any) -> Iterator[Any]:
     gens = _generators(loader)
     resume, pos.resume = pos.resume, None
     if resume is not None:
-        current = {k: _get(g) for k, g in gens.items()}
+        current = {"global": torch.get_rng_state()} if "global" in gens else {}
         for k, g in gens.items():
             if k in resume["start"]:
                 _set(g, resume["start"][k])
@@ -140,13 +143,12 @@ def _tracked_iter(loader: Any, start_iterator: Any) -> Iterator[Any]:
         pos.epoch, pos.batches = pos.epoch + 1, 0
     try:
         inner = start_iterator()
-        if resume is not None:
-            # Generators continue from where they were at the save, not from the replay.
-            for k, g in gens.items():
-                if k == "global":
-                    _set(g, current[k])
-                elif k in resume["now"]:
-                    _set(g, resume["now"][k])
+        if resume is not None and "global" in gens:
+            # The replay re-draws exactly the epoch's own draws from the loader's generators
+            # (including the one a RandomSampler makes when exhausted, which may come later
+            # than the save), so those continue from the replay. torch's global RNG is
+            # shared with training: it goes back to where the restore put it.
+            _set(None, current["global"])
     finally:
         object.__setattr__(loader, "_ckpt_skip", 0)
     return _count(inner, pos)
@@ -218,7 +220,6 @@ class DataLoaderAdapter:
             "batches": pos.batches,
             "length": len(obj) if hasattr(obj.dataset, "__len__") else None,
             "start": dict(pos.start_states),
-            "now": {k: _get(g) for k, g in gens.items() if g is not None},
         }
 
     def load(self, obj: DataLoader, tree: Mapping[str, Any]) -> None:
@@ -230,7 +231,7 @@ class DataLoaderAdapter:
         pos.epoch = int(tree["epoch"])
         if pos.epoch < 0:
             return  # saved before its first epoch: nothing to replay
-        pos.resume = {"epoch": pos.epoch, "batches": int(tree["batches"]), "start": dict(tree["start"]), "now": dict(tree["now"])}
+        pos.resume = {"epoch": pos.epoch, "batches": int(tree["batches"]), "start": dict(tree["start"])}
 
 
 class StatefulDataLoaderAdapter:

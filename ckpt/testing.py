@@ -41,7 +41,7 @@ import ckpt
 from ckpt.plugins import get_plugins
 from ckpt.store import Store
 
-__all__ = ["AdapterConformance", "assert_same_state", "clone_state", "corrupt_object", "tensor_bits"]
+__all__ = ["AdapterConformance", "make_training_state", "assert_same_state", "clone_state", "corrupt_object", "tensor_bits"]
 
 
 def tensor_bits(t: torch.Tensor) -> bytes:
@@ -289,3 +289,17 @@ class AdapterConformance:
         ckpt.save(conformance_url, {self.key: make_object()}, step=1)
         with pytest.raises(ckpt.StateMismatchError, match="absent"):
             ckpt.restore(conformance_url, {"absent": make_object()})
+
+
+def make_training_state(seed: int = 0, width: int = 32):
+    """A small model + AdamW + scheduler + scaler, stepped so optimizer state exists."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.LayerNorm(width), torch.nn.Linear(width, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for _ in range(2):
+        model(torch.randn(8, width)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    return {"model": model, "optim": opt, "sched": sched, "rng": ckpt.RNG()}

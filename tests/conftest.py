@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import pytest
@@ -10,7 +11,12 @@ import torch
 import ckpt
 from ckpt.plugins import reset_plugins
 
-STORE_KINDS = ["file", "memory"]
+STORE_KINDS = [
+    "file",
+    "memory",
+    pytest.param("s3", marks=pytest.mark.server),
+    pytest.param("az", marks=pytest.mark.server),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -20,9 +26,54 @@ def _fresh_plugins():
     reset_plugins()
 
 
+def _start_server(factory, kind: str):
+    from servers import ServerUnavailable, register_fsspec_defaults, unregister_fsspec_defaults
+
+    try:
+        server = factory().start()
+    except ServerUnavailable as exc:
+        # the tool itself is absent (no Node.js): skip; any other start failure fails the tests
+        pytest.skip(f"{kind} server unavailable: {exc}")
+    register_fsspec_defaults(server)
+    return server, unregister_fsspec_defaults
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto S3 on 127.0.0.1 for the whole session; plain ``s3://`` URLs reach it (fsspec config)."""
+    from servers import MotoS3
+
+    server, unregister = _start_server(MotoS3, "s3")
+    yield server
+    unregister("s3")
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def az_server():
+    """azurite (Blob) on 127.0.0.1 for the whole session; plain ``az://`` URLs reach it."""
+    from servers import Azurite
+
+    server, unregister = _start_server(Azurite, "az")
+    yield server
+    unregister("az")
+    server.stop()
+
+
+@pytest.fixture
+def store_server(request):
+    """The server behind ``store_url`` (None for file and memory stores)."""
+    kind = request.getfixturevalue("store_url").split("://", 1)[0]
+    return request.getfixturevalue(f"{kind}_server") if kind in ("s3", "az") else None
+
+
 @pytest.fixture(params=STORE_KINDS)
 def store_url(request, tmp_path):
-    """A fresh, empty store URL of each kind."""
+    """A fresh, empty store URL of each kind (s3 and az: a new prefix on the session's server).
+
+    Remote URLs need no ``storage_options``: the server fixtures register them as fsspec
+    defaults; ``store_server.storage_options`` has them for explicit use.
+    """
     kind = request.param
     if kind == "file":
         yield f"file://{tmp_path}/store"
@@ -35,19 +86,53 @@ def store_url(request, tmp_path):
         path = url.removeprefix("memory://")
         if fs.exists(path):
             fs.rm(path, recursive=True)
+    elif kind in ("s3", "az"):
+        import fsspec
+
+        server = request.getfixturevalue(f"{kind}_server")
+        url = server.new_url(re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)[:48])
+        yield url
+        fs, path = fsspec.core.url_to_fs(url, **server.storage_options)
+        try:
+            fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
     else:
         raise AssertionError(kind)
 
 
-def make_training_state(seed: int = 0, width: int = 32):
-    """A small model + AdamW + scheduler + scaler, stepped so optimizer state exists."""
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.LayerNorm(width), torch.nn.Linear(width, 4))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-    for _ in range(2):
-        model(torch.randn(8, width)).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-        sched.step()
-    return {"model": model, "optim": opt, "sched": sched, "rng": ckpt.RNG()}
+from ckpt.testing import make_training_state  # noqa: E402,F401 - re-exported for tests
+
+
+
+@pytest.fixture
+def fake_plugin(tmp_path, monkeypatch):
+    """Install a plugin *distribution* for this test only: ``fake_plugin(dist, source)``.
+
+    Writes ``<module>.py`` and ``<dist>-<version>.dist-info/{METADATA,entry_points.txt}``
+    into a temporary directory on ``sys.path``, so ``importlib.metadata`` (and so pluggy's
+    entry-point loading) finds it exactly as it finds a pip-installed plugin. Returns the
+    module name; the module is imported only when ckpt loads its plugins.
+    """
+    import sys
+
+    made: list[str] = []
+
+    def install(dist: str, source: str, *, version: str = "1.2.3") -> str:
+        module = f"{dist.replace('-', '_')}_{uuid.uuid4().hex[:8]}"
+        base = tmp_path / f"site-{module}"
+        base.mkdir()
+        (base / f"{module}.py").write_text(source)
+        info = base / f"{dist.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+        (info / "entry_points.txt").write_text(f"[ckpt]\n{dist} = {module}\n")
+        monkeypatch.syspath_prepend(str(base))
+        made.append(module)
+        reset_plugins()
+        return module
+
+    yield install
+    for module in made:
+        sys.modules.pop(module, None)
+    reset_plugins()

@@ -25,7 +25,7 @@ from ckpt.cli import build_cli, parse_storage_options
 from ckpt.errors import PluginError
 from ckpt.manifest import Manifest
 
-from conftest import make_training_state
+from ckpt.testing import make_training_state
 
 CKPT_BIN = Path(sys.executable).parent / "ckpt"
 

@@ -46,7 +46,7 @@ def _reference(workers, generator, epochs=3):
 
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("generator", [True, False])
-@pytest.mark.parametrize("consumed", [0, 5, 13, 16])  # start, mid-epoch, an epoch boundary, epoch 2
+@pytest.mark.parametrize("consumed", [0, 5, 12, 13, 16])  # start, mid-epoch, an epoch boundary, epoch 2
 def test_resume_mid_epoch(tmp_path, workers, generator, consumed):
     per_epoch = 13
     ref = _reference(workers, generator)

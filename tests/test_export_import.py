@@ -17,7 +17,7 @@ import ckpt
 import ckpt.export as ex
 from ckpt.cli import build_cli
 
-from conftest import make_training_state
+from ckpt.testing import make_training_state
 
 DTYPES = [
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64,

@@ -432,7 +432,7 @@ def test_json_values(store_url):
 
 
 def test_load_returns_plain_trees(store_url):
-    from conftest import make_training_state
+    from ckpt.testing import make_training_state
 
     state = make_training_state()
     expected_model = clone_state(state["model"].state_dict())
@@ -457,7 +457,7 @@ def test_load_returns_plain_trees(store_url):
     assert plain(tree), "load must build nothing but plain values and tensors"
 
     # the plain trees load into live objects with torch's own API
-    from conftest import make_training_state as make
+    from ckpt.testing import make_training_state as make
 
     other = make(seed=5)
     other["model"].load_state_dict(tree["model"])
@@ -495,7 +495,7 @@ def test_local_path_url(tmp_path):
 
 
 def test_unchanged_second_save_writes_only_the_manifest(store_url):
-    from conftest import make_training_state
+    from ckpt.testing import make_training_state
 
     state = make_training_state()
     first = ckpt.save(store_url, state, step=1)
