@@ -280,8 +280,27 @@ def _read_tensors(
     return result
 
 
-def _check_fits(manifest: Manifest, live: Mapping[str, torch.Tensor], keys: list[str]) -> None:
-    """Refuse before any byte is written when the live objects cannot take the checkpoint."""
+def _check_fits(
+    manifest: Manifest,
+    live: Mapping[str, torch.Tensor],
+    keys: list[str],
+    exact: list[str] = (),  # type: ignore[assignment]
+) -> None:
+    """Refuse before any byte is written when the live objects cannot take the checkpoint.
+
+    ``exact``: paths of objects whose adapter needs exactly the stored tensors (a module's
+    strict ``load_state_dict`` would refuse only after copying, so check here).
+    """
+    for prefix in exact:
+        def under(p: str) -> bool:
+            return p == prefix or p.startswith(prefix + "/")
+
+        extra = sorted(p for p in manifest.tensors if under(p) and p not in live)
+        if extra:
+            raise StateMismatchError(
+                f"tensor {extra[0]!r} (and {len(extra) - 1} more) is in checkpoint step {manifest.step} "
+                f"but not in the live object at {prefix!r}"
+            )
     for path, t in live.items():
         entry = manifest.tensors.get(path)
         if entry is None:
@@ -322,6 +341,9 @@ def restore_manifest(store: Store, plugins: Plugins, manifest: Manifest, state: 
             f"checkpoint step {manifest.step} of {store.url} has no {', '.join(map(repr, missing))}; "
             f"it holds {', '.join(map(repr, stored_tree))}"
         )
+    from ckpt.dataloader import track_all
+
+    track_all(state)  # a restored DataLoader must replay its position on the next iter()
     live_tree, live_adapters = capture(state, plugins)
     for path, name in live_adapters.items():
         saved = manifest.adapters.get(path)
@@ -331,7 +353,8 @@ def restore_manifest(store: Store, plugins: Plugins, manifest: Manifest, state: 
     live: dict[str, torch.Tensor] = {}
     for key in state:
         _live_tensors(live_tree[key], treemod.escape(key), live)
-    _check_fits(manifest, live, list(state))
+    exact = [p for p, name in live_adapters.items() if getattr(plugins.adapters.get(name), "exact_tensors", False)]
+    _check_fits(manifest, live, list(state), exact)
     wanted = [p for key in state for p in treemod.tensor_paths(stored_tree[key])]
     tensors = _read_tensors(store, plugins, manifest, wanted, live)
     for key in list(state):

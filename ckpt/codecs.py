@@ -13,6 +13,9 @@ Built-in codecs:
     byte-grouped zstandard for floating point: byte *k* of every element goes to plane
     *k*, each plane is compressed on its own (the exponent plane compresses ~2.7x, the
     mantissa planes barely), and a plane that does not compress is stored raw.
+``xor``
+    delta against the same chunk of the parent checkpoint, followed by ``bgzstd`` or
+    ``zstd`` in the chain (see :mod:`ckpt.delta`).
 """
 
 from __future__ import annotations
@@ -104,15 +107,31 @@ class CodecRegistry:
 _local = threading.local()
 
 
-def _compressor(level: int) -> zstandard.ZstdCompressor:
+def _compressor(level: int | str) -> zstandard.ZstdCompressor:
+    """A per-thread compressor: an int zstd level, or ``"planes"`` (see :data:`PLANE_PARAMS`)."""
     # ZstdCompressor objects must not be shared between threads that use them at once.
     cache = getattr(_local, "cctx", None)
     if cache is None:
         cache = _local.cctx = {}
     c = cache.get(level)
     if c is None:
-        c = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        if level == "planes":
+            params = zstandard.ZstdCompressionParameters(write_content_size=True, **PLANE_PARAMS)
+            c = zstandard.ZstdCompressor(compression_params=params)
+        else:
+            c = zstandard.ZstdCompressor(level=int(level), write_content_size=True)
+        cache[level] = c
     return c
+
+
+#: zstd settings for byte planes of float data. A plane is mostly a skewed byte histogram
+#: with few long repeats, so almost all the gain is zstd's Huffman coding of literals:
+#: the fast strategy with a tiny hash table and the longest minimum match skips futile
+#: match search. Measured on this project's benchmark data (all-MiniLM-L6-v2, an MLP's
+#: weights and Adam moments) against level 1: exponent planes compress 2.92x instead of
+#: 2.70x at 2-3x the speed (fp32 overall 1.217x at 1.65 GB/s vs 1.207x at 0.9 GB/s).
+#: Frames stay standard zstd: decoding needs no parameters.
+PLANE_PARAMS = dict(strategy=1, min_match=7, hash_log=6, chain_log=6, search_log=1, window_log=17, target_length=0)
 
 
 def _decompressor() -> zstandard.ZstdDecompressor:
@@ -170,10 +189,11 @@ class ByteGroupZstdCodec:
     def __init__(self, level: int | None = None) -> None:
         from ckpt import config
 
-        self.level = config.zstd_level() if level is None else level
+        # None: the tuned plane settings; CKPT_ZSTD_LEVEL or ``level`` forces a plain level.
+        self.level = config.zstd_level_override() if level is None else level
 
     def _compress_plane(self, plane: np.ndarray) -> tuple[int, bytes | np.ndarray]:
-        comp = _compressor(self.level)
+        comp = _compressor("planes" if self.level is None else self.level)
         n = plane.nbytes
         if n > 4 * _SAMPLE:
             # Mantissa planes are close to random: a sample decides cheaply.
@@ -269,16 +289,25 @@ def decode_chain(
         out[:] = payload
         return
     # Every built-in stage before the last is size-preserving, so intermediates have out's size.
+    # A last stage that may decode in place (``in_place = True``: it tolerates ``payload``
+    # aliasing ``out``, as XOR does) gets the previous stage's output written straight
+    # into ``out``, saving a full-size intermediate and a copy.
+    steps = [(registry.get(str(step.get("name")), what=what), step) for step in reversed(chain)]
     current = payload
-    for depth, step in enumerate(reversed(chain)):
-        codec = registry.get(str(step.get("name")), what=what)
-        last = depth == len(chain) - 1
-        target = out if last else memoryview(bytearray(len(out)))
+    for depth, (codec, step) in enumerate(steps):
+        last = depth == len(steps) - 1
+        feeds_in_place = depth == len(steps) - 2 and getattr(steps[-1][0], "in_place", False)
+        if last or feeds_in_place:
+            target = out
+        else:
+            target = memoryview(np.empty(len(out), dtype=np.uint8))  # no zero-fill: fully overwritten
         codec.decode(current, target, step, ctx)
         current = target
 
 
 def builtin_codecs() -> list[Codec]:
-    return [ZstdCodec(), ByteGroupZstdCodec()]
+    from ckpt.delta import XorDeltaCodec  # imports this module
+
+    return [ZstdCodec(), ByteGroupZstdCodec(), XorDeltaCodec()]
 
 

@@ -37,6 +37,83 @@ def chunk_bytes() -> int:
     return max(4096, value - value % 64)  # a multiple of every element size
 
 
+def zstd_level_override() -> int | None:
+    """``CKPT_ZSTD_LEVEL`` when set; byte planes of floats otherwise use tuned settings (codecs.PLANE_PARAMS)."""
+    return zstd_level() if os.environ.get("CKPT_ZSTD_LEVEL") else None
+
+
 def zstd_level() -> int:
     """``CKPT_ZSTD_LEVEL``: zstandard level (1; higher levels compress float planes *worse* and slower)."""
     return _int("CKPT_ZSTD_LEVEL", 1)
+
+
+def delta_max_chain() -> int:
+    """``CKPT_DELTA_MAX_CHAIN``: a changed chunk is stored in full at least once every K saves (8).
+
+    Between full objects it may be stored as an XOR delta against its parent checkpoint's
+    chunk, at most K-1 links deep; restore reads every link. ``1`` turns deltas off.
+    """
+    return max(1, _int("CKPT_DELTA_MAX_CHAIN", 8))
+
+
+def gc_grace_seconds() -> float:
+    """``CKPT_GC_GRACE_SECONDS``: objects younger than this are never swept by GC (900 = 15 min).
+
+    It protects the objects of a save still in flight, which no manifest names yet; a save
+    must finish within it.
+    """
+    raw = os.environ.get("CKPT_GC_GRACE_SECONDS")
+    if raw is None or raw == "":
+        return 900.0
+    try:
+        value = float(raw)
+    except ValueError:
+        from ckpt.errors import CheckpointError
+
+        raise CheckpointError(f"environment variable CKPT_GC_GRACE_SECONDS={raw!r} is not a number") from None
+    return max(0.0, value)
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        from ckpt.errors import CheckpointError
+
+        raise CheckpointError(f"environment variable {name}={raw!r} is not a number") from None
+
+
+def retries() -> int:
+    """``CKPT_RETRIES``: retries of one storage call after a transient error (8; 0 disables).
+
+    Transient: connection resets and refusals, timeouts, throttling (HTTP 429, S3
+    ``SlowDown``) and server errors (5xx). Missing objects and permission errors never retry.
+    """
+    return max(0, _int("CKPT_RETRIES", 8))
+
+
+def retry_base_delay() -> float:
+    """``CKPT_RETRY_BASE_DELAY``: seconds before the first retry (0.2); doubles each retry, with jitter, up to 10 s."""
+    return max(0.0, _float("CKPT_RETRY_BASE_DELAY", 0.2))
+
+
+def retry_max_seconds() -> float:
+    """``CKPT_RETRY_MAX_SECONDS``: time budget of one storage call, retries included (60).
+
+    When it is spent the call fails with a StoreError naming the URL, and the store fails
+    fast (one attempt per call) until a call succeeds again, so an outage ends a save
+    in about this time instead of once per object.
+    """
+    return max(0.0, _float("CKPT_RETRY_MAX_SECONDS", 60.0))
+
+
+def part_bytes() -> int:
+    """``CKPT_PART_BYTES``: part size of multipart uploads to S3 (16 MiB, at least 5 MiB).
+
+    Objects of two parts or more are uploaded in parts, in parallel; Azure's SDK stages
+    blocks on its own above 64 MiB. Both commit the object atomically at the end.
+    """
+    return max(5 * 1024 * 1024, _int("CKPT_PART_BYTES", 16 * 1024 * 1024))

@@ -8,19 +8,26 @@ straight from (and decoded straight into) the tensors' own memory.
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+import numpy as np
 import torch
 import xxhash
 
+from ckpt import delta as deltamod
 from ckpt.codecs import CodecRegistry, EncodeContext, decode_chain, default_chain, encode_chain
 from ckpt.errors import CheckpointError, CorruptCheckpointError, UnsupportedValueError
-from ckpt.manifest import ChunkRef, TensorEntry
+from ckpt.manifest import ChunkRef, Manifest, TensorEntry
 from ckpt.store import Store
 from ckpt.tree import dtype_from_name
+
+log = logging.getLogger("ckpt")
 
 
 def hash_bytes(data: memoryview | bytes) -> str:
@@ -57,6 +64,10 @@ class WriteStats:
     written_bytes: int = 0
     reused_bytes: int = 0
     objects_written: int = 0
+    #: objects written as XOR deltas against the parent checkpoint's chunk
+    delta_objects: int = 0
+    #: parent chunks read back from the store to encode a delta against
+    parent_reads: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **deltas: int) -> None:
@@ -70,6 +81,14 @@ class Writer:
 
     ``known`` maps raw-content hash -> the ChunkRef of an object known to be stored
     (from the parent manifest). Chunks seen twice in one save are written once.
+
+    With ``delta`` and a ``parent`` manifest, a chunk that changed is also encoded as an
+    XOR delta against the same chunk (same tensor path, chunk index, size and dtype) of
+    the parent, and the delta is kept when it is smaller than the full encoding plus
+    the manifest bytes its parent record costs. Parent raw bytes come from
+    ``parent_tensors`` (host tensors of the previous snapshot, by path; checked against
+    the parent's hash before use) or else are read back from the store and verified.
+    A chunk whose parent is already ``max_chain - 1`` links deep is written in full.
     """
 
     def __init__(
@@ -80,7 +99,13 @@ class Writer:
         *,
         known: Mapping[str, ChunkRef] | None = None,
         chunk_bytes: int,
+        parent: Manifest | None = None,
+        parent_tensors: Mapping[str, torch.Tensor] | None = None,
+        delta: bool = False,
+        max_chain: int = 8,
     ) -> None:
+        if isinstance(max_chain, bool) or not isinstance(max_chain, int) or max_chain < 1:
+            raise CheckpointError(f"max_chain must be an int >= 1 (1 = no deltas), got {max_chain!r}")
         self.store = store
         self.codecs = codecs
         self.pool = pool
@@ -89,6 +114,11 @@ class Writer:
         self.stats = WriteStats()
         self._claims: dict[str, Future[ChunkRef]] = {}
         self._lock = threading.Lock()
+        self.delta = bool(delta) and parent is not None and max_chain > 1 and deltamod.NAME in codecs
+        self.parent = parent
+        self.parent_tensors = parent_tensors or {}
+        self.max_chain = max_chain
+        self._reader: Reader | None = None
 
     def submit(self, path: str, tensor: torch.Tensor) -> Future[TensorEntry]:
         """Schedule ``tensor``'s chunks; the returned future gives its manifest entry."""
@@ -96,7 +126,19 @@ class Writer:
         dtype = dtype_name(keep)
         itemsize = keep.element_size()
         spans = [(o, min(o + self.chunk_bytes, len(view))) for o in range(0, len(view), self.chunk_bytes)]
-        chunk_futs = [self.pool.submit(self._write_chunk, path, view[a:b], dtype, itemsize) for a, b in spans]
+        parents, parent_view, parent_keep = self._delta_parents(path, dtype, spans)
+        chunk_futs = [
+            self.pool.submit(
+                self._write_chunk,
+                path,
+                view[a:b],
+                dtype,
+                itemsize,
+                parents[i] if parents else None,
+                parent_view[a:b] if parent_view is not None else None,
+            )
+            for i, (a, b) in enumerate(spans)
+        ]
         self.stats.add(raw_bytes=len(view))
         out: Future[TensorEntry] = Future()
         remaining = [len(chunk_futs)]
@@ -115,14 +157,45 @@ class Writer:
             out.set_result(TensorEntry(dtype=dtype, shape=tuple(keep.shape), nbytes=len(view), chunks=refs))
             del keep_alive[:]
 
-        keep_alive = [keep]  # the byte views point into this tensor until every chunk is done
+        # the byte views point into these tensors until every chunk is done
+        keep_alive = [keep, parent_keep]
         if not chunk_futs:
             out.set_result(TensorEntry(dtype=dtype, shape=tuple(keep.shape), nbytes=0, chunks=()))
         for f in chunk_futs:
             f.add_done_callback(done)
         return out
 
-    def _write_chunk(self, path: str, data: memoryview, dtype: str, itemsize: int) -> ChunkRef:
+    def _delta_parents(
+        self, path: str, dtype: str, spans: list[tuple[int, int]]
+    ) -> tuple[tuple[ChunkRef, ...] | None, memoryview | None, torch.Tensor | None]:
+        """The parent's chunks of ``path`` when they line up with ``spans``, and its host bytes."""
+        if not self.delta or not spans:
+            return None, None, None
+        entry = self.parent.tensors.get(path) if self.parent is not None else None
+        if entry is None or entry.dtype != dtype or len(entry.chunks) != len(spans):
+            return None, None, None
+        if any(ref.size != b - a for ref, (a, b) in zip(entry.chunks, spans)):
+            return None, None, None
+        pview = pkeep = None
+        live = self.parent_tensors.get(path)
+        if live is not None:
+            try:
+                pkeep, pview = host_bytes(live, path)
+            except CheckpointError:
+                pkeep = pview = None
+            if pview is not None and (dtype_name(pkeep) != dtype or len(pview) != entry.nbytes):
+                pkeep = pview = None
+        return entry.chunks, pview, pkeep
+
+    def _write_chunk(
+        self,
+        path: str,
+        data: memoryview,
+        dtype: str,
+        itemsize: int,
+        parent: ChunkRef | None = None,
+        parent_view: memoryview | None = None,
+    ) -> ChunkRef:
         h = hash_bytes(data)
         mine: Future[ChunkRef] | None = None
         with self._lock:
@@ -141,36 +214,119 @@ class Writer:
             payload, chain = encode_chain(
                 self.codecs, default_chain(dtype), data, EncodeContext(dtype=dtype, itemsize=itemsize)
             )
-            self.store.put_object(h, payload)
+            key = h
+            if parent is not None and deltamod.chain_depth(parent.codec) + 1 < self.max_chain:
+                found = self._encode_delta(path, data, dtype, itemsize, parent, parent_view, len(payload))
+                if found is not None:
+                    payload, chain = found
+                    key = deltamod.delta_key(h, parent.hash)
+            self.store.put_object(key, payload)
         except BaseException as exc:
             mine.set_exception(exc)
             raise
-        ref = ChunkRef(hash=h, key=h, size=len(data), stored=len(payload), codec=tuple(chain))
-        self.stats.add(written_bytes=len(payload), objects_written=1)
+        ref = ChunkRef(hash=h, key=key, size=len(data), stored=len(payload), codec=tuple(chain))
+        self.stats.add(
+            written_bytes=len(payload), objects_written=1, delta_objects=int(key != h)
+        )
         mine.set_result(ref)
         return ref
 
+    def _encode_delta(
+        self,
+        path: str,
+        data: memoryview,
+        dtype: str,
+        itemsize: int,
+        parent: ChunkRef,
+        parent_view: memoryview | None,
+        full_size: int,
+    ) -> tuple[bytes | memoryview, list[dict]] | None:
+        """The delta encoding of ``data`` when it beats ``full_size``; None otherwise."""
+        base = self._parent_raw(path, parent, parent_view)
+        if base is None:
+            return None
+        record = parent.to_json()
+        ctx = EncodeContext(dtype=dtype, itemsize=itemsize, parent=base, parent_ref=record)
+        payload, chain = encode_chain(self.codecs, [deltamod.NAME, *default_chain(dtype)], data, ctx)
+        if not chain or chain[0].get("name") != deltamod.NAME:
+            return None
+        # The parent record is repeated in the manifest: count it against the delta.
+        overhead = len(json.dumps(record, separators=(",", ":")))
+        if len(payload) + overhead >= full_size:
+            return None
+        return payload, chain
+
+    def _parent_raw(self, path: str, parent: ChunkRef, parent_view: memoryview | None) -> memoryview | None:
+        """Verified raw bytes of ``parent``: from the previous snapshot if it still matches, else the store."""
+        if parent_view is not None:
+            # A private copy first: the caller's buffer may be reused while we encode.
+            copy = memoryview(bytes(parent_view))
+            if hash_bytes(copy) == parent.hash:
+                return copy
+        if self._reader is None:
+            # each changed chunk has its own ancestors: caching them would only hold memory
+            self._reader = Reader(self.store, self.codecs, self.pool, cache_bytes=0)
+        try:
+            self.stats.add(parent_reads=1)
+            return self._reader.raw_chunk(parent.to_json(), what=f"parent of tensor {path!r}")
+        except CheckpointError as exc:
+            # A full object is always correct; a damaged parent only costs compression.
+            log.warning("tensor %r: cannot read parent object %s for a delta (%s); writing it in full", path, parent.key, exc)
+            return None
+
 
 class Reader:
-    """Reads chunks from a store, decodes them into destination memory and verifies them."""
+    """Reads chunks from a store, decodes them into destination memory and verifies them.
 
-    def __init__(self, store: Store, codecs: CodecRegistry, pool: ThreadPoolExecutor) -> None:
+    Delta parents (see :mod:`ckpt.delta`) are read through :meth:`raw_chunk`, which keeps
+    recently decoded parents (up to ``cache_bytes``) so a parent shared by several chunks,
+    or by several links of one read, is fetched and verified once.
+    """
+
+    def __init__(
+        self, store: Store, codecs: CodecRegistry, pool: ThreadPoolExecutor, *, cache_bytes: int = 64 * 1024 * 1024
+    ) -> None:
         self.store = store
         self.codecs = codecs
         self.pool = pool
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cached = 0
+        self._cache_lock = threading.Lock()
+        #: parent objects decoded by :meth:`raw_chunk` (cache misses)
+        self.parent_decodes = 0
 
-    def raw_chunk(self, ref: Mapping[str, Any]) -> memoryview:
+    def raw_chunk(self, ref: Mapping[str, Any], *, what: str | None = None) -> memoryview:
         """DecodeContext: a verified chunk by its manifest record (delta parents)."""
-        chunk = ChunkRef(
-            hash=str(ref["hash"]),
-            key=str(ref.get("key", ref["hash"])),
-            size=int(ref["size"]),
-            stored=int(ref.get("stored", -1)),
-            codec=tuple(ref.get("codec", ())),
-        )
-        out = memoryview(bytearray(chunk.size))
-        self.read_chunk(chunk, out, what=f"parent object {chunk.key}")
-        return out
+        try:
+            chunk = ChunkRef(
+                hash=str(ref["hash"]),
+                key=str(ref.get("key", ref["hash"])),
+                size=int(ref["size"]),
+                stored=int(ref.get("stored", -1)),
+                codec=tuple(ref.get("codec", ())),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptCheckpointError(f"malformed parent record {ref!r}: {exc}") from None
+        with self._cache_lock:
+            hit = self._cache.get(chunk.key)
+            if hit is not None:
+                self._cache.move_to_end(chunk.key)
+                return memoryview(hit)
+        # Two threads may decode the same parent at once; waiting on each other instead
+        # could deadlock on a (malicious) manifest whose parent records cite each other.
+        raw = np.empty(chunk.size, dtype=np.uint8)  # fully overwritten by the decode
+        self.read_chunk(chunk, memoryview(raw), what=what or f"parent object {chunk.key}")
+        raw.flags.writeable = False  # shared through the cache: nobody may write into it
+        with self._cache_lock:
+            self.parent_decodes += 1
+            if chunk.key not in self._cache and raw.nbytes <= self.cache_bytes:
+                self._cache[chunk.key] = raw
+                self._cached += raw.nbytes
+                while self._cached > self.cache_bytes:
+                    _, old = self._cache.popitem(last=False)
+                    self._cached -= old.nbytes
+        return memoryview(raw)
 
     def read_chunk(self, ref: ChunkRef, out: memoryview, *, what: str) -> None:
         payload = self.store.get_object(ref.key, what=what)
@@ -181,7 +337,8 @@ class Reader:
         try:
             decode_chain(self.codecs, list(ref.codec), memoryview(payload), out, self, what=f"{what}, object {ref.key}")
         except CorruptCheckpointError as exc:
-            raise CorruptCheckpointError(f"{what}: object {ref.key} is corrupt: {exc}") from None
+            # keeps the subclass: a delta whose parent object is gone is a MissingObjectError
+            raise type(exc)(f"{what}: object {ref.key} is corrupt: {exc}") from None
         if hash_bytes(out) != ref.hash:
             raise CorruptCheckpointError(f"{what}: object {ref.key} fails verification (content hash mismatch)")
 

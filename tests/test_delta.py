@@ -1,0 +1,293 @@
+"""The XOR delta codec: changed chunks stored against the parent checkpoint's chunk,
+bounded chains, bit-exact restore at every link, verification of every link."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import ckpt
+from ckpt import delta as deltamod
+from ckpt.api import load_manifest, write_checkpoint
+from ckpt.codecs import EncodeContext
+from ckpt.manifest import ChunkRef
+from ckpt.pipeline import Reader, Writer
+from ckpt.plugins import get_plugins
+from ckpt.store import Store
+from ckpt.testing import assert_same_state, clone_state, corrupt_object
+
+
+def _model(dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 64)).to(dtype)
+
+
+def _nudge(model: torch.nn.Module, scale: float = 1e-3) -> None:
+    """A small update, like one optimizer step: low mantissa bits change."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale * p.abs().mean())
+
+
+def _delta_depths(manifest) -> list[int]:
+    return [deltamod.chain_depth(c.codec) for c in manifest.chunk_refs()]
+
+
+# -- the codec itself ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 4099])
+def test_xor_codec_round_trip(n):
+    codec = deltamod.XorDeltaCodec()
+    data = memoryview(bytes(range(256)) * (n // 256) + bytes(range(n % 256)))
+    parent = memoryview(bytes((i * 7) % 256 for i in range(n)))
+    record = {"hash": "ab" * 16, "key": "ab" * 16, "size": n, "stored": n, "codec": []}
+    payload, params = codec.encode(data, EncodeContext(dtype="uint8", itemsize=1, parent=parent, parent_ref=record))
+    assert params == {"parent": record}
+
+    class Ctx:
+        def raw_chunk(self, ref):
+            assert ref == record
+            return parent
+
+    out = memoryview(bytearray(n))
+    codec.decode(memoryview(payload), out, params, Ctx())
+    assert bytes(out) == bytes(data)
+
+
+def test_xor_codec_declines_without_a_matching_parent():
+    codec = deltamod.XorDeltaCodec()
+    data = memoryview(b"12345678")
+    assert codec.encode(data, EncodeContext(dtype="uint8", itemsize=1)) is None
+    short = EncodeContext(dtype="uint8", itemsize=1, parent=memoryview(b"1234"), parent_ref={"hash": "a"})
+    assert codec.encode(data, short) is None
+
+
+def test_delta_codec_is_registered_as_a_builtin():
+    codecs = get_plugins().codecs
+    assert "xor" in codecs
+    assert codecs.owner("xor") == "ckpt.builtins"
+
+
+def test_chain_depth_and_referenced_keys_follow_nested_parents():
+    full = ChunkRef(hash="a" * 32, key="a" * 32, size=8, stored=8, codec=())
+    d1 = ChunkRef(hash="b" * 32, key=deltamod.delta_key("b" * 32, "a" * 32), size=8, stored=3,
+                  codec=({"name": "xor", "parent": full.to_json()}, {"name": "zstd"}))
+    d2 = ChunkRef(hash="c" * 32, key=deltamod.delta_key("c" * 32, "b" * 32), size=8, stored=3,
+                  codec=({"name": "xor", "parent": d1.to_json()},))
+    assert [deltamod.chain_depth(r.codec) for r in (full, d1, d2)] == [0, 1, 2]
+    assert list(deltamod.referenced_keys(d2.to_json())) == [d2.key, d1.key, full.key]
+    assert d1.key != d1.hash and d1.key.startswith(d1.hash) and Store("memory://x")  # key is a valid object key
+    from ckpt.store import _KEY
+
+    assert _KEY.match(d1.key)
+
+
+# -- deltas in saves ----------------------------------------------------------------------
+
+
+def test_small_update_is_stored_as_a_much_smaller_delta(store_url):
+    model = _model(torch.bfloat16)
+    full = ckpt.save(store_url, {"model": model}, step=0)
+    _nudge(model)
+    second = ckpt.save(store_url, {"model": model}, step=1)
+    manifest = load_manifest(Store(store_url), 1)
+    depths = _delta_depths(manifest)
+    assert max(depths) == 1, "changed chunks should be deltas against step 0"
+    for ref in manifest.chunk_refs():
+        if deltamod.chain_depth(ref.codec):
+            assert ref.key == deltamod.delta_key(ref.hash, deltamod.parent_record(ref.codec)["hash"])
+            assert [s["name"] for s in ref.codec] == ["xor", "bgzstd"]
+    assert second.stored_bytes * 3 < full.stored_bytes, (second.stored_bytes, full.stored_bytes)
+    assert_same_state(ckpt.load(store_url, step=1)["model"], clone_state(model.state_dict()))
+
+
+def test_delta_is_kept_only_when_smaller(store_url):
+    model = _model(torch.float32)
+    ckpt.save(store_url, {"model": model}, step=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p))  # unrelated values: XOR helps nothing
+    ckpt.save(store_url, {"model": model}, step=1)
+    manifest = load_manifest(Store(store_url), 1)
+    assert _delta_depths(manifest) == [0] * len(manifest.chunk_refs())
+    assert all(r.key == r.hash for r in manifest.chunk_refs())
+
+
+def test_delta_false_writes_full_objects(store_url):
+    model = _model(torch.bfloat16)
+    ckpt.save(store_url, {"model": model}, step=0)
+    _nudge(model)
+    store = Store(store_url)
+    plugins = get_plugins()
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    with ThreadPoolExecutor(4) as pool:
+        info = write_checkpoint(store, plugins, step=1, json_tree={}, adapters={}, tensors=tensors,
+                                parent=load_manifest(store, 0), pool=pool, delta=False)
+    manifest = load_manifest(store, 1)
+    assert _delta_depths(manifest) == [0] * len(manifest.chunk_refs())
+    assert info.stored_bytes > 0
+
+
+def test_chains_are_bounded_and_every_link_restores_bit_exact(store_url, monkeypatch):
+    _chain_run(store_url, 3, monkeypatch)
+
+
+def test_max_chain_1_turns_deltas_off(tmp_path, monkeypatch):
+    _chain_run(f"file://{tmp_path}/store", 1, monkeypatch)
+
+
+def _chain_run(store_url, max_chain, monkeypatch):
+    monkeypatch.setenv("CKPT_DELTA_MAX_CHAIN", str(max_chain))
+    monkeypatch.setenv("CKPT_CHUNK_BYTES", "65536")  # several chunks per weight
+    model = _model(torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    expected = {}
+    store = Store(store_url)
+    for step in range(7):
+        model(torch.randn(4, 256)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ckpt.save(store_url, {"model": model, "opt": opt}, step=step)
+        expected[step] = clone_state({"model": model.state_dict(), "opt": opt.state_dict()})
+        depths = _delta_depths(load_manifest(store, step))
+        assert max(depths) <= max_chain - 1
+        if max_chain == 1:
+            assert all(r.key == r.hash for r in load_manifest(store, step).chunk_refs())
+    if max_chain > 1:
+        # deltas happened, and a full object came back after max_chain - 1 links
+        weight = [load_manifest(store, s).tensors["model/0.weight"].chunks[0] for s in range(7)]
+        assert [deltamod.chain_depth(c.codec) for c in weight] == [0, 1, 2, 0, 1, 2, 0]
+    for step, state in expected.items():
+        tree = ckpt.load(store_url, step=step)
+        assert_same_state(tree["model"], state["model"])
+        fresh = _model(torch.float32)
+        fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+        ckpt.restore(store_url, {"model": fresh, "opt": fresh_opt}, step=step)
+        assert_same_state(clone_state(fresh_opt.state_dict()), state["opt"])
+
+
+def test_max_chain_keyword_and_bad_values(store_url):
+    model = _model(torch.bfloat16)
+    store = Store(store_url)
+    plugins = get_plugins()
+
+    def save(step, **kw):
+        tensors = {f"m/{k}": v for k, v in model.state_dict().items()}
+        parent = load_manifest(store, step - 1) if step else None
+        with ThreadPoolExecutor(2) as pool:
+            return write_checkpoint(store, plugins, step=step, json_tree={}, adapters={}, tensors=tensors,
+                                    parent=parent, pool=pool, **kw)
+
+    save(0)
+    for step in (1, 2, 3):
+        _nudge(model)
+        save(step, max_chain=2)
+        assert max(_delta_depths(load_manifest(store, step))) == (1 if step % 2 else 0)
+    with pytest.raises(ckpt.CheckpointError, match="max_chain"):
+        save(4, max_chain=0)
+
+
+def test_parent_tensors_spare_the_read_back(store_url):
+    model = _model(torch.bfloat16)
+    ckpt.save(store_url, {"model": model}, step=0)
+    previous = {f"model/{k}": v.clone() for k, v in model.state_dict().items()}
+    _nudge(model)
+    store = Store(store_url)
+    parent = load_manifest(store, 0)
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    plugins = get_plugins()
+
+    def write(parent_tensors):
+        with ThreadPoolExecutor(4) as pool:
+            writer = Writer(store, plugins.codecs, pool, known={}, chunk_bytes=1 << 20, parent=parent,
+                            parent_tensors=parent_tensors, delta=True)
+            entries = {p: writer.submit(p, t).result() for p, t in tensors.items()}
+        return writer.stats, entries
+
+    stats, entries = write(previous)
+    assert stats.parent_reads == 0 and stats.delta_objects > 0
+    # A provider whose bytes no longer match the parent's hash is not trusted.
+    wrong = {p: torch.zeros_like(t) for p, t in previous.items()}
+    stats2, entries2 = write(wrong)
+    assert stats2.parent_reads == stats2.objects_written  # every changed chunk read its parent back
+    assert entries2 == entries
+    # The delta objects decode to the new values.
+    with ThreadPoolExecutor(2) as pool:
+        reader = Reader(store, plugins.codecs, pool)
+        for path, entry in entries.items():
+            out = torch.empty_like(tensors[path])
+            for f in reader.submit(path, entry, out):
+                f.result()
+            assert torch.equal(out.view(torch.int16), tensors[path].view(torch.int16))
+
+
+def test_restore_reads_each_link_once_and_caches_parents(store_url, monkeypatch):
+    monkeypatch.setenv("CKPT_DELTA_MAX_CHAIN", "8")
+    x = torch.randn(4096, dtype=torch.float32)
+    twin = {"a": x, "b": x.clone()}
+    for step in range(4):
+        ckpt.save(store_url, {"t": twin}, step=step)
+        x.add_(1e-6 * torch.randn_like(x))
+        twin["b"] = x.clone()
+    store = Store(store_url)
+    manifest = load_manifest(store, 3)
+    assert _delta_depths(manifest) == [3, 3]
+    plugins = get_plugins()
+    with ThreadPoolExecutor(1) as pool:
+        reader = Reader(store, plugins.codecs, pool)
+        for path, entry in manifest.tensors.items():
+            out = torch.empty(4096)
+            for f in reader.submit(path, entry, out):
+                f.result()
+        # both tensors share every ancestor: 3 parents decoded once each
+        assert reader.parent_decodes == 3
+
+
+def test_corrupt_or_missing_parent_is_reported_with_its_key(store_url):
+    model = _model(torch.bfloat16)
+    ckpt.save(store_url, {"model": model}, step=0)
+    _nudge(model)
+    ckpt.save(store_url, {"model": model}, step=1)
+    store = Store(store_url)
+    child = next(r for r in load_manifest(store, 1).chunk_refs() if deltamod.chain_depth(r.codec))
+    parent_key = deltamod.parent_record(child.codec)["key"]
+    original = corrupt_object(store, parent_key)
+    with pytest.raises(ckpt.CorruptCheckpointError, match=parent_key):
+        ckpt.load(store_url, step=1)
+    store.put_object(parent_key, original)
+    ckpt.load(store_url, step=1)
+    store.delete(store.object_path(parent_key))
+    with pytest.raises(ckpt.MissingObjectError, match=parent_key):
+        ckpt.load(store_url, step=1)
+
+
+def test_missing_parent_at_save_time_falls_back_to_full_objects(store_url):
+    model = _model(torch.bfloat16)
+    ckpt.save(store_url, {"model": model}, step=0)
+    store = Store(store_url)
+    for info in list(store.list_objects()):
+        store.delete(store.object_path(info.key))
+    _nudge(model)
+    ckpt.save(store_url, {"model": model}, step=1)
+    manifest = load_manifest(store, 1)
+    assert _delta_depths(manifest) == [0] * len(manifest.chunk_refs())
+    assert_same_state(ckpt.load(store_url, step=1)["model"], clone_state(model.state_dict()))
+
+
+def test_manifest_records_parent_so_no_other_manifest_is_needed(store_url):
+    model = _model(torch.bfloat16)
+    ckpt.save(store_url, {"model": model}, step=0)
+    _nudge(model)
+    ckpt.save(store_url, {"model": model}, step=1)
+    expected = clone_state(model.state_dict())
+    store = Store(store_url)
+    doc = json.loads(store.read_manifest(1))
+    first = doc["tensors"]["model/0.weight"]["chunks"][0]
+    assert first["codec"][0]["name"] == "xor"
+    assert set(first["codec"][0]["parent"]) == {"hash", "key", "size", "stored", "codec"}
+    store.delete_manifest(0)
+    assert_same_state(ckpt.load(store_url, step=1)["model"], expected)
