@@ -7,7 +7,7 @@ TORCH_PIN ?= torch==2.13.0
 PIP := $(BIN)/pip install -q --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench bench-smoke clean
+.PHONY: venv demo test test-fast bench bench-smoke clean node_modules
 
 $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,8 +23,18 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
-test: $(STAMP)
+test: $(STAMP) node_modules
 	$(BIN)/python -m pytest -q
+
+# azurite (Azure Blob emulator) for the az store tests, into ./node_modules; without npm the
+# az tests skip, saying why; a failed install makes them fail.
+AZURITE ?= azurite@3.35.0
+node_modules: node_modules/.bin/azurite-blob
+node_modules/.bin/azurite-blob:
+	@if command -v npm >/dev/null 2>&1; then \
+		npm install --no-save --no-audit --no-fund --prefix . "$(AZURITE)" \
+		|| echo "npm install $(AZURITE) failed: the az store tests will fail"; \
+	else echo "npm not found: the az store tests will be skipped"; fi
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not server"

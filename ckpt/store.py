@@ -9,7 +9,15 @@
 Commit order is objects, then the manifest, then ``refs/latest``; a checkpoint without a
 manifest does not exist. Local files are written to a temporary name, fsynced and
 renamed, and their directories fsynced before the manifest, so a crash at any instant
-leaves the last commit loadable. Object stores get single PUTs, which are atomic.
+leaves the last commit loadable. Object stores get whole-object PUTs, which are atomic
+(large objects go up in parts, in parallel, and appear only when the upload completes);
+nothing relies on rename or on fsync there.
+
+Every call to the backend goes through :class:`ckpt.retry.Retrier`: transient errors
+(connection resets, timeouts, throttling, 5xx) are retried with backoff and jitter; a
+call that keeps failing raises :class:`StoreError` naming the URL. Listings and
+existence checks bypass fsspec's listing cache, because other processes write the
+same store.
 """
 
 from __future__ import annotations
@@ -21,14 +29,18 @@ import re
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from ckpt import config
 from ckpt.errors import CheckpointError, MissingObjectError, NoCheckpointError, StoreError
+from ckpt.retry import GaveUp, Retrier
 
 log = logging.getLogger("ckpt")
+
+T = TypeVar("T")
 
 _STEP_FILE = re.compile(r"^(\d+)\.json$")
 _KEY = re.compile(r"^[0-9a-f]{8,}(\.[0-9a-z.]+)?$")
@@ -64,6 +76,9 @@ class Store:
         self._dirs_lock = threading.Lock()
         self._dirty_dirs: set[str] = set()
         self._made_dirs: set[str] = set()
+        self.retrier = Retrier(where=self.url)
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        self._s3 = any(p in ("s3", "s3a") for p in protocols)
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -82,7 +97,25 @@ class Store:
     def _wrap(self, exc: Exception, what: str) -> CheckpointError:
         if isinstance(exc, CheckpointError):
             return exc
+        if isinstance(exc, GaveUp):
+            err = exc.error
+            return StoreError(
+                f"{what} failed on {self.url} after {exc.attempts} attempt(s) in {exc.seconds:.1f}s: "
+                f"{type(err).__name__}: {err}"
+            )
         return StoreError(f"{what} failed on {self.url}: {type(exc).__name__}: {exc}")
+
+    def _io(self, what: str, fn: Callable[[], T], kind: str = "read") -> T:
+        """``fn()`` with retries; FileNotFoundError passes through, other failures become StoreError.
+
+        ``kind`` (read, write, list) groups calls that fail together in an outage.
+        """
+        try:
+            return self.retrier.call(fn, what, kind)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise self._wrap(exc, what) from (exc.error if isinstance(exc, GaveUp) else exc)
 
     def _mkdir(self, directory: str) -> None:
         if directory in self._made_dirs:
@@ -90,25 +123,43 @@ class Store:
         self.fs.makedirs(directory, exist_ok=True)
         self._made_dirs.add(directory)
 
+    def _write_local(self, path: str, data: bytes | memoryview) -> None:
+        directory = os.path.dirname(path)
+        self._mkdir(directory)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if _fsync_enabled():
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        with self._dirs_lock:
+            self._dirty_dirs.add(directory)
+
+    def _put_options(self, size: int) -> dict[str, Any]:
+        # s3fs uploads in parts (in parallel, then CompleteMultipartUpload) from two
+        # parts' worth on; below that one PUT. Other backends decide themselves.
+        return {"chunksize": config.part_bytes()} if self._s3 else {}
+
     def write(self, path: str, data: bytes | memoryview) -> None:
-        """Write one whole file atomically (temp + fsync + rename locally; one PUT remotely)."""
+        """Write one whole file atomically (temp + fsync + rename locally; one upload remotely)."""
+        what = f"writing {path}"
         try:
             if self.local:
-                directory = os.path.dirname(path)
-                self._mkdir(directory)
-                tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    if _fsync_enabled():
-                        f.flush()
-                        os.fsync(f.fileno())
-                os.replace(tmp, path)
-                with self._dirs_lock:
-                    self._dirty_dirs.add(directory)
-            else:
-                self.fs.pipe_file(path, bytes(data) if isinstance(data, memoryview) else data)
-        except Exception as exc:
-            raise self._wrap(exc, f"writing {path}") from exc
+                self._io(what, lambda: self._write_local(path, data), "write")
+                return
+            body = bytes(data) if isinstance(data, memoryview) else data
+            options = self._put_options(len(body))
+            self._io(what, lambda: self.fs.pipe_file(path, body, **options), "write")
+        except FileNotFoundError as exc:  # a missing bucket or container: not "not there" for a write
+            raise self._wrap(exc, what) from exc
 
     def sync_dirs(self) -> None:
         """Make renames done so far durable (local files only)."""
@@ -124,29 +175,37 @@ class Store:
                 os.close(fd)
 
     def read(self, path: str) -> bytes:
-        try:
-            if self.local:
+        """A whole file; FileNotFoundError when it is not there."""
+        if self.local:
+
+            def read_local() -> bytes:
                 with open(path, "rb") as f:
                     return f.read()
-            return self.fs.cat_file(path)
-        except FileNotFoundError:
-            raise
-        except Exception as exc:
-            raise self._wrap(exc, f"reading {path}") from exc
+
+            return self._io(f"reading {path}", read_local)
+        return self._io(f"reading {path}", lambda: self.fs.cat_file(path))
+
+    def _uncached(self, path: str) -> None:
+        # fsspec backends cache listings per filesystem instance, and instances are
+        # shared; another process (or Store) may have written since.
+        if not self.local:
+            try:
+                self.fs.invalidate_cache(path)
+            except Exception:  # noqa: BLE001 - a cache that cannot be cleared is no reason to fail
+                pass
 
     def exists(self, path: str) -> bool:
-        try:
+        def check() -> bool:
+            self._uncached(path)
             return self.fs.exists(path)
-        except Exception as exc:
-            raise self._wrap(exc, f"checking {path}") from exc
+
+        return self._io(f"checking {path}", check)
 
     def delete(self, path: str) -> None:
         try:
-            self.fs.rm_file(path)
+            self._io(f"deleting {path}", lambda: self.fs.rm_file(path), "write")
         except FileNotFoundError:
             pass
-        except Exception as exc:
-            raise self._wrap(exc, f"deleting {path}") from exc
 
     # -- objects -------------------------------------------------------------------------
     def put_object(self, key: str, payload: bytes | memoryview) -> None:
@@ -164,17 +223,20 @@ class Store:
 
     def list_objects(self) -> Iterator[ObjectInfo]:
         base = self.path("objects")
+
+        def find() -> dict[str, Any]:
+            self._uncached(base)
+            return self.fs.find(base, detail=True)
+
         try:
-            entries = self.fs.find(base, detail=True)
+            entries = self._io(f"listing objects under {base}", find, "list")
         except FileNotFoundError:
             return
-        except Exception as exc:
-            raise self._wrap(exc, "listing objects") from exc
         for path, info in entries.items():
             key = path.rsplit("/", 1)[-1]
             if not _KEY.match(key):
                 continue  # temporaries and foreign files
-            mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+            mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("created")
             if hasattr(mtime, "timestamp"):
                 mtime = mtime.timestamp()
             out_size = info.get("size") or 0
@@ -184,15 +246,17 @@ class Store:
     def steps(self) -> list[int]:
         """Steps of every committed manifest, ascending."""
         base = self.path("manifests")
-        try:
+
+        def listing() -> list[str]:
             if self.local:
-                names = os.listdir(base) if os.path.isdir(base) else []
-            else:
-                names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False)]
+                return os.listdir(base) if os.path.isdir(base) else []
+            self._uncached(base)
+            return [p.rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False)]
+
+        try:
+            names = self._io("listing manifests", listing, "list")
         except FileNotFoundError:
             return []
-        except Exception as exc:
-            raise self._wrap(exc, "listing manifests") from exc
         return sorted(int(m.group(1)) for n in names if (m := _STEP_FILE.match(n)))
 
     def read_manifest(self, step: int) -> bytes:
