@@ -1,0 +1,71 @@
+"""Entry point: ``python -m benchmarks.run [--smoke] [--section core|async|all] [--out DIR]``.
+
+Writes ``core.json``/``core.md``/``core.png`` and ``async.json``/``async.md`` under
+``--out`` and prints the tables and the PASS/FAIL lines of the targets (never asserted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import common, report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (checks the harness, not speed)")
+    p.add_argument("--section", choices=["core", "async", "all"], default="all")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="results directory")
+    p.add_argument("--workdir", default=None, help="where checkpoints are written (default: a temp dir)")
+    args = p.parse_args(argv)
+
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed.*")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = common.machine_info()
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ckpt-bench-", dir=args.workdir) as workdir:
+        if args.section in ("core", "all"):
+            from benchmarks import core
+
+            other = common.OtherCpu()
+            res = core.run(smoke=args.smoke, workdir=workdir, log=log)
+            res.update(section="core", smoke=args.smoke, machine=machine, other_cpu_cores=round(other.cores(), 2))
+            report.write_json(out / "core.json", res)
+            md = report.core_markdown(res)
+            (out / "core.md").write_text(md)
+            report.core_plot(res, out / "core.png")
+            log("")
+            log(md)
+            gc.collect()
+        if args.section in ("async", "all"):
+            from benchmarks import async_bench
+
+            other = common.OtherCpu()
+            res = async_bench.run(smoke=args.smoke, workdir=workdir, log=log)
+            res.update(section="async", smoke=args.smoke, machine=machine, other_cpu_cores=round(other.cores(), 2))
+            report.write_json(out / "async.json", res)
+            md = async_bench.markdown(res)
+            (out / "async.md").write_text(md)
+            log("")
+            log(md)
+    log(f"benchmark finished in {time.perf_counter() - t_start:.0f}s; results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
