@@ -450,18 +450,5 @@ def _chain(src: Future, dst: Future) -> None:
 
 
 def _optimizers_in(state: Mapping[str, Any]) -> list[torch.optim.Optimizer]:
-    found: list[torch.optim.Optimizer] = []
-
-    def walk(v: Any) -> None:
-        if isinstance(v, torch.optim.Optimizer):
-            found.append(v)
-        elif isinstance(v, Mapping):
-            for x in v.values():
-                walk(x)
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                walk(x)
-
-    walk(state)
-    return found
+    return treemod.instances(state, torch.optim.Optimizer)
 

@@ -181,18 +181,10 @@ def track(loader: DataLoader) -> DataLoader:
 
 def track_all(state: Mapping[str, Any]) -> None:
     """Track every DataLoader found in a state mapping (nested mappings and lists too)."""
+    from ckpt.tree import instances
 
-    def walk(v: Any) -> None:
-        if isinstance(v, DataLoader):
-            track(v)
-        elif isinstance(v, Mapping):
-            for x in v.values():
-                walk(x)
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                walk(x)
-
-    walk(state)
+    for loader in instances(state, DataLoader):
+        track(loader)
 
 
 def _is_stateful(obj: Any) -> bool:

@@ -171,3 +171,21 @@ def tensor_paths(node: Any) -> list[str]:
 
     walk(node)
     return found
+
+
+def instances(state: Any, cls: type | tuple[type, ...]) -> list[Any]:
+    """Every object of type ``cls`` in a user's state (nested mappings, lists, tuples)."""
+    found: list[Any] = []
+
+    def walk(v: Any) -> None:
+        if isinstance(v, cls):
+            found.append(v)
+        elif isinstance(v, Mapping):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x)
+
+    walk(state)
+    return found
