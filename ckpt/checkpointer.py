@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +35,17 @@ from ckpt.store import Store
 log = logging.getLogger("ckpt")
 
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+def _lower_priority(nice: int) -> None:
+    """Demote the calling thread by ``nice`` (Linux schedules threads separately; elsewhere a no-op)."""
+    if not nice or not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError as exc:  # a sandbox that forbids it: run at normal priority
+        log.debug("cannot lower the priority of %s: %s", threading.current_thread().name, exc)
 
 
 class SaveHandle:
@@ -118,7 +130,9 @@ class Checkpointer:
         self._plugins = get_plugins()
         self._pool = HostPool(max_host_memory)
         self._bg = ThreadPoolExecutor(1, thread_name_prefix="ckpt-persist")
-        self._io = ThreadPoolExecutor(config.io_threads(), thread_name_prefix="ckpt-io")
+        self._io = ThreadPoolExecutor(
+            config.io_threads(), thread_name_prefix="ckpt-io", initializer=_lower_priority, initargs=(config.background_nice(),)
+        )
         self._lock = threading.Lock()
         self._inflight: SaveHandle | None = None
         self._snapshot: Snapshot | None = None

@@ -134,6 +134,18 @@ def _compressor(level: int | str) -> zstandard.ZstdCompressor:
 PLANE_PARAMS = dict(strategy=1, min_match=7, hash_log=6, chain_log=6, search_log=1, window_log=17, target_length=0)
 
 
+def _scratch(nbytes: int) -> np.ndarray:
+    """A per-thread byte buffer of ``nbytes`` (contents undefined), reused by later calls.
+
+    Only for data that does not outlive the call using it: the next call on the same
+    thread overwrites it.
+    """
+    buf = getattr(_local, "scratch", None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = _local.scratch = np.empty(nbytes, dtype=np.uint8)
+    return buf[:nbytes]
+
+
 def _decompressor() -> zstandard.ZstdDecompressor:
     d = getattr(_local, "dctx", None)
     if d is None:
@@ -205,19 +217,28 @@ class ByteGroupZstdCodec:
             return _RAW, plane
         return _ZSTD, out
 
-    def encode(self, data: memoryview, ctx: EncodeContext) -> tuple[bytes, dict[str, Any]] | None:
+    def encode(self, data: memoryview, ctx: EncodeContext) -> tuple[memoryview, dict[str, Any]] | None:
         k = ctx.itemsize
         if k < 2 or len(data) % k:
             return None
-        grid = np.frombuffer(data, dtype=np.uint8).reshape(-1, k)
-        parts: list[tuple[int, bytes | np.ndarray]] = [
-            self._compress_plane(np.ascontiguousarray(grid[:, i])) for i in range(k)
-        ]
+        n = len(data) // k
+        # One transposing copy into a per-thread buffer reused across chunks: plane i is row i.
+        planes = _scratch(len(data)).reshape(k, n)
+        np.copyto(planes, np.frombuffer(data, dtype=np.uint8).reshape(n, k).T)
+        parts: list[tuple[int, bytes | np.ndarray]] = [self._compress_plane(planes[i]) for i in range(k)]
         if all(mode == _RAW for mode, _ in parts):
             return None
-        header = b"".join(_PLANE.pack(mode, len(p) if mode == _ZSTD else p.nbytes) for mode, p in parts)
-        body = b"".join(p if mode == _ZSTD else memoryview(p) for mode, p in parts)
-        return header + body, {"itemsize": k}
+        sizes = [len(p) if mode == _ZSTD else p.nbytes for mode, p in parts]
+        out = np.empty(_PLANE.size * k + sum(sizes), dtype=np.uint8)  # fully written below
+        view = memoryview(out)
+        pos = 0
+        for (mode, _), size in zip(parts, sizes):
+            _PLANE.pack_into(view, pos, mode, size)
+            pos += _PLANE.size
+        for (_, p), size in zip(parts, sizes):
+            view[pos : pos + size] = p if isinstance(p, bytes) else memoryview(p)
+            pos += size
+        return view, {"itemsize": k}
 
     def decode(self, payload: memoryview, out: memoryview, params: Mapping[str, Any], ctx: DecodeContext) -> None:
         k = int(params.get("itemsize", 0))

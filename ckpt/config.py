@@ -24,8 +24,25 @@ def disabled_plugins() -> set[str]:
 
 
 def io_threads() -> int:
-    """``CKPT_THREADS``: worker threads for encode/write and read/decode (default 2 x cores, at least 4)."""
-    return max(1, _int("CKPT_THREADS", max(4, 2 * (os.cpu_count() or 1))))
+    """``CKPT_THREADS``: worker threads for encode/write and read/decode (default 2 x cores, at least 8).
+
+    More threads than cores: a thread waiting in write/fsync or on the network leaves its
+    core to another that encodes, and block devices and object stores serve parallel
+    requests faster (measured on this project's 2-core machine: 72 files of 14 MB written
+    and fsynced in 2.4-3.3 s by 1 thread, 0.4-1.2 s by 4, 0.37-0.7 s by 8).
+    """
+    return max(1, _int("CKPT_THREADS", max(8, 2 * (os.cpu_count() or 1))))
+
+
+def background_nice() -> int:
+    """``CKPT_BACKGROUND_NICE``: niceness added to the Checkpointer's encode/write threads (10).
+
+    Persistence runs while training continues; on Linux its threads are given a lower
+    scheduling priority so the training loop's own CPU work (its intra-op threads, data
+    loading) is served first and checkpoints use the cycles left over. 0 turns it off.
+    The staging copies that a following ``optimizer.step()`` may wait for are not demoted.
+    """
+    return max(0, min(19, _int("CKPT_BACKGROUND_NICE", 10)))
 
 
 def chunk_bytes() -> int:
@@ -50,8 +67,8 @@ def zstd_level() -> int:
 def delta_max_chain() -> int:
     """``CKPT_DELTA_MAX_CHAIN``: a changed chunk is stored in full at least once every K saves (8).
 
-    Between full objects it may be stored as an XOR delta against its parent checkpoint's
-    chunk, at most K-1 links deep; restore reads every link. ``1`` turns deltas off.
+    Between full objects it may be stored as an XOR delta against the last full object
+    (at most K-1 saves old); a restore reads the delta and that object. ``1`` turns deltas off.
     """
     return max(1, _int("CKPT_DELTA_MAX_CHAIN", 8))
 

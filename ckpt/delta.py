@@ -14,8 +14,14 @@ Objects are content-addressed by their *raw* hash, and a delta object's bytes de
 its parent too, so its key is ``<raw hash>.x<first 16 hex of the parent's raw hash>``
 (:func:`delta_key`): a full object and a delta of the same content never share a key.
 
-Chains are bounded (see :func:`chain_depth` and ``CKPT_DELTA_MAX_CHAIN``): restoring a
-chunk reads every link, each verified against its hash.
+Deltas reference their chunk's **base**, the last full object, not the previous
+checkpoint's delta: consecutive deltas of a chunk all cite the same full object, so a
+restore reads two objects per chunk however many checkpoints lie between (as a video
+codec references its key frame). The codec's ``age`` parameter counts the saves since
+the base; ``CKPT_DELTA_MAX_CHAIN`` (K) bounds it, so a changed chunk is stored in full
+at least every K saves and a delta never drifts far from its base. Readers follow any
+nesting of parent records (:func:`chain_depth`), each link verified against its hash,
+so stores whose deltas cite deltas read the same.
 """
 
 from __future__ import annotations
@@ -79,6 +85,21 @@ def parent_record(codec: tuple[Mapping[str, Any], ...] | list[Mapping[str, Any]]
             parent = step.get("parent")
             return parent if isinstance(parent, Mapping) else None
     return None
+
+
+def delta_age(codec: tuple[Mapping[str, Any], ...] | list[Mapping[str, Any]]) -> int:
+    """Saves since the chunk's last full object (0 for a full object).
+
+    The writer records it as the delta step's ``age``; without one (a delta citing its
+    immediate parent) it is the chain depth.
+    """
+    for step in codec:
+        if step.get("name") == NAME:
+            age = step.get("age")
+            if isinstance(age, int) and not isinstance(age, bool) and age >= 1:
+                return age
+            return chain_depth(codec)
+    return 0
 
 
 def chain_depth(codec: tuple[Mapping[str, Any], ...] | list[Mapping[str, Any]]) -> int:

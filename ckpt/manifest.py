@@ -41,6 +41,18 @@ class ChunkRef:
     def to_json(self) -> dict[str, Any]:
         return {"hash": self.hash, "key": self.key, "size": self.size, "stored": self.stored, "codec": list(self.codec)}
 
+    @classmethod
+    def from_json(cls, rec: Mapping[str, Any], *, strict: bool = False) -> ChunkRef:
+        """A record of a manifest or of a delta's parent; ``stored`` is -1 (unknown) when absent
+        unless ``strict``. Raises KeyError, TypeError or ValueError on a malformed record."""
+        return cls(
+            hash=str(rec["hash"]),
+            key=str(rec.get("key", rec["hash"])),
+            size=int(rec["size"]),
+            stored=int(rec["stored"] if strict else rec.get("stored", -1)),
+            codec=tuple(dict(s) for s in rec.get("codec", ())),
+        )
+
 
 @dataclass(frozen=True)
 class TensorEntry:
@@ -122,16 +134,7 @@ class Manifest:
         try:
             tensors = {}
             for path, e in doc["tensors"].items():
-                chunks = tuple(
-                    ChunkRef(
-                        hash=str(c["hash"]),
-                        key=str(c.get("key", c["hash"])),
-                        size=int(c["size"]),
-                        stored=int(c["stored"]),
-                        codec=tuple(dict(s) for s in c.get("codec", [])),
-                    )
-                    for c in e["chunks"]
-                )
+                chunks = tuple(ChunkRef.from_json(c, strict=True) for c in e["chunks"])
                 entry = TensorEntry(
                     dtype=str(e["dtype"]), shape=tuple(int(s) for s in e["shape"]), nbytes=int(e["nbytes"]), chunks=chunks
                 )

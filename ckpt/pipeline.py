@@ -68,12 +68,20 @@ class WriteStats:
     delta_objects: int = 0
     #: parent chunks read back from the store to encode a delta against
     parent_reads: int = 0
+    #: large chunks whose encoding was chosen from samples
+    probes: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **deltas: int) -> None:
         with self._lock:
             for k, v in deltas.items():
                 setattr(self, k, getattr(self, k) + v)
+
+
+#: bytes of a large changed chunk encoded both ways (in PROBE_SAMPLES pieces spread over it)
+#: to choose between a delta and a full object before encoding the whole chunk one way
+PROBE_BYTES = 512 * 1024
+PROBE_SAMPLES = 4
 
 
 class Writer:
@@ -88,7 +96,8 @@ class Writer:
     the manifest bytes its parent record costs. Parent raw bytes come from
     ``parent_tensors`` (host tensors of the previous snapshot, by path; checked against
     the parent's hash before use) or else are read back from the store and verified.
-    A chunk whose parent is already ``max_chain - 1`` links deep is written in full.
+    Deltas cite the chunk's last full object (its base), so a restore reads two objects;
+    a chunk whose delta would be ``max_chain`` saves old is written in full.
     """
 
     def __init__(
@@ -211,15 +220,7 @@ class Writer:
             self.stats.add(reused_bytes=len(data))
             return other.result()
         try:
-            payload, chain = encode_chain(
-                self.codecs, default_chain(dtype), data, EncodeContext(dtype=dtype, itemsize=itemsize)
-            )
-            key = h
-            if parent is not None and deltamod.chain_depth(parent.codec) + 1 < self.max_chain:
-                found = self._encode_delta(path, data, dtype, itemsize, parent, parent_view, len(payload))
-                if found is not None:
-                    payload, chain = found
-                    key = deltamod.delta_key(h, parent.hash)
+            payload, chain, key = self._encode(path, data, h, dtype, itemsize, parent, parent_view)
             self.store.put_object(key, payload)
         except BaseException as exc:
             mine.set_exception(exc)
@@ -231,30 +232,107 @@ class Writer:
         mine.set_result(ref)
         return ref
 
-    def _encode_delta(
+    def _encode(
         self,
         path: str,
         data: memoryview,
+        h: str,
         dtype: str,
         itemsize: int,
-        parent: ChunkRef,
+        parent: ChunkRef | None,
         parent_view: memoryview | None,
-        full_size: int,
-    ) -> tuple[bytes | memoryview, list[dict]] | None:
-        """The delta encoding of ``data`` when it beats ``full_size``; None otherwise."""
-        base = self._parent_raw(path, parent, parent_view)
+    ) -> tuple[bytes | memoryview, list[dict], str]:
+        """``(payload, chain, key)`` of a new chunk: in full, or as a delta when that is smaller.
+
+        Encoding a large chunk both ways would double the codec work of every changed
+        chunk, so samples spread over it decide first (:data:`PROBE_BYTES`), and only the
+        chosen encoding runs on the whole chunk.
+        """
+        full_chain = default_chain(dtype)
+        ctx = EncodeContext(dtype=dtype, itemsize=itemsize)
+        base_ref, age = self._delta_base(parent)
+        base = None
+        if base_ref is not None:
+            # the previous snapshot's bytes are the parent's: of use only when it is the base
+            base = self._parent_raw(path, base_ref, parent_view if base_ref is parent else None)
         if base is None:
-            return None
-        record = parent.to_json()
-        ctx = EncodeContext(dtype=dtype, itemsize=itemsize, parent=base, parent_ref=record)
-        payload, chain = encode_chain(self.codecs, [deltamod.NAME, *default_chain(dtype)], data, ctx)
-        if not chain or chain[0].get("name") != deltamod.NAME:
-            return None
-        # The parent record is repeated in the manifest: count it against the delta.
-        overhead = len(json.dumps(record, separators=(",", ":")))
-        if len(payload) + overhead >= full_size:
-            return None
-        return payload, chain
+            payload, chain = encode_chain(self.codecs, full_chain, data, ctx)
+            return payload, chain, h
+        record = base_ref.to_json()
+        # The base record is repeated in the manifest: count it against the delta.
+        overhead = len(json.dumps(record, separators=(",", ":"))) + 10
+        dctx = EncodeContext(dtype=dtype, itemsize=itemsize, parent=base, parent_ref=record)
+        delta_chain = [deltamod.NAME, *full_chain]
+        delta_key = deltamod.delta_key(h, base_ref.hash)
+
+        def aged(chain: list[dict]) -> list[dict]:
+            chain[0]["age"] = age
+            return chain
+
+        if len(data) >= 4 * PROBE_BYTES:
+            self.stats.add(probes=1)
+            full_est, delta_est = self._probe(data, base, full_chain, delta_chain, ctx, dctx)
+            if delta_est + overhead < full_est:
+                payload, chain = encode_chain(self.codecs, delta_chain, data, dctx)
+                if chain and chain[0].get("name") == deltamod.NAME and len(payload) + overhead < len(data):
+                    return payload, aged(chain), delta_key
+            payload, chain = encode_chain(self.codecs, full_chain, data, ctx)
+            return payload, chain, h
+        payload, chain = encode_chain(self.codecs, full_chain, data, ctx)
+        dpayload, dchain = encode_chain(self.codecs, delta_chain, data, dctx)
+        if dchain and dchain[0].get("name") == deltamod.NAME and len(dpayload) + overhead < len(payload):
+            return dpayload, aged(dchain), delta_key
+        return payload, chain, h
+
+    def _delta_base(self, parent: ChunkRef | None) -> tuple[ChunkRef | None, int]:
+        """The object a delta of this chunk cites, and the delta's age; ``(None, 0)``: write it in full.
+
+        The base is the parent chunk when that is a full object, else the full object the
+        parent's delta cites (see :mod:`ckpt.delta`). A delta ``max_chain - 1`` saves old
+        ends the run: the chunk is written in full.
+        """
+        if parent is None:
+            return None, 0
+        age = deltamod.delta_age(parent.codec) + 1
+        if age >= self.max_chain:
+            return None, 0
+        record = deltamod.parent_record(parent.codec)
+        if record is None:
+            return parent, age
+        try:
+            base = ChunkRef.from_json(record)
+        except (KeyError, TypeError, ValueError):
+            return parent, age
+        if deltamod.parent_record(base.codec) is not None:
+            return parent, age  # a store written with deltas of deltas: extend its chain
+        return base, age
+
+    def _probe(
+        self,
+        data: memoryview,
+        base: memoryview,
+        full_chain: list[str],
+        delta_chain: list[str],
+        ctx: EncodeContext,
+        dctx: EncodeContext,
+    ) -> tuple[float, float]:
+        """Estimated full and delta sizes of ``data`` from encoding samples both ways."""
+        n = len(data)
+        step = PROBE_BYTES // PROBE_SAMPLES
+        step -= step % 64  # keeps every sample aligned to whole elements
+        starts = [((n - step) * i // (PROBE_SAMPLES - 1)) // 64 * 64 for i in range(PROBE_SAMPLES)]
+        full = delta = taken = 0
+        for a in starts:
+            part, pbase = data[a : a + step], base[a : a + step]
+            p, _ = encode_chain(self.codecs, full_chain, part, ctx)
+            d, _ = encode_chain(
+                self.codecs, delta_chain, part, EncodeContext(dtype=dctx.dtype, itemsize=dctx.itemsize,
+                                                              parent=pbase, parent_ref=dctx.parent_ref)
+            )
+            full += len(p)
+            delta += len(d)
+            taken += len(part)
+        return full * n / taken, delta * n / taken
 
     def _parent_raw(self, path: str, parent: ChunkRef, parent_view: memoryview | None) -> memoryview | None:
         """Verified raw bytes of ``parent``: from the previous snapshot if it still matches, else the store."""
@@ -299,13 +377,7 @@ class Reader:
     def raw_chunk(self, ref: Mapping[str, Any], *, what: str | None = None) -> memoryview:
         """DecodeContext: a verified chunk by its manifest record (delta parents)."""
         try:
-            chunk = ChunkRef(
-                hash=str(ref["hash"]),
-                key=str(ref.get("key", ref["hash"])),
-                size=int(ref["size"]),
-                stored=int(ref.get("stored", -1)),
-                codec=tuple(ref.get("codec", ())),
-            )
+            chunk = ChunkRef.from_json(ref)
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptCheckpointError(f"malformed parent record {ref!r}: {exc}") from None
         with self._cache_lock:

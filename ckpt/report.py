@@ -68,15 +68,7 @@ def _closure(ref: ChunkRef) -> Iterator[ChunkRef]:
     for s in ref.codec:
         parent = s.get("parent") if isinstance(s, Mapping) else None
         if isinstance(parent, Mapping) and "hash" in parent:
-            yield from _closure(
-                ChunkRef(
-                    hash=str(parent["hash"]),
-                    key=str(parent.get("key", parent["hash"])),
-                    size=int(parent.get("size", 0)),
-                    stored=int(parent.get("stored", 0)),
-                    codec=tuple(parent.get("codec", ())),
-                )
-            )
+            yield from _closure(ChunkRef.from_json({"size": 0, "stored": 0, **parent}))
 
 
 def referenced(manifest: Manifest) -> dict[str, ChunkRef]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import sys
 import gc as pygc
 import threading
 
@@ -326,3 +328,18 @@ def test_bad_arguments_are_checkpoint_errors(tmp_path):
     with ckpt.Checkpointer(str(tmp_path)) as ck:
         with pytest.raises(ckpt.CheckpointError, match="needs a state"):
             ck.save(step=1)
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and hasattr(os, "getpriority")), reason="per-thread nice is Linux's")
+@pytest.mark.parametrize("nice", [None, "0", "5"])
+def test_persistence_threads_run_at_lower_priority(tmp_path, monkeypatch, nice):
+    """Encode/write threads yield the CPU to the training loop; the caller's priority is untouched."""
+    if nice is not None:
+        monkeypatch.setenv("CKPT_BACKGROUND_NICE", nice)
+    me = os.getpriority(os.PRIO_PROCESS, 0)
+    with ckpt.Checkpointer(str(tmp_path / "s")) as ck:
+        got = ck._io.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+        ck.save({"x": torch.arange(10)}, step=1).wait()
+    expected = min(19, me + (10 if nice is None else int(nice)))
+    assert got == expected
+    assert os.getpriority(os.PRIO_PROCESS, 0) == me

@@ -154,13 +154,18 @@ def _chain_run(store_url, max_chain, monkeypatch):
         ckpt.save(store_url, {"model": model, "opt": opt}, step=step)
         expected[step] = clone_state({"model": model.state_dict(), "opt": opt.state_dict()})
         depths = _delta_depths(load_manifest(store, step))
-        assert max(depths) <= max_chain - 1
+        assert max(depths) <= min(1, max_chain - 1), "a delta cites a full object, never another delta"
         if max_chain == 1:
             assert all(r.key == r.hash for r in load_manifest(store, step).chunk_refs())
     if max_chain > 1:
-        # deltas happened, and a full object came back after max_chain - 1 links
+        # deltas happened, each citing the run's full object, and a full object came back
+        # once a delta would have been max_chain saves old
         weight = [load_manifest(store, s).tensors["model/0.weight"].chunks[0] for s in range(7)]
-        assert [deltamod.chain_depth(c.codec) for c in weight] == [0, 1, 2, 0, 1, 2, 0]
+        assert [deltamod.delta_age(c.codec) for c in weight] == [0, 1, 2, 0, 1, 2, 0]
+        for s, c in enumerate(weight):
+            if deltamod.delta_age(c.codec):
+                base = weight[s - deltamod.delta_age(c.codec)]
+                assert deltamod.parent_record(c.codec)["key"] == base.key == base.hash
     for step, state in expected.items():
         tree = ckpt.load(store_url, step=step)
         assert_same_state(tree["model"], state["model"])
@@ -235,7 +240,8 @@ def test_restore_reads_each_link_once_and_caches_parents(store_url, monkeypatch)
         twin["b"] = x.clone()
     store = Store(store_url)
     manifest = load_manifest(store, 3)
-    assert _delta_depths(manifest) == [3, 3]
+    assert _delta_depths(manifest) == [1, 1]
+    assert [deltamod.delta_age(c.codec) for c in manifest.chunk_refs()] == [3, 3]
     plugins = get_plugins()
     with ThreadPoolExecutor(1) as pool:
         reader = Reader(store, plugins.codecs, pool)
@@ -243,8 +249,8 @@ def test_restore_reads_each_link_once_and_caches_parents(store_url, monkeypatch)
             out = torch.empty(4096)
             for f in reader.submit(path, entry, out):
                 f.result()
-        # both tensors share every ancestor: 3 parents decoded once each
-        assert reader.parent_decodes == 3
+        # both tensors cite the same full object of step 0: decoded once
+        assert reader.parent_decodes == 1
 
 
 def test_corrupt_or_missing_parent_is_reported_with_its_key(store_url):
@@ -291,3 +297,61 @@ def test_manifest_records_parent_so_no_other_manifest_is_needed(store_url):
     assert set(first["codec"][0]["parent"]) == {"hash", "key", "size", "stored", "codec"}
     store.delete_manifest(0)
     assert_same_state(ckpt.load(store_url, step=1)["model"], expected)
+
+
+@pytest.mark.parametrize("kind", ["nudged", "unrelated"])
+def test_large_chunks_choose_delta_or_full_from_samples(tmp_path, kind):
+    """A chunk of several MiB is encoded one way only, chosen by encoding samples both ways."""
+    from ckpt import pipeline
+
+    url = str(tmp_path / "store")
+    torch.manual_seed(1)
+    big = {"w": torch.randn(1024, 1024)}  # 4 MiB: one chunk >= 4 x PROBE_BYTES
+    assert big["w"].nbytes >= 4 * pipeline.PROBE_BYTES
+    first = ckpt.save(url, big, step=0)
+    with torch.no_grad():
+        if kind == "nudged":
+            big["w"].add_(torch.randn_like(big["w"]) * 1e-5)
+        else:
+            big["w"].copy_(torch.randn_like(big["w"]))
+    store = Store(url)
+    plugins = get_plugins()
+    with ThreadPoolExecutor(2) as pool:
+        writer = Writer(store, plugins.codecs, pool, known={}, chunk_bytes=16 << 20, parent=load_manifest(store, 0),
+                        delta=True)
+        entry = writer.submit("w", big["w"]).result()
+    assert writer.stats.probes == 1
+    (ref,) = entry.chunks
+    if kind == "nudged":
+        assert deltamod.chain_depth(ref.codec) == 1
+        assert ref.stored * 2 < first.stored_bytes
+    else:
+        assert deltamod.chain_depth(ref.codec) == 0 and ref.key == ref.hash
+    with ThreadPoolExecutor(2) as pool:
+        out = torch.empty_like(big["w"])
+        for f in Reader(store, plugins.codecs, pool).submit("w", entry, out):
+            f.result()
+    assert torch.equal(out.view(torch.int32), big["w"].view(torch.int32))
+
+
+def test_stores_with_deltas_of_deltas_still_read_and_extend(store_url, monkeypatch):
+    """Deltas citing the previous delta (nested parent records) decode link by link."""
+    monkeypatch.setenv("CKPT_DELTA_MAX_CHAIN", "8")
+    # write the older layout: every delta cites the previous checkpoint's object
+    monkeypatch.setattr(Writer, "_delta_base", lambda self, parent: (parent, deltamod.chain_depth(parent.codec) + 1)
+                        if parent is not None else (None, 0))
+    model = _model(torch.float32)
+    expected = {}
+    for step in range(3):
+        ckpt.save(store_url, {"model": model}, step=step)
+        expected[step] = clone_state(model.state_dict())
+        _nudge(model)
+    store = Store(store_url)
+    assert max(_delta_depths(load_manifest(store, 2))) == 2
+    monkeypatch.undo()
+    monkeypatch.setenv("CKPT_DELTA_MAX_CHAIN", "8")
+    ckpt.save(store_url, {"model": model}, step=3)  # the new writer extends such a chain
+    expected[3] = clone_state(model.state_dict())
+    assert max(_delta_depths(load_manifest(store, 3))) == 3
+    for step, state in expected.items():
+        assert_same_state(ckpt.load(store_url, step=step)["model"], state)
