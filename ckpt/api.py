@@ -6,11 +6,12 @@ tensors, NumPy arrays, JSON values and nested mappings/lists of those.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, MutableMapping
+from typing import Any, Callable, Container, Iterable, Mapping, MutableMapping
 
 import torch
 
@@ -39,6 +40,8 @@ class CheckpointInfo:
     tensors: int = 0
     #: the committed manifest itself
     manifest: Manifest | None = field(default=None, repr=False, compare=False)
+    #: for a save: what its writer did (objects written and reused, deltas; ``ckpt.pipeline.WriteStats``)
+    write_stats: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_manifest(cls, m: Manifest, url: str) -> CheckpointInfo:
@@ -122,6 +125,7 @@ def write_checkpoint(
     parent_tensors: Mapping[str, torch.Tensor] | None = None,
     delta: bool = True,
     max_chain: int | None = None,
+    delta_skip: Container[str] = (),
 ) -> CheckpointInfo:
     """Write objects, then the manifest, then the ref. The one commit path of ckpt.
 
@@ -135,6 +139,7 @@ def write_checkpoint(
     ``parent_tensors`` (the previous snapshot's host tensors by path, checked against the
     parent's hashes) or are read back from the store. ``max_chain`` bounds delta chains
     (``CKPT_DELTA_MAX_CHAIN``, default 8: a full object at least every 8 saves of a chunk).
+    Tensors whose paths are in ``delta_skip`` are written without trying a delta.
     """
     writer = Writer(
         store,
@@ -146,6 +151,7 @@ def write_checkpoint(
         parent_tensors=parent_tensors,
         delta=delta,
         max_chain=config.delta_max_chain() if max_chain is None else max_chain,
+        delta_skip=delta_skip,
     )
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     futures: dict[str, Future[TensorEntry]] = {}
@@ -181,15 +187,13 @@ def write_checkpoint(
             break
         stored = writer.stats.written_bytes + len(body)
     store.commit(step, body)
-    info = CheckpointInfo.from_manifest(manifest, store.url)
+    info = dataclasses.replace(CheckpointInfo.from_manifest(manifest, store.url), write_stats=writer.stats)
     log.info("committed step %d to %s (%d raw bytes, %d stored)", step, store.url, info.raw_bytes, info.stored_bytes)
     plugins.after_commit(info=info)
     return info
 
 
 def _replace(m: Manifest, **changes: Any) -> Manifest:
-    import dataclasses
-
     return dataclasses.replace(m, **changes)
 
 

@@ -37,6 +37,10 @@ log = logging.getLogger("ckpt")
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
 
 
+#: saves a Checkpointer writes a tensor in full, without trying a delta, after a delta of it did not pay off
+DELTA_RETRY_AFTER = 4
+
+
 def _lower_priority(nice: int) -> None:
     """Demote the calling thread by ``nice`` (Linux schedules threads separately; elsewhere a no-op)."""
     if not nice or not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
@@ -138,6 +142,8 @@ class Checkpointer:
         self._snapshot: Snapshot | None = None
         self._parent: Manifest | None = None
         self._parent_loaded = False
+        #: tensor path -> saves left before a delta is tried again (see _learn_deltas)
+        self._delta_rest: dict[str, int] = {}
         self._pending_error: CheckpointError | None = None
         self._reported: set[int] = set()
         self._closed = False
@@ -271,7 +277,9 @@ class Checkpointer:
                 pool=self._io,
                 meta=meta,
                 on_tensor_written=snapshot.release,
+                delta_skip=frozenset(p for p, n in self._delta_rest.items() if n > 0),
             )
+            self._learn_deltas(info)
             self._parent = info.manifest
             self._after_commit(info)
             return info
@@ -280,6 +288,25 @@ class Checkpointer:
         finally:
             snapshot.staged.set()
             snapshot.release_all()
+
+    def _learn_deltas(self, info: CheckpointInfo) -> None:
+        """Remember tensors whose delta did not pay off, and skip trying for a few saves.
+
+        Trying a delta reads and decodes the chunk's full object and encodes samples twice:
+        CPU taken from training for nothing when the tensor changes everywhere every step
+        (Adam moments, weights early in training). Such a tensor is written in full without
+        trying for the next DELTA_RETRY_AFTER saves, then tried again (learning rates decay).
+        """
+        for path in list(self._delta_rest):
+            self._delta_rest[path] -= 1
+            if self._delta_rest[path] <= 0:
+                del self._delta_rest[path]
+        stats = info.write_stats
+        for path, kept in (stats.delta_outcome.items() if stats is not None else ()):
+            if kept:
+                self._delta_rest.pop(path, None)
+            else:
+                self._delta_rest[path] = DELTA_RETRY_AFTER
 
     def _latest_manifest(self) -> Manifest | None:
         step = self.store.latest_step(repair=True)

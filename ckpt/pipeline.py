@@ -14,7 +14,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Container, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -70,6 +70,8 @@ class WriteStats:
     parent_reads: int = 0
     #: large chunks whose encoding was chosen from samples
     probes: int = 0
+    #: tensor path -> whether a delta was kept for any of its chunks (paths where one was tried)
+    delta_outcome: dict[str, bool] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **deltas: int) -> None:
@@ -77,11 +79,19 @@ class WriteStats:
             for k, v in deltas.items():
                 setattr(self, k, getattr(self, k) + v)
 
+    def tried_delta(self, path: str, kept: bool) -> None:
+        with self._lock:
+            self.delta_outcome[path] = self.delta_outcome.get(path, False) or kept
+
 
 #: bytes of a large changed chunk encoded both ways (in PROBE_SAMPLES pieces spread over it)
 #: to choose between a delta and a full object before encoding the whole chunk one way
 PROBE_BYTES = 512 * 1024
 PROBE_SAMPLES = 4
+#: a large chunk becomes a delta only when samples promise it at most this fraction of the
+#: full encoding: a delta must also be read and XORed on restore, and a marginal gain
+#: is not worth that
+DELTA_MIN_GAIN = 0.9
 
 
 class Writer:
@@ -112,6 +122,7 @@ class Writer:
         parent_tensors: Mapping[str, torch.Tensor] | None = None,
         delta: bool = False,
         max_chain: int = 8,
+        delta_skip: Container[str] = (),
     ) -> None:
         if isinstance(max_chain, bool) or not isinstance(max_chain, int) or max_chain < 1:
             raise CheckpointError(f"max_chain must be an int >= 1 (1 = no deltas), got {max_chain!r}")
@@ -127,6 +138,8 @@ class Writer:
         self.parent = parent
         self.parent_tensors = parent_tensors or {}
         self.max_chain = max_chain
+        #: tensor paths written in full without trying a delta (recently tried without gain)
+        self.delta_skip = delta_skip
         self._reader: Reader | None = None
 
     def submit(self, path: str, tensor: torch.Tensor) -> Future[TensorEntry]:
@@ -178,7 +191,7 @@ class Writer:
         self, path: str, dtype: str, spans: list[tuple[int, int]]
     ) -> tuple[tuple[ChunkRef, ...] | None, memoryview | None, torch.Tensor | None]:
         """The parent's chunks of ``path`` when they line up with ``spans``, and its host bytes."""
-        if not self.delta or not spans:
+        if not self.delta or not spans or path in self.delta_skip:
             return None, None, None
         entry = self.parent.tensors.get(path) if self.parent is not None else None
         if entry is None or entry.dtype != dtype or len(entry.chunks) != len(spans):
@@ -272,16 +285,20 @@ class Writer:
         if len(data) >= 4 * PROBE_BYTES:
             self.stats.add(probes=1)
             full_est, delta_est = self._probe(data, base, full_chain, delta_chain, ctx, dctx)
-            if delta_est + overhead < full_est:
+            if delta_est + overhead < full_est * DELTA_MIN_GAIN:
                 payload, chain = encode_chain(self.codecs, delta_chain, data, dctx)
                 if chain and chain[0].get("name") == deltamod.NAME and len(payload) + overhead < len(data):
+                    self.stats.tried_delta(path, True)
                     return payload, aged(chain), delta_key
+            self.stats.tried_delta(path, False)
             payload, chain = encode_chain(self.codecs, full_chain, data, ctx)
             return payload, chain, h
         payload, chain = encode_chain(self.codecs, full_chain, data, ctx)
         dpayload, dchain = encode_chain(self.codecs, delta_chain, data, dctx)
-        if dchain and dchain[0].get("name") == deltamod.NAME and len(dpayload) + overhead < len(payload):
+        if dchain and dchain[0].get("name") == deltamod.NAME and len(dpayload) + overhead < len(payload) * DELTA_MIN_GAIN:
+            self.stats.tried_delta(path, True)
             return dpayload, aged(dchain), delta_key
+        self.stats.tried_delta(path, False)
         return payload, chain, h
 
     def _delta_base(self, parent: ChunkRef | None) -> tuple[ChunkRef | None, int]:

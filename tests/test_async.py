@@ -343,3 +343,29 @@ def test_persistence_threads_run_at_lower_priority(tmp_path, monkeypatch, nice):
     expected = min(19, me + (10 if nice is None else int(nice)))
     assert got == expected
     assert os.getpriority(os.PRIO_PROCESS, 0) == me
+
+
+def test_checkpointer_stops_trying_deltas_that_do_not_pay(tmp_path, monkeypatch):
+    """A tensor that changes everywhere every step is written in full without reading its
+    parent back for a few saves; one that changes little keeps getting deltas."""
+    from ckpt import checkpointer as ckmod
+
+    monkeypatch.setattr(ckmod, "DELTA_RETRY_AFTER", 2)
+    g = torch.Generator().manual_seed(0)
+    state = {"noisy": torch.randn(64, 1024, generator=g), "calm": torch.randn(64, 1024, generator=g)}
+    with ckpt.Checkpointer(str(tmp_path / "s")) as ck:
+        ck.save(state, step=0).wait()
+        outcomes = []
+        for step in range(1, 6):
+            state["noisy"].copy_(torch.randn(64, 1024, generator=g))
+            state["calm"].add_(torch.randn(64, 1024, generator=g) * 1e-6)
+            stats = ck.save(state, step=step).wait().write_stats
+            outcomes.append((dict(stats.delta_outcome), stats.parent_reads))
+    # step 1 tries both; steps 2-3 skip the noisy tensor; step 4 tries it again; step 5 skips it
+    assert outcomes[0] == ({"noisy": False, "calm": True}, 2)
+    assert outcomes[1] == ({"calm": True}, 1)
+    assert outcomes[2] == ({"calm": True}, 1)
+    assert outcomes[3] == ({"noisy": False, "calm": True}, 2)
+    assert outcomes[4] == ({"calm": True}, 1)
+    tree = ckpt.load(str(tmp_path / "s"))
+    assert torch.equal(tree["noisy"], state["noisy"]) and torch.equal(tree["calm"], state["calm"])
