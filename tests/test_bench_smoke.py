@@ -79,3 +79,12 @@ def test_async_results(smoke_results):
     assert any("DCP async_save" in n for n in names) and any("memcpy" in n for n in names)
     md = (smoke_results / "async.md").read_text()
     assert "Training loop" in md and "Targets (issue 3)" in md
+
+
+def test_readme_section_is_rendered_from_the_committed_results():
+    from benchmarks import readme
+
+    text = readme.render()
+    assert text.startswith(readme.START) and text.endswith(readme.END)
+    assert "- Machine:" in text and "| ckpt |" in text and "PASS" in text
+    assert readme.render() in (readme.ROOT / "README.md").read_text(), "run python -m benchmarks.readme"
