@@ -40,7 +40,7 @@ class CheckpointInfo:
     tensors: int = 0
     #: the committed manifest itself
     manifest: Manifest | None = field(default=None, repr=False, compare=False)
-    #: for a save: what its writer did (objects written and reused, deltas; ``ckpt.pipeline.WriteStats``)
+    #: for a save: what its writer did (objects written and reused, deltas; ``ckpt.pipeline.SaveStats``)
     write_stats: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -187,7 +187,7 @@ def write_checkpoint(
             break
         stored = writer.stats.written_bytes + len(body)
     store.commit(step, body)
-    info = dataclasses.replace(CheckpointInfo.from_manifest(manifest, store.url), write_stats=writer.stats)
+    info = dataclasses.replace(CheckpointInfo.from_manifest(manifest, store.url), write_stats=writer.stats.frozen())
     log.info("committed step %d to %s (%d raw bytes, %d stored)", step, store.url, info.raw_bytes, info.stored_bytes)
     plugins.after_commit(info=info)
     return info

@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import signal
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Mapping, MutableMapping
@@ -43,7 +44,8 @@ DELTA_RETRY_AFTER = 4
 
 def _lower_priority(nice: int) -> None:
     """Demote the calling thread by ``nice`` (Linux schedules threads separately; elsewhere a no-op)."""
-    if not nice or not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
+    # only Linux schedules threads by their own id; elsewhere the id could name another process
+    if not nice or not sys.platform.startswith("linux") or not hasattr(os, "setpriority"):
         return
     try:
         tid = threading.get_native_id()

@@ -24,14 +24,16 @@ def disabled_plugins() -> set[str]:
 
 
 def io_threads() -> int:
-    """``CKPT_THREADS``: worker threads for encode/write and read/decode (default 2 x cores, at least 8).
+    """``CKPT_THREADS``: worker threads for encode/write and read/decode (2 x cores, within 8..32).
 
     More threads than cores: a thread waiting in write/fsync or on the network leaves its
     core to another that encodes, and block devices and object stores serve parallel
     requests faster (measured on this project's 2-core machine: 72 files of 14 MB written
-    and fsynced in 2.4-3.3 s by 1 thread, 0.4-1.2 s by 4, 0.37-0.7 s by 8).
+    and fsynced in 2.4-3.3 s by 1 thread, 0.4-1.2 s by 4, 0.37-0.7 s by 8). Each thread
+    holds up to two chunks (``CKPT_CHUNK_BYTES``) while it encodes: memory outside
+    ``max_host_memory``, hence the cap.
     """
-    return max(1, _int("CKPT_THREADS", max(8, 2 * (os.cpu_count() or 1))))
+    return max(1, _int("CKPT_THREADS", min(32, max(8, 2 * (os.cpu_count() or 1)))))
 
 
 def background_nice() -> int:
@@ -40,7 +42,9 @@ def background_nice() -> int:
     Persistence runs while training continues; on Linux its threads are given a lower
     scheduling priority so the training loop's own CPU work (its intra-op threads, data
     loading) is served first and checkpoints use the cycles left over. 0 turns it off.
-    The staging copies that a following ``optimizer.step()`` may wait for are not demoted.
+    The staging copies that a following ``optimizer.step()`` may wait for are not demoted;
+    but with ``max_host_memory`` smaller than the state, staging waits for buffers that the
+    demoted threads free as they write, so set 0 if a busy host then stalls optimizer steps.
     """
     return max(0, min(19, _int("CKPT_BACKGROUND_NICE", 10)))
 

@@ -17,9 +17,10 @@ its parent too, so its key is ``<raw hash>.x<first 16 hex of the parent's raw ha
 Deltas reference their chunk's **base**, the last full object, not the previous
 checkpoint's delta: consecutive deltas of a chunk all cite the same full object, so a
 restore reads two objects per chunk however many checkpoints lie between (as a video
-codec references its key frame). The codec's ``age`` parameter counts the saves since
-the base; ``CKPT_DELTA_MAX_CHAIN`` (K) bounds it, so a changed chunk is stored in full
-at least every K saves and a delta never drifts far from its base. Readers follow any
+codec references its key frame). The codec's ``age`` parameter counts the saves that
+changed the chunk since its base (a save where it did not change reuses the object);
+``CKPT_DELTA_MAX_CHAIN`` (K) bounds it, so a chunk is stored in full at least once every
+K changes and a delta never drifts far from its base. Readers follow any
 nesting of parent records (:func:`chain_depth`), each link verified against its hash,
 so stores whose deltas cite deltas read the same.
 """

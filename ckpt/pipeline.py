@@ -8,6 +8,7 @@ straight from (and decoded straight into) the tensors' own memory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -60,6 +61,9 @@ def host_bytes(t: torch.Tensor, path: str) -> tuple[torch.Tensor, memoryview]:
 
 @dataclass
 class WriteStats:
+    """What one save's writer did. Shared by its worker threads; :meth:`frozen` gives a copy
+    without the lock (what ``CheckpointInfo.write_stats`` holds)."""
+
     raw_bytes: int = 0
     written_bytes: int = 0
     reused_bytes: int = 0
@@ -82,6 +86,26 @@ class WriteStats:
     def tried_delta(self, path: str, kept: bool) -> None:
         with self._lock:
             self.delta_outcome[path] = self.delta_outcome.get(path, False) or kept
+
+    def frozen(self) -> SaveStats:
+        with self._lock:
+            values = {f.name: getattr(self, f.name) for f in dataclasses.fields(SaveStats)}
+        values["delta_outcome"] = dict(values["delta_outcome"])
+        return SaveStats(**values)
+
+
+@dataclass(frozen=True)
+class SaveStats:
+    """A finished save's :class:`WriteStats` (plain values: copyable, picklable, ``asdict``-able)."""
+
+    raw_bytes: int
+    written_bytes: int
+    reused_bytes: int
+    objects_written: int
+    delta_objects: int
+    parent_reads: int
+    probes: int
+    delta_outcome: dict[str, bool]
 
 
 #: bytes of a large changed chunk encoded both ways (in PROBE_SAMPLES pieces spread over it)

@@ -68,7 +68,11 @@ def _closure(ref: ChunkRef) -> Iterator[ChunkRef]:
     for s in ref.codec:
         parent = s.get("parent") if isinstance(s, Mapping) else None
         if isinstance(parent, Mapping) and "hash" in parent:
-            yield from _closure(ChunkRef.from_json({"size": 0, "stored": 0, **parent}))
+            try:
+                base = ChunkRef.from_json({"size": 0, "stored": 0, **parent})
+            except (KeyError, TypeError, ValueError):
+                continue  # a malformed record: verify and restore name it; a report skips it
+            yield from _closure(base)
 
 
 def referenced(manifest: Manifest) -> dict[str, ChunkRef]:

@@ -483,3 +483,12 @@ def test_unreadable_manifest_is_reported_not_fatal(store, tmp_path):
     r = run("verify", str(root))
     assert r.exit_code == 1 and "BAD manifest:" in r.stdout
     assert "not valid JSON" in one_line_error(run("show", str(root), "--step", "1"), 1)
+
+
+def test_report_skips_a_malformed_nested_parent_record():
+    from ckpt import report
+    from ckpt.manifest import ChunkRef
+
+    bad = ChunkRef(hash="ab" * 16, key="ab" * 16 + ".xcd", size=8, stored=8,
+                   codec=({"name": "xor", "parent": {"hash": "cd" * 16, "size": 8, "codec": ["bgzstd"]}},))
+    assert [r.key for r in report._closure(bad)] == [bad.key]

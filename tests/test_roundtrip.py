@@ -591,3 +591,18 @@ def test_resumed_training_is_bit_identical(store_url):
     assert_same_state(clone_state(resumed["optim"].state_dict()), expected_optim)
     assert resumed["scaler"].state_dict() == run["scaler"].state_dict()
     assert math.isclose(resumed["sched"].get_last_lr()[0], run["sched"].get_last_lr()[0], rel_tol=0, abs_tol=0)
+
+
+def test_checkpoint_info_is_plain_data(tmp_path):
+    """Plugins and users copy, pickle and serialise CheckpointInfo (after_commit hooks do)."""
+    import copy
+    import dataclasses
+    import json
+    import pickle
+
+    info = ckpt.save(str(tmp_path / "s"), {"x": torch.randn(1000)}, step=3)
+    assert info.write_stats.objects_written == 1 and info.write_stats.raw_bytes == 4000
+    assert copy.deepcopy(info) == info
+    assert pickle.loads(pickle.dumps(info)) == info
+    doc = json.loads(json.dumps(dataclasses.asdict(info), default=str))
+    assert doc["write_stats"]["written_bytes"] == info.write_stats.written_bytes
