@@ -47,11 +47,42 @@ def line_with(md: str, prefix: str) -> str:
     return ""
 
 
+#: README subsections: (title, [(results file, section heading, caption or "", first table only)])
+LAYOUT = [
+    ("Save and restore (local disk, fsync on, warm page cache)", [
+        ("core", "MLP 24", "MLP 24 x Linear(2048, 2048) + AdamW after one step (1.2 GB):", False),
+        ("core", "all-MiniLM-L6-v2 real weights, bf16", "all-MiniLM-L6-v2 real weights, bf16:", True),
+        ("core", "Targets", "", False),
+    ]),
+    ("Asynchronous snapshots (same MLP + AdamW state)", [
+        ("async", "The save call", "", False),
+        ("async", "Training loop", "", False),
+        ("async", "Targets", "", False),
+    ]),
+    ("Incremental checkpoints (real all-MiniLM-L6-v2 weights)", [
+        ("incremental", "LoRA r=8", "", False),
+        ("incremental", "Full fine-tune", "", False),
+        ("incremental", "Restore time", "Restore time against the saves since the chunk's full object:", False),
+    ]),
+    ("Remote stores (moto S3 and azurite on this machine)", [
+        ("remote", "ckpt remote-store benchmark", "", False),
+    ]),
+]  # fmt: skip
+
+
+def _blocks(title: str, picks: list[tuple[str, str, str, bool]], docs: dict[str, str]) -> list[str]:
+    out = [f"### {title}", ""]
+    for name, heading, caption, first_only in picks:
+        body = tables(section(docs[name], heading))
+        if first_only:
+            body = body.split("\n\n")[0]
+        out += ([caption, ""] if caption else []) + [body, ""]
+    return out
+
+
 def render() -> str:
-    core = (RESULTS / "core.md").read_text()
-    asyn = (RESULTS / "async.md").read_text()
-    inc = (RESULTS / "incremental.md").read_text()
-    remote = (RESULTS / "remote.md").read_text()
+    docs = {name: (RESULTS / f"{name}.md").read_text() for name in ("core", "async", "incremental", "remote")}
+    core = docs["core"]
     parts = [
         START,
         "## Benchmarks",
@@ -66,40 +97,7 @@ def render() -> str:
         line_with(core, "- Software:"),
         line_with(core, "- Date:"),
         "",
-        "### Save and restore (local disk, fsync on, warm page cache)",
-        "",
-        "MLP 24 x Linear(2048, 2048) + AdamW after one step (1.2 GB):",
-        "",
-        tables(section(core, "MLP 24")),
-        "",
-        "all-MiniLM-L6-v2 real weights, bf16:",
-        "",
-        tables(section(core, "all-MiniLM-L6-v2 real weights, bf16")).split("\n\n")[0],
-        "",
-        tables(section(core, "Targets")),
-        "",
-        "### Asynchronous snapshots (same MLP + AdamW state)",
-        "",
-        tables(section(asyn, "The save call")),
-        "",
-        tables(section(asyn, "Training loop")),
-        "",
-        tables(section(asyn, "Targets")),
-        "",
-        "### Incremental checkpoints (real all-MiniLM-L6-v2 weights)",
-        "",
-        tables(section(inc, "LoRA r=8")),
-        "",
-        tables(section(inc, "Full fine-tune")),
-        "",
-        "Restore time against the saves since the chunk's full object:",
-        "",
-        tables(section(inc, "Restore time")),
-        "",
-        "### Remote stores (moto S3 and azurite on this machine)",
-        "",
-        tables(section(remote, "ckpt remote-store benchmark")),
-        "",
+        *[block for title, picks in LAYOUT for block in _blocks(title, picks, docs)],
         END,
     ]
     return "\n".join(parts)

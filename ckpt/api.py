@@ -181,7 +181,7 @@ def write_checkpoint(
     # stored_bytes counts the manifest itself; its own digits change its length, so settle it.
     stored = writer.stats.written_bytes + len(body)
     for _ in range(3):
-        manifest = _replace(manifest, stored_bytes=stored)
+        manifest = dataclasses.replace(manifest, stored_bytes=stored)
         body = manifest.to_json_bytes()
         if writer.stats.written_bytes + len(body) == stored:
             break
@@ -191,10 +191,6 @@ def write_checkpoint(
     log.info("committed step %d to %s (%d raw bytes, %d stored)", step, store.url, info.raw_bytes, info.stored_bytes)
     plugins.after_commit(info=info)
     return info
-
-
-def _replace(m: Manifest, **changes: Any) -> Manifest:
-    return dataclasses.replace(m, **changes)
 
 
 def _parent_for_save(store: Store, step: int) -> Manifest | None:

@@ -296,33 +296,33 @@ class Writer:
             payload, chain = encode_chain(self.codecs, full_chain, data, ctx)
             return payload, chain, h
         record = base_ref.to_json()
-        # The base record is repeated in the manifest: count it against the delta.
-        overhead = len(json.dumps(record, separators=(",", ":"))) + 10
+        # The base record and the age are repeated in the manifest: count them against the delta.
+        overhead = len(json.dumps(record, separators=(",", ":"))) + len(',"age":') + len(str(age))
         dctx = EncodeContext(dtype=dtype, itemsize=itemsize, parent=base, parent_ref=record)
         delta_chain = [deltamod.NAME, *full_chain]
-        delta_key = deltamod.delta_key(h, base_ref.hash)
 
-        def aged(chain: list[dict]) -> list[dict]:
-            chain[0]["age"] = age
-            return chain
+        def delta_wins(payload: bytes | memoryview, chain: list[dict], full_size: float) -> bool:
+            won = bool(chain) and chain[0].get("name") == deltamod.NAME and len(payload) + overhead < full_size
+            self.stats.tried_delta(path, won)
+            if won:
+                chain[0]["age"] = age
+            return won
 
         if len(data) >= 4 * PROBE_BYTES:
             self.stats.add(probes=1)
             full_est, delta_est = self._probe(data, base, full_chain, delta_chain, ctx, dctx)
             if delta_est + overhead < full_est * DELTA_MIN_GAIN:
                 payload, chain = encode_chain(self.codecs, delta_chain, data, dctx)
-                if chain and chain[0].get("name") == deltamod.NAME and len(payload) + overhead < len(data):
-                    self.stats.tried_delta(path, True)
-                    return payload, aged(chain), delta_key
-            self.stats.tried_delta(path, False)
+                if delta_wins(payload, chain, len(data)):
+                    return payload, chain, deltamod.delta_key(h, base_ref.hash)
+            else:
+                self.stats.tried_delta(path, False)
             payload, chain = encode_chain(self.codecs, full_chain, data, ctx)
             return payload, chain, h
         payload, chain = encode_chain(self.codecs, full_chain, data, ctx)
         dpayload, dchain = encode_chain(self.codecs, delta_chain, data, dctx)
-        if dchain and dchain[0].get("name") == deltamod.NAME and len(dpayload) + overhead < len(payload) * DELTA_MIN_GAIN:
-            self.stats.tried_delta(path, True)
-            return dpayload, aged(dchain), delta_key
-        self.stats.tried_delta(path, False)
+        if delta_wins(dpayload, dchain, len(payload) * DELTA_MIN_GAIN):
+            return dpayload, dchain, deltamod.delta_key(h, base_ref.hash)
         return payload, chain, h
 
     def _delta_base(self, parent: ChunkRef | None) -> tuple[ChunkRef | None, int]:
@@ -366,10 +366,7 @@ class Writer:
         for a in starts:
             part, pbase = data[a : a + step], base[a : a + step]
             p, _ = encode_chain(self.codecs, full_chain, part, ctx)
-            d, _ = encode_chain(
-                self.codecs, delta_chain, part, EncodeContext(dtype=dctx.dtype, itemsize=dctx.itemsize,
-                                                              parent=pbase, parent_ref=dctx.parent_ref)
-            )
+            d, _ = encode_chain(self.codecs, delta_chain, part, dataclasses.replace(dctx, parent=pbase))
             full += len(p)
             delta += len(d)
             taken += len(part)
