@@ -15,7 +15,8 @@ from __future__ import annotations
 import gc
 import os
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -61,9 +62,10 @@ class Trainer:
 
 
 def bench_calls(tr: Trainer, repeats: int, workdir: str, log) -> dict[str, Any]:
-    import ckpt
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    import ckpt
 
     out: dict[str, Any] = {}
     tensors = common.state_tensors(tr.state)
@@ -81,8 +83,14 @@ def bench_calls(tr: Trainer, repeats: int, workdir: str, log) -> dict[str, Any]:
         copy_s.append(now() - t0)
         del copies
     out["memcpy_clone"] = {"label": "clone every tensor once", "call_s": median(clone_s[1:]), "all": clone_s[1:]}
-    out["memcpy_prealloc"] = {"label": "copy into preallocated buffers", "call_s": median(copy_s[1:]), "all": copy_s[1:]}
-    log(f"  memcpy: clone {out['memcpy_clone']['call_s']:.3f}s, into preallocated {out['memcpy_prealloc']['call_s']:.3f}s")
+    out["memcpy_prealloc"] = {
+        "label": "copy into preallocated buffers",
+        "call_s": median(copy_s[1:]),
+        "all": copy_s[1:],
+    }
+    log(
+        f"  memcpy: clone {out['memcpy_clone']['call_s']:.3f}s, into preallocated {out['memcpy_prealloc']['call_s']:.3f}s"
+    )
 
     # ckpt: one Checkpointer, a warm-up save (allocates the reused staging pool), then
     # per repeat: a training step (everything changes, so nothing dedups), save(), commit
@@ -115,8 +123,15 @@ def bench_calls(tr: Trainer, repeats: int, workdir: str, log) -> dict[str, Any]:
     assert problem is None, f"async ckpt checkpoint is not bit-exact: {problem}"
     del fresh
     common.rmtree(url)
-    out["ckpt"] = {"label": "ckpt Checkpointer.save()", "call_s": median(call), "staged_s": median(staged),
-                   "commit_after_return_s": median(after), "total_s": median(total), "all": call, "bit_exact": True}
+    out["ckpt"] = {
+        "label": "ckpt Checkpointer.save()",
+        "call_s": median(call),
+        "staged_s": median(staged),
+        "commit_after_return_s": median(after),
+        "total_s": median(total),
+        "all": call,
+        "bit_exact": True,
+    }
 
     # synchronous ckpt.save of the same (changing) state: into one store, step after step, as
     # the Checkpointer does (so with the same parent checkpoint, dedup and delta work), and
@@ -141,22 +156,39 @@ def bench_calls(tr: Trainer, repeats: int, workdir: str, log) -> dict[str, Any]:
         ckpt.save(path, tr.state, step=1)
         fresh_sync.append(now() - t0)
         common.rmtree(path)
-    out["ckpt_sync"] = {"label": "ckpt.save (synchronous, next step into the same store)", "call_s": median(sync),
-                        "total_s": median(sync), "all": sync}
-    out["ckpt_sync_fresh"] = {"label": "ckpt.save (synchronous, fresh store: full checkpoint)",
-                              "call_s": median(fresh_sync), "total_s": median(fresh_sync), "all": fresh_sync}
+    out["ckpt_sync"] = {
+        "label": "ckpt.save (synchronous, next step into the same store)",
+        "call_s": median(sync),
+        "total_s": median(sync),
+        "all": sync,
+    }
+    out["ckpt_sync_fresh"] = {
+        "label": "ckpt.save (synchronous, fresh store: full checkpoint)",
+        "call_s": median(fresh_sync),
+        "total_s": median(fresh_sync),
+        "all": fresh_sync,
+    }
     log(f"  ckpt.save sync {median(sync):.3f}s")
 
     # DCP async_save: the default (a fresh DefaultStager per call, synchronous staging) and
     # the DefaultStager options available without CUDA, each stager reused across saves.
     variants: list[tuple[str, str, Callable[[], Any] | None]] = [
         ("dcp_default", "DCP async_save (default)", None),
-        ("dcp_stager_reused", "DCP async_save, DefaultStager reused (cached staging buffers)",
-         lambda: DefaultStager(StagingOptions(False, False, False, False))),
-        ("dcp_async_staging", "DCP async_save, DefaultStager(use_async_staging=True)",
-         lambda: DefaultStager(StagingOptions(False, False, True, False))),
-        ("dcp_shared_memory", "DCP async_save, DefaultStager(use_shared_memory=True)",
-         lambda: DefaultStager(StagingOptions(False, True, False, False))),
+        (
+            "dcp_stager_reused",
+            "DCP async_save, DefaultStager reused (cached staging buffers)",
+            lambda: DefaultStager(StagingOptions(False, False, False, False)),
+        ),
+        (
+            "dcp_async_staging",
+            "DCP async_save, DefaultStager(use_async_staging=True)",
+            lambda: DefaultStager(StagingOptions(False, False, True, False)),
+        ),
+        (
+            "dcp_shared_memory",
+            "DCP async_save, DefaultStager(use_shared_memory=True)",
+            lambda: DefaultStager(StagingOptions(False, True, False, False)),
+        ),
     ]
     for key, label, make in variants:
         stager = make() if make else None
@@ -166,8 +198,9 @@ def bench_calls(tr: Trainer, repeats: int, workdir: str, log) -> dict[str, Any]:
             path = _dirs(workdir, f"{key}-")
             gc.collect()
             t0 = now()
-            res = dcp.async_save(_dcp_sd(tr.model, tr.opt), storage_writer=dcp.FileSystemWriter(path),
-                                 async_stager=stager)
+            res = dcp.async_save(
+                _dcp_sd(tr.model, tr.opt), storage_writer=dcp.FileSystemWriter(path), async_stager=stager
+            )
             t1 = now()
             if hasattr(res, "staging_completion"):
                 res.staging_completion.result()
@@ -185,8 +218,13 @@ def bench_calls(tr: Trainer, repeats: int, workdir: str, log) -> dict[str, Any]:
             total.append(t3 - t0)
         if stager is not None:
             stager.close()
-        out[key] = {"label": label, "call_s": median(call), "staged_s": median(staged), "total_s": median(total),
-                    "all": call}
+        out[key] = {
+            "label": label,
+            "call_s": median(call),
+            "staged_s": median(staged),
+            "total_s": median(total),
+            "all": call,
+        }
         log(f"  {key}: call {median(call):.3f}s staged {median(staged):.3f}s committed {median(total):.3f}s")
         gc.collect()
     return out
@@ -198,9 +236,10 @@ def bench_calls(tr: Trainer, repeats: int, workdir: str, log) -> dict[str, Any]:
 def loop_once(tr: Trainer, kind: str, steps: int, workdir: str) -> dict[str, Any]:
     """Run ``steps`` training steps, checkpointing after every EVERY-th (not the last);
     the time includes waiting for the last checkpoint to commit."""
-    import ckpt
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    import ckpt
 
     url = _dirs(workdir, f"loop-{kind}-")
     saves = [s for s in range(EVERY, steps, EVERY)]
@@ -225,8 +264,9 @@ def loop_once(tr: Trainer, kind: str, steps: int, workdir: str) -> dict[str, Any
                 while pending:  # one DCP checkpoint in flight, as its docs recommend
                     p = pending.pop()
                     (p.upload_completion if hasattr(p, "upload_completion") else p).result()
-                res = dcp.async_save(_dcp_sd(tr.model, tr.opt), storage_writer=dcp.FileSystemWriter(f"{url}/{s}"),
-                                     async_stager=stager)
+                res = dcp.async_save(
+                    _dcp_sd(tr.model, tr.opt), storage_writer=dcp.FileSystemWriter(f"{url}/{s}"), async_stager=stager
+                )
                 pending.append(res)
                 if hasattr(res, "staging_completion"):
                     staging.append(res.staging_completion)
@@ -265,8 +305,13 @@ def bench_loop(tr: Trainer, steps: int, rounds: int, workdir: str, log) -> dict[
     out: dict[str, Any] = {"steps": steps, "every": EVERY, "checkpoints": checkpoints, "rounds": rounds, "configs": {}}
     for kind, label in kinds.items():
         t = median(runs[kind])
-        out["configs"][kind] = {"label": label, "total_s": t, "all": runs[kind], "step_s": t / steps,
-                                "overhead": (t - base) / base}
+        out["configs"][kind] = {
+            "label": label,
+            "total_s": t,
+            "all": runs[kind],
+            "step_s": t / steps,
+            "overhead": (t - base) / base,
+        }
     return out
 
 
@@ -284,11 +329,20 @@ def targets(calls: dict[str, Any], loop: dict[str, Any]) -> list[dict[str, Any]]
     add("save() call / DCP async_save (default) call", c / calls["dcp_default"]["call_s"], "<=", 0.05)
     add("save() call / one memcpy of the state (clone)", c / calls["memcpy_clone"]["call_s"], "<=", 0.25)
     cfg = loop["configs"]
-    add("loop overhead: ckpt - DCP async_save (default), percentage points",
-        100 * (cfg["ckpt"]["overhead"] - cfg["dcp_default"]["overhead"]), "<=", 0.0, unit="pp")
+    add(
+        "loop overhead: ckpt - DCP async_save (default), percentage points",
+        100 * (cfg["ckpt"]["overhead"] - cfg["dcp_default"]["overhead"]),
+        "<=",
+        0.0,
+        unit="pp",
+    )
     add("loop overhead of ckpt, one checkpoint per 5 steps", 100 * cfg["ckpt"]["overhead"], "<=", 3.0, unit="%")
-    add("commit after save() returns / synchronous ckpt.save of the same step",
-        calls["ckpt"]["commit_after_return_s"] / calls["ckpt_sync"]["call_s"], "<=", 1.5)
+    add(
+        "commit after save() returns / synchronous ckpt.save of the same step",
+        calls["ckpt"]["commit_after_return_s"] / calls["ckpt_sync"]["call_s"],
+        "<=",
+        1.5,
+    )
     return out
 
 
@@ -313,8 +367,13 @@ def run(*, smoke: bool, workdir: str, log=print) -> dict[str, Any]:
     loop = bench_loop(tr, steps, rounds, workdir, log)
     loop["other_cpu_cores"] = round(other.cores(), 2)
     return {
-        "workload": {"title": f"MLP {layers} x Linear({width}, {width}) + AdamW", "raw_bytes": raw, "batch": batch,
-                     "layers": layers, "width": width},
+        "workload": {
+            "title": f"MLP {layers} x Linear({width}, {width}) + AdamW",
+            "raw_bytes": raw,
+            "batch": batch,
+            "layers": layers,
+            "width": width,
+        },
         "repeats": repeats,
         "calls": calls,
         "calls_other_cpu_cores": calls_other,
@@ -326,8 +385,12 @@ def run(*, smoke: bool, workdir: str, log=print) -> dict[str, Any]:
 
 def markdown(res: dict[str, Any]) -> str:
     w = res["workload"]
-    lines = report.header("ckpt async benchmark: save() stall, training-loop overhead, time to commit",
-                          res["machine"], res["smoke"], res.get("other_cpu_cores"))
+    lines = report.header(
+        "ckpt async benchmark: save() stall, training-loop overhead, time to commit",
+        res["machine"],
+        res["smoke"],
+        res.get("other_cpu_cores"),
+    )
     lines += [
         f"- State: {w['title']}, {report.mb(w['raw_bytes'])} MB (parameters + AdamW moments), CPU tensors.",
         "- Local directory stores; fsync on for every system. Medians of "
@@ -375,5 +438,13 @@ def markdown(res: dict[str, Any]) -> str:
     ]
     for c in loop["configs"].values():
         lines.append(f"| {c['label']} | {c['total_s']:.2f} | {c['step_s']:.3f} | {100 * c['overhead']:+.1f}% |")
-    lines += ["", "## Targets (issue 3)", "", "```", *report.target_lines(res["targets"], res.get("other_cpu_cores")), "```", ""]
+    lines += [
+        "",
+        "## Targets (issue 3)",
+        "",
+        "```",
+        *report.target_lines(res["targets"], res.get("other_cpu_cores")),
+        "```",
+        "",
+    ]
     return "\n".join(lines)

@@ -27,18 +27,17 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing comes from a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-import ckpt  # noqa: E402
-from ckpt.api import load_manifest  # noqa: E402
-from ckpt.delta import chain_depth, delta_age  # noqa: E402
-from ckpt.store import Store  # noqa: E402
+import ckpt
+from ckpt.codecs.delta import chain_depth, delta_age
 
 KIB = 1024
 
@@ -92,8 +91,10 @@ def lora_section(work: str, n: int, log: Callable[[str], None]) -> dict[str, Any
     import ckpt_peft  # noqa: F401 - the plugin must be installed
 
     torch.manual_seed(0)
-    model = get_peft_model(minilm(), LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], lora_dropout=0.0))
-    from ckpt.plugins import get_plugins
+    model = get_peft_model(
+        minilm(), LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], lora_dropout=0.0)
+    )
+    from ckpt.hooks.manager import get_plugins
 
     adapter = get_plugins().adapters.for_object(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -107,15 +108,30 @@ def lora_section(work: str, n: int, log: Callable[[str], None]) -> dict[str, Any
         seconds, info = timed(lambda: ckpt.save(url, {"model": model, "opt": opt}, step=step))
         peft_dir = f"{work}/peft-{step}"
         model.save_pretrained(peft_dir)
-        peft_size = sum(os.path.getsize(os.path.join(peft_dir, f)) for f in os.listdir(peft_dir)
-                        if f.endswith((".safetensors", ".json")))  # fmt: skip
+        peft_size = sum(
+            os.path.getsize(os.path.join(peft_dir, f))
+            for f in os.listdir(peft_dir)
+            if f.endswith((".safetensors", ".json"))
+        )
         dcp_size, dcp_s = dcp_bytes(model, opt, f"{work}/dcp-{step}")
-        rows.append({"step": step, "ckpt_bytes": info.stored_bytes, "ckpt_save_s": round(seconds, 3),
-                     "peft_save_pretrained_bytes": peft_size, "dcp_bytes": dcp_size, "dcp_save_s": round(dcp_s, 3),
-                     "within_target": step == 1 or info.stored_bytes <= target})  # fmt: skip
-        log(f"  lora step {step}: ckpt {info.stored_bytes / KIB:.0f} KiB ({seconds:.2f}s), "
-            f"peft {peft_size / KIB:.0f} KiB, dcp {dcp_size / KIB:.0f} KiB")  # fmt: skip
-    fresh = get_peft_model(minilm(), LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], lora_dropout=0.0))
+        rows.append(
+            {
+                "step": step,
+                "ckpt_bytes": info.stored_bytes,
+                "ckpt_save_s": round(seconds, 3),
+                "peft_save_pretrained_bytes": peft_size,
+                "dcp_bytes": dcp_size,
+                "dcp_save_s": round(dcp_s, 3),
+                "within_target": step == 1 or info.stored_bytes <= target,
+            }
+        )
+        log(
+            f"  lora step {step}: ckpt {info.stored_bytes / KIB:.0f} KiB ({seconds:.2f}s), "
+            f"peft {peft_size / KIB:.0f} KiB, dcp {dcp_size / KIB:.0f} KiB"
+        )
+    fresh = get_peft_model(
+        minilm(), LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], lora_dropout=0.0)
+    )
     fresh_opt = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-4)
     restore_s, _ = timed(lambda: ckpt.restore(url, {"model": fresh, "opt": fresh_opt}))
     exact = all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
@@ -159,8 +175,8 @@ def full_pair(work: str, dtype: torch.dtype, log: Callable[[str], None], warmup:
     for label, state in states.items():
         second_s, second = timed(lambda: ckpt.save(urls[label], state(), step=2))
         full = ckpt.save(f"file://{work}/full-{tag}-{label}-fresh", state(), step=2)
-        manifest = load_manifest(Store(urls[label]), 2)
-        old_keys = {r.key for r in load_manifest(Store(urls[label]), 1).chunk_refs()}
+        manifest = ckpt.read_manifest(urls[label], 2)
+        old_keys = {r.key for r in ckpt.read_manifest(urls[label], 1).chunk_refs()}
         parts: dict[str, int] = {}
         for path, entry in manifest.tensors.items():
             part = "weights" if path.startswith("model/") else path.rsplit("/", 1)[-1]
@@ -176,8 +192,10 @@ def full_pair(work: str, dtype: torch.dtype, log: Callable[[str], None], warmup:
             "delta_chunks": sum(1 for r in manifest.chunk_refs() if chain_depth(r.codec)),
             "chunks": len(manifest.chunk_refs()),
         }
-        log(f"  {name} (warmup {warmup}) {label}: full {full.stored_bytes / 2**20:.1f} MiB, second {second.stored_bytes / 2**20:.2f} MiB"
-            f" -> {full.stored_bytes / second.stored_bytes:.1f}x smaller")  # fmt: skip
+        log(
+            f"  {name} (warmup {warmup}) {label}: full {full.stored_bytes / 2**20:.1f} MiB, second {second.stored_bytes / 2**20:.2f} MiB"
+            f" -> {full.stored_bytes / second.stored_bytes:.1f}x smaller"
+        )
     # The same second save with deltas off (dedup + compression only), for its time and size.
     os.environ["CKPT_DELTA_MAX_CHAIN"] = "1"
     try:
@@ -208,16 +226,25 @@ def chain_section(work: str, links: int, repeats: int, log: Callable[[str], None
         del os.environ["CKPT_DELTA_MAX_CHAIN"]
     rows = []
     for step in range(links + 1):
-        manifest = load_manifest(Store(url), step)
+        manifest = ckpt.read_manifest(url, step)
         depth = max(chain_depth(r.codec) for r in manifest.chunk_refs())
         age = max(delta_age(r.codec) for r in manifest.chunk_refs())
         times = []
         for _ in range(repeats):
             seconds, _ = timed(lambda: ckpt.restore(url, {"model": model}, step=step))
             times.append(seconds)
-        rows.append({"step": step, "delta_age": age, "chain_depth": depth, "stored_bytes": sizes[step],
-                     "restore_s": round(statistics.median(times), 3)})  # fmt: skip
-        log(f"  delta age {age}, links {depth}: restore {statistics.median(times):.3f}s (stored {sizes[step] / 2**20:.1f} MiB)")
+        rows.append(
+            {
+                "step": step,
+                "delta_age": age,
+                "chain_depth": depth,
+                "stored_bytes": sizes[step],
+                "restore_s": round(statistics.median(times), 3),
+            }
+        )
+        log(
+            f"  delta age {age}, links {depth}: restore {statistics.median(times):.3f}s (stored {sizes[step] / 2**20:.1f} MiB)"
+        )
     return rows
 
 
@@ -227,7 +254,8 @@ def chain_section(work: str, links: int, repeats: int, log: Callable[[str], None
 def hash_section(mib: int) -> dict[str, Any]:
     import xxhash
 
-    from ckpt.codecs import ByteGroupZstdCodec, EncodeContext
+    from ckpt.codecs import EncodeContext
+    from ckpt.codecs.zstd import ByteGroupZstdCodec
 
     data = memoryview(torch.randn(mib * 2**18).view(torch.uint8).numpy())
 
@@ -258,8 +286,7 @@ def markdown(res: dict[str, Any]) -> str:
     def mib(n: int) -> str:
         return f"{n / 2**20:,.2f} MiB"
 
-    lines = [f"# Incremental checkpoints ({'smoke' if res['smoke'] else 'full'} run)", "",
-             f"{res['machine']}", ""]  # fmt: skip
+    lines = [f"# Incremental checkpoints ({'smoke' if res['smoke'] else 'full'} run)", "", f"{res['machine']}", ""]
     lo = res["lora"]
     lines += [
         "## LoRA r=8 on query/value, all-MiniLM-L6-v2 (real weights), AdamW",
@@ -271,46 +298,77 @@ def markdown(res: dict[str, Any]) -> str:
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for r in lo["rows"]:
-        lines.append(f"| {r['step']} | {kib(r['ckpt_bytes'])} | {r['ckpt_save_s']} | "
-                     f"{kib(r['peft_save_pretrained_bytes'])} | {kib(r['dcp_bytes'])} | {r['dcp_save_s']} |")  # fmt: skip
-    lines += ["", f"Restore into a fresh `get_peft_model(...)`: {lo['restore_s']} s, bit-exact: {lo['restore_bit_exact']}. "
-              f"Whole ckpt store after {len(lo['rows'])} checkpoints: {mib(lo['store_bytes_total'])} "
-              f"(DCP: {len(lo['rows'])} x {kib(lo['rows'][-1]['dcp_bytes'])}). "
-              f"**{'PASS' if lo['pass'] else 'FAIL'}**", ""]  # fmt: skip
-    lines += ["## Full fine-tune: checkpoint, one AdamW step at lr 1e-5, checkpoint", "",
-              "First checkpoint after `warmup` AdamW steps (1: the optimizer's first step; moments move fast early "
-              "and slowly later); full compressed = the second checkpoint's state saved into an empty store.", "",
-              "| dtype | warmup | state | raw | full compressed | second checkpoint | ratio | delta chunks | second save s |",
-              "|---|---:|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        lines.append(
+            f"| {r['step']} | {kib(r['ckpt_bytes'])} | {r['ckpt_save_s']} | "
+            f"{kib(r['peft_save_pretrained_bytes'])} | {kib(r['dcp_bytes'])} | {r['dcp_save_s']} |"
+        )
+    lines += [
+        "",
+        f"Restore into a fresh `get_peft_model(...)`: {lo['restore_s']} s, bit-exact: {lo['restore_bit_exact']}. "
+        f"Whole ckpt store after {len(lo['rows'])} checkpoints: {mib(lo['store_bytes_total'])} "
+        f"(DCP: {len(lo['rows'])} x {kib(lo['rows'][-1]['dcp_bytes'])}). "
+        f"**{'PASS' if lo['pass'] else 'FAIL'}**",
+        "",
+    ]
+    lines += [
+        "## Full fine-tune: checkpoint, one AdamW step at lr 1e-5, checkpoint",
+        "",
+        "First checkpoint after `warmup` AdamW steps (1: the optimizer's first step; moments move fast early "
+        "and slowly later); full compressed = the second checkpoint's state saved into an empty store.",
+        "",
+        "| dtype | warmup | state | raw | full compressed | second checkpoint | ratio | delta chunks | second save s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for ft in res["full"]:
         for label in ("weights", "weights+adamw"):
             r = ft[label]
-            lines.append(f"| {ft['dtype']} | {ft['warmup_steps']} | {label} | {mib(r['raw_bytes'])} | {mib(r['full_compressed_bytes'])} | "
-                         f"{mib(r['second_bytes'])} | **{r['ratio']}x** | {r['delta_chunks']}/{r['chunks']} | "
-                         f"{r['second_save_s']} |")  # fmt: skip
+            lines.append(
+                f"| {ft['dtype']} | {ft['warmup_steps']} | {label} | {mib(r['raw_bytes'])} | {mib(r['full_compressed_bytes'])} | "
+                f"{mib(r['second_bytes'])} | **{r['ratio']}x** | {r['delta_chunks']}/{r['chunks']} | "
+                f"{r['second_save_s']} |"
+            )
         nd = ft["weights_no_delta"]
         by = ft["weights+adamw"]["second_bytes_by_part"]
-        lines.append(f"| {ft['dtype']} | {ft['warmup_steps']} | second checkpoint by part | | | "
-                     + ", ".join(f"{k} {mib(v)}" for k, v in sorted(by.items(), key=lambda kv: -kv[1]) if v > 4096)
-                     + " | | | |")  # fmt: skip
-        lines.append(f"| {ft['dtype']} | {ft['warmup_steps']} | weights, deltas off | | | {mib(nd['second_bytes'])} | "
-                     f"| 0 | {nd['second_save_s']} |")  # fmt: skip
+        lines.append(
+            f"| {ft['dtype']} | {ft['warmup_steps']} | second checkpoint by part | | | "
+            + ", ".join(f"{k} {mib(v)}" for k, v in sorted(by.items(), key=lambda kv: -kv[1]) if v > 4096)
+            + " | | | |"
+        )
+        lines.append(
+            f"| {ft['dtype']} | {ft['warmup_steps']} | weights, deltas off | | | {mib(nd['second_bytes'])} | "
+            f"| 0 | {nd['second_save_s']} |"
+        )
     bf = next(f for f in res["full"] if f["dtype"] == "bfloat16" and f["warmup_steps"] == 1)
-    lines += ["", f"bf16 target (second checkpoint >= 3x smaller than full compressed): weights "
-              f"{bf['weights']['ratio']}x **{'PASS' if bf['weights']['ratio'] >= 3 else 'FAIL'}**; "
-              f"weights + AdamW state {bf['weights+adamw']['ratio']}x "
-              f"**{'PASS' if bf['weights+adamw']['ratio'] >= 3 else 'FAIL'}**.", ""]  # fmt: skip
-    lines += ["## Restore time vs saves since the full object (fp32 MiniLM weights, one AdamW step between saves)", "",
-              "Every delta cites the chunk's last full object: a restore reads two objects per chunk.", "",
-              "| step | delta age (saves since full) | delta links read | stored | restore s |",
-              "|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines += [
+        "",
+        f"bf16 target (second checkpoint >= 3x smaller than full compressed): weights "
+        f"{bf['weights']['ratio']}x **{'PASS' if bf['weights']['ratio'] >= 3 else 'FAIL'}**; "
+        f"weights + AdamW state {bf['weights+adamw']['ratio']}x "
+        f"**{'PASS' if bf['weights+adamw']['ratio'] >= 3 else 'FAIL'}**.",
+        "",
+    ]
+    lines += [
+        "## Restore time vs saves since the full object (fp32 MiniLM weights, one AdamW step between saves)",
+        "",
+        "Every delta cites the chunk's last full object: a restore reads two objects per chunk.",
+        "",
+        "| step | delta age (saves since full) | delta links read | stored | restore s |",
+        "|---:|---:|---:|---:|---:|",
+    ]
     for r in res["chain"]:
-        lines.append(f"| {r['step']} | {r.get('delta_age', r['chain_depth'])} | {r['chain_depth']} | "
-                     f"{mib(r['stored_bytes'])} | {r['restore_s']} |")
+        lines.append(
+            f"| {r['step']} | {r.get('delta_age', r['chain_depth'])} | {r['chain_depth']} | "
+            f"{mib(r['stored_bytes'])} | {r['restore_s']} |"
+        )
     h = res["hashing"]
-    lines += ["", "## Hashing (dedup key)", "",
-              f"On {h['buffer_mib']} MiB of fp32: xxh3-128 {h['xxh3_128_GBps']} GB/s, blake3 {h['blake3_GBps']} GB/s "
-              f"(all threads), bgzstd encode {h['bgzstd_encode_GBps']} GB/s.", ""]  # fmt: skip
+    lines += [
+        "",
+        "## Hashing (dedup key)",
+        "",
+        f"On {h['buffer_mib']} MiB of fp32: xxh3-128 {h['xxh3_128_GBps']} GB/s, blake3 {h['blake3_GBps']} GB/s "
+        f"(all threads), bgzstd encode {h['bgzstd_encode_GBps']} GB/s.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -341,7 +399,10 @@ def main(argv: list[str] | None = None) -> int:
         log("full fine-tune:")
         res["full"] = [full_pair(work, torch.bfloat16, log), full_pair(work, torch.float32, log)]
         warm = 3 if args.smoke else 20
-        res["full"] += [full_pair(work, torch.bfloat16, log, warmup=warm), full_pair(work, torch.float32, log, warmup=warm)]
+        res["full"] += [
+            full_pair(work, torch.bfloat16, log, warmup=warm),
+            full_pair(work, torch.float32, log, warmup=warm),
+        ]
         log("restore vs chain length:")
         res["chain"] = chain_section(work, 3 if args.smoke else 7, 1 if args.smoke else 3, log)
         res["hashing"] = hash_section(16 if args.smoke else 64)

@@ -20,10 +20,9 @@ import argparse
 import sys
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
-
-import torch
+from typing import Any
 
 from benchmarks import common, report
 
@@ -158,8 +157,12 @@ def run(smoke: bool, repeats: int, log: Callable[[str], None]) -> dict[str, Any]
 
 
 def markdown(res: dict[str, Any]) -> str:
-    lines = report.header("ckpt remote-store benchmark: S3 (moto) and Azure Blob (azurite)", res["machine"],
-                          res["smoke"], res.get("other_cpu_cores"))  # fmt: skip
+    lines = report.header(
+        "ckpt remote-store benchmark: S3 (moto) and Azure Blob (azurite)",
+        res["machine"],
+        res["smoke"],
+        res.get("other_cpu_cores"),
+    )
     w = res["workload"]
     lines += [
         f"- State: {w['title']}, {report.mb(w['raw_bytes'])} MB of tensors; median of {w['repeats']} run(s)",
@@ -206,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     other = common.OtherCpu()
     t0 = time.perf_counter()
     res = run(args.smoke, max(1, args.repeats), lambda m: print(m, flush=True))
-    res.update(section="remote", smoke=args.smoke, machine=common.machine_info(), other_cpu_cores=round(other.cores(), 2))
+    res.update(
+        section="remote", smoke=args.smoke, machine=common.machine_info(), other_cpu_cores=round(other.cores(), 2)
+    )
     res["wall_s"] = time.perf_counter() - t0
     report.write_json(out / "remote.json", res)
     md = markdown(res)

@@ -8,9 +8,10 @@ import platform
 import shutil
 import statistics
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -167,7 +168,9 @@ def diff(a: Any, b: Any, path: str = "") -> str | None:
         if a.dtype != b.dtype or a.shape != b.shape:
             return f"{path}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
         # compare bytes, so NaN payloads and -0.0 count too
-        if not torch.equal(a.detach().reshape(-1).contiguous().view(torch.uint8), b.detach().reshape(-1).contiguous().view(torch.uint8)):
+        if not torch.equal(
+            a.detach().reshape(-1).contiguous().view(torch.uint8), b.detach().reshape(-1).contiguous().view(torch.uint8)
+        ):
             return f"{path}: values differ"
         return None
     if isinstance(a, Mapping) and isinstance(b, Mapping):

@@ -12,6 +12,7 @@ import os
 import tempfile
 from typing import Any
 
+import ckpt
 from benchmarks import common
 from benchmarks.common import Workload, median, now
 from benchmarks.systems import DCP, System, TorchSave, all_systems
@@ -19,10 +20,7 @@ from benchmarks.systems import DCP, System, TorchSave, all_systems
 
 def ckpt_groups(path: str) -> dict[str, dict[str, float]]:
     """ckpt's compression per kind of tensor, from the manifest it wrote."""
-    from ckpt.api import load_manifest
-    from ckpt.store import Store
-
-    manifest = load_manifest(Store(path), None)
+    manifest = ckpt.read_manifest(path)
     groups: dict[str, list[int]] = {}
     for tpath, entry in manifest.tensors.items():
         if tpath.startswith("model/"):
@@ -53,14 +51,21 @@ def bench_workload(w: Workload, systems: list[System], workdir: str, log) -> dic
     raw = common.raw_bytes(src)
     log(f"[core] {w.name}: {w.title}, {raw / 1e6:.1f} MB raw, {w.repeats} repeat(s)")
     per: dict[str, dict[str, Any]] = {
-        s.name: {"label": s.label, "notes": s.notes, "save_s": [], "restore_s": [], "stored_bytes": [], "bit_exact": True}
+        s.name: {
+            "label": s.label,
+            "notes": s.notes,
+            "save_s": [],
+            "restore_s": [],
+            "stored_bytes": [],
+            "bit_exact": True,
+        }
         for s in systems
     }
     groups: dict[str, Any] = {}
     other = common.OtherCpu()
     for r in range(w.repeats):
         # rotate the order each repeat so no system always runs first (or right after a big writer)
-        order = systems[r % len(systems):] + systems[: r % len(systems)]
+        order = systems[r % len(systems) :] + systems[: r % len(systems)]
         for s in order:
             path = tempfile.mkdtemp(prefix=f"{w.name}-{s.name}-", dir=workdir)
             os.rmdir(path)  # every system starts from a directory that does not exist
@@ -86,12 +91,21 @@ def bench_workload(w: Workload, systems: list[System], workdir: str, log) -> dic
             if problem is not None:
                 rec["bit_exact"] = False
                 rec["problem"] = problem
-            log(f"  {s.name:<12} save {t_save:7.3f}s  restore {t_restore:7.3f}s  stored {stored / 1e6:9.1f} MB"
-                f"{'' if problem is None else '  NOT BIT-EXACT: ' + problem}")
+            log(
+                f"  {s.name:<12} save {t_save:7.3f}s  restore {t_restore:7.3f}s  stored {stored / 1e6:9.1f} MB"
+                f"{'' if problem is None else '  NOT BIT-EXACT: ' + problem}"
+            )
             del dst
             common.rmtree(path)
-    out: dict[str, Any] = {"title": w.title, "raw_bytes": raw, "repeats": w.repeats, "params": w.extra.get("params"),
-                           "systems": {}, "ckpt_groups": groups, "other_cpu_cores": round(other.cores(), 2)}
+    out: dict[str, Any] = {
+        "title": w.title,
+        "raw_bytes": raw,
+        "repeats": w.repeats,
+        "params": w.extra.get("params"),
+        "systems": {},
+        "ckpt_groups": groups,
+        "other_cpu_cores": round(other.cores(), 2),
+    }
     for name, rec in per.items():
         stored = int(median([float(x) for x in rec["stored_bytes"]]))
         out["systems"][name] = {
@@ -125,18 +139,42 @@ def targets(workloads: dict[str, Any]) -> list[dict[str, Any]]:
 
     def add(name: str, value: float, op: str, threshold: float, unit: str = "x") -> None:
         ok = value >= threshold if op == ">=" else (value <= threshold if op == "<=" else value < threshold)
-        out.append({"target": name, "value": value, "op": op, "threshold": threshold, "unit": unit, "pass": bool(ok),
-                    "timing": "smaller than raw" not in name})
+        out.append(
+            {
+                "target": name,
+                "value": value,
+                "op": op,
+                "threshold": threshold,
+                "unit": unit,
+                "pass": bool(ok),
+                "timing": "smaller than raw" not in name,
+            }
+        )
 
     bf16 = workloads.get("minilm_bf16")
     if bf16:
-        add("bf16 real weights (MiniLM) smaller than raw, ckpt tensor payload", bf16["ckpt_groups"]["all tensors"]["ratio"], ">=", 1.45)
+        add(
+            "bf16 real weights (MiniLM) smaller than raw, ckpt tensor payload",
+            bf16["ckpt_groups"]["all tensors"]["ratio"],
+            ">=",
+            1.45,
+        )
     fp32 = workloads.get("minilm_fp32")
     if fp32:
-        add("fp32 real weights (MiniLM) smaller than raw, ckpt tensor payload", fp32["ckpt_groups"]["all tensors"]["ratio"], ">=", 1.18)
+        add(
+            "fp32 real weights (MiniLM) smaller than raw, ckpt tensor payload",
+            fp32["ckpt_groups"]["all tensors"]["ratio"],
+            ">=",
+            1.18,
+        )
     mlp = workloads.get("mlp_adamw")
     if mlp and "Adam moments (both)" in mlp["ckpt_groups"]:
-        add("Adam moments (MLP, exp_avg + exp_avg_sq) smaller than raw", mlp["ckpt_groups"]["Adam moments (both)"]["ratio"], ">=", 1.18)
+        add(
+            "Adam moments (MLP, exp_avg + exp_avg_sq) smaller than raw",
+            mlp["ckpt_groups"]["Adam moments (both)"]["ratio"],
+            ">=",
+            1.18,
+        )
     for name, w in workloads.items():
         c = w["systems"].get("ckpt")
         if not c:
@@ -151,8 +189,9 @@ def targets(workloads: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def run(*, smoke: bool, workdir: str, log=print) -> dict[str, Any]:
-    from benchmarks.common import minilm_workload, mlp_workload
     import torch
+
+    from benchmarks.common import minilm_workload, mlp_workload
 
     if smoke:
         loads = [

@@ -49,25 +49,37 @@ def line_with(md: str, prefix: str) -> str:
 
 #: README subsections: (title, [(results file, section heading, caption or "", first table only)])
 LAYOUT = [
-    ("Save and restore (local disk, fsync on, warm page cache)", [
-        ("core", "MLP 24", "MLP 24 x Linear(2048, 2048) + AdamW after one step (1.2 GB):", False),
-        ("core", "all-MiniLM-L6-v2 real weights, bf16", "all-MiniLM-L6-v2 real weights, bf16:", True),
-        ("core", "Targets", "", False),
-    ]),
-    ("Asynchronous snapshots (same MLP + AdamW state)", [
-        ("async", "The save call", "", False),
-        ("async", "Training loop", "", False),
-        ("async", "Targets", "", False),
-    ]),
-    ("Incremental checkpoints (real all-MiniLM-L6-v2 weights)", [
-        ("incremental", "LoRA r=8", "", False),
-        ("incremental", "Full fine-tune", "", False),
-        ("incremental", "Restore time", "Restore time against the saves since the chunk's full object:", False),
-    ]),
-    ("Remote stores (moto S3 and azurite on this machine)", [
-        ("remote", "ckpt remote-store benchmark", "", False),
-    ]),
-]  # fmt: skip
+    (
+        "Save and restore (local disk, fsync on, warm page cache)",
+        [
+            ("core", "MLP 24", "MLP 24 x Linear(2048, 2048) + AdamW after one step (1.2 GB):", False),
+            ("core", "all-MiniLM-L6-v2 real weights, bf16", "all-MiniLM-L6-v2 real weights, bf16:", True),
+            ("core", "Targets", "", False),
+        ],
+    ),
+    (
+        "Asynchronous snapshots (same MLP + AdamW state)",
+        [
+            ("async", "The save call", "", False),
+            ("async", "Training loop", "", False),
+            ("async", "Targets", "", False),
+        ],
+    ),
+    (
+        "Incremental checkpoints (real all-MiniLM-L6-v2 weights)",
+        [
+            ("incremental", "LoRA r=8", "", False),
+            ("incremental", "Full fine-tune", "", False),
+            ("incremental", "Restore time", "Restore time against the saves since the chunk's full object:", False),
+        ],
+    ),
+    (
+        "Remote stores (moto S3 and azurite on this machine)",
+        [
+            ("remote", "ckpt remote-store benchmark", "", False),
+        ],
+    ),
+]
 
 
 def _blocks(title: str, picks: list[tuple[str, str, str, bool]], docs: dict[str, str]) -> list[str]:

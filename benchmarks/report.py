@@ -58,8 +58,12 @@ def header(title: str, machine: dict[str, Any], smoke: bool, other_cpu: float | 
 
 
 def core_markdown(res: dict[str, Any]) -> str:
-    lines = header("ckpt core benchmark: save to durable commit, restore ready to train", res["machine"], res["smoke"],
-                   res.get("other_cpu_cores"))
+    lines = header(
+        "ckpt core benchmark: save to durable commit, restore ready to train",
+        res["machine"],
+        res["smoke"],
+        res.get("other_cpu_cores"),
+    )
     lines += [
         "- Every system saves the same live objects in one process run to a fresh local directory and restores",
         "  into fresh pre-built model/optimizer objects (optimizer state materialised, different values);",
@@ -77,10 +81,14 @@ def core_markdown(res: dict[str, Any]) -> str:
     for name, w in res["workloads"].items():
         other = w.get("other_cpu_cores")
         busy = "" if other is None else f"; other processes used {other:.2f} cores meanwhile"
-        lines += [f"## {w['title']}", "",
-                  f"`{name}`: {mb(w['raw_bytes'])} MB of tensors, median of {w['repeats']} run(s){busy}.", "",
-                  "| system | save (s) | restore (s) | stored (MB) | ratio | save vs torch.save | restore vs torch.load | restore vs DCP load | bit-exact |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+        lines += [
+            f"## {w['title']}",
+            "",
+            f"`{name}`: {mb(w['raw_bytes'])} MB of tensors, median of {w['repeats']} run(s){busy}.",
+            "",
+            "| system | save (s) | restore (s) | stored (MB) | ratio | save vs torch.save | restore vs torch.load | restore vs DCP load | bit-exact |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|:---:|",
+        ]
         for sname, s in w["systems"].items():
             lines.append(
                 f"| {s['label']} | {secs(s['save_s'])} | {secs(s['restore_s'])} | {mb(s['stored_bytes'])} | "
@@ -88,8 +96,13 @@ def core_markdown(res: dict[str, Any]) -> str:
                 f"{ratio(s.get('restore_vs_dcp'))} | {'yes' if s['bit_exact'] else 'NO'} |"
             )
         if w.get("ckpt_groups"):
-            lines += ["", "ckpt compression by kind of tensor (object payloads, without the manifest):", "",
-                      "| tensors | raw (MB) | stored (MB) | ratio |", "|---|---:|---:|---:|"]
+            lines += [
+                "",
+                "ckpt compression by kind of tensor (object payloads, without the manifest):",
+                "",
+                "| tensors | raw (MB) | stored (MB) | ratio |",
+                "|---|---:|---:|---:|",
+            ]
             for g, v in w["ckpt_groups"].items():
                 lines.append(f"| {g} | {mb(v['raw_bytes'])} | {mb(v['stored_bytes'])} | {ratio(v['ratio'])} |")
         lines.append("")
@@ -97,7 +110,15 @@ def core_markdown(res: dict[str, Any]) -> str:
     first = next(iter(res["workloads"].values()))
     for s in first["systems"].values():
         lines.append(f"- **{s['label']}**: {s['notes']}")
-    lines += ["", "## Targets (issue 2)", "", "```", *target_lines(res["targets"], res.get("other_cpu_cores")), "```", ""]
+    lines += [
+        "",
+        "## Targets (issue 2)",
+        "",
+        "```",
+        *target_lines(res["targets"], res.get("other_cpu_cores")),
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -108,8 +129,11 @@ def core_plot(res: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     loads = list(res["workloads"].items())
-    metrics = [("save_s", "save to durable commit (s)"), ("restore_s", "restore ready to train (s)"),
-               ("stored_bytes", "stored (MB)")]
+    metrics = [
+        ("save_s", "save to durable commit (s)"),
+        ("restore_s", "restore ready to train (s)"),
+        ("stored_bytes", "stored (MB)"),
+    ]
     fig, axes = plt.subplots(len(loads), len(metrics), figsize=(15, 3.6 * len(loads)), squeeze=False)
     for row, (name, w) in enumerate(loads):
         names = list(w["systems"])
@@ -121,7 +145,9 @@ def core_plot(res: dict[str, Any], path: Path) -> None:
             ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
             ax.set_title(f"{name}: {label}", fontsize=9)
             for b, v in zip(bars, vals):
-                ax.annotate(f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7)
+                ax.annotate(
+                    f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7
+                )
     fig.suptitle("ckpt vs peers (median; lower is better)" + (" - SMOKE" if res["smoke"] else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)

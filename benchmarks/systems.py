@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -168,7 +169,7 @@ class Safetensors(System):
                 for name, v in flat.items():
                     if not name.startswith(prefix):
                         continue
-                    pid_s, field = name[len(prefix):].split("/", 1)
+                    pid_s, field = name[len(prefix) :].split("/", 1)
                     pid = int(pid_s)
                     cur = sd["state"].get(pid, {}).get(field)
                     if isinstance(cur, torch.Tensor) and cur.shape == v.shape and cur.dtype == v.dtype:
@@ -179,11 +180,11 @@ class Safetensors(System):
                     state.setdefault(pid, {})[field] = v
                 for name, raw in meta.items():
                     if name.startswith(prefix):
-                        pid_s, field = name[len(prefix):].split("/", 1)
+                        pid_s, field = name[len(prefix) :].split("/", 1)
                         state.setdefault(int(pid_s), {})[field] = json.loads(raw)
                 obj.load_state_dict({"state": state, "param_groups": json.loads(meta[f"{key}.param_groups"])})
             else:
-                obj.load_state_dict({name[len(prefix):]: v for name, v in flat.items() if name.startswith(prefix)})
+                obj.load_state_dict({name[len(prefix) :]: v for name, v in flat.items() if name.startswith(prefix)})
 
 
 def all_systems() -> list[System]:

@@ -10,13 +10,8 @@ Quick use::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from ckpt.adapters import Adapter, AdapterRegistry
-from ckpt.api import CheckpointInfo, load, restore, save
-from ckpt.checkpointer import Checkpointer, SaveHandle
-from ckpt.codecs import Codec, CodecRegistry
-from ckpt.dataloader import track
+from ckpt.api import latest_step, load, read_manifest, restore, save, steps
+from ckpt.codecs.base import Codec, CodecRegistry
 from ckpt.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -29,8 +24,14 @@ from ckpt.errors import (
     UnknownCodecError,
     UnsupportedValueError,
 )
-from ckpt.hookspecs import hookimpl
-from ckpt.torch_adapters import RNG
+from ckpt.hooks.hookspecs import hookimpl
+from ckpt.snapshot.checkpointer import Checkpointer, SaveHandle
+from ckpt.state.adapters import Adapter, AdapterRegistry
+from ckpt.state.dataloader import track
+from ckpt.state.torch_adapters import RNG
+from ckpt.storage.manifest import ChunkRef, Manifest, TensorEntry
+from ckpt.types import CheckpointInfo, SaveStats
+from ckpt.version import __version__
 
 __all__ = [
     "Adapter",
@@ -38,23 +39,30 @@ __all__ = [
     "CheckpointError",
     "CheckpointInfo",
     "Checkpointer",
+    "ChunkRef",
     "Codec",
     "CodecRegistry",
     "CorruptCheckpointError",
+    "Manifest",
     "MissingObjectError",
     "NoCheckpointError",
     "PluginError",
     "RNG",
+    "SaveHandle",
+    "SaveStats",
     "SchemaError",
     "StateMismatchError",
-    "SaveHandle",
     "StoreError",
+    "TensorEntry",
     "UnknownCodecError",
     "UnsupportedValueError",
     "__version__",
     "hookimpl",
+    "latest_step",
     "load",
+    "read_manifest",
     "restore",
     "save",
+    "steps",
     "track",
 ]

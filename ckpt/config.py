@@ -49,6 +49,11 @@ def background_nice() -> int:
     return max(0, min(19, _int("CKPT_BACKGROUND_NICE", 10)))
 
 
+def fsync() -> bool:
+    """``CKPT_FSYNC``: ``0`` skips fsync on local files (faster, not durable across power loss)."""
+    return os.environ.get("CKPT_FSYNC", "1") != "0"
+
+
 def chunk_bytes() -> int:
     """``CKPT_CHUNK_BYTES``: tensors larger than this are split into chunks of this size (16 MiB).
 
@@ -59,7 +64,7 @@ def chunk_bytes() -> int:
 
 
 def zstd_level_override() -> int | None:
-    """``CKPT_ZSTD_LEVEL`` when set; byte planes of floats otherwise use tuned settings (codecs.PLANE_PARAMS)."""
+    """``CKPT_ZSTD_LEVEL`` when set; byte planes of floats otherwise use tuned settings (``ckpt.codecs.zstd.PLANE_PARAMS``)."""
     return zstd_level() if os.environ.get("CKPT_ZSTD_LEVEL") else None
 
 

@@ -36,8 +36,9 @@ def main() -> int:
         banner("same run, killed with SIGKILL part-way")
         store = work / "store"
         log = work / "log"
-        proc = subprocess.Popen([*TRAIN, "--store", str(store), "--digest", str(work / "run.json"),
-                                 "--log", str(log), "--sleep", "0.03"])
+        proc = subprocess.Popen(
+            [*TRAIN, "--store", str(store), "--digest", str(work / "run.json"), "--log", str(log), "--sleep", "0.03"]
+        )
         while proc.poll() is None and (not log.exists() or len(log.read_text().splitlines()) < 33):
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)

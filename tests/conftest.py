@@ -6,10 +6,8 @@ import re
 import uuid
 
 import pytest
-import torch
 
-import ckpt
-from ckpt.plugins import reset_plugins
+from ckpt.hooks.manager import reset_plugins
 
 STORE_KINDS = [
     "file",
@@ -102,7 +100,6 @@ def store_url(request, tmp_path):
 
 
 from ckpt.testing import make_training_state  # noqa: E402,F401 - re-exported for tests
-
 
 
 @pytest.fixture

@@ -75,7 +75,7 @@ class FaultyFileSystem(AbstractFileSystem):
 
     @classmethod
     def _strip_protocol(cls, path: str) -> str:
-        path = path[len("faulty://"):] if path.startswith("faulty://") else path
+        path = path[len("faulty://") :] if path.startswith("faulty://") else path
         return path.rstrip("/") or "/"
 
     # -- the misbehaviour ---------------------------------------------------------------
@@ -129,7 +129,9 @@ class FaultyFileSystem(AbstractFileSystem):
         path = self._strip_protocol(path)
         return self._call("ls", path, lambda: self.target.ls(path, detail=detail, **kwargs))
 
-    def find(self, path: str, maxdepth: int | None = None, withdirs: bool = False, detail: bool = False, **kwargs: Any) -> Any:
+    def find(
+        self, path: str, maxdepth: int | None = None, withdirs: bool = False, detail: bool = False, **kwargs: Any
+    ) -> Any:
         path = self._strip_protocol(path)
         return self._call(
             "find", path, lambda: self.target.find(path, maxdepth=maxdepth, withdirs=withdirs, detail=detail, **kwargs)

@@ -188,8 +188,10 @@ class Azurite:
             self._proc = subprocess.Popen(
                 [
                     *cmd,
-                    "--blobHost", "127.0.0.1",
-                    "--blobPort", str(self.port),
+                    "--blobHost",
+                    "127.0.0.1",
+                    "--blobPort",
+                    str(self.port),
                     "--inMemoryPersistence",
                     "--disableTelemetry",
                     "--silent",

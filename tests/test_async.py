@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import copy
+import gc as pygc
 import os
 import sys
-import gc as pygc
 import threading
 
 import psutil
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ckpt
-from ckpt.store import Store
+from ckpt.storage.store import Store
 
 
 def _mlp(width=128, depth=4, seed=0):
@@ -65,7 +65,7 @@ def test_torn_snapshot_model_and_optimizer(store_url):
 
 def test_optimizer_step_waits_for_staging(tmp_path, monkeypatch):
     """The next optimizer.step() blocks until guarded tensors are copied."""
-    import ckpt.staging as staging
+    import ckpt.snapshot.staging as staging
 
     model, opt = _mlp()
     _train_step(model, opt)
@@ -240,7 +240,7 @@ def test_on_error_warn_keeps_training(tmp_path, monkeypatch, caplog):
 
 
 def test_if_busy_skip(tmp_path, monkeypatch):
-    import ckpt.staging as staging
+    import ckpt.snapshot.staging as staging
 
     release = threading.Event()
     original = staging.Snapshot.stage
@@ -325,12 +325,13 @@ def test_closed_checkpointer_refuses(tmp_path):
 def test_bad_arguments_are_checkpoint_errors(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="every"):
         ckpt.Checkpointer(str(tmp_path), every=0)
-    with ckpt.Checkpointer(str(tmp_path)) as ck:
-        with pytest.raises(ckpt.CheckpointError, match="needs a state"):
-            ck.save(step=1)
+    with ckpt.Checkpointer(str(tmp_path)) as ck, pytest.raises(ckpt.CheckpointError, match="needs a state"):
+        ck.save(step=1)
 
 
-@pytest.mark.skipif(not (sys.platform.startswith("linux") and hasattr(os, "getpriority")), reason="per-thread nice is Linux's")
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and hasattr(os, "getpriority")), reason="per-thread nice is Linux's"
+)
 @pytest.mark.parametrize("nice", [None, "0", "5"])
 def test_persistence_threads_run_at_lower_priority(tmp_path, monkeypatch, nice):
     """Encode/write threads yield the CPU to the training loop; the caller's priority is untouched."""
@@ -338,7 +339,7 @@ def test_persistence_threads_run_at_lower_priority(tmp_path, monkeypatch, nice):
         monkeypatch.setenv("CKPT_BACKGROUND_NICE", nice)
     me = os.getpriority(os.PRIO_PROCESS, 0)
     with ckpt.Checkpointer(str(tmp_path / "s")) as ck:
-        got = ck._io.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+        got = ck._threads.io.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
         ck.save({"x": torch.arange(10)}, step=1).wait()
     expected = min(19, me + (10 if nice is None else int(nice)))
     assert got == expected
@@ -348,9 +349,9 @@ def test_persistence_threads_run_at_lower_priority(tmp_path, monkeypatch, nice):
 def test_checkpointer_stops_trying_deltas_that_do_not_pay(tmp_path, monkeypatch):
     """A tensor that changes everywhere every step is written in full without reading its
     parent back for a few saves; one that changes little keeps getting deltas."""
-    from ckpt import checkpointer as ckmod
+    from ckpt.codecs import delta
 
-    monkeypatch.setattr(ckmod, "DELTA_RETRY_AFTER", 2)
+    monkeypatch.setattr(delta, "RETRY_AFTER", 2)
     g = torch.Generator().manual_seed(0)
     state = {"noisy": torch.randn(64, 1024, generator=g), "calm": torch.randn(64, 1024, generator=g)}
     with ckpt.Checkpointer(str(tmp_path / "s")) as ck:

@@ -20,11 +20,11 @@ import torch
 from click.testing import CliRunner
 
 import ckpt
-import ckpt.plugins
-from ckpt.cli import build_cli, parse_storage_options
+import ckpt.hooks.manager
+from ckpt.cli import build_cli
+from ckpt.cli.common import parse_storage_options
 from ckpt.errors import PluginError
-from ckpt.manifest import Manifest
-
+from ckpt.storage.manifest import Manifest
 from ckpt.testing import make_training_state
 
 CKPT_BIN = Path(sys.executable).parent / "ckpt"
@@ -76,7 +76,7 @@ def manifest(store, step: int) -> Manifest:
 
 
 def object_keys(m: Manifest) -> dict[str, int]:
-    from ckpt.delta import referenced_keys
+    from ckpt.codecs.delta import referenced_keys
 
     out = {}
     for ref in m.chunk_refs():
@@ -203,8 +203,11 @@ def test_diff_two_steps(store):
 def test_diff_added_removed_and_dtype_change(tmp_path):
     url = f"file://{tmp_path}/s"
     ckpt.save(url, {"a": torch.zeros(3), "b": torch.ones(2), "c": torch.zeros(2)}, step=1)
-    ckpt.save(url, {"a": torch.tensor([0.0, float("nan"), 2.0]), "c": torch.zeros(2, dtype=torch.int64),
-                    "d": torch.ones(1)}, step=2)  # fmt: skip
+    ckpt.save(
+        url,
+        {"a": torch.tensor([0.0, float("nan"), 2.0]), "c": torch.zeros(2, dtype=torch.int64), "d": torch.ones(1)},
+        step=2,
+    )
     doc = json.loads(run("diff", url, "1", "2", "--json").stdout)
     assert [x["tensor"] for x in doc["added"]] == ["d"]
     assert [x["tensor"] for x in doc["removed"]] == ["b"]
@@ -341,10 +344,10 @@ def test_du(store):
 def test_plugins_lists_builtins():
     r = run("plugins")
     assert r.exit_code == 0
-    row = next(line.split() for line in r.stdout.splitlines() if line.startswith("ckpt.builtins"))
+    row = next(line.split() for line in r.stdout.splitlines() if line.startswith("ckpt.hooks.defaults"))
     assert row[1] == ckpt.__version__
     doc = json.loads(run("plugins", "--json").stdout)
-    builtins = next(p for p in doc["plugins"] if p["name"] == "ckpt.builtins")
+    builtins = next(p for p in doc["plugins"] if p["name"] == "ckpt.hooks.defaults")
     assert "ckpt_register_adapters" in builtins["hooks"] and "ckpt_register_codecs" in builtins["hooks"]
 
 
@@ -363,15 +366,15 @@ class FakeCommandPlugin:
 
 
 def _with_plugin(monkeypatch, plugin, name):
-    real = ckpt.plugins.make_plugin_manager
+    real = ckpt.hooks.manager.make_plugin_manager
 
     def factory(**kw):
         pm = real(**kw)
         pm.register(plugin, name=name)
         return pm
 
-    monkeypatch.setattr(ckpt.plugins, "make_plugin_manager", factory)
-    ckpt.plugins.reset_plugins()
+    monkeypatch.setattr(ckpt.hooks.manager, "make_plugin_manager", factory)
+    ckpt.hooks.manager.reset_plugins()
 
 
 def test_plugin_adds_a_subcommand(monkeypatch):
@@ -401,8 +404,14 @@ def test_plugin_cannot_replace_a_builtin_command(monkeypatch):
 def test_clean_errors(tmp_path, store):
     empty = tmp_path / "empty"
     empty.mkdir()
-    for args in (["ls", str(empty)], ["show", str(empty)], ["verify", str(empty)], ["du", str(empty)],
-                 ["gc", str(empty), "--keep-last", "1"], ["export", str(empty), str(tmp_path / "o.pt")]):  # fmt: skip
+    for args in (
+        ["ls", str(empty)],
+        ["show", str(empty)],
+        ["verify", str(empty)],
+        ["du", str(empty)],
+        ["gc", str(empty), "--keep-last", "1"],
+        ["export", str(empty), str(tmp_path / "o.pt")],
+    ):
         assert "no checkpoint in" in one_line_error(run(*args), 2)
     assert "no checkpoint at step 9" in one_line_error(run("show", store["url"], "--step", "9"), 2)
     assert "step 9" in one_line_error(run("diff", store["url"], "1", "9"), 2)
@@ -428,11 +437,16 @@ def test_console_script_exit_codes(tmp_path, store):
 
 
 def test_storage_options_are_parsed_and_passed(monkeypatch, store):
-    assert parse_storage_options(["anon=false", "n=3", "name=x=y", "client_kwargs.endpoint_url=http://h:1",
-                                  "flag=TRUE", "v=1.5"]) == {  # fmt: skip
-        "anon": False, "n": 3, "name": "x=y", "client_kwargs": {"endpoint_url": "http://h:1"}, "flag": True,
+    assert parse_storage_options(
+        ["anon=false", "n=3", "name=x=y", "client_kwargs.endpoint_url=http://h:1", "flag=TRUE", "v=1.5"]
+    ) == {
+        "anon": False,
+        "n": 3,
+        "name": "x=y",
+        "client_kwargs": {"endpoint_url": "http://h:1"},
+        "flag": True,
         "v": "1.5",
-    }  # fmt: skip
+    }
     import fsspec.core
 
     seen = []
@@ -464,9 +478,12 @@ def test_terminal_rendering_and_progress_bars(store, tmp_path):
     tty = {"TTY_COMPATIBLE": "1", "NO_COLOR": "1", "COLUMNS": "120"}
     r = CliRunner(env=tty).invoke(build_cli(), ["ls", str(root)], catch_exceptions=False)
     assert r.exit_code == 0 and "┃ step ┃" in re.sub(r"\x1b\[[0-9;]*m", "", r.stdout)
-    for args in (["verify", str(root)], ["export", str(root), str(tmp_path / "o.safetensors")],
-                 ["import", str(tmp_path / "o.safetensors"), str(root), "--step", "3"],
-                 ["gc", str(root), "--keep-last", "1", "--grace-seconds", "0"]):  # fmt: skip
+    for args in (
+        ["verify", str(root)],
+        ["export", str(root), str(tmp_path / "o.safetensors")],
+        ["import", str(tmp_path / "o.safetensors"), str(root), "--step", "3"],
+        ["gc", str(root), "--keep-last", "1", "--grace-seconds", "0"],
+    ):
         r = CliRunner(env=tty).invoke(build_cli(), args, catch_exceptions=False)
         assert r.exit_code == 0, (args, r.output)
     assert json.loads(run("ls", str(root), "--json").stdout)["checkpoints"][0]["step"] == 3
@@ -486,9 +503,14 @@ def test_unreadable_manifest_is_reported_not_fatal(store, tmp_path):
 
 
 def test_report_skips_a_malformed_nested_parent_record():
-    from ckpt import report
-    from ckpt.manifest import ChunkRef
+    from ckpt.cli import report
+    from ckpt.storage.manifest import ChunkRef
 
-    bad = ChunkRef(hash="ab" * 16, key="ab" * 16 + ".xcd", size=8, stored=8,
-                   codec=({"name": "xor", "parent": {"hash": "cd" * 16, "size": 8, "codec": ["bgzstd"]}},))
+    bad = ChunkRef(
+        hash="ab" * 16,
+        key="ab" * 16 + ".xcd",
+        size=8,
+        stored=8,
+        codec=({"name": "xor", "parent": {"hash": "cd" * 16, "size": 8, "codec": ["bgzstd"]}},),
+    )
     assert [r.key for r in report._closure(bad)] == [bad.key]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ckpt
-from ckpt.store import Store
+from ckpt.storage.store import Store
 
 
 class Crash(Exception):
@@ -166,7 +166,7 @@ def test_after_commit_runs_only_after_the_commit(committed, monkeypatch):
             # by now the manifest and the ref are both in place
             seen.append((info.step, store.steps(), store.read_latest()))
 
-    from ckpt.plugins import get_plugins
+    from ckpt.hooks.manager import get_plugins
 
     get_plugins().pm.register(Observer(), name="observer")
     ckpt.save(url, _state(2.0), step=2)

@@ -14,11 +14,10 @@ import pytest
 import torch
 
 import ckpt
-from ckpt.api import load_manifest
-from ckpt.plugins import get_plugins
-from ckpt.store import Store
+from ckpt.hooks.manager import get_plugins
+from ckpt.io.verify import verify_manifest
+from ckpt.storage.store import Store
 from ckpt.testing import clone_state, corrupt_object, restore_object
-from ckpt.verify import verify_manifest
 
 
 def _state(seed: int = 0):
@@ -42,7 +41,7 @@ def saved(store_url):
     state = _state()
     ckpt.save(store_url, state, step=1)
     store = Store(store_url)
-    manifest = load_manifest(store, 1)
+    manifest = ckpt.read_manifest(store.url, 1)
     users: dict[str, list[str]] = {}
     for path, entry in manifest.tensors.items():
         for ref in entry.chunks:
@@ -78,12 +77,12 @@ def test_flipped_byte_in_any_object_is_detected(saved):
         with pytest.raises(ckpt.CorruptCheckpointError) as exc:
             ckpt.load(url)
         _expect(exc, key, users[key])
-        problems = verify_manifest(store, plugins, manifest)
+        problems = verify_manifest(store, plugins.codecs, manifest)
         assert [p.key for p in problems] == [key]
         assert problems[0].tensor in users[key] and problems[0].step == 1
         assert key in problems[0].error
         restore_object(store, key, original)
-    assert verify_manifest(store, plugins, manifest) == []
+    assert verify_manifest(store, plugins.codecs, manifest) == []
     restored = _state(seed=1)
     ckpt.restore(url, restored)  # put back: sound again
     assert torch.equal(restored["ints"], _state()["ints"])
@@ -113,7 +112,7 @@ def test_truncated_and_extended_objects(saved):
         assert "bytes" in str(exc.value)
         with pytest.raises(ckpt.CorruptCheckpointError):
             ckpt.restore(url, {"model": _state(1)["model"]})
-        assert [p.key for p in verify_manifest(store, get_plugins(), manifest)] == [key]
+        assert [p.key for p in verify_manifest(store, get_plugins().codecs, manifest)] == [key]
     store.put_object(key, original)
     ckpt.load(url)
 
@@ -128,7 +127,7 @@ def test_missing_object(saved):
     assert url.split("://", 1)[-1] in str(exc.value) or url in str(exc.value)
     with pytest.raises(ckpt.MissingObjectError):
         ckpt.load(url)
-    problems = verify_manifest(store, get_plugins(), manifest)
+    problems = verify_manifest(store, get_plugins().codecs, manifest)
     assert [p.key for p in problems] == [key] and "missing" in problems[0].error
     # keys of the state that do not use the object still restore
     ints = {"ints": torch.zeros(5000, dtype=torch.int64)}
@@ -209,7 +208,7 @@ def test_unknown_codec(saved):
     assert torch.equal(live["bf16"], before)
     with pytest.raises(ckpt.UnknownCodecError):
         ckpt.load(url)
-    problems = verify_manifest(store, get_plugins(), load_manifest(store, 1))
+    problems = verify_manifest(store, get_plugins().codecs, ckpt.read_manifest(store.url, 1))
     assert [p.tensor for p in problems] == ["bf16"]
 
 
@@ -229,7 +228,7 @@ def test_shared_object_reported_for_every_step_using_it(saved):
     key = manifest.tensors["ints"].chunks[0].key
     corrupt_object(store, key)
     for step in (1, 2):
-        problems = verify_manifest(store, get_plugins(), load_manifest(store, step))
+        problems = verify_manifest(store, get_plugins().codecs, ckpt.read_manifest(store.url, step))
         assert [(p.step, p.key) for p in problems] == [(step, key)]
         with pytest.raises(ckpt.CorruptCheckpointError, match="'ints'"):
             ckpt.load(url, step=step)

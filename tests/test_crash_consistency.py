@@ -27,18 +27,23 @@ import torch
 
 import ckpt
 from ckpt.errors import NoCheckpointError
-from ckpt.store import Store
+from ckpt.storage.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 
 #: (name, dtype, elements): values encode the step exactly in every dtype used
-LAYOUT = [("w0", torch.float32, 3000), ("w1", torch.float64, 2500), ("i0", torch.int64, 2000), ("i1", torch.int32, 5000)]
+LAYOUT = [
+    ("w0", torch.float32, 3000),
+    ("w1", torch.float64, 2500),
+    ("i0", torch.int64, 2000),
+    ("i1", torch.int32, 5000),
+]
 
 ZYGOTE = r"""
 import os, sys, json, time
 import torch, ckpt
-from ckpt.store import Store
-from ckpt.plugins import get_plugins
+from ckpt.storage.store import Store
+from ckpt.hooks.manager import get_plugins
 
 url, options = sys.argv[1], json.loads(sys.argv[2])
 LAYOUT = [("w0", torch.float32, 3000), ("w1", torch.float64, 2500), ("i0", torch.int64, 2000), ("i1", torch.int32, 5000)]
@@ -183,10 +188,9 @@ def _assert_progress(seen: list[int | None], trials: int, min_saves: int) -> Non
 
 def _interrupted_saves(url: str, options: dict) -> int:
     """Objects no manifest references: written by saves that a kill cut short."""
-    from ckpt.api import load_manifest
 
     store = Store(url, options)
-    referenced = {c.key for step in store.steps() for c in load_manifest(store, step).chunk_refs()}
+    referenced = {c.key for step in store.steps() for c in ckpt.read_manifest(store.url, step).chunk_refs()}
     return sum(1 for o in store.list_objects() if o.key not in referenced)
 
 

@@ -9,10 +9,10 @@ import time
 import torch
 
 import ckpt
-from ckpt.api import load_manifest
-from ckpt.codecs import ByteGroupZstdCodec, EncodeContext
-from ckpt.pipeline import hash_bytes
-from ckpt.store import Store
+from ckpt.codecs import EncodeContext
+from ckpt.codecs.zstd import ByteGroupZstdCodec
+from ckpt.io.writer import hash_bytes
+from ckpt.storage.store import Store
 from ckpt.testing import assert_same_state, clone_state
 
 
@@ -32,7 +32,7 @@ def test_unchanged_state_costs_only_a_manifest(store_url):
     assert first.stored_bytes == sum(_objects(store).values()) + _manifest_len(store, 1)
     second = ckpt.save(store_url, {"s": state}, step=2)
     assert second.stored_bytes == _manifest_len(store, 2)
-    assert load_manifest(store, 2).chunk_refs() == load_manifest(store, 1).chunk_refs()
+    assert ckpt.read_manifest(store.url, 2).chunk_refs() == ckpt.read_manifest(store.url, 1).chunk_refs()
 
 
 def test_equal_chunks_in_one_save_are_written_once(store_url):
@@ -65,18 +65,28 @@ def test_frozen_model_gets_lora_sized_checkpoints_from_dedup_alone(store_url, mo
         info = ckpt.save(store_url, {"model": model, "opt": opt}, step=step)
         sizes.append(info.stored_bytes - _manifest_len(store, step))
         if step == 0:
-            base_objects = {r.key for n, e in load_manifest(store, 0).tensors.items() if n.startswith("model/0.")
-                            for r in e.chunks}
+            base_objects = {
+                r.key
+                for n, e in ckpt.read_manifest(store.url, 0).tensors.items()
+                if n.startswith("model/0.")
+                for r in e.chunks
+            }
     frozen = sum(p.numel() * p.element_size() for p in base.parameters())
     assert sizes[0] > frozen * 0.8  # the base is written once, compressed a little
     for s in sizes[1:]:
         assert s <= budget, (sizes, budget)
     # the base objects are shared by every checkpoint, never rewritten
     for step in range(1, 4):
-        keys = {r.key for n, e in load_manifest(store, step).tensors.items() if n.startswith("model/0.") for r in e.chunks}
+        keys = {
+            r.key
+            for n, e in ckpt.read_manifest(store.url, step).tensors.items()
+            if n.startswith("model/0.")
+            for r in e.chunks
+        }
         assert keys == base_objects
-    fresh = torch.nn.Sequential(torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(4)]), torch.nn.ReLU(),
-                                torch.nn.Linear(512, 16))
+    fresh = torch.nn.Sequential(
+        torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(4)]), torch.nn.ReLU(), torch.nn.Linear(512, 16)
+    )
     ckpt.restore(store_url, {"model": fresh})
     assert_same_state(clone_state(fresh.state_dict()), clone_state(model.state_dict()))
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import ckpt
-from ckpt import delta as deltamod
-from ckpt.api import load_manifest, write_checkpoint
+from ckpt.api import write_checkpoint
 from ckpt.codecs import EncodeContext
-from ckpt.manifest import ChunkRef
-from ckpt.pipeline import Reader, Writer
-from ckpt.plugins import get_plugins
-from ckpt.store import Store
+from ckpt.codecs import delta as deltamod
+from ckpt.hooks.manager import get_plugins
+from ckpt.io.writer import Reader, Writer
+from ckpt.storage.manifest import ChunkRef
+from ckpt.storage.store import Store
 from ckpt.testing import assert_same_state, clone_state, corrupt_object
 
 
@@ -69,19 +69,29 @@ def test_xor_codec_declines_without_a_matching_parent():
 def test_delta_codec_is_registered_as_a_builtin():
     codecs = get_plugins().codecs
     assert "xor" in codecs
-    assert codecs.owner("xor") == "ckpt.builtins"
+    assert codecs.owner("xor") == "ckpt.hooks.defaults"
 
 
 def test_chain_depth_and_referenced_keys_follow_nested_parents():
     full = ChunkRef(hash="a" * 32, key="a" * 32, size=8, stored=8, codec=())
-    d1 = ChunkRef(hash="b" * 32, key=deltamod.delta_key("b" * 32, "a" * 32), size=8, stored=3,
-                  codec=({"name": "xor", "parent": full.to_json()}, {"name": "zstd"}))
-    d2 = ChunkRef(hash="c" * 32, key=deltamod.delta_key("c" * 32, "b" * 32), size=8, stored=3,
-                  codec=({"name": "xor", "parent": d1.to_json()},))
+    d1 = ChunkRef(
+        hash="b" * 32,
+        key=deltamod.delta_key("b" * 32, "a" * 32),
+        size=8,
+        stored=3,
+        codec=({"name": "xor", "parent": full.to_json()}, {"name": "zstd"}),
+    )
+    d2 = ChunkRef(
+        hash="c" * 32,
+        key=deltamod.delta_key("c" * 32, "b" * 32),
+        size=8,
+        stored=3,
+        codec=({"name": "xor", "parent": d1.to_json()},),
+    )
     assert [deltamod.chain_depth(r.codec) for r in (full, d1, d2)] == [0, 1, 2]
     assert list(deltamod.referenced_keys(d2.to_json())) == [d2.key, d1.key, full.key]
     assert d1.key != d1.hash and d1.key.startswith(d1.hash) and Store("memory://x")  # key is a valid object key
-    from ckpt.store import _KEY
+    from ckpt.storage.store import _KEY
 
     assert _KEY.match(d1.key)
 
@@ -94,7 +104,7 @@ def test_small_update_is_stored_as_a_much_smaller_delta(store_url):
     full = ckpt.save(store_url, {"model": model}, step=0)
     _nudge(model)
     second = ckpt.save(store_url, {"model": model}, step=1)
-    manifest = load_manifest(Store(store_url), 1)
+    manifest = ckpt.read_manifest(store_url, 1)
     depths = _delta_depths(manifest)
     assert max(depths) == 1, "changed chunks should be deltas against step 0"
     for ref in manifest.chunk_refs():
@@ -112,7 +122,7 @@ def test_delta_is_kept_only_when_smaller(store_url):
         for p in model.parameters():
             p.copy_(torch.randn_like(p))  # unrelated values: XOR helps nothing
     ckpt.save(store_url, {"model": model}, step=1)
-    manifest = load_manifest(Store(store_url), 1)
+    manifest = ckpt.read_manifest(store_url, 1)
     assert _delta_depths(manifest) == [0] * len(manifest.chunk_refs())
     assert all(r.key == r.hash for r in manifest.chunk_refs())
 
@@ -125,9 +135,18 @@ def test_delta_false_writes_full_objects(store_url):
     plugins = get_plugins()
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
     with ThreadPoolExecutor(4) as pool:
-        info = write_checkpoint(store, plugins, step=1, json_tree={}, adapters={}, tensors=tensors,
-                                parent=load_manifest(store, 0), pool=pool, delta=False)
-    manifest = load_manifest(store, 1)
+        info = write_checkpoint(
+            store,
+            plugins,
+            step=1,
+            json_tree={},
+            adapters={},
+            tensors=tensors,
+            parent=ckpt.read_manifest(store.url, 0),
+            pool=pool,
+            delta=False,
+        )
+    manifest = ckpt.read_manifest(store.url, 1)
     assert _delta_depths(manifest) == [0] * len(manifest.chunk_refs())
     assert info.stored_bytes > 0
 
@@ -153,14 +172,14 @@ def _chain_run(store_url, max_chain, monkeypatch):
         opt.zero_grad()
         ckpt.save(store_url, {"model": model, "opt": opt}, step=step)
         expected[step] = clone_state({"model": model.state_dict(), "opt": opt.state_dict()})
-        depths = _delta_depths(load_manifest(store, step))
+        depths = _delta_depths(ckpt.read_manifest(store.url, step))
         assert max(depths) <= min(1, max_chain - 1), "a delta cites a full object, never another delta"
         if max_chain == 1:
-            assert all(r.key == r.hash for r in load_manifest(store, step).chunk_refs())
+            assert all(r.key == r.hash for r in ckpt.read_manifest(store.url, step).chunk_refs())
     if max_chain > 1:
         # deltas happened, each citing the run's full object, and a full object came back
         # once a delta would have been max_chain saves old
-        weight = [load_manifest(store, s).tensors["model/0.weight"].chunks[0] for s in range(7)]
+        weight = [ckpt.read_manifest(store.url, s).tensors["model/0.weight"].chunks[0] for s in range(7)]
         assert [deltamod.delta_age(c.codec) for c in weight] == [0, 1, 2, 0, 1, 2, 0]
         for s, c in enumerate(weight):
             if deltamod.delta_age(c.codec):
@@ -182,16 +201,17 @@ def test_max_chain_keyword_and_bad_values(store_url):
 
     def save(step, **kw):
         tensors = {f"m/{k}": v for k, v in model.state_dict().items()}
-        parent = load_manifest(store, step - 1) if step else None
+        parent = ckpt.read_manifest(store.url, step - 1) if step else None
         with ThreadPoolExecutor(2) as pool:
-            return write_checkpoint(store, plugins, step=step, json_tree={}, adapters={}, tensors=tensors,
-                                    parent=parent, pool=pool, **kw)
+            return write_checkpoint(
+                store, plugins, step=step, json_tree={}, adapters={}, tensors=tensors, parent=parent, pool=pool, **kw
+            )
 
     save(0)
     for step in (1, 2, 3):
         _nudge(model)
         save(step, max_chain=2)
-        assert max(_delta_depths(load_manifest(store, step))) == (1 if step % 2 else 0)
+        assert max(_delta_depths(ckpt.read_manifest(store.url, step))) == (1 if step % 2 else 0)
     with pytest.raises(ckpt.CheckpointError, match="max_chain"):
         save(4, max_chain=0)
 
@@ -202,14 +222,22 @@ def test_parent_tensors_spare_the_read_back(store_url):
     previous = {f"model/{k}": v.clone() for k, v in model.state_dict().items()}
     _nudge(model)
     store = Store(store_url)
-    parent = load_manifest(store, 0)
+    parent = ckpt.read_manifest(store.url, 0)
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
     plugins = get_plugins()
 
     def write(parent_tensors):
         with ThreadPoolExecutor(4) as pool:
-            writer = Writer(store, plugins.codecs, pool, known={}, chunk_bytes=1 << 20, parent=parent,
-                            parent_tensors=parent_tensors, delta=True)
+            writer = Writer(
+                store,
+                plugins.codecs,
+                pool,
+                known={},
+                chunk_bytes=1 << 20,
+                parent=parent,
+                parent_tensors=parent_tensors,
+                delta=True,
+            )
             entries = {p: writer.submit(p, t).result() for p, t in tensors.items()}
         return writer.stats, entries
 
@@ -221,13 +249,11 @@ def test_parent_tensors_spare_the_read_back(store_url):
     assert stats2.parent_reads == stats2.objects_written  # every changed chunk read its parent back
     assert entries2 == entries
     # The delta objects decode to the new values.
-    with ThreadPoolExecutor(2) as pool:
-        reader = Reader(store, plugins.codecs, pool)
-        for path, entry in entries.items():
-            out = torch.empty_like(tensors[path])
-            for f in reader.submit(path, entry, out):
-                f.result()
-            assert torch.equal(out.view(torch.int16), tensors[path].view(torch.int16))
+    reader = Reader(store, plugins.codecs)
+    for path, entry in entries.items():
+        out = torch.empty_like(tensors[path])
+        _decode(reader, path, entry, out)
+        assert torch.equal(out.view(torch.int16), tensors[path].view(torch.int16))
 
 
 def test_restore_reads_each_link_once_and_caches_parents(store_url, monkeypatch):
@@ -239,18 +265,16 @@ def test_restore_reads_each_link_once_and_caches_parents(store_url, monkeypatch)
         x.add_(1e-6 * torch.randn_like(x))
         twin["b"] = x.clone()
     store = Store(store_url)
-    manifest = load_manifest(store, 3)
+    manifest = ckpt.read_manifest(store.url, 3)
     assert _delta_depths(manifest) == [1, 1]
     assert [deltamod.delta_age(c.codec) for c in manifest.chunk_refs()] == [3, 3]
     plugins = get_plugins()
-    with ThreadPoolExecutor(1) as pool:
-        reader = Reader(store, plugins.codecs, pool)
-        for path, entry in manifest.tensors.items():
-            out = torch.empty(4096)
-            for f in reader.submit(path, entry, out):
-                f.result()
-        # both tensors cite the same full object of step 0: decoded once
-        assert reader.parent_decodes == 1
+    reader = Reader(store, plugins.codecs)
+    for path, entry in manifest.tensors.items():
+        out = torch.empty(4096)
+        _decode(reader, path, entry, out)
+    # both tensors cite the same full object of step 0: decoded once
+    assert reader.parent_decodes == 1
 
 
 def test_corrupt_or_missing_parent_is_reported_with_its_key(store_url):
@@ -259,7 +283,7 @@ def test_corrupt_or_missing_parent_is_reported_with_its_key(store_url):
     _nudge(model)
     ckpt.save(store_url, {"model": model}, step=1)
     store = Store(store_url)
-    child = next(r for r in load_manifest(store, 1).chunk_refs() if deltamod.chain_depth(r.codec))
+    child = next(r for r in ckpt.read_manifest(store.url, 1).chunk_refs() if deltamod.chain_depth(r.codec))
     parent_key = deltamod.parent_record(child.codec)["key"]
     original = corrupt_object(store, parent_key)
     with pytest.raises(ckpt.CorruptCheckpointError, match=parent_key):
@@ -279,7 +303,7 @@ def test_missing_parent_at_save_time_falls_back_to_full_objects(store_url):
         store.delete(store.object_path(info.key))
     _nudge(model)
     ckpt.save(store_url, {"model": model}, step=1)
-    manifest = load_manifest(store, 1)
+    manifest = ckpt.read_manifest(store.url, 1)
     assert _delta_depths(manifest) == [0] * len(manifest.chunk_refs())
     assert_same_state(ckpt.load(store_url, step=1)["model"], clone_state(model.state_dict()))
 
@@ -302,12 +326,10 @@ def test_manifest_records_parent_so_no_other_manifest_is_needed(store_url):
 @pytest.mark.parametrize("kind", ["nudged", "unrelated"])
 def test_large_chunks_choose_delta_or_full_from_samples(tmp_path, kind):
     """A chunk of several MiB is encoded one way only, chosen by encoding samples both ways."""
-    from ckpt import pipeline
-
     url = str(tmp_path / "store")
     torch.manual_seed(1)
     big = {"w": torch.randn(1024, 1024)}  # 4 MiB: one chunk >= 4 x PROBE_BYTES
-    assert big["w"].nbytes >= 4 * pipeline.PROBE_BYTES
+    assert big["w"].nbytes >= 4 * deltamod.PROBE_BYTES
     first = ckpt.save(url, big, step=0)
     with torch.no_grad():
         if kind == "nudged":
@@ -317,8 +339,15 @@ def test_large_chunks_choose_delta_or_full_from_samples(tmp_path, kind):
     store = Store(url)
     plugins = get_plugins()
     with ThreadPoolExecutor(2) as pool:
-        writer = Writer(store, plugins.codecs, pool, known={}, chunk_bytes=16 << 20, parent=load_manifest(store, 0),
-                        delta=True)
+        writer = Writer(
+            store,
+            plugins.codecs,
+            pool,
+            known={},
+            chunk_bytes=16 << 20,
+            parent=ckpt.read_manifest(store.url, 0),
+            delta=True,
+        )
         entry = writer.submit("w", big["w"]).result()
     assert writer.stats.probes == 1
     (ref,) = entry.chunks
@@ -327,10 +356,8 @@ def test_large_chunks_choose_delta_or_full_from_samples(tmp_path, kind):
         assert ref.stored * 2 < first.stored_bytes
     else:
         assert deltamod.chain_depth(ref.codec) == 0 and ref.key == ref.hash
-    with ThreadPoolExecutor(2) as pool:
-        out = torch.empty_like(big["w"])
-        for f in Reader(store, plugins.codecs, pool).submit("w", entry, out):
-            f.result()
+    out = torch.empty_like(big["w"])
+    _decode(Reader(store, plugins.codecs), "w", entry, out)
     assert torch.equal(out.view(torch.int32), big["w"].view(torch.int32))
 
 
@@ -338,8 +365,13 @@ def test_stores_with_deltas_of_deltas_still_read_and_extend(store_url, monkeypat
     """Deltas citing the previous delta (nested parent records) decode link by link."""
     monkeypatch.setenv("CKPT_DELTA_MAX_CHAIN", "8")
     # write the older layout: every delta cites the previous checkpoint's object
-    monkeypatch.setattr(Writer, "_delta_base", lambda self, parent: (parent, deltamod.chain_depth(parent.codec) + 1)
-                        if parent is not None else (None, 0))
+    monkeypatch.setattr(
+        deltamod,
+        "delta_base",
+        lambda parent, max_chain: (
+            (parent, deltamod.chain_depth(parent["codec"]) + 1) if parent is not None else (None, 0)
+        ),
+    )
     model = _model(torch.float32)
     expected = {}
     for step in range(3):
@@ -347,11 +379,20 @@ def test_stores_with_deltas_of_deltas_still_read_and_extend(store_url, monkeypat
         expected[step] = clone_state(model.state_dict())
         _nudge(model)
     store = Store(store_url)
-    assert max(_delta_depths(load_manifest(store, 2))) == 2
+    assert max(_delta_depths(ckpt.read_manifest(store.url, 2))) == 2
     monkeypatch.undo()
     monkeypatch.setenv("CKPT_DELTA_MAX_CHAIN", "8")
     ckpt.save(store_url, {"model": model}, step=3)  # the new writer extends such a chain
     expected[3] = clone_state(model.state_dict())
-    assert max(_delta_depths(load_manifest(store, 3))) == 3
+    assert max(_delta_depths(ckpt.read_manifest(store.url, 3))) == 3
     for step, state in expected.items():
         assert_same_state(ckpt.load(store_url, step=step)["model"], state)
+
+
+def _decode(reader: Reader, path: str, entry, out: torch.Tensor) -> None:
+    """Decode ``entry``'s chunks one by one into ``out`` through ``reader``."""
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    offset = 0
+    for ref in entry.chunks:
+        reader.read_chunk(ref, view[offset : offset + ref.size], what=f"tensor {path!r}")
+        offset += ref.size

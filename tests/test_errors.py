@@ -46,7 +46,7 @@ def test_unsupported_value_names_key_and_suggests_adapter(store_url, state, wher
     msg = str(exc.value)
     assert msg.startswith(where + ":"), msg
     assert "adapter plugin" in msg and "pickle" in msg
-    from ckpt.store import Store
+    from ckpt.storage.store import Store
 
     assert Store(store_url).steps() == [], "nothing is committed for a refused state"
 
@@ -107,9 +107,9 @@ def test_missing_state_key(store_url):
 
 def _model(width=8, dtype=torch.float32):
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.BatchNorm1d(width), torch.nn.Linear(width, 3)).to(
-        dtype
-    )
+    return torch.nn.Sequential(
+        torch.nn.Linear(width, width), torch.nn.BatchNorm1d(width), torch.nn.Linear(width, 3)
+    ).to(dtype)
 
 
 @pytest.mark.parametrize("kind", ["shape", "dtype", "extra-param"])

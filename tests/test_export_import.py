@@ -14,16 +14,28 @@ import torch
 from click.testing import CliRunner
 
 import ckpt
-import ckpt.export as ex
+import ckpt.interop.export as ex
 from ckpt.cli import build_cli
-
 from ckpt.testing import make_training_state
 
 DTYPES = [
-    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64,
-    torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.bool, torch.complex64, torch.float8_e4m3fn,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+    torch.bool,
+    torch.complex64,
+    torch.float8_e4m3fn,
     torch.float8_e5m2,
-]  # fmt: skip
+]
 
 
 def run(*args: str):
@@ -178,10 +190,9 @@ def test_safetensors_cannot_hold_complex128_but_torch_can(tmp_path):
 
 def test_export_streams_a_bounded_window_of_chunks(src, monkeypatch):
     """The safetensors writer never decodes more than `window` chunks ahead of the file."""
-    from ckpt.api import load_manifest
-    from ckpt.pipeline import Reader
-    from ckpt.plugins import get_plugins
-    from ckpt.store import Store
+    from ckpt.hooks.manager import get_plugins
+    from ckpt.io.writer import Reader
+    from ckpt.storage.store import Store
 
     started = []
     real = Reader.read_chunk
@@ -192,11 +203,15 @@ def test_export_streams_a_bounded_window_of_chunks(src, monkeypatch):
 
     monkeypatch.setattr(Reader, "read_chunk", spy)
     store = Store(src["url"])
-    m = load_manifest(store, None)
+    m = ckpt.read_manifest(store.url, None)
     items = [(p, r) for p, e in m.tensors.items() for r in e.chunks if not any("parent" in s for s in r.codec)]
     assert len(items) > 20
     consumed = 0
-    for raw in ex.iter_raw_chunks(store, get_plugins(), items, window=3):
+    from ckpt.io.plan import ChunkRead, ReadPlan
+    from ckpt.io.reader import iter_chunks
+
+    plan = ReadPlan(m, tuple(p for p, _ in items), tuple(ChunkRead(p, r, 0) for p, r in items))
+    for raw in iter_chunks(store, get_plugins().codecs, plan, window=3):
         consumed += 1
         assert len(started) <= consumed + 3
         assert len(raw) == items[consumed - 1][1].size
@@ -220,13 +235,26 @@ def test_ckpt_safetensors_export_imports_back_exactly(src, tmp_path):
 
 def test_torch_save_import_round_trips(src, tmp_path):
     st = make_training_state(1, width=64)
-    original = {"model": st["model"].state_dict(), "optim": st["optim"].state_dict(), "extra": every_dtype(),
-                "epoch": 4}  # fmt: skip
+    original = {
+        "model": st["model"].state_dict(),
+        "optim": st["optim"].state_dict(),
+        "extra": every_dtype(),
+        "epoch": 4,
+    }
     path = tmp_path / "orig.pt"
     torch.save(original, path)
     url = f"file://{tmp_path}/imp"
-    r = run("import", str(path), url, "--step", "3", "--adapter", "model=torch.nn.Module",
-            "--adapter", "optim=torch.optim.Optimizer")  # fmt: skip
+    r = run(
+        "import",
+        str(path),
+        url,
+        "--step",
+        "3",
+        "--adapter",
+        "model=torch.nn.Module",
+        "--adapter",
+        "optim=torch.optim.Optimizer",
+    )
     assert r.exit_code == 0, r.output
     assert r.stdout.startswith(f"imported {path} (torch) as step 3")
     reread = torch.load(path, weights_only=True)
@@ -279,9 +307,11 @@ def test_dcp_directory_imports_with_dcp_reader(tmp_path, monkeypatch):
         dcp.save(state, checkpoint_id=str(ckpt_dir))
 
     loads = []
-    real = ex._DCPSource._load
-    monkeypatch.setattr(ex._DCPSource, "_load", lambda self, fqns: loads.append(len(fqns)) or real(self, fqns))
-    monkeypatch.setattr(ex, "IMPORT_WINDOW_BYTES", 40_000)  # several batches
+    from ckpt.interop import dcp as dcp_import
+
+    real = dcp_import.DCPSource._load
+    monkeypatch.setattr(dcp_import.DCPSource, "_load", lambda self, fqns: loads.append(len(fqns)) or real(self, fqns))
+    monkeypatch.setattr(dcp_import, "IMPORT_WINDOW_BYTES", 40_000)  # several batches
     url = f"file://{tmp_path}/s"
     doc = json.loads(run("import", str(ckpt_dir), url, "--step", "7", "--json").stdout)
     assert doc["kind"] == "dcp" and doc["step"] == 7

@@ -10,18 +10,17 @@ import errno
 import time
 import uuid
 
+import faultfs  # noqa: F401 - registers faulty://
 import fsspec
 import pytest
 import torch
 
 import ckpt
 from ckpt.errors import CorruptCheckpointError, MissingObjectError, StoreError
-from ckpt.retry import Retrier, RetryPolicy, is_transient
-from ckpt.store import Store
-from ckpt.verify import verify_manifest
-from ckpt.plugins import get_plugins
-
-import faultfs  # noqa: F401 - registers faulty://
+from ckpt.hooks.manager import get_plugins
+from ckpt.io.verify import verify_manifest
+from ckpt.storage.retry import Retrier, RetryPolicy, is_transient
+from ckpt.storage.store import Store
 
 # -- classification --------------------------------------------------------------------------
 
@@ -29,7 +28,9 @@ import faultfs  # noqa: F401 - registers faulty://
 def _client_error(code: str, status: int):
     from botocore.exceptions import ClientError
 
-    return ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+    return ClientError(
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"
+    )
 
 
 def _azure_error(status: int):
@@ -260,9 +261,8 @@ def test_torn_writes_are_detected_on_read(faulty, fast_retries):
     msg = str(err.value)
     assert "tensor" in msg and any(p.rsplit("/", 1)[-1] in msg for p in torn)
     store = Store(plain)
-    from ckpt.api import load_manifest
 
-    problems = verify_manifest(store, get_plugins(), load_manifest(store, 1))
+    problems = verify_manifest(store, get_plugins().codecs, ckpt.read_manifest(store.url, 1))
     assert {p.key for p in problems} == {p.rsplit("/", 1)[-1] for p in torn}
 
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import ckpt
-from ckpt import delta as deltamod
-from ckpt.api import load_manifest
-from ckpt.gc import GCResult, Lease, collect, live_leases, prune, retained_steps
-from ckpt.store import Store
+from ckpt.codecs import delta as deltamod
+from ckpt.storage.leases import Lease, live_leases
+from ckpt.storage.retention import GCResult, collect, prune, retained_steps
+from ckpt.storage.store import Store
 from ckpt.testing import assert_same_state, clone_state
 
 
@@ -29,7 +29,7 @@ def _age_everything(store: Store, seconds: float = 3600.0) -> None:
 def _needed(store: Store, steps) -> set[str]:
     keys: set[str] = set()
     for s in steps:
-        for ref in load_manifest(store, s).chunk_refs():
+        for ref in ckpt.read_manifest(store.url, s).chunk_refs():
             keys.update(deltamod.referenced_keys(ref.to_json()))
     return keys
 
@@ -71,7 +71,7 @@ def test_retention_policy():
 def test_gc_keeps_delta_parents_and_sweeps_the_rest(store_url):
     expected = _delta_run(store_url)
     store = Store(store_url)
-    last = load_manifest(store, 5)
+    last = ckpt.read_manifest(store.url, 5)
     assert any(deltamod.delta_age(r.codec) >= 2 for r in last.chunk_refs()), "run should build delta runs"
     before = {o.key for o in store.list_objects()}
     need = _needed(store, [5])
@@ -111,7 +111,10 @@ def test_dry_run_deletes_nothing_and_reports_the_same(store_url):
     assert sorted(o.key for o in store.list_objects()) == objects and store.steps() == [0, 1, 2, 3]
     real = collect(store_url, keep_last=1, grace_seconds=0)
     assert (real.removed_steps, real.removed_objects, real.freed_bytes) == (
-        dry.removed_steps, dry.removed_objects, dry.freed_bytes)
+        dry.removed_steps,
+        dry.removed_objects,
+        dry.freed_bytes,
+    )
 
 
 def test_grace_period_protects_young_objects(tmp_path):
@@ -156,7 +159,9 @@ def test_unreadable_retained_manifest_stops_gc_before_deleting(store_url):
 def test_progress_reports_both_phases(store_url):
     _delta_run(store_url, steps=3)
     seen = []
-    collect(store_url, keep_last=2, grace_seconds=0, progress=lambda phase, done, total: seen.append((phase, done, total)))
+    collect(
+        store_url, keep_last=2, grace_seconds=0, progress=lambda phase, done, total: seen.append((phase, done, total))
+    )
     assert ("mark", 2, 2) in seen
     assert seen[-1][0] == "sweep" and seen[-1][1] == seen[-1][2]
 
@@ -225,7 +230,7 @@ def test_gc_running_while_saving_never_breaks_a_retained_checkpoint(store_url):
                 ckpt.save(store_url, {"model": model, "opt": opt}, step=step)
                 expected[step] = snap
                 time.sleep(0.02)
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+        except BaseException as exc:
             errors.append(exc)
         finally:
             done.set()

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 import ckpt
-from ckpt import hookspecs
+from ckpt.hooks import hookspecs
 
 SPECS = {
     name: fn
@@ -46,7 +46,7 @@ def test_hookspec_is_documented(name):
     assert documented == params, f"{name}: :param: lines {documented} must match the arguments {params}, in order"
 
 
-RECORDER = '''
+RECORDER = """
 import click
 import ckpt
 
@@ -96,9 +96,9 @@ def ckpt_register_commands(cli):
 
 @ckpt.hookimpl
 def ckpt_before_save(url, step, tree):
-    import ckpt.store
+    import ckpt.storage.store
     CALLS.append(("ckpt_before_save", {"url": url, "step": step, "tree": tree,
-                                      "steps_on_disk": ckpt.store.Store(url).steps()}))
+                                      "steps_on_disk": ckpt.storage.store.Store(url).steps()}))
 
 
 @ckpt.hookimpl
@@ -109,12 +109,12 @@ def ckpt_after_commit(info):
 @ckpt.hookimpl
 def ckpt_after_restore(info, state):
     CALLS.append(("ckpt_after_restore", {"info": info, "state": state, "n": state["marker"].n}))
-'''
+"""
 
 
 def test_every_hookspec_is_exercised(fake_plugin, store_url):
     module = fake_plugin("ckpt-recorder", RECORDER)
-    from ckpt.plugins import get_plugins
+    from ckpt.hooks.manager import get_plugins
 
     plugins = get_plugins()
     rec = importlib.import_module(module)

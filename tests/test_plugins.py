@@ -12,10 +12,9 @@ import pytest
 import torch
 
 import ckpt
-from ckpt.api import load_manifest
-from ckpt.pipeline import Reader
-from ckpt.plugins import PluginInfo, get_plugins, make_plugin_manager
-from ckpt.store import Store
+from ckpt.hooks.manager import PluginInfo, get_plugins, make_plugin_manager
+from ckpt.io.writer import Reader
+from ckpt.storage.store import Store
 from ckpt.testing import AdapterConformance
 
 POINT_PLUGIN = '''
@@ -93,10 +92,10 @@ def test_entry_point_plugin_is_discovered_and_listed(fake_plugin):
     assert infos[DIST] == PluginInfo(
         name=DIST, version="1.2.3", hooks=("ckpt_register_adapters", "ckpt_register_codecs")
     )
-    assert infos["ckpt.builtins"].version == ckpt.__version__
+    assert infos["ckpt.hooks.defaults"].version == ckpt.__version__
     assert plugins.adapters.owner("fake.Point") == DIST
     assert plugins.codecs.owner("xor8") == DIST
-    assert plugins.adapters.owner("torch.nn.Module") == "ckpt.builtins"
+    assert plugins.adapters.owner("torch.nn.Module") == "ckpt.hooks.defaults"
     assert plugins.versions()[DIST] == "1.2.3"
     assert isinstance(plugins.adapters.for_object(mod.Point()), mod.PointAdapter)
 
@@ -108,7 +107,7 @@ def test_save_restore_through_plugin_adapter(fake_plugin, store_url):
     p.history = [1, (2, 3)]
     ckpt.save(store_url, {"p": p, "model": torch.nn.Linear(2, 2)}, step=1)
 
-    manifest = load_manifest(Store(store_url), 1)
+    manifest = ckpt.read_manifest(store_url, 1)
     assert manifest.adapters == {"p": "fake.Point", "model": "torch.nn.Module"}
     assert manifest.plugins[DIST] == "1.2.3", "the manifest records the plugins used"
 
@@ -128,18 +127,15 @@ def _rewrite_with_codec(store: Store, codec_name: str, paths: list[str]) -> None
     plugins = get_plugins()
     codec = plugins.codecs.get(codec_name)
     doc = json.loads(store.read_manifest(1))
-    manifest = load_manifest(store, 1)
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(2) as pool:
-        reader = Reader(store, plugins.codecs, pool)
-        for path in paths:
-            for i, ref in enumerate(manifest.tensors[path].chunks):
-                raw = memoryview(bytearray(ref.size))
-                reader.read_chunk(ref, raw, what=path)
-                payload, params = codec.encode(raw, None)
-                store.put_object(ref.key, payload)
-                doc["tensors"][path]["chunks"][i].update(codec=[{"name": codec_name, **params}], stored=len(payload))
+    manifest = ckpt.read_manifest(store.url, 1)
+    reader = Reader(store, plugins.codecs)
+    for path in paths:
+        for i, ref in enumerate(manifest.tensors[path].chunks):
+            raw = memoryview(bytearray(ref.size))
+            reader.read_chunk(ref, raw, what=path)
+            payload, params = codec.encode(raw, None)
+            store.put_object(ref.key, payload)
+            doc["tensors"][path]["chunks"][i].update(codec=[{"name": codec_name, **params}], stored=len(payload))
     store.write(store.manifest_path(1), json.dumps(doc).encode())
 
 
@@ -149,16 +145,16 @@ def test_plugin_codec_decodes_objects_written_with_it(fake_plugin, store_url, mo
     ckpt.save(store_url, {"w": weights, "ids": torch.arange(100)}, step=1)
     store = Store(store_url)
     _rewrite_with_codec(store, "xor8", ["w", "ids"])
-    key = load_manifest(store, 1).tensors["w"].chunks[0].key
+    key = ckpt.read_manifest(store.url, 1).tensors["w"].chunks[0].key
     assert store.get_object(key) == (weights.numpy().view(np.uint8) ^ 0x5A).tobytes()
 
     live = {"w": torch.zeros(40, 40), "ids": torch.zeros(100, dtype=torch.int64)}
     ckpt.restore(store_url, live)
     assert torch.equal(live["w"], weights) and torch.equal(live["ids"], torch.arange(100))
     assert mod.CALLS["decode"] == 2
-    from ckpt.verify import verify_manifest
+    from ckpt.io.verify import verify_manifest
 
-    assert verify_manifest(store, get_plugins(), load_manifest(store, 1)) == []
+    assert verify_manifest(store, get_plugins().codecs, ckpt.read_manifest(store.url, 1)) == []
 
     # without the plugin the codec is unknown: a clear error, not garbage
     monkeypatch.setenv("CKPT_DISABLE_PLUGINS", DIST)
@@ -196,7 +192,7 @@ def _point_module_again(module: str):
 def test_plugin_adapter_for_a_subclass_wins_over_builtin(fake_plugin, store_url):
     module = fake_plugin(
         "ckpt-fake-special",
-        '''
+        """
 import torch, ckpt
 
 class Special(torch.nn.Linear):
@@ -215,17 +211,17 @@ class SpecialAdapter:
 @ckpt.hookimpl
 def ckpt_register_adapters(register):
     register(SpecialAdapter())
-''',
+""",
     )
     get_plugins()
     mod = importlib.import_module(module)
     special = mod.Special(3, 3)
     ckpt.save(store_url, {"m": special, "plain": torch.nn.Linear(3, 3)}, step=1)
-    assert load_manifest(Store(store_url), 1).adapters == {"m": "fake.Special", "plain": "torch.nn.Module"}
+    assert ckpt.read_manifest(store_url, 1).adapters == {"m": "fake.Special", "plain": "torch.nn.Module"}
     assert ckpt.load(store_url)["m"]["note"] == "special"
 
 
-DUP_ADAPTER = '''
+DUP_ADAPTER = """
 import ckpt
 
 class Impostor:
@@ -237,7 +233,7 @@ class Impostor:
 @ckpt.hookimpl
 def ckpt_register_adapters(register):
     register(Impostor())
-'''
+"""
 
 
 def test_duplicate_adapter_name_names_both_plugins(fake_plugin):
@@ -245,11 +241,11 @@ def test_duplicate_adapter_name_names_both_plugins(fake_plugin):
     with pytest.raises(ckpt.PluginError) as exc:
         get_plugins()
     msg = str(exc.value)
-    assert "'torch.nn.Module'" in msg and "'ckpt-impostor'" in msg and "'ckpt.builtins'" in msg
+    assert "'torch.nn.Module'" in msg and "'ckpt-impostor'" in msg and "'ckpt.hooks.defaults'" in msg
 
 
 def test_duplicate_codec_name_names_both_plugins(fake_plugin, monkeypatch):
-    codec_plugin = '''
+    codec_plugin = """
 import ckpt
 
 class Codec:
@@ -260,7 +256,7 @@ class Codec:
 @ckpt.hookimpl
 def ckpt_register_codecs(register):
     register(Codec())
-'''
+"""
     fake_plugin("ckpt-codec-a", codec_plugin)
     fake_plugin("ckpt-codec-b", codec_plugin)
     with pytest.raises(ckpt.PluginError) as exc:
@@ -275,7 +271,7 @@ def ckpt_register_codecs(register):
 def test_duplicate_builtin_codec_name(fake_plugin):
     fake_plugin(
         "ckpt-zstd-clash",
-        '''
+        """
 import ckpt
 class Z:
     name = "zstd"
@@ -284,9 +280,12 @@ class Z:
 @ckpt.hookimpl
 def ckpt_register_codecs(register):
     register(Z())
-''',
+""",
     )
-    with pytest.raises(ckpt.PluginError, match="'zstd'.*'ckpt-zstd-clash'.*'ckpt.builtins'|'zstd'.*'ckpt.builtins'.*'ckpt-zstd-clash'"):
+    with pytest.raises(
+        ckpt.PluginError,
+        match="'zstd'.*'ckpt-zstd-clash'.*'ckpt.hooks.defaults'|'zstd'.*'ckpt.hooks.defaults'.*'ckpt-zstd-clash'",
+    ):
         get_plugins()
 
 

@@ -21,11 +21,10 @@ import pytest
 import torch
 
 import ckpt
-from ckpt.api import load_manifest
 from ckpt.errors import CheckpointError, CorruptCheckpointError, MissingObjectError, StoreError
-from ckpt.plugins import get_plugins
-from ckpt.store import Store
-from ckpt.verify import verify_manifest
+from ckpt.hooks.manager import get_plugins
+from ckpt.io.verify import verify_manifest
+from ckpt.storage.store import Store
 
 pytestmark = pytest.mark.server
 
@@ -96,7 +95,7 @@ def test_objects_corrupted_on_the_server_are_detected(server, how):
     state = _state(2)
     ckpt.save(url, state, step=1, storage_options=server.storage_options)
     store = Store(url, server.storage_options)
-    key = next(iter(load_manifest(store, 1).tensors["model/w"].chunks)).key
+    key = next(iter(ckpt.read_manifest(store.url, 1).tensors["model/w"].chunks)).key
     if how == "delete":
         _delete_object(server, url, key)
     else:
@@ -113,7 +112,7 @@ def test_objects_corrupted_on_the_server_are_detected(server, how):
     live = _state(3)
     with pytest.raises(expected):
         ckpt.restore(url, live, storage_options=server.storage_options)
-    problems = verify_manifest(store, get_plugins(), load_manifest(store, 1))
+    problems = verify_manifest(store, get_plugins().codecs, ckpt.read_manifest(store.url, 1))
     assert [p.key for p in problems] == [key] and problems[0].tensor == "model/w"
 
 
@@ -124,7 +123,7 @@ def test_s3_large_objects_go_up_in_parallel_parts(s3_server, monkeypatch):
     t = torch.randn(3 * 1024 * 1024)  # 12 MiB in one chunk; random floats barely compress
     ckpt.save(url, {"t": t}, step=0, storage_options=s3_server.storage_options)
     store = Store(url, s3_server.storage_options)
-    (ref,) = load_manifest(store, 0).tensors["t"].chunks
+    (ref,) = ckpt.read_manifest(store.url, 0).tensors["t"].chunks
     assert ref.stored >= 10 * 1024 * 1024
     bucket, name = store.object_path(ref.key).split("/", 1)
     head = s3_server.client().head_object(Bucket=bucket, Key=name)
@@ -143,7 +142,7 @@ def test_azure_large_blobs_are_staged_in_blocks(az_server, monkeypatch):
     t = torch.randint(-(2**31), 2**31 - 1, (17 * 1024 * 1024,), dtype=torch.int32, generator=g)  # 68 MiB
     ckpt.save(url, {"t": t}, step=0, storage_options=az_server.storage_options)
     store = Store(url, az_server.storage_options)
-    (ref,) = load_manifest(store, 0).tensors["t"].chunks
+    (ref,) = ckpt.read_manifest(store.url, 0).tensors["t"].chunks
     container, name = store.object_path(ref.key).split("/", 1)
     blocks = az_server.client().get_blob_client(container, name).get_block_list("committed")[0]
     assert len(blocks) > 1, "above 64 MiB the SDK stages blocks and commits them with one Put Block List"
@@ -161,7 +160,7 @@ def test_listings_see_other_writers(server):
     other.pipe_file(store.manifest_path(2), other.cat_file(store.manifest_path(1)))
     assert store.steps() == [1, 2]
     assert store.latest_step(repair=True) == 2
-    key = next(iter(load_manifest(store, 1).tensors["ids"].chunks)).key
+    key = next(iter(ckpt.read_manifest(store.url, 1).tensors["ids"].chunks)).key
     assert store.has_object(key)
     other.rm_file(store.object_path(key))
     assert not store.has_object(key)
@@ -178,7 +177,7 @@ def test_one_store_is_safe_from_many_threads(server):
             for key, data in items:
                 store.put_object(key, data)
                 assert store.get_object(key) == data
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     items = list(payloads.items())
@@ -248,7 +247,7 @@ def test_cli_ls_and_verify_on_remote_urls(server):
     assert "OK" in ok.stdout
 
     store = Store(url, server.storage_options)
-    key = next(iter(load_manifest(store, 20).tensors["model/b"].chunks)).key
+    key = next(iter(ckpt.read_manifest(store.url, 20).tensors["model/b"].chunks)).key
     data = bytearray(_object_bytes(server, url, key))
     data[-1] ^= 1
     _replace_object(server, url, key, bytes(data))

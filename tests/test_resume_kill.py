@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ckpt.store import Store
+from ckpt.storage.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train.py"
@@ -21,8 +21,21 @@ STEPS = 30
 
 
 def _cmd(store, digest, log, extra=()):
-    return [sys.executable, str(SCRIPT), "--store", str(store), "--steps", str(STEPS), "--every", "4",
-            "--digest", str(digest), "--log", str(log), *extra]
+    return [
+        sys.executable,
+        str(SCRIPT),
+        "--store",
+        str(store),
+        "--steps",
+        str(STEPS),
+        "--every",
+        "4",
+        "--digest",
+        str(digest),
+        "--log",
+        str(log),
+        *extra,
+    ]
 
 
 def _final_losses(log: Path) -> dict[int, str]:
@@ -54,8 +67,11 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path, referen
     digest, log = tmp_path / "digest.json", tmp_path / "log"
     kills = 0
     for attempt in range(8):
-        proc = subprocess.Popen(_cmd(tmp_path / "store", digest, log, ["--sleep", "0.03"]),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            _cmd(tmp_path / "store", digest, log, ["--sleep", "0.03"]),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         done_before = len(log.read_text().splitlines()) if log.exists() else 0
         _wait_for_progress(log, proc, done_before + rng.randint(1, 8))
         time.sleep(rng.uniform(0, 0.08))  # anywhere: mid-step, mid-save, mid-commit
@@ -75,8 +91,12 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path, referen
 
 def test_sigterm_saves_and_exits_cleanly_then_resume_is_bit_identical(tmp_path, reference):
     digest, log = tmp_path / "digest.json", tmp_path / "log"
-    proc = subprocess.Popen(_cmd(tmp_path / "store", digest, log, ["--sleep", "0.05"]),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _cmd(tmp_path / "store", digest, log, ["--sleep", "0.05"]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_for_progress(log, proc, 6)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
@@ -95,15 +115,23 @@ def test_workers_resume_is_bit_identical(tmp_path):
     """With DataLoader workers, a SIGTERM'd run resumes to the same result as a straight one."""
     ref = tmp_path / "ref"
     ref.mkdir()
-    subprocess.run(_cmd(ref / "store", ref / "d.json", ref / "log", ["--workers", "2"]), check=True,
-                   capture_output=True, timeout=180)
+    subprocess.run(
+        _cmd(ref / "store", ref / "d.json", ref / "log", ["--workers", "2"]),
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
     digest, log = tmp_path / "d.json", tmp_path / "log"
-    proc = subprocess.Popen(_cmd(tmp_path / "store", digest, log, ["--workers", "2", "--sleep", "0.05"]),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _cmd(tmp_path / "store", digest, log, ["--workers", "2", "--sleep", "0.05"]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     _wait_for_progress(log, proc, 17)  # past the first epoch (13 batches)
     proc.send_signal(signal.SIGTERM)
     proc.wait(60)
-    subprocess.run(_cmd(tmp_path / "store", digest, log, ["--workers", "2"]), check=True,
-                   capture_output=True, timeout=180)
+    subprocess.run(
+        _cmd(tmp_path / "store", digest, log, ["--workers", "2"]), check=True, capture_output=True, timeout=180
+    )
     assert json.loads(digest.read_text()) == json.loads((ref / "d.json").read_text())
     assert _final_losses(log) == _final_losses(ref / "log")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ckpt
-from ckpt.store import Store
+from ckpt.storage.store import Store
 from ckpt.testing import AdapterConformance, assert_same_state, clone_state, tensor_bits
 
 # -- the conformance suite, applied to the built-in adapters ------------------------------
@@ -167,7 +167,7 @@ def test_module_buffers_and_tied_weights(store_url):
     assert torch.equal(fresh.norm.running_var, model.norm.running_var)
 
     # both names of the tied weight are kept, as one stored object
-    manifest_tensors = ckpt.api.load_manifest(Store(store_url), 1).tensors
+    manifest_tensors = ckpt.read_manifest(store_url, 1).tensors
     assert manifest_tensors["model/enc.weight"].chunks == manifest_tensors["model/dec.weight"].chunks
 
 
@@ -336,7 +336,9 @@ def _tensor_zoo():
     zoo["slice"] = base[2:4]  # contiguous view with a storage offset
     zoo["conj"] = torch.randn(4, 4, dtype=torch.complex64).conj()  # lazy conjugate bit
     zoo["expanded"] = torch.arange(3.0).expand(4, 3)  # stride 0
-    zoo["nan_payloads"] = torch.tensor([0x7FC00001, 0xFFC12345 - 2**32, 0x00000001], dtype=torch.int32).view(torch.float32)
+    zoo["nan_payloads"] = torch.tensor([0x7FC00001, 0xFFC12345 - 2**32, 0x00000001], dtype=torch.int32).view(
+        torch.float32
+    )
     return zoo
 
 
@@ -515,7 +517,7 @@ def test_dedup_is_per_chunk(store_url, monkeypatch):
     first = ckpt.save(store_url, same, step=1)
     store = Store(store_url)
     assert len(list(store.list_objects())) == 16
-    m1 = ckpt.api.load_manifest(store, 1)
+    m1 = ckpt.api.read_manifest(store.url, 1)
     assert len(m1.tensors["a"].chunks) == 16 and m1.tensors["a"].chunks == m1.tensors["b"].chunks
     assert first.raw_bytes == 2 * big.nbytes
 
@@ -523,7 +525,7 @@ def test_dedup_is_per_chunk(store_url, monkeypatch):
     second = ckpt.save(store_url, same, step=2)
     new = {o.key: o.size for o in store.list_objects()}
     assert len(new) == 17
-    changed = [c for c in ckpt.api.load_manifest(store, 2).tensors["a"].chunks if c not in m1.tensors["a"].chunks]
+    changed = [c for c in ckpt.api.read_manifest(store.url, 2).tensors["a"].chunks if c not in m1.tensors["a"].chunks]
     assert len(changed) == 1
     assert second.stored_bytes == len(store.read_manifest(2)) + new[changed[0].key]
     assert_same_state(ckpt.load(store_url)["a"], big)
@@ -536,7 +538,11 @@ class _Net(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.body = torch.nn.Sequential(
-            torch.nn.Linear(12, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(32, 3)
+            torch.nn.Linear(12, 32),
+            torch.nn.BatchNorm1d(32),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(0.3),
+            torch.nn.Linear(32, 3),
         )
 
     def forward(self, x):
@@ -550,7 +556,15 @@ def _make_run(seed: int):
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=100)
     scaler = torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=3)
     data_gen = torch.Generator().manual_seed(seed + 1)
-    return {"model": model, "optim": opt, "sched": sched, "scaler": scaler, "data": data_gen, "rng": ckpt.RNG(), "epoch": 0}
+    return {
+        "model": model,
+        "optim": opt,
+        "sched": sched,
+        "scaler": scaler,
+        "data": data_gen,
+        "rng": ckpt.RNG(),
+        "epoch": 0,
+    }
 
 
 def _train(run, steps: int):

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckpt
-from ckpt import tree as treemod
+from ckpt.state import tree as treemod
 from ckpt.testing import assert_same_state
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -96,11 +96,13 @@ def test_path_components_are_unambiguous(a, b):
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(
-        st.sampled_from(["$tensor", "$tuple", "$map", "$float", "$dtype", "$bytes", "numpy"]) | st.text(max_size=5),
-        children,
-        max_size=3,
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["$tensor", "$tuple", "$map", "$float", "$dtype", "$bytes", "numpy"]) | st.text(max_size=5),
+            children,
+            max_size=3,
+        )
     ),
     max_leaves=20,
 )

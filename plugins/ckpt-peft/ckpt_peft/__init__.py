@@ -10,7 +10,6 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 import ckpt
-
 from ckpt_peft.adapter import PeftModelAdapter
 
 try:

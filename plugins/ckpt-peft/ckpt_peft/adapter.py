@@ -17,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

@@ -12,7 +12,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from ckpt.plugins import reset_plugins  # noqa: E402
+from ckpt.hooks.manager import reset_plugins
 
 
 @pytest.fixture(autouse=True)

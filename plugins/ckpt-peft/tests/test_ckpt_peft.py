@@ -13,14 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import lora_config, train_step
 
 import ckpt
-from ckpt.api import load_manifest
-from ckpt.plugins import get_plugins
-from ckpt.store import Store
+from ckpt.hooks.manager import get_plugins
+from ckpt.storage.store import Store
 from ckpt.testing import AdapterConformance, assert_same_state, clone_state
-
-from conftest import lora_config, train_step
 
 
 def test_plugin_is_listed_by_ckpt_plugins():
@@ -39,7 +37,7 @@ def test_ckpt_plugins_cli_lists_it():
     cmd = [str(exe)] if exe.exists() else [shutil.which("ckpt") or "ckpt"]
     out = subprocess.run([*cmd, "plugins", "--json"], capture_output=True, text=True, timeout=120, check=True)
     names = [p["name"] for p in json.loads(out.stdout)["plugins"]]
-    assert "ckpt-peft" in names and "ckpt.builtins" in names
+    assert "ckpt-peft" in names and "ckpt.hooks.defaults" in names
 
 
 def test_disabling_the_plugin_falls_back_to_the_module_adapter(make_lora_minilm, monkeypatch):
@@ -56,7 +54,7 @@ def test_lora_minilm_round_trips_bit_exact_and_resumes_identically(make_lora_min
     for s in range(2):
         train_step(model, opt, s)
     info = ckpt.save(store_url, {"model": model, "opt": opt}, step=2)
-    assert load_manifest(Store(store_url), 2).adapters["model"] == "peft.PeftModel"
+    assert ckpt.read_manifest(store_url, 2).adapters["model"] == "peft.PeftModel"
     tree = ckpt.load(store_url)["model"]
     assert tree["peft"]["adapters"]["default"]["r"] == 8
     assert tree["peft"]["adapters"]["default"]["target_modules"] == ["query", "value"]
@@ -90,9 +88,9 @@ def test_lora_checkpoints_after_the_first_are_lora_sized(make_lora_minilm, tmp_p
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     assert sizes[0] > 0.7 * base_bytes  # the base, compressed a little, once
     assert all(s <= budget for s in sizes[1:]), (sizes, budget)
-    first = load_manifest(store, 1)
+    first = ckpt.read_manifest(store.url, 1)
     for step in (2, 3, 4):
-        later = load_manifest(store, step)
+        later = ckpt.read_manifest(store.url, step)
         for path, entry in later.tensors.items():
             if path.startswith("model/base/"):
                 assert entry.chunks == first.tensors[path].chunks, f"{path} rewritten at step {step}"
@@ -102,16 +100,17 @@ def test_lora_checkpoints_after_the_first_are_lora_sized(make_lora_minilm, tmp_p
 
 
 def test_restore_into_a_different_lora_config_is_refused(make_lora_minilm, minilm_weights, tmp_path):
-    from peft import LoraConfig, get_peft_model
-
     from conftest import build_minilm
+    from peft import LoraConfig, get_peft_model
 
     url = f"file://{tmp_path}/run"
     model, opt = make_lora_minilm(r=8)
     ckpt.save(url, {"model": model}, step=1)
     # same shapes, different scaling: only the saved config can tell
-    other = get_peft_model(build_minilm(minilm_weights),
-                           LoraConfig(r=8, lora_alpha=32, target_modules=["query", "value"], lora_dropout=0.0))
+    other = get_peft_model(
+        build_minilm(minilm_weights),
+        LoraConfig(r=8, lora_alpha=32, target_modules=["query", "value"], lora_dropout=0.0),
+    )
     with pytest.raises(ckpt.StateMismatchError, match=r"adapter 'default' was saved with lora_alpha=16.*lora_alpha=32"):
         ckpt.restore(url, {"model": other})
     # a different rank changes the adapter's shapes: refused before anything is loaded
@@ -130,8 +129,14 @@ def _tiny_lora():
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32)
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
     return get_peft_model(BertModel(config), lora_config(r=2))
 
 

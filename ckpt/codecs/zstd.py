@@ -1,0 +1,180 @@
+"""The zstandard codecs: ``zstd`` (plain) and ``bgzstd`` (byte-grouped, for floating point).
+
+``bgzstd`` puts byte *k* of every element into plane *k* and compresses each plane on its
+own (the exponent plane compresses ~2.7x, the mantissa planes barely); a plane that does
+not compress is stored raw. Both decoders are bounded by the expected raw size: a frame
+header is never trusted for an allocation.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import zstandard
+
+from ckpt import config
+from ckpt.codecs.base import DecodeContext, EncodeContext
+from ckpt.errors import CorruptCheckpointError
+
+_local = threading.local()
+
+
+def _compressor(level: int | str) -> zstandard.ZstdCompressor:
+    """A per-thread compressor: an int zstd level, or ``"planes"`` (see :data:`PLANE_PARAMS`)."""
+    # ZstdCompressor objects must not be shared between threads that use them at once.
+    cache = getattr(_local, "cctx", None)
+    if cache is None:
+        cache = _local.cctx = {}
+    c = cache.get(level)
+    if c is None:
+        if level == "planes":
+            params = zstandard.ZstdCompressionParameters(write_content_size=True, **PLANE_PARAMS)
+            c = zstandard.ZstdCompressor(compression_params=params)
+        else:
+            c = zstandard.ZstdCompressor(level=int(level), write_content_size=True)
+        cache[level] = c
+    return c
+
+
+#: zstd settings for byte planes of float data. A plane is mostly a skewed byte histogram
+#: with few long repeats, so almost all the gain is zstd's Huffman coding of literals:
+#: the fast strategy with a tiny hash table and the longest minimum match skips futile
+#: match search. Measured on this project's benchmark data (all-MiniLM-L6-v2, an MLP's
+#: weights and Adam moments) against level 1: exponent planes compress 2.92x instead of
+#: 2.70x at 2-3x the speed (fp32 overall 1.217x at 1.65 GB/s vs 1.207x at 0.9 GB/s).
+#: Frames stay standard zstd: decoding needs no parameters.
+PLANE_PARAMS = dict(strategy=1, min_match=7, hash_log=6, chain_log=6, search_log=1, window_log=17, target_length=0)
+
+
+def _scratch(nbytes: int) -> np.ndarray:
+    """A per-thread byte buffer of ``nbytes`` (contents undefined), reused by later calls.
+
+    Only for data that does not outlive the call using it: the next call on the same
+    thread overwrites it.
+    """
+    buf = getattr(_local, "scratch", None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = _local.scratch = np.empty(nbytes, dtype=np.uint8)
+    return buf[:nbytes]
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "dctx", None)
+    if d is None:
+        d = _local.dctx = zstandard.ZstdDecompressor()
+    return d
+
+
+def _decompress_exact(payload: memoryview | bytes, size: int, what: str) -> bytes:
+    try:
+        raw = _decompressor().decompress(payload, max_output_size=size)
+    except zstandard.ZstdError as exc:
+        raise CorruptCheckpointError(f"zstd frame of {what} does not decode: {exc}") from None
+    if len(raw) != size:
+        raise CorruptCheckpointError(f"{what} decodes to {len(raw)} bytes, expected {size}")
+    return raw
+
+
+#: a plane is compressed only when that saves at least this fraction of it
+_MIN_SAVING = 0.02
+_SAMPLE = 128 * 1024
+
+
+class ZstdCodec:
+    """Plain zstandard."""
+
+    name = "zstd"
+
+    def __init__(self, level: int | None = None) -> None:
+        self.level = config.zstd_level() if level is None else level
+
+    def encode(self, data: memoryview, ctx: EncodeContext) -> tuple[bytes, dict[str, Any]] | None:
+        out = _compressor(self.level).compress(data)
+        if len(out) >= len(data) * (1 - _MIN_SAVING):
+            return None
+        return out, {}
+
+    def decode(self, payload: memoryview, out: memoryview, params: Mapping[str, Any], ctx: DecodeContext) -> None:
+        raw = _decompress_exact(payload, len(out), "zstd object")
+        out[:] = raw
+
+
+_PLANE = struct.Struct("<BQ")  # mode (0 raw, 1 zstd), stored length
+_RAW, _ZSTD = 0, 1
+
+
+class ByteGroupZstdCodec:
+    """Byte-grouped zstandard for floating-point data (see module docstring)."""
+
+    name = "bgzstd"
+
+    def __init__(self, level: int | None = None) -> None:
+        # None: the tuned plane settings; CKPT_ZSTD_LEVEL or ``level`` forces a plain level.
+        self.level = config.zstd_level_override() if level is None else level
+
+    def _compress_plane(self, plane: np.ndarray) -> tuple[int, bytes | np.ndarray]:
+        comp = _compressor("planes" if self.level is None else self.level)
+        n = plane.nbytes
+        if n > 4 * _SAMPLE:
+            # Mantissa planes are close to random: a sample decides cheaply.
+            sample = comp.compress(plane[:_SAMPLE])
+            if len(sample) >= _SAMPLE * (1 - _MIN_SAVING):
+                return _RAW, plane
+        out = comp.compress(plane)
+        if len(out) >= n * (1 - _MIN_SAVING):
+            return _RAW, plane
+        return _ZSTD, out
+
+    def encode(self, data: memoryview, ctx: EncodeContext) -> tuple[memoryview, dict[str, Any]] | None:
+        k = ctx.itemsize
+        if k < 2 or len(data) % k:
+            return None
+        n = len(data) // k
+        # One transposing copy into a per-thread buffer reused across chunks: plane i is row i.
+        planes = _scratch(len(data)).reshape(k, n)
+        np.copyto(planes, np.frombuffer(data, dtype=np.uint8).reshape(n, k).T)
+        parts: list[tuple[int, bytes | np.ndarray]] = [self._compress_plane(planes[i]) for i in range(k)]
+        if all(mode == _RAW for mode, _ in parts):
+            return None
+        sizes = [len(p) if mode == _ZSTD else p.nbytes for mode, p in parts]
+        out = np.empty(_PLANE.size * k + sum(sizes), dtype=np.uint8)  # fully written below
+        view = memoryview(out)
+        pos = 0
+        for (mode, _), size in zip(parts, sizes):
+            _PLANE.pack_into(view, pos, mode, size)
+            pos += _PLANE.size
+        for (_, p), size in zip(parts, sizes):
+            view[pos : pos + size] = p if isinstance(p, bytes) else memoryview(p)
+            pos += size
+        return view, {"itemsize": k}
+
+    def decode(self, payload: memoryview, out: memoryview, params: Mapping[str, Any], ctx: DecodeContext) -> None:
+        k = int(params.get("itemsize", 0))
+        if k < 2 or len(out) % k:
+            raise CorruptCheckpointError(f"bgzstd: bad itemsize {k} for {len(out)} bytes")
+        n = len(out) // k
+        grid = np.frombuffer(out, dtype=np.uint8).reshape(-1, k)
+        pos = _PLANE.size * k
+        if len(payload) < pos:
+            raise CorruptCheckpointError("bgzstd: truncated plane table")
+        for i in range(k):
+            mode, length = _PLANE.unpack_from(payload, i * _PLANE.size)
+            body = payload[pos : pos + length]
+            if len(body) != length:
+                raise CorruptCheckpointError(f"bgzstd: plane {i} truncated ({len(body)} of {length} bytes)")
+            pos += length
+            if mode == _RAW:
+                if length != n:
+                    raise CorruptCheckpointError(f"bgzstd: raw plane {i} has {length} bytes, expected {n}")
+                plane = np.frombuffer(body, dtype=np.uint8)
+            elif mode == _ZSTD:
+                plane = np.frombuffer(_decompress_exact(body, n, f"bgzstd plane {i}"), dtype=np.uint8)
+            else:
+                raise CorruptCheckpointError(f"bgzstd: plane {i} has unknown mode {mode}")
+            grid[:, i] = plane
+        if pos != len(payload):
+            raise CorruptCheckpointError(f"bgzstd: {len(payload) - pos} trailing bytes")

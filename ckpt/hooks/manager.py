@@ -1,0 +1,149 @@
+"""The plugin manager factory and a typed facade over its hooks.
+
+:func:`make_plugin_manager` builds a fresh manager every time it is called: hookspecs,
+blocked names from ``CKPT_DISABLE_PLUGINS``, core's built-ins, then every ``ckpt``
+entry point (named after its distribution), then ``check_pending()``.
+:func:`get_plugins` caches one :class:`Plugins` per value of ``CKPT_DISABLE_PLUGINS``;
+nothing is loaded at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from ckpt import config
+from ckpt.codecs.base import CodecRegistry
+from ckpt.errors import CheckpointError, PluginError
+from ckpt.hooks import defaults, hookspecs
+from ckpt.state.adapters import AdapterRegistry
+
+if TYPE_CHECKING:
+    import click
+
+    from ckpt.types import CheckpointInfo
+
+PROJECT = "ckpt"
+BUILTIN = "ckpt.hooks.defaults"
+
+
+def make_plugin_manager(*, load_entrypoints: bool = True) -> pluggy.PluginManager:
+    """A new plugin manager with core's built-ins and (by default) every installed plugin."""
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for name in config.disabled_plugins():
+        pm.set_blocked(name)
+    pm.register(defaults, name=BUILTIN)
+    if load_entrypoints:
+        try:
+            pm.load_setuptools_entrypoints(PROJECT)
+        except Exception as exc:  # a broken third-party plugin must say who it is
+            raise PluginError(
+                f"failed to load the 'ckpt' entry-point plugin {_failed_entry_point(pm)!r}: {exc!r}"
+            ) from exc
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {pm.get_name(exc.plugin)!r}: {exc}") from exc
+    return pm
+
+
+def _failed_entry_point(pm: pluggy.PluginManager) -> str:
+    """The entry point pluggy was loading when it failed: the first one not registered,
+    in the order pluggy walks them."""
+    import importlib.metadata
+
+    for dist in importlib.metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group == PROJECT and not pm.has_plugin(ep.name) and not pm.is_blocked(ep.name):
+                return ep.name
+    return "?"
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One loaded plugin, as ``ckpt plugins`` prints it."""
+
+    name: str
+    version: str | None
+    hooks: tuple[str, ...]
+
+
+class Plugins:
+    """Typed facade over ``pm.hook``: what core calls, with keyword arguments."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self.pm = pm
+        self.adapters = AdapterRegistry()
+        self.codecs = CodecRegistry()
+        self._run_registration("ckpt_register_adapters", self.adapters)
+        self._run_registration("ckpt_register_codecs", self.codecs)
+
+    def _run_registration(self, hook_name: str, registry: AdapterRegistry | CodecRegistry) -> None:
+        # Called implementation by implementation (in pluggy's call order) so a duplicate
+        # name can be blamed on the plugin that registered it.
+        caller = getattr(self.pm.hook, hook_name)
+        for impl in reversed(caller.get_hookimpls()):
+            registry.current_plugin = impl.plugin_name
+            try:
+                impl.function(register=registry)
+            except CheckpointError:
+                raise
+            except Exception as exc:
+                raise PluginError(f"plugin {impl.plugin_name!r} failed in {hook_name}: {exc!r}") from exc
+        registry.current_plugin = "?"
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def before_save(self, *, url: str, step: int, tree: Mapping[str, Any]) -> None:
+        self.pm.hook.ckpt_before_save(url=url, step=step, tree=tree)
+
+    def after_commit(self, *, info: CheckpointInfo) -> None:
+        self.pm.hook.ckpt_after_commit(info=info)
+
+    def after_restore(self, *, info: CheckpointInfo, state: Mapping[str, Any]) -> None:
+        self.pm.hook.ckpt_after_restore(info=info, state=state)
+
+    def register_commands(self, *, cli: click.Group) -> None:
+        self.pm.hook.ckpt_register_commands(cli=cli)
+
+    # -- introspection -----------------------------------------------------------------
+    def info(self) -> list[PluginInfo]:
+        dists = {id(plugin): dist for plugin, dist in self.pm.list_plugin_distinfo()}
+        out = []
+        for name, plugin in self.pm.list_name_plugin():
+            if plugin is None:  # blocked
+                continue
+            dist = dists.get(id(plugin))
+            hooks = tuple(sorted(h.name for h in self.pm.get_hookcallers(plugin) or ()))
+            version = dist.version if dist is not None else _core_version()
+            out.append(PluginInfo(name=name, version=version, hooks=hooks))
+        return out
+
+    def versions(self) -> dict[str, str]:
+        """Name -> version of every loaded plugin, recorded in each manifest."""
+        return {p.name: p.version or "" for p in self.info()}
+
+
+def _core_version() -> str:
+    from ckpt.version import __version__
+
+    return __version__
+
+
+@functools.lru_cache(maxsize=8)
+def _plugins_for(disabled: frozenset[str]) -> Plugins:
+    return Plugins(make_plugin_manager())
+
+
+def get_plugins() -> Plugins:
+    """The plugins for the current ``CKPT_DISABLE_PLUGINS`` (built on first use)."""
+    return _plugins_for(frozenset(config.disabled_plugins()))
+
+
+def reset_plugins() -> None:
+    """Forget cached managers (after installing a plugin in-process, and in tests)."""
+    _plugins_for.cache_clear()

@@ -1,0 +1,1 @@
+"""Other formats in and out: safetensors, torch.save files, torch.distributed.checkpoint directories."""

@@ -1,0 +1,69 @@
+"""The read plan: which stored objects fill which byte ranges of which tensors.
+
+Every read path builds one: restore and load (tensors into destinations), verify (each
+distinct object once), export (chunks in file order) and diff. The plan is pure data
+computed from a manifest; :mod:`ckpt.io.reader` carries it out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ckpt.errors import CorruptCheckpointError
+from ckpt.storage.manifest import ChunkRef, Manifest, TensorEntry
+
+
+@dataclass(frozen=True)
+class ChunkRead:
+    """Object ``ref`` fills bytes ``[offset, offset + ref.size)`` of tensor ``path``."""
+
+    path: str
+    ref: ChunkRef
+    offset: int
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """The reads that produce tensors ``paths`` of checkpoint ``manifest``, in tensor order."""
+
+    manifest: Manifest
+    paths: tuple[str, ...]
+    reads: tuple[ChunkRead, ...]
+
+    @classmethod
+    def for_paths(cls, manifest: Manifest, paths: Iterable[str]) -> ReadPlan:
+        """The plan for ``paths``; a path the manifest does not list is a CorruptCheckpointError."""
+        paths = tuple(paths)
+        reads: list[ChunkRead] = []
+        for path in paths:
+            entry = manifest.tensors.get(path)
+            if entry is None:
+                raise CorruptCheckpointError(
+                    f"manifest of step {manifest.step} references tensor {path!r} it does not list"
+                )
+            offset = 0
+            for ref in entry.chunks:
+                reads.append(ChunkRead(path, ref, offset))
+                offset += ref.size
+        return cls(manifest, paths, tuple(reads))
+
+    @classmethod
+    def whole(cls, manifest: Manifest) -> ReadPlan:
+        """Every tensor of ``manifest``."""
+        return cls.for_paths(manifest, manifest.tensors)
+
+    def entry(self, path: str) -> TensorEntry:
+        return self.manifest.tensors[path]
+
+    @property
+    def nbytes(self) -> int:
+        """Raw bytes the plan produces."""
+        return sum(r.ref.size for r in self.reads)
+
+    def distinct(self) -> list[ChunkRead]:
+        """One read per distinct object (the first tensor using it): what verifying needs."""
+        seen: dict[str, ChunkRead] = {}
+        for r in self.reads:
+            seen.setdefault(r.ref.key, r)
+        return list(seen.values())

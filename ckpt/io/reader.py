@@ -1,0 +1,165 @@
+"""Reading chunks back: fetch, decode into the destination memory, verify against the hash."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+import torch
+
+from ckpt.codecs.base import CodecRegistry, decode_chain
+from ckpt.errors import CheckpointError, CorruptCheckpointError
+from ckpt.io.hashing import hash_bytes
+from ckpt.io.plan import ChunkRead, ReadPlan
+from ckpt.snapshot.executor import io_pool, io_threads, wait_all
+from ckpt.state.tree import dtype_from_name
+from ckpt.storage.manifest import ChunkRef, TensorEntry
+from ckpt.storage.store import Store
+
+
+class Reader:
+    """Reads chunks from a store, decodes them into destination memory and verifies them.
+
+    Delta parents (see :mod:`ckpt.codecs.delta`) are read through :meth:`raw_chunk`, which keeps
+    recently decoded parents (up to ``cache_bytes``) so a parent shared by several chunks,
+    or by several links of one read, is fetched and verified once.
+    """
+
+    def __init__(self, store: Store, codecs: CodecRegistry, *, cache_bytes: int = 64 * 1024 * 1024) -> None:
+        self.store = store
+        self.codecs = codecs
+        self.codec_context = store.codec_context
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cached = 0
+        self._cache_lock = threading.Lock()
+        #: parent objects decoded by :meth:`raw_chunk` (cache misses)
+        self.parent_decodes = 0
+
+    def raw_chunk(self, ref: Mapping[str, Any], *, what: str | None = None) -> memoryview:
+        """DecodeContext: a verified chunk by its manifest record (delta parents)."""
+        try:
+            chunk = ChunkRef.from_json(ref)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptCheckpointError(f"malformed parent record {ref!r}: {exc}") from None
+        with self._cache_lock:
+            hit = self._cache.get(chunk.key)
+            if hit is not None:
+                self._cache.move_to_end(chunk.key)
+                return memoryview(hit)
+        # Two threads may decode the same parent at once; waiting on each other instead
+        # could deadlock on a (malicious) manifest whose parent records cite each other.
+        raw = np.empty(chunk.size, dtype=np.uint8)  # fully overwritten by the decode
+        self.read_chunk(chunk, memoryview(raw), what=what or f"parent object {chunk.key}")
+        raw.flags.writeable = False  # shared through the cache: nobody may write into it
+        with self._cache_lock:
+            self.parent_decodes += 1
+            if chunk.key not in self._cache and raw.nbytes <= self.cache_bytes:
+                self._cache[chunk.key] = raw
+                self._cached += raw.nbytes
+                while self._cached > self.cache_bytes:
+                    _, old = self._cache.popitem(last=False)
+                    self._cached -= old.nbytes
+        return memoryview(raw)
+
+    def read_chunk(self, ref: ChunkRef, out: memoryview, *, what: str) -> None:
+        payload = self.store.get_object(ref.key, what=what)
+        if ref.stored >= 0 and len(payload) != ref.stored:
+            raise CorruptCheckpointError(
+                f"{what}: object {ref.key} has {len(payload)} bytes, the manifest says {ref.stored} (truncated or replaced)"
+            )
+        try:
+            decode_chain(self.codecs, list(ref.codec), memoryview(payload), out, self, what=f"{what}, object {ref.key}")
+        except CorruptCheckpointError as exc:
+            # keeps the subclass: a delta whose parent object is gone is a MissingObjectError
+            raise type(exc)(f"{what}: object {ref.key} is corrupt: {exc}") from None
+        if hash_bytes(out) != ref.hash:
+            raise CorruptCheckpointError(f"{what}: object {ref.key} fails verification (content hash mismatch)")
+
+
+def empty_like_entry(entry: TensorEntry, path: str) -> torch.Tensor:
+    return torch.empty(entry.shape, dtype=dtype_from_name(entry.dtype, what=f"tensor {path!r}"))
+
+
+def _writable_in_place(dest: torch.Tensor) -> bool:
+    return dest.device.type == "cpu" and dest.is_contiguous() and not dest.is_conj() and not dest.is_neg()
+
+
+def read_tensors(
+    store: Store,
+    codecs: CodecRegistry,
+    plan: ReadPlan,
+    *,
+    destinations: Mapping[str, torch.Tensor] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Carry out ``plan``: every tensor of it decoded and verified, in parallel.
+
+    A tensor of ``destinations`` is filled in place (straight into its memory when it is
+    a contiguous CPU tensor, else through a host copy); the others come back as fresh CPU
+    tensors. ``progress(n)`` is called with the raw bytes of each chunk done.
+    """
+    destinations = destinations or {}
+    result: dict[str, torch.Tensor] = {}
+    staged: list[tuple[torch.Tensor, torch.Tensor]] = []  # (live, host copy)
+    targets: dict[str, memoryview] = {}
+    for path in plan.paths:
+        entry = plan.entry(path)
+        dest = destinations.get(path)
+        if dest is not None and _writable_in_place(dest):
+            if dest.nbytes != entry.nbytes:
+                raise CheckpointError(f"tensor {path!r}: destination has {dest.nbytes} bytes, stored {entry.nbytes}")
+            host = dest.detach()
+        else:
+            host = empty_like_entry(entry, path)
+            if dest is not None:
+                staged.append((dest, host))
+        result[path] = dest if dest is not None else host
+        targets[path] = memoryview(host.reshape(-1).view(torch.uint8).numpy()) if entry.nbytes else memoryview(b"")
+    with io_pool("ckpt-read") as pool:
+        reader = Reader(store, codecs)
+
+        def job(r: ChunkRead) -> None:
+            reader.read_chunk(r.ref, targets[r.path][r.offset : r.offset + r.ref.size], what=f"tensor {r.path!r}")
+            if progress is not None:
+                progress(r.ref.size)
+
+        wait_all([pool.submit(job, r) for r in plan.reads])
+    with torch.no_grad():
+        for dest, host in staged:
+            dest.copy_(host)
+    return result
+
+
+def iter_chunks(
+    store: Store, codecs: CodecRegistry, plan: ReadPlan, *, window: int | None = None
+) -> Iterator[bytearray]:
+    """Decoded, verified raw bytes of each read of ``plan``, in order.
+
+    Up to ``window`` chunks are fetched and decoded in parallel ahead of the consumer, so
+    memory stays bounded whatever the size of the checkpoint.
+    """
+    with io_pool("ckpt-read") as pool:
+        window = window or io_threads() + 2
+        reader = Reader(store, codecs)
+
+        def job(r: ChunkRead) -> bytearray:
+            buf = bytearray(r.ref.size)
+            reader.read_chunk(r.ref, memoryview(buf), what=f"tensor {r.path!r}")
+            return buf
+
+        pending: deque[Future[bytearray]] = deque()
+        try:
+            for r in plan.reads:
+                pending.append(pool.submit(job, r))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()

@@ -1,0 +1,336 @@
+"""Chunk -> hash -> dedup -> codec -> store: writes a save's objects and returns their entries.
+
+Work is split per chunk and run on a thread pool; zstandard, xxhash, NumPy copies and
+file I/O release the GIL, so every core is used. Memory stays bounded by the number of
+workers: a task holds one chunk's encoded payload at a time, the raw bytes are read
+straight from the tensors' own memory. Committing the entries is :mod:`ckpt.storage.commit`'s job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable, Container, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ckpt.codecs import delta as deltamod
+from ckpt.codecs.base import CodecRegistry, EncodeContext
+from ckpt.errors import CheckpointError, UnsupportedValueError
+from ckpt.io.hashing import hash_bytes
+from ckpt.io.reader import Reader
+from ckpt.snapshot.executor import wait_all
+from ckpt.storage.manifest import ChunkRef, Manifest, TensorEntry
+from ckpt.storage.store import Store
+from ckpt.types import SaveStats
+
+log = logging.getLogger("ckpt")
+
+
+def dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def host_bytes(t: torch.Tensor, path: str) -> tuple[torch.Tensor, memoryview]:
+    """A contiguous CPU tensor with ``t``'s values and a byte view of its memory.
+
+    Returns the tensor too: the view is only valid while it is alive.
+    """
+    if t.layout != torch.strided:
+        raise UnsupportedValueError(f"tensor {path!r}: layout {t.layout} is not supported; convert it to dense")
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    flat = t.reshape(-1)
+    return t, memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+@dataclass
+class WriteStats:
+    """What one save's writer did. Shared by its worker threads; :meth:`frozen` gives a copy
+    without the lock (what ``CheckpointInfo.write_stats`` holds)."""
+
+    raw_bytes: int = 0
+    written_bytes: int = 0
+    reused_bytes: int = 0
+    objects_written: int = 0
+    #: objects written as XOR deltas against the parent checkpoint's chunk
+    delta_objects: int = 0
+    #: parent chunks read back from the store to encode a delta against
+    parent_reads: int = 0
+    #: large chunks whose encoding was chosen from samples
+    probes: int = 0
+    #: tensor path -> whether a delta was kept for any of its chunks (paths where one was tried)
+    delta_outcome: dict[str, bool] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for k, v in deltas.items():
+                setattr(self, k, getattr(self, k) + v)
+
+    def tried_delta(self, path: str, kept: bool) -> None:
+        with self._lock:
+            self.delta_outcome[path] = self.delta_outcome.get(path, False) or kept
+
+    def frozen(self) -> SaveStats:
+        with self._lock:
+            values = {f.name: getattr(self, f.name) for f in dataclasses.fields(SaveStats)}
+        values["delta_outcome"] = dict(values["delta_outcome"])
+        return SaveStats(**values)
+
+
+class Writer:
+    """Writes tensors' chunks into a store, deduplicating against ``known`` objects.
+
+    ``known`` maps raw-content hash -> the ChunkRef of an object known to be stored
+    (from the parent manifest). Chunks seen twice in one save are written once.
+
+    With ``delta`` and a ``parent`` manifest, a chunk that changed is also encoded as an
+    XOR delta against the same chunk (same tensor path, chunk index, size and dtype) of
+    the parent, and the delta is kept when it is smaller than the full encoding plus
+    the manifest bytes its parent record costs. Parent raw bytes come from
+    ``parent_tensors`` (host tensors of the previous snapshot, by path; checked against
+    the parent's hash before use) or else are read back from the store and verified.
+    Deltas cite the chunk's last full object (its base), so a restore reads two objects;
+    a chunk whose delta would be ``max_chain`` saves old is written in full.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        codecs: CodecRegistry,
+        pool: ThreadPoolExecutor,
+        *,
+        known: Mapping[str, ChunkRef] | None = None,
+        chunk_bytes: int,
+        parent: Manifest | None = None,
+        parent_tensors: Mapping[str, torch.Tensor] | None = None,
+        delta: bool = False,
+        max_chain: int = 8,
+        delta_skip: Container[str] = (),
+    ) -> None:
+        if isinstance(max_chain, bool) or not isinstance(max_chain, int) or max_chain < 1:
+            raise CheckpointError(f"max_chain must be an int >= 1 (1 = no deltas), got {max_chain!r}")
+        self.store = store
+        self.codecs = codecs
+        self.pool = pool
+        self.known = dict(known or {})
+        self.chunk_bytes = chunk_bytes
+        self.stats = WriteStats()
+        self._claims: dict[str, Future[ChunkRef]] = {}
+        self._lock = threading.Lock()
+        self.delta = bool(delta) and parent is not None and max_chain > 1 and deltamod.NAME in codecs
+        self.parent = parent
+        self.parent_tensors = parent_tensors or {}
+        self.max_chain = max_chain
+        #: tensor paths written in full without trying a delta (recently tried without gain)
+        self.delta_skip = delta_skip
+        self._reader: Reader | None = None
+
+    def submit(self, path: str, tensor: torch.Tensor) -> Future[TensorEntry]:
+        """Schedule ``tensor``'s chunks; the returned future gives its manifest entry."""
+        keep, view = host_bytes(tensor, path)
+        dtype = dtype_name(keep)
+        itemsize = keep.element_size()
+        spans = [(o, min(o + self.chunk_bytes, len(view))) for o in range(0, len(view), self.chunk_bytes)]
+        parents, parent_view, parent_keep = self._delta_parents(path, dtype, spans)
+        chunk_futs = [
+            self.pool.submit(
+                self._write_chunk,
+                path,
+                view[a:b],
+                dtype,
+                itemsize,
+                parents[i] if parents else None,
+                parent_view[a:b] if parent_view is not None else None,
+            )
+            for i, (a, b) in enumerate(spans)
+        ]
+        self.stats.add(raw_bytes=len(view))
+        out: Future[TensorEntry] = Future()
+        remaining = [len(chunk_futs)]
+        lock = threading.Lock()
+
+        def done(_f: Future) -> None:
+            with lock:
+                remaining[0] -= 1
+                if remaining[0]:
+                    return
+            try:
+                refs = tuple(f.result() for f in chunk_futs)
+            except BaseException as exc:  # noqa: BLE001 - forwarded to the caller
+                out.set_exception(exc)
+                return
+            out.set_result(TensorEntry(dtype=dtype, shape=tuple(keep.shape), nbytes=len(view), chunks=refs))
+            del keep_alive[:]
+
+        # the byte views point into these tensors until every chunk is done
+        keep_alive = [keep, parent_keep]
+        if not chunk_futs:
+            out.set_result(TensorEntry(dtype=dtype, shape=tuple(keep.shape), nbytes=0, chunks=()))
+        for f in chunk_futs:
+            f.add_done_callback(done)
+        return out
+
+    def _delta_parents(
+        self, path: str, dtype: str, spans: list[tuple[int, int]]
+    ) -> tuple[tuple[ChunkRef, ...] | None, memoryview | None, torch.Tensor | None]:
+        """The parent's chunks of ``path`` when they line up with ``spans``, and its host bytes."""
+        if not self.delta or not spans or path in self.delta_skip:
+            return None, None, None
+        entry = self.parent.tensors.get(path) if self.parent is not None else None
+        if entry is None or entry.dtype != dtype or len(entry.chunks) != len(spans):
+            return None, None, None
+        if any(ref.size != b - a for ref, (a, b) in zip(entry.chunks, spans)):
+            return None, None, None
+        pview = pkeep = None
+        live = self.parent_tensors.get(path)
+        if live is not None:
+            try:
+                pkeep, pview = host_bytes(live, path)
+            except CheckpointError:
+                pkeep = pview = None
+            if pview is not None and (dtype_name(pkeep) != dtype or len(pview) != entry.nbytes):
+                pkeep = pview = None
+        return entry.chunks, pview, pkeep
+
+    def _write_chunk(
+        self,
+        path: str,
+        data: memoryview,
+        dtype: str,
+        itemsize: int,
+        parent: ChunkRef | None = None,
+        parent_view: memoryview | None = None,
+    ) -> ChunkRef:
+        h = hash_bytes(data)
+        mine: Future[ChunkRef] | None = None
+        with self._lock:
+            ref = self.known.get(h)
+            if ref is None:
+                other = self._claims.get(h)
+                if other is None:
+                    mine = self._claims[h] = Future()
+        if ref is not None:
+            self.stats.add(reused_bytes=len(data))
+            return ref
+        if mine is None:
+            self.stats.add(reused_bytes=len(data))
+            return other.result()
+        try:
+            payload, chain, key = self._encode(path, data, h, dtype, itemsize, parent, parent_view)
+            self.store.put_object(key, payload)
+        except BaseException as exc:
+            mine.set_exception(exc)
+            raise
+        ref = ChunkRef(hash=h, key=key, size=len(data), stored=len(payload), codec=tuple(chain))
+        self.stats.add(written_bytes=len(payload), objects_written=1, delta_objects=int(key != h))
+        mine.set_result(ref)
+        return ref
+
+    def _encode(
+        self,
+        path: str,
+        data: memoryview,
+        h: str,
+        dtype: str,
+        itemsize: int,
+        parent: ChunkRef | None,
+        parent_view: memoryview | None,
+    ) -> tuple[bytes | memoryview, list[dict[str, Any]], str]:
+        """``(payload, chain, key)`` of a new chunk: in full, or as a delta when the policy of
+        :mod:`ckpt.codecs.delta` finds that smaller."""
+        parent_record = parent.to_json() if parent is not None else None
+        base_record, age = deltamod.delta_base(parent_record, self.max_chain)
+        base = base_ref = None
+        if base_record is not None:
+            base_ref = parent if base_record is parent_record else ChunkRef.from_json(base_record)
+            # the previous snapshot's bytes are the parent's: of use only when it is the base
+            base = self._parent_raw(path, base_ref, parent_view if base_ref is parent else None)
+        ctx = EncodeContext(dtype=dtype, itemsize=itemsize, codec_context=self.store.codec_context)
+        choice = deltamod.choose(self.codecs, data, ctx, base, base_record, age)
+        if choice.tried:
+            self.stats.tried_delta(path, choice.delta)
+        if choice.probed:
+            self.stats.add(probes=1)
+        if choice.delta and base_ref is not None:
+            return choice.payload, choice.chain, deltamod.delta_key(h, base_ref.hash)
+        return choice.payload, choice.chain, h
+
+    def _parent_raw(self, path: str, parent: ChunkRef, parent_view: memoryview | None) -> memoryview | None:
+        """Verified raw bytes of ``parent``: from the previous snapshot if it still matches, else the store."""
+        if parent_view is not None:
+            # A private copy first: the caller's buffer may be reused while we encode.
+            copy = memoryview(bytes(parent_view))
+            if hash_bytes(copy) == parent.hash:
+                return copy
+        if self._reader is None:
+            # each changed chunk has its own ancestors: caching them would only hold memory
+            self._reader = Reader(self.store, self.codecs, cache_bytes=0)
+        try:
+            self.stats.add(parent_reads=1)
+            return self._reader.raw_chunk(parent.to_json(), what=f"parent of tensor {path!r}")
+        except CheckpointError as exc:
+            # A full object is always correct; a damaged parent only costs compression.
+            log.warning(
+                "tensor %r: cannot read parent object %s for a delta (%s); writing it in full", path, parent.key, exc
+            )
+            return None
+
+
+def write_objects(
+    store: Store,
+    codecs: CodecRegistry,
+    tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    *,
+    pool: ThreadPoolExecutor,
+    chunk_bytes: int,
+    parent: Manifest | None = None,
+    parent_tensors: Mapping[str, torch.Tensor] | None = None,
+    delta: bool = True,
+    max_chain: int = 8,
+    delta_skip: Container[str] = (),
+    on_tensor_written: Callable[[str], None] | None = None,
+) -> tuple[dict[str, TensorEntry], SaveStats]:
+    """Write every tensor's objects; return the manifest entries by path and what was done.
+
+    ``tensors`` may be a lazy iterable of ``(path, tensor)`` pairs: the async engine yields
+    each tensor as soon as it is staged, and ``on_tensor_written(path)`` tells it when the
+    tensor's bytes are no longer needed (its staging buffer can be reused). Chunks stored
+    by ``parent`` are referenced, not written (dedup); with ``delta`` a changed chunk may
+    be written as a delta against the parent's (:mod:`ckpt.codecs.delta`).
+    """
+    writer = Writer(
+        store,
+        codecs,
+        pool,
+        known={c.hash: c for c in parent.chunk_refs()} if parent is not None else {},
+        chunk_bytes=chunk_bytes,
+        parent=parent,
+        parent_tensors=parent_tensors,
+        delta=delta,
+        max_chain=max_chain,
+        delta_skip=delta_skip,
+    )
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    futures: dict[str, Future[TensorEntry]] = {}
+    try:
+        for path, tensor in items:
+            fut = writer.submit(path, tensor)
+            if on_tensor_written is not None:
+                fut.add_done_callback(lambda _f, p=path: on_tensor_written(p))
+            futures[path] = fut
+    finally:
+        wait_all(futures.values())
+    return {p: f.result() for p, f in futures.items()}, writer.stats.frozen()

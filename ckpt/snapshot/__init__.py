@@ -1,0 +1,1 @@
+"""Consistent capture while training runs: staging buffers, the async Checkpointer, thread pools."""

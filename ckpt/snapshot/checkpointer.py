@@ -1,0 +1,457 @@
+"""The asynchronous Checkpointer and the ``resume`` training-loop decorator.
+
+``save()`` returns once the snapshot is consistent (see :mod:`ckpt.snapshot.staging` for exactly
+what that guarantees); staging of optimizer-owned tensors, encoding and writing run on a
+background thread and a worker pool. At most one save is in flight: a second ``save()``
+waits for the first to commit (``if_busy="wait"``, the default) or is skipped
+(``if_busy="skip"``, logged). Errors of background work are raised, as
+:class:`CheckpointError`, from ``handle.wait()``, the next ``save()``, ``step()``,
+``wait()`` or ``close()`` — whichever comes first — never lost and never hung on
+(with ``on_error="warn"`` they are logged and kept in :attr:`Checkpointer.errors`
+instead, and training goes on; the previous checkpoint stays the latest).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import threading
+from collections.abc import Callable, Mapping, MutableMapping
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from ckpt.api import restore_manifest, write_checkpoint
+from ckpt.codecs.delta import DeltaLearner
+from ckpt.errors import CheckpointError, NoCheckpointError
+from ckpt.hooks.manager import get_plugins
+from ckpt.snapshot.executor import Background
+from ckpt.snapshot.staging import HostPool, Snapshot, guarded_storages
+from ckpt.state import tree as treemod
+from ckpt.state.capture import capture
+from ckpt.state.dataloader import track_all
+from ckpt.storage import retention
+from ckpt.storage.commit import load_manifest
+from ckpt.storage.leases import Lease
+from ckpt.storage.manifest import Manifest, check_step
+from ckpt.storage.store import Store
+from ckpt.types import CheckpointInfo
+
+log = logging.getLogger("ckpt")
+
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+class SaveHandle:
+    """An asynchronous save: consistent when returned, committed when :meth:`wait` returns."""
+
+    def __init__(self, checkpointer: Checkpointer, step: int, snapshot: Snapshot | None) -> None:
+        self.step = step
+        self._ck = checkpointer
+        self._snapshot = snapshot
+        self._future: Future[CheckpointInfo] = Future()
+        self.skipped = snapshot is None
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait_staged(self, timeout: float | None = None) -> bool:
+        """Wait until every tensor has been copied out of the live objects."""
+        return True if self._snapshot is None else self._snapshot.staged.wait(timeout)
+
+    def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
+        """Wait for the commit; returns its info (None for a skipped save).
+
+        :raises CheckpointError: the save failed (the error is then reported only here).
+        """
+        if self.skipped:
+            return None
+        try:
+            return self._future.result(timeout)
+        except CheckpointError as exc:
+            self._ck._mark_reported(exc)
+            raise
+        except TimeoutError:
+            raise CheckpointError(
+                f"save of step {self.step} to {self._ck.url} did not commit within {timeout}s"
+            ) from None
+
+    def __repr__(self) -> str:
+        state = "skipped" if self.skipped else ("done" if self.done() else "in flight")
+        return f"<SaveHandle step={self.step} {state}>"
+
+
+class Checkpointer:
+    """Asynchronous checkpoints of one training run into the store at ``url``.
+
+    :param every: ``step(n)`` saves when ``n % every == 0``.
+    :param keep_last: keep the newest N checkpoints (pruned after each commit, with GC).
+    :param keep_every: also keep every step divisible by this.
+    :param max_host_memory: bound on staging buffers in bytes (None: one copy of the state).
+    :param if_busy: ``"wait"`` or ``"skip"`` when a save is requested while one is in flight.
+    :param on_error: ``"raise"`` (default) or ``"warn"`` for failed background saves.
+    :param state: the state mapping ``step()`` saves (``resume`` sets it too).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        every: int | None = None,
+        keep_last: int | None = None,
+        keep_every: int | None = None,
+        storage_options: dict[str, Any] | None = None,
+        max_host_memory: int | None = None,
+        if_busy: str = "wait",
+        on_error: str = "raise",
+        state: MutableMapping[str, Any] | None = None,
+        preempt_exit_code: int = 0,
+    ) -> None:
+        if every is not None and (not isinstance(every, int) or every < 1):
+            raise CheckpointError(f"every must be a positive int, got {every!r}")
+        if if_busy not in ("wait", "skip"):
+            raise CheckpointError(f"if_busy must be 'wait' or 'skip', got {if_busy!r}")
+        if on_error not in ("raise", "warn"):
+            raise CheckpointError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
+        self.store = Store(url, storage_options)
+        self.url = self.store.url
+        self.every = every
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+        self.if_busy = if_busy
+        self.on_error = on_error
+        self.preempt_exit_code = preempt_exit_code
+        self.errors: list[CheckpointError] = []
+        self._state = state
+        self._plugins = get_plugins()
+        self._pool = HostPool(max_host_memory)
+        self._threads = Background()
+        self._lock = threading.Lock()
+        self._inflight: SaveHandle | None = None
+        self._snapshot: Snapshot | None = None
+        self._parent: Manifest | None = None
+        self._parent_loaded = False
+        self._deltas = DeltaLearner()
+        self._pending_error: CheckpointError | None = None
+        self._reported: set[int] = set()
+        self._closed = False
+        self._last_step: int | None = None
+        self._last_saved_step: int | None = None
+        self._restored_step: int | None = None
+        self._preempted: str | None = None
+        self._side_stream: Any = None
+        self._lease: Any = None
+        self._hook = register_optimizer_step_pre_hook(self._before_optimizer_step)
+
+    # -- context manager ---------------------------------------------------------------
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(raise_errors=exc is None)
+
+    def __repr__(self) -> str:
+        return f"Checkpointer({self.url!r}, every={self.every})"
+
+    # -- errors --------------------------------------------------------------------------
+    def _mark_reported(self, exc: BaseException) -> None:
+        with self._lock:
+            self._reported.add(id(exc))
+            if self._pending_error is exc:
+                self._pending_error = None
+
+    def _raise_pending(self) -> None:
+        with self._lock:
+            exc, self._pending_error = self._pending_error, None
+            if exc is not None:
+                self._reported.add(id(exc))
+        if exc is not None:
+            raise exc
+
+    def _fail(self, step: int, exc: BaseException) -> CheckpointError:
+        if isinstance(exc, CheckpointError):
+            err = exc
+        else:
+            err = CheckpointError(f"saving step {step} to {self.url} failed: {type(exc).__name__}: {exc}")
+            err.__cause__ = exc
+        self.errors.append(err)
+        if self.on_error == "warn":
+            log.error("checkpoint of step %d to %s failed (training continues): %s", step, self.url, err)
+            self._reported.add(id(err))
+        else:
+            with self._lock:
+                if self._pending_error is None:
+                    self._pending_error = err
+        return err
+
+    # -- saving --------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointError(f"Checkpointer for {self.url} is closed")
+
+    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        snap = self._snapshot
+        if snap is not None and not snap.staged.is_set():
+            snap.staged.wait()
+
+    def _stream(self) -> Any:
+        if self._side_stream is None and torch.cuda.is_available():
+            self._side_stream = torch.cuda.Stream()
+        return self._side_stream
+
+    def save(
+        self,
+        state: Mapping[str, Any] | None = None,
+        *,
+        step: int,
+        guard: bool = True,
+        meta: Mapping[str, Any] | None = None,
+    ) -> SaveHandle:
+        """Snapshot ``state`` (default: the state given to ``resume``) as ``step`` and persist it
+        in the background. Returns once the snapshot is consistent.
+
+        :param guard: copy optimizer-owned tensors in the background, holding the next
+            ``optimizer.step()`` until done (default). ``False`` copies all before returning.
+        """
+        self._check_open()
+        self._raise_pending()
+        check_step(step)
+        if state is None:
+            state = self._state
+            if state is None:
+                raise CheckpointError("Checkpointer.save() needs a state (or use Checkpointer.resume(...))")
+        prev = self._inflight
+        if prev is not None and not prev.done():
+            if self.if_busy == "skip":
+                log.warning("save of step %d skipped: step %d is still being written to %s", step, prev.step, self.url)
+                return SaveHandle(self, step, None)
+            prev._future.exception()  # wait; its error, if any, is pending now
+            self._raise_pending()
+        tree, adapters = capture(state, self._plugins)
+        self._plugins.before_save(url=self.url, step=step, tree=tree)
+        tensors: dict[str, torch.Tensor] = {}
+        json_tree = treemod.encode(tree, tensors, set())
+        guarded = guarded_storages(_optimizers_in(state)) if guard else set()
+        snapshot = Snapshot.take(tensors, self._pool, guarded, side_stream=self._stream())
+        if torch.cuda.is_available():
+            snapshot.gpu_wait()
+        handle = SaveHandle(self, step, snapshot)
+        with self._lock:
+            self._inflight = handle
+            self._snapshot = snapshot
+        self._last_saved_step = step
+        fut = self._threads.commits.submit(self._persist, handle, json_tree, adapters, meta)
+        fut.add_done_callback(lambda f: _chain(f, handle._future))
+        if not guard:
+            snapshot.staged.wait()
+        return handle
+
+    def _persist(self, handle: SaveHandle, json_tree: Any, adapters: Mapping[str, str], meta: Any) -> CheckpointInfo:
+        snapshot = handle._snapshot
+        assert snapshot is not None
+        try:
+            if not self._parent_loaded:
+                self._parent = self._latest_manifest()
+                self._parent_loaded = True
+            info = write_checkpoint(
+                self.store,
+                self._plugins,
+                step=handle.step,
+                json_tree=json_tree,
+                adapters=adapters,
+                tensors=snapshot.stage(side_stream=self._side_stream),
+                parent=self._parent,
+                pool=self._threads.io,
+                meta=meta,
+                on_tensor_written=snapshot.release,
+                delta_skip=self._deltas.skip(),
+            )
+            if info.write_stats is not None:
+                self._deltas.learn(info.write_stats.delta_outcome)
+            self._parent = info.manifest
+            self._after_commit(info)
+            return info
+        except BaseException as exc:
+            raise self._fail(handle.step, exc) from exc
+        finally:
+            snapshot.staged.set()
+            snapshot.release_all()
+
+    def _latest_manifest(self) -> Manifest | None:
+        step = self.store.latest_step(repair=True)
+        if step is None:
+            return None
+        try:
+            return load_manifest(self.store, step)
+        except CheckpointError as exc:
+            log.warning("latest manifest of %s unreadable (%s); next save is written in full", self.url, exc)
+            return None
+
+    def _after_commit(self, info: CheckpointInfo) -> None:
+        if self.keep_last is None and self.keep_every is None:
+            return
+        protect = {s for s in (self._restored_step, info.step) if s is not None}
+        try:
+            retention.prune(self.store, keep_last=self.keep_last, keep_every=self.keep_every, protect=protect)
+        except CheckpointError as exc:  # pruning is housekeeping: the commit stands
+            log.warning("pruning %s after step %d failed: %s", self.url, info.step, exc)
+
+    def wait(self) -> CheckpointInfo | None:
+        """Wait for the save in flight (if any) to commit; raise a pending error."""
+        handle = self._inflight
+        info = None
+        if handle is not None:
+            try:
+                info = handle._future.result()
+            except CheckpointError:
+                pass
+        self._raise_pending()
+        return info
+
+    def close(self, *, raise_errors: bool = True) -> None:
+        """Wait for pending saves, release resources and raise an unreported error."""
+        if self._closed:
+            return
+        try:
+            handle = self._inflight
+            if handle is not None:
+                handle._future.exception()
+        finally:
+            self._closed = True
+            self._hook.remove()
+            self._threads.shutdown()
+            self._pool.clear()
+            if self._lease is not None:
+                try:
+                    self._lease.release()
+                except CheckpointError as exc:
+                    log.warning("releasing the lease on %s failed: %s", self.url, exc)
+        if raise_errors:
+            self._raise_pending()
+
+    # -- restoring -----------------------------------------------------------------------
+    def restore(self, state: MutableMapping[str, Any] | None = None, step: int | None = None) -> CheckpointInfo:
+        """Load ``step`` (newest when None) into ``state``'s live objects, after pending saves."""
+        self._check_open()
+        self.wait()
+        if state is None:
+            state = self._state
+            if state is None:
+                raise CheckpointError("Checkpointer.restore() needs a state")
+        manifest = load_manifest(self.store, step)
+        info = restore_manifest(self.store, self._plugins, manifest, state)
+        self._parent, self._parent_loaded = manifest, True
+        self._restored_step = manifest.step
+        self._take_lease(manifest.step)
+        return info
+
+    def _take_lease(self, step: int) -> None:
+        # GC must not sweep the checkpoint this run resumed from while the run is live.
+        if self._lease is None:
+            self._lease = Lease(self.store, step)
+        else:
+            self._lease.renew(step)
+
+    def latest_step(self) -> int | None:
+        return self.store.latest_step()
+
+    # -- the training loop ---------------------------------------------------------------
+    def step(self, step: int) -> None:
+        """Call once per training step with the number of steps completed.
+
+        Saves asynchronously every ``every`` steps. After SIGTERM/SIGUSR1 it saves this
+        step, waits for the commit and exits the process cleanly.
+        """
+        self._raise_pending()
+        self._last_step = step
+        if self._preempted is not None:
+            log.warning("%s received: saving step %d to %s and exiting", self._preempted, step, self.url)
+            if self._last_saved_step != step:
+                self.save(step=step)
+            self.close()
+            raise SystemExit(self.preempt_exit_code)
+        if self.every and step % self.every == 0:
+            self.save(step=step)
+
+    def resume(self, state: MutableMapping[str, Any] | None = None, /, **objects: Any) -> Callable:
+        """Decorator: restore the latest checkpoint, then call ``fn(start_step)``.
+
+        The state is ``state`` and/or the keyword objects. The decorated function may be
+        called with no arguments; the decorator supplies ``start_step`` (0 on a fresh run).
+        On return it saves the final step and waits; on an exception it waits for pending
+        saves and re-raises. SIGTERM and SIGUSR1 turn into a save at the next ``step()``.
+        """
+        merged: dict[str, Any] = dict(state or {})
+        merged.update(objects)
+        if not merged:
+            raise CheckpointError("resume() needs the objects to checkpoint, e.g. resume(model=model, optim=opt)")
+
+        def decorate(fn: Callable) -> Callable:
+            @functools.wraps(fn)
+            def run(*args: Any, **kwargs: Any) -> Any:
+                self._state = merged
+                track_all(merged)
+                try:
+                    start = self.restore(merged).step
+                except NoCheckpointError:
+                    start = 0
+                self._last_saved_step = start if start else None
+                previous = self._install_signals()
+                try:
+                    result = fn(start, *args, **kwargs)
+                except BaseException:  # incl. the SystemExit of a preemption: never leave a torn save
+                    self.close(raise_errors=False)
+                    raise
+                finally:
+                    _restore_signals(previous)
+                if self._last_step is not None and self._last_saved_step != self._last_step:
+                    self.save(step=self._last_step)
+                self.close()
+                return result
+
+            return run
+
+        return decorate
+
+    def _install_signals(self) -> dict[int, Any]:
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("resume() outside the main thread: preemption signals are not handled")
+            return previous
+        for name in PREEMPT_SIGNALS:
+            signum = getattr(signal, name, None)
+            if signum is None:
+                continue
+            old = signal.getsignal(signum)
+
+            def handler(num: int, frame: Any, _old: Any = old, _name: str = name) -> None:
+                self._preempted = _name
+                if callable(_old) and _old not in (signal.default_int_handler,):
+                    _old(num, frame)
+
+            signal.signal(signum, handler)
+            previous[signum] = old
+        return previous
+
+
+def _restore_signals(previous: Mapping[int, Any]) -> None:
+    for signum, old in previous.items():
+        try:
+            signal.signal(signum, old if old is not None else signal.SIG_DFL)
+        except (ValueError, TypeError):  # pragma: no cover - not the main thread any more
+            pass
+
+
+def _chain(src: Future, dst: Future) -> None:
+    exc = src.exception()
+    if exc is not None:
+        dst.set_exception(exc)
+    else:
+        dst.set_result(src.result())
+
+
+def _optimizers_in(state: Mapping[str, Any]) -> list[torch.optim.Optimizer]:
+    return treemod.instances(state, torch.optim.Optimizer)

@@ -1,0 +1,81 @@
+"""The only owner of ckpt's thread pools: their sizing, names and priorities.
+
+Every module that runs work in parallel asks here: :func:`io_pool` for a save, restore,
+verify or export (2 x cores, within 8..32, ``CKPT_THREADS``), :class:`Background` for the
+Checkpointer's persistence (one committing thread plus a demoted I/O pool). Nothing else
+in ckpt creates threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from ckpt import config
+
+log = logging.getLogger("ckpt")
+
+
+def io_threads() -> int:
+    """Worker threads of one I/O pool (see ``config.io_threads``)."""
+    return config.io_threads()
+
+
+def new_io_pool(name: str = "ckpt-io", *, nice: int = 0, workers: int | None = None) -> ThreadPoolExecutor:
+    """A pool for encode/write or read/decode work; ``nice`` demotes its threads (Linux)."""
+    if nice:
+        return ThreadPoolExecutor(
+            workers or io_threads(), thread_name_prefix=name, initializer=lower_priority, initargs=(nice,)
+        )
+    return ThreadPoolExecutor(workers or io_threads(), thread_name_prefix=name)
+
+
+@contextlib.contextmanager
+def io_pool(name: str = "ckpt-io", workers: int | None = None) -> Iterator[ThreadPoolExecutor]:
+    """A pool for one call (save, restore, verify, export), shut down when the call ends."""
+    with new_io_pool(name, workers=workers) as pool:
+        yield pool
+
+
+def lower_priority(nice: int) -> None:
+    """Demote the calling thread by ``nice`` (Linux schedules threads separately; elsewhere a no-op)."""
+    # only Linux schedules threads by their own id; elsewhere the id could name another process
+    if not nice or not sys.platform.startswith("linux") or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError as exc:  # a sandbox that forbids it: run at normal priority
+        log.debug("cannot lower the priority of %s: %s", threading.current_thread().name, exc)
+
+
+class Background:
+    """The Checkpointer's threads: one that runs each save's commit in order, and an I/O pool
+    at lower priority (``CKPT_BACKGROUND_NICE``) for its encode and write work."""
+
+    def __init__(self) -> None:
+        self.commits = ThreadPoolExecutor(1, thread_name_prefix="ckpt-persist")
+        self.io = new_io_pool("ckpt-io", nice=config.background_nice())
+
+    def shutdown(self) -> None:
+        self.commits.shutdown(wait=True)
+        self.io.shutdown(wait=True)
+
+
+def wait_all(futures: Iterable[Future[Any]]) -> None:
+    """Wait for every future, then raise the first error (never leaves work running)."""
+    first: BaseException | None = None
+    for f in list(futures):
+        try:
+            f.result()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others finish
+            if first is None:
+                first = exc
+    if first is not None:
+        raise first

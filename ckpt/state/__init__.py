@@ -1,0 +1,1 @@
+"""Live objects <-> state tree: adapters, capture, the tree encoding, DataLoader position."""

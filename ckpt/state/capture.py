@@ -1,0 +1,103 @@
+"""Live objects <-> state tree: capture through the adapters, fit checks, loading back.
+
+Capture turns the user's state mapping into a plain tree (adapters for live objects,
+mappings and sequences walked, everything else left for :mod:`ckpt.state.tree` to
+encode or refuse). Loading back first checks that the live objects can take what a
+checkpoint holds, so a mismatch is refused before any live tensor is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import torch
+
+from ckpt.errors import CheckpointError, StateMismatchError, UnsupportedValueError
+from ckpt.hooks.manager import Plugins
+from ckpt.state import tree as treemod
+from ckpt.storage.manifest import Manifest
+
+
+def capture(state: Mapping[str, Any], plugins: Plugins) -> tuple[dict[str, Any], dict[str, str]]:
+    """Turn the user's state into a plain tree; returns the tree and ``{path: adapter name}``."""
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"state must be a mapping of names to objects, got {type(state).__name__}")
+    adapters: dict[str, str] = {}
+
+    def walk(value: Any, path: str) -> Any:
+        adapter = plugins.adapters.for_object(value)
+        if adapter is not None:
+            adapters[path] = adapter.name
+            return adapter.state(value)
+        if isinstance(value, Mapping):
+            return {k: walk(v, treemod.join(path, k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            items = [walk(v, treemod.join(path, i)) for i, v in enumerate(value)]
+            return items if isinstance(value, list) else tuple(items)
+        return value
+
+    out = {}
+    for key, value in state.items():
+        if not isinstance(key, str) or key.startswith("$"):
+            raise UnsupportedValueError(f"state keys must be strings not starting with '$', got {key!r}")
+        out[key] = walk(value, treemod.escape(key))
+    return out, adapters
+
+
+def live_tensors(tree: Any, path: str, out: dict[str, torch.Tensor]) -> None:
+    """Tensors of a captured live tree by path (the same paths :func:`tree.encode` uses)."""
+    treemod.encode(tree, out, set(), path)
+
+
+def check_fits(
+    manifest: Manifest,
+    live: Mapping[str, torch.Tensor],
+    keys: list[str],
+    exact: list[str] = (),  # type: ignore[assignment]
+) -> None:
+    """Refuse before any byte is written when the live objects cannot take the checkpoint.
+
+    ``exact``: paths of objects whose adapter needs exactly the stored tensors (a module's
+    strict ``load_state_dict`` would refuse only after copying, so check here).
+    """
+    for prefix in exact:
+        extra = sorted(p for p in manifest.tensors if (p == prefix or p.startswith(prefix + "/")) and p not in live)
+        if extra:
+            raise StateMismatchError(
+                f"tensor {extra[0]!r} (and {len(extra) - 1} more) is in checkpoint step {manifest.step} "
+                f"but not in the live object at {prefix!r}"
+            )
+    for path, t in live.items():
+        entry = manifest.tensors.get(path)
+        if entry is None:
+            raise StateMismatchError(f"tensor {path!r} is in the live state but not in checkpoint step {manifest.step}")
+        dtype = str(t.dtype).removeprefix("torch.")
+        if tuple(t.shape) != entry.shape or dtype != entry.dtype:
+            raise StateMismatchError(
+                f"tensor {path!r}: checkpoint has {entry.dtype}{list(entry.shape)}, live object has {dtype}{list(t.shape)}"
+            )
+
+
+def as_numpy(t: torch.Tensor, is_numpy: bool) -> Any:
+    return t.numpy() if is_numpy else t
+
+
+def load_into(target: Any, value: Any, path: str, plugins: Plugins) -> Any:
+    """Load ``value`` into ``target``; return what ``state`` should hold afterwards."""
+    adapter = plugins.adapters.for_object(target)
+    if adapter is not None:
+        adapter.load(target, value)
+        return target
+    if isinstance(target, torch.Tensor):
+        return target  # already decoded in place
+    if isinstance(target, MutableMapping) and isinstance(value, Mapping):
+        for k in list(target):
+            if k in value:
+                target[k] = load_into(target[k], value[k], treemod.join(path, k), plugins)
+        return target
+    if isinstance(target, list) and isinstance(value, list) and len(target) == len(value):
+        for i, item in enumerate(value):
+            target[i] = load_into(target[i], item, treemod.join(path, i), plugins)
+        return target
+    return value

@@ -1,0 +1,1 @@
+"""The storage contract on any fsspec URL: store, manifest, commit, retries, retention, leases."""

@@ -1,0 +1,63 @@
+"""Records ckpt hands back to its callers: what a save committed, what its writer did.
+
+Plain frozen dataclasses (copyable, picklable, ``dataclasses.asdict``-able) that import
+nothing else of ckpt at run time, so any layer may return them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ckpt.storage.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class SaveStats:
+    """What one save's writer did (a snapshot of ``ckpt.io.writer.WriteStats``)."""
+
+    raw_bytes: int
+    written_bytes: int
+    reused_bytes: int
+    objects_written: int
+    #: objects written as XOR deltas against the parent checkpoint's chunk
+    delta_objects: int
+    #: parent chunks read back from the store to encode a delta against
+    parent_reads: int
+    #: large chunks whose encoding was chosen from samples
+    probes: int
+    #: tensor path -> whether a delta was kept for any of its chunks (paths where one was tried)
+    delta_outcome: dict[str, bool]
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a save committed or a restore read."""
+
+    step: int
+    url: str
+    #: logical bytes of every tensor in the checkpoint
+    raw_bytes: int
+    #: bytes this save wrote: new objects + the manifest (for a restore: the checkpoint's figure)
+    stored_bytes: int
+    created: str = ""
+    parent: int | None = None
+    tensors: int = 0
+    #: the committed manifest itself
+    manifest: Manifest | None = field(default=None, repr=False, compare=False)
+    #: for a save: what its writer did (objects written and reused, deltas)
+    write_stats: SaveStats | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_manifest(cls, m: Manifest, url: str) -> CheckpointInfo:
+        return cls(
+            step=m.step,
+            url=url,
+            raw_bytes=m.raw_bytes,
+            stored_bytes=m.stored_bytes,
+            created=m.created,
+            parent=m.parent,
+            tensors=len(m.tensors),
+            manifest=m,
+        )
