@@ -28,7 +28,7 @@ from ckpt.storage.store import Store
 
 pytestmark = pytest.mark.server
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(params=["s3", "az"])

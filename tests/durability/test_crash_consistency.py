@@ -29,7 +29,7 @@ import ckpt
 from ckpt.errors import NoCheckpointError
 from ckpt.storage.store import Store
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 #: (name, dtype, elements): values encode the step exactly in every dtype used
 LAYOUT = [

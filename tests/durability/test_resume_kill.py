@@ -15,7 +15,7 @@ import pytest
 
 from ckpt.storage.store import Store
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "train.py"
 STEPS = 30
 
