@@ -83,6 +83,37 @@ def as_numpy(t: torch.Tensor, is_numpy: bool) -> Any:
     return t.numpy() if is_numpy else t
 
 
+def check_into(target: Any, value: Any, path: str, plugins: Plugins) -> None:
+    """Refuse ``value`` before anything live changes when ``target`` cannot take it.
+
+    An adapter's optional ``check(obj, tree)`` decides for the objects it handles (an
+    optimizer's state against its parameter groups, RNG states against their generators);
+    tensors were checked against the manifest by :func:`check_fits`.
+    """
+    adapter = plugins.adapters.for_object(target)
+    if adapter is not None:
+        check = getattr(adapter, "check", None)
+        if check is None:
+            return
+        try:
+            check(target, value)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a plugin's check failing is a misfit, named here
+            raise StateMismatchError(
+                f"{path!r}: the checkpoint does not fit the live {type(target).__name__} "
+                f"(adapter {adapter.name!r}): {type(exc).__name__}: {exc}"
+            ) from None
+        return
+    if isinstance(target, MutableMapping) and isinstance(value, Mapping):
+        for k in list(target):
+            if k in value:
+                check_into(target[k], value[k], treemod.join(path, k), plugins)
+    elif isinstance(target, list) and isinstance(value, list) and len(target) == len(value):
+        for i, item in enumerate(value):
+            check_into(target[i], item, treemod.join(path, i), plugins)
+
+
 def load_into(target: Any, value: Any, path: str, plugins: Plugins) -> Any:
     """Load ``value`` into ``target``; return what ``state`` should hold afterwards."""
     adapter = plugins.adapters.for_object(target)
@@ -90,7 +121,9 @@ def load_into(target: Any, value: Any, path: str, plugins: Plugins) -> Any:
         adapter.load(target, value)
         return target
     if isinstance(target, torch.Tensor):
-        return target  # already decoded in place
+        with torch.no_grad():  # shape and dtype were checked against the manifest
+            target.copy_(torch.as_tensor(value))
+        return target
     if isinstance(target, MutableMapping) and isinstance(value, Mapping):
         for k in list(target):
             if k in value:

@@ -108,7 +108,7 @@ def _tracked_class(cls: type) -> type:
     """A subclass of ``cls`` that records its position (single inheritance, so an instance's
     ``__class__`` can be swapped in place)."""
 
-    class Tracked(cls):  # type: ignore[misc, valid-type]
+    class Tracked(cls):
         _ckpt_tracked = True
 
         @property
@@ -206,7 +206,7 @@ class DataLoaderAdapter:
                 "a DataLoader in the state is not tracked, so its position is unknown; call "
                 "ckpt.track(loader) before iterating it, or pass it to Checkpointer.resume(...)"
             )
-        pos = obj._ckpt_position
+        pos = obj._ckpt_position  # type: ignore[attr-defined]
         return {
             "epoch": pos.epoch,
             "batches": pos.batches,
@@ -214,13 +214,25 @@ class DataLoaderAdapter:
             "start": dict(pos.start_states),
         }
 
-    def load(self, obj: DataLoader, tree: Mapping[str, Any]) -> None:
-        track(obj)
+    def check(self, obj: DataLoader, tree: Mapping[str, Any]) -> None:
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not isinstance(tree, Mapping) or not is_int(tree.get("epoch")) or not is_int(tree.get("batches")):
+            raise StateMismatchError("DataLoader position in the checkpoint has no integer epoch and batches")
+        if tree["batches"] < 0 or not isinstance(tree.get("start", {}), Mapping):
+            raise StateMismatchError(f"DataLoader position {dict(tree)!r} is malformed")
+        for name, state in tree.get("start", {}).items():
+            if state is not None and not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8):
+                raise StateMismatchError(f"DataLoader generator state {name!r} is not a byte tensor")
         length = tree.get("length")
         if length is not None and hasattr(obj.dataset, "__len__") and len(obj) != length:
             raise StateMismatchError(
                 f"DataLoader has {len(obj)} batches per epoch, the checkpoint was taken with {length}"
             )
+
+    def load(self, obj: DataLoader, tree: Mapping[str, Any]) -> None:
+        track(obj)
         pos = obj._ckpt_position  # type: ignore[attr-defined]
         pos.epoch = int(tree["epoch"])
         if pos.epoch < 0:
@@ -239,6 +251,10 @@ class StatefulDataLoaderAdapter:
 
     def state(self, obj: Any) -> Mapping[str, Any]:
         return obj.state_dict()
+
+    def check(self, obj: Any, tree: Mapping[str, Any]) -> None:
+        if not isinstance(tree, Mapping):
+            raise StateMismatchError(f"{type(obj).__name__} state in the checkpoint is not a mapping")
 
     def load(self, obj: Any, tree: Mapping[str, Any]) -> None:
         obj.load_state_dict(dict(tree))

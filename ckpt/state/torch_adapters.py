@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -18,8 +18,17 @@ from ckpt.errors import StateMismatchError
 log = logging.getLogger("ckpt")
 
 
-def _mismatch(kind: str, exc: Exception) -> StateMismatchError:
+def _mismatch(kind: str, exc: Exception | str) -> StateMismatchError:
     return StateMismatchError(f"checkpoint does not fit this {kind}: {exc}")
+
+
+def _meta_twin(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """An optimizer of ``opt``'s class over meta-device copies of its parameters (no memory),
+    so ``load_state_dict`` can be tried on it without touching ``opt``."""
+    twin = type(opt).__new__(type(opt))
+    groups = [{**g, "params": [torch.empty_like(p, device="meta") for p in g["params"]]} for g in opt.param_groups]
+    torch.optim.Optimizer.__init__(twin, groups, dict(opt.defaults))
+    return twin
 
 
 class ModuleAdapter:
@@ -53,11 +62,45 @@ class OptimizerAdapter:
     def state(self, obj: torch.optim.Optimizer) -> Mapping[str, Any]:
         return obj.state_dict()
 
+    def check(self, obj: torch.optim.Optimizer, tree: Mapping[str, Any]) -> None:
+        # torch validates and casts in load_state_dict; a twin over meta tensors takes the
+        # same path (group sizes, state keys, value types) without memory or side effects.
+        kind = f"optimizer {type(obj).__name__}"
+        if not isinstance(tree, Mapping) or not isinstance(tree.get("param_groups"), list):
+            raise _mismatch(kind, "no param_groups list")
+        if not isinstance(tree.get("state"), Mapping):
+            raise _mismatch(kind, "no state mapping")
+        try:
+            twin = _meta_twin(obj)
+        except Exception as exc:  # noqa: BLE001 - an optimizer built unlike torch's: structural checks only
+            log.debug("cannot build a meta twin of %s (%s); checking structure only", kind, exc)
+            _check_groups(kind, obj, tree)
+            return
+        try:
+            twin.load_state_dict(dict(tree))
+        except Exception as exc:  # noqa: BLE001 - whatever torch raises, the live optimizer is untouched
+            raise _mismatch(kind, f"{type(exc).__name__}: {exc}") from None
+
     def load(self, obj: torch.optim.Optimizer, tree: Mapping[str, Any]) -> None:
         try:
-            obj.load_state_dict(tree)
+            obj.load_state_dict(cast("dict[str, Any]", tree))  # decoded trees are dicts
         except (ValueError, KeyError, RuntimeError) as exc:
             raise _mismatch(f"optimizer {type(obj).__name__}", exc) from None
+
+
+def _check_groups(kind: str, obj: torch.optim.Optimizer, tree: Mapping[str, Any]) -> None:
+    groups = tree["param_groups"]
+    if len(groups) != len(obj.param_groups):
+        raise _mismatch(kind, f"{len(groups)} parameter groups stored, {len(obj.param_groups)} live")
+    ids: set[Any] = set()
+    for i, (saved, live) in enumerate(zip(groups, obj.param_groups)):
+        params = saved.get("params") if isinstance(saved, Mapping) else None
+        if not isinstance(params, list) or len(params) != len(live["params"]):
+            raise _mismatch(kind, f"parameter group {i} does not hold {len(live['params'])} parameters")
+        ids.update(params)
+    stray = [k for k in tree["state"] if k not in ids]
+    if stray:
+        raise _mismatch(kind, f"state for parameter {stray[0]!r} that no group names")
 
 
 class SchedulerAdapter:
@@ -72,8 +115,22 @@ class SchedulerAdapter:
     def state(self, obj: Any) -> Mapping[str, Any]:
         return obj.state_dict()
 
+    def check(self, obj: Any, tree: Mapping[str, Any]) -> None:
+        if not isinstance(tree, Mapping) or not all(isinstance(k, str) for k in tree):
+            raise _mismatch(f"scheduler {type(obj).__name__}", "its state is not a mapping of names")
+
     def load(self, obj: Any, tree: Mapping[str, Any]) -> None:
         obj.load_state_dict(dict(tree))
+
+
+#: what an enabled GradScaler's state_dict holds, and the types it takes
+_SCALER_FIELDS = {
+    "scale": float,
+    "growth_factor": float,
+    "backoff_factor": float,
+    "growth_interval": int,
+    "_growth_tracker": int,
+}
 
 
 class GradScalerAdapter:
@@ -86,6 +143,21 @@ class GradScalerAdapter:
 
     def state(self, obj: torch.amp.GradScaler) -> Mapping[str, Any]:
         return obj.state_dict()
+
+    def check(self, obj: torch.amp.GradScaler, tree: Mapping[str, Any]) -> None:
+        kind = "GradScaler"
+        if not isinstance(tree, Mapping):
+            raise _mismatch(kind, "its state is not a mapping")
+        enabled = obj.is_enabled()
+        if bool(tree) != enabled:
+            saved = "an enabled" if tree else "a disabled"
+            live = "enabled" if enabled else "disabled"
+            raise _mismatch(kind, f"the checkpoint holds {saved} scaler's state, the live scaler is {live}")
+        for name, kind_of in _SCALER_FIELDS.items() if tree else ():
+            value = tree.get(name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not ok or (kind_of is int and not isinstance(value, int)):
+                raise _mismatch(kind, f"{name} is {value!r}, expected a {kind_of.__name__}")
 
     def load(self, obj: torch.amp.GradScaler, tree: Mapping[str, Any]) -> None:
         if tree:  # a disabled scaler saves {} and refuses to load it
@@ -103,8 +175,19 @@ class GeneratorAdapter:
     def state(self, obj: torch.Generator) -> Mapping[str, Any]:
         return {"device": str(obj.device), "state": obj.get_state()}
 
+    def check(self, obj: torch.Generator, tree: Mapping[str, Any]) -> None:
+        _check_rng_bytes(
+            f"generator on {obj.device}", tree.get("state") if isinstance(tree, Mapping) else None, obj.get_state()
+        )
+
     def load(self, obj: torch.Generator, tree: Mapping[str, Any]) -> None:
         obj.set_state(tree["state"])
+
+
+def _check_rng_bytes(kind: str, state: Any, like: torch.Tensor) -> None:
+    if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.shape != like.shape:
+        got = f"{state.dtype}{list(state.shape)}" if isinstance(state, torch.Tensor) else type(state).__name__
+        raise _mismatch(kind, f"its state is {got}, expected uint8{list(like.shape)}")
 
 
 class RNG:
@@ -135,6 +218,29 @@ class RNGAdapter:
         if torch.cuda.is_available():
             tree["cuda"] = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
         return tree
+
+    def check(self, obj: RNG, tree: Mapping[str, Any]) -> None:
+        # Each state is tried on a throw-away generator of its kind: the process RNGs only
+        # change in load(), once everything fits.
+        if not isinstance(tree, Mapping) or "python" not in tree or "torch" not in tree:
+            raise _mismatch("process RNGs", "python and torch states are required")
+        try:
+            random.Random().setstate(tree["python"])
+        except (TypeError, ValueError) as exc:
+            raise _mismatch("Python random", exc) from None
+        _check_rng_bytes("torch CPU RNG", tree["torch"], torch.get_rng_state())
+        if "numpy" in tree:
+            import numpy as np
+
+            try:
+                np.random.RandomState().set_state(tree["numpy"])
+            except (TypeError, ValueError, KeyError) as exc:
+                raise _mismatch("NumPy global RNG", exc) from None
+        cuda = tree.get("cuda") or []
+        if not isinstance(cuda, list):
+            raise _mismatch("CUDA RNGs", "not a list of states")
+        for i, state in enumerate(cuda[: torch.cuda.device_count() if torch.cuda.is_available() else 0]):
+            _check_rng_bytes(f"CUDA RNG {i}", state, torch.cuda.get_rng_state(i))
 
     def load(self, obj: RNG, tree: Mapping[str, Any]) -> None:
         random.setstate(tree["python"])
