@@ -7,7 +7,7 @@ TORCH_PIN ?= torch==2.13.0
 PIP := $(BIN)/pip install -q --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench bench-smoke clean node_modules
+.PHONY: venv demo test test-fast lint typecheck format bench bench-smoke clean node_modules
 
 $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,6 +39,21 @@ node_modules/.bin/azurite-blob:
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not server"
 
+# Lint and types, configured in pyproject.toml ([tool.ruff], [tool.mypy]: core plus the plugin packages).
+LINT_PATHS := ckpt tests plugins benchmarks examples
+
+lint: $(STAMP)
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+# Rewrites files: the formatter, then ruff's safe fixes.
+format: $(STAMP)
+	$(BIN)/ruff format $(LINT_PATHS)
+	$(BIN)/ruff check --fix $(LINT_PATHS)
+
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 
@@ -46,4 +61,4 @@ bench-smoke: $(STAMP)
 	$(BIN)/python -m benchmarks.run --smoke
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -147,7 +147,7 @@ def bench_calls(tr: Trainer, repeats: int, workdir: str, log) -> dict[str, Any]:
         ckpt.save(url, tr.state, step=r + 2)
         sync.append(now() - t0)
     common.rmtree(url)
-    for r in range(repeats):
+    for _ in range(repeats):
         tr.step()
         path = _dirs(workdir, "sync-fresh-")
         os.rmdir(path)
@@ -409,7 +409,7 @@ def markdown(res: dict[str, Any]) -> str:
     calls = res["calls"]
     dcp_call = calls["dcp_default"]["call_s"]
     clone = calls["memcpy_clone"]["call_s"]
-    for key, c in calls.items():
+    for c in calls.values():
         lines.append(
             f"| {c['label']} | {report.secs(c['call_s'])} | {report.secs(c.get('staged_s'))} | "
             f"{report.secs(c.get('total_s'))} | {report.ratio(c['call_s'] / dcp_call)} | {report.ratio(c['call_s'] / clone)} |"

@@ -105,7 +105,7 @@ def lora_section(work: str, n: int, log: Callable[[str], None]) -> dict[str, Any
     rows = []
     for step in range(1, n + 1):
         train_step(model, opt, step)
-        seconds, info = timed(lambda: ckpt.save(url, {"model": model, "opt": opt}, step=step))
+        seconds, info = timed(lambda step=step: ckpt.save(url, {"model": model, "opt": opt}, step=step))
         peft_dir = f"{work}/peft-{step}"
         model.save_pretrained(peft_dir)
         peft_size = sum(
@@ -173,7 +173,7 @@ def full_pair(work: str, dtype: torch.dtype, log: Callable[[str], None], warmup:
     train_step(model, opt, 2)
     out: dict[str, Any] = {"dtype": name, "warmup_steps": warmup}
     for label, state in states.items():
-        second_s, second = timed(lambda: ckpt.save(urls[label], state(), step=2))
+        second_s, second = timed(lambda label=label, state=state: ckpt.save(urls[label], state(), step=2))
         full = ckpt.save(f"file://{work}/full-{tag}-{label}-fresh", state(), step=2)
         manifest = ckpt.read_manifest(urls[label], 2)
         old_keys = {r.key for r in ckpt.read_manifest(urls[label], 1).chunk_refs()}
@@ -231,7 +231,7 @@ def chain_section(work: str, links: int, repeats: int, log: Callable[[str], None
         age = max(delta_age(r.codec) for r in manifest.chunk_refs())
         times = []
         for _ in range(repeats):
-            seconds, _ = timed(lambda: ckpt.restore(url, {"model": model}, step=step))
+            seconds, _ = timed(lambda step=step: ckpt.restore(url, {"model": model}, step=step))
             times.append(seconds)
         rows.append(
             {

@@ -113,11 +113,11 @@ def run(smoke: bool, repeats: int, log: Callable[[str], None]) -> dict[str, Any]
                 saves, restores, sizes, problems = [], [], [], []
                 for rep in range(workload.repeats):
                     url = server.new_url(f"bench-{system.name}-{rep}-{uuid.uuid4().hex[:6]}")
-                    t, _ = common.timed(lambda: system.save(src, url, so))
+                    t, _ = common.timed(lambda system=system, url=url, so=so: system.save(src, url, so))
                     saves.append(t)
                     sizes.append(stored_bytes(url, so))
                     dst = workload.fresh()
-                    t, _ = common.timed(lambda: system.restore(dst, url, so))
+                    t, _ = common.timed(lambda system=system, dst=dst, url=url, so=so: system.restore(dst, url, so))
                     restores.append(t)
                     problem = common.state_diff(src, dst)
                     if problem:

@@ -89,7 +89,7 @@ def core_markdown(res: dict[str, Any]) -> str:
             "| system | save (s) | restore (s) | stored (MB) | ratio | save vs torch.save | restore vs torch.load | restore vs DCP load | bit-exact |",
             "|---|---:|---:|---:|---:|---:|---:|---:|:---:|",
         ]
-        for sname, s in w["systems"].items():
+        for s in w["systems"].values():
             lines.append(
                 f"| {s['label']} | {secs(s['save_s'])} | {secs(s['restore_s'])} | {mb(s['stored_bytes'])} | "
                 f"{ratio(s['ratio'])} | {ratio(s.get('save_vs_torch'))} | {ratio(s.get('restore_vs_torch'))} | "

@@ -18,15 +18,17 @@ from typing import Any
 import torch
 
 from ckpt import config
-from ckpt.errors import CheckpointError, StateMismatchError
+from ckpt.errors import CheckpointError
 from ckpt.hooks.manager import Plugins, get_plugins
 from ckpt.io.plan import ReadPlan
 from ckpt.io.reader import read_tensors
 from ckpt.io.writer import write_objects
 from ckpt.snapshot.executor import io_pool
 from ckpt.state import tree as treemod
-from ckpt.state.capture import as_numpy, capture, check_fits, live_tensors, load_into
-from ckpt.storage.commit import commit, load_manifest, new_manifest, parent_for_save
+from ckpt.state.capture import capture
+from ckpt.state.placement import DEFAULT_LOCATION, placer
+from ckpt.state.restore import as_mapping, restore_latest, restore_manifest
+from ckpt.storage.commit import commit, latest_for_save, load_manifest, new_manifest, next_seq, process_run_id
 from ckpt.storage.manifest import Manifest, check_step
 from ckpt.storage.store import Store
 from ckpt.types import CheckpointInfo
@@ -50,12 +52,17 @@ def write_checkpoint(
     delta: bool = True,
     max_chain: int | None = None,
     delta_skip: Container[str] = (),
+    seq: int | None = None,
+    run: str | None = None,
+    classes: Mapping[str, str] | None = None,
 ) -> CheckpointInfo:
     """Write objects, then the manifest, then the ref: the one save path of ckpt.
 
     See :func:`ckpt.io.writer.write_objects` for ``tensors``, ``on_tensor_written``,
     ``parent_tensors``, ``delta`` and ``delta_skip``; ``max_chain`` bounds delta chains
     (``CKPT_DELTA_MAX_CHAIN``, default 8: a full object at least every 8 saves of a chunk).
+    ``parent`` is the checkpoint this one continues from; ``seq`` its commit sequence (default:
+    one more than the store's highest) and ``run`` the writer's id (default: this process's).
     """
     chunk_bytes = config.chunk_bytes()
     entries, stats = write_objects(
@@ -71,6 +78,8 @@ def write_checkpoint(
         delta_skip=delta_skip,
         on_tensor_written=on_tensor_written,
     )
+    if seq is None:
+        seq = next_seq(store)
     manifest = new_manifest(
         step=step,
         tree=json_tree,
@@ -82,6 +91,9 @@ def write_checkpoint(
         chunk_bytes=chunk_bytes,
         plugins=plugins.versions(),
         meta=meta,
+        seq=seq,
+        run=process_run_id() if run is None else run,
+        classes=classes,
     )
     commit(store, manifest)
     info = dataclasses.replace(CheckpointInfo.from_manifest(manifest, store.url), write_stats=stats)
@@ -91,27 +103,42 @@ def write_checkpoint(
 
 def save(
     url: str,
-    state: Mapping[str, Any],
+    state: Any,
     *,
     step: int,
     storage_options: dict[str, Any] | None = None,
 ) -> CheckpointInfo:
     """Save ``state`` as checkpoint ``step`` of the store at ``url``; returns after the commit.
 
-    Chunks already stored by the newest checkpoint are referenced, not written again.
-    Saving a step that exists replaces it atomically.
+    ``state`` maps names to live objects, tensors and plain values; one object an adapter
+    handles (a module, an optimizer...) may be passed on its own: it is saved under the
+    key ``"state"`` (``ckpt.state.restore.SINGLE_KEY``) and ``restore(url, obj)`` takes it back.
+
+    The checkpoint continues from the store's latest (its parent): chunks that one stored
+    are referenced, not written again. Saving a step that exists replaces it atomically
+    (logged).
     """
     check_step(step)
     plugins = get_plugins()
     store = Store(url, storage_options)
-    tree, adapters = capture(state, plugins)
+    classes: dict[str, str] = {}
+    tree, adapters = capture(as_mapping(state, plugins)[0], plugins, classes)
     plugins.before_save(url=store.url, step=step, tree=tree)
     tensors: dict[str, torch.Tensor] = {}
     json_tree = treemod.encode(tree, tensors, set())
-    parent = parent_for_save(store)
+    latest = latest_for_save(store)
     with io_pool() as pool:
         return write_checkpoint(
-            store, plugins, step=step, json_tree=json_tree, adapters=adapters, tensors=tensors, parent=parent, pool=pool
+            store,
+            plugins,
+            step=step,
+            json_tree=json_tree,
+            adapters=adapters,
+            tensors=tensors,
+            parent=latest.manifest,
+            pool=pool,
+            seq=latest.top_seq + 1,
+            classes=classes,
         )
 
 
@@ -120,87 +147,81 @@ def save(
 
 def restore(
     url: str,
-    state: MutableMapping[str, Any],
+    state: Any,
     *,
     step: int | None = None,
+    strict: bool = True,
+    map_location: Any = None,
     storage_options: dict[str, Any] | None = None,
 ) -> CheckpointInfo:
     """Load checkpoint ``step`` (the newest when None) into the live objects of ``state``.
 
-    Tensors are decoded in parallel straight into the destination tensors and every
-    object is verified. Keys of ``state`` must be in the checkpoint; keys only in the
-    checkpoint are not read. Plain values (ints, lists...) in ``state`` are replaced.
+    All or nothing: every object is read, decoded and verified, and every value checked
+    against its live object, before the first live object changes. A checkpoint that
+    does not fit, or whose data fails verification, raises and leaves ``state`` as it
+    was; without ``step`` a damaged newest checkpoint is skipped for the newest intact
+    one (logged). Plain values (ints, lists...) in ``state`` are replaced.
+
+    ``state`` is a mapping of names to live objects, or one object an adapter handles
+    (saved with ``save(url, obj, step=...)``). With ``strict`` (the default) every key of
+    ``state`` and every tensor of a live module must be in the checkpoint; with
+    ``strict=False`` what matches is loaded and ``info.missing_keys`` /
+    ``info.unexpected_keys`` say what did not (as ``load_state_dict`` does). Keys only in
+    the checkpoint are not read. ``map_location`` (as ``torch.load`` takes it) places the
+    decoded tensors before the adapters load them; a device this machine lacks is an
+    error before any data is read.
     """
     plugins = get_plugins()
+    place = placer(map_location)
+    live, _ = as_mapping(state, plugins)
     store = Store(url, storage_options)
-    manifest = load_manifest(store, step)
-    return restore_manifest(store, plugins, manifest, state)
-
-
-def restore_manifest(
-    store: Store, plugins: Plugins, manifest: Manifest, state: MutableMapping[str, Any]
-) -> CheckpointInfo:
-    """Load ``manifest``'s checkpoint into ``state``'s live objects (see :func:`restore`)."""
-    stored_tree = manifest.tree
-    if not isinstance(stored_tree, dict):
-        raise CheckpointError(f"checkpoint step {manifest.step} of {store.url} has no state mapping")
-    missing = [k for k in state if k not in stored_tree]
-    if missing:
-        raise StateMismatchError(
-            f"checkpoint step {manifest.step} of {store.url} has no {', '.join(map(repr, missing))}; "
-            f"it holds {', '.join(map(repr, stored_tree))}"
-        )
-    from ckpt.state.dataloader import track_all
-
-    track_all(state)  # a restored DataLoader must replay its position on the next iter()
-    live_tree, live_adapters = capture(state, plugins)
-    for path, name in live_adapters.items():
-        saved = manifest.adapters.get(path)
-        if saved != name:
-            raise StateMismatchError(
-                f"{path!r} was saved {'by adapter ' + repr(saved) if saved else 'as plain data'}, "
-                f"but the live object needs adapter {name!r}"
-            )
-    live: dict[str, torch.Tensor] = {}
-    for key in state:
-        live_tensors(live_tree[key], treemod.escape(key), live)
-    exact = [p for p, name in live_adapters.items() if getattr(plugins.adapters.get(name), "exact_tensors", False)]
-    check_fits(manifest, live, list(state), exact)
-    wanted = [p for key in state for p in treemod.tensor_paths(stored_tree[key])]
-    tensors = read_tensors(store, plugins.codecs, ReadPlan.for_paths(manifest, wanted), destinations=live)
-    for key in list(state):
-        value = treemod.decode(stored_tree[key], lambda p, is_np: as_numpy(tensors[p], is_np), treemod.escape(key))
-        state[key] = load_into(state[key], value, treemod.escape(key), plugins)
-    info = CheckpointInfo.from_manifest(manifest, store.url)
-    plugins.after_restore(info=info, state=state)
-    return info
+    target = live if isinstance(live, MutableMapping) else dict(live)
+    if step is not None:
+        return restore_manifest(store, plugins, load_manifest(store, step), target, strict=strict, place=place)
+    return restore_latest(store, plugins, target, strict=strict, place=place)[0]
 
 
 def load(
     url: str,
     *,
     step: int | None = None,
-    storage_options: dict[str, Any] | None = None,
+    keys: Iterable[str] | None = None,
     map_location: Any = "cpu",
+    storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Read checkpoint ``step`` (newest when None) as a plain tree of fresh tensors.
 
     Modules come back as their state-dict mapping, optimizers as their state-dict
-    structure; no live object is needed and no code from storage runs.
+    structure; no live object is needed and no code from storage runs. ``keys`` reads
+    only those top-level entries (``keys=["model"]``: no optimizer bytes are read).
+    ``map_location`` is taken as ``torch.load`` takes it (a device, a dict of saved to
+    new locations, or a callable); NumPy arrays stay in host memory.
     """
     plugins = get_plugins()
+    place = placer(map_location)
     store = Store(url, storage_options)
     manifest = load_manifest(store, step)
-    tensors = read_tensors(store, plugins.codecs, ReadPlan.for_paths(manifest, treemod.tensor_paths(manifest.tree)))
+    tree = manifest.tree
+    if keys is not None:
+        if not isinstance(tree, dict):
+            raise CheckpointError(f"checkpoint step {manifest.step} of {store.url} has no state mapping")
+        keys = list(keys)
+        unknown = [k for k in keys if k not in tree]
+        if unknown:
+            raise CheckpointError(
+                f"checkpoint step {manifest.step} of {store.url} has no {', '.join(map(repr, unknown))}; "
+                f"it holds {', '.join(map(repr, tree))}"
+            )
+        tree = {k: tree[k] for k in keys}
+    tensors = read_tensors(store, plugins.codecs, ReadPlan.for_paths(manifest, treemod.tensor_paths(tree)))
 
     def leaf(path: str, is_numpy: bool) -> Any:
-        # NumPy arrays live in host memory whatever map_location says
         t = tensors[path]
         if is_numpy:
             return t.numpy()
-        return t if map_location is None or str(map_location) == "cpu" else t.to(map_location)
+        return t if place is None else place(t, DEFAULT_LOCATION)
 
-    return treemod.decode(manifest.tree, leaf)
+    return treemod.decode(tree, leaf)
 
 
 # -- inspection ------------------------------------------------------------------------------
@@ -212,7 +233,8 @@ def steps(url: str, storage_options: dict[str, Any] | None = None) -> list[int]:
 
 
 def latest_step(url: str, storage_options: dict[str, Any] | None = None) -> int | None:
-    """The newest committed step of the store at ``url`` (None when it holds none)."""
+    """The latest committed step of the store at ``url`` (None when it holds none): the one its
+    writer committed last, so after a rollback (restore 20 of 30, save 21) 21, not 30."""
     return Store(url, storage_options).latest_step()
 
 

@@ -136,6 +136,21 @@ def retry_max_seconds() -> float:
     return max(0.0, _float("CKPT_RETRY_MAX_SECONDS", 60.0))
 
 
+def connect_seconds() -> float:
+    """``CKPT_CONNECT_SECONDS``: how long a store that cannot be reached is retried (5).
+
+    Unreachable: connection refused, a name that does not resolve, no route to the host,
+    no answer to the connect. On a store that has not completed a call in this process
+    that is most likely a wrong URL or endpoint, reported (StoreError naming the URL)
+    after this long instead of ``CKPT_RETRY_MAX_SECONDS``; a server still coming up is
+    caught if it answers within it. Once a store has answered, the same errors are an
+    outage and get the full budget. It is also the connect timeout (at least 1 s) of one
+    request to S3 (s3fs) and Azure (adlfs) unless ``storage_options`` set one
+    (``config_kwargs`` ``connect_timeout``, ``connection_timeout``).
+    """
+    return max(0.0, _float("CKPT_CONNECT_SECONDS", 5.0))
+
+
 def part_bytes() -> int:
     """``CKPT_PART_BYTES``: part size of multipart uploads to S3 (16 MiB, at least 5 MiB).
 
@@ -143,3 +158,55 @@ def part_bytes() -> int:
     blocks on its own above 64 MiB. Both commit the object atomically at the end.
     """
     return max(5 * 1024 * 1024, _int("CKPT_PART_BYTES", 16 * 1024 * 1024))
+
+
+def max_manifest_bytes() -> int:
+    """``CKPT_MAX_MANIFEST_BYTES``: a manifest larger than this is refused unread (256 MiB).
+
+    A store is untrusted input and parsing JSON takes about six times its size in memory.
+    A real manifest takes about 200 bytes per 16 MiB chunk (13 MB for a 1 TB checkpoint),
+    so the default leaves room for checkpoints of tens of terabytes.
+    """
+    return max(1024 * 1024, _int("CKPT_MAX_MANIFEST_BYTES", 256 * 1024 * 1024))
+
+
+def max_tree_depth() -> int:
+    """``CKPT_MAX_TREE_DEPTH``: deepest JSON nesting of a checkpoint's state tree (128 levels).
+
+    Saves refuse deeper trees and loads refuse manifests holding one, so a hostile
+    manifest cannot exhaust the stack. A list or a string-keyed mapping is one JSON level,
+    a tuple two, a mapping with other keys three; model, optimizer and scheduler states
+    stay below 10.
+    """
+    return max(16, _int("CKPT_MAX_TREE_DEPTH", 128))
+
+
+def writer_lease_seconds() -> float:
+    """``CKPT_WRITER_LEASE_SECONDS``: a writer lease whose heartbeat stopped this long is stale (10).
+
+    One writer per store holds ``leases/writer.json`` and rewrites it every tenth of this
+    (at most every second). A holder on another host whose heartbeat does not move for
+    this long, watched by the clock of the process that wants the lease, is taken over
+    (a dead holder on the same host at once). Raise it where a writer may stall longer
+    (a store that answers slowly for minutes); lower it to resume faster on another node.
+    """
+    return max(0.5, _float("CKPT_WRITER_LEASE_SECONDS", 10.0))
+
+
+def writer_take_over() -> bool:
+    """``CKPT_WRITER_TAKE_OVER``: ``1`` takes the writer lease whoever holds it (0).
+
+    An operator's override for a holder known to be gone; a live holder then fails at its
+    next save. ``ckpt unlock URL`` does the same once, from outside the job.
+    """
+    return os.environ.get("CKPT_WRITER_TAKE_OVER", "0") not in ("", "0")
+
+
+def clock_skew_seconds() -> float:
+    """``CKPT_CLOCK_SKEW_SECONDS``: how far the clocks of writers, GC hosts and the store may disagree (5).
+
+    GC compares object modification times (the store's clock) with the start of a save in
+    flight (the writer's clock), and a writer judges another host's heartbeat by its own
+    clock; this is the margin both allow.
+    """
+    return max(0.0, _float("CKPT_CLOCK_SKEW_SECONDS", 5.0))

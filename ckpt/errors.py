@@ -26,6 +26,14 @@ class SchemaError(CorruptCheckpointError):
     """A manifest is malformed, or written by a newer schema than this reader knows."""
 
 
+class NewerSchemaError(SchemaError):
+    """A manifest written by a newer ckpt than this one: upgrade to read it.
+
+    Never skipped in favour of an older checkpoint: an older ckpt must not carry on
+    writing a store that a newer one has moved ahead.
+    """
+
+
 class UnknownCodecError(CheckpointError):
     """An object was encoded with a codec that no loaded plugin provides."""
 

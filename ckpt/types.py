@@ -6,6 +6,8 @@ nothing else of ckpt at run time, so any layer may return them.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -48,6 +50,13 @@ class CheckpointInfo:
     manifest: Manifest | None = field(default=None, repr=False, compare=False)
     #: for a save: what its writer did (objects written and reused, deltas)
     write_stats: SaveStats | None = field(default=None, repr=False, compare=False)
+    #: for a ``restore(strict=False)``: live keys the checkpoint lacks (dotted, like
+    #: ``load_state_dict``'s), and checkpoint tensors a live module lacks
+    missing_keys: tuple[str, ...] = ()
+    unexpected_keys: tuple[str, ...] = ()
+
+    def with_keys(self, *, missing: Iterable[str], unexpected: Iterable[str]) -> CheckpointInfo:
+        return dataclasses.replace(self, missing_keys=tuple(missing), unexpected_keys=tuple(unexpected))
 
     @classmethod
     def from_manifest(cls, m: Manifest, url: str) -> CheckpointInfo:

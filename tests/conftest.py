@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import re
 import uuid
 
 import pytest
 
-from ckpt.hooks.manager import reset_plugins
+from ckpt.testing import reset_plugins, store_url_fixture
 
 STORE_KINDS = [
     "file",
@@ -65,41 +64,10 @@ def store_server(request):
     return request.getfixturevalue(f"{kind}_server") if kind in ("s3", "az") else None
 
 
-@pytest.fixture(params=STORE_KINDS)
-def store_url(request, tmp_path):
-    """A fresh, empty store URL of each kind (s3 and az: a new prefix on the session's server).
-
-    Remote URLs need no ``storage_options``: the server fixtures register them as fsspec
-    defaults; ``store_server.storage_options`` has them for explicit use.
-    """
-    kind = request.param
-    if kind == "file":
-        yield f"file://{tmp_path}/store"
-    elif kind == "memory":
-        import fsspec
-
-        url = f"memory://ckpt-test-{uuid.uuid4().hex}"
-        yield url
-        fs = fsspec.filesystem("memory")
-        path = url.removeprefix("memory://")
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
-    elif kind in ("s3", "az"):
-        import fsspec
-
-        server = request.getfixturevalue(f"{kind}_server")
-        url = server.new_url(re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)[:48])
-        yield url
-        fs, path = fsspec.core.url_to_fs(url, **server.storage_options)
-        try:
-            fs.rm(path, recursive=True)
-        except FileNotFoundError:
-            pass
-    else:
-        raise AssertionError(kind)
-
-
-from ckpt.testing import make_training_state  # noqa: E402,F401 - re-exported for tests
+#: a fresh, empty store URL of each kind (s3 and az: a new prefix on the session's server).
+#: Remote URLs need no ``storage_options``: the server fixtures register them as fsspec
+#: defaults; ``store_server.storage_options`` has them for explicit use.
+store_url = store_url_fixture(STORE_KINDS, servers={"s3": "s3_server", "az": "az_server"})
 
 
 @pytest.fixture

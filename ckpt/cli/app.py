@@ -91,8 +91,8 @@ def _make_root() -> CkptGroup:
 
     for cmd in COMMANDS:
         root.add_command(cmd)
-    root.sealed = True  # type: ignore[attr-defined]
-    return root  # type: ignore[return-value]
+    root.sealed = True
+    return root
 
 
 def build_cli() -> CkptGroup:

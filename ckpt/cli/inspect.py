@@ -34,7 +34,10 @@ def ls_cmd(url: str, as_json: bool, storage_options: dict[str, Any]) -> None:
 
     Per checkpoint: step, created (UTC), tensors, raw (logical tensor bytes), stored
     (bytes of every object it references, shared ones included), ratio (raw / stored
-    bytes of those objects), new (bytes that save wrote: new objects + manifest).
+    bytes of those objects), new (bytes that save wrote: new objects + manifest), and
+    lineage: "latest" for the checkpoint a load or resume takes (the one committed last,
+    not the highest step), "abandoned" for one that a rollback left behind (restore 20
+    of 30, save 21: 30 is abandoned; only an explicit step reads it).
 
     \b
     Examples:
@@ -43,8 +46,10 @@ def ls_cmd(url: str, as_json: bool, storage_options: dict[str, Any]) -> None:
 
     \b
     JSON schema:
-      {"url": str,
+      {"url": str, "latest": int|null,
        "checkpoints": [{"step": int, "created": str, "parent": int|null,
+                        "seq": int|null (commit sequence), "run": str|null (writer id),
+                        "latest": bool, "abandoned": bool,
                         "tensors": int, "raw_bytes": int, "stored_bytes": int,
                         "ratio": float|null, "new_bytes": int, "manifest_bytes": int}],
        "errors": [{"step": int, "error": str}]}   # unreadable manifests (exit 1)
@@ -66,6 +71,7 @@ def ls_cmd(url: str, as_json: bool, storage_options: dict[str, Any]) -> None:
                 fmt_bytes(c["stored_bytes"]),
                 f"{c['ratio']:.2f}x" if c["ratio"] else "-",
                 fmt_bytes(c["new_bytes"]),
+                "latest" if c["latest"] else ("abandoned" if c["abandoned"] else ""),
             ]
             for c in doc["checkpoints"]
         ]
@@ -77,6 +83,7 @@ def ls_cmd(url: str, as_json: bool, storage_options: dict[str, Any]) -> None:
             ("stored", "right"),
             ("ratio", "right"),
             ("new", "right"),
+            ("lineage", "left"),
         ]
         emit_table(cols, rows)
     for e in doc["errors"]:
@@ -90,7 +97,7 @@ def ls_cmd(url: str, as_json: bool, storage_options: dict[str, Any]) -> None:
 
 @click.command("show")
 @click.argument("url")
-@click.option("--step", type=int, default=None, help="Checkpoint step (default: the newest).")
+@click.option("--step", type=int, default=None, help="Checkpoint step (default: the latest).")
 @json_option
 @storage_option
 def show_cmd(url: str, step: int | None, as_json: bool, storage_options: dict[str, Any]) -> None:
@@ -112,6 +119,7 @@ def show_cmd(url: str, step: int | None, as_json: bool, storage_options: dict[st
     \b
     JSON schema:
       {"url": str, "step": int, "created": str, "parent": int|null,
+       "seq": int|null, "run": str|null, "abandoned": bool,
        "raw_bytes": int, "stored_bytes": int, "new_bytes": int,
        "adapters": {path: adapter}, "plugins": {name: version}, "meta": {...},
        "tree": <the manifest's encoded tree; tensors as {"$tensor": path}>,
@@ -289,7 +297,8 @@ def verify_cmd(url: str, step: int | None, as_json: bool, storage_options: dict[
     """Read, decode and hash-check every object of checkpoint STEP (default: every checkpoint).
 
     Objects shared between checkpoints are read once. Each bad object is named with every
-    step and tensor that uses it.
+    step and tensor that uses it. Without --step, files in manifests/ that are not a
+    manifest (0009.json, 9.json.tmp: ignored by every reader) are reported too.
 
     \b
     Examples:

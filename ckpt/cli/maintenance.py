@@ -1,4 +1,4 @@
-"""Keeping a store in shape: ``ckpt gc``, ``du`` and ``plugins``."""
+"""Keeping a store in shape: ``ckpt gc``, ``du``, ``unlock`` and ``plugins``."""
 
 from __future__ import annotations
 
@@ -58,6 +58,10 @@ def gc_cmd(
     live lease, always the newest. Mark and sweep from the kept manifests (delta parents
     included); objects younger than the grace period are never swept.
 
+    gc is not a writer: it runs beside a live training run and refuses nothing, but never
+    removes what the run's writer lease holds (the checkpoint its next save reuses, the
+    objects of its save in flight).
+
     \b
     Examples:
       ckpt gc file:///runs/exp1 --keep-last 3 --dry-run
@@ -66,7 +70,8 @@ def gc_cmd(
     \b
     JSON schema:
       {"url": str, "grace_seconds": float, "dry_run": bool, "kept_steps": [int],
-       "removed_steps": [int], "removed_objects": int, "freed_bytes": int}
+       "removed_steps": [int], "removed_objects": int, "freed_bytes": int,
+       "held_steps": [int], "sweep_skipped": str|null}
 
     Exit codes: 0 ok, 1 a kept manifest is unreadable (nothing deleted), 2 bad URL or option.
     """
@@ -96,6 +101,10 @@ def gc_cmd(
         f"{'would free' if dry_run else 'freed'} {fmt_bytes(res.freed_bytes)}"
     )
     click.echo(f"kept checkpoints: {', '.join(map(str, res.kept_steps)) or 'none'}")
+    if res.held_steps:
+        click.echo(f"held by a live lease (a writer's parent, a reader): {', '.join(map(str, res.held_steps))}")
+    if res.sweep_skipped:
+        click.echo(f"ckpt: warning: no objects swept: {res.sweep_skipped}; run gc again later", err=True)
 
 
 def _gc_doc(res: Any, grace_seconds: float | None) -> dict[str, Any]:
@@ -108,6 +117,8 @@ def _gc_doc(res: Any, grace_seconds: float | None) -> dict[str, Any]:
         "removed_steps": list(res.removed_steps),
         "removed_objects": res.removed_objects,
         "freed_bytes": res.freed_bytes,
+        "held_steps": list(res.held_steps),
+        "sweep_skipped": res.sweep_skipped,
     }
 
 
@@ -200,7 +211,7 @@ def du_cmd(
         try:
             from ckpt.storage.retention import collect
         except ImportError:  # pragma: no cover - gc ships with core
-            collect = None
+            collect = None  # type: ignore[assignment]  # the optional-import pattern; never taken
         if collect is not None:
             try:
                 res = collect(
@@ -251,6 +262,77 @@ def du_cmd(
         click.echo(f"ckpt: error: step {e['step']}: {e['error']}", err=True)
     if doc["errors"]:
         raise click.exceptions.Exit(EXIT_CORRUPT)
+
+
+# -- unlock -------------------------------------------------------------------------------
+
+
+@click.command("unlock")
+@click.argument("url")
+@click.option("--force", is_flag=True, help="Remove the lease even when its holder looks alive.")
+@json_option
+@storage_option
+def unlock_cmd(url: str, force: bool, as_json: bool, storage_options: dict[str, Any]) -> None:
+    """Remove the writer lease of the store at URL, so that a new writer starts at once.
+
+    For a holder known to be gone that its successor cannot tell is gone by itself: a
+    writer on another host is taken over CKPT_WRITER_LEASE_SECONDS (10) after its
+    heartbeat stops, and a dead process on the same host at once. A holder that still
+    looks alive (a live process on this host, a heartbeat younger than that bound) is
+    only removed with --force; it then fails at its next save and never commits again.
+
+    \b
+    Examples:
+      ckpt unlock file:///runs/exp1
+      ckpt unlock s3://bucket/exp1 --force --json
+
+    \b
+    JSON schema:
+      {"url": str, "removed": bool,
+       "holder": {"host": str, "pid": int, "since": float, "heartbeat": float,
+                  "protect": [int], "in_flight": int|null}|null}
+
+    Exit codes: 0 removed (or no lease), 2 the holder looks alive and --force was not given.
+    """
+    import time
+
+    from ckpt import config
+    from ckpt.storage.leases import local_state, read_lease
+    from ckpt.storage.writer_lease import writer_lease_path
+
+    store = open_store(url, storage_options)
+    path = writer_lease_path(store)
+    try:
+        record = read_lease(store, path)
+    except ValueError as exc:
+        record = None
+        click.echo(f"ckpt: warning: unreadable writer lease removed ({exc})", err=True)
+        store.delete(path)
+    holder = None
+    if record is not None:
+        holder = {
+            "host": record.holder.host,
+            "pid": record.holder.pid,
+            "since": record.since,
+            "heartbeat": record.heartbeat,
+            "protect": list(record.protect),
+            "in_flight": record.in_flight,
+        }
+        alive = local_state(record.holder)
+        if alive is None:
+            alive = time.time() - record.heartbeat < config.writer_lease_seconds()
+        if alive and not force:
+            raise CheckpointError(
+                f"the writer of {store.url} looks alive: {record.describe()}; "
+                "stop it first, or pass --force to remove its lease anyway"
+            )
+        store.delete(path)
+    if as_json:
+        emit_json({"url": store.url, "removed": record is not None, "holder": holder})
+    elif record is None:
+        click.echo(f"{store.url} has no writer lease")
+    else:
+        click.echo(f"removed the writer lease of {store.url}: {record.describe()}")
 
 
 # -- plugins ------------------------------------------------------------------------------

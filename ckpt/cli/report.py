@@ -21,6 +21,7 @@ from ckpt.hooks.manager import Plugins
 from ckpt.interop.names import flat_name
 from ckpt.state import tree as treemod
 from ckpt.storage.commit import load_manifest
+from ckpt.storage.lineage import lineage_of, parse_manifest
 from ckpt.storage.manifest import ChunkRef, Manifest
 from ckpt.storage.store import Store
 
@@ -38,7 +39,7 @@ def read_manifests(store: Store) -> tuple[dict[int, Manifest], dict[int, str], d
     for step in store.steps():
         try:
             body = store.read_manifest(step)
-            manifests[step] = Manifest.from_json_bytes(body, where=f"{store.url} step {step}")
+            manifests[step] = parse_manifest(body, step, store.url)
             sizes[step] = len(body)
         except CheckpointError as exc:
             errors[step] = str(exc)
@@ -53,10 +54,13 @@ def require_steps(store: Store, manifests: Mapping[int, Manifest], errors: Mappi
 def manifest_for(
     store: Store, manifests: Mapping[int, Manifest], errors: Mapping[int, str], step: int | None
 ) -> Manifest:
-    """The manifest of ``step`` (newest when None), raising what reading it raised."""
+    """The manifest of ``step`` (the latest readable one when None), raising what reading it raised."""
     require_steps(store, manifests, errors)
     if step is None:
-        step = max([*manifests, *errors])
+        latest = lineage_of(manifests).latest
+        if latest is None:
+            return load_manifest(store, None)  # raises, naming every unreadable manifest
+        step = latest
     if step in manifests:
         return manifests[step]
     return load_manifest(store, step)  # raises NoCheckpointError / SchemaError naming the step
@@ -97,6 +101,8 @@ def _ratio(raw: int, stored: int) -> float | None:
 def ls_report(store: Store) -> dict[str, Any]:
     manifests, errors, sizes = read_manifests(store)
     require_steps(store, manifests, errors)
+    lineage = lineage_of(manifests, errors)
+    abandoned = set(lineage.abandoned)
     rows = []
     for step, m in sorted(manifests.items()):
         objs = referenced(m)
@@ -106,6 +112,10 @@ def ls_report(store: Store) -> dict[str, Any]:
                 "step": step,
                 "created": m.created,
                 "parent": m.parent,
+                "seq": m.seq,
+                "run": m.run or None,
+                "latest": step == lineage.latest,
+                "abandoned": step in abandoned,
                 "tensors": len(m.tensors),
                 "raw_bytes": m.raw_bytes,
                 "stored_bytes": stored,
@@ -116,6 +126,7 @@ def ls_report(store: Store) -> dict[str, Any]:
         )
     return {
         "url": store.url,
+        "latest": lineage.latest,
         "checkpoints": rows,
         "errors": [{"step": s, "error": e} for s, e in sorted(errors.items())],
     }
@@ -140,7 +151,7 @@ def show_report(store: Store, step: int | None) -> dict[str, Any]:
     seen_here: set[str] = set()
     tensors = []
     for path, entry in m.tensors.items():
-        chunks = []
+        chunks: list[dict[str, Any]] = []
         for ref in entry.chunks:
             others = sorted(users.get(ref.key, set()) - {m.step})
             dedup = ref.key in seen_here or any(s < m.step for s in others)
@@ -185,6 +196,9 @@ def show_report(store: Store, step: int | None) -> dict[str, Any]:
         "step": m.step,
         "created": m.created,
         "parent": m.parent,
+        "seq": m.seq,
+        "run": m.run or None,
+        "abandoned": m.step in lineage_of(manifests).abandoned,
         "raw_bytes": m.raw_bytes,
         "stored_bytes": sum(r.stored for r in objs.values()),
         "new_bytes": m.stored_bytes,
@@ -306,11 +320,14 @@ def verify_report(
     from ckpt.io.verify import verify_manifest
 
     manifests, errors, _ = read_manifests(store)
+    strays: list[str] = []
     if step is not None:
         m = manifest_for(store, manifests, errors, step)
         manifests, errors = {step: m}, {}
     else:
-        require_steps(store, manifests, errors)
+        strays = store.stray_manifests()
+        if not strays:
+            require_steps(store, manifests, errors)
     # Objects shared between checkpoints are checked once, under the first step using them.
     users: dict[str, list[dict[str, Any]]] = {}
     todo: dict[int, Manifest] = {}
@@ -327,7 +344,7 @@ def verify_report(
             if fresh:
                 keep[path] = dataclasses.replace(entry, chunks=fresh)
         todo[s] = dataclasses.replace(m, tensors=keep)
-    problems = []
+    problems: list[dict[str, Any]] = []
     checked = 0
     for _s, m in sorted(todo.items()):
         checked += sum(len(e.chunks) for e in m.tensors.values())
@@ -336,6 +353,15 @@ def verify_report(
             problems.append({"key": p.key, "error": p.error, "references": users.get(p.key, [])})
     for s, e in sorted(errors.items()):
         problems.append({"key": None, "error": e, "references": [{"step": s, "tensor": None}]})
+    for name in strays:
+        what = "a folder" if name.endswith("/") else "not a manifest name (<step>.json, no leading zeros or signs)"
+        problems.append(
+            {
+                "key": None,
+                "error": f"manifests/{name} in {store.url} is {what}: ignored, it is no checkpoint",
+                "references": [],
+            }
+        )
     return {
         "url": store.url,
         "steps": sorted([*manifests, *errors]),

@@ -14,6 +14,7 @@ store gives its codecs (keys, later) arrives with every call in a :class:`CodecC
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -163,7 +164,7 @@ def decode_chain(
     # A last stage that may decode in place (``in_place = True``: it tolerates ``payload``
     # aliasing ``out``, as XOR does) gets the previous stage's output written straight
     # into ``out``, saving a full-size intermediate and a copy.
-    steps = [(registry.get(str(step.get("name")), what=what), step) for step in reversed(chain)]
+    steps = [(registry.get(_step_name(step, what), what=what), step) for step in reversed(chain)]
     current = payload
     for depth, (codec, step) in enumerate(steps):
         last = depth == len(steps) - 1
@@ -172,9 +173,22 @@ def decode_chain(
         if last or (in_place_next and size == len(out)):
             target = out
         else:
-            target = memoryview(np.empty(size, dtype=np.uint8))  # no zero-fill: fully overwritten
-        codec.decode(current, target, step, ctx)
+            target = np.empty(size, dtype=np.uint8).data  # no zero-fill: fully overwritten
+        try:
+            codec.decode(current, target, step, ctx)
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError, struct.error) as exc:
+            # a payload or parameter a codec chokes on is corrupt data, whichever codec it is
+            raise CorruptCheckpointError(
+                f"{what}: codec {codec.name!r} cannot decode it ({type(exc).__name__}: {exc})"
+            ) from None
         current = target
+
+
+def _step_name(step: Any, what: str) -> str:
+    name = step.get("name") if isinstance(step, Mapping) else None
+    if not isinstance(name, str):
+        raise CorruptCheckpointError(f"{what}: malformed codec step {str(step)[:80]}")
+    return name
 
 
 #: the chain-step key recording a stage's input size when it differs from the raw size
@@ -184,10 +198,19 @@ INPUT_SIZE = "in"
 _SLACK = 64 * 1024
 
 
+def max_encoded_size(raw: int) -> int:
+    """The most bytes any stage of a chain may produce from, or take in for, ``raw`` raw bytes.
+
+    Codecs that do not help are skipped when encoding, so a real stage grows its input by
+    its framing at most; this bound is what a reader allocates or reads at most for a chunk.
+    """
+    return raw + raw // 8 + _SLACK
+
+
 def _input_size(step: Mapping[str, Any], raw: int, what: str) -> int:
     """Bytes the stage encoded at ``step`` took as input: what decoding it must produce."""
     size = step.get(INPUT_SIZE, raw)
-    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= raw + raw // 8 + _SLACK:
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= max_encoded_size(raw):
         raise CorruptCheckpointError(
             f"{what}: codec step {step.get('name')!r} records an impossible input size {size!r}"
         )

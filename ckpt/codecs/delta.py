@@ -67,14 +67,18 @@ class XorDeltaCodec:
 
     def decode(self, payload: memoryview, out: memoryview, params: Mapping[str, Any], ctx: DecodeContext) -> None:
         parent = params.get("parent")
-        if not isinstance(parent, Mapping) or "hash" not in parent or "size" not in parent:
+        if not isinstance(parent, Mapping) or not isinstance(parent.get("hash"), str):
             raise CorruptCheckpointError("xor delta has no parent record")
-        if int(parent["size"]) != len(out) or len(payload) != len(out):
+        size = parent.get("size")
+        if type(size) is not int or size != len(out) or len(payload) != len(out):
             raise CorruptCheckpointError(
                 f"xor delta of {len(out)} bytes has a {len(payload)}-byte payload "
-                f"and a {parent['size']}-byte parent {parent.get('key', parent['hash'])}"
+                f"and a {str(size)[:40]}-byte parent {str(parent.get('key', parent['hash']))[:80]}"
             )
-        base = ctx.raw_chunk(parent)  # verified by the reader, recursively for longer chains
+        # verified by the reader, recursively for longer chains (bounded by manifest validation)
+        base = ctx.raw_chunk(parent)
+        if len(base) != len(out):
+            raise CorruptCheckpointError(f"xor delta of {len(out)} bytes got a {len(base)}-byte parent")
         xor_into(payload, base, out)
 
 
@@ -86,7 +90,7 @@ def delta_key(raw_hash: str, parent_hash: str) -> str:
 def parent_record(codec: tuple[Mapping[str, Any], ...] | list[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     """The parent chunk record of a codec chain, or None for a full object."""
     for step in codec:
-        if step.get("name") == NAME:
+        if isinstance(step, Mapping) and step.get("name") == NAME:
             parent = step.get("parent")
             return parent if isinstance(parent, Mapping) else None
     return None
@@ -99,7 +103,7 @@ def delta_age(codec: tuple[Mapping[str, Any], ...] | list[Mapping[str, Any]]) ->
     immediate parent) it is the chain depth.
     """
     for step in codec:
-        if step.get("name") == NAME:
+        if isinstance(step, Mapping) and step.get("name") == NAME:
             age = step.get("age")
             if isinstance(age, int) and not isinstance(age, bool) and age >= 1:
                 return age

@@ -71,7 +71,14 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 
 def _decompress_exact(payload: memoryview | bytes, size: int, what: str) -> bytes:
     try:
-        raw = _decompressor().decompress(payload, max_output_size=size)
+        # One-shot decompression allocates what the frame header declares and honours
+        # max_output_size only when the header declares nothing: a forged header asking for
+        # a terabyte is refused here, before anything is allocated.
+        declared = zstandard.get_frame_parameters(payload).content_size
+        if declared not in (size, zstandard.CONTENTSIZE_UNKNOWN):
+            raise CorruptCheckpointError(f"zstd frame of {what} declares {declared} bytes, expected {size}")
+        # bytes after the frame are damage too, even if the frame decodes to the right content
+        raw = _decompressor().decompress(payload, max_output_size=size, allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise CorruptCheckpointError(f"zstd frame of {what} does not decode: {exc}") from None
     if len(raw) != size:
@@ -104,6 +111,8 @@ class ZstdCodec:
 
 
 _PLANE = struct.Struct("<BQ")  # mode (0 raw, 1 zstd), stored length
+#: element sizes bgzstd groups bytes by (every dtype of 2 bytes or more)
+ITEMSIZES = frozenset({2, 4, 8, 16})
 _RAW, _ZSTD = 0, 1
 
 
@@ -121,17 +130,17 @@ class ByteGroupZstdCodec:
         n = plane.nbytes
         if n > 4 * _SAMPLE:
             # Mantissa planes are close to random: a sample decides cheaply.
-            sample = comp.compress(plane[:_SAMPLE])
+            sample = comp.compress(plane[:_SAMPLE].data)
             if len(sample) >= _SAMPLE * (1 - _MIN_SAVING):
                 return _RAW, plane
-        out = comp.compress(plane)
+        out = comp.compress(plane.data)
         if len(out) >= n * (1 - _MIN_SAVING):
             return _RAW, plane
         return _ZSTD, out
 
     def encode(self, data: memoryview, ctx: EncodeContext) -> tuple[memoryview, dict[str, Any]] | None:
         k = ctx.itemsize
-        if k < 2 or len(data) % k:
+        if k not in ITEMSIZES or len(data) % k:
             return None
         n = len(data) // k
         # One transposing copy into a per-thread buffer reused across chunks: plane i is row i.
@@ -140,22 +149,22 @@ class ByteGroupZstdCodec:
         parts: list[tuple[int, bytes | np.ndarray]] = [self._compress_plane(planes[i]) for i in range(k)]
         if all(mode == _RAW for mode, _ in parts):
             return None
-        sizes = [len(p) if mode == _ZSTD else p.nbytes for mode, p in parts]
+        sizes = [len(p) if isinstance(p, bytes) else p.nbytes for _, p in parts]
         out = np.empty(_PLANE.size * k + sum(sizes), dtype=np.uint8)  # fully written below
-        view = memoryview(out)
+        view = out.data
         pos = 0
         for (mode, _), size in zip(parts, sizes):
             _PLANE.pack_into(view, pos, mode, size)
             pos += _PLANE.size
         for (_, p), size in zip(parts, sizes):
-            view[pos : pos + size] = p if isinstance(p, bytes) else memoryview(p)
+            view[pos : pos + size] = p if isinstance(p, bytes) else p.data
             pos += size
         return view, {"itemsize": k}
 
     def decode(self, payload: memoryview, out: memoryview, params: Mapping[str, Any], ctx: DecodeContext) -> None:
-        k = int(params.get("itemsize", 0))
-        if k < 2 or len(out) % k:
-            raise CorruptCheckpointError(f"bgzstd: bad itemsize {k} for {len(out)} bytes")
+        k = params.get("itemsize")
+        if type(k) is not int or k not in ITEMSIZES or len(out) % k:
+            raise CorruptCheckpointError(f"bgzstd: bad itemsize {str(k)[:40]} for {len(out)} bytes")
         n = len(out) // k
         grid = np.frombuffer(out, dtype=np.uint8).reshape(-1, k)
         pos = _PLANE.size * k

@@ -85,8 +85,16 @@ class Plugins:
 
     def _run_registration(self, hook_name: str, registry: AdapterRegistry | CodecRegistry) -> None:
         # Called implementation by implementation (in pluggy's call order) so a duplicate
-        # name can be blamed on the plugin that registered it.
+        # name can be blamed on the plugin that registered it. That bypasses pluggy's call
+        # loop, so a wrapper would never run: refused before anything registers.
         caller = getattr(self.pm.hook, hook_name)
+        for impl in caller.get_hookimpls():
+            if impl.wrapper or impl.hookwrapper:
+                kind = "wrapper=True" if impl.wrapper else "hookwrapper=True"
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r} implements {hook_name} with {kind}: registration hooks "
+                    "take plain implementations only (drop the wrapper option and register directly)"
+                )
         for impl in reversed(caller.get_hookimpls()):
             registry.current_plugin = impl.plugin_name
             try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -112,5 +112,5 @@ class DCPSource(Source):
             if size >= IMPORT_WINDOW_BYTES // 2 or i == len(items) - 1:
                 loaded = self._load({f for _, f in batch})
                 for p, f in batch:
-                    yield p, get_element(loaded, self._obj_path[f])
+                    yield p, cast(torch.Tensor, get_element(loaded, self._obj_path[f]))  # loaded by its own plan
                 batch, size = [], 0

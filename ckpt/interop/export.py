@@ -286,7 +286,8 @@ def _commit(
         for path, tensor in tensors:
             n = sizes[path]
             with budget:
-                budget.wait_for(lambda n=n: in_flight[0] == 0 or in_flight[0] + n <= IMPORT_WINDOW_BYTES)
+                # mypy cannot type a lambda whose parameter binds the loop variable
+                budget.wait_for(lambda n=n: in_flight[0] == 0 or in_flight[0] + n <= IMPORT_WINDOW_BYTES)  # type: ignore[misc]
                 in_flight[0] += n
             yield path, tensor
 

@@ -18,13 +18,13 @@ from typing import Any
 import torch
 
 from ckpt.codecs.base import CodecRegistry
-from ckpt.errors import CheckpointError, UnsupportedValueError
+from ckpt.errors import CheckpointError, CorruptCheckpointError, UnsupportedValueError
 from ckpt.interop.names import SAFETENSORS_DTYPES, ST_TO_TORCH, Progress, numel
 from ckpt.interop.source import Source
 from ckpt.io.plan import ReadPlan
 from ckpt.io.reader import iter_chunks
 from ckpt.state import tree as treemod
-from ckpt.storage.manifest import Manifest, TensorEntry
+from ckpt.storage.manifest import DTYPE_ITEMSIZE, Manifest, TensorEntry
 from ckpt.storage.store import Store
 
 
@@ -62,6 +62,12 @@ def write_safetensors(
             raise UnsupportedValueError(
                 f"tensor {path!r}: dtype {entry.dtype} has no safetensors equivalent; export with --format torch"
             )
+        # a header whose shape disagrees with the bytes that follow is a broken file: never write one
+        if entry.nbytes != numel(list(entry.shape)) * DTYPE_ITEMSIZE[entry.dtype]:
+            raise CorruptCheckpointError(
+                f"tensor {path!r} of step {manifest.step}: shape {list(entry.shape)} of {entry.dtype} "
+                f"is not {entry.nbytes} bytes"
+            )
         header[name] = {"dtype": code, "shape": list(entry.shape), "data_offsets": [offset, offset + entry.nbytes]}
         offset += entry.nbytes
     body = json.dumps(header, separators=(",", ":")).encode()
@@ -70,10 +76,16 @@ def write_safetensors(
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(body)))
         f.write(body)
+        written = 0
         for raw in iter_chunks(store, codecs, plan):
             f.write(raw)
+            written += len(raw)
             if progress is not None:
                 progress(len(raw), total)
+        if written != offset:
+            raise CorruptCheckpointError(
+                f"step {manifest.step}: wrote {written} tensor bytes, the header says {offset}"
+            )
         f.flush()
         os.fsync(f.fileno())
 
@@ -87,7 +99,7 @@ class SafetensorsSource(Source):
 
         self.src = src
         try:
-            self._file = safe_open(src, framework="pt", device="cpu")
+            self._file: Any = safe_open(src, framework="pt", device="cpu")  # None once closed
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError for a bad header
             raise CheckpointError(f"{src} is not a readable safetensors file: {exc}") from None
         self._names: dict[str, str] = {}  # ckpt path -> name in the file
@@ -110,8 +122,8 @@ class SafetensorsSource(Source):
                 doc = json.loads(raw)
                 tree, names, key = doc["tree"], dict(doc["tensors"]), doc.get("key")
                 adapters = dict(doc.get("adapters") or {})
-            except (ValueError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{self.src}: unreadable 'ckpt' metadata ({exc})") from None
+            except (ValueError, KeyError, TypeError, RecursionError) as exc:
+                raise CheckpointError(f"{self.src}: unreadable 'ckpt' metadata ({str(exc)[:200]})") from None
             if key is not None:
                 tree = {key: tree}
             for name, path in names.items():

@@ -62,8 +62,13 @@ class ReadPlan:
         return sum(r.ref.size for r in self.reads)
 
     def distinct(self) -> list[ChunkRead]:
-        """One read per distinct object (the first tensor using it): what verifying needs."""
-        seen: dict[str, ChunkRead] = {}
+        """One read per distinct chunk record (the first tensor using it): what verifying needs.
+
+        Records are told apart by everything they promise, not by the key alone: a damaged
+        manifest may give one key two hashes, and each must be checked.
+        """
+        seen: dict[tuple[str, str, int, int, str], ChunkRead] = {}
         for r in self.reads:
-            seen.setdefault(r.ref.key, r)
+            ref = r.ref
+            seen.setdefault((ref.key, ref.hash, ref.size, ref.stored, repr(ref.codec) if ref.codec else ""), r)
         return list(seen.values())

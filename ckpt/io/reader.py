@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckpt.codecs.base import CodecRegistry, decode_chain
+from ckpt.codecs.base import CodecRegistry, decode_chain, max_encoded_size
 from ckpt.errors import CheckpointError, CorruptCheckpointError
 from ckpt.io.hashing import hash_bytes
 from ckpt.io.plan import ChunkRead, ReadPlan
@@ -34,7 +34,7 @@ class Reader:
         self.codecs = codecs
         self.codec_context = store.codec_context
         self.cache_bytes = cache_bytes
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str, int], np.ndarray] = OrderedDict()
         self._cached = 0
         self._cache_lock = threading.Lock()
         #: parent objects decoded by :meth:`raw_chunk` (cache misses)
@@ -45,32 +45,39 @@ class Reader:
         try:
             chunk = ChunkRef.from_json(ref)
         except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptCheckpointError(f"malformed parent record {ref!r}: {exc}") from None
+            raise CorruptCheckpointError(f"malformed parent record {str(ref)[:200]}: {exc}") from None
+        # keyed by what the record promises, not by the key alone: two records naming one
+        # object with different hashes or sizes must not share a verified copy
+        cache_key = (chunk.key, chunk.hash, chunk.size)
         with self._cache_lock:
-            hit = self._cache.get(chunk.key)
+            hit = self._cache.get(cache_key)
             if hit is not None:
-                self._cache.move_to_end(chunk.key)
-                return memoryview(hit)
+                self._cache.move_to_end(cache_key)
+                return hit.data
         # Two threads may decode the same parent at once; waiting on each other instead
         # could deadlock on a (malicious) manifest whose parent records cite each other.
         raw = np.empty(chunk.size, dtype=np.uint8)  # fully overwritten by the decode
-        self.read_chunk(chunk, memoryview(raw), what=what or f"parent object {chunk.key}")
+        self.read_chunk(chunk, raw.data, what=what or f"parent object {chunk.key}")
         raw.flags.writeable = False  # shared through the cache: nobody may write into it
         with self._cache_lock:
             self.parent_decodes += 1
-            if chunk.key not in self._cache and raw.nbytes <= self.cache_bytes:
-                self._cache[chunk.key] = raw
+            if cache_key not in self._cache and raw.nbytes <= self.cache_bytes:
+                self._cache[cache_key] = raw
                 self._cached += raw.nbytes
                 while self._cached > self.cache_bytes:
                     _, old = self._cache.popitem(last=False)
                     self._cached -= old.nbytes
-        return memoryview(raw)
+        return raw.data
 
     def read_chunk(self, ref: ChunkRef, out: memoryview, *, what: str) -> None:
-        payload = self.store.get_object(ref.key, what=what)
-        if ref.stored >= 0 and len(payload) != ref.stored:
+        # Never more than one byte past what the manifest records (or, for a parent record
+        # without a stored size, past what any codec chain makes of the raw size).
+        expected = ref.stored if ref.stored >= 0 else max_encoded_size(ref.size)
+        payload = self.store.get_object(ref.key, what=what, limit=expected + 1)
+        if len(payload) > expected or (ref.stored >= 0 and len(payload) != ref.stored):
+            has = f"more than {expected}" if len(payload) > expected else str(len(payload))
             raise CorruptCheckpointError(
-                f"{what}: object {ref.key} has {len(payload)} bytes, the manifest says {ref.stored} (truncated or replaced)"
+                f"{what}: object {ref.key} has {has} bytes, the manifest says {ref.stored} (truncated or replaced)"
             )
         try:
             decode_chain(self.codecs, list(ref.codec), memoryview(payload), out, self, what=f"{what}, object {ref.key}")
@@ -82,7 +89,14 @@ class Reader:
 
 
 def empty_like_entry(entry: TensorEntry, path: str) -> torch.Tensor:
-    return torch.empty(entry.shape, dtype=dtype_from_name(entry.dtype, what=f"tensor {path!r}"))
+    dtype = dtype_from_name(entry.dtype, what=f"tensor {path!r}")
+    try:
+        host = torch.empty(entry.shape, dtype=dtype)
+    except (RuntimeError, MemoryError) as exc:  # torch reports a failed allocation as a RuntimeError
+        raise CheckpointError(f"tensor {path!r}: cannot allocate {entry.nbytes} bytes for it ({exc})") from None
+    if host.nbytes != entry.nbytes:  # a validated manifest never gets here
+        raise CorruptCheckpointError(f"tensor {path!r}: shape {list(entry.shape)} is not {entry.nbytes} bytes")
+    return host
 
 
 def _writable_in_place(dest: torch.Tensor) -> bool:
@@ -119,7 +133,7 @@ def read_tensors(
             if dest is not None:
                 staged.append((dest, host))
         result[path] = dest if dest is not None else host
-        targets[path] = memoryview(host.reshape(-1).view(torch.uint8).numpy()) if entry.nbytes else memoryview(b"")
+        targets[path] = host.reshape(-1).view(torch.uint8).numpy().data if entry.nbytes else memoryview(b"")
     with io_pool("ckpt-read") as pool:
         reader = Reader(store, codecs)
 

@@ -4,12 +4,19 @@ Work is split per chunk and run on a thread pool; zstandard, xxhash, NumPy copie
 file I/O release the GIL, so every core is used. Memory stays bounded by the number of
 workers: a task holds one chunk's encoded payload at a time, the raw bytes are read
 straight from the tensors' own memory. Committing the entries is :mod:`ckpt.storage.commit`'s job.
+
+Entries only cite objects that are in the store: before reusing the parent checkpoint's
+objects, :func:`write_objects` confirms that the parent is still committed and that each
+object it would reuse is present, and writes again every chunk whose object is gone.
+With the writer's lease naming the parent first, no garbage collection can remove them
+afterwards (the argument is in :mod:`ckpt.storage.retention`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 from collections.abc import Callable, Container, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -52,7 +59,7 @@ def host_bytes(t: torch.Tensor, path: str) -> tuple[torch.Tensor, memoryview]:
     if not t.is_contiguous():
         t = t.contiguous()
     flat = t.reshape(-1)
-    return t, memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    return t, flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
 
 
 @dataclass
@@ -119,6 +126,7 @@ class Writer:
         delta: bool = False,
         max_chain: int = 8,
         delta_skip: Container[str] = (),
+        absent: frozenset[str] = frozenset(),
     ) -> None:
         if isinstance(max_chain, bool) or not isinstance(max_chain, int) or max_chain < 1:
             raise CheckpointError(f"max_chain must be an int >= 1 (1 = no deltas), got {max_chain!r}")
@@ -136,6 +144,8 @@ class Writer:
         self.max_chain = max_chain
         #: tensor paths written in full without trying a delta (recently tried without gain)
         self.delta_skip = delta_skip
+        #: keys the parent cites that the store no longer holds: never a delta's base
+        self.absent = absent
         self._reader: Reader | None = None
 
     def submit(self, path: str, tensor: torch.Tensor) -> Future[TensorEntry]:
@@ -201,7 +211,7 @@ class Writer:
                 pkeep, pview = host_bytes(live, path)
             except CheckpointError:
                 pkeep = pview = None
-            if pview is not None and (dtype_name(pkeep) != dtype or len(pview) != entry.nbytes):
+            if pkeep is not None and pview is not None and (dtype_name(pkeep) != dtype or len(pview) != entry.nbytes):
                 pkeep = pview = None
         return entry.chunks, pview, pkeep
 
@@ -226,6 +236,7 @@ class Writer:
             self.stats.add(reused_bytes=len(data))
             return ref
         if mine is None:
+            assert other is not None  # no claim of ours: another writer's is pending
             self.stats.add(reused_bytes=len(data))
             return other.result()
         try:
@@ -253,9 +264,12 @@ class Writer:
         :mod:`ckpt.codecs.delta` finds that smaller."""
         parent_record = parent.to_json() if parent is not None else None
         base_record, age = deltamod.delta_base(parent_record, self.max_chain)
+        if base_record is not None and not self.absent.isdisjoint(deltamod.referenced_keys(base_record)):
+            base_record, age = None, 0  # the base is gone from the store: a delta of it could never be read
         base = base_ref = None
         if base_record is not None:
             base_ref = parent if base_record is parent_record else ChunkRef.from_json(base_record)
+            assert base_ref is not None  # a base record exists only when a parent does
             # the previous snapshot's bytes are the parent's: of use only when it is the base
             base = self._parent_raw(path, base_ref, parent_view if base_ref is parent else None)
         ctx = EncodeContext(dtype=dtype, itemsize=itemsize, codec_context=self.store.codec_context)
@@ -309,19 +323,22 @@ def write_objects(
     each tensor as soon as it is staged, and ``on_tensor_written(path)`` tells it when the
     tensor's bytes are no longer needed (its staging buffer can be reused). Chunks stored
     by ``parent`` are referenced, not written (dedup); with ``delta`` a changed chunk may
-    be written as a delta against the parent's (:mod:`ckpt.codecs.delta`).
+    be written as a delta against the parent's (:mod:`ckpt.codecs.delta`). Only a parent
+    still committed is reused, and only its objects still present (:func:`reusable`).
     """
+    known, absent = reusable(store, parent, pool) if parent is not None else ({}, frozenset())
     writer = Writer(
         store,
         codecs,
         pool,
-        known={c.hash: c for c in parent.chunk_refs()} if parent is not None else {},
+        known=known,
         chunk_bytes=chunk_bytes,
-        parent=parent,
+        parent=parent if known else None,
         parent_tensors=parent_tensors,
         delta=delta,
         max_chain=max_chain,
         delta_skip=delta_skip,
+        absent=absent,
     )
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     futures: dict[str, Future[TensorEntry]] = {}
@@ -329,8 +346,81 @@ def write_objects(
         for path, tensor in items:
             fut = writer.submit(path, tensor)
             if on_tensor_written is not None:
-                fut.add_done_callback(lambda _f, p=path: on_tensor_written(p))
+                # mypy cannot type a lambda whose extra parameter binds the loop variable
+                fut.add_done_callback(lambda _f, p=path: on_tensor_written(p))  # type: ignore[misc]
             futures[path] = fut
     finally:
         wait_all(futures.values())
     return {p: f.result() for p, f in futures.items()}, writer.stats.frozen()
+
+
+def reusable(store: Store, parent: Manifest, pool: ThreadPoolExecutor) -> tuple[dict[str, ChunkRef], frozenset[str]]:
+    """The chunks of ``parent`` a save may cite without writing them (raw hash -> ref), and the
+    keys ``parent`` cites that the store no longer holds.
+
+    Nothing is reusable when ``parent``'s manifest is gone: a collection that removed it may
+    be sweeping its objects. Otherwise a chunk is reusable when every object it needs (its
+    own, and a delta's base) is present; the others are written again, healing the store.
+    """
+    if not store.exists(store.manifest_path(parent.step)):
+        log.warning(
+            "step %d of %s was removed before the save continuing from it could reuse its objects; "
+            "writing every chunk in full",
+            parent.step,
+            store.url,
+        )
+        return {}, frozenset()
+    needs = {ref.hash: (ref, frozenset(deltamod.referenced_keys(ref.to_json()))) for ref in parent.chunk_refs()}
+    wanted = frozenset().union(*(keys for _ref, keys in needs.values()))
+    absent = wanted - present_objects(store, wanted, pool)
+    if absent:
+        log.warning(
+            "%d object(s) of step %d of %s are missing (e.g. %s); the chunks that need them are written again",
+            len(absent),
+            parent.step,
+            store.url,
+            min(absent),
+        )
+    return {h: ref for h, (ref, keys) in needs.items() if absent.isdisjoint(keys)}, absent
+
+
+#: keys of one 2-hex prefix from which one listing of it costs less than a request per key
+_LIST_FROM = 8
+
+
+def present_objects(store: Store, keys: Iterable[str], pool: ThreadPoolExecutor) -> set[str]:
+    """Which of ``keys`` the store holds, in parallel on ``pool``.
+
+    A local disk answers an existence check in microseconds; an object store answers a
+    listing of a thousand keys for the price of one request, so prefixes holding many of
+    the keys are listed and the others checked key by key.
+    """
+    keys = set(keys)
+    if store.local:  # no retries needed: a local disk has no transient errors worth them
+        return {k for k in keys if os.path.isfile(store.object_path(k))}
+    by_prefix: dict[str, set[str]] = {}
+    for key in keys:
+        by_prefix.setdefault(key[:2], set()).add(key)
+
+    def listed(prefix: str) -> set[str]:
+        base = store.path("objects", prefix)
+
+        def ls() -> set[str]:
+            store.fs.invalidate_cache(base)  # other processes write the store
+            return {p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(base, detail=False)}
+
+        try:
+            return store._io(f"listing {base}", ls, "list")
+        except FileNotFoundError:
+            return set()
+
+    def check(prefix: str) -> set[str]:
+        wanted = by_prefix[prefix]
+        if len(wanted) >= _LIST_FROM:
+            return wanted & listed(prefix)
+        return {k for k in wanted if store.has_object(k)}
+
+    found: set[str] = set()
+    for part in pool.map(check, sorted(by_prefix)):
+        found |= part
+    return found

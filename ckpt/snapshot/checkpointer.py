@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from ckpt.api import restore_manifest, write_checkpoint
+from ckpt.api import restore_latest, restore_manifest, write_checkpoint
 from ckpt.codecs.delta import DeltaLearner
 from ckpt.errors import CheckpointError, NoCheckpointError
 from ckpt.hooks.manager import get_plugins
@@ -34,10 +34,10 @@ from ckpt.state import tree as treemod
 from ckpt.state.capture import capture
 from ckpt.state.dataloader import track_all
 from ckpt.storage import retention
-from ckpt.storage.commit import load_manifest
-from ckpt.storage.leases import Lease
+from ckpt.storage.commit import latest_for_save, load_manifest, new_run_id
 from ckpt.storage.manifest import Manifest, check_step
 from ckpt.storage.store import Store
+from ckpt.storage.writer_lease import WriterLease
 from ckpt.types import CheckpointInfo
 
 log = logging.getLogger("ckpt")
@@ -94,6 +94,14 @@ class Checkpointer:
     :param if_busy: ``"wait"`` or ``"skip"`` when a save is requested while one is in flight.
     :param on_error: ``"raise"`` (default) or ``"warn"`` for failed background saves.
     :param state: the state mapping ``step()`` saves (``resume`` sets it too).
+    :param take_over: take the store's writer lease even from a live holder (operators only;
+        default ``CKPT_WRITER_TAKE_OVER``).
+
+    One writer per store: an open Checkpointer holds the store's writer lease
+    (:class:`ckpt.storage.leases.WriterLease`) until :meth:`close`, and a second writer
+    (another Checkpointer, ``ckpt.save``, ``ckpt import``) gets a CheckpointError naming it.
+    The lease of a dead process on this host is taken over at once; one from another host
+    once its heartbeat has stopped for ``CKPT_WRITER_LEASE_SECONDS``.
     """
 
     def __init__(
@@ -109,6 +117,7 @@ class Checkpointer:
         on_error: str = "raise",
         state: MutableMapping[str, Any] | None = None,
         preempt_exit_code: int = 0,
+        take_over: bool | None = None,
     ) -> None:
         if every is not None and (not isinstance(every, int) or every < 1):
             raise CheckpointError(f"every must be a positive int, got {every!r}")
@@ -132,8 +141,13 @@ class Checkpointer:
         self._lock = threading.Lock()
         self._inflight: SaveHandle | None = None
         self._snapshot: Snapshot | None = None
+        #: the checkpoint the next save continues from (its parent) and deduplicates against
         self._parent: Manifest | None = None
         self._parent_loaded = False
+        #: the highest commit sequence of the store as far as this writer knows
+        self._top_seq: int | None = None
+        #: this writer's id, recorded as ``run`` in its manifests
+        self.run_id = new_run_id()
         self._deltas = DeltaLearner()
         self._pending_error: CheckpointError | None = None
         self._reported: set[int] = set()
@@ -143,7 +157,7 @@ class Checkpointer:
         self._restored_step: int | None = None
         self._preempted: str | None = None
         self._side_stream: Any = None
-        self._lease: Any = None
+        self._writer = WriterLease(self.store, take_over=take_over, what="Checkpointer")
         self._hook = register_optimizer_step_pre_hook(self._before_optimizer_step)
 
     # -- context manager ---------------------------------------------------------------
@@ -230,7 +244,8 @@ class Checkpointer:
                 return SaveHandle(self, step, None)
             prev._future.exception()  # wait; its error, if any, is pending now
             self._raise_pending()
-        tree, adapters = capture(state, self._plugins)
+        classes: dict[str, str] = {}
+        tree, adapters = capture(state, self._plugins, classes)
         self._plugins.before_save(url=self.url, step=step, tree=tree)
         tensors: dict[str, torch.Tensor] = {}
         json_tree = treemod.encode(tree, tensors, set())
@@ -243,19 +258,27 @@ class Checkpointer:
             self._inflight = handle
             self._snapshot = snapshot
         self._last_saved_step = step
-        fut = self._threads.commits.submit(self._persist, handle, json_tree, adapters, meta)
+        fut = self._threads.commits.submit(self._persist, handle, json_tree, adapters, meta, classes)
         fut.add_done_callback(lambda f: _chain(f, handle._future))
         if not guard:
             snapshot.staged.wait()
         return handle
 
-    def _persist(self, handle: SaveHandle, json_tree: Any, adapters: Mapping[str, str], meta: Any) -> CheckpointInfo:
+    def _persist(
+        self, handle: SaveHandle, json_tree: Any, adapters: Mapping[str, str], meta: Any, classes: Mapping[str, str]
+    ) -> CheckpointInfo:
         snapshot = handle._snapshot
         assert snapshot is not None
         try:
-            if not self._parent_loaded:
-                self._parent = self._latest_manifest()
-                self._parent_loaded = True
+            if not self._parent_loaded or self._top_seq is None:
+                latest = latest_for_save(self.store)
+                if not self._parent_loaded:  # no restore: continue from the store's latest
+                    self._parent, self._parent_loaded = latest.manifest, True
+                self._top_seq = latest.top_seq
+            # Taken before writing: a save failing after its manifest was written must not
+            # leave its seq to the next one.
+            self._top_seq += 1
+            self._writer.saving(handle.step, self._parent, keep=self._pinned())
             info = write_checkpoint(
                 self.store,
                 self._plugins,
@@ -268,6 +291,9 @@ class Checkpointer:
                 meta=meta,
                 on_tensor_written=snapshot.release,
                 delta_skip=self._deltas.skip(),
+                seq=self._top_seq,
+                run=self.run_id,
+                classes=classes,
             )
             if info.write_stats is not None:
                 self._deltas.learn(info.write_stats.delta_outcome)
@@ -280,22 +306,24 @@ class Checkpointer:
             snapshot.staged.set()
             snapshot.release_all()
 
-    def _latest_manifest(self) -> Manifest | None:
-        step = self.store.latest_step(repair=True)
-        if step is None:
-            return None
-        try:
-            return load_manifest(self.store, step)
-        except CheckpointError as exc:
-            log.warning("latest manifest of %s unreadable (%s); next save is written in full", self.url, exc)
-            return None
+    def _pinned(self) -> list[int]:
+        """Steps this run holds besides its parent and the save in flight."""
+        return [self._restored_step] if self._restored_step is not None else []
 
     def _after_commit(self, info: CheckpointInfo) -> None:
+        try:
+            self._writer.committed(info.step, keep=self._pinned())  # the next save's parent
+        except CheckpointError as exc:  # the commit stands; the next save raises it
+            log.error("after committing step %d to %s: %s", info.step, self.url, exc)
+            return
         if self.keep_last is None and self.keep_every is None:
             return
         protect = {s for s in (self._restored_step, info.step) if s is not None}
         try:
-            retention.prune(self.store, keep_last=self.keep_last, keep_every=self.keep_every, protect=protect)
+            # This run is the store's one writer: what only pruned checkpoints used goes now.
+            retention.prune(
+                self.store, keep_last=self.keep_last, keep_every=self.keep_every, protect=protect, writer=self._writer
+            )
         except CheckpointError as exc:  # pruning is housekeeping: the commit stands
             log.warning("pruning %s after step %d failed: %s", self.url, info.step, exc)
 
@@ -324,36 +352,41 @@ class Checkpointer:
             self._hook.remove()
             self._threads.shutdown()
             self._pool.clear()
-            if self._lease is not None:
-                try:
-                    self._lease.release()
-                except CheckpointError as exc:
-                    log.warning("releasing the lease on %s failed: %s", self.url, exc)
+            try:
+                self._writer.release()
+            except CheckpointError as exc:  # a dead lease is taken over at once: nothing is blocked
+                log.warning("releasing the writer lease of %s failed: %s", self.url, exc)
         if raise_errors:
             self._raise_pending()
 
     # -- restoring -----------------------------------------------------------------------
     def restore(self, state: MutableMapping[str, Any] | None = None, step: int | None = None) -> CheckpointInfo:
-        """Load ``step`` (newest when None) into ``state``'s live objects, after pending saves."""
+        """Load ``step`` (the latest when None) into ``state``'s live objects, after pending saves.
+
+        The next save continues from the restored checkpoint: after ``restore(step=20)`` of a
+        store holding 30, step 30 is abandoned and the run's next save is the latest. Without
+        a step, unreadable or damaged newer checkpoints are skipped (logged) for the newest
+        intact one; with a step, they raise.
+        """
         self._check_open()
         self.wait()
         if state is None:
             state = self._state
             if state is None:
                 raise CheckpointError("Checkpointer.restore() needs a state")
-        manifest = load_manifest(self.store, step)
-        info = restore_manifest(self.store, self._plugins, manifest, state)
+        if step is None:
+            info, manifest = restore_latest(self.store, self._plugins, state)
+        else:
+            manifest = load_manifest(self.store, step)
+            info = restore_manifest(self.store, self._plugins, manifest, state)
         self._parent, self._parent_loaded = manifest, True
         self._restored_step = manifest.step
         self._take_lease(manifest.step)
         return info
 
     def _take_lease(self, step: int) -> None:
-        # GC must not sweep the checkpoint this run resumed from while the run is live.
-        if self._lease is None:
-            self._lease = Lease(self.store, step)
-        else:
-            self._lease.renew(step)
+        # GC must not sweep the checkpoint this run resumed from (its next parent) while the run is live.
+        self._writer.protect([step])
 
     def latest_step(self) -> int | None:
         return self.store.latest_step()
@@ -397,6 +430,8 @@ class Checkpointer:
                 try:
                     start = self.restore(merged).step
                 except NoCheckpointError:
+                    if self.store.steps():  # a store holding checkpoints never starts over
+                        raise
                     start = 0
                 self._last_saved_step = start if start else None
                 previous = self._install_signals()

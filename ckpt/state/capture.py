@@ -8,6 +8,7 @@ checkpoint holds, so a mismatch is refused before any live tensor is written.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
@@ -19,8 +20,14 @@ from ckpt.state import tree as treemod
 from ckpt.storage.manifest import Manifest
 
 
-def capture(state: Mapping[str, Any], plugins: Plugins) -> tuple[dict[str, Any], dict[str, str]]:
-    """Turn the user's state into a plain tree; returns the tree and ``{path: adapter name}``."""
+def capture(
+    state: Mapping[str, Any], plugins: Plugins, classes: dict[str, str] | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Turn the user's state into a plain tree; returns the tree and ``{path: adapter name}``.
+
+    ``classes``, when given, receives the class of each adapted object by path (recorded
+    in the manifest, so a restore into another optimizer class can be refused).
+    """
     if not isinstance(state, Mapping):
         raise CheckpointError(f"state must be a mapping of names to objects, got {type(state).__name__}")
     adapters: dict[str, str] = {}
@@ -29,6 +36,8 @@ def capture(state: Mapping[str, Any], plugins: Plugins) -> tuple[dict[str, Any],
         adapter = plugins.adapters.for_object(value)
         if adapter is not None:
             adapters[path] = adapter.name
+            if classes is not None:
+                classes[path] = qualified_name(type(value))
             return adapter.state(value)
         if isinstance(value, Mapping):
             return {k: walk(v, treemod.join(path, k)) for k, v in value.items()}
@@ -43,6 +52,11 @@ def capture(state: Mapping[str, Any], plugins: Plugins) -> tuple[dict[str, Any],
             raise UnsupportedValueError(f"state keys must be strings not starting with '$', got {key!r}")
         out[key] = walk(value, treemod.escape(key))
     return out, adapters
+
+
+def qualified_name(cls: type) -> str:
+    """``module.QualName`` of a class, as manifests record it."""
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def live_tensors(tree: Any, path: str, out: dict[str, torch.Tensor]) -> None:
@@ -114,11 +128,19 @@ def check_into(target: Any, value: Any, path: str, plugins: Plugins) -> None:
             check_into(target[i], item, treemod.join(path, i), plugins)
 
 
-def load_into(target: Any, value: Any, path: str, plugins: Plugins) -> Any:
-    """Load ``value`` into ``target``; return what ``state`` should hold afterwards."""
+def load_into(target: Any, value: Any, path: str, plugins: Plugins, *, strict: bool = True) -> Any:
+    """Load ``value`` into ``target``; return what ``state`` should hold afterwards.
+
+    ``strict=False`` is passed on to adapters whose ``load`` takes it (a module's), so a
+    partial restore loads what matches.
+    """
     adapter = plugins.adapters.for_object(target)
     if adapter is not None:
-        adapter.load(target, value)
+        if not strict and "strict" in inspect.signature(adapter.load).parameters:
+            # an optional keyword the Adapter protocol leaves out; the signature was checked above
+            adapter.load(target, value, strict=False)  # type: ignore[call-arg]
+        else:
+            adapter.load(target, value)
         return target
     if isinstance(target, torch.Tensor):
         with torch.no_grad():  # shape and dtype were checked against the manifest
@@ -127,10 +149,10 @@ def load_into(target: Any, value: Any, path: str, plugins: Plugins) -> Any:
     if isinstance(target, MutableMapping) and isinstance(value, Mapping):
         for k in list(target):
             if k in value:
-                target[k] = load_into(target[k], value[k], treemod.join(path, k), plugins)
+                target[k] = load_into(target[k], value[k], treemod.join(path, k), plugins, strict=strict)
         return target
     if isinstance(target, list) and isinstance(value, list) and len(target) == len(value):
         for i, item in enumerate(value):
-            target[i] = load_into(target[i], item, treemod.join(path, i), plugins)
+            target[i] = load_into(target[i], item, treemod.join(path, i), plugins, strict=strict)
         return target
     return value

@@ -32,7 +32,12 @@ def _meta_twin(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 
 class ModuleAdapter:
-    """``torch.nn.Module`` <-> its ``state_dict()`` (parameters and buffers, by name)."""
+    """``torch.nn.Module`` <-> its ``state_dict()`` (parameters and buffers, by name).
+
+    A ``torch.compile``'d module is saved and loaded through the module it wraps, so its
+    keys carry no ``_orig_mod.`` prefix: a checkpoint of a compiled model restores into
+    the plain one and the other way round.
+    """
 
     name = "torch.nn.Module"
     #: restore checks the stored tensors are exactly the live ones before writing any
@@ -42,19 +47,30 @@ class ModuleAdapter:
         return isinstance(obj, torch.nn.Module)
 
     def state(self, obj: torch.nn.Module) -> Mapping[str, Any]:
-        return obj.state_dict()
+        return _uncompiled(obj).state_dict()
 
-    def load(self, obj: torch.nn.Module, tree: Mapping[str, Any]) -> None:
+    def load(self, obj: torch.nn.Module, tree: Mapping[str, Any], strict: bool = True) -> None:
+        module = _uncompiled(obj)
         try:
-            obj.load_state_dict(tree, strict=True)
+            module.load_state_dict(tree, strict=strict)
         except RuntimeError as exc:
-            raise _mismatch(f"module {type(obj).__name__}", exc) from None
+            raise _mismatch(f"module {type(module).__name__}", exc) from None
+
+
+def _uncompiled(module: torch.nn.Module) -> torch.nn.Module:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) stands for, else itself."""
+    inner = getattr(module, "_orig_mod", None)
+    if isinstance(inner, torch.nn.Module) and type(module).__name__ == "OptimizedModule":
+        return inner
+    return module
 
 
 class OptimizerAdapter:
     """``torch.optim.Optimizer`` <-> its ``state_dict()`` (per-parameter state and param groups)."""
 
     name = "torch.optim.Optimizer"
+    #: the checkpoint records the optimizer's class; restoring AdamW state into SGD is refused
+    exact_class = True
 
     def handles(self, obj: Any) -> bool:
         return isinstance(obj, torch.optim.Optimizer)
@@ -107,6 +123,7 @@ class SchedulerAdapter:
     """LR schedulers (``LRScheduler`` and ``ReduceLROnPlateau``)."""
 
     name = "torch.optim.lr_scheduler"
+    exact_class = True
 
     def handles(self, obj: Any) -> bool:
         sched = torch.optim.lr_scheduler

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ckpt.errors import SchemaError, UnsupportedValueError
+from ckpt.storage.manifest import DTYPE_NAMES
 
 TAGS = ("$tensor", "$tuple", "$map", "$float", "$dtype", "$bytes")
 
@@ -72,10 +73,18 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+#: name -> torch.dtype for the names of :data:`ckpt.storage.manifest.DTYPE_NAMES` this torch
+#: has. Names from a store are looked up here, never with ``getattr(torch, name)``, which
+#: would import submodules (``_dynamo``) or return functions for hostile names.
+_DTYPES: dict[str, torch.dtype] = {
+    name: d for name in DTYPE_NAMES if isinstance(d := getattr(torch, name, None), torch.dtype)
+}
+
+
 def dtype_from_name(name: str, *, what: str = "") -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise SchemaError(f"unknown dtype {name!r}" + (f" for {what}" if what else ""))
+    dtype = _DTYPES.get(name) if isinstance(name, str) else None
+    if dtype is None:
+        raise SchemaError(f"unknown dtype {str(name)[:60]!r}" + (f" for {what}" if what else ""))
     return dtype
 
 

@@ -1,8 +1,11 @@
 """The commit: a manifest built from a save's entries, written after its objects, then the ref.
 
 A checkpoint exists once its manifest does. :func:`new_manifest` settles the manifest's
-own size into ``stored_bytes``; :func:`commit` makes the objects durable, writes the
-manifest, then ``refs/latest``. :func:`load_manifest` is the one way back in.
+own size into ``stored_bytes`` and records its lineage: ``parent`` (the step the save
+continues from), ``seq`` (one more than the highest commit sequence of the store, see
+:func:`latest_for_save`) and ``run`` (the writer). :func:`commit` makes the objects
+durable, writes the manifest, then ``refs/latest``. :func:`load_manifest` is the one way
+back in; without a step it takes the latest readable checkpoint (:mod:`ckpt.storage.lineage`).
 """
 
 from __future__ import annotations
@@ -10,14 +13,31 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import logging
+import os
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from ckpt.errors import CheckpointError, NoCheckpointError
+from ckpt.storage.lineage import Latest, find_latest, parse_manifest, require_latest
 from ckpt.storage.manifest import Manifest, TensorEntry
 from ckpt.storage.store import Store
 
 log = logging.getLogger("ckpt")
+
+_PROCESS_RUN: dict[int, str] = {}
+
+
+def new_run_id() -> str:
+    """A fresh writer id (a Checkpointer takes one; see :func:`process_run_id` for plain saves)."""
+    return uuid.uuid4().hex
+
+
+def process_run_id() -> str:
+    """The writer id of this process, recorded as ``run`` by plain saves."""
+    pid = os.getpid()  # a forked child is another writer
+    if pid not in _PROCESS_RUN:
+        _PROCESS_RUN[pid] = new_run_id()
+    return _PROCESS_RUN[pid]
 
 
 def utcnow() -> str:
@@ -36,21 +56,32 @@ def new_manifest(
     chunk_bytes: int,
     plugins: Mapping[str, str],
     meta: Mapping[str, Any] | None = None,
+    seq: int | None = None,
+    run: str = "",
+    classes: Mapping[str, str] | None = None,
 ) -> Manifest:
     """The manifest of a save whose objects took ``written_bytes``; ``stored_bytes`` counts
-    the manifest itself too."""
+    the manifest itself too. ``parent`` is the checkpoint the save continues from (and
+    deduplicates against); re-saving the parent's own step continues from what it did."""
+    if parent is None:
+        parent_step = None
+    else:
+        parent_step = parent.parent if parent.step == step else parent.step
     manifest = Manifest(
         step=step,
         created=utcnow(),
         tree=tree,
         adapters=dict(adapters),
         tensors=dict(tensors),
-        parent=parent.step if parent is not None else None,
+        parent=parent_step,
         raw_bytes=raw_bytes,
         stored_bytes=0,
         chunk_bytes=chunk_bytes,
         plugins=dict(plugins),
         meta=dict(meta or {}),
+        seq=seq,
+        run=run,
+        classes=dict(classes or {}),
     )
     # The manifest's own digits change its length, so settle it.
     stored = written_bytes + len(manifest.to_json_bytes())
@@ -64,33 +95,44 @@ def new_manifest(
 
 
 def commit(store: Store, manifest: Manifest) -> None:
-    """Make ``manifest``'s checkpoint visible: objects durable, then the manifest, then the ref."""
-    store.commit(manifest.step, manifest.to_json_bytes())
+    """Make ``manifest``'s checkpoint visible: objects durable, then the manifest, then the ref.
+
+    A step that exists is replaced atomically (the manifest is one whole-file write) and
+    said so in the log: the earlier checkpoint of that step is gone.
+    """
+    replacing = store.exists(store.manifest_path(manifest.step))
+    store.commit(manifest.step, manifest.to_json_bytes(), seq=manifest.seq)
+    if replacing:
+        log.warning("re-saved step %d of %s: the earlier checkpoint of that step is replaced", manifest.step, store.url)
     log.info(
-        "committed step %d to %s (%d raw bytes, %d stored)",
+        "committed step %d to %s (seq %s, %d raw bytes, %d stored)",
         manifest.step,
         store.url,
+        manifest.seq,
         manifest.raw_bytes,
         manifest.stored_bytes,
     )
 
 
 def load_manifest(store: Store, step: int | None) -> Manifest:
-    """The manifest of ``step`` (the newest committed one when None), validated."""
+    """The manifest of ``step``, validated; without a step the latest readable one (unreadable
+    newer manifests are skipped with a warning; none readable is a CorruptCheckpointError)."""
     if step is None:
-        step = store.latest_step()
-        if step is None:
-            raise NoCheckpointError(f"no checkpoint in {store.url}")
-    return Manifest.from_json_bytes(store.read_manifest(step), where=f"{store.url} step {step}")
+        return require_latest(store)
+    return parse_manifest(store.read_manifest(step), step, store.url)
+
+
+def latest_for_save(store: Store) -> Latest:
+    """What a new save continues from: the latest readable checkpoint (None: write in full)
+    and the store's highest commit sequence (the save takes one more)."""
+    return find_latest(store)
 
 
 def parent_for_save(store: Store) -> Manifest | None:
-    """The newest committed manifest, which a new save deduplicates against (None: write in full)."""
-    latest = store.latest_step(repair=True)
-    if latest is None:
-        return None
-    try:
-        return load_manifest(store, latest)
-    except CheckpointError as exc:
-        log.warning("cannot read the latest manifest of %s for dedup (%s); writing a full checkpoint", store.url, exc)
-        return None
+    """The latest readable manifest, which a new save continues from and deduplicates against."""
+    return latest_for_save(store).manifest
+
+
+def next_seq(store: Store) -> int:
+    """The commit sequence of the next commit to ``store``."""
+    return latest_for_save(store).top_seq + 1

@@ -17,26 +17,114 @@ the writer that committed it; both are absent from manifests written before line
 was recorded. ``stored`` is the encoded size of the object; ``key`` names the object in ``objects/``
 (equal to ``hash`` for full objects). Readers accept every schema version up to
 :data:`SCHEMA_VERSION` and refuse newer ones with a clear error.
+
+A store is untrusted input, so :meth:`Manifest.from_json_bytes` validates a manifest
+whole before anything is read or allocated for it, and every violation is a
+:class:`~ckpt.SchemaError` naming the manifest and the field, tensor or object:
+
+- size: at most ``CKPT_MAX_MANIFEST_BYTES`` (256 MiB), checked before parsing; nesting:
+  the state tree and ``meta`` at most ``CKPT_MAX_TREE_DEPTH`` levels (128), delta parent
+  records at most :data:`MAX_DELTA_DEPTH` links (or ``CKPT_DELTA_MAX_CHAIN`` when larger),
+  without any cycle; deeper JSON than the parser can take is refused, never a RecursionError;
+- object keys: ``<32 hex>`` (the xxh3-128 content address) or ``<32 hex>.x<16 hex>`` (a
+  delta, :func:`ckpt.codecs.delta.delta_key`); hashes: 32 hex; tensor paths: JSON-pointer
+  escaped components without control characters;
+- every number an int (never a bool or float) within its range; ``dtype`` from
+  :data:`DTYPE_ITEMSIZE`; ``nbytes == prod(shape) * itemsize == sum(chunk sizes)``; each
+  chunk at most ``chunk_bytes`` raw bytes and its ``stored`` size within what a codec chain
+  can produce (:func:`ckpt.codecs.base.max_encoded_size`); a raw object stores its size;
+- codec chains: steps are mappings with a string ``name``; ``bgzstd`` has an ``itemsize``
+  in {2, 4, 8, 16}, ``xor`` a parent record of the same size (validated the same way) and
+  an optional int ``age``; ``in`` is an int within the same bound; other parameters of
+  third-party codecs are JSON values;
+- every ``{"$tensor": path}`` of the tree names a listed tensor.
+
+Saves refuse what loads would refuse (a tree too deep, a path with control characters).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckpt.errors import CheckpointError, SchemaError
+from ckpt import config
+from ckpt.codecs.base import INPUT_SIZE, max_encoded_size
+from ckpt.errors import CheckpointError, NewerSchemaError, SchemaError, UnsupportedValueError
 
 SCHEMA_VERSION = 1
 HASH_NAME = "xxh3-128"
 
+#: element size of every dtype a stored tensor may have, by name (``str(dtype)`` without
+#: ``torch.``). An explicit table: a name from a manifest is never looked up on a module.
+DTYPE_ITEMSIZE: Mapping[str, int] = {
+    "bool": 1,
+    "uint8": 1,
+    "int8": 1,
+    "int16": 2,
+    "int32": 4,
+    "int64": 8,
+    "uint16": 2,
+    "uint32": 4,
+    "uint64": 8,
+    "float16": 2,
+    "bfloat16": 2,
+    "float32": 4,
+    "float64": 8,
+    "complex32": 4,
+    "complex64": 8,
+    "complex128": 16,
+    "float8_e4m3fn": 1,
+    "float8_e4m3fnuz": 1,
+    "float8_e5m2": 1,
+    "float8_e5m2fnuz": 1,
+    "float8_e8m0fnu": 1,
+    "float4_e2m1fn_x2": 1,
+}
+#: dtype names a ``{"$dtype": name}`` value of the state tree may carry: every tensor dtype,
+#: and dtypes that only appear as values (quantization configs)
+DTYPE_NAMES = frozenset({*DTYPE_ITEMSIZE, "qint8", "quint8", "qint32", "quint4x2", "quint2x4"})
+
+#: the newest step a manifest can have: its file name has at most 18 digits
+MAX_STEP = 10**18 - 1
+#: bound of every byte count and shape entry: more than any machine holds
+MAX_SIZE = 2**62
+#: bound of ``chunk_bytes``, and of a chunk's raw size when a manifest records no chunk_bytes
+MAX_CHUNK_BYTES = 2**40
+#: delta parent records a chunk may nest (a writer cites the last full object: one link)
+MAX_DELTA_DEPTH = 64
+MAX_DIMS = 64
+MAX_CHAIN_STEPS = 16
+#: nesting of a third-party codec's own parameters
+MAX_PARAM_DEPTH = 16
+MAX_PATH_CHARS = 4096
+MAX_TEXT_CHARS = 256
+
+HASH_RE = re.compile(r"[0-9a-f]{32}")
+KEY_RE = re.compile(r"[0-9a-f]{32}(?:\.x[0-9a-f]{16})?")
+#: JSON-pointer escaped components (``~`` only as ``~0``/``~1``), no control characters
+PATH_RE = re.compile(r"(?:[^~\x00-\x1f\x7f]|~[01])*")
+_TEXT_RE = re.compile(r"[^\x00-\x1f\x7f]*")
+_CODEC_NAME_RE = re.compile(r"[A-Za-z0-9_.:+-]{1,64}")
+_XOR, _BGZSTD = "xor", "bgzstd"  # ckpt.codecs.delta.NAME, ckpt.codecs.zstd.ByteGroupZstdCodec.name
+_BG_ITEMSIZES = (2, 4, 8, 16)
+_FLOAT_TAGS = ("nan", "inf", "-inf")
+_RECORD_KEYS = frozenset({"hash", "key", "size", "stored", "codec"})
+
 
 def check_step(value: Any, what: str = "step") -> int:
-    """``value`` when it is a valid step number (an int >= 0), else a CheckpointError."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise CheckpointError(f"{what} must be a non-negative int, got {value!r}")
+    """``value`` when it is a valid step number (an int in 0..10**18-1), else a CheckpointError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_STEP:
+        raise CheckpointError(f"{what} must be a non-negative int below 10**18, got {_short(value)}")
     return value
+
+
+def _short(value: Any, n: int = 60) -> str:
+    """``repr(value)`` cut to ``n`` characters: hostile values must not flood a message."""
+    text = repr(value) if not isinstance(value, (dict, list)) or len(value) < 8 else f"<{type(value).__name__}>"
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -55,7 +143,8 @@ class ChunkRef:
     @classmethod
     def from_json(cls, rec: Mapping[str, Any], *, strict: bool = False) -> ChunkRef:
         """A record of a manifest or of a delta's parent; ``stored`` is -1 (unknown) when absent
-        unless ``strict``. Raises KeyError, TypeError or ValueError on a malformed record."""
+        unless ``strict``. Raises KeyError, TypeError or ValueError on a malformed record
+        (records of a validated manifest are well formed)."""
         return cls(
             hash=str(rec["hash"]),
             key=str(rec.get("key", rec["hash"])),
@@ -100,8 +189,13 @@ class Manifest:
     seq: int | None = None
     #: id of the writer (run) that committed it
     run: str = ""
+    #: class of each object an adapter saved, by tree path (``"optim": "torch.optim.adamw.AdamW"``):
+    #: restore refuses another class where the adapter asks for it (absent in older manifests)
+    classes: Mapping[str, str] = field(default_factory=dict)
 
     def to_json_bytes(self) -> bytes:
+        """The manifest file; a tree or path that loading would refuse is an UnsupportedValueError."""
+        _check_writable(self)
         doc = {
             "format": "ckpt",
             "schema": self.schema,
@@ -117,6 +211,7 @@ class Manifest:
             "plugins": dict(self.plugins),
             "meta": dict(self.meta),
             "adapters": dict(self.adapters),
+            **({"classes": dict(self.classes)} if self.classes else {}),
             "tree": self.tree,
             "tensors": {p: e.to_json() for p, e in self.tensors.items()},
         }
@@ -126,59 +221,268 @@ class Manifest:
         return [c for e in self.tensors.values() for c in e.chunks]
 
     @classmethod
-    def from_json_bytes(cls, data: bytes, *, where: str) -> Manifest:
+    def from_json_bytes(cls, data: bytes, *, where: str, step: int | None = None) -> Manifest:
+        """Parse and validate a manifest file; ``step``: the step its name says (checked)."""
+        limit = config.max_manifest_bytes()
+        if len(data) > limit:
+            raise SchemaError(
+                f"manifest {where} is larger than {limit} bytes (CKPT_MAX_MANIFEST_BYTES); refusing to parse it"
+            )
         try:
-            doc = json.loads(data)
+            doc = json.loads(data, parse_constant=_no_constant)
+        except RecursionError:
+            raise SchemaError(f"manifest {where} is nested too deeply to parse") from None
         except (ValueError, UnicodeDecodeError) as exc:
-            raise SchemaError(f"manifest {where} is not valid JSON: {exc}") from None
-        return cls.from_doc(doc, where=where)
+            raise SchemaError(f"manifest {where} is not valid JSON: {str(exc)[:200]}") from None
+        manifest = cls.from_doc(doc, where=where)
+        if step is not None and manifest.step != step:
+            raise SchemaError(f"manifest {where} holds step {manifest.step}: a manifest of another step")
+        return manifest
 
     @classmethod
     def from_doc(cls, doc: Any, *, where: str) -> Manifest:
-        def fail(msg: str) -> SchemaError:
-            return SchemaError(f"manifest {where}: {msg}")
+        """A manifest from its parsed JSON, validated (see the module docstring)."""
+        return _Validator(where).manifest(doc)
 
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN and Infinity: non-finite floats are tagged in trees
+
+
+def _too_deep(node: Any, limit: int) -> bool:
+    """Whether containers nest more than ``limit`` levels in ``node`` (without recursion)."""
+    stack = [(node, 1)]
+    while stack:
+        n, depth = stack.pop()
+        children = n.values() if isinstance(n, dict) else n if isinstance(n, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
+def _check_writable(manifest: Manifest) -> None:
+    depth = config.max_tree_depth()
+    if _too_deep(manifest.tree, depth):
+        raise UnsupportedValueError(
+            f"the state of step {manifest.step} nests deeper than {depth} levels (CKPT_MAX_TREE_DEPTH), "
+            "which loading refuses"
+        )
+    for path in manifest.tensors:
+        if len(path) > MAX_PATH_CHARS or not PATH_RE.fullmatch(path):
+            raise UnsupportedValueError(
+                f"tensor path {_short(path)} has control characters or over {MAX_PATH_CHARS} characters, "
+                "which loading refuses; rename the key"
+            )
+
+
+class _Validator:
+    """Checks one parsed manifest; every failure is a SchemaError naming it and the field."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.tree_depth = config.max_tree_depth()
+        self.delta_depth = max(MAX_DELTA_DEPTH, config.delta_max_chain())
+        self.chunk_cap = MAX_CHUNK_BYTES
+
+    def fail(self, msg: str) -> SchemaError:
+        return SchemaError(f"manifest {self.where}: {msg}")
+
+    def int_(self, value: Any, what: str, lo: int = 0, hi: int = MAX_SIZE) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise self.fail(f"{what} must be an int in {lo}..{hi}, got {_short(value)}")
+        return value
+
+    def text(self, value: Any, what: str, limit: int = MAX_TEXT_CHARS) -> str:
+        if not isinstance(value, str) or len(value) > limit or not _TEXT_RE.fullmatch(value):
+            raise self.fail(f"{what} must be a string of at most {limit} printable characters, got {_short(value)}")
+        return value
+
+    def names(self, value: Any, what: str) -> dict[str, str]:
+        if not isinstance(value, dict):
+            raise self.fail(f"{what} must be a mapping, got {_short(value)}")
+        for k, v in value.items():
+            self.text(k, f"{what} key", MAX_PATH_CHARS)
+            self.text(v, f"{what}[{_short(k)}]", MAX_PATH_CHARS)
+        return dict(value)
+
+    def manifest(self, doc: Any) -> Manifest:
         if not isinstance(doc, dict) or doc.get("format") != "ckpt":
-            raise fail("not a ckpt manifest (missing format: ckpt)")
+            raise self.fail("not a ckpt manifest (missing format: ckpt)")
         schema = doc.get("schema")
-        if not isinstance(schema, int) or schema < 1:
-            raise fail(f"bad schema version {schema!r}")
+        if isinstance(schema, bool) or not isinstance(schema, int) or schema < 1:
+            raise self.fail(f"bad schema version {_short(schema)}")
         if schema > SCHEMA_VERSION:
-            raise fail(
+            raise NewerSchemaError(
+                f"manifest {self.where}: "
                 f"written by schema version {schema}, this ckpt reads up to {SCHEMA_VERSION}; upgrade ckpt to read it"
             )
         if doc.get("hash", HASH_NAME) != HASH_NAME:
-            raise fail(f"unknown hash function {doc.get('hash')!r}")
-        try:
-            tensors = {}
-            for path, e in doc["tensors"].items():
-                chunks = tuple(ChunkRef.from_json(c, strict=True) for c in e["chunks"])
-                entry = TensorEntry(
-                    dtype=str(e["dtype"]),
-                    shape=tuple(int(s) for s in e["shape"]),
-                    nbytes=int(e["nbytes"]),
-                    chunks=chunks,
-                )
-                if sum(c.size for c in chunks) != entry.nbytes:
-                    raise fail(f"tensor {path!r}: chunk sizes do not add up to {entry.nbytes} bytes")
-                tensors[str(path)] = entry
-            return cls(
-                step=int(doc["step"]),
-                created=str(doc.get("created", "")),
-                tree=doc["tree"],
-                adapters=dict(doc.get("adapters", {})),
-                tensors=tensors,
-                parent=None if doc.get("parent") is None else int(doc["parent"]),
-                raw_bytes=int(doc.get("raw_bytes", 0)),
-                stored_bytes=int(doc.get("stored_bytes", 0)),
-                chunk_bytes=int(doc.get("chunk_bytes", 0)),
-                plugins=dict(doc.get("plugins", {})),
-                meta=dict(doc.get("meta", {})),
-                schema=schema,
-                seq=None if doc.get("seq") is None else int(doc["seq"]),
-                run=str(doc.get("run", "")),
-            )
-        except SchemaError:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise fail(f"malformed ({type(exc).__name__}: {exc})") from None
+            raise self.fail(f"unknown hash function {_short(doc.get('hash'))}")
+        if "step" not in doc or "tree" not in doc or "tensors" not in doc:
+            missing = [k for k in ("step", "tree", "tensors") if k not in doc]
+            raise self.fail(f"malformed: no {', '.join(missing)}")
+        step = self.int_(doc["step"], "step", hi=MAX_STEP)
+        parent, seq = doc.get("parent"), doc.get("seq")
+        chunk_bytes = self.int_(doc.get("chunk_bytes", 0), "chunk_bytes", hi=MAX_CHUNK_BYTES)
+        self.chunk_cap = chunk_bytes or MAX_CHUNK_BYTES
+        tensors = doc["tensors"]
+        if not isinstance(tensors, dict):
+            raise self.fail(f"tensors must be a mapping, got {_short(tensors)}")
+        entries = {self.path(path): self.entry(path, e) for path, e in tensors.items()}
+        self.tree(doc["tree"], entries)
+        meta = doc.get("meta", {})
+        if not isinstance(meta, dict) or _too_deep(meta, self.tree_depth):
+            raise self.fail(f"meta must be a mapping nested at most {self.tree_depth} levels")
+        return Manifest(
+            step=step,
+            created=self.text(doc.get("created", ""), "created"),
+            tree=doc["tree"],
+            adapters=self.names(doc.get("adapters", {}), "adapters"),
+            tensors=entries,
+            parent=None if parent is None else self.int_(parent, "parent", hi=MAX_STEP),
+            raw_bytes=self.int_(doc.get("raw_bytes", 0), "raw_bytes"),
+            stored_bytes=self.int_(doc.get("stored_bytes", 0), "stored_bytes"),
+            chunk_bytes=chunk_bytes,
+            plugins=self.names(doc.get("plugins", {}), "plugins"),
+            meta=meta,
+            schema=schema,
+            seq=None if seq is None else self.int_(seq, "seq", lo=1),
+            run=self.text(doc.get("run", ""), "run"),
+            classes=self.names(doc.get("classes", {}), "classes"),
+        )
+
+    def path(self, path: str) -> str:
+        if len(path) > MAX_PATH_CHARS or not PATH_RE.fullmatch(path) or path.count("/") >= self.tree_depth:
+            raise self.fail(f"bad tensor path {_short(path)}")
+        return str(path)
+
+    def entry(self, path: str, e: Any) -> TensorEntry:
+        what = f"tensor {_short(path)}"
+        if not isinstance(e, dict):
+            raise self.fail(f"{what} is not a mapping")
+        dtype = e.get("dtype")
+        if not isinstance(dtype, str) or dtype not in DTYPE_ITEMSIZE:
+            raise self.fail(f"{what} has unknown dtype {_short(dtype)}")
+        shape = e.get("shape")
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS:
+            raise self.fail(f"{what}: shape must be a list of at most {MAX_DIMS} ints, got {_short(shape)}")
+        size = DTYPE_ITEMSIZE[dtype]
+        for i, n in enumerate(shape):
+            size *= self.int_(n, f"{what} shape[{i}]")
+            if size > MAX_SIZE:
+                raise self.fail(f"{what}: shape {_short(shape)} holds more than {MAX_SIZE} bytes")
+        nbytes = self.int_(e.get("nbytes"), f"{what} nbytes")
+        if nbytes != size:
+            raise self.fail(f"{what}: sizes do not add up: shape {shape} of {dtype} is {size} bytes, nbytes {nbytes}")
+        chunks = e.get("chunks")
+        if not isinstance(chunks, list):
+            raise self.fail(f"{what}: malformed: chunks must be a list, got {_short(chunks)}")
+        refs = tuple(self.chunk(c, f"{what} chunk {i}") for i, c in enumerate(chunks))
+        if sum(c.size for c in refs) != nbytes:
+            raise self.fail(f"{what}: chunk sizes do not add up to {nbytes} bytes")
+        return TensorEntry(dtype=dtype, shape=tuple(shape), nbytes=nbytes, chunks=refs)
+
+    def chunk(
+        self, rec: Any, what: str, *, size: int | None = None, depth: int = 0, ancestors: tuple[str, ...] = ()
+    ) -> ChunkRef:
+        """A chunk record (``depth`` 0) or a delta's parent record (``size``: the delta's)."""
+        if not isinstance(rec, dict):
+            raise self.fail(f"{what}: a chunk record must be a mapping, got {_short(rec)}")
+        digest = rec.get("hash")
+        if not isinstance(digest, str) or not HASH_RE.fullmatch(digest):
+            raise self.fail(f"{what}: bad content hash {_short(digest)}")
+        key = rec.get("key", digest)
+        if not isinstance(key, str) or not KEY_RE.fullmatch(key):
+            raise self.fail(f"{what}: bad object key {_short(key)}")
+        what = f"{what} (object {key})"
+        if key in ancestors:
+            raise self.fail(f"{what}: delta chain cites object {key} again (a cycle)")
+        n = self.int_(rec.get("size"), f"{what} size", hi=self.chunk_cap)
+        if size is not None and n != size:
+            raise self.fail(f"{what}: delta parent of {n} bytes for a {size}-byte delta")
+        stored = -1
+        if depth == 0 or "stored" in rec:
+            stored = self.int_(rec.get("stored"), f"{what} stored size", hi=max_encoded_size(n))
+        for k, v in rec.items():  # kept with parent records and written again by later saves
+            if k not in _RECORD_KEYS and isinstance(v, (dict, list)) and _too_deep(v, MAX_PARAM_DEPTH):
+                raise self.fail(f"{what}: field {_short(k)} nests too deeply")
+        chain = rec.get("codec", [])
+        if not isinstance(chain, list) or len(chain) > MAX_CHAIN_STEPS:
+            raise self.fail(f"{what}: codec must be a list of at most {MAX_CHAIN_STEPS} steps")
+        steps = tuple(self.codec_step(s, what, n, depth, (*ancestors, key)) for s in chain)
+        if not steps and stored not in (-1, n):
+            raise self.fail(f"{what}: a raw object of {n} bytes cannot store {stored}")
+        return ChunkRef(hash=digest, key=key, size=n, stored=stored, codec=steps)
+
+    def codec_step(self, step: Any, what: str, size: int, depth: int, ancestors: tuple[str, ...]) -> dict[str, Any]:
+        if not isinstance(step, dict) or not isinstance(step.get("name"), str):
+            raise self.fail(f"{what}: codec step {_short(step)} is not a mapping with a name")
+        name = step["name"]
+        if not _CODEC_NAME_RE.fullmatch(name):
+            raise self.fail(f"{what}: bad codec name {_short(name)}")
+        what = f"{what} codec {name}"
+        for k, v in step.items():
+            if k == "name":
+                continue
+            if k == INPUT_SIZE:
+                self.int_(v, f"{what} input size", hi=max_encoded_size(size))
+            elif k == "parent":  # any codec citing a parent (GC follows them all)
+                if depth + 1 > self.delta_depth:
+                    raise self.fail(f"{what}: delta chain deeper than {self.delta_depth} links")
+                parent_size = size if name == _XOR else None
+                self.chunk(v, f"{what} parent", size=parent_size, depth=depth + 1, ancestors=ancestors)
+            elif name == _BGZSTD and k == "itemsize":
+                if type(v) is not int or v not in _BG_ITEMSIZES:
+                    raise self.fail(f"{what}: itemsize must be one of {_BG_ITEMSIZES}, got {_short(v)}")
+            elif name == _XOR and k == "age":
+                self.int_(v, f"{what} age", lo=1, hi=2**31)
+            elif isinstance(v, (dict, list)) and _too_deep(v, MAX_PARAM_DEPTH):
+                raise self.fail(f"{what}: parameter {_short(k)} nests too deeply")
+        needed = {_XOR: "parent", _BGZSTD: "itemsize"}.get(name)
+        if needed is not None and needed not in step:
+            raise self.fail(f"{what}: no {needed}")
+        return step
+
+    def tree(self, tree: Any, tensors: Mapping[str, TensorEntry]) -> None:
+        """Nesting bounded, tags well formed, every tensor reference listed (without recursion)."""
+        stack: list[tuple[Any, int, str]] = [(tree, 1, "")]
+        while stack:
+            node, depth, at = stack.pop()
+            if not isinstance(node, (dict, list)):
+                continue
+            if depth > self.tree_depth:
+                raise self.fail(f"the state tree nests deeper than {self.tree_depth} levels (CKPT_MAX_TREE_DEPTH)")
+            if isinstance(node, dict):
+                self.tagged(node, at, tensors)
+            # every child, tagged or not: whatever walks the tree later must find it shallow
+            kids = node.items() if isinstance(node, dict) else enumerate(node)
+            stack.extend((kid, depth + 1, f"{at}/{k}") for k, kid in kids if isinstance(kid, (dict, list)))
+
+    def tagged(self, node: dict[str, Any], at: str, tensors: Mapping[str, TensorEntry]) -> None:
+        """Check the tag a tree mapping carries (the order of :func:`ckpt.state.tree.decode`:
+        the first tag present decides)."""
+        where = f"tree at {_short(at or '/')}"
+        if "$tensor" in node:
+            ref = node["$tensor"]
+            if not isinstance(ref, str) or ref not in tensors:
+                raise self.fail(f"{where} references tensor {_short(ref)}, which is not listed")
+            if not isinstance(node.get("numpy", False), bool):
+                raise self.fail(f"{where}: numpy must be a bool")
+        elif "$tuple" in node or "$map" in node:
+            tag = "$tuple" if "$tuple" in node else "$map"
+            items = node[tag]
+            if not isinstance(items, list):
+                raise self.fail(f"{where}: {tag} must hold a list")
+            if tag == "$map" and not all(isinstance(p, list) and len(p) == 2 for p in items):
+                raise self.fail(f"{where}: $map must hold [key, value] pairs")
+        elif "$float" in node:
+            if not isinstance(node["$float"], str) or node["$float"] not in _FLOAT_TAGS:
+                raise self.fail(f"{where}: $float must be one of {_FLOAT_TAGS}")
+        elif "$dtype" in node:
+            if not isinstance(node["$dtype"], str) or node["$dtype"] not in DTYPE_NAMES:
+                raise self.fail(f"{where}: unknown dtype {_short(node['$dtype'])}")
+        elif "$bytes" in node and not isinstance(node["$bytes"], str):
+            raise self.fail(f"{where}: $bytes must be a base64 string")

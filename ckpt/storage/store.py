@@ -3,11 +3,12 @@
 ::
 
     <root>/objects/<2 hex>/<key>   immutable, content-addressed, encoded
-    <root>/manifests/<step>.json   one per committed checkpoint
-    <root>/refs/latest             names the newest committed manifest, written after it
+    <root>/manifests/<step>.json   one per committed checkpoint (canonical names only)
+    <root>/refs/latest             step and seq of the latest commit, written after it: a hint
 
 Commit order is objects, then the manifest, then ``refs/latest``; a checkpoint without a
-manifest does not exist. Local files are written to a temporary name, fsynced and
+manifest does not exist, and a ref that cannot be written does not undo a commit (which
+checkpoint is the latest is decided in :mod:`ckpt.storage.lineage`). Local files are written to a temporary name, fsynced and
 renamed, and their directories fsynced before the manifest, so a crash at any instant
 leaves the last commit loadable. Object stores get whole-object PUTs, which are atomic
 (large objects go up in parts, in parallel, and appear only when the upload completes);
@@ -26,9 +27,10 @@ import json
 import logging
 import os
 import re
+import stat
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -37,15 +39,37 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ckpt import config
 from ckpt.codecs.base import CodecContext
-from ckpt.errors import CheckpointError, MissingObjectError, NoCheckpointError, StoreError
+from ckpt.errors import CheckpointError, CorruptCheckpointError, MissingObjectError, NoCheckpointError, StoreError
+from ckpt.storage.backends import tune_client
+from ckpt.storage.lineage import Ref, find_latest
 from ckpt.storage.retry import GaveUp, Retrier
 
 log = logging.getLogger("ckpt")
 
 T = TypeVar("T")
 
-_STEP_FILE = re.compile(r"^(\d+)\.json$")
+# Canonical manifest names only: "0009.json" or "+9.json" would alias step 9, and a
+# step of thousands of digits would not even convert to an int.
+_STEP_FILE = re.compile(r"^(0|[1-9][0-9]{0,17})\.json$")
+# What an interrupted local atomic write leaves behind (see Store._write_local): harmless.
+_TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{12}$")
+# A ref is a few dozen bytes; anything longer is not one.
+_REF_BYTES = 4096
 _KEY = re.compile(r"^[0-9a-f]{8,}(\.[0-9a-z.]+)?$")
+# What object_path accepts: one safe path component (manifests validate the strict key grammar).
+_OBJECT_NAME = re.compile(r"[0-9a-f]{2}[0-9a-z._-]{0,254}")
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_BINARY = getattr(os, "O_BINARY", 0)
+
+
+def _mtime(info: Mapping[str, Any]) -> float | None:
+    """Modification time of a listing entry in Unix seconds, whatever the backend calls it."""
+    mtime: Any = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("created")
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    return float(mtime) if isinstance(mtime, (int, float)) else None
 
 
 @dataclass(frozen=True)
@@ -68,6 +92,7 @@ class Store:
             raise StoreError(f"cannot open {self.url}: {exc}") from None
         except (ValueError, TypeError) as exc:
             raise StoreError(f"cannot open {self.url}: {exc}") from None
+        tune_client(self.fs)  # ckpt's Retrier is the only one that retries
         self.root = root.rstrip("/") if root not in ("/", "") else root
         self.local = isinstance(self.fs, LocalFileSystem)
         self._dirs_lock = threading.Lock()
@@ -78,6 +103,8 @@ class Store:
         self._s3 = any(p in ("s3", "s3a") for p in protocols)
         #: what this store gives its codecs (see ckpt.codecs.base.CodecContext)
         self.codec_context = CodecContext(url=self.url)
+        # the root with symlinks resolved, once it exists: local reads stay under it
+        self._real_root: str | None = None
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -87,6 +114,9 @@ class Store:
         return "/".join([self.root, *parts]) if self.root else "/".join(parts)
 
     def object_path(self, key: str) -> str:
+        # Keys come from manifests, which are untrusted: one path component, never "..".
+        if not isinstance(key, str) or not _OBJECT_NAME.fullmatch(key):
+            raise CorruptCheckpointError(f"{str(key)[:80]!r} is not an object key: refusing to use it in {self.url}")
         return self.path("objects", key[:2], key)
 
     def manifest_path(self, step: int) -> str:
@@ -173,16 +203,66 @@ class Store:
             finally:
                 os.close(fd)
 
-    def read(self, path: str) -> bytes:
-        """A whole file; FileNotFoundError when it is not there."""
+    def read(self, path: str, *, limit: int | None = None) -> bytes:
+        """A file, or its first ``limit`` bytes when it is longer; FileNotFoundError when it is not there.
+
+        ``limit`` None is ``CKPT_MAX_MANIFEST_BYTES + 1``: every file of a store but an object
+        (:meth:`get_object`) is a small JSON document, and one longer than a manifest may be is
+        read only far enough to tell. Locally only a regular file under the store's root is
+        opened (symlinks resolved): anything else is a CorruptCheckpointError, never a read of a
+        FIFO, a device or a file outside the store.
+        """
+        return self._read(path, config.max_manifest_bytes() + 1 if limit is None else limit)
+
+    def _read(self, path: str, limit: int | None) -> bytes:
+        """At most ``limit`` bytes of ``path`` (None: all of it)."""
         if self.local:
+            return self._io(f"reading {path}", lambda: self._read_local(path, limit))
+        if limit is None:
+            return self._io(f"reading {path}", lambda: self.fs.cat_file(path))
+        # a ranged GET: a replaced object of gigabytes costs ``limit`` bytes, not its size
+        return self._io(f"reading {path}", lambda: self._read_range(path, limit))
 
-            def read_local() -> bytes:
-                with open(path, "rb") as f:
-                    return f.read()
+    def _read_range(self, path: str, limit: int) -> bytes:
+        try:
+            return self.fs.cat_file(path, start=0, end=limit)
+        except FileNotFoundError:
+            raise
+        except Exception:
+            # S3 and Azure answer any range of an empty object with 416 (InvalidRange)
+            if self.fs.info(path).get("size") == 0:
+                return b""
+            raise
 
-            return self._io(f"reading {path}", read_local)
-        return self._io(f"reading {path}", lambda: self.fs.cat_file(path))
+    def _read_local(self, path: str, limit: int | None) -> bytes:
+        real = os.path.realpath(path)
+        root = self._real_root
+        if root is None:
+            root = os.path.realpath(self.root or "/")
+            if os.path.isdir(root):
+                self._real_root = root
+        if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+            raise CorruptCheckpointError(
+                f"{path} of {self.url} leads to {real}, outside the store: refusing to read it"
+            )
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below.
+        try:
+            fd = os.open(real, os.O_RDONLY | _O_NONBLOCK | _O_NOFOLLOW | _O_CLOEXEC | _O_BINARY)
+        except NotADirectoryError:
+            raise CorruptCheckpointError(
+                f"{path} of {self.url} cannot be read: a folder on its way is not a folder (a damaged store)"
+            ) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CorruptCheckpointError(f"{path} of {self.url} is not a regular file: refusing to read it")
+            f = os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
+        with f:
+            want = st.st_size + 1 if limit is None else min(limit, st.st_size + 1)
+            return f.read(want)
 
     def _uncached(self, path: str) -> None:
         # fsspec backends cache listings per filesystem instance, and instances are
@@ -210,9 +290,11 @@ class Store:
     def put_object(self, key: str, payload: bytes | memoryview) -> None:
         self.write(self.object_path(key), payload)
 
-    def get_object(self, key: str, *, what: str = "") -> bytes:
+    def get_object(self, key: str, *, what: str = "", limit: int | None = None) -> bytes:
+        """Object ``key``, or its first ``limit`` bytes when it is longer (a reader passes the
+        stored size + 1, so an object longer than recorded costs one byte more, not its size)."""
         try:
-            return self.read(self.object_path(key))
+            return self._read(self.object_path(key), limit)
         except FileNotFoundError:
             where = f" (needed by {what})" if what else ""
             raise MissingObjectError(f"object {key} is missing from {self.url}{where}") from None
@@ -235,77 +317,141 @@ class Store:
             key = path.rsplit("/", 1)[-1]
             if not _KEY.match(key):
                 continue  # temporaries and foreign files
-            mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("created")
-            if hasattr(mtime, "timestamp"):
-                mtime = mtime.timestamp()
             out_size = info.get("size") or 0
-            yield ObjectInfo(key=key, size=int(out_size), mtime=float(mtime) if mtime is not None else None)
+            yield ObjectInfo(key=key, size=int(out_size), mtime=_mtime(info))
 
     # -- manifests and refs --------------------------------------------------------------
-    def steps(self) -> list[int]:
-        """Steps of every committed manifest, ascending."""
+    def _manifest_entries(self) -> list[tuple[str, float | None, bool]]:
+        """``(name, mtime, is a file)`` of everything in ``manifests/`` ([] when it does not exist)."""
         base = self.path("manifests")
 
-        def listing() -> list[str]:
+        def damaged() -> CorruptCheckpointError:
+            return CorruptCheckpointError(
+                f"manifests/ of {self.url} is a file, not a folder: the store is damaged and no checkpoint can be listed"
+            )
+
+        def listing() -> list[tuple[str, float | None, bool]]:
             if self.local:
-                return os.listdir(base) if os.path.isdir(base) else []
+                if not os.path.lexists(base):
+                    return []
+                if not os.path.isdir(base):
+                    raise damaged()
+                out: list[tuple[str, float | None, bool]] = []
+                with os.scandir(base) as it:
+                    for e in it:
+                        try:
+                            st = e.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue  # removed while listing
+                        out.append((e.name, st.st_mtime, stat.S_ISREG(st.st_mode)))
+                return out
             self._uncached(base)
-            return [p.rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False)]
+            infos = self.fs.ls(base, detail=True)
+            if len(infos) == 1 and infos[0].get("type") == "file" and infos[0]["name"].strip("/") == base.strip("/"):
+                raise damaged()
+            return [(i["name"].rstrip("/").rsplit("/", 1)[-1], _mtime(i), i.get("type") == "file") for i in infos]
 
         try:
-            names = self._io("listing manifests", listing, "list")
+            return self._io("listing manifests", listing, "list")
         except FileNotFoundError:
             return []
-        return sorted(int(m.group(1)) for n in names if (m := _STEP_FILE.match(n)))
+
+    def manifest_listing(self) -> dict[int, float | None]:
+        """Step -> modification time (None: unknown) of every committed manifest.
+
+        Only canonical names count (``<step>.json``, no leading zeros or signs, a regular
+        file); see :meth:`stray_manifests` for the rest.
+        """
+        return {int(m.group(1)): mtime for n, mtime, f in self._manifest_entries() if f and (m := _STEP_FILE.match(n))}
+
+    def steps(self) -> list[int]:
+        """Steps of every committed manifest, ascending."""
+        return sorted(self.manifest_listing())
+
+    def stray_manifests(self) -> list[str]:
+        """Names in ``manifests/`` that are not a committed manifest and are ignored: what
+        ``ckpt verify`` reports. Temporaries of interrupted local writes are not listed."""
+        return sorted(
+            n + ("" if f else "/")
+            for n, _t, f in self._manifest_entries()
+            if not (f and _STEP_FILE.match(n)) and not (f and _TEMPORARY.search(n))
+        )
 
     def read_manifest(self, step: int) -> bytes:
         try:
             return self.read(self.manifest_path(step))
         except FileNotFoundError:
-            raise NoCheckpointError(f"no checkpoint at step {step} in {self.url}") from None
+            pass
+        hint = ""
+        alias = [
+            n for n in self.stray_manifests() if (m := re.match(r"^[+]?0*(\d{1,18})\.json$", n)) and int(m[1]) == step
+        ]
+        if alias:
+            hint = f" (ignored, not manifest names: {', '.join(f'manifests/{n}' for n in alias)})"
+        raise NoCheckpointError(f"no checkpoint at step {step} in {self.url}{hint}") from None
 
-    def commit(self, step: int, manifest: bytes) -> None:
-        """Make a checkpoint visible: objects durable, then the manifest, then the ref."""
+    def commit(self, step: int, manifest: bytes, *, seq: int | None = None) -> None:
+        """Make a checkpoint visible: objects durable, then the manifest, then the ref.
+
+        The manifest is the commit. ``refs/latest`` is a hint: when it cannot be written the
+        save still stands (logged), and readers find the checkpoint by its manifest.
+        """
         self.sync_dirs()
         self.write(self.manifest_path(step), manifest)
         self.sync_dirs()
-        self.write_latest(step)
-        self.sync_dirs()
-
-    def read_latest(self) -> int | None:
         try:
-            raw = self.read(self.path("refs", "latest"))
+            self.write_latest(step, seq)
+            self.sync_dirs()
+        except CheckpointError as exc:
+            log.warning(
+                "step %d is committed to %s, but refs/latest could not be written (%s); "
+                "readers find the checkpoint by scanning manifests",
+                step,
+                self.url,
+                exc,
+            )
+
+    def read_ref(self) -> Ref | None:
+        """What ``refs/latest`` says; None when it is missing or unreadable (logged: it is a hint)."""
+        try:
+            raw = self.read(self.path("refs", "latest"), limit=_REF_BYTES)
         except FileNotFoundError:
             return None
-        except CheckpointError:
-            raise
-        try:
-            return int(json.loads(raw)["step"])
-        except (ValueError, KeyError, TypeError):
-            log.warning("refs/latest in %s is unreadable; scanning manifests", self.url)
+        except CheckpointError as exc:
+            log.warning("refs/latest of %s cannot be read (%s); scanning manifests", self.url, exc)
             return None
+        try:
+            doc = json.loads(raw)
+            step, seq = doc["step"], doc.get("seq")
+            if not _is_count(step) or not (seq is None or _is_count(seq)):
+                raise ValueError(f"step {step!r}, seq {seq!r}")
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            log.warning("refs/latest of %s is unreadable (%s); scanning manifests", self.url, exc)
+            return None
+        return Ref(step, seq)
 
-    def write_latest(self, step: int) -> None:
-        body = json.dumps({"step": int(step), "manifest": f"manifests/{int(step)}.json"}).encode()
-        self.write(self.path("refs", "latest"), body)
+    def read_latest(self) -> int | None:
+        """The step ``refs/latest`` names (None: missing or unreadable). A hint: see :meth:`latest_step`."""
+        ref = self.read_ref()
+        return None if ref is None else ref.step
+
+    def write_latest(self, step: int, seq: int | None = None) -> None:
+        body: dict[str, Any] = {"step": int(step), **({"seq": int(seq)} if seq is not None else {})}
+        body["manifest"] = f"manifests/{int(step)}.json"
+        self.write(self.path("refs", "latest"), json.dumps(body).encode())
 
     def latest_step(self, *, repair: bool = False) -> int | None:
-        """The newest committed step: the highest manifest, whatever ``refs/latest`` says.
+        """The latest committed step: the readable manifest with the highest commit sequence
+        (see :mod:`ckpt.storage.lineage`), whatever ``refs/latest`` says.
 
         ``refs/latest`` is a hint that a crash between manifest and ref can leave stale, or
         that can be lost; with ``repair`` it is rewritten when it disagrees.
         """
-        steps = self.steps()
-        if not steps:
-            return None
-        newest = steps[-1]
-        if repair:
-            ref = self.read_latest()
-            if ref != newest:
-                log.warning("refs/latest of %s says %s, newest manifest is %d: repairing", self.url, ref, newest)
-                self.write_latest(newest)
-                self.sync_dirs()
-        return newest
+        return find_latest(self, repair=repair).step
 
     def delete_manifest(self, step: int) -> None:
         self.delete(self.manifest_path(step))
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**18

@@ -95,7 +95,7 @@ def test_ls_human_and_json(store):
     r = run("ls", store["url"])
     assert r.exit_code == 0
     lines = r.stdout.strip().splitlines()
-    assert lines[0].split() == ["step", "created", "tensors", "raw", "stored", "ratio", "new"]
+    assert lines[0].split() == ["step", "created", "tensors", "raw", "stored", "ratio", "new", "lineage"]
     rows = [line.split() for line in lines[1:]]
     assert [row[0] for row in rows] == ["1", "2"]
     n_tensors = len(manifest(store, 1).tensors)

@@ -13,11 +13,10 @@ import ckpt
 from ckpt.api import write_checkpoint
 from ckpt.codecs import EncodeContext
 from ckpt.codecs import delta as deltamod
-from ckpt.hooks.manager import get_plugins
-from ckpt.io.writer import Reader, Writer
-from ckpt.storage.manifest import ChunkRef
+from ckpt.io.reader import Reader
+from ckpt.io.writer import Writer
 from ckpt.storage.store import Store
-from ckpt.testing import assert_same_state, clone_state, corrupt_object
+from ckpt.testing import assert_same_state, clone_state, corrupt_object, get_plugins, stored_objects
 
 
 def _model(dtype: torch.dtype) -> torch.nn.Module:
@@ -39,23 +38,7 @@ def _delta_depths(manifest) -> list[int]:
 # -- the codec itself ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n", [0, 1, 7, 8, 4099])
-def test_xor_codec_round_trip(n):
-    codec = deltamod.XorDeltaCodec()
-    data = memoryview(bytes(range(256)) * (n // 256) + bytes(range(n % 256)))
-    parent = memoryview(bytes((i * 7) % 256 for i in range(n)))
-    record = {"hash": "ab" * 16, "key": "ab" * 16, "size": n, "stored": n, "codec": []}
-    payload, params = codec.encode(data, EncodeContext(dtype="uint8", itemsize=1, parent=parent, parent_ref=record))
-    assert params == {"parent": record}
-
-    class Ctx:
-        def raw_chunk(self, ref):
-            assert ref == record
-            return parent
-
-    out = memoryview(bytearray(n))
-    codec.decode(memoryview(payload), out, params, Ctx())
-    assert bytes(out) == bytes(data)
+# (round trips, damage and wrong parameters: tests/codecs/test_conformance.py)
 
 
 def test_xor_codec_declines_without_a_matching_parent():
@@ -73,15 +56,15 @@ def test_delta_codec_is_registered_as_a_builtin():
 
 
 def test_chain_depth_and_referenced_keys_follow_nested_parents():
-    full = ChunkRef(hash="a" * 32, key="a" * 32, size=8, stored=8, codec=())
-    d1 = ChunkRef(
+    full = ckpt.ChunkRef(hash="a" * 32, key="a" * 32, size=8, stored=8, codec=())
+    d1 = ckpt.ChunkRef(
         hash="b" * 32,
         key=deltamod.delta_key("b" * 32, "a" * 32),
         size=8,
         stored=3,
         codec=({"name": "xor", "parent": full.to_json()}, {"name": "zstd"}),
     )
-    d2 = ChunkRef(
+    d2 = ckpt.ChunkRef(
         hash="c" * 32,
         key=deltamod.delta_key("c" * 32, "b" * 32),
         size=8,
@@ -90,10 +73,7 @@ def test_chain_depth_and_referenced_keys_follow_nested_parents():
     )
     assert [deltamod.chain_depth(r.codec) for r in (full, d1, d2)] == [0, 1, 2]
     assert list(deltamod.referenced_keys(d2.to_json())) == [d2.key, d1.key, full.key]
-    assert d1.key != d1.hash and d1.key.startswith(d1.hash) and Store("memory://x")  # key is a valid object key
-    from ckpt.storage.store import _KEY
-
-    assert _KEY.match(d1.key)
+    assert d1.key != d1.hash and d1.key.startswith(d1.hash)
 
 
 # -- deltas in saves ----------------------------------------------------------------------
@@ -111,6 +91,8 @@ def test_small_update_is_stored_as_a_much_smaller_delta(store_url):
         if deltamod.chain_depth(ref.codec):
             assert ref.key == deltamod.delta_key(ref.hash, deltamod.parent_record(ref.codec)["hash"])
             assert [s["name"] for s in ref.codec] == ["xor", "bgzstd"]
+    # delta keys are object keys like any other: listed, so GC and `ckpt du` see them
+    assert {r.key for r in manifest.chunk_refs()} <= set(stored_objects(Store(store_url)))
     assert second.stored_bytes * 3 < full.stored_bytes, (second.stored_bytes, full.stored_bytes)
     assert_same_state(ckpt.load(store_url, step=1)["model"], clone_state(model.state_dict()))
 

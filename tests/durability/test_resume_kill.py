@@ -66,7 +66,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path, referen
     rng = random.Random(int(os.environ.get("CKPT_TEST_SEED", "0")) or None)
     digest, log = tmp_path / "digest.json", tmp_path / "log"
     kills = 0
-    for attempt in range(8):
+    for _ in range(8):
         proc = subprocess.Popen(
             _cmd(tmp_path / "store", digest, log, ["--sleep", "0.03"]),
             stdout=subprocess.DEVNULL,

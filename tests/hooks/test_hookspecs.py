@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 import ckpt
 from ckpt.hooks import hookspecs
+from ckpt.hooks.manager import get_plugins
 
 SPECS = {
     name: fn
@@ -96,9 +97,7 @@ def ckpt_register_commands(cli):
 
 @ckpt.hookimpl
 def ckpt_before_save(url, step, tree):
-    import ckpt.storage.store
-    CALLS.append(("ckpt_before_save", {"url": url, "step": step, "tree": tree,
-                                      "steps_on_disk": ckpt.storage.store.Store(url).steps()}))
+    CALLS.append(("ckpt_before_save", {"url": url, "step": step, "tree": tree, "steps_on_disk": ckpt.steps(url)}))
 
 
 @ckpt.hookimpl
@@ -114,8 +113,6 @@ def ckpt_after_restore(info, state):
 
 def test_every_hookspec_is_exercised(fake_plugin, store_url):
     module = fake_plugin("ckpt-recorder", RECORDER)
-    from ckpt.hooks.manager import get_plugins
-
     plugins = get_plugins()
     rec = importlib.import_module(module)
     calls = rec.CALLS

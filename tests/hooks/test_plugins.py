@@ -4,7 +4,6 @@ discovery, listing, adapters and codecs through them, CKPT_DISABLE_PLUGINS, conf
 from __future__ import annotations
 
 import importlib
-import json
 import sys
 
 import numpy as np
@@ -13,9 +12,9 @@ import torch
 
 import ckpt
 from ckpt.hooks.manager import PluginInfo, get_plugins, make_plugin_manager
-from ckpt.io.writer import Reader
+from ckpt.io.verify import verify_manifest
 from ckpt.storage.store import Store
-from ckpt.testing import AdapterConformance
+from ckpt.testing import AdapterConformance, CodecConformance, rewrite_with_codec
 
 POINT_PLUGIN = '''
 import numpy as np
@@ -63,7 +62,10 @@ class XorCodec:
 
     def decode(self, payload, out, params, ctx):
         CALLS["decode"] += 1
-        out[:] = (np.frombuffer(payload, dtype=np.uint8) ^ int(params["mask"])).tobytes()
+        mask = params.get("mask")
+        if type(mask) is not int or not 0 <= mask <= 255 or len(payload) != len(out):
+            raise ckpt.CorruptCheckpointError(f"xor8: {len(payload)} bytes for {len(out)}, mask {mask!r}")
+        np.bitwise_xor(np.frombuffer(payload, dtype=np.uint8), mask, out=np.frombuffer(out, dtype=np.uint8))
 
 
 @ckpt.hookimpl
@@ -122,29 +124,12 @@ def test_save_restore_through_plugin_adapter(fake_plugin, store_url):
     assert torch.equal(fresh.xyz.view(torch.int64), p.xyz.view(torch.int64))
 
 
-def _rewrite_with_codec(store: Store, codec_name: str, paths: list[str]) -> None:
-    """Re-encode the objects of ``paths`` with a plugin codec, as a writer using it would."""
-    plugins = get_plugins()
-    codec = plugins.codecs.get(codec_name)
-    doc = json.loads(store.read_manifest(1))
-    manifest = ckpt.read_manifest(store.url, 1)
-    reader = Reader(store, plugins.codecs)
-    for path in paths:
-        for i, ref in enumerate(manifest.tensors[path].chunks):
-            raw = memoryview(bytearray(ref.size))
-            reader.read_chunk(ref, raw, what=path)
-            payload, params = codec.encode(raw, None)
-            store.put_object(ref.key, payload)
-            doc["tensors"][path]["chunks"][i].update(codec=[{"name": codec_name, **params}], stored=len(payload))
-    store.write(store.manifest_path(1), json.dumps(doc).encode())
-
-
 def test_plugin_codec_decodes_objects_written_with_it(fake_plugin, store_url, monkeypatch):
     mod = _point_module(fake_plugin)
     weights = torch.randn(40, 40)
     ckpt.save(store_url, {"w": weights, "ids": torch.arange(100)}, step=1)
     store = Store(store_url)
-    _rewrite_with_codec(store, "xor8", ["w", "ids"])
+    assert len(rewrite_with_codec(store_url, 1, "xor8", paths=["w", "ids"])) == 2
     key = ckpt.read_manifest(store.url, 1).tensors["w"].chunks[0].key
     assert store.get_object(key) == (weights.numpy().view(np.uint8) ^ 0x5A).tobytes()
 
@@ -152,8 +137,6 @@ def test_plugin_codec_decodes_objects_written_with_it(fake_plugin, store_url, mo
     ckpt.restore(store_url, live)
     assert torch.equal(live["w"], weights) and torch.equal(live["ids"], torch.arange(100))
     assert mod.CALLS["decode"] == 2
-    from ckpt.io.verify import verify_manifest
-
     assert verify_manifest(store, get_plugins().codecs, ckpt.read_manifest(store.url, 1)) == []
 
     # without the plugin the codec is unknown: a clear error, not garbage
@@ -315,6 +298,35 @@ def test_broken_plugin_is_a_plugin_error(fake_plugin, body, words):
         get_plugins()
 
 
+@pytest.mark.parametrize("option", ["wrapper=True", "hookwrapper=True"])
+@pytest.mark.parametrize("hook", ["ckpt_register_adapters", "ckpt_register_codecs"])
+def test_registration_hooks_refuse_wrappers(fake_plugin, hook, option):
+    """ckpt calls registration hooks one implementation at a time: a wrapper would silently never run."""
+    ret = "return (yield)" if option == "wrapper=True" else "yield"
+    fake_plugin("ckpt-wrapping", f"import ckpt\n@ckpt.hookimpl({option})\ndef {hook}(register):\n    {ret}\n")
+    with pytest.raises(ckpt.PluginError, match=f"'ckpt-wrapping' implements {hook} with {option}"):
+        get_plugins()
+
+
+def test_lifecycle_hooks_take_wrappers(fake_plugin, store_url):
+    module = fake_plugin(
+        "ckpt-timing",
+        """
+import ckpt
+CALLS = []
+@ckpt.hookimpl(wrapper=True)
+def ckpt_after_commit(info):
+    CALLS.append(("enter", info.step))
+    result = yield
+    CALLS.append(("exit", info.step))
+    return result
+""",
+    )
+    get_plugins()
+    ckpt.save(store_url, {"x": torch.ones(2)}, step=4)
+    assert importlib.import_module(module).CALLS == [("enter", 4), ("exit", 4)]
+
+
 def test_factory_builds_fresh_managers(fake_plugin):
     fake_plugin(DIST, POINT_PLUGIN)
     a, b = make_plugin_manager(), make_plugin_manager()
@@ -345,3 +357,13 @@ class TestPluginAdapterConformance(AdapterConformance):
             p.history.append(len(p.history))
 
         return mutate
+
+
+class TestPluginCodecConformance(CodecConformance):
+    """The codec conformance suite, used as a plugin author would use it."""
+
+    codec_name = "xor8"
+
+    @pytest.fixture(autouse=True)
+    def _installed(self, fake_plugin):
+        _point_module(fake_plugin)

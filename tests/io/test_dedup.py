@@ -1,6 +1,8 @@
-"""Dedup across checkpoints: stored content is referenced, not written again. Frozen
-weights are written once, so any model with frozen parameters gets LoRA-sized
-checkpoints from dedup alone. Bytes written are asserted from CheckpointInfo.stored_bytes."""
+"""Dedup: stored content is referenced, not written again, chunk by chunk. Frozen weights
+are written once, so any model with frozen parameters gets LoRA-sized checkpoints from
+dedup alone. Bytes written are asserted from CheckpointInfo.stored_bytes. (That an
+unchanged save writes only its manifest is part of the storage contract:
+tests/storage/test_store_conformance.py.)"""
 
 from __future__ import annotations
 
@@ -11,38 +13,41 @@ import torch
 import ckpt
 from ckpt.codecs import EncodeContext
 from ckpt.codecs.zstd import ByteGroupZstdCodec
-from ckpt.io.writer import hash_bytes
+from ckpt.io.hashing import hash_bytes
 from ckpt.storage.store import Store
-from ckpt.testing import assert_same_state, clone_state
-
-
-def _objects(store: Store) -> dict[str, int]:
-    return {o.key: o.size for o in store.list_objects()}
+from ckpt.testing import assert_same_state, clone_state, stored_objects
 
 
 def _manifest_len(store: Store, step: int) -> int:
     return len(store.read_manifest(step))
 
 
-def test_unchanged_state_costs_only_a_manifest(store_url):
-    torch.manual_seed(0)
-    state = {"w": torch.randn(512, 512), "ids": torch.arange(10_000)}
-    first = ckpt.save(store_url, {"s": state}, step=1)
-    store = Store(store_url)
-    assert first.stored_bytes == sum(_objects(store).values()) + _manifest_len(store, 1)
-    second = ckpt.save(store_url, {"s": state}, step=2)
-    assert second.stored_bytes == _manifest_len(store, 2)
-    assert ckpt.read_manifest(store.url, 2).chunk_refs() == ckpt.read_manifest(store.url, 1).chunk_refs()
-
-
 def test_equal_chunks_in_one_save_are_written_once(store_url):
     x = torch.randn(64, 1024)
     info = ckpt.save(store_url, {"a": x, "b": x.clone(), "c": x.clone().reshape(-1)}, step=0)
     store = Store(store_url)
-    assert len(_objects(store)) == 1
-    assert info.stored_bytes == sum(_objects(store).values()) + _manifest_len(store, 0)
+    assert len(stored_objects(store)) == 1
+    assert info.stored_bytes == sum(stored_objects(store).values()) + _manifest_len(store, 0)
     tree = ckpt.load(store_url)
     assert torch.equal(tree["a"], x) and torch.equal(tree["c"], x.reshape(-1))
+
+
+def test_dedup_is_per_chunk(store_url, monkeypatch):
+    monkeypatch.setenv("CKPT_CHUNK_BYTES", "4096")
+    big = torch.randn(64 * 1024 // 4, generator=torch.Generator().manual_seed(0))  # 16 chunks of 4 KiB
+    first = ckpt.save(store_url, {"a": big}, step=1)
+    store = Store(store_url)
+    assert len(stored_objects(store)) == 16 and first.raw_bytes == big.nbytes
+    before = ckpt.read_manifest(store_url, 1).tensors["a"].chunks
+
+    big[5000] += 1.0  # one element changes: one chunk is new
+    second = ckpt.save(store_url, {"a": big}, step=2)
+    objects = stored_objects(store)
+    assert len(objects) == 17
+    changed = [c for c in ckpt.read_manifest(store_url, 2).tensors["a"].chunks if c not in before]
+    assert len(changed) == 1
+    assert second.stored_bytes == _manifest_len(store, 2) + objects[changed[0].key]
+    assert_same_state(ckpt.load(store_url)["a"], big)
 
 
 def test_frozen_model_gets_lora_sized_checkpoints_from_dedup_alone(store_url, monkeypatch):

@@ -141,9 +141,11 @@ def test_bounded_host_memory_streams(tmp_path):
 
 def test_budget_smaller_than_a_tensor_is_a_clear_error(tmp_path):
     model, opt = _mlp()
-    with ckpt.Checkpointer(str(tmp_path / "s"), max_host_memory=1000) as ck:
-        with pytest.raises(ckpt.CheckpointError, match="max_host_memory"):
-            ck.save({"model": model}, step=1).wait()
+    with (
+        ckpt.Checkpointer(str(tmp_path / "s"), max_host_memory=1000) as ck,
+        pytest.raises(ckpt.CheckpointError, match="max_host_memory"),
+    ):
+        ck.save({"model": model}, step=1).wait()
 
 
 def test_rss_does_not_grow_over_20_saves(tmp_path):

@@ -175,7 +175,7 @@ def test_leased_step_survives_until_released(store_url):
     lease = Lease(store, step=1)
     doc = json.loads(store.read(lease.path))
     assert doc["step"] == 1 and doc["pid"] == os.getpid() and doc["expires"] > time.time() and doc["host"]
-    assert live_leases(store) == {lease.path: 1}
+    assert [(r.path, r.kind, r.protect) for r in live_leases(store)] == [(lease.path, "step", (1,))]
     result = prune(store, keep_last=1, grace_seconds=0)
     assert result.kept_steps == (1, 3)
     assert_same_state(ckpt.load(store_url, step=1)["s"], expected[1])
@@ -184,7 +184,7 @@ def test_leased_step_survives_until_released(store_url):
     assert prune(store, keep_last=1, grace_seconds=0).removed_steps == (1,)
     lease.release()
     lease.release()  # idempotent
-    assert live_leases(store) == {}
+    assert live_leases(store) == []
     with pytest.raises(ckpt.CheckpointError, match="released"):
         lease.renew(3)
 
@@ -194,7 +194,7 @@ def test_expired_lease_is_ignored_and_cleaned_up(store_url):
     store = Store(store_url)
     with Lease(store, step=0, ttl_seconds=0.05) as lease:
         time.sleep(0.1)
-        assert live_leases(store) == {}
+        assert live_leases(store) == []
         result = collect(store_url, keep_last=1, grace_seconds=0)
         assert 0 in result.removed_steps
         assert not store.exists(lease.path), "gc removes expired lease files"

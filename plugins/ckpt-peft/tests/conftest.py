@@ -1,9 +1,8 @@
-"""Fixtures for ckpt-peft's tests: stores, and MiniLM models built offline from real weights."""
+"""Fixtures for ckpt-peft's tests: MiniLM models built offline from real weights."""
 
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from ckpt.hooks.manager import reset_plugins
+from ckpt.testing import reset_plugins
 
 
 @pytest.fixture(autouse=True)
@@ -20,21 +19,6 @@ def _fresh_plugins():
     reset_plugins()
     yield
     reset_plugins()
-
-
-@pytest.fixture(params=["file", "memory"])
-def store_url(request, tmp_path):
-    if request.param == "file":
-        yield f"file://{tmp_path}/store"
-        return
-    import fsspec
-
-    url = f"memory://ckpt-peft-{uuid.uuid4().hex}"
-    yield url
-    fs = fsspec.filesystem("memory")
-    root = url.removeprefix("memory://")
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
 
 
 def minilm_dir() -> Path:

@@ -16,9 +16,7 @@ import torch
 from conftest import lora_config, train_step
 
 import ckpt
-from ckpt.hooks.manager import get_plugins
-from ckpt.storage.store import Store
-from ckpt.testing import AdapterConformance, assert_same_state, clone_state
+from ckpt.testing import AdapterConformance, assert_same_state, clone_state, get_plugins
 
 
 def test_plugin_is_listed_by_ckpt_plugins():
@@ -80,7 +78,6 @@ def test_lora_checkpoints_after_the_first_are_lora_sized(make_lora_minilm, tmp_p
     adapter_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     assert adapter_bytes == 73_728 * 4
     budget = 1.1 * 3 * adapter_bytes + 128 * 1024
-    store = Store(url)
     sizes = []
     for step in range(1, 5):
         train_step(model, opt, step)
@@ -88,9 +85,9 @@ def test_lora_checkpoints_after_the_first_are_lora_sized(make_lora_minilm, tmp_p
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     assert sizes[0] > 0.7 * base_bytes  # the base, compressed a little, once
     assert all(s <= budget for s in sizes[1:]), (sizes, budget)
-    first = ckpt.read_manifest(store.url, 1)
+    first = ckpt.read_manifest(url, 1)
     for step in (2, 3, 4):
-        later = ckpt.read_manifest(store.url, step)
+        later = ckpt.read_manifest(url, step)
         for path, entry in later.tensors.items():
             if path.startswith("model/base/"):
                 assert entry.chunks == first.tensors[path].chunks, f"{path} rewritten at step {step}"

@@ -1,0 +1,238 @@
+"""Loading a checkpoint into live objects, all or nothing.
+
+Every object is read, decoded and verified into fresh host memory, and every value is
+checked against its live object (shapes and dtypes against the manifest, the rest by
+each adapter's optional ``check``), before the first live object changes. Only then do
+the adapters load, so a damaged checkpoint or one that does not fit leaves the live
+objects exactly as they were. Restoring "the latest" may instead fall back to the
+newest intact checkpoint, which is then restored completely.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import torch
+
+from ckpt.errors import CheckpointError, CorruptCheckpointError, StateMismatchError
+from ckpt.hooks.manager import Plugins
+from ckpt.io.plan import ReadPlan
+from ckpt.io.reader import read_tensors
+from ckpt.state import tree as treemod
+from ckpt.state.capture import as_numpy, capture, check_into, live_tensors, load_into, qualified_name
+from ckpt.state.dataloader import track_all
+from ckpt.state.placement import DEFAULT_LOCATION, Placer
+from ckpt.storage.commit import load_manifest
+from ckpt.storage.lineage import read_lineage
+from ckpt.storage.manifest import Manifest
+from ckpt.storage.store import Store
+from ckpt.types import CheckpointInfo
+
+log = logging.getLogger("ckpt")
+
+#: the key a single stateful object is saved under when ``save`` is given it instead of a mapping
+SINGLE_KEY = "state"
+
+
+def as_mapping(state: Any, plugins: Plugins) -> tuple[Mapping[str, Any], bool]:
+    """``state`` as a mapping of names to objects, and whether it was one object on its own.
+
+    A lone module, optimizer or other object an adapter handles stands for
+    ``{SINGLE_KEY: obj}``, so ``ckpt.save(url, model, step=n)`` and
+    ``ckpt.restore(url, model)`` work without a dict.
+    """
+    if isinstance(state, Mapping):
+        return state, False
+    if plugins.adapters.for_object(state) is not None:
+        return {SINGLE_KEY: state}, True
+    raise CheckpointError(
+        f"state must be a mapping of names to objects, or one object an adapter handles; got {type(state).__name__}"
+    )
+
+
+def _dotted(path: str) -> str:
+    return ".".join(treemod.unescape(p) for p in path.split("/"))
+
+
+def restore_manifest(
+    store: Store,
+    plugins: Plugins,
+    manifest: Manifest,
+    state: MutableMapping[str, Any],
+    *,
+    strict: bool = True,
+    place: Placer | None = None,
+) -> CheckpointInfo:
+    """Load ``manifest``'s checkpoint into ``state``'s live objects (see ``ckpt.restore``)."""
+    values, missing, unexpected = _prepare(store, plugins, manifest, state, strict=strict, place=place)
+    # Everything is read, verified and checked: from here on only loads that fit.
+    for key, value in values.items():
+        state[key] = load_into(state[key], value, treemod.escape(key), plugins, strict=strict)
+    info = CheckpointInfo.from_manifest(manifest, store.url)
+    if not strict:
+        info = info.with_keys(missing=missing, unexpected=unexpected)
+    plugins.after_restore(info=info, state=state)
+    return info
+
+
+def restore_latest(
+    store: Store,
+    plugins: Plugins,
+    state: MutableMapping[str, Any],
+    *,
+    strict: bool = True,
+    place: Placer | None = None,
+) -> tuple[CheckpointInfo, Manifest]:
+    """Restore the newest checkpoint whose data is intact; returns it and its manifest.
+
+    A newest checkpoint whose objects are missing or corrupt is skipped for the one before
+    it, with a warning naming what was skipped: nothing live changed, so the fallback is a
+    clean restore of the older checkpoint. A misfit (the live objects cannot take it) is
+    not skipped: an older checkpoint of the same run would not fit either.
+    """
+    manifest = load_manifest(store, None)
+    skipped: list[str] = []
+    while True:
+        try:
+            info = restore_manifest(store, plugins, manifest, state, strict=strict, place=place)
+            break
+        except CorruptCheckpointError as exc:
+            skipped.append(f"step {manifest.step} ({exc})")
+            manifest = _older_intact(store, manifest.step, skipped, exc)
+    if skipped:
+        log.warning("restored step %d of %s after skipping %s", manifest.step, store.url, "; ".join(skipped))
+    return info, manifest
+
+
+def _older_intact(store: Store, step: int, skipped: list[str], exc: CorruptCheckpointError) -> Manifest:
+    """The newest readable checkpoint ``step`` continues from (its lineage, never an
+    abandoned step); re-raises ``exc`` when there is none."""
+    lineage, manifests = read_lineage(store)
+    for older in lineage.before(step):
+        if older in manifests:
+            log.warning("restoring %s: %s is damaged; trying step %d", store.url, skipped[-1], older)
+            return manifests[older]
+    raise exc
+
+
+def _prepare(
+    store: Store,
+    plugins: Plugins,
+    manifest: Manifest,
+    state: Mapping[str, Any],
+    *,
+    strict: bool,
+    place: Placer | None,
+) -> tuple[dict[str, Any], list[str], list[str]]:
+    """The values ``state``'s keys take from ``manifest`` (read, verified and checked against
+    the live objects, nothing live changed yet), and the missing and unexpected keys."""
+    stored_tree = manifest.tree
+    if not isinstance(stored_tree, dict):
+        raise CheckpointError(f"checkpoint step {manifest.step} of {store.url} has no state mapping")
+    absent = [k for k in state if k not in stored_tree]
+    if absent and strict:
+        raise StateMismatchError(
+            f"checkpoint step {manifest.step} of {store.url} has no {', '.join(map(repr, absent))}; "
+            f"it holds {', '.join(map(repr, stored_tree))} (restore with strict=False to load what matches)"
+        )
+    keys = [k for k in state if k in stored_tree]
+    track_all(state)  # a restored DataLoader must replay its position on the next iter()
+    live_tree, live_adapters = capture({k: state[k] for k in keys}, plugins)
+    for path, name in live_adapters.items():
+        saved = manifest.adapters.get(path)
+        if saved != name:
+            raise StateMismatchError(
+                f"{path!r} was saved {'by adapter ' + repr(saved) if saved else 'as plain data'}, "
+                f"but the live object needs adapter {name!r}"
+            )
+        _check_class(manifest, path, state, plugins, name)
+    live: dict[str, torch.Tensor] = {}
+    for key in keys:
+        live_tensors(live_tree[key], treemod.escape(key), live)
+    exact = [p for p, name in live_adapters.items() if getattr(plugins.adapters.get(name), "exact_tensors", False)]
+    missing, unexpected = _fit(manifest, live, exact, strict)
+    missing = [*map(str, absent), *missing]
+    wanted = [p for key in keys for p in treemod.tensor_paths(stored_tree[key])]
+    # Into fresh host memory, not the live tensors: a chunk failing verification must not
+    # leave a module half-overwritten. The adapters' loads copy them in afterwards.
+    tensors = read_tensors(store, plugins.codecs, ReadPlan.for_paths(manifest, wanted))
+    if place is not None:
+        tensors = {p: place(t, DEFAULT_LOCATION) for p, t in tensors.items()}
+    values = {}
+    for key in keys:
+        path = treemod.escape(key)
+        values[key] = treemod.decode(stored_tree[key], lambda p, is_np: as_numpy(tensors[p], is_np), path)
+        check_into(state[key], values[key], path, plugins)
+    return values, missing, unexpected
+
+
+def _check_class(manifest: Manifest, path: str, state: Mapping[str, Any], plugins: Plugins, name: str) -> None:
+    """An adapter with ``exact_class`` (optimizers, schedulers) refuses another class's state."""
+    adapter = plugins.adapters.get(name)
+    saved = getattr(manifest, "classes", {}).get(path)
+    if saved is None or not getattr(adapter, "exact_class", False):
+        return
+    obj = _resolve(state, path)
+    live = qualified_name(type(obj))
+    if saved != live:
+        raise StateMismatchError(f"{path!r} was saved from a {saved}; the live object is a {live}")
+
+
+def _resolve(state: Mapping[str, Any], path: str) -> Any:
+    """The live object at a tree path of ``state`` (escaped keys joined by ``/``)."""
+    node: Any = state
+    for part in path.split("/"):
+        key = treemod.unescape(part)
+        if isinstance(node, Mapping):
+            node = node[next(k for k in node if str(k) == key)]
+        else:
+            node = node[int(key)]
+    return node
+
+
+def _fit(
+    manifest: Manifest, live: Mapping[str, torch.Tensor], exact: list[str], strict: bool
+) -> tuple[list[str], list[str]]:
+    """Check the live tensors against the checkpoint before anything is read.
+
+    Shapes and dtypes must agree. A tensor only on one side is an error when ``strict``;
+    otherwise it is reported: live tensors the checkpoint lacks are *missing*, tensors the
+    checkpoint holds under an exact-tensors object (a module) that it lacks are *unexpected*.
+    """
+    unexpected = [
+        p for prefix in exact for p in manifest.tensors if (p == prefix or p.startswith(prefix + "/")) and p not in live
+    ]
+    missing = [p for p in live if p not in manifest.tensors]
+    if strict and (unexpected or missing):
+        if unexpected:
+            where = next(pre for pre in exact if unexpected[0] == pre or unexpected[0].startswith(pre + "/"))
+            problem = f"tensor {unexpected[0]!r} (and {len(unexpected) - 1} more) is in checkpoint step {manifest.step} but not in the live object at {where!r}"
+        else:
+            problem = f"tensor {missing[0]!r} (and {len(missing) - 1} more) is in the live state but not in checkpoint step {manifest.step}"
+        raise StateMismatchError(
+            problem + _compile_hint(manifest, live) + " (restore with strict=False to load what matches)"
+        )
+    for path, t in live.items():
+        entry = manifest.tensors.get(path)
+        if entry is None:
+            continue
+        dtype = str(t.dtype).removeprefix("torch.")
+        if tuple(t.shape) != entry.shape or dtype != entry.dtype:
+            raise StateMismatchError(
+                f"tensor {path!r}: checkpoint has {entry.dtype}{list(entry.shape)}, live object has {dtype}{list(t.shape)}"
+            )
+    return [_dotted(p) for p in missing], [_dotted(p) for p in unexpected]
+
+
+def _compile_hint(manifest: Manifest, live: Mapping[str, torch.Tensor]) -> str:
+    stored = any("/_orig_mod." in p for p in manifest.tensors)
+    living = any("/_orig_mod." in p for p in live)
+    if stored != living:
+        return (
+            "; the checkpoint's module keys carry torch.compile's '_orig_mod.' prefix"
+            if stored
+            else "; the live module's keys carry torch.compile's '_orig_mod.' prefix"
+        ) + " (ckpt saves compiled modules without it: re-save, or restore into the matching module)"
+    return ""

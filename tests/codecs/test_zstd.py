@@ -1,0 +1,216 @@
+"""The zstandard codecs: ``bgzstd``'s byte planes (layout, raw planes for incompressible
+bytes, tuned settings vs CKPT_ZSTD_LEVEL), every float dtype and odd sizes, and decoders
+bounded by the expected size whatever a payload claims. The corruption battery every
+codec passes is in test_conformance.py."""
+
+from __future__ import annotations
+
+import struct
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+
+import ckpt
+from ckpt.codecs import EncodeContext
+from ckpt.codecs.base import default_chain
+from ckpt.codecs.zstd import PLANE_PARAMS, ByteGroupZstdCodec, ZstdCodec
+
+PLANE = struct.Struct("<BQ")  # the plane table entry: mode (0 raw, 1 zstd), stored length
+RAW, ZSTD = 0, 1
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def _encode(codec, t: torch.Tensor):
+    ctx = EncodeContext(dtype=str(t.dtype).removeprefix("torch."), itemsize=t.element_size())
+    return codec.encode(_bytes(t), ctx)
+
+
+def _decode(codec, payload, params, size: int) -> bytes:
+    out = bytearray(size)
+    codec.decode(memoryview(payload), memoryview(out), params, None)
+    return bytes(out)
+
+
+def _planes(payload, k: int) -> list[tuple[int, bytes]]:
+    """The (mode, body) of each byte plane of a bgzstd payload."""
+    payload = bytes(payload)
+    table = [PLANE.unpack_from(payload, i * PLANE.size) for i in range(k)]
+    pos, planes = PLANE.size * k, []
+    for mode, length in table:
+        planes.append((mode, payload[pos : pos + length]))
+        pos += length
+    assert pos == len(payload)
+    return planes
+
+
+def _weights(n: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    """Weight-like values: few distinct exponents, near-random mantissas."""
+    return (torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 0.02).to(dtype)
+
+
+# -- byte planes -----------------------------------------------------------------------
+
+
+def test_plane_k_holds_byte_k_of_every_element():
+    t = _weights(5001)
+    payload, params = _encode(ByteGroupZstdCodec(), t)
+    assert params == {"itemsize": 4}
+    grid = np.frombuffer(bytes(_bytes(t)), np.uint8).reshape(-1, 4)
+    for k, (mode, body) in enumerate(_planes(payload, 4)):
+        plane = body if mode == RAW else zstandard.ZstdDecompressor().decompress(body)
+        assert plane == grid[:, k].tobytes(), f"plane {k}"
+
+
+def test_mantissa_planes_stay_raw_and_the_exponent_plane_compresses():
+    t = _weights(200_000)
+    payload, _ = _encode(ByteGroupZstdCodec(), t)
+    modes = [mode for mode, _ in _planes(payload, 4)]
+    assert modes[0] == modes[1] == RAW, "low mantissa bytes are noise: stored raw, not inflated"
+    assert modes[3] == ZSTD
+    exponent = _planes(payload, 4)[3][1]
+    assert len(exponent) * 2 < 200_000, "the sign/exponent plane compresses well on weight-like data"
+    assert len(payload) < t.numel() * 4
+
+
+def test_incompressible_data_is_declined_whole():
+    noise = torch.randint(0, 256, (1 << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    ctx = EncodeContext(dtype="float32", itemsize=4)
+    assert ByteGroupZstdCodec().encode(memoryview(noise.numpy().tobytes()), ctx) is None
+    assert ZstdCodec().encode(memoryview(noise.numpy().tobytes()), ctx) is None
+
+
+def test_large_random_planes_are_judged_from_a_sample():
+    # planes above 4 x 128 KiB are judged by compressing their first 128 KiB only
+    t = _weights(700_000)
+    payload, params = _encode(ByteGroupZstdCodec(), t)
+    assert [mode for mode, _ in _planes(payload, 4)][:2] == [RAW, RAW]
+    assert _decode(ByteGroupZstdCodec(), payload, params, t.numel() * 4) == bytes(_bytes(t))
+
+
+def test_tuned_plane_settings_unless_a_level_is_set(monkeypatch):
+    monkeypatch.delenv("CKPT_ZSTD_LEVEL", raising=False)
+    t = _weights(300_000, torch.bfloat16)
+    tuned = ByteGroupZstdCodec()
+    assert tuned.level is None
+    tuned_payload, params = _encode(tuned, t)
+    # the tuned frames are standard zstd: a plain decompressor reads them
+    exponent = _planes(tuned_payload, 2)[1][1]
+    assert len(zstandard.ZstdDecompressor().decompress(exponent)) == t.numel()
+    level1 = ByteGroupZstdCodec(level=1)
+    level1_payload, _ = _encode(level1, t)
+    assert len(tuned_payload) <= len(level1_payload) * 1.02, "the tuned settings are meant to beat level 1"
+
+    monkeypatch.setenv("CKPT_ZSTD_LEVEL", "3")
+    forced = ByteGroupZstdCodec()
+    assert forced.level == 3 and ZstdCodec().level == 3
+    forced_payload, forced_params = _encode(forced, t)
+    assert bytes(forced_payload) != bytes(tuned_payload)
+    for payload, p in ((tuned_payload, params), (forced_payload, forced_params)):
+        assert _decode(ByteGroupZstdCodec(), payload, p, t.numel() * 2) == bytes(_bytes(t))
+    assert set(PLANE_PARAMS) >= {"strategy", "window_log"}
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128],
+)
+@pytest.mark.parametrize("n", [1, 3, 1001, 65_537])
+def test_every_float_dtype_round_trips_at_odd_sizes(dtype, n):
+    g = torch.Generator().manual_seed(n)
+    if dtype.is_complex:
+        t = torch.view_as_complex(torch.randn(n, 2, generator=g) * 0.02).to(dtype)
+    else:
+        t = (torch.randn(n, generator=g) * 0.02).to(dtype)
+    assert default_chain(str(dtype).removeprefix("torch.")) == ["bgzstd"]
+    result = _encode(ByteGroupZstdCodec(), t)
+    if result is None:
+        assert n < 16, "only tiny chunks may be left raw"
+        return
+    payload, params = result
+    assert params == {"itemsize": t.element_size()}
+    assert _decode(ByteGroupZstdCodec(), payload, params, t.numel() * t.element_size()) == bytes(_bytes(t))
+
+
+def test_single_byte_and_ragged_chunks_are_declined():
+    data = memoryview(bytes(4099))  # not a whole number of float32s
+    assert ByteGroupZstdCodec().encode(data, EncodeContext(dtype="float32", itemsize=4)) is None
+    fp8 = memoryview(bytes(4096))  # byte planes of 1-byte elements are the bytes themselves
+    assert ByteGroupZstdCodec().encode(fp8, EncodeContext(dtype="float8_e4m3fn", itemsize=1)) is None
+    assert default_chain("int64") == ["zstd"] and default_chain("uint8") == ["zstd"]
+
+
+def test_saved_floats_use_bgzstd_and_ints_zstd(tmp_path):
+    url = f"file://{tmp_path}/s"
+    state = {"w": _weights(10_000), "h": _weights(10_000, torch.bfloat16), "ids": torch.arange(10_000) % 13}
+    ckpt.save(url, state, step=0)
+    tensors = ckpt.read_manifest(url, 0).tensors
+    assert [s["name"] for s in tensors["w"].chunks[0].codec] == ["bgzstd"]
+    assert tensors["h"].chunks[0].codec[0] == {"name": "bgzstd", "itemsize": 2}
+    assert [s["name"] for s in tensors["ids"].chunks[0].codec] == ["zstd"]
+    loaded = ckpt.load(url)
+    assert all(torch.equal(loaded[k].view(torch.uint8), v.view(torch.uint8)) for k, v in state.items())
+
+
+# -- decoding is bounded by the expected size ----------------------------------------------
+
+
+def _frame_claiming(claim: int, body: bytes = b"a" * 10) -> bytes:
+    """A zstd frame whose header declares ``claim`` content bytes but holds ``body``."""
+    block = (1 | (len(body) << 3)).to_bytes(3, "little")  # last block, raw
+    return b"\x28\xb5\x2f\xfd" + bytes([0xE0]) + struct.pack("<Q", claim) + block + body
+
+
+def _peak(fn) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.parametrize("claim", [1 << 40, 256 << 20, 11])
+def test_a_frame_claiming_a_huge_size_is_refused_before_allocating(claim):
+    out = memoryview(bytearray(10))
+
+    def decode():
+        with pytest.raises(ckpt.CorruptCheckpointError, match="zstd"):
+            ZstdCodec().decode(memoryview(_frame_claiming(claim)), out, {}, None)
+
+    assert _peak(decode) < 1 << 20
+
+
+def test_a_bgzstd_plane_claiming_a_huge_size_is_refused_before_allocating():
+    n = 1000
+    frame = _frame_claiming(1 << 40, b"\x01" * n)
+    payload = PLANE.pack(ZSTD, len(frame)) + PLANE.pack(RAW, n) + frame + b"\x02" * n
+    out = memoryview(bytearray(2 * n))
+
+    def decode():
+        with pytest.raises(ckpt.CorruptCheckpointError, match="plane 0"):
+            ByteGroupZstdCodec().decode(memoryview(payload), out, {"itemsize": 2}, None)
+
+    assert _peak(decode) < 1 << 20
+
+
+def test_a_plane_table_claiming_huge_planes_is_refused():
+    payload = PLANE.pack(RAW, 1 << 62) + PLANE.pack(RAW, 4) + b"\0" * 8
+    with pytest.raises(ckpt.CorruptCheckpointError, match="plane 0"):
+        ByteGroupZstdCodec().decode(memoryview(payload), memoryview(bytearray(8)), {"itemsize": 2}, None)
+
+
+def test_a_frame_without_a_declared_size_is_bounded_by_the_expected_size():
+    streamed = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(1 << 20))
+    assert zstandard.get_frame_parameters(streamed).content_size == zstandard.CONTENTSIZE_UNKNOWN
+    with pytest.raises(ckpt.CorruptCheckpointError):
+        ZstdCodec().decode(memoryview(streamed), memoryview(bytearray(1000)), {}, None)
+    out = bytearray(1 << 20)
+    ZstdCodec().decode(memoryview(streamed), memoryview(out), {}, None)
+    assert not any(out)
