@@ -7,7 +7,7 @@ TORCH_PIN ?= torch==2.13.0
 PIP := $(BIN)/pip install -q --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast lint typecheck format bench bench-smoke clean node_modules
+.PHONY: venv demo test test-fast lint typecheck format bench bench-smoke bench-frameworks clean node_modules
 
 $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -59,6 +59,10 @@ bench: $(STAMP)
 
 bench-smoke: $(STAMP)
 	$(BIN)/python -m benchmarks.run --smoke
+
+# Lightning's and the HF Trainer's default checkpointing vs the ckpt plugins (issue 16).
+bench-frameworks: $(STAMP)
+	$(BIN)/python -m benchmarks.run --section frameworks
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -72,22 +72,50 @@ def _classes() -> dict[str, Any]:
             self.body = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
             self.head = torch.nn.Linear(d_model, vocab)
 
-        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-            x = self.embed(batch[:, :-1]) + self.pos[: batch.shape[1] - 1]
+        def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+            step_clock.closure_start(self.trainer.global_step + 1)
+            (ids,) = batch
+            x = self.embed(ids[:, :-1]) + self.pos[: ids.shape[1] - 1]
             logits = self.head(self.body(x))
-            return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+
+        def on_before_optimizer_step(self, optimizer: Any) -> None:
+            step_clock.closure_end()
 
         def configure_optimizers(self) -> Any:
             opt = torch.optim.AdamW(self.parameters(), lr=5e-4, weight_decay=0.01)
+            opt.register_step_pre_hook(lambda o, a, k: step_clock.update_starts())
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     class StepClock(Callback):
-        """Wall time of every training batch (checkpointing excluded: ModelCheckpoint runs last)."""
+        """Wall time of every training batch (checkpointing excluded: ModelCheckpoint runs last),
+        and how long each ``optimizer.step()`` was held in the global step pre-hooks, where ckpt's
+        guard waits for the background copy: from the step's start (or, when the closure ran
+        ahead of the hold, from the closure's end) to the optimizer's own pre-hook, which runs
+        after every global one, right before the update."""
 
         def __init__(self) -> None:
             self.steps: dict[int, float] = {}
+            self.blocked: dict[int, float] = {}
             self._t = 0.0
+            self._entered = 0.0
+            self._closure_end = 0.0
+            self._step = 0
+
+        def step_entered(self) -> None:
+            self._entered, self._closure_end = now(), 0.0
+
+        def closure_start(self, step: int) -> None:
+            self._step = step
+
+        def closure_end(self) -> None:
+            self._closure_end = now()
+
+        def update_starts(self) -> None:
+            if self._entered:
+                self.blocked[self._step] = now() - max(self._entered, self._closure_end)
+                self._entered = 0.0
 
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
             self._t = now()
@@ -109,8 +137,35 @@ def _classes() -> dict[str, Any]:
             if self._last_global_step_saved != before:
                 self.save_s[trainer.global_step] = now() - t
 
+    class Current:
+        clock: StepClock | None = None
+
+        def closure_start(self, step: int) -> None:
+            if self.clock is not None:
+                self.clock.closure_start(step)
+
+        def closure_end(self) -> None:
+            if self.clock is not None:
+                self.clock.closure_end()
+
+        def update_starts(self) -> None:
+            if self.clock is not None:
+                self.clock.update_starts()
+
+    step_clock = Current()
+
+    def entered(optimizer: Any, args: Any, kwargs: Any) -> None:
+        if step_clock.clock is not None:
+            step_clock.clock.step_entered()
+
+    # Registered before any CheckpointIO or Checkpointer exists: global step pre-hooks run in
+    # registration order, so the clock starts before any of theirs.
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    register_optimizer_step_pre_hook(entered)
+
     def timed_teardown(base: type) -> type:
-        class Timed(base):  # type: ignore[misc, valid-type]
+        class Timed(base):
             teardown_s = 0.0
 
             def teardown(self) -> None:
@@ -123,6 +178,7 @@ def _classes() -> dict[str, Any]:
 
     return {
         "L": L,
+        "current": step_clock,
         "module": TinyLM,
         "clock": StepClock,
         "checkpoint": TimedModelCheckpoint,
@@ -143,8 +199,9 @@ def _train_once(
     ids = torch.randint(
         0, size["vocab"], (steps * size["batch"], size["seq"]), generator=torch.Generator().manual_seed(7)
     )
-    loader = torch.utils.data.DataLoader(ids, batch_size=size["batch"], shuffle=True)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=size["batch"], shuffle=True)
     clock = c["clock"]()
+    c["current"].clock = clock
     callbacks: list[Any] = [clock]
     plugins: list[Any] = []
     io = None
@@ -172,19 +229,25 @@ def _train_once(
     t0 = now()
     trainer.fit(model, loader)
     total = now() - t0
+    c["current"].clock = None
     save_s = checkpoint.save_s if checkpoint is not None else {}
     after = {s + 1 for s in save_s}
     normal = median([t for s, t in clock.steps.items() if s not in after and s > 1])
+    normal_blocked = median([t for s, t in clock.blocked.items() if s not in after and s > 1])
+    blocked = max(0.0, sum(clock.blocked.get(s, 0.0) - normal_blocked for s in after))
     # Not clipped at zero per step: noise then averages out instead of adding up.
-    extra = max(0.0, sum(clock.steps[s] - normal for s in after if s in clock.steps))
+    extra = max(0.0, sum(clock.steps[s] - normal for s in after if s in clock.steps) - blocked)
     opt = trainer.optimizers[0]
     res = {
         "total_s": total,
         "saves": len(save_s),
         "save_call_s": sum(save_s.values()),
+        "blocked_after_s": blocked,
         "after_save_extra_s": extra,
         "teardown_wait_s": getattr(io, "teardown_s", 0.0),
-        "held_s": sum(save_s.values()) + extra,
+        "held_s": sum(save_s.values()) + blocked,
+        # per save, in order: the first one also opens the writer (ckpt: takes the store's writer lease)
+        "stall_each_s": [save_s[s] + max(0.0, clock.blocked.get(s + 1, 0.0) - normal_blocked) for s in sorted(save_s)],
         "bytes": common.dir_bytes(out_dir),
         "train_step_s": normal,
         "raw_bytes": common.raw_bytes({"model": model, "optim": opt}),
@@ -235,6 +298,7 @@ def run(*, smoke: bool, workdir: str, log=print) -> dict[str, Any]:
         import lightning
 
         c = _classes()
+        _quiet()  # Lightning sets its loggers' levels on import
         _train_once("none", c, size, workdir, max_steps=3)  # warm-up: imports, allocator
         runs: dict[str, list[dict[str, Any]]] = {k: [] for k in SYSTEMS}
         for r in range(size["rounds"]):
@@ -262,11 +326,17 @@ def run(*, smoke: bool, workdir: str, log=print) -> dict[str, Any]:
             "total_s": median([r["total_s"] for r in rs]),
             "saves": saves,
             "stall_per_save_s": per_save("held_s"),
+            "first_stall_s": median([r["stall_each_s"][0] for r in rs]) if saves else 0.0,
+            "later_stall_s": median([median(r["stall_each_s"][1:]) for r in rs]) if saves > 1 else 0.0,
             "stall_with_teardown_s": (
                 median([(r["held_s"] + r["teardown_wait_s"]) / saves for r in rs]) if saves else 0.0
             ),
             "save_call_s": per_save("save_call_s"),
+            "blocked_after_s": per_save("blocked_after_s"),
             "after_save_extra_s": per_save("after_save_extra_s"),
+            "slowed_per_save_s": median([(r["held_s"] + r["after_save_extra_s"]) / saves for r in rs])
+            if saves
+            else 0.0,
             "teardown_wait_s": median([r["teardown_wait_s"] for r in rs]),
             "overhead_per_save_s": median([(r["total_s"] - base) / saves for r in rs]) if saves else 0.0,
             "bytes": median([r["bytes"] for r in rs]),
@@ -294,6 +364,8 @@ def run(*, smoke: bool, workdir: str, log=print) -> dict[str, Any]:
         "stall_ratio": ck["stall_per_save_s"] / default["stall_per_save_s"],
         "stall_with_teardown_ratio": ck["stall_with_teardown_s"] / default["stall_with_teardown_s"],
         "stall_vs_async_ratio": div(ck["stall_per_save_s"], asyn["stall_per_save_s"]),
+        "later_stall_ratio": div(ck["later_stall_s"], default["later_stall_s"]),
+        "slowed_ratio": div(ck["slowed_per_save_s"], default["slowed_per_save_s"]),
         "overhead_ratio": div(ck["overhead_per_save_s"], default["overhead_per_save_s"]),
         "bytes_ratio": ck["bytes"] / default["bytes"],
         "other_cpu_cores": round(other.cores(), 2),
@@ -316,28 +388,39 @@ def markdown(res: dict[str, Any]) -> str:
         f"- {w['max_steps']} steps, `ModelCheckpoint(every_n_train_steps={w['every']}, save_top_k=-1)` "
         f"({w['saves']} checkpoints), local disk; medians of {w['rounds']} round(s), the order of the runs alternating.",
         "- Stall per save (the target): time the training loop is held by checkpointing, per save: the time in",
-        "  `ModelCheckpoint.on_train_batch_end` (dump + save call) plus the extra time of the training step after a save.",
+        "  `ModelCheckpoint.on_train_batch_end` (Lightning's dump + the save call) plus how long the next",
+        "  `optimizer.step()` was held before its update (ckpt's guard waiting for parameters and moments to be",
+        "  copied; the plugin runs Lightning's closure, `training_step` + backward, before that hold).",
+        "- Slower step after save: how much longer than a normal step the step after a save took besides that wait:",
+        "  background writing sharing the CPU with training (async, ckpt). `stall + slower` adds it to the stall.",
+        "- First save / later saves: the stall of the first save, which for ckpt also opens the writer (taking",
+        "  the store's writer lease), and the median of the others.",
         "- Teardown wait: `fit()` returns once the writes still in flight are done (async, ckpt); `+ teardown`",
         "  folds that wait into the stall per save.",
         "- Overhead per save: (training time with checkpoints - without) / saves; includes background work",
         "  competing with training for the CPU.",
         "",
-        "| run | train (s) | train step | stall per save | save call | step after save | teardown wait (once) "
-        "| stall + teardown | overhead per save | stored (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | train (s) | train step | stall per save | first save | later saves (median) | save call "
+        "| step waited | slower step after save | stall + slower | teardown wait (once) | stall + teardown "
+        "| overhead per save | stored (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in res["systems"].values():
         lines.append(
             f"| {s['label']} | {s['total_s']:.2f} | {report.secs(s['train_step_s'])} "
-            f"| {report.secs(s['stall_per_save_s'])} | {report.secs(s['save_call_s'])} "
-            f"| {report.secs(s['after_save_extra_s'])} | {report.secs(s['teardown_wait_s'])} "
+            f"| {report.secs(s['stall_per_save_s'])} | {report.secs(s['first_stall_s'])} "
+            f"| {report.secs(s['later_stall_s'])} | {report.secs(s['save_call_s'])} "
+            f"| {report.secs(s['blocked_after_s'])} | {report.secs(s['after_save_extra_s'])} "
+            f"| {report.secs(s['slowed_per_save_s'])} | {report.secs(s['teardown_wait_s'])} "
             f"| {report.secs(s['stall_with_teardown_s'])} | {report.secs(s['overhead_per_save_s'])} "
             f"| {report.mb(s['bytes'])} |"
         )
     lines += [
         "",
         f"CkptCheckpointIO / Lightning default: stall per save {report.ratio(res['stall_ratio'])} "
-        f"({report.ratio(res['stall_with_teardown_ratio'])} with the teardown wait), "
+        f"({report.ratio(res['stall_with_teardown_ratio'])} with the teardown wait, "
+        f"{report.ratio(res['slowed_ratio'])} with the slower step after a save; "
+        f"{report.ratio(res['later_stall_ratio'])} for the saves after the first), "
         f"end-to-end overhead per save {report.ratio(res['overhead_ratio'])}, bytes {report.ratio(res['bytes_ratio'])}; "
         f"stall vs AsyncCheckpointIO {report.ratio(res['stall_vs_async_ratio'])}.",
         "",

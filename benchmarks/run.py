@@ -1,7 +1,10 @@
-"""Entry point: ``python -m benchmarks.run [--smoke] [--section core|async|all] [--out DIR]``.
+"""Entry point: ``python -m benchmarks.run [--smoke] [--section core|async|frameworks|all] [--out DIR]``.
 
-Writes ``core.json``/``core.md``/``core.png`` and ``async.json``/``async.md`` under
-``--out`` and prints the tables and the PASS/FAIL lines of the targets (never asserted).
+Writes ``core.json``/``core.md``/``core.png``, ``async.json``/``async.md`` and, for the
+frameworks section, ``lightning.*`` and ``transformers.*`` (each framework's default
+checkpointing against its ckpt plugin, same model, one run) under ``--out`` and prints the
+tables and the PASS/FAIL lines of the targets (never asserted). ``all`` is core and async;
+the frameworks section needs the ckpt-lightning and ckpt-transformers plugins installed.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from benchmarks import common, report
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (checks the harness, not speed)")
-    p.add_argument("--section", choices=["core", "async", "all"], default="all")
+    p.add_argument("--section", choices=["core", "async", "frameworks", "all"], default="all")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="results directory")
     p.add_argument("--workdir", default=None, help="where checkpoints are written (default: a temp dir)")
     args = p.parse_args(argv)
@@ -62,6 +65,19 @@ def main(argv: list[str] | None = None) -> int:
             (out / "async.md").write_text(md)
             log("")
             log(md)
+        if args.section == "frameworks":
+            from benchmarks import bench_lightning, bench_transformers
+
+            for name, mod in (("lightning", bench_lightning), ("transformers", bench_transformers)):
+                other = common.OtherCpu()
+                res = mod.run(smoke=args.smoke, workdir=workdir, log=log)
+                res.update(section=name, smoke=args.smoke, machine=machine, other_cpu_cores=round(other.cores(), 2))
+                report.write_json(out / f"{name}.json", res)
+                md = mod.markdown(res)
+                (out / f"{name}.md").write_text(md)
+                log("")
+                log(md)
+                gc.collect()
     log(f"benchmark finished in {time.perf_counter() - t_start:.0f}s; results in {out}")
     return 0
 

@@ -31,6 +31,7 @@ from ckpt.state.restore import as_mapping, restore_latest, restore_manifest
 from ckpt.storage.commit import commit, latest_for_save, load_manifest, new_manifest, next_seq, process_run_id
 from ckpt.storage.manifest import Manifest, check_step
 from ckpt.storage.store import Store
+from ckpt.storage.writer_lease import WriterLease
 from ckpt.types import CheckpointInfo
 
 log = logging.getLogger("ckpt")
@@ -55,6 +56,7 @@ def write_checkpoint(
     seq: int | None = None,
     run: str | None = None,
     classes: Mapping[str, str] | None = None,
+    lease: WriterLease | None = None,
 ) -> CheckpointInfo:
     """Write objects, then the manifest, then the ref: the one save path of ckpt.
 
@@ -95,6 +97,8 @@ def write_checkpoint(
         run=process_run_id() if run is None else run,
         classes=classes,
     )
+    if lease is not None:
+        lease.check()  # a writer that lost the store meanwhile must not commit over the new one
     commit(store, manifest)
     info = dataclasses.replace(CheckpointInfo.from_manifest(manifest, store.url), write_stats=stats)
     plugins.after_commit(info=info)
@@ -126,8 +130,29 @@ def save(
     plugins.before_save(url=store.url, step=step, tree=tree)
     tensors: dict[str, torch.Tensor] = {}
     json_tree = treemod.encode(tree, tensors, set())
-    latest = latest_for_save(store)
-    with io_pool() as pool:
+    return save_tree(
+        store, plugins, step=step, json_tree=json_tree, adapters=adapters, tensors=tensors, classes=classes
+    )
+
+
+def save_tree(
+    store: Store,
+    plugins: Plugins,
+    *,
+    step: int,
+    json_tree: Any,
+    adapters: Mapping[str, str],
+    tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    what: str = "ckpt.save",
+    meta: Mapping[str, Any] | None = None,
+    on_tensor_written: Callable[[str], None] | None = None,
+    classes: Mapping[str, str] | None = None,
+) -> CheckpointInfo:
+    """One synchronous save of an encoded tree: take the writer lease (``what`` names the
+    writer in a refusal), continue from the store's latest, write, commit, release."""
+    with WriterLease(store, what=what) as lease, io_pool() as pool:
+        latest = latest_for_save(store)
+        lease.saving(step, latest.manifest)
         return write_checkpoint(
             store,
             plugins,
@@ -137,8 +162,11 @@ def save(
             tensors=tensors,
             parent=latest.manifest,
             pool=pool,
+            meta=meta,
+            on_tensor_written=on_tensor_written,
             seq=latest.top_seq + 1,
             classes=classes,
+            lease=lease,
         )
 
 

@@ -210,3 +210,17 @@ def clock_skew_seconds() -> float:
     clock; this is the margin both allow.
     """
     return max(0.0, _float("CKPT_CLOCK_SKEW_SECONDS", 5.0))
+
+
+def preempt_deadline_seconds() -> float:
+    """``CKPT_PREEMPT_DEADLINE_SECONDS``: after SIGTERM/SIGUSR1, exit by then even if the save has not committed (25).
+
+    Counted from the moment the main thread handles the signal. A preempted run saves at
+    its next ``Checkpointer.step()``; if that step or the save outlives the deadline the
+    process exits anyway (``os._exit``), abandoning the save in flight: the manifest is the
+    commit, so the previous checkpoint stays the latest and intact. Set it below the
+    scheduler's grace period (Slurm's ``KillWait``, Kubernetes'
+    ``terminationGracePeriodSeconds``, both 30 s by default: hence 25 s) to exit with a
+    clear log line instead of a SIGKILL. 0 turns it off.
+    """
+    return max(0.0, _float("CKPT_PREEMPT_DEADLINE_SECONDS", 25.0))

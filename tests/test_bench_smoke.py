@@ -92,3 +92,23 @@ def test_readme_section_is_rendered_from_the_committed_results():
     assert text.startswith(readme.START) and text.endswith(readme.END)
     assert "- Machine:" in text and "| ckpt |" in text and "PASS" in text
     assert readme.render() in (readme.ROOT / "README.md").read_text(), "run python -m benchmarks.readme"
+
+
+def test_frameworks_section_runs_each_framework_against_its_plugin(tmp_path):
+    """Lightning's and the HF Trainer's default checkpointing vs the ckpt plugins, tiny sizes."""
+    pytest.importorskip("ckpt_lightning")
+    pytest.importorskip("ckpt_transformers")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--smoke", "--section", "frameworks", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    for name in ("lightning", "transformers"):
+        data = json.loads((tmp_path / f"{name}.json").read_text())
+        assert data["section"] == name and data["smoke"] is True
+        assert (tmp_path / f"{name}.md").read_text().strip()

@@ -15,6 +15,7 @@ Plugins add subcommands by implementing ``ckpt_register_commands(cli)`` and call
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from typing import Any
@@ -23,7 +24,7 @@ import click
 
 from ckpt.cli.common import EXIT_CORRUPT, EXIT_HELP, EXIT_OK, EXIT_USAGE
 from ckpt.cli.inspect import diff_cmd, ls_cmd, show_cmd, verify_cmd
-from ckpt.cli.maintenance import du_cmd, gc_cmd, plugins_cmd
+from ckpt.cli.maintenance import du_cmd, gc_cmd, plugins_cmd, unlock_cmd
 from ckpt.cli.transfer import export_cmd, import_cmd
 from ckpt.errors import CheckpointError, CorruptCheckpointError, PluginError
 
@@ -46,6 +47,9 @@ class CkptGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except BrokenPipeError:  # `ckpt show URL | head -1`: the reader has what it wanted
+            _quiet_stdout()
+            ctx.exit(EXIT_OK)
         except CheckpointError as exc:
             code = EXIT_CORRUPT if isinstance(exc, CorruptCheckpointError) else EXIT_USAGE
             _fail(ctx, str(exc), code)
@@ -100,7 +104,7 @@ def build_cli() -> CkptGroup:
     from ckpt.hooks.manager import get_plugins
 
     root = _make_root()
-    get_plugins().register_commands(cli=root)
+    get_plugins(adapters=False).register_commands(cli=root)
     return root
 
 
@@ -116,12 +120,19 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_USAGE)
     try:
         root.main(args=argv, prog_name="ckpt")
-    except BrokenPipeError:  # `ckpt ls ... | head`
-        sys.stderr.close()
+    except BrokenPipeError:  # `ckpt ls ... | head`, outside a command
+        _quiet_stdout()
         sys.exit(EXIT_OK)
 
 
-COMMANDS = [ls_cmd, show_cmd, diff_cmd, verify_cmd, export_cmd, import_cmd, gc_cmd, plugins_cmd, du_cmd]
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null: Python flushes it again at exit and would report the
+    closed pipe on stderr."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+COMMANDS = [ls_cmd, show_cmd, diff_cmd, verify_cmd, export_cmd, import_cmd, gc_cmd, unlock_cmd, plugins_cmd, du_cmd]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -93,7 +93,10 @@ def created(s: str) -> str:
 
 
 def short(value: Any, width: int = 60) -> str:
-    text = json.dumps(value, separators=(",", ":"))
+    """An encoded tree value as Python prints it (``inf``, ``(1, 2)``), cut to ``width``."""
+    from ckpt.cli.values import python_text
+
+    text = python_text(value)
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
@@ -161,4 +164,12 @@ def open_store(url: str, storage_options: dict[str, Any]) -> Any:
 def plugins() -> Any:
     from ckpt.hooks.manager import get_plugins
 
-    return get_plugins()
+    return get_plugins(adapters=False)  # the adapters import torch; read-only commands never use them
+
+
+def report_step_errors(doc: dict[str, Any]) -> None:
+    """Print a report's unreadable checkpoints on stderr; exit 1 when there are any."""
+    for e in doc["errors"]:
+        click.echo(f"ckpt: error: step {e['step']}: {e['error']}", err=True)
+    if doc["errors"]:
+        raise click.exceptions.Exit(EXIT_CORRUPT)

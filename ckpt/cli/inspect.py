@@ -17,10 +17,11 @@ from ckpt.cli.common import (
     open_store,
     plugins,
     progress_bar,
+    report_step_errors,
     short,
     storage_option,
 )
-from ckpt.state import tree as treemod
+from ckpt.state import paths as treemod
 
 # -- ls -----------------------------------------------------------------------------------
 
@@ -86,10 +87,7 @@ def ls_cmd(url: str, as_json: bool, storage_options: dict[str, Any]) -> None:
             ("lineage", "left"),
         ]
         emit_table(cols, rows)
-    for e in doc["errors"]:
-        click.echo(f"ckpt: error: step {e['step']}: {e['error']}", err=True)
-    if doc["errors"]:
-        raise click.exceptions.Exit(EXIT_CORRUPT)
+    report_step_errors(doc)
 
 
 # -- show ---------------------------------------------------------------------------------

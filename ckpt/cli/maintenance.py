@@ -9,7 +9,6 @@ from typing import Any
 import click
 
 from ckpt.cli.common import (
-    EXIT_CORRUPT,
     console,
     emit_json,
     emit_table,
@@ -17,6 +16,7 @@ from ckpt.cli.common import (
     json_option,
     open_store,
     plugins,
+    report_step_errors,
     storage_option,
 )
 from ckpt.errors import CheckpointError, CorruptCheckpointError
@@ -258,10 +258,7 @@ def du_cmd(
                 f"gc {policy} would remove checkpoints: {steps}; {g['removed_objects']} objects; "
                 f"free {fmt_bytes(g['freed_bytes'])} (objects younger than {g['grace_seconds']:g} s are kept)"
             )
-    for e in doc["errors"]:
-        click.echo(f"ckpt: error: step {e['step']}: {e['error']}", err=True)
-    if doc["errors"]:
-        raise click.exceptions.Exit(EXIT_CORRUPT)
+    report_step_errors(doc)
 
 
 # -- unlock -------------------------------------------------------------------------------

@@ -11,19 +11,20 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ckpt.codecs.delta import chunk_records
 from ckpt.errors import CheckpointError, NoCheckpointError
-from ckpt.hooks.manager import Plugins
-from ckpt.interop.names import flat_name
-from ckpt.state import tree as treemod
+from ckpt.state import paths as treemod
 from ckpt.storage.commit import load_manifest
 from ckpt.storage.lineage import lineage_of, parse_manifest
 from ckpt.storage.manifest import ChunkRef, Manifest
 from ckpt.storage.store import Store
+
+if TYPE_CHECKING:
+    import torch
+
+    from ckpt.hooks.manager import Plugins
 
 # -- manifests and the objects they reference -------------------------------------------
 
@@ -180,7 +181,7 @@ def show_report(store: Store, step: int | None) -> dict[str, Any]:
         tensors.append(
             {
                 "path": path,
-                "name": flat_name(path),
+                "name": treemod.dotted(path),
                 "dtype": entry.dtype,
                 "shape": list(entry.shape),
                 "nbytes": entry.nbytes,
@@ -232,6 +233,8 @@ def json_leaves(node: Any, path: str = "") -> dict[str, Any]:
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float | None:
     """max |a - b| over elements (NaN equal to NaN, equal infinities equal); None for bool."""
+    import torch  # only diff compares tensors: the other commands start without torch
+
     if a.dtype == torch.bool or a.shape != b.shape:
         return None
     fa, fb = a.reshape(-1), b.reshape(-1)
@@ -252,10 +255,6 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float | None:
 
 
 def diff_report(store: Store, plugins: Plugins, a: int, b: int) -> dict[str, Any]:
-    from ckpt.api import load_manifest
-    from ckpt.io.plan import ReadPlan
-    from ckpt.io.reader import read_tensors
-
     ma, mb = load_manifest(store, a), load_manifest(store, b)
     changed, added, removed = [], [], []
     unchanged = 0
@@ -276,6 +275,10 @@ def diff_report(store: Store, plugins: Plugins, a: int, b: int) -> dict[str, Any
             }
             if ea.dtype == eb.dtype and ea.shape == eb.shape:
                 # Tensor by tensor: at most two tensors in memory at once.
+                # here only: reading tensors imports torch, which the rest of the CLI never needs
+                from ckpt.io.plan import ReadPlan
+                from ckpt.io.reader import read_tensors
+
                 ta = read_tensors(store, plugins.codecs, ReadPlan.for_paths(ma, [path]))[path]
                 tb = read_tensors(store, plugins.codecs, ReadPlan.for_paths(mb, [path]))[path]
                 d = max_abs_diff(ta, tb)
@@ -313,6 +316,10 @@ def diff_report(store: Store, plugins: Plugins, a: int, b: int) -> dict[str, Any
 # -- verify ------------------------------------------------------------------------------------
 
 
+def _identity(ref: ChunkRef) -> tuple[str, str, int, int, str]:
+    return (ref.key, ref.hash, ref.size, ref.stored, repr(ref.codec))
+
+
 def verify_report(
     store: Store, plugins: Plugins, step: int | None, progress: Callable[[int, int], None] | None = None
 ) -> dict[str, Any]:
@@ -328,18 +335,20 @@ def verify_report(
         strays = store.stray_manifests()
         if not strays:
             require_steps(store, manifests, errors)
-    # Objects shared between checkpoints are checked once, under the first step using them.
+    # Objects shared between checkpoints are checked once, under the first step using them;
+    # "shared" means the whole record agrees: a record reusing a key with another hash, size
+    # or codec chain (a damaged or hostile manifest) is checked on its own.
     users: dict[str, list[dict[str, Any]]] = {}
     todo: dict[int, Manifest] = {}
-    seen: set[str] = set()
+    seen: set[tuple[str, str, int, int, str]] = set()
     total = 0
     for s, m in sorted(manifests.items()):
         keep = {}
         for path, entry in m.tensors.items():
             for ref in entry.chunks:
                 users.setdefault(ref.key, []).append({"step": s, "tensor": path})
-            fresh = tuple(r for r in entry.chunks if r.key not in seen)
-            seen.update(r.key for r in fresh)
+            fresh = tuple(r for r in entry.chunks if _identity(r) not in seen)
+            seen.update(_identity(r) for r in fresh)
             total += sum(r.size for r in fresh)
             if fresh:
                 keep[path] = dataclasses.replace(entry, chunks=fresh)

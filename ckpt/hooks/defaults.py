@@ -1,29 +1,34 @@
 """Core's own hook implementations: the built-in adapters and codecs.
 
 Registered by the plugin-manager factory exactly like a plugin, ``trylast`` so plugins
-registered through entry points are consulted first.
+registered through entry points are consulted first. The adapters and codecs are
+imported inside the hooks: building the plugin manager (``ckpt plugins``, ``ckpt --help``)
+must not import torch.
 """
 
 from __future__ import annotations
 
-from ckpt.codecs.base import CodecRegistry
-from ckpt.codecs.delta import XorDeltaCodec
-from ckpt.codecs.zstd import ByteGroupZstdCodec, ZstdCodec
+from typing import TYPE_CHECKING
+
 from ckpt.hooks.hookspecs import hookimpl
-from ckpt.state.adapters import AdapterRegistry
-from ckpt.state.dataloader import DataLoaderAdapter, StatefulDataLoaderAdapter
-from ckpt.state.torch_adapters import (
-    GeneratorAdapter,
-    GradScalerAdapter,
-    ModuleAdapter,
-    OptimizerAdapter,
-    RNGAdapter,
-    SchedulerAdapter,
-)
+
+if TYPE_CHECKING:
+    from ckpt.codecs.base import CodecRegistry
+    from ckpt.state.adapters import AdapterRegistry
 
 
 @hookimpl(trylast=True)
 def ckpt_register_adapters(register: AdapterRegistry) -> None:
+    from ckpt.state.dataloader import DataLoaderAdapter, StatefulDataLoaderAdapter
+    from ckpt.state.torch_adapters import (
+        GeneratorAdapter,
+        GradScalerAdapter,
+        ModuleAdapter,
+        OptimizerAdapter,
+        RNGAdapter,
+        SchedulerAdapter,
+    )
+
     # first match wins: a StatefulDataLoader is a DataLoader
     for adapter in (
         StatefulDataLoaderAdapter(),
@@ -40,5 +45,8 @@ def ckpt_register_adapters(register: AdapterRegistry) -> None:
 
 @hookimpl(trylast=True)
 def ckpt_register_codecs(register: CodecRegistry) -> None:
+    from ckpt.codecs.delta import XorDeltaCodec
+    from ckpt.codecs.zstd import ByteGroupZstdCodec, ZstdCodec
+
     for codec in (ZstdCodec(), ByteGroupZstdCodec(), XorDeltaCodec()):
         register(codec)

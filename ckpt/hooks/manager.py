@@ -10,6 +10,7 @@ nothing is loaded at import time.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -78,10 +79,21 @@ class Plugins:
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
-        self.adapters = AdapterRegistry()
         self.codecs = CodecRegistry()
-        self._run_registration("ckpt_register_adapters", self.adapters)
         self._run_registration("ckpt_register_codecs", self.codecs)
+        self._adapters: AdapterRegistry | None = None
+        self._adapters_lock = threading.RLock()  # a plugin may look adapters up while registering
+
+    @property
+    def adapters(self) -> AdapterRegistry:
+        """The adapter registry, filled on first use: the built-in adapters import torch,
+        which the command line's read-only commands never need."""
+        with self._adapters_lock:
+            if self._adapters is None:
+                registry = AdapterRegistry()
+                self._run_registration("ckpt_register_adapters", registry)
+                self._adapters = registry
+            return self._adapters
 
     def _run_registration(self, hook_name: str, registry: AdapterRegistry | CodecRegistry) -> None:
         # Called implementation by implementation (in pluggy's call order) so a duplicate
@@ -147,9 +159,17 @@ def _plugins_for(disabled: frozenset[str]) -> Plugins:
     return Plugins(make_plugin_manager())
 
 
-def get_plugins() -> Plugins:
-    """The plugins for the current ``CKPT_DISABLE_PLUGINS`` (built on first use)."""
-    return _plugins_for(frozenset(config.disabled_plugins()))
+def get_plugins(*, adapters: bool = True) -> Plugins:
+    """The plugins for the current ``CKPT_DISABLE_PLUGINS`` (built on first use).
+
+    ``adapters=False`` leaves the adapter registry to be filled on first use (it imports
+    torch): the command line's read-only commands pass it. By default a plugin's bad
+    adapter registration fails here, not at its first use.
+    """
+    plugins = _plugins_for(frozenset(config.disabled_plugins()))
+    if adapters:
+        plugins.adapters  # noqa: B018 - fills the registry, raising a plugin's registration error now
+    return plugins
 
 
 def reset_plugins() -> None:

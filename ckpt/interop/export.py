@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from ckpt.api import write_checkpoint
+from ckpt.api import save_tree
 from ckpt.errors import CheckpointError, NoCheckpointError
 from ckpt.hooks.manager import Plugins, get_plugins
 from ckpt.interop.dcp import DCPSource
@@ -49,9 +49,8 @@ from ckpt.interop.names import IMPORT_WINDOW_BYTES, Progress, flat_name
 from ckpt.interop.safetensors import SafetensorsSource, write_safetensors
 from ckpt.interop.source import Source
 from ckpt.interop.torch_save import TorchSource, write_torch
-from ckpt.snapshot.executor import io_pool
 from ckpt.state import tree as treemod
-from ckpt.storage.commit import load_manifest, parent_for_save
+from ckpt.storage.commit import load_manifest
 from ckpt.storage.manifest import Manifest, TensorEntry, check_step
 from ckpt.storage.store import Store
 
@@ -293,17 +292,14 @@ def _commit(
 
     placeholder = treemod.decode(json_tree, lambda p, _np: torch.empty(0, device="meta"))
     plugins.before_save(url=store.url, step=step, tree=placeholder)
-    parent = parent_for_save(store)
-    with io_pool() as pool:
-        return write_checkpoint(
-            store,
-            plugins,
-            step=step,
-            json_tree=json_tree,
-            adapters=adapters,
-            tensors=windowed(),
-            parent=parent,
-            pool=pool,
-            meta=meta,
-            on_tensor_written=written,
-        )
+    return save_tree(
+        store,
+        plugins,
+        step=step,
+        json_tree=json_tree,
+        adapters=adapters,
+        tensors=windowed(),
+        what="ckpt import",
+        meta=meta,
+        on_tensor_written=written,
+    )

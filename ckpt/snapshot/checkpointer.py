@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable, Mapping, MutableMapping
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from ckpt import config
 from ckpt.api import restore_latest, restore_manifest, write_checkpoint
 from ckpt.codecs.delta import DeltaLearner
 from ckpt.errors import CheckpointError, NoCheckpointError
@@ -96,6 +98,10 @@ class Checkpointer:
     :param state: the state mapping ``step()`` saves (``resume`` sets it too).
     :param take_over: take the store's writer lease even from a live holder (operators only;
         default ``CKPT_WRITER_TAKE_OVER``).
+    :param preempt_exit_code: exit status after a preemption's save has committed (0).
+    :param preempt_deadline: seconds after a preemption signal by which the process exits even
+        if the save has not committed, with status 128 + the signal number (default
+        ``CKPT_PREEMPT_DEADLINE_SECONDS``, 60; 0 turns it off).
 
     One writer per store: an open Checkpointer holds the store's writer lease
     (:class:`ckpt.storage.leases.WriterLease`) until :meth:`close`, and a second writer
@@ -118,6 +124,7 @@ class Checkpointer:
         state: MutableMapping[str, Any] | None = None,
         preempt_exit_code: int = 0,
         take_over: bool | None = None,
+        preempt_deadline: float | None = None,
     ) -> None:
         if every is not None and (not isinstance(every, int) or every < 1):
             raise CheckpointError(f"every must be a positive int, got {every!r}")
@@ -133,6 +140,9 @@ class Checkpointer:
         self.if_busy = if_busy
         self.on_error = on_error
         self.preempt_exit_code = preempt_exit_code
+        self.preempt_deadline = config.preempt_deadline_seconds() if preempt_deadline is None else preempt_deadline
+        self._deadline: threading.Timer | None = None
+        self._preempt_committed = False
         self.errors: list[CheckpointError] = []
         self._state = state
         self._plugins = get_plugins()
@@ -270,6 +280,9 @@ class Checkpointer:
         snapshot = handle._snapshot
         assert snapshot is not None
         try:
+            # One plain copy first: the next optimizer step waits for nothing but it (no store
+            # reads, no encoding), unless max_host_memory is too small to hold it at once.
+            snapshot.copy_all(side_stream=self._side_stream)
             if not self._parent_loaded or self._top_seq is None:
                 latest = latest_for_save(self.store)
                 if not self._parent_loaded:  # no restore: continue from the store's latest
@@ -294,6 +307,7 @@ class Checkpointer:
                 seq=self._top_seq,
                 run=self.run_id,
                 classes=classes,
+                lease=self._writer,
             )
             if info.write_stats is not None:
                 self._deltas.learn(info.write_stats.delta_outcome)
@@ -396,7 +410,8 @@ class Checkpointer:
         """Call once per training step with the number of steps completed.
 
         Saves asynchronously every ``every`` steps. After SIGTERM/SIGUSR1 it saves this
-        step, waits for the commit and exits the process cleanly.
+        step, waits for the commit and exits the process with ``preempt_exit_code``
+        (unless ``preempt_deadline`` passes first).
         """
         self._raise_pending()
         self._last_step = step
@@ -405,6 +420,7 @@ class Checkpointer:
             if self._last_saved_step != step:
                 self.save(step=step)
             self.close()
+            self._preempt_committed = True
             raise SystemExit(self.preempt_exit_code)
         if self.every and step % self.every == 0:
             self.save(step=step)
@@ -445,6 +461,7 @@ class Checkpointer:
                 if self._last_step is not None and self._last_saved_step != self._last_step:
                     self.save(step=self._last_step)
                 self.close()
+                self._preempt_committed = self._preempted is not None  # the deadline exits with 0 now
                 return result
 
             return run
@@ -463,13 +480,44 @@ class Checkpointer:
             old = signal.getsignal(signum)
 
             def handler(num: int, frame: Any, _old: Any = old, _name: str = name) -> None:
-                self._preempted = _name
+                if self._preempted is None:
+                    self._preempted = _name
+                    self._start_deadline(num)
                 if callable(_old) and _old not in (signal.default_int_handler,):
                     _old(num, frame)
 
             signal.signal(signum, handler)
             previous[signum] = old
         return previous
+
+    def _start_deadline(self, signum: int) -> None:
+        if self.preempt_deadline <= 0:
+            return
+        # A daemon thread: it never holds the process up, and it still fires while the
+        # interpreter exits (a hung shutdown after the save is cut short too).
+        self._deadline = threading.Timer(self.preempt_deadline, self._deadline_exit, (signum,))
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _deadline_exit(self, signum: int) -> None:
+        if self._preempt_committed:
+            code = self.preempt_exit_code
+            log.error("preempted run did not exit within %ss after its save; exiting", self.preempt_deadline)
+        else:
+            # Abandons the save in flight: its manifest is not written, so the previous
+            # checkpoint stays the latest; stray objects are collected by gc.
+            code = 128 + signum
+            log.error(
+                "%s received %ss ago and step %s is not committed to %s: exiting without it "
+                "(the latest checkpoint is the one before)",
+                self._preempted,
+                self.preempt_deadline,
+                self._last_step,
+                self.url,
+            )
+        for h in logging.getLogger().handlers + log.handlers:
+            h.flush()
+        os._exit(code)
 
 
 def _restore_signals(previous: Mapping[int, Any]) -> None:

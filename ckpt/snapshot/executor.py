@@ -3,7 +3,8 @@
 Every module that runs work in parallel asks here: :func:`io_pool` for a save, restore,
 verify or export (2 x cores, within 8..32, ``CKPT_THREADS``), :class:`Background` for the
 Checkpointer's persistence (one committing thread plus a demoted I/O pool). Nothing else
-in ckpt creates threads.
+in ckpt creates thread pools; the one other thread is the writer lease's heartbeat
+(:mod:`ckpt.storage.writer_lease`), which must beat while saves and training run.
 """
 
 from __future__ import annotations

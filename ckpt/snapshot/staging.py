@@ -46,6 +46,12 @@ class HostPool:
     def allocated_bytes(self) -> int:
         return self._allocated
 
+    @property
+    def free_bytes(self) -> int:
+        """Bytes of allocated buffers waiting in the pool for reuse."""
+        with self._cond:
+            return sum(nbytes * len(free) for (nbytes, _), free in self._free.items())
+
     def acquire(self, nbytes: int, *, pinned: bool = False, what: str = "") -> torch.Tensor:
         """A uint8 buffer of exactly ``nbytes``; waits while the budget is exhausted."""
         if self.max_bytes is not None and nbytes > self.max_bytes:
@@ -171,6 +177,25 @@ class Snapshot:
         staged = _Staged(path=path, buf=buf, host=host, event=event)
         self.by_path[path] = staged
         return staged
+
+    def copy_all(self, *, side_stream: Any = None) -> bool:
+        """Copy every guarded tensor now, when the pool's budget holds them all at once.
+
+        Releases the next optimizer step after one plain copy, before any store I/O or
+        encoding starts; :meth:`stage` then only yields. Returns False (nothing copied)
+        when the budget is too small: :meth:`stage` then streams the guarded tensors
+        through the pool as the writer frees buffers.
+        """
+        need = sum(t.nbytes for _, t in self.pending)
+        budget = self.pool.max_bytes
+        if budget is not None and self.pool.allocated_bytes - self.pool.free_bytes + need > budget:
+            return False
+        try:
+            self.eager.extend(self._copy(path, t, side_stream) for path, t in self.pending)
+            self.pending = []
+        finally:
+            self.staged.set()
+        return True
 
     def stage(self, *, side_stream: Any = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(path, host tensor)`` for every tensor, copying the guarded ones.

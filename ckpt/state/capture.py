@@ -17,6 +17,7 @@ import torch
 from ckpt.errors import CheckpointError, StateMismatchError, UnsupportedValueError
 from ckpt.hooks.manager import Plugins
 from ckpt.state import tree as treemod
+from ckpt.state.torch_adapters import check_tensor
 from ckpt.storage.manifest import Manifest
 
 
@@ -40,10 +41,11 @@ def capture(
                 classes[path] = qualified_name(type(value))
             return adapter.state(value)
         if isinstance(value, Mapping):
+            treemod.check_container(value, path)  # defaultdict, Counter...: refused naming the key
             return {k: walk(v, treemod.join(path, k)) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
-            items = [walk(v, treemod.join(path, i)) for i, v in enumerate(value)]
-            return items if isinstance(value, list) else tuple(items)
+            # torch.Size kept, namedtuples and other subclasses refused naming the key
+            return treemod.rebuild(value, [walk(v, treemod.join(path, i)) for i, v in enumerate(value)], path)
         return value
 
     out = {}
@@ -119,6 +121,9 @@ def check_into(target: Any, value: Any, path: str, plugins: Plugins) -> None:
                 f"(adapter {adapter.name!r}): {type(exc).__name__}: {exc}"
             ) from None
         return
+    if isinstance(target, torch.Tensor):
+        check_tensor(path, target, value)
+        return
     if isinstance(target, MutableMapping) and isinstance(value, Mapping):
         for k in list(target):
             if k in value:
@@ -136,11 +141,19 @@ def load_into(target: Any, value: Any, path: str, plugins: Plugins, *, strict: b
     """
     adapter = plugins.adapters.for_object(target)
     if adapter is not None:
-        if not strict and "strict" in inspect.signature(adapter.load).parameters:
-            # an optional keyword the Adapter protocol leaves out; the signature was checked above
-            adapter.load(target, value, strict=False)  # type: ignore[call-arg]
-        else:
-            adapter.load(target, value)
+        try:
+            if not strict and "strict" in inspect.signature(adapter.load).parameters:
+                # an optional keyword the Adapter protocol leaves out; the signature was checked above
+                adapter.load(target, value, strict=False)  # type: ignore[call-arg]
+            else:
+                adapter.load(target, value)
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise StateMismatchError(
+                f"{path!r}: adapter {adapter.name!r} failed to load the checkpoint after its checks passed "
+                f"({type(exc).__name__}: {exc}); give the adapter a check() that refuses this"
+            ) from exc
         return target
     if isinstance(target, torch.Tensor):
         with torch.no_grad():  # shape and dtype were checked against the manifest

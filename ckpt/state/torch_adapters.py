@@ -11,6 +11,7 @@ import random
 from collections.abc import Mapping
 from typing import Any, cast
 
+import numpy as np
 import torch
 
 from ckpt.errors import StateMismatchError
@@ -31,6 +32,18 @@ def _meta_twin(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return twin
 
 
+def check_tensor(path: str, live: torch.Tensor, value: Any) -> None:
+    """A stored value a live tensor can take in place: a tensor (or array) of its shape and dtype."""
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value) if value.dtype.isnative else None
+    if not isinstance(value, torch.Tensor):
+        raise StateMismatchError(f"{path!r}: the live object is a tensor, the checkpoint holds {type(value).__name__}")
+    if value.shape != live.shape or value.dtype != live.dtype:
+        raise StateMismatchError(
+            f"{path!r}: the checkpoint holds {value.dtype}{list(value.shape)}, the live tensor is {live.dtype}{list(live.shape)}"
+        )
+
+
 class ModuleAdapter:
     """``torch.nn.Module`` <-> its ``state_dict()`` (parameters and buffers, by name).
 
@@ -48,6 +61,17 @@ class ModuleAdapter:
 
     def state(self, obj: torch.nn.Module) -> Mapping[str, Any]:
         return _uncompiled(obj).state_dict()
+
+    def check(self, obj: torch.nn.Module, tree: Mapping[str, Any]) -> None:
+        # restore checked the manifest's tensors against the live ones; this checks what the
+        # tree actually hands each name (a hostile tree may point a name at another tensor)
+        if not isinstance(tree, Mapping):
+            raise _mismatch(f"module {type(obj).__name__}", f"its state is a {type(tree).__name__}, not a mapping")
+        live = _uncompiled(obj).state_dict()
+        for name, value in tree.items():
+            target = live.get(name)
+            if isinstance(target, torch.Tensor):
+                check_tensor(f"{type(obj).__name__}.{name}", target, value)
 
     def load(self, obj: torch.nn.Module, tree: Mapping[str, Any], strict: bool = True) -> None:
         module = _uncompiled(obj)

@@ -37,7 +37,8 @@ whole before anything is read or allocated for it, and every violation is a
   in {2, 4, 8, 16}, ``xor`` a parent record of the same size (validated the same way) and
   an optional int ``age``; ``in`` is an int within the same bound; other parameters of
   third-party codecs are JSON values;
-- every ``{"$tensor": path}`` of the tree names a listed tensor.
+- every ``{"$tensor": path}`` of the tree names a listed tensor (other tags of the tree are
+  checked by :func:`ckpt.state.tree.decode`).
 
 Saves refuse what loads would refuse (a tree too deep, a path with control characters).
 """
@@ -110,7 +111,6 @@ _TEXT_RE = re.compile(r"[^\x00-\x1f\x7f]*")
 _CODEC_NAME_RE = re.compile(r"[A-Za-z0-9_.:+-]{1,64}")
 _XOR, _BGZSTD = "xor", "bgzstd"  # ckpt.codecs.delta.NAME, ckpt.codecs.zstd.ByteGroupZstdCodec.name
 _BG_ITEMSIZES = (2, 4, 8, 16)
-_FLOAT_TAGS = ("nan", "inf", "-inf")
 _RECORD_KEYS = frozenset({"hash", "key", "size", "stored", "codec"})
 
 
@@ -447,7 +447,7 @@ class _Validator:
         return step
 
     def tree(self, tree: Any, tensors: Mapping[str, TensorEntry]) -> None:
-        """Nesting bounded, tags well formed, every tensor reference listed (without recursion)."""
+        """Nesting bounded and every tensor reference listed (without recursion)."""
         stack: list[tuple[Any, int, str]] = [(tree, 1, "")]
         while stack:
             node, depth, at = stack.pop()
@@ -462,27 +462,13 @@ class _Validator:
             stack.extend((kid, depth + 1, f"{at}/{k}") for k, kid in kids if isinstance(kid, (dict, list)))
 
     def tagged(self, node: dict[str, Any], at: str, tensors: Mapping[str, TensorEntry]) -> None:
-        """Check the tag a tree mapping carries (the order of :func:`ckpt.state.tree.decode`:
-        the first tag present decides)."""
-        where = f"tree at {_short(at or '/')}"
+        """A ``$tensor`` reference names a listed tensor (what is read, and allocated, for it).
+
+        Other tags are checked where they are decoded (:func:`ckpt.state.tree.decode`, a
+        SchemaError naming the path), which owns their meaning.
+        """
         if "$tensor" in node:
             ref = node["$tensor"]
             if not isinstance(ref, str) or ref not in tensors:
+                where = f"tree at {_short(at or '/')}"
                 raise self.fail(f"{where} references tensor {_short(ref)}, which is not listed")
-            if not isinstance(node.get("numpy", False), bool):
-                raise self.fail(f"{where}: numpy must be a bool")
-        elif "$tuple" in node or "$map" in node:
-            tag = "$tuple" if "$tuple" in node else "$map"
-            items = node[tag]
-            if not isinstance(items, list):
-                raise self.fail(f"{where}: {tag} must hold a list")
-            if tag == "$map" and not all(isinstance(p, list) and len(p) == 2 for p in items):
-                raise self.fail(f"{where}: $map must hold [key, value] pairs")
-        elif "$float" in node:
-            if not isinstance(node["$float"], str) or node["$float"] not in _FLOAT_TAGS:
-                raise self.fail(f"{where}: $float must be one of {_FLOAT_TAGS}")
-        elif "$dtype" in node:
-            if not isinstance(node["$dtype"], str) or node["$dtype"] not in DTYPE_NAMES:
-                raise self.fail(f"{where}: unknown dtype {_short(node['$dtype'])}")
-        elif "$bytes" in node and not isinstance(node["$bytes"], str):
-            raise self.fail(f"{where}: $bytes must be a base64 string")

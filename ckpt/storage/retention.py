@@ -58,7 +58,7 @@ from ckpt import config
 from ckpt.codecs.delta import referenced_keys
 from ckpt.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError, StoreError
 from ckpt.storage.leases import WRITER, LeaseRecord, delete_if_expired, lease_files, live_leases
-from ckpt.storage.manifest import Manifest
+from ckpt.storage.lineage import parse_manifest, read_lineage
 from ckpt.storage.store import Store
 from ckpt.storage.writer_lease import WriterLease
 
@@ -93,9 +93,14 @@ def ranked_steps(store: Store, steps: Iterable[int]) -> list[int]:
     """The committed ``steps`` of ``store`` (from one listing) in the order retention keeps them:
     the newest first, so ``keep_last=N`` keeps the first N and the first is always kept.
 
-    The one place that decides what "newest" means for retention: by step number.
+    The one place that decides what "newest" means for retention: the store's lineage
+    (:mod:`ckpt.storage.lineage`): the latest commit, the checkpoints it continues from,
+    then abandoned ones (a rollback left them behind), so a rollback's new steps are never
+    pruned in favour of abandoned higher ones. A step left out of the order (unreadable)
+    is kept, and stops the collection before it deletes.
     """
-    return sorted(set(steps), reverse=True)
+    wanted = set(steps)
+    return [s for s in read_lineage(store)[0].ranked if s in wanted]
 
 
 def retained(
@@ -140,10 +145,10 @@ def retained_steps(
 # -- mark and sweep -----------------------------------------------------------------------
 
 
-def _keys_of(store: Store, step: int) -> set[str]:
-    """Every object key checkpoint ``step`` needs; NoCheckpointError when it is gone."""
-    where = f"{store.url} step {step}"
-    manifest = Manifest.from_json_bytes(store.read_manifest(step), where=where)
+def _keys_of(store: Store, step: int, raw: bytes | None = None) -> set[str]:
+    """Every object key checkpoint ``step`` (its manifest ``raw``, else read) needs;
+    NoCheckpointError when it is gone."""
+    manifest = parse_manifest(store.read_manifest(step) if raw is None else raw, step, store.url)
     keys: set[str] = set()
     for ref in manifest.chunk_refs():
         keys.update(referenced_keys(ref.to_json()))
@@ -236,6 +241,7 @@ def _gc(
     held = _held(leases)
     ranked = ranked_steps(store, listing)
     keep = retained(ranked, keep_last=keep_last, keep_every=keep_every, protect=[*protect, *held])
+    keep |= set(listing) - set(ranked)  # a step the order leaves out (unreadable) is never deleted unread
     marks = _Marks(store, marked_keys(store, sorted(keep), progress), keep)
     for step in sorted(held - marks.steps):
         marks.add(step, "a lease holds", required=True)
@@ -245,9 +251,10 @@ def _gc(
     pruned: dict[int, set[str]] = {}
     for step in removed:
         try:
-            sizes[step] = len(store.read_manifest(step))
+            raw = store.read_manifest(step)
+            sizes[step] = len(raw)
             if writer is not None:
-                pruned[step] = _keys_of(store, step)
+                pruned[step] = _keys_of(store, step, raw)
         except NoCheckpointError:
             continue
         except StoreError:

@@ -19,6 +19,12 @@ Every call to the backend goes through :class:`ckpt.storage.retry.Retrier`: tran
 call that keeps failing raises :class:`StoreError` naming the URL. Listings and
 existence checks bypass fsspec's listing cache, because other processes write the
 same store.
+
+A store is untrusted input: reads are bounded (an object by the stored size its manifest
+records, any other file by ``CKPT_MAX_MANIFEST_BYTES``; remote reads are ranged GETs),
+object keys are one safe path component, and a local read opens only a regular file
+under the store's root, symlinks resolved: a FIFO, a device or a path leading outside
+is a :class:`CorruptCheckpointError` naming it, never a hang or a read.
 """
 
 from __future__ import annotations

@@ -17,10 +17,11 @@ second writer gets a :class:`CheckpointError` naming the holder (host, pid, sinc
 - the operator said so: ``take_over=True``, ``CKPT_WRITER_TAKE_OVER=1`` or ``ckpt unlock``.
 
 Taking is race-free enough on object stores without a conditional write: read, write our
-record, wait a moment (:data:`SETTLE_SECONDS`), read it back and compare the writer id;
-of two writers taking the lease at once the last write wins and the other is refused.
-The residual window is a taker stalled for longer than that moment between its read and
-its write. The heartbeat reads before it writes, so a holder whose lease was taken over
+record, wait a moment (four times as long as that write took, within 20 ms..1 s), read it
+back and compare the writer id; of two writers taking the lease at once the last write
+wins and the other is refused. The residual window is a taker stalled for longer than
+that moment between its read and its write. On a local disk a free lease is created
+atomically instead (a hard link never replaces an existing name), with no wait. The heartbeat reads before it writes, so a holder whose lease was taken over
 (it stalled past the staleness bound, or an operator unlocked it) notices at its next
 heartbeat, and :meth:`WriterLease.check` (in every :meth:`~WriterLease.protect`, so
 before each save and after each commit) refuses to go on: a writer that lost its lease
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -50,8 +52,8 @@ from ckpt.storage.store import Store
 
 log = logging.getLogger("ckpt")
 
-#: how long a taker waits between writing its record and reading it back
-SETTLE_SECONDS = 0.25
+#: bounds of the wait between writing a taken lease and reading it back (see the module docstring)
+SETTLE_SECONDS = (0.02, 1.0)
 
 
 def writer_lease_path(store: Store) -> str:
@@ -132,7 +134,13 @@ class WriterLease:
         while True:
             current = self._read()
             if current is None:
-                break
+                created = self._create_local() if self.store.local else None
+                if created is None:
+                    break
+                if created:
+                    log.debug("%s holds the writer lease of %s", self.what, self.store.url)
+                    return
+                continue  # another writer created it meanwhile: judge that one
             if take_over:
                 log.warning(
                     "%s takes over the writer lease of %s from %s", self.what, self.store.url, current.describe()
@@ -164,8 +172,10 @@ class WriterLease:
                 )
                 break
             time.sleep(min(beat, stale - quiet) if not old else beat)
+        began = time.monotonic()
         self._write()
-        time.sleep(SETTLE_SECONDS)
+        low, high = SETTLE_SECONDS
+        time.sleep(min(high, max(low, 4 * (time.monotonic() - began))))
         back = self._read()
         if back is None or back.id != self.id:
             raise CheckpointError(
@@ -188,10 +198,31 @@ class WriterLease:
             in_flight_since=s.in_flight_since,
         )
 
-    def _write(self) -> None:
+    def _body(self) -> bytes:
         doc = self._record().to_json()
         doc["what"] = self.what
-        self.store.write(self.path, json.dumps(doc).encode())
+        return json.dumps(doc).encode()
+
+    def _write(self) -> None:
+        self.store.write(self.path, self._body())
+
+    def _create_local(self) -> bool | None:
+        """Create the lease file where there is none, atomically: True when created, False when
+        another writer's exists, None where the file system has no hard links."""
+        tmp = f"{self.path}.new-{self.id}"  # not *.json: never listed as a lease
+        self.store.write(tmp, self._body())
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:
+            return None
+        finally:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
     # -- holding ----------------------------------------------------------------------------
     def _confirm(self) -> None:

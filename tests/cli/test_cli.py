@@ -463,12 +463,12 @@ def test_storage_options_are_parsed_and_passed(monkeypatch, store):
 
 def test_every_command_has_help_with_examples():
     root = build_cli()
-    for name in ("ls", "show", "diff", "verify", "export", "import", "gc", "plugins", "du"):
+    for name in ("ls", "show", "diff", "verify", "export", "import", "gc", "unlock", "plugins", "du"):
         r = run(name, "--help")
         assert r.exit_code == 0 and "Examples:" in r.stdout and "Exit codes" in r.stdout, name
         if name not in ("export", "import", "gc"):
             assert "JSON schema:" in r.stdout, name
-    assert set(root.commands) >= {"ls", "show", "diff", "verify", "export", "import", "gc", "plugins", "du"}
+    assert set(root.commands) >= {"ls", "show", "diff", "verify", "export", "import", "gc", "unlock", "plugins", "du"}
 
 
 def test_terminal_rendering_and_progress_bars(store, tmp_path):

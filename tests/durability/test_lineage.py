@@ -122,11 +122,6 @@ def test_checkpointer_without_restore_continues_from_the_latest(rolled_back):
     assert _manifest(store, 22).run == _manifest(store, 23).run
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ckpt.storage.retention.ranked_steps ranks by step number; it is to rank by "
-    "ckpt.storage.lineage.read_lineage(store)[0].ranked (the run's line, then abandoned steps)",
-)
 def test_retention_keeps_the_run_and_prunes_abandoned_steps_first(rolled_back):
     url, store, _ = rolled_back
     with Checkpointer(url, keep_last=2) as ck:

@@ -305,7 +305,7 @@ class OpenAudit:
         self.armed = False
         self.paths: list[str] = []
         # the interpreter, its packages and ckpt's own source (lazy imports)
-        roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.dirname(ckpt.__file__))}
+        roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(ckpt.__file__)}
         self._library = [os.path.realpath(p) for p in roots]
         sys.addaudithook(self._hook)
 

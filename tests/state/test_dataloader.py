@@ -122,3 +122,62 @@ def test_stateful_dataloader_uses_its_own_state(tmp_path):
     assert ckpt.load(str(tmp_path))["loader"]  # stored as a plain tree
     rest = [b[0].tolist() for b in fresh]
     assert got + rest == ref
+
+
+class Noisy(Dataset):
+    """Random augmentation drawn where the sample is loaded (inside the workers)."""
+
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, i):
+        return torch.tensor([float(i)]) + torch.rand(1)
+
+
+def _noisy_loader(persistent, seed=1):
+    return DataLoader(
+        Noisy(),
+        batch_size=4,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=2,
+        persistent_workers=persistent,
+    )
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("consumed", [5, 13])  # mid-epoch in the first and the second epoch
+def test_worker_randomness_and_persistent_workers_resume_exactly(tmp_path, persistent, consumed):
+    dl = ckpt.track(_noisy_loader(persistent))
+    ref = [b.tolist() for _ in range(3) for b in dl]
+    dl = ckpt.track(_noisy_loader(persistent))
+    got, it = [], iter(dl)
+    for _ in range(consumed):
+        b = next(it, None)
+        if b is None:
+            it = iter(dl)
+            b = next(it)
+        got.append(b.tolist())
+    ckpt.save(str(tmp_path), {"loader": dl}, step=1)
+    del it, dl
+    fresh = _noisy_loader(persistent, seed=777)
+    ckpt.restore(str(tmp_path), {"loader": fresh})
+    while len(got) < len(ref):
+        got += [b.tolist() for b in fresh]
+    assert got == ref  # same order and the same random values, batch by batch
+
+
+def test_stateful_dataloader_without_generator_keeps_the_global_rng(tmp_path):
+    sdl = pytest.importorskip("torchdata.stateful_dataloader")
+    ds = TensorDataset(torch.arange(40))
+    torch.manual_seed(3)
+    dl = sdl.StatefulDataLoader(ds, batch_size=4, shuffle=True)
+    it = iter(dl)
+    got = [next(it)[0].tolist() for _ in range(3)]
+    ckpt.save(str(tmp_path), {"loader": dl, "rng": ckpt.RNG()}, step=1)
+    ref = [next(it)[0].tolist(), torch.rand(4).tolist()]  # the next batch, then training's next draw
+    torch.manual_seed(99)
+    fresh = sdl.StatefulDataLoader(ds, batch_size=4, shuffle=True)
+    ckpt.restore(str(tmp_path), {"loader": fresh, "rng": ckpt.RNG()})
+    assert [next(iter(fresh))[0].tolist(), torch.rand(4).tolist()] == ref
+    assert got

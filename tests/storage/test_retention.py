@@ -14,7 +14,7 @@ import torch
 import ckpt
 from ckpt.codecs import delta as deltamod
 from ckpt.storage.leases import Lease, live_leases
-from ckpt.storage.retention import GCResult, collect, prune, retained_steps
+from ckpt.storage.retention import GCResult, collect, prune, ranked_steps, retained, retained_steps
 from ckpt.storage.store import Store
 from ckpt.testing import assert_same_state, clone_state
 
@@ -63,6 +63,16 @@ def test_retention_policy():
             retained_steps(steps, keep_last=bad)
     with pytest.raises(ckpt.CheckpointError, match="keep_every"):
         retained_steps(steps, keep_last=1, keep_every=0)
+
+
+def test_retention_counts_in_the_ranked_order():
+    """``retained`` takes the order of :func:`ranked_steps` (newest first), whatever the numbers."""
+    ranked = [21, 20, 10, 30]  # e.g. a lineage: 21 continues from 20, 30 was abandoned
+    assert retained(ranked, keep_last=2) == {21, 20}
+    assert retained(ranked, keep_last=1, keep_every=10) == {21, 20, 10, 30}
+    assert retained(ranked, keep_last=1, protect=[30, 99]) == {21, 30}
+    assert retained([], keep_last=1) == set()
+    assert ranked_steps(Store("memory://unused"), [3, 1, 2, 3]) == [3, 2, 1]
 
 
 # -- mark and sweep -----------------------------------------------------------------------
@@ -187,6 +197,18 @@ def test_leased_step_survives_until_released(store_url):
     assert live_leases(store) == []
     with pytest.raises(ckpt.CheckpointError, match="released"):
         lease.renew(3)
+
+
+def test_lease_of_the_first_format_is_honoured(store_url):
+    """Step leases written before writer leases existed: {"step", "pid", "host", "expires"}."""
+    _delta_run(store_url, steps=3)
+    store = Store(store_url)
+    path = store.path("leases", "0123abcd.json")
+    store.write(path, json.dumps({"step": 0, "pid": 1, "host": "h", "expires": time.time() + 60}).encode())
+    assert [(r.kind, r.protect) for r in live_leases(store)] == [("step", (0,))]
+    assert collect(store_url, keep_last=1, grace_seconds=0).kept_steps == (0, 2)
+    store.write(path, b'{"step": "zero"}')  # unreadable: ignored (logged), never a crash
+    assert live_leases(store) == []
 
 
 def test_expired_lease_is_ignored_and_cleaned_up(store_url):

@@ -5,9 +5,10 @@ the live tensors (``model.state_dict()`` and ``optimizer.state_dict()`` alias pa
 and optimizer state), so nothing is cloned on the caller's thread: each entry of
 ``optimizer_states`` that is the state of an optimizer this process stepped is replaced by
 that optimizer, which makes the Checkpointer guard it. Its tensors and the parameters are
-copied in the background, and the next ``optimizer.step()`` waits until they are;
-everything else (buffers, RNG states, small values) is copied before the call returns.
-Encoding, deduplication against the previous checkpoint and writing run in the background.
+copied in the background, and the next ``optimizer.step()`` waits until they are, after
+running Lightning's closure (see :mod:`ckpt_lightning.optimizers`); everything else
+(buffers, RNG states, small values) is copied before the call returns. Encoding,
+deduplication against the previous checkpoint and writing run in the background.
 
 Paths map to steps as :mod:`ckpt_lightning.paths` describes. ``remove_checkpoint`` (what
 ``save_top_k`` calls) forgets a path; a step no live path names any more is deleted with
@@ -23,13 +24,14 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import ckpt
+from ckpt_lightning import optimizers
 from ckpt_lightning import paths as pathmod
 from ckpt_lightning import rng as rngmod
 from ckpt_lightning.paths import PathTable
@@ -38,23 +40,6 @@ log = logging.getLogger("ckpt.lightning")
 
 #: the key of the plugin's own entries in a stored checkpoint (the RNG states)
 RESERVED_KEY = "ckpt_lightning"
-
-# Optimizers this process stepped: how a save finds the live optimizer behind an entry of
-# Lightning's ``optimizer_states`` (whose tensors are that optimizer's own).
-_stepped: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
-_stepped_hook: Any = None
-_stepped_lock = threading.Lock()
-
-
-def _note_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    _stepped.add(optimizer)
-
-
-def _watch_optimizers() -> None:
-    global _stepped_hook
-    with _stepped_lock:
-        if _stepped_hook is None:
-            _stepped_hook = register_optimizer_step_pre_hook(_note_step)
 
 
 class CkptCheckpointIO(CheckpointIO):
@@ -91,17 +76,22 @@ class CkptCheckpointIO(CheckpointIO):
         self.on_error = on_error
         self._root = pathmod.normalize(self.url)
         self._lock = threading.RLock()
-        self._ck: ckpt.Checkpointer | None = None
+        # The writer lives in a box a finalizer can close: an instance dropped without
+        # teardown() must not keep the store's writer lease for the life of the process.
+        self._box = _WriterBox()
+        weakref.finalize(self, self._box.close)
+        #: the step load_checkpoint read, continued by the next save
+        self._resumed: int | None = None
         self._table: PathTable | None = None
-        #: (step, tensor signature, handle) of the latest save
-        self._last: tuple[int, tuple, ckpt.SaveHandle] | None = None
+        #: the latest save of this writer
+        self._last: _Saved | None = None
         #: steps whose paths were all removed, deleted after the next commit
         self._doomed: set[int] = set()
         #: directories that get the marker after the next commit, and those that have it
         self._marker_dirs: set[str] = set()
         self._marked: set[str] = set()
         self._rng = rngmod.DeferredRNG()
-        _watch_optimizers()
+        optimizers.watch()
         from ckpt_lightning import _register
 
         _register(self)
@@ -109,20 +99,41 @@ class CkptCheckpointIO(CheckpointIO):
     def __repr__(self) -> str:
         return f"CkptCheckpointIO({self.url!r})"
 
+    @property
+    def _ck(self) -> ckpt.Checkpointer | None:
+        return self._box.ck
+
+    @_ck.setter
+    def _ck(self, ck: ckpt.Checkpointer | None) -> None:
+        self._box.ck = ck
+
     def path(self, step: int) -> str:
         """The path that names checkpoint ``step`` of this store (for ``ckpt_path=``)."""
         return pathmod.step_path(self.url, step)
 
     # -- plumbing ------------------------------------------------------------------------
     def _checkpointer(self) -> ckpt.Checkpointer:
-        if self._ck is None:
-            self._ck = ckpt.Checkpointer(
-                self.url,
-                storage_options=self.storage_options,
-                max_host_memory=self.max_host_memory,
-                on_error=self.on_error,
-            )
-        return self._ck
+        """The writer, opened by the first save (or deletion): it takes the store's writer lease,
+        which loading alone (``trainer.test(ckpt_path=...)``) never does."""
+        with self._lock:
+            if self._ck is None:
+                self._ck = self._open()
+            return self._ck
+
+    def _open(self) -> ckpt.Checkpointer:
+        ck = ckpt.Checkpointer(
+            self.url,
+            storage_options=self.storage_options,
+            max_host_memory=self.max_host_memory,
+            on_error=self.on_error,
+        )
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None:
+            try:  # lineage: the next save continues the loaded checkpoint (and deduplicates against it)
+                ck.restore({}, step=resumed)
+            except ckpt.CheckpointError as exc:
+                log.warning("saves to %s continue from its latest, not the loaded step %d: %s", self.url, resumed, exc)
+        return ck
 
     def _paths(self) -> PathTable:
         if self._table is None:
@@ -130,7 +141,7 @@ class CkptCheckpointIO(CheckpointIO):
         return self._table
 
     def _idle(self) -> bool:
-        return self._last is None or self._last[2].done()
+        return self._last is None or self._last.handle.done()
 
     # -- save ----------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
@@ -151,12 +162,10 @@ class CkptCheckpointIO(CheckpointIO):
         with self._lock:
             table = self._paths()
             self._flush_markers_if_idle()
-            last = self._last
-            # ModelCheckpoint saves top-k and "last" back to back at one step: the same
-            # tensors, unchanged. The second path names the checkpoint in flight.
-            if last is not None and last[0] == step and last[1] == signature:
-                if last[2].done():
-                    last[2].wait()  # a failed save raises here, not silently aliased
+            # ModelCheckpoint saves top-k and "last" back to back at one step: the same tensors,
+            # unchanged; a weights-only save of a step holds less than its full checkpoint. Such a
+            # save names the checkpoint of that step instead of replacing it.
+            if self._covered(step, signature, set(checkpoint)):
                 self._overwrote(table.add(key, step))
                 self._note_dir(key)
                 return
@@ -164,7 +173,9 @@ class CkptCheckpointIO(CheckpointIO):
             self._overwrote(table.add(key, step))
             meta = table.to_meta()
         state = dict(checkpoint)
-        state["optimizer_states"] = _live_optimizers(checkpoint.get("optimizer_states"))
+        live = optimizers.live(checkpoint.get("optimizer_states"))
+        if "optimizer_states" in state:  # absent from save_checkpoint(weights_only=True)
+            state["optimizer_states"] = live
         state[RESERVED_KEY] = {"rng": ckpt.RNG()}
         try:
             handle = ck.save(state, step=step, meta=meta)
@@ -179,9 +190,24 @@ class CkptCheckpointIO(CheckpointIO):
             with self._lock:
                 self._unsave(table, key, previous)
             raise
+        optimizers.guarding(live if isinstance(live, list) else [], handle)
         with self._lock:
-            self._last = (step, signature, handle)
+            self._last = _Saved(step, signature, frozenset(checkpoint), handle)
             self._note_dir(key)
+
+    def _covered(self, step: int, signature: tuple, keys: set[str]) -> bool:
+        """Whether this writer's latest checkpoint, of the same step, already holds what this save
+        would: the same tensors, unchanged since; for a save of fewer keys (``weights_only``), the
+        same model weights."""
+        last = self._last
+        if last is None or last.step != step or not keys <= last.keys:
+            return False
+        mine = set(signature) if keys == last.keys else {e for e in signature if e[0].startswith("/state_dict/")}
+        if not mine <= set(last.signature):
+            return False
+        if last.handle.done():
+            last.handle.wait()  # a failed save raises here, not silently named
+        return True
 
     def _overwrote(self, step: int | None) -> None:
         if step is not None:
@@ -245,7 +271,7 @@ class CkptCheckpointIO(CheckpointIO):
     # -- after a commit (ckpt_after_commit, on the commit thread) -----------------------
     def _after_commit(self, info: ckpt.CheckpointInfo) -> None:
         ck, last = self._ck, self._last
-        if ck is None or last is None or last[0] != info.step or pathmod.normalize(info.url) != self._root:
+        if ck is None or last is None or last.step != info.step or pathmod.normalize(info.url) != self._root:
             return
         try:
             self._write_markers()
@@ -264,9 +290,9 @@ class CkptCheckpointIO(CheckpointIO):
 
     def _flush_markers_if_idle(self) -> None:
         # Without the plugin's hook (CKPT_DISABLE_PLUGINS) markers are written here instead.
-        if self._marker_dirs and self._last is not None and self._last[2].done():
+        if self._marker_dirs and self._last is not None and self._last.handle.done():
             try:
-                self._last[2].wait()
+                self._last.handle.wait()
             except ckpt.CheckpointError:
                 return
             self._write_markers()
@@ -277,15 +303,18 @@ class CkptCheckpointIO(CheckpointIO):
     ) -> dict[str, Any]:
         """The checkpoint ``path`` names, as the dict Lightning saved (tensors on ``map_location``).
 
-        Nothing is unpickled whatever ``weights_only`` says. The process RNGs are restored
-        (``restore_rng``) and the next save continues from this checkpoint.
+        Nothing is unpickled whatever ``weights_only`` says; reading takes no writer lease. The
+        process RNGs are restored (``restore_rng``) and the next save continues from this checkpoint.
         """
-        ck = self._checkpointer()
-        ck.wait()  # "latest" includes the save in flight
+        if self._ck is not None:
+            self._ck.wait()  # "latest" includes the save in flight
         step = self._resolve(path)
         tree = ckpt.load(self.url, step=step, storage_options=self.storage_options)
         extra = tree.pop(RESERVED_KEY, None)
-        ck.restore({}, step=step)  # lineage: the next save's parent; a lease keeps it from gc
+        if self._ck is None:
+            self._resumed = step
+        else:
+            self._ck.restore({}, step=step)
         if self.restore_rng:
             self._restore_rng(tree, extra, path)
         return _to_device(tree, map_location)
@@ -327,6 +356,7 @@ class CkptCheckpointIO(CheckpointIO):
     def teardown(self) -> None:
         """Wait for the save in flight, finish pending deletions and markers, close the writer."""
         self._rng.disarm()
+        self._resumed = None
         ck = self._ck
         if ck is None:
             return
@@ -336,20 +366,55 @@ class CkptCheckpointIO(CheckpointIO):
             self._prune(ck)
         finally:
             with self._lock:
+                # The table stays: it names what this writer saved, aliases included, which only
+                # the manifest of a later save would record.
                 self._ck = None
-                self._last = None
-                self._table = None
             ck.close()
 
 
+@dataclass(frozen=True)
+class _Saved:
+    """A save of this writer: its step, tensor signature, top-level keys and handle."""
+
+    step: int
+    signature: tuple
+    keys: frozenset[str]
+    handle: ckpt.SaveHandle
+
+
+class _WriterBox:
+    """Holds the Checkpointer of one CkptCheckpointIO."""
+
+    def __init__(self) -> None:
+        self.ck: ckpt.Checkpointer | None = None
+
+    def close(self) -> None:
+        ck, self.ck = self.ck, None
+        if ck is not None:
+            try:
+                ck.close(raise_errors=False)
+            except Exception as exc:  # noqa: BLE001 - at interpreter exit or collection: nothing to raise to
+                log.debug("closing the writer of %s: %s", ck.url, exc)
+
+
+#: CPU tensors up to this size are told apart by content: Lightning builds some anew for
+#: every dict (a loader's generator state, a callback's score), equal but not the same tensor
+_BY_CONTENT = 1 << 16
+
+
 def _signature(checkpoint: Mapping[str, Any]) -> tuple:
-    """What identifies the tensor contents of a checkpoint dict without reading them: each
-    tensor's storage, layout and version counter (bumped by every in-place change)."""
+    """What identifies the tensor contents of a checkpoint dict without reading the large ones:
+    a tensor's storage, layout and version counter (bumped by every in-place change), or for a
+    small CPU tensor its bytes."""
     out: list[tuple] = []
 
     def walk(value: Any, path: str) -> None:
         if isinstance(value, torch.Tensor):
-            out.append((path, value.data_ptr(), tuple(value.shape), value.stride(), value.dtype, value._version))
+            if value.device.type == "cpu" and value.nbytes <= _BY_CONTENT:
+                data = value.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                out.append((path, tuple(value.shape), value.dtype, data))
+            else:
+                out.append((path, value.data_ptr(), tuple(value.shape), value.stride(), value.dtype, value._version))
         elif isinstance(value, Mapping):
             for k, v in value.items():
                 walk(v, f"{path}/{k}")
@@ -359,34 +424,6 @@ def _signature(checkpoint: Mapping[str, Any]) -> tuple:
 
     walk(checkpoint, "")
     return tuple(out)
-
-
-def _live_optimizers(states: Any) -> Any:
-    """``optimizer_states`` with each entry that is a stepped optimizer's own ``state_dict()``
-    replaced by that optimizer (stored identically, but guarded: staged in the background)."""
-    if not isinstance(states, list):
-        return states
-    live = {ids: opt for opt in list(_stepped) if (ids := _tensor_ids(opt.state))}
-    out: list[Any] = []
-    for sd in states:
-        ids = _tensor_ids(sd.get("state")) if isinstance(sd, Mapping) else frozenset()
-        opt = live.get(ids) if ids else None
-        out.append(opt if opt is not None and _same_groups(opt, sd) else sd)
-    return out
-
-
-def _tensor_ids(state: Any) -> frozenset[int]:
-    """The tensors of an optimizer's per-parameter state (``opt.state`` or a state dict's "state")."""
-    if not isinstance(state, Mapping):
-        return frozenset()
-    return frozenset(
-        id(v) for s in state.values() if isinstance(s, Mapping) for v in s.values() if isinstance(v, torch.Tensor)
-    )
-
-
-def _same_groups(opt: torch.optim.Optimizer, sd: Mapping[str, Any]) -> bool:
-    groups = sd.get("param_groups")
-    return isinstance(groups, list) and len(groups) == len(opt.param_groups)
 
 
 def _saved_at_epoch_end(tree: Mapping[str, Any]) -> bool:

@@ -66,6 +66,15 @@ def test_plugin_is_listed_by_ckpt_plugins():
     assert "ckpt-lightning" in names
 
 
+def test_with_its_hook_disabled_pruning_and_the_marker_wait_for_teardown(tmp_path, monkeypatch):
+    monkeypatch.setenv("CKPT_DISABLE_PLUGINS", "ckpt-lightning")
+    assert "ckpt-lightning" not in {p.name for p in get_plugins().info()}
+    url = f"file://{tmp_path}/store"
+    fit(make_trainer(url, str(tmp_path / "ck"), max_steps=7, every=2, top_k=1))
+    assert ckpt.steps(url) == [6]
+    assert (tmp_path / "ck" / MARKER_NAME).is_file()
+
+
 def test_loading_the_plugin_does_not_import_lightning():
     code = "import sys, ckpt; from ckpt.testing import get_plugins; get_plugins(); print('lightning' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
@@ -84,12 +93,40 @@ def test_every_checkpoint_loads_back_as_the_dict_lightning_saved(store_url, tmp_
     manifest = ckpt.read_manifest(store_url, 6)
     # the optimizer went in as the live object: guarded, staged in the background
     assert manifest.adapters["optimizer_states/0"] == "torch.optim.Optimizer"
+    # "last.ckpt", saved right after the top-k checkpoint of step 6, only names it: one commit
+    assert manifest.seq == ckpt.read_manifest(store_url, 3).seq + 1  # type: ignore[operator]
     for path in paths:
-        if Path(path).name == "last.ckpt":  # saved at step 6 right after the top-k one: the same checkpoint
-            continue
-        loaded = io.load_checkpoint(path)
-        assert_same_state(loaded, io.saved[path])
+        loaded, saved = io.load_checkpoint(path), io.saved[path]
+        if Path(path).name == "last.ckpt":  # all but ModelCheckpoint's own state (its last_model_path)
+            loaded.pop("callbacks"), saved.pop("callbacks")
+        assert_same_state(loaded, saved)
     io.teardown()
+
+
+def test_a_weights_only_save_names_the_full_checkpoint_of_its_step(tmp_path):
+    url, ck_dir = f"file://{tmp_path}/store", tmp_path / "ck"
+    trainer = make_trainer(url, str(ck_dir), max_steps=4, every=4)
+    model = fit(trainer)
+    trainer.save_checkpoint(str(ck_dir / "weights.ckpt"), weights_only=True)  # after fit, same step
+    io = trainer.strategy.checkpoint_io
+    io.teardown()
+    assert ckpt.steps(url) == [4]
+    full = io.load_checkpoint(ck_dir / "weights.ckpt")
+    assert "optimizer_states" in full  # the full checkpoint of step 4 was not replaced
+    assert_same_state(full["state_dict"], clone_state(model.state_dict()))
+
+    # once the weights changed, a weights-only save is a checkpoint of its own
+    with torch.no_grad():
+        model.net[0].weight.add_(1.0)
+    trainer.save_checkpoint(str(ck_dir / "changed.ckpt"), weights_only=True)
+    io.teardown()
+    changed = io.load_checkpoint(ck_dir / "changed.ckpt")
+    assert "optimizer_states" not in changed and "loops" in changed
+    assert_same_state(changed["state_dict"], clone_state(model.state_dict()))
+    # Lightning loads it for evaluation; reading takes no writer lease
+    tester = make_trainer(url, str(ck_dir), io=io)
+    tester.validate(Net(), make_loader(), ckpt_path=str(ck_dir / "changed.ckpt"), verbose=False)
+    assert io._ck is None
 
 
 def test_save_returns_before_the_next_step_can_change_what_it_saved(tmp_path):

@@ -46,6 +46,10 @@ class Net(L.LightningModule):
         self.log("train_loss", loss)
         return loss
 
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", ((self.net(x) - y) ** 2).mean())
+
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.01)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.7)

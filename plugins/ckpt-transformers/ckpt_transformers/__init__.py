@@ -17,9 +17,9 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 import ckpt
-from ckpt_transformers.rng import TrainerRNG, TrainerRNGAdapter
 
 if TYPE_CHECKING:
+    from ckpt_transformers.rng import TrainerRNG, TrainerRNGAdapter
     from ckpt_transformers.trainer import CkptTrainer, CkptTrainerMixin, export_pretrained
 
 try:
@@ -45,10 +45,16 @@ def __getattr__(name: str) -> Any:
         from ckpt_transformers import trainer
 
         return getattr(trainer, name)
+    if name in ("TrainerRNG", "TrainerRNGAdapter"):
+        from ckpt_transformers import rng
+
+        return getattr(rng, name)
     raise AttributeError(f"module 'ckpt_transformers' has no attribute {name!r}")
 
 
 @ckpt.hookimpl
 def ckpt_register_adapters(register) -> None:
     """Register the adapter of :class:`TrainerRNG` (the process RNGs, applied when the Trainer asks)."""
+    from ckpt_transformers.rng import TrainerRNGAdapter
+
     register(TrainerRNGAdapter())
