@@ -56,6 +56,7 @@ def write_checkpoint(
     seq: int | None = None,
     run: str | None = None,
     classes: Mapping[str, str] | None = None,
+    devices: Mapping[str, str] | None = None,
     lease: WriterLease | None = None,
 ) -> CheckpointInfo:
     """Write objects, then the manifest, then the ref: the one save path of ckpt.
@@ -96,6 +97,7 @@ def write_checkpoint(
         seq=seq,
         run=process_run_id() if run is None else run,
         classes=classes,
+        devices=devices,
     )
     if lease is not None:
         lease.check()  # a writer that lost the store meanwhile must not commit over the new one
@@ -131,8 +133,20 @@ def save(
     tensors: dict[str, torch.Tensor] = {}
     json_tree = treemod.encode(tree, tensors, set())
     return save_tree(
-        store, plugins, step=step, json_tree=json_tree, adapters=adapters, tensors=tensors, classes=classes
+        store,
+        plugins,
+        step=step,
+        json_tree=json_tree,
+        adapters=adapters,
+        tensors=tensors,
+        classes=classes,
+        devices=devices_of(tensors),
     )
+
+
+def devices_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Where each tensor lives, for those not on the CPU (recorded for ``map_location``)."""
+    return {p: str(t.device) for p, t in tensors.items() if t.device.type != "cpu"}
 
 
 def save_tree(
@@ -147,6 +161,7 @@ def save_tree(
     meta: Mapping[str, Any] | None = None,
     on_tensor_written: Callable[[str], None] | None = None,
     classes: Mapping[str, str] | None = None,
+    devices: Mapping[str, str] | None = None,
 ) -> CheckpointInfo:
     """One synchronous save of an encoded tree: take the writer lease (``what`` names the
     writer in a refusal), continue from the store's latest, write, commit, release."""
@@ -166,6 +181,7 @@ def save_tree(
             on_tensor_written=on_tensor_written,
             seq=latest.top_seq + 1,
             classes=classes,
+            devices=devices,
             lease=lease,
         )
 
@@ -203,7 +219,11 @@ def restore(
     place = placer(map_location)
     live, _ = as_mapping(state, plugins)
     store = Store(url, storage_options)
-    target = live if isinstance(live, MutableMapping) else dict(live)
+    if not isinstance(live, MutableMapping):
+        raise CheckpointError(
+            f"restore needs a mutable mapping (plain values in it are replaced), got {type(live).__name__}"
+        )
+    target = live
     if step is not None:
         return restore_manifest(store, plugins, load_manifest(store, step), target, strict=strict, place=place)
     return restore_latest(store, plugins, target, strict=strict, place=place)[0]
@@ -247,7 +267,7 @@ def load(
         t = tensors[path]
         if is_numpy:
             return t.numpy()
-        return t if place is None else place(t, DEFAULT_LOCATION)
+        return t if place is None else place(t, manifest.devices.get(path, DEFAULT_LOCATION))
 
     return treemod.decode(tree, leaf)
 

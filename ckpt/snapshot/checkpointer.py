@@ -26,7 +26,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ckpt import config
-from ckpt.api import restore_latest, restore_manifest, write_checkpoint
+from ckpt.api import devices_of, restore_latest, restore_manifest, write_checkpoint
 from ckpt.codecs.delta import DeltaLearner
 from ckpt.errors import CheckpointError, NoCheckpointError
 from ckpt.hooks.manager import get_plugins
@@ -146,6 +146,8 @@ class Checkpointer:
         self.errors: list[CheckpointError] = []
         self._state = state
         self._plugins = get_plugins()
+        # first: a refused lease must leave no threads or buffers behind
+        self._writer = WriterLease(self.store, take_over=take_over, what="Checkpointer")
         self._pool = HostPool(max_host_memory)
         self._threads = Background()
         self._lock = threading.Lock()
@@ -167,7 +169,6 @@ class Checkpointer:
         self._restored_step: int | None = None
         self._preempted: str | None = None
         self._side_stream: Any = None
-        self._writer = WriterLease(self.store, take_over=take_over, what="Checkpointer")
         self._hook = register_optimizer_step_pre_hook(self._before_optimizer_step)
 
     # -- context manager ---------------------------------------------------------------
@@ -268,14 +269,22 @@ class Checkpointer:
             self._inflight = handle
             self._snapshot = snapshot
         self._last_saved_step = step
-        fut = self._threads.commits.submit(self._persist, handle, json_tree, adapters, meta, classes)
+        fut = self._threads.commits.submit(
+            self._persist, handle, json_tree, adapters, meta, classes, devices_of(tensors)
+        )
         fut.add_done_callback(lambda f: _chain(f, handle._future))
         if not guard:
             snapshot.staged.wait()
         return handle
 
     def _persist(
-        self, handle: SaveHandle, json_tree: Any, adapters: Mapping[str, str], meta: Any, classes: Mapping[str, str]
+        self,
+        handle: SaveHandle,
+        json_tree: Any,
+        adapters: Mapping[str, str],
+        meta: Any,
+        classes: Mapping[str, str],
+        devices: Mapping[str, str],
     ) -> CheckpointInfo:
         snapshot = handle._snapshot
         assert snapshot is not None
@@ -307,6 +316,7 @@ class Checkpointer:
                 seq=self._top_seq,
                 run=self.run_id,
                 classes=classes,
+                devices=devices,
                 lease=self._writer,
             )
             if info.write_stats is not None:
@@ -444,13 +454,17 @@ class Checkpointer:
                 self._state = merged
                 track_all(merged)
                 try:
-                    start = self.restore(merged).step
-                except NoCheckpointError:
-                    if self.store.steps():  # a store holding checkpoints never starts over
-                        raise
-                    start = 0
-                self._last_saved_step = start if start else None
-                previous = self._install_signals()
+                    try:
+                        start = self.restore(merged).step
+                    except NoCheckpointError:
+                        if self.store.steps():  # a store holding checkpoints never starts over
+                            raise
+                        start = 0
+                    self._last_saved_step = start if start else None
+                    previous = self._install_signals()
+                except BaseException:  # a resume that cannot start gives the store back
+                    self.close(raise_errors=False)
+                    raise
                 try:
                     result = fn(start, *args, **kwargs)
                 except BaseException:  # incl. the SystemExit of a preemption: never leave a torn save

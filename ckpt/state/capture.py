@@ -18,7 +18,6 @@ from ckpt.errors import CheckpointError, StateMismatchError, UnsupportedValueErr
 from ckpt.hooks.manager import Plugins
 from ckpt.state import tree as treemod
 from ckpt.state.torch_adapters import check_tensor
-from ckpt.storage.manifest import Manifest
 
 
 def capture(
@@ -66,45 +65,17 @@ def live_tensors(tree: Any, path: str, out: dict[str, torch.Tensor]) -> None:
     treemod.encode(tree, out, set(), path)
 
 
-def check_fits(
-    manifest: Manifest,
-    live: Mapping[str, torch.Tensor],
-    keys: list[str],
-    exact: list[str] = (),  # type: ignore[assignment]
-) -> None:
-    """Refuse before any byte is written when the live objects cannot take the checkpoint.
-
-    ``exact``: paths of objects whose adapter needs exactly the stored tensors (a module's
-    strict ``load_state_dict`` would refuse only after copying, so check here).
-    """
-    for prefix in exact:
-        extra = sorted(p for p in manifest.tensors if (p == prefix or p.startswith(prefix + "/")) and p not in live)
-        if extra:
-            raise StateMismatchError(
-                f"tensor {extra[0]!r} (and {len(extra) - 1} more) is in checkpoint step {manifest.step} "
-                f"but not in the live object at {prefix!r}"
-            )
-    for path, t in live.items():
-        entry = manifest.tensors.get(path)
-        if entry is None:
-            raise StateMismatchError(f"tensor {path!r} is in the live state but not in checkpoint step {manifest.step}")
-        dtype = str(t.dtype).removeprefix("torch.")
-        if tuple(t.shape) != entry.shape or dtype != entry.dtype:
-            raise StateMismatchError(
-                f"tensor {path!r}: checkpoint has {entry.dtype}{list(entry.shape)}, live object has {dtype}{list(t.shape)}"
-            )
-
-
 def as_numpy(t: torch.Tensor, is_numpy: bool) -> Any:
     return t.numpy() if is_numpy else t
 
 
-def check_into(target: Any, value: Any, path: str, plugins: Plugins) -> None:
+def check_into(target: Any, value: Any, path: str, plugins: Plugins, *, strict: bool = True) -> None:
     """Refuse ``value`` before anything live changes when ``target`` cannot take it.
 
     An adapter's optional ``check(obj, tree)`` decides for the objects it handles (an
     optimizer's state against its parameter groups, RNG states against their generators);
-    tensors were checked against the manifest by :func:`check_fits`.
+    live tensors are checked against the manifest by ``ckpt.state.restore`` and against
+    the value they take here (:func:`check_tensor`).
     """
     adapter = plugins.adapters.for_object(target)
     if adapter is not None:
@@ -112,7 +83,10 @@ def check_into(target: Any, value: Any, path: str, plugins: Plugins) -> None:
         if check is None:
             return
         try:
-            check(target, value)
+            if "strict" in inspect.signature(check).parameters:
+                check(target, value, strict=strict)
+            else:
+                check(target, value)
         except CheckpointError:
             raise
         except Exception as exc:  # noqa: BLE001 - a plugin's check failing is a misfit, named here
@@ -127,10 +101,10 @@ def check_into(target: Any, value: Any, path: str, plugins: Plugins) -> None:
     if isinstance(target, MutableMapping) and isinstance(value, Mapping):
         for k in list(target):
             if k in value:
-                check_into(target[k], value[k], treemod.join(path, k), plugins)
+                check_into(target[k], value[k], treemod.join(path, k), plugins, strict=strict)
     elif isinstance(target, list) and isinstance(value, list) and len(target) == len(value):
         for i, item in enumerate(value):
-            check_into(target[i], item, treemod.join(path, i), plugins)
+            check_into(target[i], item, treemod.join(path, i), plugins, strict=strict)
 
 
 def load_into(target: Any, value: Any, path: str, plugins: Plugins, *, strict: bool = True) -> Any:

@@ -418,11 +418,21 @@ class DataLoaderAdapter:
 
         if not isinstance(tree, Mapping) or not is_int(tree.get("epoch")) or not is_int(tree.get("batches")):
             raise StateMismatchError("DataLoader position in the checkpoint has no integer epoch and batches")
-        if tree["batches"] < 0 or not isinstance(tree.get("start", {}), Mapping):
-            raise StateMismatchError(f"DataLoader position {dict(tree)!r} is malformed")
+        if not 0 <= tree["batches"] < 2**62 or not -1 <= tree["epoch"] < 2**62:
+            raise StateMismatchError(
+                f"DataLoader position epoch {tree['epoch']}, batch {tree['batches']} is out of range"
+            )
+        if not isinstance(tree.get("start", {}), Mapping):
+            raise StateMismatchError("DataLoader position in the checkpoint has no generator states mapping")
+        live = {name: _get(gen) for name, gen in _generators(obj).items()}
         for name, state in tree.get("start", {}).items():
-            if state is not None and not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8):
-                raise StateMismatchError(f"DataLoader generator state {name!r} is not a byte tensor")
+            if state is None:
+                continue
+            like = live.get(name)
+            if not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8) or (
+                like is not None and state.shape != like.shape
+            ):
+                raise StateMismatchError(f"DataLoader generator state {name!r} does not fit its generator")
         length = tree.get("length")
         if length is not None and hasattr(obj.dataset, "__len__") and len(obj) != length:
             raise StateMismatchError(

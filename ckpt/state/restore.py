@@ -159,12 +159,12 @@ def _prepare(
     # leave a module half-overwritten. The adapters' loads copy them in afterwards.
     tensors = read_tensors(store, plugins.codecs, ReadPlan.for_paths(manifest, wanted))
     if place is not None:
-        tensors = {p: place(t, DEFAULT_LOCATION) for p, t in tensors.items()}
+        tensors = {p: place(t, manifest.devices.get(p, DEFAULT_LOCATION)) for p, t in tensors.items()}
     values = {}
     for key in keys:
         path = treemod.escape(key)
         values[key] = treemod.decode(stored_tree[key], lambda p, is_np: as_numpy(tensors[p], is_np), path)
-        check_into(state[key], values[key], path, plugins)
+        check_into(state[key], values[key], path, plugins, strict=strict)
     return values, missing, unexpected
 
 

@@ -6,6 +6,7 @@ They are registered through ``ckpt_register_adapters`` like any plugin's (see
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 from collections.abc import Mapping
@@ -62,12 +63,19 @@ class ModuleAdapter:
     def state(self, obj: torch.nn.Module) -> Mapping[str, Any]:
         return _uncompiled(obj).state_dict()
 
-    def check(self, obj: torch.nn.Module, tree: Mapping[str, Any]) -> None:
+    def check(self, obj: torch.nn.Module, tree: Mapping[str, Any], strict: bool = True) -> None:
         # restore checked the manifest's tensors against the live ones; this checks what the
-        # tree actually hands each name (a hostile tree may point a name at another tensor)
+        # tree actually hands each name (a hostile tree may point a name at another tensor,
+        # or drop one), because load_state_dict copies before it reports missing keys
+        kind = f"module {type(obj).__name__}"
         if not isinstance(tree, Mapping):
-            raise _mismatch(f"module {type(obj).__name__}", f"its state is a {type(tree).__name__}, not a mapping")
+            raise _mismatch(kind, f"its state is a {type(tree).__name__}, not a mapping")
         live = _uncompiled(obj).state_dict()
+        if strict:
+            missing = [k for k in live if k not in tree]
+            unexpected = [k for k in tree if k not in live]
+            if missing or unexpected:
+                raise _mismatch(kind, f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
         for name, value in tree.items():
             target = live.get(name)
             if isinstance(target, torch.Tensor):
@@ -157,8 +165,23 @@ class SchedulerAdapter:
         return obj.state_dict()
 
     def check(self, obj: Any, tree: Mapping[str, Any]) -> None:
+        # load_state_dict is a __dict__.update followed by checks: try it on a shallow twin
+        # so a refusal leaves the live scheduler as it was
+        kind = f"scheduler {type(obj).__name__}"
         if not isinstance(tree, Mapping) or not all(isinstance(k, str) for k in tree):
-            raise _mismatch(f"scheduler {type(obj).__name__}", "its state is not a mapping of names")
+            raise _mismatch(kind, "its state is not a mapping of names")
+        live = obj.state_dict()
+        unexpected = sorted(k for k in tree if k not in live)
+        if unexpected:
+            raise _mismatch(kind, f"the checkpoint holds {unexpected[:5]}, which it does not have")
+        lambdas = tree.get("lr_lambdas")
+        if lambdas is not None and (not isinstance(lambdas, list) or len(lambdas) != len(live.get("lr_lambdas") or [])):
+            raise _mismatch(kind, "lr_lambdas do not match its parameter groups")
+        twin = copy.copy(obj)
+        try:
+            twin.load_state_dict(dict(tree))
+        except Exception as exc:  # noqa: BLE001 - whatever the scheduler raises, the live one is untouched
+            raise _mismatch(kind, f"{type(exc).__name__}: {exc}") from None
 
     def load(self, obj: Any, tree: Mapping[str, Any]) -> None:
         obj.load_state_dict(dict(tree))

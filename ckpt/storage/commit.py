@@ -59,6 +59,7 @@ def new_manifest(
     seq: int | None = None,
     run: str = "",
     classes: Mapping[str, str] | None = None,
+    devices: Mapping[str, str] | None = None,
 ) -> Manifest:
     """The manifest of a save whose objects took ``written_bytes``; ``stored_bytes`` counts
     the manifest itself too. ``parent`` is the checkpoint the save continues from (and
@@ -82,6 +83,7 @@ def new_manifest(
         seq=seq,
         run=run,
         classes=dict(classes or {}),
+        devices=dict(devices or {}),
     )
     # The manifest's own digits change its length, so settle it.
     stored = written_bytes + len(manifest.to_json_bytes())
@@ -126,11 +128,6 @@ def latest_for_save(store: Store) -> Latest:
     """What a new save continues from: the latest readable checkpoint (None: write in full)
     and the store's highest commit sequence (the save takes one more)."""
     return find_latest(store)
-
-
-def parent_for_save(store: Store) -> Manifest | None:
-    """The latest readable manifest, which a new save continues from and deduplicates against."""
-    return latest_for_save(store).manifest
 
 
 def next_seq(store: Store) -> int:

@@ -135,6 +135,20 @@ def _hinted(listing: Mapping[int, float | None], ref: Ref | None) -> list[int] |
     return [s for s, mtime in listing.items() if s == ref.step or mtime is None or mtime >= since]
 
 
+def _below_unreadable_newer(
+    best: Manifest, good: Mapping[int, Manifest], bad: Mapping[int, object], listing: Mapping[int, float | None]
+) -> Manifest | None:
+    """``best``, unless a manifest that cannot be read was written after it: that one may be a
+    rollback's new commit (restore 20 of 30, save 21, 21 damaged), whose parent nobody can
+    read, so the latest is taken below its step (20), never from an abandoned line (30)."""
+    anchor = listing.get(best.step)
+    newer = [s for s in bad if anchor is None or listing.get(s) is None or listing[s] >= anchor]  # type: ignore[operator]
+    if not newer:
+        return best
+    cap = min(newer)
+    return max((m for m in good.values() if m.step < cap), key=order_key, default=None)
+
+
 def describe(skipped: Mapping[int, object]) -> str:
     return "; ".join(f"step {s}: {why}" for s, why in sorted(skipped.items(), reverse=True))
 
@@ -160,6 +174,8 @@ def find_latest(store: ManifestStore, *, repair: bool = False) -> Latest:
     if hinted is None:
         _read(store, sorted(listing, reverse=True), good, bad)
     best = max(good.values(), key=order_key, default=None)
+    if best is not None:
+        best = _below_unreadable_newer(best, good, bad, listing)
     # The ref's own seq is not counted: when it is true, its manifest says the same.
     latest = Latest(best, dict(bad), max((m.seq for m in good.values() if m.seq is not None), default=0))
     if best is not None and bad:

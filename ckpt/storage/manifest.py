@@ -192,6 +192,9 @@ class Manifest:
     #: class of each object an adapter saved, by tree path (``"optim": "torch.optim.adamw.AdamW"``):
     #: restore refuses another class where the adapter asks for it (absent in older manifests)
     classes: Mapping[str, str] = field(default_factory=dict)
+    #: device each tensor was saved from, by path, where it was not the CPU (``"cuda:1"``):
+    #: the location ``map_location`` maps, as ``torch.load``'s does
+    devices: Mapping[str, str] = field(default_factory=dict)
 
     def to_json_bytes(self) -> bytes:
         """The manifest file; a tree or path that loading would refuse is an UnsupportedValueError."""
@@ -212,6 +215,7 @@ class Manifest:
             "meta": dict(self.meta),
             "adapters": dict(self.adapters),
             **({"classes": dict(self.classes)} if self.classes else {}),
+            **({"devices": dict(self.devices)} if self.devices else {}),
             "tree": self.tree,
             "tensors": {p: e.to_json() for p, e in self.tensors.items()},
         }
@@ -352,6 +356,7 @@ class _Validator:
             seq=None if seq is None else self.int_(seq, "seq", lo=1),
             run=self.text(doc.get("run", ""), "run"),
             classes=self.names(doc.get("classes", {}), "classes"),
+            devices=self.names(doc.get("devices", {}), "devices"),
         )
 
     def path(self, path: str) -> str:

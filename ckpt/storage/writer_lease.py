@@ -174,15 +174,29 @@ class WriterLease:
             time.sleep(min(beat, stale - quiet) if not old else beat)
         began = time.monotonic()
         self._write()
-        low, high = SETTLE_SECONDS
-        time.sleep(min(high, max(low, 4 * (time.monotonic() - began))))
-        back = self._read()
+        try:
+            low, high = SETTLE_SECONDS
+            time.sleep(min(high, max(low, 4 * (time.monotonic() - began))))
+            back = self._read()
+        except BaseException:
+            # our file is on the store and nobody would release it: this live process
+            # would then refuse every later writer
+            self._delete_if_ours()
+            raise
         if back is None or back.id != self.id:
             raise CheckpointError(
                 f"another writer took the writer lease of {self.store.url} at the same moment"
                 + (f": {back.describe()}" if back is not None else "")
             )
         log.debug("%s holds the writer lease of %s", self.what, self.store.url)
+
+    def _delete_if_ours(self) -> None:
+        try:
+            current = self._read()
+            if current is not None and current.id == self.id:
+                self.store.delete(self.path)
+        except Exception as exc:  # noqa: BLE001 - already failing: the first error is the one to raise
+            log.warning("could not remove the writer lease of %s after a failed take-over: %s", self.store.url, exc)
 
     def _record(self) -> LeaseRecord:
         s = self._state

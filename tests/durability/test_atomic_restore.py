@@ -147,3 +147,47 @@ def test_plain_tensors_in_the_state_are_restored_in_place(store_url):
     ckpt.restore(store_url, live)
     assert live["t"] is keep[0] and live["nested"]["u"] is keep[1]
     assert torch.equal(keep[0], t) and torch.equal(keep[1], t * 2)
+
+
+def test_module_tree_missing_a_name_changes_nothing(tmp_path):
+    url = f"file://{tmp_path}/s"
+    ckpt.save(url, {"model": torch.nn.Linear(3, 2)}, step=1)
+
+    def edit(doc):
+        doc["tree"]["model"].pop("bias")
+        doc["tree"]["model"]["junk"] = 1
+
+    _tamper(url, 1, edit)
+    live = torch.nn.Linear(3, 2)
+    before = clone_state(live.state_dict())
+    with pytest.raises(ckpt.StateMismatchError, match="bias"):
+        ckpt.restore(url, {"model": live}, step=1)
+    assert_same_state(clone_state(live.state_dict()), before)
+
+
+def test_scheduler_value_its_load_refuses_changes_nothing(tmp_path):
+    url = f"file://{tmp_path}/s"
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    ckpt.save(url, {"sched": torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=3)}, step=1)
+    _tamper(url, 1, lambda doc: doc["tree"]["sched"].update(mode="bogus", patience=99))
+    live = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=3)
+    with pytest.raises(ckpt.StateMismatchError, match="scheduler"):
+        ckpt.restore(url, {"sched": live}, step=1)
+    assert live.patience == 3 and live.mode == "min"
+    _tamper(url, 1, lambda doc: doc["tree"]["sched"].update(mode="min", patience=3, optimizer=1))
+    with pytest.raises(ckpt.StateMismatchError, match="optimizer"):
+        ckpt.restore(url, {"sched": live}, step=1)
+
+
+def test_a_resume_that_cannot_restore_gives_the_store_back(tmp_path):
+    url = f"file://{tmp_path}/s"
+    ckpt.save(url, {"model": torch.nn.Linear(3, 2)}, step=1)
+    ck = ckpt.Checkpointer(url)
+
+    @ck.resume(model=torch.nn.Linear(4, 2))
+    def train(start):
+        raise AssertionError("never reached")
+
+    with pytest.raises(ckpt.StateMismatchError):
+        train()
+    ckpt.save(url, {"model": torch.nn.Linear(3, 2)}, step=2)  # no live writer is left behind

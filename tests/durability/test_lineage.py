@@ -409,3 +409,15 @@ def test_lineage_of_hostile_links_terminates():
 def test_manifests_without_seq_come_before_every_one_with_seq():
     lin = _lineage(_m(1, None, None), _m(2, None, 1), _m(3, None, 2), _m(4, 1, 2))
     assert lin.line == (4, 2, 1) and lin.abandoned == (3,)
+
+
+def test_damaged_rollback_commit_never_resurrects_the_abandoned_line(rolled_back, caplog):
+    """21 (the rollback's commit) unreadable: its parent cannot be read from it, so the latest
+    is taken below its step (20), never the abandoned 30 of higher seq than 20."""
+    url, store, _ = rolled_back
+    store.write(store.manifest_path(21), b"{not json")
+    with caplog.at_level(logging.WARNING, logger="ckpt"):
+        assert ckpt.latest_step(url) == 20
+    live = _state(0)
+    assert ckpt.restore(url, live).step == 20 and live["step_no"] == 20
+    assert "step 21" in caplog.text

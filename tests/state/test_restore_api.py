@@ -147,3 +147,24 @@ def test_optimizer_and_scheduler_classes_are_recorded_and_enforced(store_url):
     again = torch.optim.AdamW(model.parameters(), lr=0.5)
     ckpt.restore(store_url, {"optim": again})
     assert again.param_groups[0]["lr"] == 0.1
+
+
+def test_map_location_maps_the_recorded_device(tmp_path):
+    """The manifest records each tensor's device when it was not the CPU; a dict or callable
+    ``map_location`` sees that location, as with ``torch.load``. (No GPU here: the record is
+    written as a save from ``cuda:1`` would write it.)"""
+    import json
+
+    url = f"file://{tmp_path}/s"
+    ckpt.save(url, {"t": torch.arange(4.0), "u": torch.ones(2)}, step=1)
+    assert ckpt.read_manifest(url).devices == {}
+    store = Store(url)
+    doc = json.loads(store.read_manifest(1))
+    doc["devices"] = {"t": "cuda:1"}
+    store.write(store.manifest_path(1), json.dumps(doc).encode())
+    assert ckpt.read_manifest(url).devices == {"t": "cuda:1"}
+    seen = {}
+    ckpt.load(url, map_location=lambda storage, loc: seen.setdefault(loc, storage.nbytes()) and None)
+    assert seen == {"cuda:1": 16, "cpu": 8}
+    tree = ckpt.load(url, map_location={"cuda:1": "meta"})
+    assert tree["t"].device.type == "meta" and tree["u"].device.type == "cpu"
