@@ -23,7 +23,6 @@ Measured per run:
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import sys
@@ -302,23 +301,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_transformers", description=__doc__.splitlines()[0])
-    p.add_argument("--smoke", action="store_true", help="tiny sizes, one round (checks the harness, not speed)")
-    p.add_argument("--out", default=None, help="also write transformers.json and transformers.md here")
-    p.add_argument("--workdir", default=None, help="where checkpoints are written (default: a temp dir)")
-    a = p.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="ckpt-bench-hf-", dir=a.workdir) as workdir:
-        res = run(smoke=a.smoke, workdir=workdir, log=lambda m: print(m, flush=True))
-    md = markdown(res)
-    print(md)
-    if a.out:
-        from pathlib import Path
-
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        report.write_json(out / "transformers.json", res)
-        (out / "transformers.md").write_text(md)
-    return 0
+    return report.standalone("benchmarks.bench_transformers", "transformers", __doc__, run, markdown, argv)
 
 
 if __name__ == "__main__":

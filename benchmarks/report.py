@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +157,33 @@ def core_plot(res: dict[str, Any], path: Path) -> None:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def standalone(
+    module: str,
+    name: str,
+    doc: str | None,
+    run: Callable[..., dict[str, Any]],
+    markdown: Callable[[dict[str, Any]], str],
+    argv: list[str] | None = None,
+) -> int:
+    """``python -m <module> [--smoke] [--out DIR] [--workdir DIR]`` for one benchmark section:
+    runs it, prints its table, and with ``--out`` writes ``<name>.json`` and ``<name>.md``."""
+    import argparse
+    import tempfile
+
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=(doc or name).splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, one round (checks the harness, not speed)")
+    p.add_argument("--out", default=None, help=f"also write {name}.json and {name}.md here")
+    p.add_argument("--workdir", default=None, help="where checkpoints are written (default: a temp dir)")
+    a = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix=f"ckpt-bench-{name}-", dir=a.workdir) as workdir:
+        res = run(smoke=a.smoke, workdir=workdir, log=lambda m: print(m, flush=True))
+    md = markdown(res)
+    print(md)
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / f"{name}.json", res)
+        (out / f"{name}.md").write_text(md)
+    return 0
