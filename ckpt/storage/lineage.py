@@ -136,13 +136,24 @@ def _hinted(listing: Mapping[int, float | None], ref: Ref | None) -> list[int] |
 
 
 def _below_unreadable_newer(
-    best: Manifest, good: Mapping[int, Manifest], bad: Mapping[int, object], listing: Mapping[int, float | None]
+    best: Manifest,
+    good: Mapping[int, Manifest],
+    bad: Mapping[int, object],
+    listing: Mapping[int, float | None],
+    ref: Ref | None,
 ) -> Manifest | None:
-    """``best``, unless a manifest that cannot be read was written after it: that one may be a
+    """``best``, unless a manifest that cannot be read was committed after it: that one may be a
     rollback's new commit (restore 20 of 30, save 21, 21 damaged), whose parent nobody can
-    read, so the latest is taken below its step (20), never from an abandoned line (30)."""
-    anchor = listing.get(best.step)
-    newer = [s for s in bad if anchor is None or listing.get(s) is None or listing[s] >= anchor]  # type: ignore[operator]
+    read, so the latest is taken below its step (20), never from an abandoned line (30).
+
+    "Committed after": the ref names it with a higher seq than ``best`` (the ref is written
+    after each commit), or, without such a ref, its listing time is later than ``best``'s.
+    """
+    if ref is not None and ref.step in bad and (ref.seq is None or best.seq is None or ref.seq > best.seq):
+        newer = [ref.step]
+    else:
+        anchor = listing.get(best.step)
+        newer = [s for s in bad if anchor is not None and (listing.get(s) or 0.0) > anchor]
     if not newer:
         return best
     cap = min(newer)
@@ -175,7 +186,7 @@ def find_latest(store: ManifestStore, *, repair: bool = False) -> Latest:
         _read(store, sorted(listing, reverse=True), good, bad)
     best = max(good.values(), key=order_key, default=None)
     if best is not None:
-        best = _below_unreadable_newer(best, good, bad, listing)
+        best = _below_unreadable_newer(best, good, bad, listing, ref)
     # The ref's own seq is not counted: when it is true, its manifest says the same.
     latest = Latest(best, dict(bad), max((m.seq for m in good.values() if m.seq is not None), default=0))
     if best is not None and bad:
