@@ -79,7 +79,9 @@ class DCPSource(Source):
             path = tuple(planner_data.get(fqn, (fqn,)))
             self._obj_path[fqn] = path
             if isinstance(item, TensorStorageMetadata):
-                t = torch.empty(tuple(item.size), dtype=item.properties.dtype, device="meta")
+                # a placeholder with the shape and dtype and one element of memory (zero
+                # strides): the tree and sizes come from it, the data from DCP's reader later
+                t = torch.zeros((), dtype=item.properties.dtype).expand(tuple(item.size))
                 placeholders[id(t)] = fqn
                 set_element(skeleton, path, t)
             else:
