@@ -156,8 +156,10 @@ def test_listings_see_other_writers(server):
     assert store.steps() == []  # a listing is now cached by the filesystem instance
     other = fsspec.filesystem(server.kind, skip_instance_cache=True, **server.storage_options)
     ckpt.save(url, _state(4), step=1, storage_options=server.storage_options)
-    # another process (another client) commits step 2
-    other.pipe_file(store.manifest_path(2), other.cat_file(store.manifest_path(1)))
+    # another process (another client) commits step 2 (same content, the next commit)
+    doc = json.loads(other.cat_file(store.manifest_path(1)))
+    doc.update(step=2, parent=1, seq=doc["seq"] + 1)
+    other.pipe_file(store.manifest_path(2), json.dumps(doc).encode())
     assert store.steps() == [1, 2]
     assert store.latest_step(repair=True) == 2
     key = next(iter(ckpt.read_manifest(store.url, 1).tensors["ids"].chunks)).key

@@ -72,7 +72,18 @@ def test_retention_counts_in_the_ranked_order():
     assert retained(ranked, keep_last=1, keep_every=10) == {21, 20, 10, 30}
     assert retained(ranked, keep_last=1, protect=[30, 99]) == {21, 30}
     assert retained([], keep_last=1) == set()
-    assert ranked_steps(Store("memory://unused"), [3, 1, 2, 3]) == [3, 2, 1]
+
+
+def test_ranked_steps_follow_the_lineage(tmp_path):
+    """The seam orders by the store's lineage: the latest, its ancestors, then abandoned steps;
+    a step that is not a readable checkpoint is left out (so it is never deleted)."""
+    url = f"file://{tmp_path}/s"
+    for step in (10, 20, 30):
+        ckpt.save(url, {"w": torch.full((4,), float(step))}, step=step)
+    with ckpt.Checkpointer(url) as ck:
+        ck.restore({"w": torch.zeros(4)}, step=20)
+        ck.save({"w": torch.ones(4)}, step=21).wait()
+    assert ranked_steps(Store(url), [10, 20, 21, 30, 99]) == [21, 20, 10, 30]
 
 
 # -- mark and sweep -----------------------------------------------------------------------

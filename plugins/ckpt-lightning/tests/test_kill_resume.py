@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import finish, kill_when, start_script
+from lightning_helpers import finish, kill_when, start_script
 
 import ckpt
 from ckpt.testing import assert_same_state

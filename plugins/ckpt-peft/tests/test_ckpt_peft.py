@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import lora_config, train_step
+from peft_helpers import lora_config, train_step
 
 import ckpt
 from ckpt.testing import AdapterConformance, assert_same_state, clone_state, get_plugins
@@ -97,8 +97,8 @@ def test_lora_checkpoints_after_the_first_are_lora_sized(make_lora_minilm, tmp_p
 
 
 def test_restore_into_a_different_lora_config_is_refused(make_lora_minilm, minilm_weights, tmp_path):
-    from conftest import build_minilm
     from peft import LoraConfig, get_peft_model
+    from peft_helpers import build_minilm
 
     url = f"file://{tmp_path}/run"
     model, opt = make_lora_minilm(r=8)
