@@ -372,7 +372,11 @@ class Checkpointer:
             log.error("after committing step %d to %s: %s", info.step, self.url, exc)
             return
         if self.tiers is not None:  # persist when due; per-tier retention
-            self.tiers.committed(info.step, protect=self._pinned(), writer=self._writer)
+            try:
+                self.tiers.committed(info.step, protect=self._pinned(), writer=self._writer)
+            except CheckpointError as exc:  # the local commit stands; the next save raises it
+                log.error("after committing step %d to %s: %s", info.step, self.url, exc)
+                self._fail(info.step, exc)
             return
         if self.keep_last is None and self.keep_every is None:
             return

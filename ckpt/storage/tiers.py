@@ -21,8 +21,11 @@ abandoned higher steps.
 Retention is per tier (:func:`ckpt.storage.retention.prune`): ``local_keep_last`` (2) on
 the local tier, never dropping a checkpoint that is waiting to be persisted, and
 ``keep_last``/``keep_every`` on the durable tier after each copy. The durable tier's
-writer lease is held from construction to :meth:`Tiers.close`, so a second run writing
-to the same durable URL is refused at once, not at its first copy.
+writer lease is held from construction to :meth:`Tiers.close`. It is taken on the tiers'
+background thread, so that a restart from the local tier does not wait for the round
+trips (and the settling wait) of taking a lease on an object store: a second run writing
+to the same durable URL is refused at its first save (:meth:`Tiers.committed` raises),
+before it persists anything.
 
 Many ranks (hook points; the collective part is the distributed branch's): each rank's
 local tier holds what that rank wrote (its per-rank objects and, on the coordinator, the
@@ -115,8 +118,10 @@ class Tiers:
         self.local_keep_last = local_keep_last
         self.keep_last = keep_last
         self.keep_every = keep_every
-        self.lease = WriterLease(durable, take_over=take_over, what="Checkpointer (durable tier)")
-        self._pool: ThreadPoolExecutor | None = None  # started by the first background copy
+        self._pool: ThreadPoolExecutor = serial_pool("ckpt-tiers")
+        self._lease: Future[WriterLease] = self._pool.submit(
+            WriterLease, durable, take_over=take_over, what="Checkpointer (durable tier)"
+        )
         self._lock = threading.Lock()
         self._running: int | None = None
         self._waiting: int | None = None
@@ -126,6 +131,14 @@ class Tiers:
         self.errors: list[CheckpointError] = []
         self._newest_local: int | None = None
 
+    @property
+    def lease(self) -> WriterLease:
+        """The durable tier's writer lease (waits for it to be taken).
+
+        :raises CheckpointError: another live writer holds the durable tier.
+        """
+        return self._lease.result()
+
     # -- persisting --------------------------------------------------------------------
     def pinned(self) -> set[int]:
         """Local steps that must not be pruned: waiting for or being copied."""
@@ -133,7 +146,11 @@ class Tiers:
             return {s for s in (self._running, self._waiting) if s is not None}
 
     def committed(self, step: int, *, protect: Iterable[int], writer: WriterLease) -> None:
-        """After step ``step`` committed to the local tier: persist it when due, prune locally."""
+        """After step ``step`` committed to the local tier: persist it when due, prune locally.
+
+        :raises CheckpointError: the durable tier has another live writer.
+        """
+        self.lease  # noqa: B018 - refused: raised here, at the first save
         self._newest_local = step
         if self.persist_every is not None and step % self.persist_every == 0:
             self.persist_async(step)
@@ -158,8 +175,6 @@ class Tiers:
                 self._waiting = step
                 return
             self._waiting = step
-            if self._pool is None:
-                self._pool = serial_pool("ckpt-tiers")
             self._future = self._pool.submit(self._drain)
 
     def _drain(self) -> None:
@@ -221,8 +236,7 @@ class Tiers:
         err: CheckpointError | None = None
         try:
             self.wait()
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=True)
             # the last local commit, or the local checkpoint restored (a crash may have kept it
             # from the durable tier); not whatever else the local tier holds
             newest = self._newest_local
@@ -242,7 +256,8 @@ class Tiers:
                 )
         finally:
             try:
-                self.lease.release()
+                if self._lease.exception() is None:
+                    self._lease.result().release()
             except CheckpointError as exc:
                 log.warning("releasing the writer lease of %s failed: %s", self.durable.store.url, exc)
         return err

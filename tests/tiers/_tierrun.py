@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _tiers_util import make_state, train_step  # noqa: E402
+from _tiers_util import make_state, train_step
 
-import ckpt  # noqa: E402
+import ckpt
 
 
 def main() -> None:

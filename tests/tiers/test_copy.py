@@ -101,9 +101,8 @@ def test_copy_refuses_a_hostile_source_manifest(tmp_path, damage):
 def test_copy_takes_the_destination_writer_lease(store_url, tmp_path):
     src = str(tmp_path / "src")
     _frozen_run(src, [1])
-    with WriterLease(Store(store_url), what="a training run"):
-        with pytest.raises(ckpt.CheckpointError, match="live writer"):
-            ckpt.copy(src, store_url)
+    with WriterLease(Store(store_url), what="a training run"), pytest.raises(ckpt.CheckpointError, match="live writer"):
+        ckpt.copy(src, store_url)
     assert ckpt.steps(store_url) == []
     ckpt.copy(src, store_url)  # the lease was released
     assert ckpt.steps(store_url) == [1]

@@ -8,6 +8,7 @@ import logging
 import uuid
 
 import pytest
+import torch
 from _tiers_util import corrupt, keys_of, make_state, same, train_step, weights
 
 import ckpt
@@ -116,11 +117,14 @@ def test_restore_of_a_step_missing_locally_reads_the_durable_tier(store_url, loc
 
 
 def test_the_durable_tier_has_one_writer(store_url, tmp_path):
-    with ckpt.Checkpointer(store_url, local=str(tmp_path / "a")):
+    with ckpt.Checkpointer(store_url, local=str(tmp_path / "a")) as first:
+        first.tiers.lease  # noqa: B018 - taken in the background: wait for it
+        second = ckpt.Checkpointer(store_url, local=str(tmp_path / "b"))
+        second.save({"x": torch.ones(2)}, step=1).wait()  # the local commit stands ...
         with pytest.raises(ckpt.CheckpointError, match="live writer"):
-            ckpt.Checkpointer(store_url, local=str(tmp_path / "b"))
-        # the refused one left no lease behind on its own local tier
-        ckpt.Checkpointer(str(tmp_path / "b")).close()
+            second.close()  # ... and nothing of it reaches the durable tier
+        assert ckpt.steps(store_url) == [] and ckpt.steps(str(tmp_path / "b")) == [1]
+    ckpt.Checkpointer(str(tmp_path / "b")).close()  # the refused one left no lease behind
 
 
 def test_resume_persists_the_final_step(store_url, local_url):
