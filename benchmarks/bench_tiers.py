@@ -23,6 +23,7 @@ Targets: local restore <= 0.3x S3 restore; loop overhead with a local tier <= S3
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -35,47 +36,85 @@ from benchmarks import common, report
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# A fresh process: build the state, restore it, check it, print READY <seconds restoring>.
+
+def restart(
+    mode: str, layers: int, width: int, local: str, durable: str, so: dict[str, Any], *, kill: bool = True
+) -> tuple[float, float, str | None]:
+    """What one fresh process does: build the objects, restore into them, check them.
+
+    ``mode`` "prepare" writes both tiers and DCP, then SIGKILLs itself (``kill``); "ckpt"
+    restores through ``Checkpointer(durable, local=local)``; "dcp" with ``dcp.load``.
+    Returns (restore seconds, build seconds, the first difference or None).
+    """
+    import ckpt
+
+    t0 = time.perf_counter()
+    w = common.mlp_workload(layers, width, repeats=1)
+    state = w.fresh()
+    t1 = time.perf_counter()
+    if mode == "prepare":
+        ck = ckpt.Checkpointer(durable, local=local, persist_every=1, storage_options=so)
+        ck.save(w.build(), step=1).wait()
+        assert ck.tiers is not None
+        ck.tiers.wait()
+        assert ckpt.latest_step(durable, storage_options=so) == 1
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+        from benchmarks.systems import _dcp_state
+
+        dcp.save(_dcp_state(w.build()), storage_writer=FsspecWriter(durable + "-dcp", **so))
+        if kill:
+            print("READY 0 0 ok", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        ck.close()
+        return 0.0, t1 - t0, None
+    if mode == "dcp":
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+        from benchmarks.systems import _dcp_apply, _dcp_state
+
+        sd = _dcp_state(state)
+        dcp.load(sd, storage_reader=FsspecReader(durable + "-dcp", **so))
+        _dcp_apply(state, sd)
+        t2 = time.perf_counter()
+    else:
+        ck = ckpt.Checkpointer(durable, local=local, storage_options=so)
+        ck.restore(state)
+        t2 = time.perf_counter()
+        if not kill:
+            ck.close()
+    return t2 - t1, t1 - t0, common.state_diff(w.build(), state)
+
+
+# A fresh process: restart(), then READY <restore s> <build s> <ok|difference>, and out at once
+# (what closing would do, persisting and releasing, is not part of "ready to train").
 _CHILD = r"""
-import os, sys, time, json
-t0 = time.perf_counter()
-mode, layers, width, local, durable, so = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], json.loads(sys.argv[6])
-import torch, ckpt
-from benchmarks import common
-w = common.mlp_workload(layers, width, repeats=1)
-state = w.fresh()
-t1 = time.perf_counter()
-if mode == "prepare":
-    ck = ckpt.Checkpointer(durable, local=local, persist_every=1, storage_options=so)
-    ck.save(w.build(), step=1).wait()
-    ck.tiers.wait()
-    assert ckpt.latest_step(durable, storage_options=so) == 1
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
-    from benchmarks.systems import _dcp_state
-    dcp.save(_dcp_state(w.build()), storage_writer=FsspecWriter(durable + "-dcp", **so))
-    print("READY 0", flush=True)
-    os.kill(os.getpid(), 9)
-if mode == "dcp":
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-    from benchmarks.systems import _dcp_apply, _dcp_state
-    sd = _dcp_state(state)
-    dcp.load(sd, storage_reader=FsspecReader(durable + "-dcp", **so))
-    _dcp_apply(state, sd)
-else:
-    ck = ckpt.Checkpointer(durable, local=local, storage_options=so)
-    info = ck.restore(state)
-t2 = time.perf_counter()
-problem = common.state_diff(w.build(), state)
-print(f"READY {t2 - t1:.4f} {t1 - t0:.4f} {'ok' if problem is None else problem}", flush=True)
-os._exit(0)  # ready to train: what closing would do (persist, release) is not timed
+import json, os, sys
+from benchmarks.bench_tiers import restart
+a = sys.argv
+restore_s, build_s, problem = restart(a[1], int(a[2]), int(a[3]), a[4], a[5], json.loads(a[6]))
+print(f"READY {restore_s:.4f} {build_s:.4f} {'ok' if problem is None else problem}", flush=True)
+os._exit(0)
 """
 
 
-def _fresh_process(mode: str, layers: int, width: int, local: str, durable: str, so: dict[str, Any]) -> dict[str, Any]:
+def _fresh_process(
+    mode: str, layers: int, width: int, local: str, durable: str, so: dict[str, Any], smoke: bool
+) -> dict[str, Any]:
     import json
 
+    if smoke:  # the harness, in this process: no interpreter start, no kill
+        t0 = time.perf_counter()
+        restore_s, build_s, problem = restart(mode, layers, width, local, durable, so, kill=False)
+        return {
+            "ready_s": time.perf_counter() - t0,
+            "restore_s": restore_s,
+            "setup_s": build_s,
+            "bit_exact": problem is None,
+            "wall_s": time.perf_counter() - t0,
+        }
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     t0 = time.perf_counter()
     proc = subprocess.Popen(
@@ -87,6 +126,7 @@ def _fresh_process(mode: str, layers: int, width: int, local: str, durable: str,
         cwd=ROOT,
     )
     ready = None
+    parts: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.startswith("READY"):
@@ -97,13 +137,12 @@ def _fresh_process(mode: str, layers: int, width: int, local: str, durable: str,
     proc.wait(120)
     if ready is None:
         raise RuntimeError(f"{mode} process failed ({proc.returncode}): {err[-2000:]}")
-    if mode == "prepare":
-        return {"wall_s": ready}
     return {
         "ready_s": ready,
         "restore_s": float(parts[1]),
         "setup_s": float(parts[2]),
         "bit_exact": parts[3].strip() == "ok",
+        "wall_s": ready,
     }
 
 
@@ -147,7 +186,7 @@ def run(
         so = server.storage_options
         durable = server.new_url(f"tiers-{uuid.uuid4().hex[:6]}")
         local = str(Path(workdir) / "local")
-        prep = _fresh_process("prepare", layers, width, local, durable, so)
+        prep = _fresh_process("prepare", layers, width, local, durable, so, smoke)
         log(f"prepared both tiers and DCP on S3, then SIGKILL ({prep['wall_s']:.1f}s)")
         restarts: dict[str, Any] = {}
         for name, mode, loc in (
@@ -155,25 +194,26 @@ def run(
             ("ckpt durable tier (S3)", "ckpt", str(Path(workdir) / "new-node")),
             ("dcp.load (S3, FsspecReader)", "dcp", local),
         ):
-            r = _fresh_process(mode, layers, width, loc, durable, so)
+            r = _fresh_process(mode, layers, width, loc, durable, so, smoke)
             restarts[name] = r
             log(
                 f"{name:30} ready to train {r['ready_s']:.2f}s (restore {r['restore_s']:.2f}s, "
                 f"start+build {r['setup_s']:.2f}s) {'bit-exact' if r['bit_exact'] else 'MISMATCH'}"
             )
         common.rmtree(Path(workdir) / "new-node")
-        steps = 50
+        steps = 10 if smoke else 50
+        persist = 10 if smoke else 50
         batch = 16
         loops: dict[str, Any] = {}
         configs: list[tuple[str, Callable[[Any], Any] | None]] = [
             ("no checkpoints", None),
             (
-                "local tier: every 5, persist every 50",
+                f"local tier: every 5, persist every {persist}",
                 lambda st: ckpt.Checkpointer(
                     server.new_url(f"loop-t-{uuid.uuid4().hex[:6]}"),
                     local=str(Path(workdir) / f"loop-{uuid.uuid4().hex[:6]}"),
                     every=5,
-                    persist_every=50,
+                    persist_every=persist,
                     storage_options=so,
                     state=st,
                 ),
@@ -185,9 +225,9 @@ def run(
                 ),
             ),
             (
-                "S3 directly: every 50",
+                f"S3 directly: every {persist}",
                 lambda st: ckpt.Checkpointer(
-                    server.new_url(f"loop-50-{uuid.uuid4().hex[:6]}"), every=50, storage_options=so, state=st
+                    server.new_url(f"loop-50-{uuid.uuid4().hex[:6]}"), every=persist, storage_options=so, state=st
                 ),
             ),
         ]
@@ -205,7 +245,7 @@ def run(
             common.rmtree(p)
     local_r = restarts["ckpt local tier"]
     s3_r = restarts["ckpt durable tier (S3)"]
-    tier_loop = loops["local tier: every 5, persist every 50"]["overhead_s"]
+    tier_loop = loops[f"local tier: every 5, persist every {persist}"]["overhead_s"]
     s3_loop = loops["S3 directly: every 5"]["overhead_s"]
     targets = [
         {
