@@ -133,19 +133,8 @@ def _quiet_stdout() -> None:
     os.dup2(devnull, sys.stdout.fileno())
 
 
-COMMANDS = [
-    ls_cmd,
-    show_cmd,
-    diff_cmd,
-    verify_cmd,
-    export_cmd,
-    import_cmd,
-    gc_cmd,
-    unlock_cmd,
-    plugins_cmd,
-    du_cmd,
-    cp_cmd,
-]
+COMMANDS = [ls_cmd, show_cmd, diff_cmd, verify_cmd, export_cmd, import_cmd, gc_cmd, unlock_cmd, plugins_cmd, du_cmd]
+COMMANDS += [cp_cmd]  # ckpt cp: ckpt.storage.copy
 
 
 if __name__ == "__main__":  # pragma: no cover
