@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # the names as type checkers see them; at run time they load 
     from ckpt.state.adapters import Adapter, AdapterRegistry
     from ckpt.state.dataloader import track
     from ckpt.state.torch_adapters import RNG
+    from ckpt.storage.copy import copy
     from ckpt.storage.manifest import ChunkRef, Manifest, TensorEntry
     from ckpt.types import CheckpointInfo, SaveStats
     from ckpt.version import __version__
@@ -64,6 +65,7 @@ _LAZY = {
     **dict.fromkeys(("Adapter", "AdapterRegistry"), "ckpt.state.adapters"),
     "track": "ckpt.state.dataloader",
     "RNG": "ckpt.state.torch_adapters",
+    "copy": "ckpt.storage.copy",
     **dict.fromkeys(("ChunkRef", "Manifest", "TensorEntry"), "ckpt.storage.manifest"),
     **dict.fromkeys(("CheckpointInfo", "SaveStats"), "ckpt.types"),
     "__version__": "ckpt.version",
@@ -97,6 +99,8 @@ def _import(module: str) -> Any:
         import ckpt.state.dataloader
     elif module == "ckpt.state.torch_adapters":
         import ckpt.state.torch_adapters
+    elif module == "ckpt.storage.copy":
+        import ckpt.storage.copy
     elif module == "ckpt.storage.manifest":
         import ckpt.storage.manifest
     elif module == "ckpt.types":
@@ -135,6 +139,7 @@ __all__ = [
     "UnknownCodecError",
     "UnsupportedValueError",
     "__version__",
+    "copy",
     "hookimpl",
     "latest_step",
     "load",

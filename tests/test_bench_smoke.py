@@ -112,3 +112,27 @@ def test_frameworks_section_runs_each_framework_against_its_plugin(tmp_path):
         data = json.loads((tmp_path / f"{name}.json").read_text())
         assert data["section"] == name and data["smoke"] is True
         assert (tmp_path / f"{name}.md").read_text().strip()
+
+
+def test_tiers_section_restarts_from_each_tier_and_times_the_loop(tmp_path):
+    """Restart from the local tier, from S3 (moto) and with dcp.load; loop overhead; tiny sizes."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--smoke", "--section", "tiers", "--out", str(tmp_path)]
+        + ["--workdir", str(work)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    data = json.loads((tmp_path / "tiers.json").read_text())
+    assert data["section"] == "tiers" and data["smoke"] is True
+    assert len(data["restarts"]) == 3 and all(r["bit_exact"] and r["restore_s"] > 0 for r in data["restarts"].values())
+    assert len(data["loops"]) == 4 and all(r["loop_s"] > 0 for r in data["loops"].values())
+    assert len(data["targets"]) == 3 and all(isinstance(t["pass"], bool) for t in data["targets"])
+    assert "PASS" in (tmp_path / "tiers.md").read_text() or "FAIL" in (tmp_path / "tiers.md").read_text()
+    assert list(work.iterdir()) == [], "the benchmark left checkpoints behind"

@@ -23,6 +23,7 @@ from typing import Any
 import click
 
 from ckpt.cli.common import EXIT_CORRUPT, EXIT_HELP, EXIT_OK, EXIT_USAGE
+from ckpt.cli.cp import cp_cmd
 from ckpt.cli.inspect import diff_cmd, ls_cmd, show_cmd, verify_cmd
 from ckpt.cli.maintenance import du_cmd, gc_cmd, plugins_cmd, unlock_cmd
 from ckpt.cli.transfer import export_cmd, import_cmd
@@ -133,6 +134,7 @@ def _quiet_stdout() -> None:
 
 
 COMMANDS = [ls_cmd, show_cmd, diff_cmd, verify_cmd, export_cmd, import_cmd, gc_cmd, unlock_cmd, plugins_cmd, du_cmd]
+COMMANDS += [cp_cmd]  # ckpt cp: ckpt.storage.copy
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -74,6 +74,11 @@ class Reader:
         # without a stored size, past what any codec chain makes of the raw size).
         expected = ref.stored if ref.stored >= 0 else max_encoded_size(ref.size)
         payload = self.store.get_object(ref.key, what=what, limit=expected + 1)
+        self.check_payload(ref, payload, out, what=what)
+
+    def check_payload(self, ref: ChunkRef, payload: bytes, out: memoryview, *, what: str) -> None:
+        """Decode ``payload`` (object ``ref.key`` as fetched) into ``out`` and verify its hash."""
+        expected = ref.stored if ref.stored >= 0 else max_encoded_size(ref.size)
         if len(payload) > expected or (ref.stored >= 0 and len(payload) != ref.stored):
             has = f"more than {expected}" if len(payload) > expected else str(len(payload))
             raise CorruptCheckpointError(

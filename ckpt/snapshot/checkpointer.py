@@ -39,6 +39,7 @@ from ckpt.storage import retention
 from ckpt.storage.commit import latest_for_save, load_manifest, new_run_id
 from ckpt.storage.manifest import Manifest, check_step
 from ckpt.storage.store import Store
+from ckpt.storage.tiers import Tiers
 from ckpt.storage.writer_lease import WriterLease
 from ckpt.types import CheckpointInfo
 
@@ -99,6 +100,13 @@ class Checkpointer:
     :param take_over: take the store's writer lease even from a live holder (operators only;
         default ``CKPT_WRITER_TAKE_OVER``).
     :param preempt_exit_code: exit status after a preemption's save has committed (0).
+    :param local: a fast local tier (a path, ``/dev/shm/...``, ``memory://...``): every save
+        commits there and ``url`` becomes the durable tier, which receives copies
+        (:mod:`ckpt.storage.tiers`); ``keep_last``/``keep_every`` then apply to the durable tier.
+    :param persist_every: with ``local``, copy steps divisible by this to ``url`` in the
+        background (None: only the newest, on close, at the end of ``resume`` and on preemption).
+    :param local_keep_last: checkpoints kept on the local tier (2).
+    :param local_storage_options: fsspec options of the local tier.
     :param preempt_deadline: seconds after a preemption signal by which the process exits even
         if the save has not committed, with status 128 + the signal number (default
         ``CKPT_PREEMPT_DEADLINE_SECONDS``, 60; 0 turns it off).
@@ -125,6 +133,10 @@ class Checkpointer:
         preempt_exit_code: int = 0,
         take_over: bool | None = None,
         preempt_deadline: float | None = None,
+        local: str | None = None,
+        persist_every: int | None = None,
+        local_keep_last: int | None = 2,
+        local_storage_options: dict[str, Any] | None = None,
     ) -> None:
         if every is not None and (not isinstance(every, int) or every < 1):
             raise CheckpointError(f"every must be a positive int, got {every!r}")
@@ -132,7 +144,21 @@ class Checkpointer:
             raise CheckpointError(f"if_busy must be 'wait' or 'skip', got {if_busy!r}")
         if on_error not in ("raise", "warn"):
             raise CheckpointError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
-        self.store = Store(url, storage_options)
+        #: the durable tier behind a local one (``local=``; see :mod:`ckpt.storage.tiers`)
+        self.tiers: Tiers | None = None
+        if local is not None:
+            self.tiers = Tiers(
+                Store(local, local_storage_options),
+                Store(url, storage_options),
+                persist_every=persist_every,
+                local_keep_last=local_keep_last,
+                keep_last=keep_last,
+                keep_every=keep_every,
+                take_over=take_over,
+            )
+            self.store = self.tiers.local.store  # every save commits there
+        else:
+            self.store = Store(url, storage_options)
         self.url = self.store.url
         self.every = every
         self.keep_last = keep_last
@@ -147,7 +173,12 @@ class Checkpointer:
         self._state = state
         self._plugins = get_plugins()
         # first: a refused lease must leave no threads or buffers behind
-        self._writer = WriterLease(self.store, take_over=take_over, what="Checkpointer")
+        try:
+            self._writer = WriterLease(self.store, take_over=take_over, what="Checkpointer")
+        except BaseException:
+            if self.tiers is not None:
+                self.tiers.close(persist=False)
+            raise
         self._pool = HostPool(max_host_memory)
         self._threads = Background()
         self._lock = threading.Lock()
@@ -340,6 +371,13 @@ class Checkpointer:
         except CheckpointError as exc:  # the commit stands; the next save raises it
             log.error("after committing step %d to %s: %s", info.step, self.url, exc)
             return
+        if self.tiers is not None:  # persist when due; per-tier retention
+            try:
+                self.tiers.committed(info.step, protect=self._pinned(), writer=self._writer)
+            except CheckpointError as exc:  # the local commit stands; the next save raises it
+                log.error("after committing step %d to %s: %s", info.step, self.url, exc)
+                self._fail(info.step, exc)
+            return
         if self.keep_last is None and self.keep_every is None:
             return
         protect = {s for s in (self._restored_step, info.step) if s is not None}
@@ -376,6 +414,10 @@ class Checkpointer:
             self._hook.remove()
             self._threads.shutdown()
             self._pool.clear()
+            if self.tiers is not None:  # the newest local checkpoint goes to the durable tier
+                err = self.tiers.close()
+                if err is not None and raise_errors and self._pending_error is None:
+                    self._pending_error = err
             try:
                 self._writer.release()
             except CheckpointError as exc:  # a dead lease is taken over at once: nothing is blocked
@@ -398,7 +440,12 @@ class Checkpointer:
             state = self._state
             if state is None:
                 raise CheckpointError("Checkpointer.restore() needs a state")
-        if step is None:
+        if self.tiers is not None:  # the newest intact checkpoint of either tier
+            live = state
+            info, manifest, _tier = self.tiers.restore(
+                lambda store, m: restore_manifest(store, self._plugins, m, live), step
+            )
+        elif step is None:
             info, manifest = restore_latest(self.store, self._plugins, state)
         else:
             manifest = load_manifest(self.store, step)

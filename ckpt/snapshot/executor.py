@@ -56,6 +56,11 @@ def lower_priority(nice: int) -> None:
         log.debug("cannot lower the priority of %s: %s", threading.current_thread().name, exc)
 
 
+def serial_pool(name: str) -> ThreadPoolExecutor:
+    """One background thread that runs its jobs in order (the tiers' persisting copies)."""
+    return ThreadPoolExecutor(1, thread_name_prefix=name)
+
+
 class Background:
     """The Checkpointer's threads: one that runs each save's commit in order, and an I/O pool
     at lower priority (``CKPT_BACKGROUND_NICE``) for its encode and write work."""

@@ -1,0 +1,289 @@
+"""Copying checkpoints between stores: ``ckpt.copy`` and ``ckpt cp``, and the tiers' persist step.
+
+A copy keeps the storage contract of the destination: the objects it lacks (delta bases
+included) are fetched from the source, decoded and verified against their hash (the
+reader's own check, :meth:`ckpt.io.reader.Reader.check_payload`), then written as they
+were stored; then the manifest; then ``refs/latest``. Objects the destination holds are
+not moved again, so a second copy of a run whose weights are frozen moves only what
+changed, and a copy interrupted at any instant is completed by running it again (every
+object is one atomic write, and a checkpoint without its manifest does not exist).
+
+The source is untrusted: its manifests are validated (:func:`ckpt.storage.lineage.parse_manifest`)
+before anything is fetched, object keys are checked by the store, and reads are bounded by
+the recorded sizes. A copy holds the destination's writer lease
+(:class:`~ckpt.storage.writer_lease.WriterLease`) while it writes: a live writer there
+refuses it.
+
+Lineage in the destination: ``parent`` and ``run`` are kept as the source recorded them;
+``seq`` is the destination's own commit order. A copied checkpoint becomes the
+destination's latest (one more than its highest seq, and the ref names it) unless it is
+older, in the source's commit order, than the destination's latest; then it is written
+without a seq, which orders it before every sequenced commit (see
+:func:`ckpt.storage.lineage.order_key`), and the ref is left alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ckpt.codecs.base import CodecRegistry, max_encoded_size
+from ckpt.codecs.delta import chunk_records
+from ckpt.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
+from ckpt.io.reader import Reader
+from ckpt.snapshot.executor import io_pool, wait_all
+from ckpt.storage.lineage import find_latest, order_key, parse_manifest, read_lineage
+from ckpt.storage.manifest import ChunkRef, Manifest, check_step
+from ckpt.storage.store import Store
+from ckpt.storage.writer_lease import WriterLease
+from ckpt.types import CheckpointInfo
+
+log = logging.getLogger("ckpt")
+
+#: ``progress(advance, total)``: stored bytes copied so far, and the total to copy
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class CopyStats:
+    """What one copy moved."""
+
+    #: checkpoints whose manifest was written to the destination
+    checkpoints: int = 0
+    #: checkpoints the destination already held as in the source
+    already: int = 0
+    #: objects fetched, verified and written
+    objects: int = 0
+    #: stored (encoded) bytes of those objects
+    bytes: int = 0
+    #: objects the destination already held (not moved)
+    skipped: int = 0
+
+
+@dataclass(frozen=True)
+class CopyResult:
+    #: the newest checkpoint copied (or already there), as the destination holds it
+    info: CheckpointInfo
+    stats: CopyStats
+
+
+def copy(
+    src_url: str,
+    dst_url: str,
+    *,
+    step: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+    dst_storage_options: dict[str, Any] | None = None,
+) -> CheckpointInfo:
+    """Copy checkpoint ``step`` (every checkpoint when None) of ``src_url`` to ``dst_url``.
+
+    Only what the destination lacks is moved; what is moved is verified first; the commit
+    order is objects, manifest, ref. Safe to interrupt and run again. Returns the info of
+    the newest checkpoint copied, as the destination holds it.
+
+    :raises CheckpointError: a source manifest or object is malformed, missing or fails
+        verification (nothing of that checkpoint is committed), or the destination has a
+        live writer.
+    """
+    return copy_stores(Store(src_url, storage_options), Store(dst_url, dst_storage_options), step=step).info
+
+
+def copy_stores(
+    src: Store,
+    dst: Store,
+    *,
+    step: int | None = None,
+    steps: Iterable[int] | None = None,
+    lease: WriterLease | None = None,
+    progress: Progress | None = None,
+    codecs: CodecRegistry | None = None,
+    as_latest: bool | None = None,
+) -> CopyResult:
+    """:func:`copy` between open stores, with what it moved.
+
+    :param steps: copy these steps (in the source's commit order) instead of one or all.
+    :param lease: the destination's writer lease, held by the caller (the tiers' persister);
+        without one the copy takes it for its duration.
+    :param as_latest: True: every copied checkpoint becomes the destination's latest (the
+        writing run persisting its own checkpoints); None: decided as the module says.
+    """
+    if codecs is None:
+        from ckpt.hooks.manager import get_plugins
+
+        codecs = get_plugins(adapters=False).codecs
+    manifests = _source_manifests(src, step, steps)
+    if lease is not None:
+        return _copy_all(src, dst, manifests, lease, progress, codecs, as_latest)
+    with WriterLease(dst, what=f"ckpt copy from {src.url}") as own:
+        return _copy_all(src, dst, manifests, own, progress, codecs, as_latest)
+
+
+def _source_manifests(src: Store, step: int | None, steps: Iterable[int] | None) -> list[Manifest]:
+    """The validated source manifests to copy, oldest commit first."""
+    if step is not None or steps is not None:
+        wanted = [check_step(step)] if step is not None else [check_step(s) for s in steps or ()]
+        out = [parse_manifest(src.read_manifest(s), s, src.url) for s in dict.fromkeys(wanted)]
+        return sorted(out, key=order_key)
+    lineage, good = read_lineage(src)
+    if lineage.unreadable:
+        bad = "; ".join(f"step {s}: {why}" for s, why in sorted(lineage.unreadable.items()))
+        raise CorruptCheckpointError(f"cannot copy every checkpoint of {src.url}: unreadable manifests: {bad}")
+    if not good:
+        raise NoCheckpointError(f"no checkpoint in {src.url} to copy")
+    return sorted(good.values(), key=order_key)
+
+
+def _records(manifest: Manifest) -> dict[str, ChunkRef]:
+    """Every object ``manifest`` needs, by key: its chunks and their delta bases."""
+    out: dict[str, ChunkRef] = {}
+    for ref in manifest.chunk_refs():
+        for rec in chunk_records(ref.to_json()):
+            try:
+                chunk = ChunkRef.from_json(rec)
+            except (KeyError, TypeError, ValueError) as exc:  # a validated manifest never gets here
+                raise CorruptCheckpointError(
+                    f"step {manifest.step}: malformed parent record {str(rec)[:200]}: {exc}"
+                ) from None
+            out.setdefault(chunk.key, chunk)
+    return out
+
+
+def _same(a: Manifest, b: Manifest) -> bool:
+    """Whether two manifests hold the same checkpoint (whatever their commit sequences)."""
+    keep = ("seq", "stored_bytes")
+    da = {f.name: getattr(a, f.name) for f in dataclasses.fields(a) if f.name not in keep}
+    db = {f.name: getattr(b, f.name) for f in dataclasses.fields(b) if f.name not in keep}
+    return da == db
+
+
+def _copy_all(
+    src: Store,
+    dst: Store,
+    manifests: list[Manifest],
+    lease: WriterLease,
+    progress: Progress | None,
+    codecs: CodecRegistry,
+    as_latest: bool | None,
+) -> CopyResult:
+    stats = CopyStats()
+    try:
+        present = {o.key for o in dst.list_objects()}
+    except CheckpointError as exc:  # a listing is an optimisation: ask object by object instead
+        log.warning("cannot list the objects of %s (%s): checking each one", dst.url, exc)
+        present = None
+    src_order = {m.step: order_key(m) for m in manifests}
+    newest: CheckpointInfo | None = None
+    reader = Reader(src, codecs)
+    # what every copied checkpoint still needs (an estimate for the progress bar only)
+    todo = {k: r for m in manifests for k, r in _records(m).items() if present is None or k not in present}
+    total = sum(max(r.stored, 0) for r in todo.values())
+    lock = threading.Lock()
+    with io_pool("ckpt-copy") as pool:
+        for manifest in manifests:
+            existing = _existing(dst, manifest.step)
+            if existing is not None and _same(existing, manifest):
+                stats.already += 1
+                newest = CheckpointInfo.from_manifest(existing, dst.url)
+                continue
+            lease.protect([*lease.protected, manifest.step], in_flight=manifest.step)
+            needed = _records(manifest)
+
+            def one(ref: ChunkRef, manifest: Manifest = manifest) -> None:
+                if present is not None and ref.key in present:
+                    with lock:
+                        stats.skipped += 1
+                    return
+                if present is None and dst.has_object(ref.key):
+                    with lock:
+                        stats.skipped += 1
+                    return
+                moved = _copy_object(src, dst, reader, ref, f"step {manifest.step} of {src.url}")
+                with lock:
+                    stats.objects += 1
+                    stats.bytes += moved
+                    if present is not None:
+                        present.add(ref.key)
+                if progress is not None:
+                    progress(moved, total)
+
+            wait_all([pool.submit(one, r) for r in needed.values()])
+            committed = _commit_copy(dst, manifest, lease, src_order, as_latest)
+            stats.checkpoints += 1
+            newest = CheckpointInfo.from_manifest(committed, dst.url)
+    assert newest is not None  # manifests is never empty
+    log.info(
+        "copied %s -> %s: %d checkpoint(s) (%d already there), %d objects, %d bytes (%d objects already there)",
+        src.url,
+        dst.url,
+        stats.checkpoints,
+        stats.already,
+        stats.objects,
+        stats.bytes,
+        stats.skipped,
+    )
+    return CopyResult(newest, stats)
+
+
+def _existing(dst: Store, step: int) -> Manifest | None:
+    try:
+        return parse_manifest(dst.read_manifest(step), step, dst.url)
+    except NoCheckpointError:
+        return None
+    except CorruptCheckpointError as exc:  # a damaged copy of ours: replaced by this one
+        log.warning("step %d of %s is unreadable (%s): copying it again", step, dst.url, exc)
+        return None
+
+
+def _copy_object(src: Store, dst: Store, reader: Reader, ref: ChunkRef, what: str) -> int:
+    """Fetch object ``ref``, verify it, write it to ``dst`` as stored; returns its stored size."""
+    expected = ref.stored if ref.stored >= 0 else max_encoded_size(ref.size)
+    payload = src.get_object(ref.key, what=what, limit=expected + 1)
+    # bounded by the manifest: at most one chunk's raw bytes per worker
+    reader.check_payload(ref, payload, memoryview(bytearray(ref.size)), what=what)
+    dst.put_object(ref.key, payload)
+    return len(payload)
+
+
+def _commit_copy(
+    dst: Store,
+    manifest: Manifest,
+    lease: WriterLease,
+    src_order: dict[int, tuple[int, int, int]],
+    as_latest: bool | None,
+) -> Manifest:
+    """Write ``manifest`` to ``dst`` after its objects (which are durable by now)."""
+    latest = find_latest(dst)
+    current = latest.manifest
+    if as_latest is None:
+        # older than the destination's latest in the source's own order: never its latest
+        older = (
+            current is not None
+            and current.step != manifest.step
+            and (
+                (current.step in src_order and src_order[current.step] > order_key(manifest))
+                or (current.run == manifest.run and current.run != "" and current.step > manifest.step)
+            )
+        )
+        as_latest = not older
+    if as_latest:
+        out = dataclasses.replace(manifest, seq=latest.top_seq + 1)
+        lease.check()  # a writer that lost the store must not commit over the new one
+        dst.commit(out.step, out.to_json_bytes(), seq=out.seq)
+    else:
+        out = dataclasses.replace(manifest, seq=None)
+        lease.check()
+        dst.sync_dirs()
+        dst.write(dst.manifest_path(out.step), out.to_json_bytes())
+        dst.sync_dirs()
+        log.info(
+            "step %d copied to %s without becoming its latest (step %s is newer)",
+            out.step,
+            dst.url,
+            current and current.step,
+        )
+    lease.protect([s for s in lease.protected if s != out.step] + [out.step])
+    return out

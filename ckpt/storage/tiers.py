@@ -1,0 +1,379 @@
+"""Two tiers: a fast local store that takes every save, a durable store that receives copies.
+
+``Checkpointer(url, local=LOCAL_URL, persist_every=K)`` commits every save to the local
+tier (node-local disk, ``/dev/shm``, ``memory://``); :class:`Tiers` then copies each
+checkpoint whose step is divisible by ``K`` to the durable tier ``url`` in the background
+(:func:`ckpt.storage.copy.copy_stores`: missing objects, manifest, ref), and the newest
+local checkpoint once more when the Checkpointer closes (the end of ``resume``, a
+preemption). Persisting never holds training up: while one copy runs, a newer request
+replaces an older waiting one (logged), so the durable tier lags by at most one copy.
+
+Restore takes the newest checkpoint across both tiers that is complete and verifies. The
+tiers' latest checkpoints are ranked by their ``created`` time (a copy keeps it; the step
+breaks ties, then the local tier wins as the faster one); a candidate whose manifest or
+objects are missing or corrupt is passed over for the next (the tier's older intact
+checkpoints on its line, or the other tier), and every such decision is logged naming
+the tier and why. ``created`` rather than the commit sequence ranks them because the two
+stores number their commits independently; it also makes a stale local tier left by an
+older run lose to a newer durable one, and a rollback (restore 20, save 21) win over the
+abandoned higher steps.
+
+Retention is per tier (:func:`ckpt.storage.retention.prune`): ``local_keep_last`` (2) on
+the local tier, never dropping a checkpoint that is waiting to be persisted, and
+``keep_last``/``keep_every`` on the durable tier after each copy. The durable tier's
+writer lease is held from construction to :meth:`Tiers.close`. It is taken on the tiers'
+background thread, so that a restart from the local tier does not wait for the round
+trips (and the settling wait) of taking a lease on an object store: a second run writing
+to the same durable URL is refused at its first save (:meth:`Tiers.committed` raises),
+before it persists anything.
+
+Many ranks (hook points; the collective part is the distributed branch's): each rank's
+local tier holds what that rank wrote (its per-rank objects and, on the coordinator, the
+manifest). :meth:`Tiers.persist_now` is the one place that moves a checkpoint; with a
+process group each rank copies the objects it wrote (``copy_stores`` with its own
+``steps``), a barrier follows, and the coordinator alone commits the manifest and holds
+the durable lease. :meth:`Tiers.restore` is where a rank whose local tier lacks its shards
+reads them from the durable tier while the others read locally (the choice of the
+checkpoint must then be agreed on by all ranks, e.g. the minimum of every rank's newest
+intact step). Single-process runs are complete today.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import heapq
+import itertools
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from ckpt.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
+from ckpt.snapshot.executor import serial_pool
+from ckpt.storage import retention
+from ckpt.storage.copy import CopyResult, copy_stores
+from ckpt.storage.lineage import find_latest, parse_manifest, read_lineage
+from ckpt.storage.manifest import Manifest
+from ckpt.storage.store import Store
+from ckpt.storage.writer_lease import WriterLease
+from ckpt.types import CheckpointInfo
+
+log = logging.getLogger("ckpt")
+
+#: ``restore(store, manifest) -> info``: loads one checkpoint into the live objects, all or nothing
+RestoreFn = Callable[[Store, Manifest], CheckpointInfo]
+
+
+def _created(manifest: Manifest) -> float:
+    try:
+        stamp = _dt.datetime.strptime(manifest.created, "%Y-%m-%dT%H:%M:%S.%fZ")
+    except ValueError:
+        try:
+            stamp = _dt.datetime.fromisoformat(manifest.created.replace("Z", "+00:00")).replace(tzinfo=None)
+        except ValueError:
+            return 0.0
+    return stamp.replace(tzinfo=_dt.timezone.utc).timestamp()
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str  # "local" or "durable"
+    store: Store
+    rank: int  # 0 for the faster tier: wins ties
+
+
+class Tiers:
+    """The local and durable tiers of one Checkpointer (see the module docstring).
+
+    :param local: the local tier, where every save commits (the Checkpointer writes it).
+    :param durable: the durable tier.
+    :param persist_every: persist steps divisible by this (None: only on close).
+    :param local_keep_last: checkpoints kept on the local tier (None: all).
+    :param keep_last: / :param keep_every: retention of the durable tier.
+    """
+
+    def __init__(
+        self,
+        local: Store,
+        durable: Store,
+        *,
+        persist_every: int | None,
+        local_keep_last: int | None = 2,
+        keep_last: int | None = None,
+        keep_every: int | None = None,
+        take_over: bool | None = None,
+    ) -> None:
+        if persist_every is not None and (
+            isinstance(persist_every, bool) or not isinstance(persist_every, int) or persist_every < 1
+        ):
+            raise CheckpointError(f"persist_every must be a positive int, got {persist_every!r}")
+        if local.url == durable.url:
+            raise CheckpointError(f"the local tier and the durable tier are the same store: {local.url}")
+        retention.retained([], keep_last=local_keep_last)  # validates
+        self.local = Tier("local", local, 0)
+        self.durable = Tier("durable", durable, 1)
+        self.persist_every = persist_every
+        self.local_keep_last = local_keep_last
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+        self._pool: ThreadPoolExecutor = serial_pool("ckpt-tiers")
+        self._lease: Future[WriterLease] = self._pool.submit(
+            WriterLease, durable, take_over=take_over, what="Checkpointer (durable tier)"
+        )
+        self._lock = threading.Lock()
+        self._running: int | None = None
+        self._waiting: int | None = None
+        self._future: Future[None] | None = None
+        #: steps this session persisted, and the outcome of the last copy
+        self.persisted: list[int] = []
+        self.errors: list[CheckpointError] = []
+        self._newest_local: int | None = None
+
+    @property
+    def lease(self) -> WriterLease:
+        """The durable tier's writer lease (waits for it to be taken).
+
+        :raises CheckpointError: another live writer holds the durable tier.
+        """
+        return self._lease.result()
+
+    # -- persisting --------------------------------------------------------------------
+    def pinned(self) -> set[int]:
+        """Local steps that must not be pruned: waiting for or being copied."""
+        with self._lock:
+            return {s for s in (self._running, self._waiting) if s is not None}
+
+    def committed(self, step: int, *, protect: Iterable[int], writer: WriterLease) -> None:
+        """After step ``step`` committed to the local tier: persist it when due, prune locally.
+
+        :raises CheckpointError: the durable tier has another live writer.
+        """
+        self.lease  # noqa: B018 - refused: raised here, at the first save
+        self._newest_local = step
+        if self.persist_every is not None and step % self.persist_every == 0:
+            self.persist_async(step)
+        if self.local_keep_last is None:
+            return
+        keep = {step, *protect, *self.pinned()}
+        try:
+            retention.prune(self.local.store, keep_last=self.local_keep_last, protect=keep, writer=writer)
+        except CheckpointError as exc:  # housekeeping: the commit stands
+            log.warning("pruning the local tier %s after step %d failed: %s", self.local.store.url, step, exc)
+
+    def persist_async(self, step: int) -> None:
+        """Copy ``step`` to the durable tier in the background (replacing a waiting older request)."""
+        with self._lock:
+            if self._waiting is not None:
+                log.warning(
+                    "persisting step %d to %s skipped: step %d is newer and the durable tier is still busy",
+                    self._waiting,
+                    self.durable.store.url,
+                    step,
+                )
+                self._waiting = step
+                return
+            self._waiting = step
+            self._future = self._pool.submit(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            step, self._waiting = self._waiting, None
+            self._running = step
+        try:
+            if step is not None:
+                self.persist_now(step)
+        except CheckpointError as exc:
+            self.errors.append(exc)
+            log.error("persisting step %s to the durable tier %s failed: %s", step, self.durable.store.url, exc)
+        finally:
+            with self._lock:
+                self._running = None
+
+    def persist_now(self, step: int) -> CopyResult:
+        """Copy local step ``step`` to the durable tier (what it lacks), then prune the durable tier."""
+        result = copy_stores(self.local.store, self.durable.store, step=step, lease=self.lease, as_latest=True)
+        self.persisted.append(step)
+        log.info(
+            "persisted step %d from %s to %s (%d objects, %d bytes moved; %d already there)",
+            step,
+            self.local.store.url,
+            self.durable.store.url,
+            result.stats.objects,
+            result.stats.bytes,
+            result.stats.skipped,
+        )
+        self.lease.committed(step)
+        if self.keep_last is not None or self.keep_every is not None:
+            try:
+                retention.prune(
+                    self.durable.store,
+                    keep_last=self.keep_last,
+                    keep_every=self.keep_every,
+                    protect={step},
+                    writer=self.lease,
+                )
+            except CheckpointError as exc:
+                log.warning("pruning the durable tier %s after step %d failed: %s", self.durable.store.url, step, exc)
+        return result
+
+    def wait(self) -> None:
+        """Wait for the background copies (their errors are logged and kept in :attr:`errors`)."""
+        while True:
+            fut = self._future
+            if fut is None:
+                return
+            fut.result()
+            with self._lock:
+                if self._future is fut and self._waiting is None:
+                    return
+
+    def close(self, *, persist: bool = True) -> CheckpointError | None:
+        """Finish the background copies, persist the newest local checkpoint, release the lease.
+
+        Returns the error of that last copy (the local checkpoint stands either way)."""
+        err: CheckpointError | None = None
+        try:
+            self.wait()
+            self._pool.shutdown(wait=True)
+            # the last local commit, or the local checkpoint restored (a crash may have kept it
+            # from the durable tier); not whatever else the local tier holds
+            newest = self._newest_local
+            try:
+                if not persist:
+                    return None
+                if newest is not None and (not self.persisted or self.persisted[-1] != newest):
+                    self.persist_now(newest)
+            except CheckpointError as exc:
+                err = exc
+                self.errors.append(exc)
+                log.error(
+                    "persisting the newest local checkpoint (step %s) to %s failed: %s",
+                    newest,
+                    self.durable.store.url,
+                    exc,
+                )
+        finally:
+            try:
+                if self._lease.exception() is None:
+                    self._lease.result().release()
+            except CheckpointError as exc:
+                log.warning("releasing the writer lease of %s failed: %s", self.durable.store.url, exc)
+        return err
+
+    # -- restoring ---------------------------------------------------------------------
+    def restore(self, restore_fn: RestoreFn, step: int | None = None) -> tuple[CheckpointInfo, Manifest, str]:
+        """Restore the newest checkpoint across the tiers that is complete and verifies
+        (``step``: that step, from the first tier holding an intact copy).
+
+        Returns its info, its manifest and the name of the tier it came from.
+        :raises NoCheckpointError: neither tier holds a checkpoint (of ``step``).
+        :raises CorruptCheckpointError: none that the tiers hold is intact (all named).
+        """
+        tiers = (self.local, self.durable)
+        if step is not None:
+            return self._restore_step(restore_fn, step, tiers)
+        heap: list[tuple[float, int, int, int, Manifest]] = []
+        empty: list[str] = []
+        why: list[str] = []
+        held = False
+        for tier in tiers:
+            try:
+                latest = find_latest(tier.store)
+            except CheckpointError as exc:
+                why.append(f"{tier.name} tier {tier.store.url}: {exc}")
+                log.warning("restore: the %s tier %s cannot be read (%s)", tier.name, tier.store.url, exc)
+                continue
+            if latest.manifest is None:
+                held = held or bool(latest.skipped)
+                reason = "holds no readable checkpoint" if latest.skipped else "holds no checkpoint"
+                log.info("restore: the %s tier %s %s", tier.name, tier.store.url, reason)
+                empty.append(f"the {tier.name} tier {tier.store.url} {reason}")
+                if latest.skipped:
+                    why.append(f"{tier.name} tier {tier.store.url}: {reason}")
+                continue
+            held = True
+            _push(heap, tier, latest.manifest)
+        expanded: set[str] = set()
+        first = True
+        while heap:
+            _key, _step, index, _n, manifest = heapq.heappop(heap)
+            tier = tiers[index]
+            if not first:
+                log.warning(
+                    "restore: falling back to step %d of the %s tier %s", manifest.step, tier.name, tier.store.url
+                )
+            first = False
+            try:
+                info = restore_fn(tier.store, manifest)
+            except CorruptCheckpointError as exc:
+                why.append(f"step {manifest.step} of the {tier.name} tier: {exc}")
+                log.warning(
+                    "restore: step %d of the %s tier %s is missing data or corrupt (%s)",
+                    manifest.step,
+                    tier.name,
+                    tier.store.url,
+                    exc,
+                )
+                if tier.name not in expanded:
+                    expanded.add(tier.name)
+                    self._push_older(heap, tier, manifest.step)
+                continue
+            if tier.rank and (empty or why):
+                log.warning(
+                    "restored step %d from the %s tier %s: %s",
+                    manifest.step,
+                    tier.name,
+                    tier.store.url,
+                    "; ".join(empty + why),
+                )
+            else:
+                log.info("restored step %d from the %s tier %s", manifest.step, tier.name, tier.store.url)
+            self._newest_local = manifest.step if tier is self.local else None
+            return info, manifest, tier.name
+        if not held:
+            raise NoCheckpointError(f"no checkpoint in {self.local.store.url} or {self.durable.store.url}")
+        raise CorruptCheckpointError("no intact checkpoint in either tier: " + "; ".join(why))
+
+    def _push_older(self, heap: list[Any], tier: Tier, below: int) -> None:
+        try:
+            lineage, manifests = read_lineage(tier.store)
+        except CheckpointError as exc:
+            log.warning("restore: cannot read the lineage of the %s tier %s (%s)", tier.name, tier.store.url, exc)
+            return
+        for older in lineage.before(below):
+            if older in manifests:
+                _push(heap, tier, manifests[older])
+
+    def _restore_step(
+        self, restore_fn: RestoreFn, step: int, tiers: tuple[Tier, ...]
+    ) -> tuple[CheckpointInfo, Manifest, str]:
+        why: list[str] = []
+        corrupt = False
+        for tier in tiers:
+            try:
+                manifest = parse_manifest(tier.store.read_manifest(step), step, tier.store.url)
+                info = restore_fn(tier.store, manifest)
+            except NoCheckpointError as exc:
+                why.append(f"{tier.name} tier: {exc}")
+                log.info("restore: step %d is not in the %s tier %s", step, tier.name, tier.store.url)
+                continue
+            except CorruptCheckpointError as exc:
+                corrupt = True
+                why.append(f"{tier.name} tier: {exc}")
+                log.warning("restore: step %d of the %s tier %s is damaged (%s)", step, tier.name, tier.store.url, exc)
+                continue
+            log.info("restored step %d from the %s tier %s", step, tier.name, tier.store.url)
+            self._newest_local = manifest.step if tier is self.local else None
+            return info, manifest, tier.name
+        kind = CorruptCheckpointError if corrupt else NoCheckpointError
+        raise kind(f"no intact copy of step {step} in either tier: " + "; ".join(why))
+
+
+_ORDER = itertools.count()
+
+
+def _push(heap: list[Any], tier: Tier, manifest: Manifest) -> None:
+    # a min-heap: newest created first, then the higher step, then the faster tier
+    heapq.heappush(heap, (-_created(manifest), -manifest.step, tier.rank, next(_ORDER), manifest))

@@ -1,0 +1,163 @@
+"""ckpt.copy / ckpt cp between stores: only what the destination lacks, verified, under its
+writer lease, refusing hostile manifests, and completed by a rerun after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _tiers_util import keys_of
+from click.testing import CliRunner
+
+import ckpt
+from ckpt.cli import build_cli
+from ckpt.storage.copy import copy_stores
+from ckpt.storage.store import Store
+from ckpt.storage.writer_lease import WriterLease
+
+HERE = Path(__file__).resolve().parent
+
+
+def _frozen_run(url: str, steps) -> None:
+    """Saves of a model whose big layer is frozen: only the small head changes."""
+    torch.manual_seed(0)
+    base = torch.randn(256, 256)
+    for s in steps:
+        ckpt.save(url, {"base": base, "head": torch.full((8,), float(s))}, step=s)
+
+
+def test_copy_all_then_only_new_objects(store_url, tmp_path):
+    src = str(tmp_path / "src")
+    _frozen_run(src, [1, 2])
+    first = copy_stores(Store(src), Store(store_url))
+    assert first.info.step == 2 and ckpt.steps(store_url) == [1, 2]
+    assert first.stats.objects == len(keys_of(Store(src), 1) | keys_of(Store(src), 2))
+    assert ckpt.latest_step(store_url) == 2
+    _frozen_run(src, [3])
+    before = {o.key for o in Store(store_url).list_objects()}
+    second = copy_stores(Store(src), Store(store_url))
+    new = keys_of(Store(src), 3) - keys_of(Store(src), 2) - keys_of(Store(src), 1)
+    after = {o.key for o in Store(store_url).list_objects()}
+    assert second.stats.checkpoints == 1 and second.stats.already == 2
+    assert second.stats.objects == len(new) == len(after - before) >= 1  # the frozen base is not moved
+    assert second.stats.skipped == len(keys_of(Store(src), 3)) - len(new) >= 1
+    assert ckpt.latest_step(store_url) == 3
+    out = ckpt.load(store_url)
+    assert torch.equal(out["head"], torch.full((8,), 3.0))
+    assert torch.equal(out["base"], ckpt.load(src, step=1)["base"])
+
+
+def test_copy_one_step_keeps_lineage_and_older_copies_do_not_become_latest(store_url, tmp_path):
+    src = str(tmp_path / "src")
+    _frozen_run(src, [1, 2, 3])
+    info = ckpt.copy(src, store_url, step=3)
+    assert info.step == 3 and ckpt.steps(store_url) == [3]
+    m = ckpt.read_manifest(store_url, 3)
+    assert m.parent == 2 and m.run == ckpt.read_manifest(src, 3).run
+    ckpt.copy(src, store_url, step=1)  # promoting an older one leaves the latest alone
+    assert ckpt.steps(store_url) == [1, 3] and ckpt.latest_step(store_url) == 3
+
+
+def test_copy_verifies_what_it_moves(store_url, tmp_path):
+    src = Store(str(tmp_path / "src"))
+    _frozen_run(src.url, [1])
+    key = next(iter(keys_of(src, 1)))
+    data = src.get_object(key)
+    src.put_object(key, bytes(b ^ 1 for b in data))
+    with pytest.raises(ckpt.CorruptCheckpointError, match=key):
+        ckpt.copy(src.url, store_url)
+    assert ckpt.steps(store_url) == []
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: d["tensors"]["head"]["chunks"][0].update(key="../../../../etc/passwd"),
+        lambda d: d["tensors"]["head"]["chunks"][0].update(size=2**50),
+        lambda d: d.update(schema=99),
+    ],
+    ids=["key-escapes", "huge-size", "newer-schema"],
+)
+def test_copy_refuses_a_hostile_source_manifest(tmp_path, damage):
+    src = Store(str(tmp_path / "src"))
+    _frozen_run(src.url, [1])
+    doc = json.loads(src.read_manifest(1))
+    damage(doc)
+    src.write(src.manifest_path(1), json.dumps(doc).encode())
+    dst = str(tmp_path / "dst")
+    for step in (1, None):
+        with pytest.raises(ckpt.CheckpointError, match="step 1"):
+            ckpt.copy(src.url, dst, step=step)
+    assert ckpt.steps(dst) == [] and not any(Store(dst).list_objects())
+
+
+def test_copy_takes_the_destination_writer_lease(store_url, tmp_path):
+    src = str(tmp_path / "src")
+    _frozen_run(src, [1])
+    with WriterLease(Store(store_url), what="a training run"), pytest.raises(ckpt.CheckpointError, match="live writer"):
+        ckpt.copy(src, store_url)
+    assert ckpt.steps(store_url) == []
+    ckpt.copy(src, store_url)  # the lease was released
+    assert ckpt.steps(store_url) == [1]
+
+
+def test_cli_cp_step_and_all(tmp_path):
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    _frozen_run(src, [1, 2])
+    runner = CliRunner()
+    r = runner.invoke(build_cli(), ["cp", src, dst, "--step", "1"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "copied 1 checkpoint(s)" in r.output and "bytes) copied" in r.output
+    assert ckpt.steps(dst) == [1]
+    r = runner.invoke(build_cli(), ["cp", src, dst, "--json"], catch_exceptions=False)
+    doc = json.loads(r.output)
+    assert doc["checkpoints"] == 1 and doc["already"] == 1 and doc["step"] == 2 and doc["bytes"] > 0
+    assert doc["skipped_objects"] >= 1  # the frozen base was there already
+    r = runner.invoke(build_cli(), ["cp", src, dst, "--step", "7"])
+    assert r.exit_code == 2 and "no checkpoint at step 7" in r.output
+
+
+def test_cli_cp_progress_bar_on_a_terminal(tmp_path):
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    _frozen_run(src, [1])
+    tty = {"TTY_COMPATIBLE": "1", "NO_COLOR": "1", "COLUMNS": "120"}  # rich draws its bar
+    r = CliRunner(env=tty).invoke(build_cli(), ["cp", src, dst], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "copying to" in r.stderr  # the bar, drawn on stderr
+    assert "bytes) copied" in r.stdout
+
+
+def test_interrupted_copy_completes_when_rerun(tmp_path):
+    src, dst = str(tmp_path / "src"), tmp_path / "dst"
+    big = {f"t{i}": torch.randn(64 * 1024) for i in range(40)}  # 40 objects
+    ckpt.save(src, big, step=1)
+    script = (
+        "import sys, faultfs, ckpt\n"  # faulty:// slows every call of the destination down
+        "ckpt.copy(sys.argv[1], 'faulty://' + sys.argv[2], "
+        "dst_storage_options={'target_protocol': 'file', 'target_options': {'auto_mkdir': True}, 'delay': 0.05, 'seed': 1})\n"
+    )
+    env = {**os.environ, "CKPT_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parent), *sys.path])}
+    proc = subprocess.Popen([sys.executable, "-c", script, src, str(dst)], env=env, stderr=subprocess.PIPE)
+    objects = dst / "objects"
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if objects.exists() and sum(1 for _ in objects.rglob("*")) >= 8:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert ckpt.steps(str(dst)) == []  # no manifest: the step does not exist there yet
+    partial = {o.key for o in Store(str(dst)).list_objects()}
+    assert 0 < len(partial) < 40
+    res = copy_stores(Store(src), Store(str(dst)))  # the dead copier's lease is taken over at once
+    assert res.stats.skipped == len(partial) and res.stats.objects == 40 - len(partial)
+    out = ckpt.load(str(dst))
+    assert all(torch.equal(out[k], v) for k, v in big.items())

@@ -1,0 +1,142 @@
+"""Checkpointer(url, local=..., persist_every=K): the local tier takes every save, the durable
+tier receives every K-th, and restore takes the newest intact copy of either (every store kind
+as the durable tier)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import pytest
+import torch
+from _tiers_util import corrupt, keys_of, make_state, same, train_step, weights
+
+import ckpt
+from ckpt.storage.store import Store
+
+
+@pytest.fixture
+def local_url(tmp_path):
+    return str(tmp_path / "local")
+
+
+def _run(durable, local, steps, **kw):
+    """Train ``steps`` steps saving each one; returns the weights after each step."""
+    state = make_state()
+    seen = {}
+    with ckpt.Checkpointer(durable, local=local, **kw) as ck:
+        for s in steps:
+            train_step(state, s)
+            seen[s] = weights(state)
+            ck.save(state, step=s).wait()
+    return seen
+
+
+def test_persist_cadence_and_per_tier_retention(store_url, local_url):
+    state = make_state()
+    ck = ckpt.Checkpointer(store_url, local=local_url, persist_every=3, keep_last=1, keep_every=6)
+    try:
+        for s in range(1, 8):
+            train_step(state, s)
+            ck.save(state, step=s).wait()
+            if s == 3:
+                ck.tiers.wait()
+                assert ckpt.steps(store_url) == [3]
+        ck.tiers.wait()
+        assert ckpt.steps(store_url) == [6]  # keep_last=1 on the durable tier; 3 pruned, 6 kept
+        assert ckpt.steps(local_url) == [6, 7]  # local_keep_last=2
+    finally:
+        ck.close()
+    # close persists the newest local checkpoint; keep_every=6 keeps 6 beside it
+    assert ckpt.steps(store_url) == [6, 7]
+    assert ckpt.latest_step(store_url) == 7
+
+
+def test_restore_prefers_the_local_tier_and_is_bit_exact(store_url, local_url, caplog):
+    seen = _run(store_url, local_url, range(1, 5), persist_every=2)
+    fresh = make_state(seed=1)
+    caplog.set_level(logging.INFO, logger="ckpt")
+    with ckpt.Checkpointer(store_url, local=local_url, persist_every=2) as ck:
+        assert ck.restore(fresh).step == 4
+    assert same(weights(fresh), seen[4])
+    assert "restored step 4 from the local tier" in caplog.text
+
+
+def test_deleted_local_tier_restores_from_the_durable_tier(store_url, tmp_path, caplog):
+    local = f"memory://tiers-lost-{uuid.uuid4().hex}"
+    seen = _run(store_url, local, range(1, 6), persist_every=2)  # durable: 2, 4 and 5 (on close)
+    Store(local).fs.rm(Store(local).root, recursive=True)  # the node is gone
+    fresh = make_state(seed=1)
+    caplog.set_level(logging.INFO, logger="ckpt")
+    with ckpt.Checkpointer(store_url, local=str(tmp_path / "new-node"), persist_every=2) as ck:
+        assert ck.restore(fresh).step == 5
+    assert same(weights(fresh), seen[5])
+    assert "from the durable tier" in caplog.text and "holds no checkpoint" in caplog.text
+
+
+def test_corrupt_local_newest_falls_back_to_the_durable_copy(store_url, local_url, caplog):
+    seen = _run(store_url, local_url, range(1, 5), persist_every=2)  # durable 2, 4; local 3, 4
+    corrupt(Store(local_url), 4)
+    fresh = make_state(seed=1)
+    caplog.set_level(logging.INFO, logger="ckpt")
+    with ckpt.Checkpointer(store_url, local=local_url, persist_every=2) as ck:
+        assert ck.restore(fresh).step == 4
+    assert same(weights(fresh), seen[4])
+    assert "step 4 of the local tier" in caplog.text and "corrupt" in caplog.text
+    assert "restored step 4 from the durable tier" in caplog.text
+
+
+def test_corrupt_local_newest_falls_back_to_an_older_intact_local_one(store_url, local_url, caplog):
+    seen = _run(store_url, local_url, range(1, 5), persist_every=None)  # durable: only 4 (close)
+    local = Store(local_url)
+    corrupt(local, 4, keys_of(local, 4) - keys_of(local, 3))
+    corrupt(Store(store_url), 4)  # the durable copy of 4 is damaged too
+    fresh = make_state(seed=1)
+    caplog.set_level(logging.INFO, logger="ckpt")
+    with ckpt.Checkpointer(store_url, local=local_url) as ck:
+        assert ck.restore(fresh).step == 3
+    assert same(weights(fresh), seen[3])
+    assert "step 4 of the local tier" in caplog.text and "step 4 of the durable tier" in caplog.text
+
+
+def test_newer_durable_checkpoint_beats_a_stale_local_tier(store_url, local_url):
+    _run(store_url + "-other", local_url, range(1, 3))  # a stale local tier of an older run
+    seen = _run(store_url, f"memory://tiers-{uuid.uuid4().hex}", range(1, 6), persist_every=5)
+    fresh = make_state(seed=1)
+    with ckpt.Checkpointer(store_url, local=local_url) as ck:
+        assert ck.restore(fresh).step == 5
+    assert same(weights(fresh), seen[5])
+
+
+def test_restore_of_a_step_missing_locally_reads_the_durable_tier(store_url, local_url):
+    seen = _run(store_url, local_url, range(1, 7), persist_every=2)  # durable 2, 4, 6; local 5, 6
+    fresh = make_state(seed=1)
+    with ckpt.Checkpointer(store_url, local=local_url) as ck:
+        assert ck.restore(fresh, step=2).step == 2
+    assert same(weights(fresh), seen[2])
+
+
+def test_the_durable_tier_has_one_writer(store_url, tmp_path):
+    with ckpt.Checkpointer(store_url, local=str(tmp_path / "a")) as first:
+        first.tiers.lease  # noqa: B018 - taken in the background: wait for it
+        second = ckpt.Checkpointer(store_url, local=str(tmp_path / "b"))
+        second.save({"x": torch.ones(2)}, step=1).wait()  # the local commit stands ...
+        with pytest.raises(ckpt.CheckpointError, match="live writer"):
+            second.close()  # ... and nothing of it reaches the durable tier
+        assert ckpt.steps(store_url) == [] and ckpt.steps(str(tmp_path / "b")) == [1]
+    ckpt.Checkpointer(str(tmp_path / "b")).close()  # the refused one left no lease behind
+
+
+def test_resume_persists_the_final_step(store_url, local_url):
+    state = make_state()
+    ck = ckpt.Checkpointer(store_url, local=local_url, persist_every=100, every=2)
+
+    @ck.resume(state)
+    def train(start):
+        for s in range(start + 1, 6):
+            train_step(state, s)
+            ck.step(s)
+
+    train()
+    assert ckpt.latest_step(store_url) == 5
+    assert ckpt.steps(local_url)[-1] == 5
