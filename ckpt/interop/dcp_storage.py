@@ -302,6 +302,21 @@ class StorageWriter(_DCPWriter):
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         store = self._store()
+        parent = self._load_parent(store, self._parent)
+        manifest = self.build_manifest(metadata, results, parent)
+        # what a reader would refuse (overlapping boxes, a hole) is refused before the commit
+        Manifest.from_json_bytes(manifest.to_json_bytes(), where=f"step {self.step} of {store.url} (being saved)")
+        with WriterLease(store, what="ckpt.dcp.StorageWriter") as lease, io_pool() as pool:
+            lease.saving(self.step, parent)
+            _check_present(store, manifest, pool)
+            manifest = dataclasses.replace(manifest, seq=next_seq(store))
+            lease.check()
+            commit(store, manifest)
+            lease.committed(self.step)
+        self.manifest = manifest
+
+    def build_manifest(self, metadata: Metadata, results: list[list[WriteResult]], parent: Manifest | None) -> Manifest:
+        """The manifest of this save from DCP's global metadata and every rank's write results."""
         by_index: dict[tuple[str, tuple[int, ...]], Any] = {}
         for rank_results in results:
             for r in rank_results:
@@ -336,34 +351,30 @@ class StorageWriter(_DCPWriter):
             fqn, entry = placeholders[id(ph)]
             entries[path] = entry
             items[fqn] = ["tensor", comps_of[fqn], path]
-        written = sum(c["stored"] for rec in by_index.values() if isinstance(rec, dict) for c in rec.get("chunks", ()))
+        old = {c.key for c in parent.chunk_refs()} if parent is not None else set()
+        new = {
+            c["key"]: c["stored"]
+            for rec in by_index.values()
+            if isinstance(rec, dict)
+            for c in rec.get("chunks", ())
+            if c["key"] not in old
+        }
         meta: dict[str, Any] = {"dcp": {"version": META_VERSION, "items": items}}
         if metadata.version is not None:
             meta["dcp"]["dcp_version"] = str(metadata.version)
-        parent = self._load_parent(store, self._parent)
-        manifest = new_manifest(
+        return new_manifest(
             step=self.step,
             tree=json_tree,
             adapters={},
             tensors=entries,
             parent=parent,
             raw_bytes=raw,
-            written_bytes=written,
+            written_bytes=sum(new.values()),
             chunk_bytes=config.chunk_bytes(),
             plugins=get_plugins().versions(),
             meta=meta,
             run=process_run_id(),
         )
-        # what a reader would refuse (overlapping boxes, a hole) is refused before the commit
-        Manifest.from_json_bytes(manifest.to_json_bytes(), where=f"step {self.step} of {store.url} (being saved)")
-        with WriterLease(store, what="ckpt.dcp.StorageWriter") as lease, io_pool() as pool:
-            lease.saving(self.step, parent)
-            _check_present(store, manifest, pool)
-            manifest = dataclasses.replace(manifest, seq=next_seq(store))
-            lease.check()
-            commit(store, manifest)
-            lease.committed(self.step)
-        self.manifest = manifest
 
 
 def _no_tensor(path: str, is_numpy: bool) -> Any:
