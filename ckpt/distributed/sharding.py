@@ -111,6 +111,9 @@ def read_into_dtensor(
 
     offsets, shape = local_box(like, path)
     local = read_region(store, codecs, manifest, path, offsets, shape, reader=reader)
+    device = like.to_local().device
+    if device.type != "cpu":
+        local = local.to(device)
     return DTensor.from_local(
         local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
     )

@@ -1,0 +1,44 @@
+"""Collective saves and restores with real ranks (gloo on the CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+import ckpt
+from ckpt.storage.store import Store
+
+from .conftest import assert_ok, run_ranks
+
+
+def test_ddp_shared_state_once_and_per_rank_values(tmp_path):
+    assert_ok(run_ranks("ddp", 2, tmp_path))
+    url = str(tmp_path / "store")
+    m = ckpt.read_manifest(url)
+    assert m.world_size == 2
+    assert "model/0.weight" in m.tensors and not any(p.startswith("$rank/") and "model" in p for p in m.tensors)
+    assert {"$rank/0/rank/t", "$rank/1/rank/t"} <= set(m.tensors)
+    assert m.tree["step"] == 7 and m.tree["rank"]["value"] == {"$rank": [0, 1]}
+    for r in (0, 1):
+        got = ckpt.load(url, rank=r)
+        assert got["rank"]["value"] == r and torch.equal(got["rank"]["t"], torch.full((3,), float(r)))
+
+
+def test_failing_rank_raises_everywhere_and_writes_no_manifest(tmp_path):
+    results = run_ranks("fail", 2, tmp_path)
+    assert_ok(results)
+    assert all("RAISED" in text for _, text in results)
+    assert ckpt.steps(str(tmp_path / "store")) == [1]
+    doc = json.loads(Store(str(tmp_path / "store")).fs.cat_file(Store(str(tmp_path / "store")).manifest_path(1)))
+    assert doc["schema"] == 2 and doc["world_size"] == 2
+
+
+def test_sigkilled_rank_leaves_previous_latest(tmp_path):
+    results = run_ranks("kill", 2, tmp_path, env={"CKPT_DIST_TIMEOUT": "20"}, timeout=90)
+    code0, text0 = results[0]
+    assert code0 == 0 and "RAISED" in text0, text0[-2000:]
+    assert results[1][0] != 0
+    url = str(tmp_path / "store")
+    assert ckpt.latest_step(url) == 1
+    assert torch.equal(ckpt.load(url)["x"], torch.ones(3))
