@@ -37,14 +37,21 @@ MODES = ("ddp", "fsdp2")
 
 
 def sizes(smoke: bool) -> dict[str, int]:
-    # 6 x Linear(2048, 2048) + AdamW: 25.2M params, 302 MB of state (params + two moments)
-    return {"layers": 2, "width": 64} if smoke else {"layers": 6, "width": 2048}
+    """6 x Linear(2048, 2048) + AdamW: 25.2M params, 302 MB of state (params + two moments);
+    ``CKPT_BENCH_DIST_SIZE=LAYERSxWIDTH`` (``4x1024``) sets another size."""
+    if smoke:
+        return {"layers": 2, "width": 64}
+    custom = os.environ.get("CKPT_BENCH_DIST_SIZE")
+    if custom:
+        layers, width = (int(x) for x in custom.lower().split("x"))
+        return {"layers": layers, "width": width}
+    return {"layers": 6, "width": 2048}
 
 
 # -- one rank ----------------------------------------------------------------------------------
 
 
-def _systems() -> dict[str, dict[str, Callable[..., Any]]]:
+def _systems(collective: bool) -> dict[str, dict[str, Callable[..., Any]]]:
     """name -> {"save": f(sd|objs, path, step) -> bytes this rank wrote, "load": f(sd|objs, path)}."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -85,13 +92,16 @@ def _systems() -> dict[str, dict[str, Callable[..., Any]]]:
     except ImportError:
         pass
     out["ckpt.dcp"] = {"save": ckpt_save, "load": ckpt_load}
-    if collective_ckpt_available():
+    if collective:
         out["ckpt.save"] = {"save": _collective_save, "load": _collective_restore, "objects": True}  # type: ignore[dict-item]
     return out
 
 
 def collective_ckpt_available() -> bool:
-    """Whether this checkout has the collective ``ckpt.save`` (issue 13's coordinator)."""
+    """Whether this checkout has the collective ``ckpt.save`` (issue 13's coordinator);
+    ``CKPT_BENCH_COLLECTIVE=0`` leaves it out."""
+    if os.environ.get("CKPT_BENCH_COLLECTIVE", "1") == "0":
+        return False
     return importlib.util.find_spec("ckpt.distributed.coordinator") is not None
 
 
@@ -196,44 +206,49 @@ def worker(rank: int, world: int, tmp: str, cfg: dict[str, Any]) -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/pg-{cfg['phase']}-{world}", rank=rank, world_size=world)
-    systems = _systems()
+    systems = _systems(cfg.get("collective", False))
     res: dict[str, Any] = {}
     for mode in MODES:
         for name, sys_ in systems.items():
-            path = str(Path(cfg["stores"]) / f"{mode}-{name}")
-            if cfg["phase"] == "save":
-                model, opt = _build(mode, cfg["layers"], cfg["width"], seed=0)
-                obj = {"model": model, "optim": opt} if sys_.get("objects") else _state(model, opt)
-                save_s, wrote = _timed(lambda: sys_["save"](obj, path, 1))  # noqa: B023 - called at once
-                saved_hash = _full_hash(model, opt)
-                del model, opt, obj
-            else:
-                save_s, wrote, saved_hash = None, None, None
-            fresh, fopt = _build(mode, cfg["layers"], cfg["width"], seed=123)
-            if sys_.get("objects"):
-                target = {"model": fresh, "optim": fopt}
-                restore_s, _ = _timed(lambda: sys_["load"](target, path))  # noqa: B023
-            else:
-                sd = _state(fresh, fopt)
-
-                def restore(
-                    sd: Any = sd, m: Any = fresh, o: Any = fopt, load: Any = sys_["load"], at: str = path
-                ) -> None:
-                    load(sd, at)
-                    _apply(m, o, sd)
-
-                restore_s, _ = _timed(restore)
-            res[f"{mode}/{name}"] = {
-                "save_s": save_s,
-                "restore_s": restore_s,
-                "rank_bytes": wrote,
-                "saved_hash": saved_hash,
-                "restored_hash": _full_hash(fresh, fopt),
-            }
-            del fresh, fopt
+            try:
+                res[f"{mode}/{name}"] = _measure(mode, sys_, str(Path(cfg["stores"]) / f"{mode}-{name}"), cfg)
+            except Exception as exc:  # recorded: one system failing must not hide the others
+                res[f"{mode}/{name}"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     Path(tmp, f"result-{cfg['phase']}-{world}-{rank}.json").write_text(json.dumps(res))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _measure(mode: str, sys_: dict[str, Any], path: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    if cfg["phase"] == "save":
+        model, opt = _build(mode, cfg["layers"], cfg["width"], seed=0)
+        obj = {"model": model, "optim": opt} if sys_.get("objects") else _state(model, opt)
+        save_s, wrote = _timed(lambda: sys_["save"](obj, path, 1))
+        saved_hash = _full_hash(model, opt)
+        del model, opt, obj
+    else:
+        save_s, wrote, saved_hash = None, None, None
+    fresh, fopt = _build(mode, cfg["layers"], cfg["width"], seed=123)
+    if sys_.get("objects"):
+        target = {"model": fresh, "optim": fopt}
+        restore_s, _ = _timed(lambda: sys_["load"](target, path))
+    else:
+        sd = _state(fresh, fopt)
+
+        def restore(sd: Any = sd, m: Any = fresh, o: Any = fopt, load: Any = sys_["load"], at: str = path) -> None:
+            load(sd, at)
+            _apply(m, o, sd)
+
+        restore_s, _ = _timed(restore)
+    out = {
+        "save_s": save_s,
+        "restore_s": restore_s,
+        "rank_bytes": wrote,
+        "saved_hash": saved_hash,
+        "restored_hash": _full_hash(fresh, fopt),
+    }
+    del fresh, fopt
+    return out
 
 
 # -- the parent --------------------------------------------------------------------------------
@@ -283,6 +298,7 @@ def run(*, smoke: bool, workdir: str, log: Callable[[str], None] = print, **_: A
     tmp = Path(workdir)
     res: dict[str, Any] = {"sizes": size, "worlds": {}, "load_average": os.getloadavg()}
     res["ckpt_save_collective"] = collective_ckpt_available()
+    size = {**size, "collective": res["ckpt_save_collective"]}
     timeout = 180 if smoke else 1800
     for world in (2, 4):
         stores = tmp / f"stores-{world}"
@@ -290,6 +306,10 @@ def run(*, smoke: bool, workdir: str, log: Callable[[str], None] = print, **_: A
         ranks = _launch(world, tmp, {"phase": "save", "stores": str(stores), **size}, timeout)
         table: dict[str, Any] = {}
         for key in ranks[0]:
+            errors = [r[key]["error"] for r in ranks if "error" in r[key]]
+            if errors:
+                table[key] = {"error": errors[0]}
+                continue
             per_rank = [r[key]["rank_bytes"] or 0 for r in ranks]
             row = {
                 "save_s": ranks[0][key]["save_s"],
@@ -305,6 +325,11 @@ def run(*, smoke: bool, workdir: str, log: Callable[[str], None] = print, **_: A
             log("[distributed] reshard: restoring at 2 ranks what 4 saved")
             back = _launch(2, tmp, {"phase": "restore", "stores": str(stores), **size}, timeout)
             for key, row in table.items():
+                if "error" in row:
+                    continue
+                if "error" in back[0].get(key, {}):
+                    row["reshard_error"] = back[0][key]["error"]
+                    continue
                 row["reshard_4to2_s"] = back[0][key]["restore_s"]
                 row["reshard_bit_exact"] = back[0][key]["restored_hash"] == row["saved_hash"]
         shutil.rmtree(stores, ignore_errors=True)
@@ -327,7 +352,7 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
             base = table.get(f"{mode}/dcp")
             for name in ("ckpt.dcp", "ckpt.save"):
                 row = table.get(f"{mode}/{name}")
-                if row is None or base is None:
+                if row is None or base is None or "error" in row or "error" in base:
                     continue
                 tag = f"{name} {mode} at {world} ranks"
                 mean = sum(row["rank_bytes"]) / len(row["rank_bytes"]) if row["rank_bytes"] else 0
@@ -541,6 +566,9 @@ def markdown(res: dict[str, Any]) -> str:
     for world, table in res["worlds"].items():
         for key, row in table.items():
             mode, name = key.split("/", 1)
+            if "error" in row:
+                lines.append(f"| {world} | {mode} | {name} | failed: {row['error'][:200]} |||||||| ")
+                continue
             base = table.get(f"{mode}/dcp", row)
             rb = row["rank_bytes"]
             mean = sum(rb) / len(rb) if rb else 0
