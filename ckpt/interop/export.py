@@ -50,6 +50,7 @@ from ckpt.interop.safetensors import SafetensorsSource, write_safetensors
 from ckpt.interop.source import Source
 from ckpt.interop.torch_save import TorchSource, write_torch
 from ckpt.state import tree as treemod
+from ckpt.distributed.sharding import rank_view
 from ckpt.storage.commit import load_manifest
 from ckpt.storage.manifest import Manifest, TensorEntry, check_step
 from ckpt.storage.store import Store
@@ -152,7 +153,8 @@ def export_checkpoint(
     fmt = format_for(out, fmt)
     plugins = get_plugins()
     store = Store(url, storage_options)
-    manifest = load_manifest(store, step)
+    # a collective save's checkpoint: full tensors (shards put together), rank 0's per-rank values
+    manifest = rank_view(load_manifest(store, step), 0, warn=False)
     subtree, prefix = _select(manifest, key, store.url)
     names = _names(manifest, subtree, prefix)
     total = sum(e.nbytes for _, _, e in names)

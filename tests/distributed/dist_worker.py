@@ -46,6 +46,8 @@ def full(sd: dict) -> dict:
             out[k] = full(v)
         elif hasattr(v, "full_tensor"):
             out[k] = v.full_tensor()
+        elif isinstance(v, torch.Tensor):
+            out[k] = v.detach().clone()  # optimizers update "step" in place
         else:
             out[k] = v
     return out
@@ -54,7 +56,7 @@ def full(sd: dict) -> dict:
 def main() -> None:
     scenario, where = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     url = os.path.join(where, "store")
     if scenario == "ddp":
         model = mlp(0)
