@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from ckpt.api import save_tree
+from ckpt.distributed.sharding import rank_view
 from ckpt.errors import CheckpointError, NoCheckpointError
 from ckpt.hooks.manager import Plugins, get_plugins
 from ckpt.interop.dcp import DCPSource
@@ -50,7 +51,6 @@ from ckpt.interop.safetensors import SafetensorsSource, write_safetensors
 from ckpt.interop.source import Source
 from ckpt.interop.torch_save import TorchSource, write_torch
 from ckpt.state import tree as treemod
-from ckpt.distributed.sharding import rank_view
 from ckpt.storage.commit import load_manifest
 from ckpt.storage.manifest import Manifest, TensorEntry, check_step
 from ckpt.storage.store import Store
