@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -273,33 +274,46 @@ def _parent_view(parent: Manifest | None, mine: list[tuple[str, str, str, tuple 
 def save(url: str, state: Any, *, step: int, storage_options: dict[str, Any] | None = None) -> CheckpointInfo:
     """``ckpt.save`` on every rank of the default group (see the module docstring)."""
     check_step(step)
-    group = ckpt_group()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    what = f"collective save of step {step} to {url}"
     plugins = get_plugins()
     store = Store(url, storage_options)
+    group = ckpt_group()
     err: BaseException | None = None
     part: Any
     local: dict[str, torch.Tensor] = {}
     try:
         part, local = capture_local(state, plugins)
-        if rank == 0:
+        if dist.get_rank() == 0:
             plugins.before_save(url=store.url, step=step, tree=part.tree)
     except Exception as exc:  # noqa: BLE001 - reported to every rank, re-raised here
-        err, part = exc, _Failed(rank, exc)
+        err, part = exc, _Failed(dist.get_rank(), exc)
+    return commit_collective(store, plugins, group, step=step, part=part, local=local, err=err)
+
+
+def commit_collective(
+    store: Store,
+    plugins: Any,
+    group: Any,
+    *,
+    step: int,
+    part: Any,
+    local: Mapping[str, torch.Tensor],
+    err: BaseException | None,
+) -> CheckpointInfo:
+    """Steps 2-5 of the protocol for a captured ``part`` (or this rank's failure ``err``),
+    over ``group``: every rank of it calls this for the same step, in the same order."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    what = f"collective save of step {step} to {store.url}"
     parts = gather_all(group, part, what)
     check_parts(parts, err, what)
     plan = plan_save(parts)
     lease = None
-    head: Any
+    head: Any = None
     try:
         if rank == 0:
             lease = WriterLease(store, what="ckpt.save (collective)").__enter__()
             latest = latest_for_save(store)
             lease.saving(step, latest.manifest)
             head = (None if latest.manifest is None else latest.manifest.step, latest.top_seq + 1)
-        else:
-            head = None
     except Exception as exc:  # noqa: BLE001
         err, head = exc, _Failed(rank, exc)
     try:
@@ -307,6 +321,7 @@ def save(url: str, state: Any, *, step: int, storage_options: dict[str, Any] | N
         check_parts(heads, err, what)
         parent_step, seq = heads[0]
         out: Any
+        parent = None
         try:
             parent = load_manifest(store, parent_step) if parent_step is not None else None
             mine = plan.assign[rank]
@@ -339,9 +354,7 @@ def save(url: str, state: Any, *, step: int, storage_options: dict[str, Any] | N
                 err, result = exc, _Failed(rank, exc)
         results = gather_all(group, result, what)
         check_parts(results, err, what)
-        info = results[0]
-        stats_mine = written[rank][1]
-        info = dataclasses.replace(info, write_stats=stats_mine)
+        info = dataclasses.replace(results[0], write_stats=written[rank][1])
         plugins.after_commit(info=info)
         return info
     finally:

@@ -122,6 +122,32 @@ def main() -> None:
             sys.stdout.flush()
             os._exit(0)
         raise AssertionError("no error")
+    elif scenario == "async":
+        model = mlp(0)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        state = {"model": model, "optim": opt, "rank": {"r": rank}}
+        ck = ckpt.Checkpointer(url, every=2, state=state)
+        assert type(ck).__name__ == "DistributedCheckpointer"
+        snapshots = {}
+        for step in range(1, 7):
+            torch.manual_seed(step)
+            ddp(torch.randn(4, 6)).sum().backward()  # DDP's all_reduce of gradients
+            opt.step()
+            opt.zero_grad()
+            t = torch.ones(1)
+            dist.all_reduce(t)  # training collectives while the background commits run
+            assert t.item() == dist.get_world_size()
+            if step % 2 == 0:
+                snapshots[step] = {k: v.clone() for k, v in model.state_dict().items()}
+            ck.step(step)
+        ck.close()
+        assert ckpt.steps(url) == [2, 4, 6], ckpt.steps(url)
+        for step, sd in snapshots.items():
+            got = ckpt.load(url, step=step, rank=rank)
+            assert got["rank"]["r"] == rank
+            for k, v in sd.items():
+                assert torch.equal(got["model"][k], v), (step, k)
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     dist.barrier()

@@ -42,3 +42,9 @@ def test_sigkilled_rank_leaves_previous_latest(tmp_path):
     url = str(tmp_path / "store")
     assert ckpt.latest_step(url) == 1
     assert torch.equal(ckpt.load(url)["x"], torch.ones(3))
+
+
+def test_async_checkpointer_commits_while_training_collectives_run(tmp_path):
+    assert_ok(run_ranks("async", 2, tmp_path))
+    m = ckpt.read_manifest(str(tmp_path / "store"))
+    assert m.step == 6 and m.world_size == 2 and m.tree["rank"]["r"] == {"$rank": [0, 1]}
