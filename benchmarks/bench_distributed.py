@@ -135,7 +135,7 @@ def _build(mode: str, layers: int, width: int, seed: int) -> tuple[Any, Any]:
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-        for layer in model:
+        for layer in model.children():
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -551,13 +551,13 @@ def simulate(*, ranks: int = 1024, smoke: bool = False) -> dict[str, Any]:
 def markdown(res: dict[str, Any]) -> str:
     from benchmarks import report
 
-    load = res.get("load_average")
+    load = res.get("load_average") or ()
     lines = report.header("Distributed checkpoints (gloo, CPU processes)", res["machine"], res.get("smoke", False))
     lines += [
         f"- Model: MLP {res['sizes']['layers']} x Linear({res['sizes']['width']}, {res['sizes']['width']}) + AdamW; "
         "DDP replicated and FSDP2 sharded; every save into an empty store",
         f"- Load average before / after: {', '.join(f'{x:.1f}' for x in load)} / "
-        f"{', '.join(f'{x:.1f}' for x in res['load_average_after'])} (a shared machine: timings are noisy)",
+        f"{', '.join(f'{x:.1f}' for x in res.get('load_average_after') or ())} (a shared machine: timings are noisy)",
         f"- Collective ckpt.save in this checkout: {'yes' if res['ckpt_save_collective'] else 'no (not measured)'}",
         "",
         "| world | mode | system | save | restore | reshard 4->2 | total stored MB | per-rank MB (max / mean) | stored vs DCP | bit-exact |",

@@ -465,7 +465,7 @@ class StorageReader(_DCPReader):
         self.step = None if step is None else check_step(step)
         self.storage_options = storage_options
         self.manifest: Manifest | None = None
-        self._items: dict[str, tuple[str, Any]] = {}
+        self._items: dict[str, Item] = {}
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         if checkpoint_id is not None:
@@ -476,7 +476,7 @@ class StorageReader(_DCPReader):
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
         return False
 
-    def read_metadata(self) -> Metadata:  # type: ignore[override]  # no rank-local metadata
+    def read_metadata(self) -> Metadata:  # no **kwargs: DCP then never asks for rank-local metadata
         store = Store(self.url, self.storage_options)
         manifest = load_manifest(store, self.step)
         if manifest.world_size:  # a collective ckpt.save: this rank's per-rank values
