@@ -477,6 +477,17 @@ class StorageReader(_DCPReader):
         return False
 
     def read_metadata(self) -> Metadata:  # no **kwargs: DCP then never asks for rank-local metadata
+        try:
+            return self._read_metadata()
+        except CheckpointError as exc:
+            # DCP would turn an Exception here into "metadata is None" and drop it; its own
+            # exception type passes through to the caller, with ours in its failures
+            from torch.distributed.checkpoint.api import CheckpointException
+
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            raise CheckpointException(f"ckpt.dcp.StorageReader: {exc}", {rank: (exc, None)}) from exc
+
+    def _read_metadata(self) -> Metadata:
         store = Store(self.url, self.storage_options)
         manifest = load_manifest(store, self.step)
         if manifest.world_size:  # a collective ckpt.save: this rank's per-rank values

@@ -247,6 +247,40 @@ def test_corrupt_object_is_a_checkpoint_error(tmp_path):
     assert isinstance(err, ckpt.CorruptCheckpointError) and key in str(err)
 
 
+@pytest.mark.parametrize("damage", ["no checkpoint", "unlisted tensor", "malformed items", "missing value"])
+def test_hostile_or_missing_store_is_a_checkpoint_error(tmp_path, damage):
+    import json
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    import ckpt
+    import ckpt.dcp
+    from ckpt.storage.store import Store
+
+    url = f"file://{tmp_path}/s"
+    src = _plain_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if damage != "no checkpoint":
+            dcp.save(src, storage_writer=ckpt.dcp.StorageWriter(url, step=1))
+            path = Path(Store(url).manifest_path(1))
+            doc = json.loads(path.read_text())
+            items = doc["meta"]["dcp"]["items"]
+            if damage == "unlisted tensor":
+                items["w"][2] = "nope"
+            elif damage == "malformed items":
+                items["w"] = {"kind": "tensor"}
+            else:
+                items["cfg.lr"][1] = ["cfg", "gone"]
+            path.write_text(json.dumps(doc))
+        dst: dict[str, Any] = {k: (torch.zeros_like(v) if isinstance(v, torch.Tensor) else {}) for k, v in src.items()}
+        dst["cfg"] = {"lr": 0.0, "name": "", "sizes": [], "opt": 1}
+        with pytest.raises(CheckpointException) as info:
+            dcp.load(dst, storage_reader=ckpt.dcp.StorageReader(url))
+    assert isinstance(ckpt.dcp.checkpoint_error(info.value), ckpt.CheckpointError), info.value
+
+
 class Custom:
     """A value only a pickle could store."""
 
