@@ -107,6 +107,17 @@ def worker(rank: int, world: int, tmp: str) -> None:
     fut = dcp.async_save(_state(model, opt), storage_writer=ckpt.dcp.StorageWriter(url, step=2))
     assert isinstance(fut, Future)  # without an async stager of its own: one future, done after the commit
     fut.result()
+    # pytorch#120356: one key, different data on each rank; DCP's planner keeps one rank's item
+    dcp.save({"r": torch.full((2,), float(rank))}, storage_writer=ckpt.dcp.StorageWriter(url, step=3))
+    # a collective ckpt.save store read back through DCP (same world size: this rank's view)
+    ckpt.save(f"file://{tmp}/collective", {"model": model}, step=1)
+    model3, opt3 = sharded()
+    sd3 = {"model": _state(model3, opt3)["model"]}
+    dcp.load(sd3, storage_reader=ckpt.dcp.StorageReader(f"file://{tmp}/collective"))
+    _load_into(model3, opt3, {"model": sd3["model"], "optim": _state(model3, opt3)["optim"]})
+    back3 = _state(model3, opt3, full_state_dict=True, cpu_offload=True)
+    if rank == 0:
+        _assert_same(full["model"], back3["model"])
     dist.barrier()
     dist.destroy_process_group()
 
@@ -147,13 +158,23 @@ def test_fsdp2_save_load_two_ranks_and_async(fsdp_store):
     import ckpt
 
     url = f"file://{fsdp_store}/store"
-    assert ckpt.steps(url) == [1, 2]
+    assert ckpt.steps(url) == [1, 2, 3]
     m = ckpt.read_manifest(url, step=1)
     sharded = [p for p, e in m.tensors.items() if e.shards]
     assert sharded and any(len(m.tensors[p].shards) == 2 for p in sharded)  # FSDP2 dim-0 shards
     # the async save of the same state stored nothing new: every chunk deduplicated
     m2 = ckpt.read_manifest(url, step=2)
     assert m2.parent == 1 and m2.chunk_refs() and {c.key for c in m2.chunk_refs()} <= {c.key for c in m.chunk_refs()}
+
+
+def test_one_key_different_data_on_ranks_keeps_one_ranks_item(fsdp_store):
+    """What pytorch#120356 reports, as this writer stores it: DCP's planner deduplicates write
+    items by (fqn, offset) before the storage layer sees them, so one rank's value is stored,
+    whole, and the other's is dropped (rank-local values belong in ckpt.save)."""
+    import ckpt
+
+    r = ckpt.load(f"file://{fsdp_store}/store", step=3)["r"]
+    assert torch.equal(r, torch.zeros(2)) or torch.equal(r, torch.ones(2))
 
 
 def test_ckpt_load_and_verify_read_a_dcp_written_store(fsdp_store):
