@@ -243,6 +243,32 @@ def test_single_process_round_trip_bit_exact(tmp_path):
     assert ckpt.read_manifest(url).schema == 1  # nothing sharded: readable by any ckpt
 
 
+def test_next_save_deduplicates_and_writes_deltas_against_the_parent(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    import ckpt
+    import ckpt.dcp
+
+    url = f"file://{tmp_path}/s"
+    src = _plain_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(src, storage_writer=ckpt.dcp.StorageWriter(url, step=1))
+        src["w"][3, 4] += 1.0  # one element of one tensor changes
+        writer = ckpt.dcp.StorageWriter(url, step=2)
+        dcp.save(src, storage_writer=writer)
+        dst: dict[str, Any] = {k: (torch.zeros_like(v) if isinstance(v, torch.Tensor) else {}) for k, v in src.items()}
+        dst["cfg"] = {"lr": 0.0, "name": "", "sizes": [], "opt": 1}
+        dcp.load(dst, storage_reader=ckpt.dcp.StorageReader(url, step=2))
+    stats = writer.stats
+    assert stats is not None and stats.objects_written == 1 and stats.delta_objects == 1
+    assert stats.written_bytes < 1024 and stats.reused_bytes > 0
+    m = ckpt.read_manifest(url, step=2)
+    assert m.parent == 1 and m.stored_bytes < ckpt.read_manifest(url, step=1).stored_bytes // 2
+    _assert_same(src, dst)
+    _assert_same(src, ckpt.load(url, step=2))
+
+
 def test_corrupt_object_is_a_checkpoint_error(tmp_path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
