@@ -18,7 +18,7 @@ from ckpt.errors import CheckpointError, NoCheckpointError
 from ckpt.state import paths as treemod
 from ckpt.storage.commit import load_manifest
 from ckpt.storage.lineage import lineage_of, parse_manifest
-from ckpt.storage.manifest import ChunkRef, Manifest
+from ckpt.storage.manifest import RANK_TAG, ChunkRef, Manifest, TensorEntry
 from ckpt.storage.store import Store
 
 if TYPE_CHECKING:
@@ -141,6 +141,16 @@ def codec_label(chain: Any) -> str:
     return "+".join(names) if names else "raw"
 
 
+def _layout(m: Manifest, path: str, entry: TensorEntry) -> str:
+    """How a tensor of a collective save is held: "sharded:N" (N boxes), "rank:R" (per
+    rank), "replicated" (equal on every rank, stored once); "" in a single-process save."""
+    if entry.shards:
+        return f"sharded:{len(entry.shards)}"
+    if path.startswith(RANK_TAG + "/"):
+        return "rank:" + path.split("/", 2)[1]
+    return "replicated" if m.world_size else ""
+
+
 def show_report(store: Store, step: int | None) -> dict[str, Any]:
     manifests, errors, _ = read_manifests(store)
     m = manifest_for(store, manifests, errors, step)
@@ -188,6 +198,7 @@ def show_report(store: Store, step: int | None) -> dict[str, Any]:
                 "stored": sum(r.stored for r in entry.refs),
                 "codec": ",".join(labels),
                 "status": status,
+                "layout": _layout(m, path, entry),
                 "chunks": chunks,
             }
         )
@@ -197,6 +208,7 @@ def show_report(store: Store, step: int | None) -> dict[str, Any]:
         "step": m.step,
         "created": m.created,
         "parent": m.parent,
+        "world_size": m.world_size,
         "seq": m.seq,
         "run": m.run or None,
         "abandoned": m.step in lineage_of(manifests).abandoned,

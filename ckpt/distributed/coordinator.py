@@ -210,10 +210,10 @@ def plan_save(parts: list[LocalPart]) -> SavePlan:
     # balance: forced items first, then the largest shared ones to the least loaded holder
     load = [0] * world
     assign: dict[int, list[tuple[str, str, str, tuple | None]]] = {r: [] for r in range(world)}
-    for wpath, mpath, path, box, n, holders in sorted(items, key=lambda i: (len(i[5]) > 1, -i[4], i[0])):
+    for wpath, mpath, tpath, tbox, n, holders in sorted(items, key=lambda i: (len(i[5]) > 1, -i[4], i[0])):
         r = min(holders, key=lambda h: (load[h], h))
         load[r] += n
-        assign[r].append((wpath, mpath, path, box))
+        assign[r].append((wpath, mpath, tpath, tbox))
     trees = [_per_rank_refs(p.tree, per_rank, r) for r, p in enumerate(parts)]
     adapters: dict[str, str] = {}
     classes: dict[str, str] = {}

@@ -56,9 +56,10 @@ def restore(
     chosen: Any = None
     try:
         place = placer(map_location)
-        live, _ = as_mapping(state, plugins)
-        if not isinstance(live, MutableMapping):
-            raise CheckpointError(f"restore needs a mutable mapping, got {type(live).__name__}")
+        mapping, _ = as_mapping(state, plugins)
+        if not isinstance(mapping, MutableMapping):
+            raise CheckpointError(f"restore needs a mutable mapping, got {type(mapping).__name__}")
+        live: MutableMapping[str, Any] = mapping
         store = Store(url, storage_options)
         if rank == 0:
             chosen = load_manifest(store, step).step

@@ -115,8 +115,8 @@ def read_box(
         copies.append((torch.from_numpy(buf), dest, inter, tuple(strides), 0))
     wait_all(jobs)
     with torch.no_grad():
-        for raw, dest, inter, strides, _ in copies:
-            src = raw.view(dtype).as_strided(inter[1], strides, 0) if raw.numel() else raw.view(dtype)
+        for raw, dest, box, box_strides, _ in copies:
+            src = raw.view(dtype).as_strided(box[1], box_strides, 0) if raw.numel() else raw.view(dtype)
             out[dest].copy_(src)
     return out
 

@@ -77,7 +77,7 @@ def main() -> None:
     elif scenario == "fsdp_save":
         model, opt = fsdp_model(0)
         train_step(model, opt)
-        ckpt.save(url, {"model": model, "optim": opt}, step=1)
+        ckpt.save(url, {"model": model, "optim": opt, "r": {"v": rank}}, step=1)
         ref = {"model": full(model.state_dict()), "optim": full(opt.state_dict()["state"])}
         train_step(model, opt)  # a second save: deltas and dedup per shard
         ckpt.save(url, {"model": model, "optim": opt}, step=2)
@@ -86,7 +86,15 @@ def main() -> None:
     elif scenario == "fsdp_restore":
         model, opt = fsdp_model(1)  # other values
         train_step(model, opt)  # optimizer state exists, as after any resume
-        ckpt.restore(url, {"model": model, "optim": opt}, step=1)
+        import warnings
+
+        per_rank = {"v": -1}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ckpt.restore(url, {"model": model, "optim": opt, "r": per_rank}, step=1)
+        saved_world = ckpt.read_manifest(url, 1).world_size
+        assert per_rank["v"] == rank % saved_world, per_rank  # the documented rule
+        assert any("rank %" in str(w.message) for w in caught) == (rank >= saved_world)
         ref = torch.load(os.path.join(where, "ref.pt"))
         got = full(model.state_dict())
         for k, v in ref["model"].items():

@@ -20,6 +20,15 @@ def test_ddp_shared_state_once_and_per_rank_values(tmp_path):
     assert "model/0.weight" in m.tensors and not any(p.startswith("$rank/") and "model" in p for p in m.tensors)
     assert {"$rank/0/rank/t", "$rank/1/rank/t"} <= set(m.tensors)
     assert m.tree["step"] == 7 and m.tree["rank"]["value"] == {"$rank": [0, 1]}
+    from click.testing import CliRunner
+
+    from ckpt.cli import build_cli
+
+    res = CliRunner().invoke(build_cli(), ["show", url], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    lines = {line.split()[0]: line for line in res.output.splitlines() if line.strip()}
+    assert lines["model.0.weight"].rstrip().endswith("replicated")
+    assert lines["$rank.1.rank.t"].rstrip().endswith("rank:1")
     for r in (0, 1):
         got = ckpt.load(url, rank=r)
         assert got["rank"]["value"] == r and torch.equal(got["rank"]["t"], torch.full((3,), float(r)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 import ckpt
@@ -32,7 +34,7 @@ def test_fsdp2_saved_at_2_restored_at_3_and_1(tmp_path):
     assert_ok(run_ranks("fsdp_restore", 3, tmp_path))
     # at 1: a plain module takes the consolidated state
     model = mlp(5)
-    ckpt.restore(url, {"model": model}, step=1, strict=False)
+    ckpt.restore(url, {"model": model}, step=1, strict=False)  # rank 0's view
     for k, v in ref["model"].items():
         assert torch.equal(model.state_dict()[k], v), k
     # export of the sharded checkpoint: full tensors
@@ -50,6 +52,11 @@ def test_fsdp2_saved_at_2_restored_at_3_and_1(tmp_path):
     assert torch.equal(w, ref["model"]["0.weight"])
     res = CliRunner().invoke(build_cli(), ["verify", url])
     assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(build_cli(), ["show", url, "--step", "1", "--json"])
+    layouts = {t["name"]: t["layout"] for t in json.loads(res.output)["tensors"]}
+    assert layouts["model.0.weight"] == "sharded:2" and layouts["optim.state.0.step"] == "replicated"
+    res = CliRunner().invoke(build_cli(), ["diff", url, "1", "2"])
+    assert res.exit_code == 0 and "0 unchanged tensors" in res.output, res.output
 
 
 def test_fsdp2_saved_at_4_restored_at_2(tmp_path):
