@@ -224,6 +224,9 @@ class StorageWriter(_DCPWriter):
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.is_coordinator = is_coordinator
         self.rank = int(kwargs.get("rank", 0))
+        if kwargs.get("use_collectives") is False and dist.is_initialized() and dist.get_world_size() > 1:
+            # every rank would commit a manifest of its own items under the same step
+            raise CheckpointError("ckpt.dcp.StorageWriter: one manifest for every rank needs use_collectives=True")
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         return plan
@@ -294,7 +297,7 @@ class StorageWriter(_DCPWriter):
             pool,
             known=known,
             chunk_bytes=config.chunk_bytes(),
-            parent=_by_box(parent) if parent is not None and known else None,
+            parent=_by_box_or_none(parent) if parent is not None and known else None,
             delta=self.delta,
             max_chain=config.delta_max_chain(),
             absent=absent,
@@ -434,6 +437,14 @@ def _by_box(parent: Manifest) -> Manifest:
             n = sum(c.size for c in chunks)
             boxes[_box_key(fqn, offsets)] = TensorEntry(dtype=entry.dtype, shape=shape, nbytes=n, chunks=chunks)
     return dataclasses.replace(parent, tensors=boxes, tree={})
+
+
+def _by_box_or_none(parent: Manifest) -> Manifest | None:
+    try:
+        return _by_box(parent)
+    except CheckpointError as exc:  # a damaged parent costs deltas only, never the save
+        log.warning("step %d: no deltas against it (%s)", parent.step, exc)
+        return None
 
 
 def _check_present(store: Store, manifest: Manifest, pool: ThreadPoolExecutor) -> None:
