@@ -44,6 +44,7 @@ import io
 import logging
 import os
 import pickle
+import traceback
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -496,7 +497,8 @@ class StorageReader(_DCPReader):
             from torch.distributed.checkpoint.api import CheckpointException
 
             rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-            raise CheckpointException(f"ckpt.dcp.StorageReader: {exc}", {rank: (exc, None)}) from exc
+            trace = traceback.extract_tb(exc.__traceback__)
+            raise CheckpointException(f"ckpt.dcp.StorageReader: {exc}", {rank: (exc, trace)}) from exc
 
     def _read_metadata(self) -> Metadata:
         store = Store(self.url, self.storage_options)
