@@ -10,6 +10,7 @@ finds the :class:`ckpt.CheckpointError` inside the ``CheckpointException`` DCP r
 
 from __future__ import annotations
 
-from ckpt.interop.dcp_storage import StorageReader, StorageWriter, checkpoint_error
+from ckpt.interop.dcp_reader import StorageReader
+from ckpt.interop.dcp_storage import StorageWriter, checkpoint_error
 
 __all__ = ["StorageReader", "StorageWriter", "checkpoint_error"]

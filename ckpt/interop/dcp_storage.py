@@ -1,4 +1,4 @@
-"""ckpt stores written and read by torch.distributed.checkpoint: ``StorageWriter``/``StorageReader``.
+"""ckpt stores written by torch.distributed.checkpoint: ``StorageWriter`` (the reader: :mod:`ckpt.interop.dcp_reader`).
 
 ``dcp.save(sd, storage_writer=ckpt.dcp.StorageWriter(url, step=N))`` plans with DCP's
 planner (replicated items deduplicated and spread over ranks, DTensor shards as boxes)
@@ -17,7 +17,7 @@ and stores the result as an ordinary ckpt checkpoint:
 - the tree: each item sits at its place in the state dict (``metadata.planner_data``, the
   flattening path DCP records), so ``ckpt.load(url)`` gives ``{"model": {...}, "optim":
   {"state": ..., "param_groups": [...]}}``; ``meta["dcp"]["items"]`` maps every DCP key
-  (fqn) to its kind and tree path, from which :class:`StorageReader` rebuilds DCP's Metadata.
+  (fqn) to its kind and tree path, from which ``StorageReader`` rebuilds DCP's Metadata.
 - DCP's non-tensor ("bytes") items: DCP hands the writer ``torch.save`` bytes. They are
   read back with ``torch.load(weights_only=True)`` in the saving process (a value that is
   not weights-only data is refused) and stored as plain JSON values of the tree (ckpt's
@@ -44,27 +44,19 @@ import io
 import logging
 import os
 import pickle
-import traceback
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint import StorageReader as _DCPReader
 from torch.distributed.checkpoint import StorageWriter as _DCPWriter
 from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
-    ChunkStorageMetadata,
     Metadata,
     MetadataIndex,
-    TensorProperties,
     TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import (
-    LoadItemType,
-    LoadPlan,
-    LoadPlanner,
     SavePlan,
     SavePlanner,
     WriteItemType,
@@ -76,8 +68,7 @@ from ckpt import config
 from ckpt.codecs import delta as deltamod
 from ckpt.errors import CheckpointError, CorruptCheckpointError, UnsupportedValueError
 from ckpt.hooks.manager import get_plugins
-from ckpt.io.reader import Reader
-from ckpt.io.region import pieces, read_box
+from ckpt.io.region import pieces
 from ckpt.io.writer import Writer, dtype_name, present_objects, reusable
 from ckpt.snapshot.executor import io_pool, wait_all
 from ckpt.state import tree as treemod
@@ -178,7 +169,7 @@ def subtree(tree: Any, comps: Sequence[str | int], where: str) -> Any:
     return node
 
 
-# -- writer ----------------------------------------------------------------------------------------
+# -- writer (StorageReader: ckpt.interop.dcp_reader) -------------------------------------------------
 
 
 class StorageWriter(_DCPWriter):
@@ -345,7 +336,7 @@ class StorageWriter(_DCPWriter):
                 rec = by_index.get((fqn, ()))
                 if not isinstance(rec, dict) or "value" not in rec:
                     raise CheckpointError(f"DCP item {fqn!r}: no rank wrote it")
-                set_element(skeleton, tuple(comps), treemod.decode(rec["value"], _no_tensor))
+                set_element(skeleton, tuple(comps), treemod.decode(rec["value"], no_tensor))
                 items[fqn] = ["bytes", comps]
             comps_of[fqn] = comps
         tensors: dict[str, torch.Tensor] = {}
@@ -381,7 +372,7 @@ class StorageWriter(_DCPWriter):
         )
 
 
-def _no_tensor(path: str, is_numpy: bool) -> Any:
+def no_tensor(path: str, is_numpy: bool) -> Any:
     raise CheckpointError(f"a DCP bytes item holds tensor {path!r}")  # refused when written: never here
 
 
@@ -458,138 +449,3 @@ def _check_present(store: Store, manifest: Manifest, pool: ThreadPoolExecutor) -
             f"{store.url}: {len(missing)} object(s) of step {manifest.step} are gone before its commit "
             f"(e.g. {min(missing)}; a garbage collection ran during the save?); nothing committed"
         )
-
-
-# -- reader ----------------------------------------------------------------------------------------
-
-
-class StorageReader(_DCPReader):
-    """DCP's storage reader protocol over a ckpt store (see the module docstring).
-
-    :param url: the store; ``checkpoint_id`` of ``dcp.load`` replaces it when given.
-    :param step: the checkpoint to read (None: the latest; every rank must then read the same,
-        which :meth:`prepare_global_plan` checks).
-    """
-
-    def __init__(self, url: str, step: int | None = None, storage_options: dict[str, Any] | None = None) -> None:
-        super().__init__()
-        self.url = str(url)
-        self.step = None if step is None else check_step(step)
-        self.storage_options = storage_options
-        self.manifest: Manifest | None = None
-        self._items: dict[str, Item] = {}
-
-    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
-        if checkpoint_id is not None:
-            self.url = os.fspath(checkpoint_id)
-        self.manifest = None
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
-        return False
-
-    def read_metadata(self) -> Metadata:  # no **kwargs: DCP then never asks for rank-local metadata
-        try:
-            return self._read_metadata()
-        except CheckpointError as exc:
-            # DCP would turn an Exception here into "metadata is None" and drop it; its own
-            # exception type passes through to the caller, with ours in its failures
-            from torch.distributed.checkpoint.api import CheckpointException
-
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-            trace = traceback.extract_tb(exc.__traceback__)
-            raise CheckpointException(f"ckpt.dcp.StorageReader: {exc}", {rank: (exc, trace)}) from exc
-
-    def _read_metadata(self) -> Metadata:
-        store = Store(self.url, self.storage_options)
-        manifest = load_manifest(store, self.step)
-        if manifest.world_size:  # a collective ckpt.save: this rank's per-rank values
-            from ckpt.distributed.sharding import rank_view
-
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-            manifest = rank_view(manifest, rank)
-        self.manifest = manifest
-        self._items = dcp_items(manifest)
-        sd_meta: dict[str, Any] = {}
-        planner_data: dict[str, tuple[str | int, ...]] = {}
-        for fqn, (_kind, comps, path) in self._items.items():
-            if path is not None:
-                entry = manifest.tensors[path]
-                chunks = [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s, _ in pieces(entry)]
-                dtype = treemod.dtype_from_name(entry.dtype, what=f"tensor {path!r}")
-                sd_meta[fqn] = TensorStorageMetadata(TensorProperties(dtype=dtype), torch.Size(entry.shape), chunks)
-            else:
-                sd_meta[fqn] = BytesStorageMetadata()
-            planner_data[fqn] = tuple(comps)
-        return Metadata(state_dict_metadata=sd_meta, planner_data=planner_data)
-
-    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
-        m = self._manifest()
-        return dataclasses.replace(plan, storage_data={"ckpt_step": m.step, "ckpt_created": m.created})
-
-    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        read = {repr(p.storage_data) for p in plans}
-        if len(read) > 1:
-            raise CheckpointError(
-                f"{self.url}: ranks read different checkpoints ({', '.join(sorted(read))}): a save committed "
-                "while they loaded; pass step= to StorageReader"
-            )
-        return plans
-
-    def _manifest(self) -> Manifest:
-        if self.manifest is None:
-            raise CheckpointError("StorageReader: read_metadata() must run first")
-        return self.manifest
-
-    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        manifest = self._manifest()
-        store = Store(self.url, self.storage_options)
-        where = f"step {manifest.step} of {store.url}"
-        reads = []
-        for item in plan.items:
-            fqn = item.storage_index.fqn
-            kind, comps, path = self._items.get(fqn, ("", [], None))
-            if item.type == LoadItemType.BYTE_IO:
-                if kind != "bytes":
-                    raise CorruptCheckpointError(f"{where}: holds no value {fqn!r}")
-                value = treemod.decode(subtree(manifest.tree, comps, where), _no_tensor)
-                buf = io.BytesIO()
-                torch.save(value, buf)  # a plain value decoded from JSON: DCP unpickles only this
-                buf.seek(0)
-                planner.load_bytes(item, buf)
-                continue
-            if path is None:
-                raise CorruptCheckpointError(f"{where}: holds no tensor {fqn!r}")
-            entry = manifest.tensors[path]
-            box = tuple(item.storage_index.offset or ())
-            offsets = tuple(int(b) + int(o) for b, o in zip(box, item.storage_offsets))
-            target = planner.resolve_tensor(item).detach()
-            if tuple(target.shape) != tuple(item.lengths) or len(offsets) != len(entry.shape):
-                raise CheckpointError(
-                    f"{where}: DCP asks for a box {list(item.lengths)} of tensor {fqn!r} into {list(target.shape)}"
-                )
-            reads.append((item, path, entry, offsets, target))
-        codecs = get_plugins().codecs
-        reader = Reader(store, codecs)
-        with io_pool("ckpt-read") as chunk_pool, io_pool("ckpt-read-items", workers=4) as item_pool:
-
-            def one(path: str, entry: TensorEntry, offsets: tuple[int, ...], target: torch.Tensor) -> torch.Tensor:
-                direct = target.device.type == "cpu" and dtype_name(target) == entry.dtype
-                out = read_box(
-                    reader, entry, path, offsets, tuple(target.shape), pool=chunk_pool, out=target if direct else None
-                )
-                if not direct:
-                    with torch.no_grad():
-                        target.copy_(out)
-                return target
-
-            futures = [item_pool.submit(one, path, entry, offsets, target) for _, path, entry, offsets, target in reads]
-            wait_all(futures)
-        for (item, *_), fut in zip(reads, futures):
-            planner.commit_tensor(item, fut.result())
-        done: Future[None] = Future()
-        done.set_result(None)
-        return done
