@@ -189,26 +189,26 @@ def iter_chunks(
             box = read_box(reader, entry, path, (rows[0],) + (0,) * (len(shape) - 1), shape, pool=slab_pool)
             return bytearray(box.reshape(-1).view(torch.uint8).numpy().tobytes()) if box.numel() else bytearray()
 
-        by_path: dict[str, list[ChunkRead]] = {}
-        for r in plan.reads:
-            by_path.setdefault(r.path, []).append(r)
+        done: set[str] = set()  # sharded tensors (schema 2) already yielded whole
         pending: deque[Future[bytearray]] = deque()
         try:
-            for path in plan.paths:
-                entry = plan.entry(path)
-                if entry.shards:
-                    while pending:  # tensor order: what precedes this one first
+            for r in plan.reads:
+                if r.shard is not None:
+                    if r.path in done:
+                        continue
+                    done.add(r.path)
+                    entry = plan.entry(r.path)
+                    while pending:  # in order: what precedes this tensor first
                         yield pending.popleft().result()
                     if not entry.shape:  # a scalar: one box
-                        box = read_box(reader, entry, path, (), (), pool=slab_pool)
+                        box = read_box(reader, entry, r.path, (), (), pool=slab_pool)
                         yield bytearray(box.reshape(-1).view(torch.uint8).numpy().tobytes())
                     for rows in _slabs(entry):  # the full tensor, a slab of rows at a time
-                        yield slab(path, rows)
+                        yield slab(r.path, rows)
                     continue
-                for r in by_path.get(path, ()):
-                    pending.append(pool.submit(job, r))
-                    if len(pending) >= window:
-                        yield pending.popleft().result()
+                pending.append(pool.submit(job, r))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
         finally:
