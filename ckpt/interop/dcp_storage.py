@@ -76,7 +76,7 @@ from ckpt.storage.commit import commit, load_manifest, new_manifest, next_seq, p
 from ckpt.storage.manifest import ChunkRef, Manifest, Shard, TensorEntry, check_step
 from ckpt.storage.store import Store
 from ckpt.storage.writer_lease import WriterLease
-from ckpt.types import SaveStats
+from ckpt.types import CheckpointInfo, SaveStats
 
 log = logging.getLogger("ckpt")
 
@@ -307,8 +307,8 @@ class StorageWriter(_DCPWriter):
             manifest = dataclasses.replace(manifest, seq=next_seq(store))
             lease.check()
             commit(store, manifest)
-            lease.committed(self.step)
         self.manifest = manifest
+        get_plugins().after_commit(info=CheckpointInfo.from_manifest(manifest, store.url))
 
     def build_manifest(self, metadata: Metadata, results: list[list[WriteResult]], parent: Manifest | None) -> Manifest:
         """The manifest of this save from DCP's global metadata and every rank's write results."""
