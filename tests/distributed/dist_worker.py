@@ -19,12 +19,18 @@ def mlp(seed: int) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.ReLU(), torch.nn.Linear(10, 5))
 
 
-def fsdp_model(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def fsdp_model(seed: int, hsdp: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """FSDP2 over every rank, or HSDP (a 2-D mesh: replicate x shard) with ``hsdp``."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     model = mlp(seed)
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    world = dist.get_world_size()
+    mesh = (
+        init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("rep", "shard"))
+        if hsdp
+        else init_device_mesh("cpu", (world,))
+    )
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=mesh)
@@ -57,6 +63,18 @@ def main() -> None:
     scenario, where = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    if scenario == "suite":  # several scenarios in one launch (process start-up is the cost)
+        for name in ("ddp", "fail", "async"):
+            run(name, os.path.join(where, name), rank)
+    else:
+        run(scenario, where, rank)
+    dist.barrier()
+    print("OK")
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def run(scenario: str, where: str, rank: int) -> None:
     url = os.path.join(where, "store")
     if scenario == "ddp":
         model = mlp(0)
@@ -74,8 +92,8 @@ def main() -> None:
         assert state["rank"]["value"] == rank and torch.equal(state["rank"]["t"], torch.full((3,), float(rank)))
         assert torch.equal(gen.get_state(), expected_rng)
         assert torch.equal(model[0].weight, mlp(0)[0].weight)
-    elif scenario == "fsdp_save":
-        model, opt = fsdp_model(0)
+    elif scenario in ("fsdp_save", "hsdp_save"):
+        model, opt = fsdp_model(0, hsdp=scenario == "hsdp_save")
         train_step(model, opt)
         ckpt.save(url, {"model": model, "optim": opt, "r": {"v": rank}}, step=1)
         ref = {"model": full(model.state_dict()), "optim": full(opt.state_dict()["state"])}
@@ -158,10 +176,6 @@ def main() -> None:
                 assert torch.equal(got["model"][k], v), (step, k)
     else:
         raise SystemExit(f"unknown scenario {scenario}")
-    dist.barrier()
-    print("OK")
-    sys.stdout.flush()
-    os._exit(0)
 
 
 if __name__ == "__main__":

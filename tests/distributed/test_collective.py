@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 import ckpt
@@ -12,9 +13,17 @@ from ckpt.storage.store import Store
 from .conftest import assert_ok, run_ranks
 
 
-def test_ddp_shared_state_once_and_per_rank_values(tmp_path):
-    assert_ok(run_ranks("ddp", 2, tmp_path))
-    url = str(tmp_path / "store")
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    """The DDP, failing-rank and async scenarios, run by one launch of 2 ranks."""
+    where = tmp_path_factory.mktemp("suite")
+    results = run_ranks("suite", 2, where, timeout=240)
+    assert_ok(results)
+    return where, results
+
+
+def test_ddp_shared_state_once_and_per_rank_values(suite):
+    url = str(suite[0] / "ddp" / "store")
     m = ckpt.read_manifest(url)
     assert m.world_size == 2
     assert "model/0.weight" in m.tensors and not any(p.startswith("$rank/") and "model" in p for p in m.tensors)
@@ -34,12 +43,12 @@ def test_ddp_shared_state_once_and_per_rank_values(tmp_path):
         assert got["rank"]["value"] == r and torch.equal(got["rank"]["t"], torch.full((3,), float(r)))
 
 
-def test_failing_rank_raises_everywhere_and_writes_no_manifest(tmp_path):
-    results = run_ranks("fail", 2, tmp_path)
-    assert_ok(results)
+def test_failing_rank_raises_everywhere_and_writes_no_manifest(suite):
+    where, results = suite
     assert all("RAISED" in text for _, text in results)
-    assert ckpt.steps(str(tmp_path / "store")) == [1]
-    doc = json.loads(Store(str(tmp_path / "store")).fs.cat_file(Store(str(tmp_path / "store")).manifest_path(1)))
+    url = str(where / "fail" / "store")
+    assert ckpt.steps(url) == [1]
+    doc = json.loads(Store(url).fs.cat_file(Store(url).manifest_path(1)))
     assert doc["schema"] == 2 and doc["world_size"] == 2
 
 
@@ -53,7 +62,6 @@ def test_sigkilled_rank_leaves_previous_latest(tmp_path):
     assert torch.equal(ckpt.load(url)["x"], torch.ones(3))
 
 
-def test_async_checkpointer_commits_while_training_collectives_run(tmp_path):
-    assert_ok(run_ranks("async", 2, tmp_path))
-    m = ckpt.read_manifest(str(tmp_path / "store"))
+def test_async_checkpointer_commits_while_training_collectives_run(suite):
+    m = ckpt.read_manifest(str(suite[0] / "async" / "store"))
     assert m.step == 6 and m.world_size == 2 and m.tree["rank"]["r"] == {"$rank": [0, 1]}

@@ -59,8 +59,13 @@ def test_fsdp2_saved_at_2_restored_at_3_and_1(tmp_path):
     assert res.exit_code == 0 and "0 unchanged tensors" in res.output, res.output
 
 
-def test_fsdp2_saved_at_4_restored_at_2(tmp_path):
-    assert_ok(run_ranks("fsdp_save", 4, tmp_path))
+def test_hsdp_2d_mesh_saved_at_4_restored_at_2(tmp_path):
+    """HSDP on a 2x2 mesh (replicate x shard): each box is held by two ranks and written once;
+    restored into plain FSDP2 at 2 ranks."""
+    assert_ok(run_ranks("hsdp_save", 4, tmp_path))
     url = str(tmp_path / "store")
-    assert len(ckpt.read_manifest(url, 1).tensors["model/0.weight"].shards) == 4
+    m = ckpt.read_manifest(url, 1)
+    assert m.world_size == 4
+    assert [s.offsets for s in m.tensors["model/0.weight"].shards] == [(0, 0), (5, 0)]
+    _check_full(url, torch.load(tmp_path / "ref.pt"))
     assert_ok(run_ranks("fsdp_restore", 2, tmp_path))
