@@ -410,17 +410,3 @@ def _doc(m: Manifest) -> Any:
 
 def _itemsize(dtype: str) -> int:
     return DTYPE_ITEMSIZE[dtype]
-
-
-def restore(
-    url: str,
-    state: Any,
-    *,
-    step: int | None = None,
-    strict: bool = True,
-    map_location: Any = None,
-    storage_options: dict[str, Any] | None = None,
-) -> CheckpointInfo:
-    from .restore import restore as _restore
-
-    return _restore(url, state, step=step, strict=strict, map_location=map_location, storage_options=storage_options)

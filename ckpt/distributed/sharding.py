@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ckpt.codecs.base import CodecRegistry
-from ckpt.errors import CheckpointError, UnsupportedValueError
+from ckpt.errors import CheckpointError, SchemaError, UnsupportedValueError
 from ckpt.io.reader import Reader
 from ckpt.io.region import read_box
 from ckpt.snapshot.executor import io_pool
@@ -200,15 +200,12 @@ def rank_view(manifest: Manifest, rank: int = 0, *, warn: bool = True) -> Manife
         return manifest
     r = saved_rank(manifest, rank, warn=warn)
     prefix = rank_prefix(r)
-    renames: dict[str, str] = {}
-    tensors: dict[str, TensorEntry] = {}
-    for path, entry in manifest.tensors.items():
-        if path.startswith(RANK_TAG + "/"):
-            if path.startswith(prefix):
-                renames[path] = path[len(prefix) :]
-                tensors[path[len(prefix) :]] = entry
-        else:
-            tensors.setdefault(path, entry)
+    renames = {p: p[len(prefix) :] for p in manifest.tensors if p.startswith(prefix)}
+    for old, new in renames.items():
+        if new in manifest.tensors:  # a writer never stores a tensor both shared and per rank
+            raise SchemaError(f"checkpoint step {manifest.step}: tensor {new!r} is listed both shared and as {old!r}")
+    tensors: dict[str, TensorEntry] = {p: e for p, e in manifest.tensors.items() if not p.startswith(RANK_TAG + "/")}
+    tensors.update({new: manifest.tensors[old] for old, new in renames.items()})
     tree = _rename_refs(resolve_ranks(manifest.tree, r), renames)
     devices = {
         renames.get(p, p): d for p, d in manifest.devices.items() if not p.startswith(RANK_TAG + "/") or p in renames

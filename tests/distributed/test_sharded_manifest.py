@@ -188,3 +188,28 @@ def test_plain_manifests_stay_schema_1(tmp_path):
     url = str(tmp_path / "p1")
     ckpt.save(url, {"w": torch.ones(3)}, step=1)
     assert json.loads(Store(url).fs.cat_file(Store(url).manifest_path(1)))["schema"] == 1
+
+
+def test_rank_view_resolves_per_rank_values_and_refuses_collisions(tmp_path):
+    import dataclasses
+
+    from ckpt.distributed.sharding import rank_view
+
+    url = str(tmp_path / "v")
+    ckpt.save(url, {"w": torch.ones(2), "x": torch.zeros(1)}, step=1)
+    m = ckpt.read_manifest(url)
+    e = m.tensors["x"]
+    tree = {
+        "w": {"$tensor": "w"},
+        "x": {"$rank": [{"$tensor": "$rank/0/x"}, {"$tensor": "$rank/1/x"}]},
+        "n": {"$rank": [5, 6]},
+    }
+    dm = dataclasses.replace(m, world_size=2, tree=tree, tensors={"w": m.tensors["w"], "$rank/0/x": e, "$rank/1/x": e})
+    back = Manifest.from_json_bytes(dm.to_json_bytes(), where="test")
+    v1 = rank_view(back, 1)
+    assert v1.tree == {"w": {"$tensor": "w"}, "x": {"$tensor": "x"}, "n": 6} and set(v1.tensors) == {"w", "x"}
+    with pytest.warns(UserWarning, match="rank 1"):
+        assert rank_view(back, 3).tree["n"] == 6  # rank % world size
+    bad = dataclasses.replace(back, tensors={**back.tensors, "x": e})
+    with pytest.raises(SchemaError, match="both shared"):
+        rank_view(bad, 0)
