@@ -1,6 +1,8 @@
 """Collective restore: every rank loads its part of a checkpoint into its live objects.
 
 Rank 0 picks the step (the latest when none is given) and every rank reads that manifest.
+Unlike a single-process restore, a damaged latest checkpoint is not skipped for an older
+one: it raises on every rank (restore an older step explicitly).
 Each rank takes :func:`~ckpt.distributed.sharding.rank_view` of it: with the same world size
 its own per-rank values, with another one those of ``rank % saved world size`` (a warning
 says so). A live DTensor (FSDP2 parameters and optimizer moments, tensor-parallel weights)
