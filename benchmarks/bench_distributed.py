@@ -597,7 +597,7 @@ def markdown(res: dict[str, Any]) -> str:
         f"| plans gathered at the coordinator (x{s['scale_to_80_blocks']:.0f}) | {report.mb(s['plans_gathered_bytes_scaled'])} MB |",
         f"| write results gathered at the coordinator (x{s['scale_to_80_blocks']:.0f}) | {report.mb(s['results_gathered_bytes_scaled'])} MB |",
         f"| DCP global planning CPU (x{s['scale_to_80_blocks']:.0f}) | {s['dcp_global_plan_cpu_s_scaled']:.1f} s |",
-        f"| ckpt.dcp finish: manifest build + validate + commit CPU (x{s['scale_to_80_blocks']:.0f}) | {s['finish_cpu_s_scaled']:.1f} s |",
+        f"| ckpt.dcp finish: manifest build + serialize + validate CPU (no I/O) (x{s['scale_to_80_blocks']:.0f}) | {s['finish_cpu_s_scaled']:.1f} s |",
         f"| manifest size (x{s['scale_to_80_blocks']:.0f}) | {report.mb(s['manifest_bytes_scaled'])} MB "
         f"(limit CKPT_MAX_MANIFEST_BYTES {report.mb(s['max_manifest_bytes'])} MB) |",
         "",
