@@ -1,11 +1,12 @@
-"""Entry point: ``python -m benchmarks.run [--smoke] [--section core|async|frameworks|tiers|all] [--out DIR]``.
+"""Entry point: ``python -m benchmarks.run [--smoke] [--section core|async|frameworks|tiers|distributed|all] [--out DIR]``.
 
 Writes ``core.json``/``core.md``/``core.png``, ``async.json``/``async.md`` and, for the
 frameworks section, ``lightning.*`` and ``transformers.*`` (each framework's default
 checkpointing against its ckpt plugin, same model, one run) under ``--out`` and prints the
 tables and the PASS/FAIL lines of the targets (never asserted). ``all`` is core and async;
 ``tiers`` (:mod:`benchmarks.bench_tiers`: restart from a local tier vs S3, loop overhead)
-runs on its own, like frameworks; the frameworks section needs the ckpt-lightning and ckpt-transformers plugins installed.
+and ``distributed`` (``distributed.*``: 2 and 4 gloo processes) run on their own, like
+frameworks; the frameworks section needs the ckpt-lightning and ckpt-transformers plugins installed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from benchmarks import common, report
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (checks the harness, not speed)")
-    p.add_argument("--section", choices=["core", "async", "frameworks", "tiers", "all"], default="all")
+    p.add_argument("--section", choices=["core", "async", "frameworks", "tiers", "distributed", "all"], default="all")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="results directory")
     p.add_argument("--workdir", default=None, help="where checkpoints are written (default: a temp dir)")
     args = p.parse_args(argv)
@@ -64,6 +65,16 @@ def main(argv: list[str] | None = None) -> int:
             report.write_json(out / "async.json", res)
             md = async_bench.markdown(res)
             (out / "async.md").write_text(md)
+            log("")
+            log(md)
+        if args.section == "distributed":  # multi-process (gloo): not part of "all"
+            from benchmarks import bench_distributed
+
+            res = bench_distributed.run(smoke=args.smoke, workdir=workdir, log=log)
+            res.update(section="distributed", smoke=args.smoke)
+            report.write_json(out / "distributed.json", res)
+            md = bench_distributed.markdown(res)
+            (out / "distributed.md").write_text(md)
             log("")
             log(md)
         if args.section == "frameworks":

@@ -73,6 +73,10 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "dcp":  # the submodule ckpt.dcp (DCP storage writer/reader; imports torch)
+        import ckpt.dcp  # noqa: F401 - bound for sys.modules
+
+        return sys.modules["ckpt.dcp"]
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'ckpt' has no attribute {name!r}")

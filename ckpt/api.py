@@ -123,8 +123,15 @@ def save(
     The checkpoint continues from the store's latest (its parent): chunks that one stored
     are referenced, not written again. Saving a step that exists replaces it atomically
     (logged).
+
+    Under an initialized ``torch.distributed`` default group of several ranks, every rank
+    calls it with its own state: a collective save (:mod:`ckpt.distributed.coordinator`).
     """
     check_step(step)
+    if _distributed():
+        from ckpt.distributed.coordinator import save as collective_save
+
+        return collective_save(url, state, step=step, storage_options=storage_options)
     plugins = get_plugins()
     store = Store(url, storage_options)
     classes: dict[str, str] = {}
@@ -214,7 +221,16 @@ def restore(
     the checkpoint are not read. ``map_location`` (as ``torch.load`` takes it) places the
     decoded tensors before the adapters load them; a device this machine lacks is an
     error before any data is read.
+
+    Under an initialized ``torch.distributed`` default group of several ranks it is
+    collective (:mod:`ckpt.distributed.restore`): DTensors resharded to the live layout.
     """
+    if _distributed():
+        from ckpt.distributed.restore import restore as collective_restore
+
+        return collective_restore(
+            url, state, step=step, strict=strict, map_location=map_location, storage_options=storage_options
+        )
     plugins = get_plugins()
     place = placer(map_location)
     live, _ = as_mapping(state, plugins)
@@ -236,6 +252,7 @@ def load(
     keys: Iterable[str] | None = None,
     map_location: Any = "cpu",
     storage_options: dict[str, Any] | None = None,
+    rank: int = 0,
 ) -> dict[str, Any]:
     """Read checkpoint ``step`` (newest when None) as a plain tree of fresh tensors.
 
@@ -244,11 +261,17 @@ def load(
     only those top-level entries (``keys=["model"]``: no optimizer bytes are read).
     ``map_location`` is taken as ``torch.load`` takes it (a device, a dict of saved to
     new locations, or a callable); NumPy arrays stay in host memory.
+
+    A checkpoint of a collective save comes back as full tensors (shards put together)
+    with the per-rank values of ``rank`` (see :func:`ckpt.distributed.sharding.rank_view`);
+    it never communicates.
     """
+    from ckpt.distributed.sharding import rank_view
+
     plugins = get_plugins()
     place = placer(map_location)
     store = Store(url, storage_options)
-    manifest = load_manifest(store, step)
+    manifest = rank_view(load_manifest(store, step), rank)
     tree = manifest.tree
     if keys is not None:
         if not isinstance(tree, dict):
@@ -270,6 +293,12 @@ def load(
         return t if place is None else place(t, manifest.devices.get(path, DEFAULT_LOCATION))
 
     return treemod.decode(tree, leaf)
+
+
+def _distributed() -> bool:
+    """Whether this process is one rank of several of an initialized default group."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 # -- inspection ------------------------------------------------------------------------------

@@ -224,3 +224,13 @@ def preempt_deadline_seconds() -> float:
     clear log line instead of a SIGKILL. 0 turns it off.
     """
     return max(0.0, _float("CKPT_PREEMPT_DEADLINE_SECONDS", 25.0))
+
+
+def dist_timeout_seconds() -> float:
+    """``CKPT_DIST_TIMEOUT``: seconds a collective save/restore waits on the other ranks (300).
+
+    ckpt coordinates ranks over a gloo group of its own created with this timeout; a rank
+    that fails or dies makes every other rank raise a CheckpointError within about this
+    long (at once when the failure is reported), and no manifest is written.
+    """
+    return max(1.0, _float("CKPT_DIST_TIMEOUT", 300.0))

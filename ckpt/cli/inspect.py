@@ -110,6 +110,12 @@ def show_cmd(url: str, step: int | None, as_json: bool, storage_options: dict[st
       delta    a chunk is stored as a delta against the parent (codec with a "parent")
 
     \b
+    Layout of a tensor of a collective save (torch.distributed), a column then:
+      replicated   equal on every rank, stored once
+      rank:R       rank R's own value (per-rank state: RNG, rank-local values)
+      sharded:N    a DTensor (FSDP2, tensor parallel) stored as N shard boxes
+
+    \b
     Examples:
       ckpt show file:///runs/exp1
       ckpt show /runs/exp1 --step 100 --json | jq '.tensors[] | select(.status=="new") | .name'
@@ -117,13 +123,14 @@ def show_cmd(url: str, step: int | None, as_json: bool, storage_options: dict[st
     \b
     JSON schema:
       {"url": str, "step": int, "created": str, "parent": int|null,
-       "seq": int|null, "run": str|null, "abandoned": bool,
+       "seq": int|null, "run": str|null, "abandoned": bool, "world_size": int (0: one process),
        "raw_bytes": int, "stored_bytes": int, "new_bytes": int,
        "adapters": {path: adapter}, "plugins": {name: version}, "meta": {...},
        "tree": <the manifest's encoded tree; tensors as {"$tensor": path}>,
        "tensors": [{"path": str, "name": str (model.0.weight style), "dtype": str,
                     "shape": [int], "nbytes": int, "stored": int, "codec": str,
                     "status": "new"|"dedup"|"partial"|"delta",
+                    "layout": ""|"replicated"|"rank:R"|"sharded:N" (a collective save),
                     "chunks": [{"key": str, "size": int, "stored": int,
                                 "codec": [str], "dedup": bool, "delta": bool,
                                 "shared_with": [int]}]}]}
@@ -155,6 +162,7 @@ def show_cmd(url: str, step: int | None, as_json: bool, storage_options: dict[st
             t["codec"],
             fmt_bytes(t["stored"]),
             t["status"],
+            *([t["layout"]] if doc.get("world_size") else []),
         ]
         for t in doc["tensors"]
     ]
@@ -165,6 +173,7 @@ def show_cmd(url: str, step: int | None, as_json: bool, storage_options: dict[st
         ("codec", "left"),
         ("stored", "right"),
         ("status", "left"),
+        *([("layout", "left")] if doc.get("world_size") else []),
     ]
     emit_table(cols, rows)
     from ckpt.cli.report import json_leaves
@@ -190,7 +199,7 @@ def _rich_tree(head: str, tree: Any, by_path: dict[str, dict]) -> Any:
         style = _STATUS_STYLE.get(t["status"], "white")
         return (
             f"[bold]{escape(key)}[/]  {t['dtype']}{shape}  {escape(t['codec'])}  {fmt_bytes(t['stored'])}  "
-            f"[{style}]{t['status']}[/]"
+            f"[{style}]{t['status']}[/]" + (f"  {t['layout']}" if t.get("layout") else "")
         )
 
     def add(node: Any, key: str, value: Any) -> None:

@@ -18,7 +18,7 @@ from ckpt.errors import CheckpointError, NoCheckpointError
 from ckpt.state import paths as treemod
 from ckpt.storage.commit import load_manifest
 from ckpt.storage.lineage import lineage_of, parse_manifest
-from ckpt.storage.manifest import ChunkRef, Manifest
+from ckpt.storage.manifest import RANK_TAG, ChunkRef, Manifest, TensorEntry
 from ckpt.storage.store import Store
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ def referenced(manifest: Manifest) -> dict[str, ChunkRef]:
     """Objects a checkpoint needs, by key (delta parents included)."""
     out: dict[str, ChunkRef] = {}
     for entry in manifest.tensors.values():
-        for ref in entry.chunks:
+        for ref in entry.refs:
             for r in _closure(ref):
                 out.setdefault(r.key, r)
     return out
@@ -141,19 +141,29 @@ def codec_label(chain: Any) -> str:
     return "+".join(names) if names else "raw"
 
 
+def _layout(m: Manifest, path: str, entry: TensorEntry) -> str:
+    """How a tensor of a collective save is held: "sharded:N" (N boxes), "rank:R" (per
+    rank), "replicated" (equal on every rank, stored once); "" in a single-process save."""
+    if entry.shards:
+        return f"sharded:{len(entry.shards)}"
+    if path.startswith(RANK_TAG + "/"):
+        return "rank:" + path.split("/", 2)[1]
+    return "replicated" if m.world_size else ""
+
+
 def show_report(store: Store, step: int | None) -> dict[str, Any]:
     manifests, errors, _ = read_manifests(store)
     m = manifest_for(store, manifests, errors, step)
     users: dict[str, set[int]] = {}
     for s, other in manifests.items():
         for e in other.tensors.values():
-            for ref in e.chunks:
+            for ref in e.refs:
                 users.setdefault(ref.key, set()).add(s)
     seen_here: set[str] = set()
     tensors = []
     for path, entry in m.tensors.items():
         chunks: list[dict[str, Any]] = []
-        for ref in entry.chunks:
+        for ref in entry.refs:
             others = sorted(users.get(ref.key, set()) - {m.step})
             dedup = ref.key in seen_here or any(s < m.step for s in others)
             seen_here.add(ref.key)
@@ -177,7 +187,7 @@ def show_report(store: Store, step: int | None) -> dict[str, Any]:
             status = "partial"
         else:
             status = "new"
-        labels = sorted({codec_label(r.codec) for r in entry.chunks}) or ["-"]
+        labels = sorted({codec_label(r.codec) for r in entry.refs}) or ["-"]
         tensors.append(
             {
                 "path": path,
@@ -185,9 +195,10 @@ def show_report(store: Store, step: int | None) -> dict[str, Any]:
                 "dtype": entry.dtype,
                 "shape": list(entry.shape),
                 "nbytes": entry.nbytes,
-                "stored": sum(r.stored for r in entry.chunks),
+                "stored": sum(r.stored for r in entry.refs),
                 "codec": ",".join(labels),
                 "status": status,
+                "layout": _layout(m, path, entry),
                 "chunks": chunks,
             }
         )
@@ -197,6 +208,7 @@ def show_report(store: Store, step: int | None) -> dict[str, Any]:
         "step": m.step,
         "created": m.created,
         "parent": m.parent,
+        "world_size": m.world_size,
         "seq": m.seq,
         "run": m.run or None,
         "abandoned": m.step in lineage_of(manifests).abandoned,
@@ -263,7 +275,10 @@ def diff_report(store: Store, plugins: Plugins, a: int, b: int) -> dict[str, Any
         if ea is None:
             added.append({"tensor": path, "dtype": eb.dtype, "shape": list(eb.shape)})
         elif (
-            [c.hash for c in ea.chunks] == [c.hash for c in eb.chunks] and ea.dtype == eb.dtype and ea.shape == eb.shape
+            [c.hash for c in ea.refs] == [c.hash for c in eb.refs]
+            and ea.shards == eb.shards
+            and ea.dtype == eb.dtype
+            and ea.shape == eb.shape
         ):
             unchanged += 1
         else:
@@ -345,9 +360,9 @@ def verify_report(
     for s, m in sorted(manifests.items()):
         keep = {}
         for path, entry in m.tensors.items():
-            for ref in entry.chunks:
+            for ref in entry.refs:
                 users.setdefault(ref.key, []).append({"step": s, "tensor": path})
-            fresh = tuple(r for r in entry.chunks if _identity(r) not in seen)
+            fresh = tuple(r for r in entry.refs if _identity(r) not in seen)
             seen.update(_identity(r) for r in fresh)
             total += sum(r.size for r in fresh)
             if fresh:
@@ -356,7 +371,7 @@ def verify_report(
     problems: list[dict[str, Any]] = []
     checked = 0
     for _s, m in sorted(todo.items()):
-        checked += sum(len(e.chunks) for e in m.tensors.values())
+        checked += sum(len(e.refs) for e in m.tensors.values())
         tick = (lambda n: progress(n, total)) if progress is not None else None
         for p in verify_manifest(store, plugins.codecs, m, progress=tick):
             problems.append({"key": p.key, "error": p.error, "references": users.get(p.key, [])})

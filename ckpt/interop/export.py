@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from ckpt.api import save_tree
+from ckpt.distributed.sharding import rank_view
 from ckpt.errors import CheckpointError, NoCheckpointError
 from ckpt.hooks.manager import Plugins, get_plugins
 from ckpt.interop.dcp import DCPSource
@@ -152,7 +153,8 @@ def export_checkpoint(
     fmt = format_for(out, fmt)
     plugins = get_plugins()
     store = Store(url, storage_options)
-    manifest = load_manifest(store, step)
+    # a collective save's checkpoint: full tensors (shards put together), rank 0's per-rank values
+    manifest = rank_view(load_manifest(store, step), 0, warn=False)
     subtree, prefix = _select(manifest, key, store.url)
     names = _names(manifest, subtree, prefix)
     total = sum(e.nbytes for _, _, e in names)

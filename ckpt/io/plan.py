@@ -16,11 +16,14 @@ from ckpt.storage.manifest import ChunkRef, Manifest, TensorEntry
 
 @dataclass(frozen=True)
 class ChunkRead:
-    """Object ``ref`` fills bytes ``[offset, offset + ref.size)`` of tensor ``path``."""
+    """Object ``ref`` fills bytes ``[offset, offset + ref.size)`` of tensor ``path``; of the
+    row-major bytes of its box ``shard`` when that is not None (a sharded tensor, schema 2:
+    :mod:`ckpt.io.region` places the box)."""
 
     path: str
     ref: ChunkRef
     offset: int
+    shard: int | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,11 @@ class ReadPlan:
             for ref in entry.chunks:
                 reads.append(ChunkRead(path, ref, offset))
                 offset += ref.size
+            for i, shard in enumerate(entry.shards):
+                offset = 0
+                for ref in shard.chunks:
+                    reads.append(ChunkRead(path, ref, offset, i))
+                    offset += ref.size
         return cls(manifest, paths, tuple(reads))
 
     @classmethod

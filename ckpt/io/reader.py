@@ -15,6 +15,7 @@ from ckpt.codecs.base import CodecRegistry, decode_chain, max_encoded_size
 from ckpt.errors import CheckpointError, CorruptCheckpointError
 from ckpt.io.hashing import hash_bytes
 from ckpt.io.plan import ChunkRead, ReadPlan
+from ckpt.io.region import read_box
 from ckpt.snapshot.executor import io_pool, io_threads, wait_all
 from ckpt.state.tree import dtype_from_name
 from ckpt.storage.manifest import ChunkRef, TensorEntry
@@ -126,6 +127,7 @@ def read_tensors(
     result: dict[str, torch.Tensor] = {}
     staged: list[tuple[torch.Tensor, torch.Tensor]] = []  # (live, host copy)
     targets: dict[str, memoryview] = {}
+    hosts: dict[str, torch.Tensor] = {}
     for path in plan.paths:
         entry = plan.entry(path)
         dest = destinations.get(path)
@@ -138,6 +140,7 @@ def read_tensors(
             if dest is not None:
                 staged.append((dest, host))
         result[path] = dest if dest is not None else host
+        hosts[path] = host
         targets[path] = host.reshape(-1).view(torch.uint8).numpy().data if entry.nbytes else memoryview(b"")
     with io_pool("ckpt-read") as pool:
         reader = Reader(store, codecs)
@@ -147,7 +150,21 @@ def read_tensors(
             if progress is not None:
                 progress(r.ref.size)
 
-        wait_all([pool.submit(job, r) for r in plan.reads])
+        wait_all([pool.submit(job, r) for r in plan.reads if r.shard is None])
+        for path in plan.paths:  # sharded tensors (schema 2): their boxes put together
+            entry = plan.entry(path)
+            if entry.shards:
+                read_box(
+                    reader,
+                    entry,
+                    path,
+                    (0,) * len(entry.shape),
+                    entry.shape,
+                    pool=pool,
+                    out=hosts[path].view(entry.shape),
+                )
+                if progress is not None:
+                    progress(entry.nbytes)
     with torch.no_grad():
         for dest, host in staged:
             dest.copy_(host)
@@ -162,7 +179,7 @@ def iter_chunks(
     Up to ``window`` chunks are fetched and decoded in parallel ahead of the consumer, so
     memory stays bounded whatever the size of the checkpoint.
     """
-    with io_pool("ckpt-read") as pool:
+    with io_pool("ckpt-read") as pool, io_pool("ckpt-read-slab") as slab_pool:
         window = window or io_threads() + 2
         reader = Reader(store, codecs)
 
@@ -171,9 +188,29 @@ def iter_chunks(
             reader.read_chunk(r.ref, memoryview(buf), what=f"tensor {r.path!r}")
             return buf
 
+        def slab(path: str, rows: tuple[int, int]) -> bytearray:
+            entry = plan.entry(path)
+            shape = (rows[1] - rows[0], *entry.shape[1:])
+            box = read_box(reader, entry, path, (rows[0],) + (0,) * (len(shape) - 1), shape, pool=slab_pool)
+            return bytearray(box.reshape(-1).view(torch.uint8).numpy().tobytes()) if box.numel() else bytearray()
+
+        done: set[str] = set()  # sharded tensors (schema 2) already yielded whole
         pending: deque[Future[bytearray]] = deque()
         try:
             for r in plan.reads:
+                if r.shard is not None:
+                    if r.path in done:
+                        continue
+                    done.add(r.path)
+                    entry = plan.entry(r.path)
+                    while pending:  # in order: what precedes this tensor first
+                        yield pending.popleft().result()
+                    if not entry.shape:  # a scalar: one box
+                        box = read_box(reader, entry, r.path, (), (), pool=slab_pool)
+                        yield bytearray(box.reshape(-1).view(torch.uint8).numpy().tobytes())
+                    for rows in _slabs(entry):  # the full tensor, a slab of rows at a time
+                        yield slab(r.path, rows)
+                    continue
                 pending.append(pool.submit(job, r))
                 if len(pending) >= window:
                     yield pending.popleft().result()
@@ -182,3 +219,12 @@ def iter_chunks(
         finally:
             for f in pending:
                 f.cancel()
+
+
+def _slabs(entry: TensorEntry, target: int = 16 * 1024 * 1024) -> Iterator[tuple[int, int]]:
+    """Row ranges of a sharded tensor of about ``target`` bytes each (whole rows)."""
+    rows = entry.shape[0] if entry.shape else 0
+    row_bytes = max(1, entry.nbytes // rows) if rows else 1
+    step = max(1, target // row_bytes)
+    for lo in range(0, rows, step):
+        yield lo, min(rows, lo + step)

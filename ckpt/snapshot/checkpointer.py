@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Mapping, MutableMapping
 from concurrent.futures import Future
@@ -117,6 +118,17 @@ class Checkpointer:
     The lease of a dead process on this host is taken over at once; one from another host
     once its heartbeat has stopped for ``CKPT_WRITER_LEASE_SECONDS``.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        # under torch.distributed with several ranks: the collective variant
+        if cls is Checkpointer and "torch.distributed" in sys.modules:
+            from ckpt.distributed.coordinator import active
+
+            if active():
+                from ckpt.distributed.checkpointer import DistributedCheckpointer
+
+                return DistributedCheckpointer(*args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,

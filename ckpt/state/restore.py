@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ckpt.distributed.sharding import rank_view
 from ckpt.errors import CheckpointError, CorruptCheckpointError, StateMismatchError
 from ckpt.hooks.manager import Plugins
 from ckpt.io.plan import ReadPlan
@@ -128,6 +129,7 @@ def _prepare(
 ) -> tuple[dict[str, Any], list[str], list[str]]:
     """The values ``state``'s keys take from ``manifest`` (read, verified and checked against
     the live objects, nothing live changed yet), and the missing and unexpected keys."""
+    manifest = rank_view(manifest, 0)  # a collective save's checkpoint in one process: rank 0's values
     stored_tree = manifest.tree
     if not isinstance(stored_tree, dict):
         raise CheckpointError(f"checkpoint step {manifest.step} of {store.url} has no state mapping")

@@ -41,21 +41,62 @@ whole before anything is read or allocated for it, and every violation is a
   checked by :func:`ckpt.state.tree.decode`).
 
 Saves refuse what loads would refuse (a tree too deep, a path with control characters).
+
+Schema 2 (distributed checkpoints, written by :mod:`ckpt.distributed`; a writer writes
+``"schema": 2`` only when a manifest uses one of these, else 1):
+
+- **sharded tensors**: an entry may carry ``"shards"`` instead of ``"chunks"``::
+
+      {"dtype": "float32", "shape": [G0, G1], "nbytes": G0*G1*4,
+       "shards": [{"offsets": [o0, o1], "shape": [s0, s1], "chunks": [<chunk records>]}, ...]}
+
+  ``shape`` is the GLOBAL shape; a shard's chunks hold the row-major bytes of the box
+  ``tensor[o0:o0+s0, o1:o1+s1]``. Boxes lie inside the global shape, are pairwise disjoint
+  and cover it (volumes sum to numel; empty boxes allowed). Checked without allocating per
+  element: the boxes' cut points give a grid of at most :data:`MAX_SHARD_CELLS` cells, each
+  of which exactly one box must cover. :class:`TensorEntry` has ``chunks == ()`` and
+  ``shards`` (:class:`Shard`); :attr:`TensorEntry.refs` and :meth:`Manifest.chunk_refs`
+  list every chunk of either kind (gc, verify and copy see them).
+- **world size**: ``"world_size": W`` (an int >= 1) records the number of ranks of a
+  collective save (absent: a single-process save; :attr:`Manifest.world_size` is then 0).
+- **per-rank values**: a leaf of the state tree whose encoded value differs between ranks
+  (RNG states, loader positions, rank-local values) is stored once per rank as
+  ``{"$rank": [v_0, ..., v_{W-1}]}`` at the smallest subtree where the ranks differ (a tensor
+  reference ``{"$tensor": ...}`` is one leaf). ``$rank`` nodes only appear in a manifest with
+  a ``world_size``, hold exactly ``W`` values and never nest. A tensor held per rank is
+  stored under the path ``"$rank/<r>/<tree path>"`` (a top-level state key never starts
+  with ``$``, so it cannot collide with a tree path) and referenced from ``v_r``. Values
+  equal on every rank (DDP parameters, optimizer moments, step) are stored once, as in a
+  single-process save; DTensor leaves are sharded entries, referenced like any tensor.
+  :func:`ckpt.distributed.sharding.rank_view` turns such a manifest into what rank ``r``
+  saved (``$rank`` nodes resolved, its per-rank tensors under their tree paths), which
+  every reader then reads like a single-process checkpoint.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ckpt import config
 from ckpt.codecs.base import INPUT_SIZE, max_encoded_size
 from ckpt.errors import CheckpointError, NewerSchemaError, SchemaError, UnsupportedValueError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: what a manifest without any schema-2 addition is written as (older readers read it)
+BASE_SCHEMA_VERSION = 1
+#: tag of a per-rank node of the state tree, and the path prefix of per-rank tensors
+RANK_TAG = "$rank"
+#: bound of the grid of cells a sharded tensor's boxes cut its shape into (see the docstring)
+MAX_SHARD_CELLS = 1 << 22
+#: bound of a manifest's world size
+MAX_WORLD_SIZE = 1 << 20
 HASH_NAME = "xxh3-128"
 
 #: element size of every dtype a stored tensor may have, by name (``str(dtype)`` without
@@ -155,19 +196,48 @@ class ChunkRef:
 
 
 @dataclass(frozen=True)
+class Shard:
+    """The box ``tensor[offsets[i]:offsets[i] + shape[i], ...]`` of a sharded tensor, its
+    row-major bytes stored as ``chunks``."""
+
+    offsets: tuple[int, ...]
+    shape: tuple[int, ...]
+    chunks: tuple[ChunkRef, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def to_json(self) -> dict[str, Any]:
+        return {"offsets": list(self.offsets), "shape": list(self.shape), "chunks": [c.to_json() for c in self.chunks]}
+
+
+@dataclass(frozen=True)
 class TensorEntry:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
     chunks: tuple[ChunkRef, ...]
+    #: the boxes of a sharded tensor (schema 2); ``chunks`` is then ()
+    shards: tuple[Shard, ...] = ()
+
+    @property
+    def refs(self) -> tuple[ChunkRef, ...]:
+        """Every chunk of the tensor, of a plain or a sharded entry."""
+        if not self.shards:
+            return self.chunks
+        return tuple(c for s in self.shards for c in s.chunks)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "dtype": self.dtype,
-            "shape": list(self.shape),
-            "nbytes": self.nbytes,
-            "chunks": [c.to_json() for c in self.chunks],
-        }
+        doc: dict[str, Any] = {"dtype": self.dtype, "shape": list(self.shape), "nbytes": self.nbytes}
+        if self.shards:
+            doc["shards"] = [s.to_json() for s in self.shards]
+        else:
+            doc["chunks"] = [c.to_json() for c in self.chunks]
+        return doc
 
 
 @dataclass(frozen=True)
@@ -195,13 +265,22 @@ class Manifest:
     #: device each tensor was saved from, by path, where it was not the CPU (``"cuda:1"``):
     #: the location ``map_location`` maps, as ``torch.load``'s does
     devices: Mapping[str, str] = field(default_factory=dict)
+    #: ranks of the collective save that wrote it (0: a single-process save); see the docstring
+    world_size: int = 0
+
+    @property
+    def written_schema(self) -> int:
+        """The schema version this manifest is written as: 2 only when it uses a schema-2 addition."""
+        if self.world_size or any(e.shards for e in self.tensors.values()):
+            return max(2, self.schema)
+        return BASE_SCHEMA_VERSION if self.schema <= 2 else self.schema
 
     def to_json_bytes(self) -> bytes:
         """The manifest file; a tree or path that loading would refuse is an UnsupportedValueError."""
         _check_writable(self)
         doc = {
             "format": "ckpt",
-            "schema": self.schema,
+            "schema": self.written_schema,
             "step": self.step,
             "created": self.created,
             "parent": self.parent,
@@ -216,13 +295,14 @@ class Manifest:
             "adapters": dict(self.adapters),
             **({"classes": dict(self.classes)} if self.classes else {}),
             **({"devices": dict(self.devices)} if self.devices else {}),
+            **({"world_size": self.world_size} if self.world_size else {}),
             "tree": self.tree,
             "tensors": {p: e.to_json() for p, e in self.tensors.items()},
         }
         return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
     def chunk_refs(self) -> list[ChunkRef]:
-        return [c for e in self.tensors.values() for c in e.chunks]
+        return [c for e in self.tensors.values() for c in e.refs]
 
     @classmethod
     def from_json_bytes(cls, data: bytes, *, where: str, step: int | None = None) -> Manifest:
@@ -290,6 +370,7 @@ class _Validator:
         self.tree_depth = config.max_tree_depth()
         self.delta_depth = max(MAX_DELTA_DEPTH, config.delta_max_chain())
         self.chunk_cap = MAX_CHUNK_BYTES
+        self.world_size = 0
 
     def fail(self, msg: str) -> SchemaError:
         return SchemaError(f"manifest {self.where}: {msg}")
@@ -332,6 +413,8 @@ class _Validator:
         parent, seq = doc.get("parent"), doc.get("seq")
         chunk_bytes = self.int_(doc.get("chunk_bytes", 0), "chunk_bytes", hi=MAX_CHUNK_BYTES)
         self.chunk_cap = chunk_bytes or MAX_CHUNK_BYTES
+        world = doc.get("world_size")
+        self.world_size = 0 if world is None else self.int_(world, "world_size", lo=1, hi=MAX_WORLD_SIZE)
         tensors = doc["tensors"]
         if not isinstance(tensors, dict):
             raise self.fail(f"tensors must be a mapping, got {_short(tensors)}")
@@ -357,6 +440,7 @@ class _Validator:
             run=self.text(doc.get("run", ""), "run"),
             classes=self.names(doc.get("classes", {}), "classes"),
             devices=self.names(doc.get("devices", {}), "devices"),
+            world_size=self.world_size,
         )
 
     def path(self, path: str) -> str:
@@ -382,6 +466,11 @@ class _Validator:
         nbytes = self.int_(e.get("nbytes"), f"{what} nbytes")
         if nbytes != size:
             raise self.fail(f"{what}: sizes do not add up: shape {shape} of {dtype} is {size} bytes, nbytes {nbytes}")
+        if "shards" in e:
+            if "chunks" in e:
+                raise self.fail(f"{what}: has both chunks and shards")
+            shards = self.shards(e["shards"], what, tuple(shape), DTYPE_ITEMSIZE[dtype])
+            return TensorEntry(dtype=dtype, shape=tuple(shape), nbytes=nbytes, chunks=(), shards=shards)
         chunks = e.get("chunks")
         if not isinstance(chunks, list):
             raise self.fail(f"{what}: malformed: chunks must be a list, got {_short(chunks)}")
@@ -389,6 +478,36 @@ class _Validator:
         if sum(c.size for c in refs) != nbytes:
             raise self.fail(f"{what}: chunk sizes do not add up to {nbytes} bytes")
         return TensorEntry(dtype=dtype, shape=tuple(shape), nbytes=nbytes, chunks=refs)
+
+    def shards(self, recs: Any, what: str, shape: tuple[int, ...], itemsize: int) -> tuple[Shard, ...]:
+        """The boxes of a sharded tensor: inside ``shape``, disjoint, covering it."""
+        if not isinstance(recs, list):
+            raise self.fail(f"{what}: malformed: shards must be a list, got {_short(recs)}")
+        out = []
+        for i, rec in enumerate(recs):
+            at = f"{what} shard {i}"
+            if not isinstance(rec, dict):
+                raise self.fail(f"{at} is not a mapping")
+            offsets, box = rec.get("offsets"), rec.get("shape")
+            if not isinstance(offsets, list) or not isinstance(box, list) or not len(offsets) == len(box) == len(shape):
+                raise self.fail(f"{at}: offsets and shape must be lists of {len(shape)} ints (the tensor's dims)")
+            for d, (o, n) in enumerate(zip(offsets, box)):
+                self.int_(o, f"{at} offsets[{d}]")
+                self.int_(n, f"{at} shape[{d}]")
+                if o + n > shape[d]:
+                    raise self.fail(f"{at}: box {offsets}+{box} is out of bounds of shape {list(shape)} in dim {d}")
+            chunks = rec.get("chunks")
+            if not isinstance(chunks, list):
+                raise self.fail(f"{at}: malformed: chunks must be a list, got {_short(chunks)}")
+            refs = tuple(self.chunk(c, f"{at} chunk {j}") for j, c in enumerate(chunks))
+            shard = Shard(offsets=tuple(offsets), shape=tuple(box), chunks=refs)
+            if sum(c.size for c in refs) != shard.numel * itemsize:
+                raise self.fail(f"{at}: chunk sizes do not add up to {shard.numel * itemsize} bytes")
+            out.append(shard)
+        problem = tiling_problem(shape, [(s.offsets, s.shape) for s in out])
+        if problem:
+            raise self.fail(f"{what}: {problem}")
+        return tuple(out)
 
     def chunk(
         self, rec: Any, what: str, *, size: int | None = None, depth: int = 0, ancestors: tuple[str, ...] = ()
@@ -472,8 +591,93 @@ class _Validator:
         Other tags are checked where they are decoded (:func:`ckpt.state.tree.decode`, a
         SchemaError naming the path), which owns their meaning.
         """
+        if RANK_TAG in node:
+            values = node[RANK_TAG]
+            where = f"tree at {_short(at or '/')}"
+            if len(node) != 1 or not isinstance(values, list) or len(values) != self.world_size:
+                raise self.fail(
+                    f"{where}: a {RANK_TAG} node must hold a list of world_size ({self.world_size}) values only"
+                )
+            if any(_has_rank_node(v) for v in values):
+                raise self.fail(f"{where}: {RANK_TAG} nodes nest")
         if "$tensor" in node:
             ref = node["$tensor"]
             if not isinstance(ref, str) or ref not in tensors:
                 where = f"tree at {_short(at or '/')}"
                 raise self.fail(f"{where} references tensor {_short(ref)}, which is not listed")
+
+
+def _has_rank_node(node: Any) -> bool:
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, dict):
+            if RANK_TAG in n:
+                return True
+            stack.extend(v for v in n.values() if isinstance(v, (dict, list)))
+        elif isinstance(n, list):
+            stack.extend(v for v in n if isinstance(v, (dict, list)))
+    return False
+
+
+def tiling_problem(shape: tuple[int, ...], boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> str:
+    """What is wrong with ``boxes`` (offsets, shape) as a tiling of ``shape`` ("" when they
+    lie inside it, are disjoint and cover it).
+
+    The boxes' cut points split every dim into intervals; the grid of cells they make (at
+    most :data:`MAX_SHARD_CELLS`) is painted box by box, after checking that the boxes
+    paint exactly as many cells as the grid has (so hostile overlaps cost no more).
+    """
+    boxes = [(o, b) for o, b in boxes if all(n > 0 for n in b)]  # empty boxes cover nothing
+    numel = 1
+    for n in shape:
+        numel *= n
+    volume = 0
+    for offsets, box in boxes:
+        if len(offsets) != len(shape) or len(box) != len(shape):
+            return f"a box of {len(box)} dims in a tensor of {len(shape)}"
+        v = 1
+        for d, (o, n) in enumerate(zip(offsets, box)):
+            if o < 0 or o + n > shape[d]:
+                return f"box {list(offsets)}+{list(box)} is out of bounds of shape {list(shape)}"
+            v *= n
+        volume += v
+    if volume != numel:
+        return (
+            f"the shards' volumes add up to {volume} elements, the shape holds {numel} (overlapping or missing boxes)"
+        )
+    if numel == 0:
+        return ""
+    cuts = [sorted({0, n, *(o[d] for o, _ in boxes), *(o[d] + b[d] for o, b in boxes)}) for d, n in enumerate(shape)]
+    cells = 1
+    for c in cuts:
+        cells *= len(c) - 1
+    if cells > MAX_SHARD_CELLS:
+        return f"the shards cut the tensor into more than {MAX_SHARD_CELLS} cells; refusing to check them"
+    spans = []
+    painted = 0
+    for offsets, box in boxes:
+        span = []
+        n_cells = 1
+        for d in range(len(shape)):
+            lo = _index(cuts[d], offsets[d])
+            hi = _index(cuts[d], offsets[d] + box[d])
+            span.append(slice(lo, hi))
+            n_cells *= hi - lo
+        spans.append(span)
+        painted += n_cells
+    if painted != cells:
+        return "the shards overlap or leave parts of the tensor uncovered"
+    grid = np.zeros([len(c) - 1 for c in cuts], dtype=np.uint8)
+    for span in spans:
+        view = grid[tuple(span)]
+        if view.any():
+            return "the shards overlap"
+        view += 1
+    if not grid.all():
+        return "the shards leave parts of the tensor uncovered"
+    return ""
+
+
+def _index(cuts: list[int], value: int) -> int:
+    return bisect.bisect_left(cuts, value)

@@ -1,0 +1,182 @@
+"""One rank of a multi-process test: ``python dist_worker.py <scenario> <dir>`` with RANK,
+WORLD_SIZE, MASTER_ADDR and MASTER_PORT set (see ``conftest.run_ranks``). Prints ``OK`` last
+on success; an assertion failing exits non-zero."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import torch
+import torch.distributed as dist
+
+import ckpt
+
+
+def mlp(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.ReLU(), torch.nn.Linear(10, 5))
+
+
+def fsdp_model(seed: int, hsdp: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """FSDP2 over every rank, or HSDP (a 2-D mesh: replicate x shard) with ``hsdp``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = mlp(seed)
+    world = dist.get_world_size()
+    mesh = (
+        init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("rep", "shard"))
+        if hsdp
+        else init_device_mesh("cpu", (world,))
+    )
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, torch.optim.Adam(model.parameters(), lr=0.1)
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    torch.manual_seed(123)
+    model(torch.randn(4, 6)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def full(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        if isinstance(v, dict):
+            out[k] = full(v)
+        elif hasattr(v, "full_tensor"):
+            out[k] = v.full_tensor()
+        elif isinstance(v, torch.Tensor):
+            out[k] = v.detach().clone()  # optimizers update "step" in place
+        else:
+            out[k] = v
+    return out
+
+
+def main() -> None:
+    scenario, where = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    if scenario == "suite":  # several scenarios in one launch (process start-up is the cost)
+        for name in ("ddp", "fail", "async"):
+            run(name, os.path.join(where, name), rank)
+    else:
+        run(scenario, where, rank)
+    dist.barrier()
+    print("OK")
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def run(scenario: str, where: str, rank: int) -> None:
+    url = os.path.join(where, "store")
+    if scenario == "ddp":
+        model = mlp(0)
+        gen = torch.Generator().manual_seed(100 + rank)
+        state = {"model": model, "rank": {"value": rank, "t": torch.full((3,), float(rank))}, "rng": gen, "step": 7}
+        info = ckpt.save(url, state, step=1)
+        assert info.step == 1
+        expected_rng = gen.get_state().clone()
+        gen.manual_seed(999)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        state["rank"] = {"value": -1, "t": torch.zeros(3)}
+        ckpt.restore(url, state)
+        assert state["rank"]["value"] == rank and torch.equal(state["rank"]["t"], torch.full((3,), float(rank)))
+        assert torch.equal(gen.get_state(), expected_rng)
+        assert torch.equal(model[0].weight, mlp(0)[0].weight)
+    elif scenario in ("fsdp_save", "hsdp_save"):
+        model, opt = fsdp_model(0, hsdp=scenario == "hsdp_save")
+        train_step(model, opt)
+        ckpt.save(url, {"model": model, "optim": opt, "r": {"v": rank}}, step=1)
+        ref = {"model": full(model.state_dict()), "optim": full(opt.state_dict()["state"])}
+        train_step(model, opt)  # a second save: deltas and dedup per shard
+        ckpt.save(url, {"model": model, "optim": opt}, step=2)
+        if rank == 0:
+            torch.save(ref, os.path.join(where, "ref.pt"))
+    elif scenario == "fsdp_restore":
+        model, opt = fsdp_model(1)  # other values
+        train_step(model, opt)  # optimizer state exists, as after any resume
+        import warnings
+
+        per_rank = {"v": -1}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ckpt.restore(url, {"model": model, "optim": opt, "r": per_rank}, step=1)
+        saved_world = ckpt.read_manifest(url, 1).world_size
+        assert per_rank["v"] == rank % saved_world, per_rank  # the documented rule
+        assert any("rank %" in str(w.message) for w in caught) == (rank >= saved_world)
+        ref = torch.load(os.path.join(where, "ref.pt"))
+        got = full(model.state_dict())
+        for k, v in ref["model"].items():
+            assert torch.equal(got[k], v), k
+        state = full(opt.state_dict()["state"])
+        for i, s in ref["optim"].items():
+            for k, v in s.items():
+                assert torch.equal(state[i][k], v), (i, k)
+        train_step(model, opt)  # the model still trains
+    elif scenario == "fail":
+        ckpt.save(url, {"x": torch.ones(3)}, step=1)
+        bad = object() if rank == 1 else 0
+        try:
+            ckpt.save(url, {"x": torch.ones(3), "bad": bad}, step=2)
+        except ckpt.CheckpointError as exc:
+            print("RAISED", type(exc).__name__, exc)
+        else:
+            raise AssertionError("no error")
+        assert ckpt.steps(url) == [1], ckpt.steps(url)
+    elif scenario == "kill":
+        ckpt.save(url, {"x": torch.ones(3)}, step=1)
+        if rank == 1:
+            import ckpt.distributed.coordinator as coord
+
+            def die(*a, **k):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            coord.write_objects = die  # type: ignore[assignment]
+        try:
+            ckpt.save(url, {"x": torch.full((3,), 2.0), "r": rank}, step=2)
+        except ckpt.CheckpointError as exc:
+            print("RAISED", type(exc).__name__, str(exc)[:200])
+            sys.stdout.flush()
+            os._exit(0)
+        raise AssertionError("no error")
+    elif scenario == "async":
+        model = mlp(0)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        state = {"model": model, "optim": opt, "rank": {"r": rank}}
+        ck = ckpt.Checkpointer(url, every=2, state=state)
+        assert type(ck).__name__ == "DistributedCheckpointer"
+        snapshots = {}
+        for step in range(1, 7):
+            torch.manual_seed(step)
+            ddp(torch.randn(4, 6)).sum().backward()  # DDP's all_reduce of gradients
+            opt.step()
+            opt.zero_grad()
+            t = torch.ones(1)
+            dist.all_reduce(t)  # training collectives while the background commits run
+            assert t.item() == dist.get_world_size()
+            if step % 2 == 0:
+                snapshots[step] = {k: v.clone() for k, v in model.state_dict().items()}
+            ck.step(step)
+        ck.close()
+        assert ckpt.steps(url) == [2, 4, 6], ckpt.steps(url)
+        for step, sd in snapshots.items():
+            got = ckpt.load(url, step=step, rank=rank)
+            assert got["rank"]["r"] == rank
+            for k, v in sd.items():
+                assert torch.equal(got["model"][k], v), (step, k)
+    else:
+        raise SystemExit(f"unknown scenario {scenario}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Collective saves and restores with real ranks (gloo on the CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import ckpt
+from ckpt.storage.store import Store
+
+from .conftest import assert_ok, run_ranks
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    """The DDP, failing-rank and async scenarios, run by one launch of 2 ranks."""
+    where = tmp_path_factory.mktemp("suite")
+    results = run_ranks("suite", 2, where, timeout=240)
+    assert_ok(results)
+    return where, results
+
+
+def test_ddp_shared_state_once_and_per_rank_values(suite):
+    url = str(suite[0] / "ddp" / "store")
+    m = ckpt.read_manifest(url)
+    assert m.world_size == 2
+    assert "model/0.weight" in m.tensors and not any(p.startswith("$rank/") and "model" in p for p in m.tensors)
+    assert {"$rank/0/rank/t", "$rank/1/rank/t"} <= set(m.tensors)
+    assert m.tree["step"] == 7 and m.tree["rank"]["value"] == {"$rank": [0, 1]}
+    from click.testing import CliRunner
+
+    from ckpt.cli import build_cli
+
+    res = CliRunner().invoke(build_cli(), ["show", url], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    lines = {line.split()[0]: line for line in res.output.splitlines() if line.strip()}
+    assert lines["model.0.weight"].rstrip().endswith("replicated")
+    assert lines["$rank.1.rank.t"].rstrip().endswith("rank:1")
+    for r in (0, 1):
+        got = ckpt.load(url, rank=r)
+        assert got["rank"]["value"] == r and torch.equal(got["rank"]["t"], torch.full((3,), float(r)))
+
+
+def test_failing_rank_raises_everywhere_and_writes_no_manifest(suite):
+    where, results = suite
+    assert all("RAISED" in text for _, text in results)
+    url = str(where / "fail" / "store")
+    assert ckpt.steps(url) == [1]
+    doc = json.loads(Store(url).fs.cat_file(Store(url).manifest_path(1)))
+    assert doc["schema"] == 2 and doc["world_size"] == 2
+
+
+def test_sigkilled_rank_leaves_previous_latest(tmp_path):
+    results = run_ranks("kill", 2, tmp_path, env={"CKPT_DIST_TIMEOUT": "20"}, timeout=90)
+    code0, text0 = results[0]
+    assert code0 == 0 and "RAISED" in text0, text0[-2000:]
+    assert results[1][0] != 0
+    url = str(tmp_path / "store")
+    assert ckpt.latest_step(url) == 1
+    assert torch.equal(ckpt.load(url)["x"], torch.ones(3))
+
+
+def test_async_checkpointer_commits_while_training_collectives_run(suite):
+    m = ckpt.read_manifest(str(suite[0] / "async" / "store"))
+    assert m.step == 6 and m.world_size == 2 and m.tree["rank"]["r"] == {"$rank": [0, 1]}
