@@ -224,3 +224,15 @@ def preempt_deadline_seconds() -> float:
     clear log line instead of a SIGKILL. 0 turns it off.
     """
     return max(0.0, _float("CKPT_PREEMPT_DEADLINE_SECONDS", 25.0))
+
+
+def key_file() -> str | None:
+    """``CKPT_KEY_FILE``: the key file the ``ckpt`` command line uses when ``--key-file`` is not given.
+
+    The file holds a 256-bit key as 64 hex digits, as base64 or as exactly 32 raw bytes
+    (:func:`ckpt.security.providers.read_key_file`). Only the command line reads it: the
+    Python API takes ``encryption=`` explicitly, so a library call never picks up a key
+    from the environment by surprise.
+    """
+    raw = os.environ.get("CKPT_KEY_FILE", "")
+    return raw or None
