@@ -199,7 +199,7 @@ class KMSKeyProvider:
             Config(
                 connect_timeout=max(1.0, config.connect_seconds()),
                 read_timeout=30,
-                retries={"mode": "standard", "max_attempts": 1 + min(config.retries(), 5)},
+                retries={"mode": "standard", "max_attempts": 1 + min(config.retries(), 2)},
             ),
         )
         if self.region:
