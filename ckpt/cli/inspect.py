@@ -14,6 +14,7 @@ from ckpt.cli.common import (
     emit_table,
     fmt_bytes,
     json_option,
+    key_options,
     open_store,
     plugins,
     progress_bar,
@@ -29,6 +30,7 @@ from ckpt.state import paths as treemod
 @click.command("ls")
 @click.argument("url")
 @json_option
+@key_options
 @storage_option
 def ls_cmd(url: str, as_json: bool, storage_options: dict[str, Any]) -> None:
     """List the checkpoints of the store at URL.
@@ -97,6 +99,7 @@ def ls_cmd(url: str, as_json: bool, storage_options: dict[str, Any]) -> None:
 @click.argument("url")
 @click.option("--step", type=int, default=None, help="Checkpoint step (default: the latest).")
 @json_option
+@key_options
 @storage_option
 def show_cmd(url: str, step: int | None, as_json: bool, storage_options: dict[str, Any]) -> None:
     """Show what checkpoint STEP of URL holds: a tree of names with dtype, shape, codec,
@@ -219,6 +222,7 @@ def _rich_tree(head: str, tree: Any, by_path: dict[str, dict]) -> Any:
 @click.argument("a", type=int)
 @click.argument("b", type=int)
 @json_option
+@key_options
 @storage_option
 def diff_cmd(url: str, a: int, b: int, as_json: bool, storage_options: dict[str, Any]) -> None:
     """Compare checkpoints A and B of URL: changed, added and removed tensors, the largest
@@ -290,6 +294,7 @@ def diff_cmd(url: str, a: int, b: int, as_json: bool, storage_options: dict[str,
 @click.argument("url")
 @click.option("--step", type=int, default=None, help="Verify only this step (default: every step).")
 @json_option
+@key_options
 @storage_option
 def verify_cmd(url: str, step: int | None, as_json: bool, storage_options: dict[str, Any]) -> None:
     """Read, decode and hash-check every object of checkpoint STEP (default: every checkpoint).
