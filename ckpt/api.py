@@ -23,6 +23,8 @@ from ckpt.hooks.manager import Plugins, get_plugins
 from ckpt.io.plan import ReadPlan
 from ckpt.io.reader import read_tensors
 from ckpt.io.writer import write_objects
+from ckpt.security.envelope import before_write, open_store
+from ckpt.security.keys import Encryption
 from ckpt.snapshot.executor import io_pool
 from ckpt.state import tree as treemod
 from ckpt.state.capture import capture
@@ -68,6 +70,7 @@ def write_checkpoint(
     one more than the store's highest) and ``run`` the writer's id (default: this process's).
     """
     chunk_bytes = config.chunk_bytes()
+    before_write(store)  # an encrypted store's descriptor goes first; plain into encrypted is refused
     entries, stats = write_objects(
         store,
         plugins.codecs,
@@ -113,6 +116,7 @@ def save(
     *,
     step: int,
     storage_options: dict[str, Any] | None = None,
+    encryption: Encryption | None = None,
 ) -> CheckpointInfo:
     """Save ``state`` as checkpoint ``step`` of the store at ``url``; returns after the commit.
 
@@ -123,10 +127,15 @@ def save(
     The checkpoint continues from the store's latest (its parent): chunks that one stored
     are referenced, not written again. Saving a step that exists replaces it atomically
     (logged).
+
+    ``encryption`` (a :class:`ckpt.Encryption`) encrypts the store: objects and manifests
+    (AES-256-GCM, see :mod:`ckpt.security`). A store is encrypted from its first save on, or
+    never: mixing is refused, and so is a wrong key.
     """
     check_step(step)
     plugins = get_plugins()
     store = Store(url, storage_options)
+    open_store(store, encryption, create=True)
     classes: dict[str, str] = {}
     tree, adapters = capture(as_mapping(state, plugins)[0], plugins, classes)
     plugins.before_save(url=store.url, step=step, tree=tree)
@@ -197,6 +206,7 @@ def restore(
     strict: bool = True,
     map_location: Any = None,
     storage_options: dict[str, Any] | None = None,
+    encryption: Encryption | None = None,
 ) -> CheckpointInfo:
     """Load checkpoint ``step`` (the newest when None) into the live objects of ``state``.
 
@@ -213,12 +223,14 @@ def restore(
     ``info.unexpected_keys`` say what did not (as ``load_state_dict`` does). Keys only in
     the checkpoint are not read. ``map_location`` (as ``torch.load`` takes it) places the
     decoded tensors before the adapters load them; a device this machine lacks is an
-    error before any data is read.
+    error before any data is read. An encrypted store needs its ``encryption`` (a missing or
+    wrong key is an :class:`ckpt.EncryptionError` before any data is read).
     """
     plugins = get_plugins()
     place = placer(map_location)
     live, _ = as_mapping(state, plugins)
     store = Store(url, storage_options)
+    open_store(store, encryption)
     if not isinstance(live, MutableMapping):
         raise CheckpointError(
             f"restore needs a mutable mapping (plain values in it are replaced), got {type(live).__name__}"
@@ -236,6 +248,7 @@ def load(
     keys: Iterable[str] | None = None,
     map_location: Any = "cpu",
     storage_options: dict[str, Any] | None = None,
+    encryption: Encryption | None = None,
 ) -> dict[str, Any]:
     """Read checkpoint ``step`` (newest when None) as a plain tree of fresh tensors.
 
@@ -243,11 +256,13 @@ def load(
     structure; no live object is needed and no code from storage runs. ``keys`` reads
     only those top-level entries (``keys=["model"]``: no optimizer bytes are read).
     ``map_location`` is taken as ``torch.load`` takes it (a device, a dict of saved to
-    new locations, or a callable); NumPy arrays stay in host memory.
+    new locations, or a callable); NumPy arrays stay in host memory. ``encryption``: as
+    :func:`restore` takes it.
     """
     plugins = get_plugins()
     place = placer(map_location)
     store = Store(url, storage_options)
+    open_store(store, encryption)
     manifest = load_manifest(store, step)
     tree = manifest.tree
     if keys is not None:
@@ -280,17 +295,28 @@ def steps(url: str, storage_options: dict[str, Any] | None = None) -> list[int]:
     return Store(url, storage_options).steps()
 
 
-def latest_step(url: str, storage_options: dict[str, Any] | None = None) -> int | None:
+def latest_step(
+    url: str, storage_options: dict[str, Any] | None = None, encryption: Encryption | None = None
+) -> int | None:
     """The latest committed step of the store at ``url`` (None when it holds none): the one its
     writer committed last, so after a rollback (restore 20 of 30, save 21) 21, not 30."""
-    return Store(url, storage_options).latest_step()
+    store = Store(url, storage_options)
+    open_store(store, encryption)
+    return store.latest_step()
 
 
-def read_manifest(url: str, step: int | None = None, storage_options: dict[str, Any] | None = None) -> Manifest:
+def read_manifest(
+    url: str,
+    step: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+    encryption: Encryption | None = None,
+) -> Manifest:
     """The validated manifest of checkpoint ``step`` (newest when None): what it holds and how it is stored.
 
     Reads no tensor data. See :class:`ckpt.Manifest` for the fields.
     """
     if step is not None:
         check_step(step)
-    return load_manifest(Store(url, storage_options), step)
+    store = Store(url, storage_options)
+    open_store(store, encryption)
+    return load_manifest(store, step)

@@ -46,10 +46,11 @@ def ckpt_register_adapters(register: AdapterRegistry) -> None:
 
 @hookimpl(trylast=True)
 def ckpt_register_codecs(register: CodecRegistry) -> None:
+    from ckpt.codecs.crypto import AesGcmCodec
     from ckpt.codecs.delta import XorDeltaCodec
     from ckpt.codecs.zstd import ByteGroupZstdCodec, ZstdCodec
 
-    for codec in (ZstdCodec(), ByteGroupZstdCodec(), XorDeltaCodec()):
+    for codec in (ZstdCodec(), ByteGroupZstdCodec(), XorDeltaCodec(), AesGcmCodec()):
         register(codec)
 
 

@@ -35,6 +35,8 @@ from ckpt.snapshot.staging import HostPool, Snapshot, guarded_storages
 from ckpt.state import tree as treemod
 from ckpt.state.capture import capture
 from ckpt.state.dataloader import track_all
+from ckpt.security.envelope import open_store
+from ckpt.security.keys import Encryption
 from ckpt.storage import retention
 from ckpt.storage.commit import latest_for_save, load_manifest, new_run_id
 from ckpt.storage.manifest import Manifest, check_step
@@ -102,6 +104,7 @@ class Checkpointer:
     :param preempt_deadline: seconds after a preemption signal by which the process exits even
         if the save has not committed, with status 128 + the signal number (default
         ``CKPT_PREEMPT_DEADLINE_SECONDS``, 60; 0 turns it off).
+    :param encryption: a :class:`ckpt.Encryption`: the store is encrypted (see ``ckpt.save``).
 
     One writer per store: an open Checkpointer holds the store's writer lease
     (:class:`ckpt.storage.leases.WriterLease`) until :meth:`close`, and a second writer
@@ -125,6 +128,7 @@ class Checkpointer:
         preempt_exit_code: int = 0,
         take_over: bool | None = None,
         preempt_deadline: float | None = None,
+        encryption: Encryption | None = None,
     ) -> None:
         if every is not None and (not isinstance(every, int) or every < 1):
             raise CheckpointError(f"every must be a positive int, got {every!r}")
@@ -133,6 +137,7 @@ class Checkpointer:
         if on_error not in ("raise", "warn"):
             raise CheckpointError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
         self.store = Store(url, storage_options)
+        open_store(self.store, encryption, create=True)  # a missing or wrong key fails here
         self.url = self.store.url
         self.every = every
         self.keep_last = keep_last

@@ -45,6 +45,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ckpt import config
 from ckpt.codecs.base import CodecContext
+from ckpt.codecs.crypto import manifest_json
 from ckpt.errors import CheckpointError, CorruptCheckpointError, MissingObjectError, NoCheckpointError, StoreError
 from ckpt.storage.backends import tune_client
 from ckpt.storage.lineage import Ref, find_latest
@@ -384,8 +385,9 @@ class Store:
         )
 
     def read_manifest(self, step: int) -> bytes:
+        """The manifest JSON of ``step`` (an encrypted store's opened and authenticated)."""
         try:
-            return self.read(self.manifest_path(step))
+            return manifest_json(self.codec_context, step, self.read(self.manifest_path(step)))
         except FileNotFoundError:
             pass
         hint = ""
