@@ -112,3 +112,16 @@ def test_frameworks_section_runs_each_framework_against_its_plugin(tmp_path):
         data = json.loads((tmp_path / f"{name}.json").read_text())
         assert data["section"] == name and data["smoke"] is True
         assert (tmp_path / f"{name}.md").read_text().strip()
+
+
+def test_encryption_section_smoke(tmp_path):
+    from benchmarks import bench_crypto
+
+    res = bench_crypto.run(smoke=True, workdir=str(tmp_path), log=lambda _m: None)
+    assert set(res["workload"]["modes"]) == {"plain", "encrypted"}
+    for m in res["workload"]["modes"].values():
+        assert m["save_s"] > 0 and m["restore_s"] > 0 and m["stored_bytes"] > 0
+    assert [t["threshold"] for t in res["targets"]] == [1.10, 1.02, 1.10]
+    md = bench_crypto.markdown(res)
+    assert "encrypted / plain" in md and md.count("PASS") + md.count("FAIL") == 3
+    assert list(tmp_path.iterdir()) == [], "the benchmark left checkpoints behind"
