@@ -229,3 +229,20 @@ def test_rekey_to_kms_and_open_with_key_provider(enc, kms_server, monkeypatch):
         run("ls", url, "--key-provider", f"kms:{other}?region=us-east-1&endpoint_url={kms_server.endpoint}")
     )
     assert other in err and "cannot open it" in err
+
+
+@pytest.mark.server
+def test_remote_store_verify_and_rekey(s3_server, tmp_path, monkeypatch):
+    monkeypatch.delenv("CKPT_KEY_FILE", raising=False)
+    url = s3_server.new_url("enc-cli")
+    ckpt.save(url, _state(1), step=1, encryption=ckpt.Encryption(KEY))
+    old, new = tmp_path / "old.key", tmp_path / "new.key"
+    old.write_bytes(KEY)  # 32 raw bytes
+    new.write_text(os.urandom(32).hex())
+    opts = [x for o in s3_server.cli_options for x in ("-o", o)]
+    assert run("verify", url, "--key-file", str(old), *opts).exit_code == 0
+    res = run("rekey", url, "--key-file", str(old), "--new-key-file", str(new), *opts)
+    assert res.exit_code == 0, res.output
+    assert "wrong key" in error_line(run("ls", url, "--key-file", str(old), *opts))
+    ok = run("show", url, "--key-file", str(new), *opts)
+    assert ok.exit_code == 0 and "secret-note-1" in ok.stdout
