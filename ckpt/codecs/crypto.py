@@ -73,7 +73,7 @@ def sealed_size(total: int, piece: int = PIECE_BYTES) -> int:
     return NONCE_SIZE + total + TAG_SIZE * _pieces(total, piece)
 
 
-def seal(keys: StoreKeys, object_key: str, data: memoryview, piece: int = PIECE_BYTES) -> bytearray:
+def seal(keys: StoreKeys, object_key: str, data: memoryview, piece: int = PIECE_BYTES) -> memoryview:
     """``data`` sealed as object ``object_key`` of the store (see the module docstring)."""
     total = len(data)
     count = _pieces(total, piece)
@@ -88,7 +88,7 @@ def seal(keys: StoreKeys, object_key: str, data: memoryview, piece: int = PIECE_
         end = at + len(part) + TAG_SIZE
         aead.encrypt_into(_nonce(base, i), part, _aad(keys, object_key, total, i, i == count - 1), view[at:end])
         at = end
-    return out
+    return view
 
 
 def unseal(keys: StoreKeys, object_key: str, payload: memoryview, out: memoryview, piece: int, what: str) -> None:
