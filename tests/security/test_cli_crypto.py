@@ -136,6 +136,9 @@ def test_verify_without_the_key_checks_what_it_can(enc, monkeypatch):
     text = result.output
     assert "cannot authenticate" in text, text
     assert result.exit_code == 0, text
+    doc = json.loads(run("verify", url, "--json").stdout)
+    assert doc["ok"] and doc["authenticated"] is False and doc["steps"] == [1, 2]
+    assert doc["key_id"] == StaticKeyProvider(KEY).key_id
     # a missing object is still found without the key
     objects = os.path.join(url.removeprefix("file://"), "objects")
     victim = next(os.path.join(d, f) for d, _s, files in os.walk(objects) for f in files)
