@@ -50,6 +50,19 @@ def test_key_file_forms_any_key(key, form):
     assert parse_key(_forms(key)[form], source="k") == key
 
 
+@settings(max_examples=200, deadline=None)
+@given(raw=st.binary(max_size=120) | st.text(alphabet="0123456789abcdefABCDEF+/=-_ \n", max_size=80).map(str.encode))
+def test_any_bytes_give_a_key_or_an_error_that_does_not_show_them(raw):
+    try:
+        key = parse_key(raw, source="k")
+    except EncryptionError as exc:
+        text = raw.strip().decode("latin-1")
+        assert len(text) < 8 or text not in str(exc)
+    else:
+        assert len(key) == 32
+        assert len(raw) == 32 or raw.strip().lower() == key.hex().encode() or len(raw.strip()) in (43, 44)
+
+
 BAD = {
     "empty": b"",
     "31 raw bytes": b"\x01" * 31,
