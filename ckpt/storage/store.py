@@ -49,7 +49,7 @@ from ckpt.codecs.crypto import manifest_json
 from ckpt.errors import CheckpointError, CorruptCheckpointError, MissingObjectError, NoCheckpointError, StoreError
 from ckpt.storage.backends import tune_client
 from ckpt.storage.lineage import Ref, find_latest
-from ckpt.storage.retry import GaveUp, Retrier
+from ckpt.storage.retry import GaveUp, Retrier, unreachable_reason
 
 log = logging.getLogger("ckpt")
 
@@ -235,9 +235,10 @@ class Store:
             return self.fs.cat_file(path, start=0, end=limit)
         except FileNotFoundError:
             raise
-        except Exception:
-            # S3 and Azure answer any range of an empty object with 416 (InvalidRange)
-            if self.fs.info(path).get("size") == 0:
+        except Exception as exc:
+            # S3 and Azure answer any range of an empty object with 416 (InvalidRange); an
+            # endpoint that cannot be reached is not asked a second time
+            if unreachable_reason(exc) is None and self.fs.info(path).get("size") == 0:
                 return b""
             raise
 
