@@ -30,13 +30,13 @@ from ckpt.api import devices_of, restore_latest, restore_manifest, write_checkpo
 from ckpt.codecs.delta import DeltaLearner
 from ckpt.errors import CheckpointError, NoCheckpointError
 from ckpt.hooks.manager import get_plugins
+from ckpt.security.envelope import open_store
+from ckpt.security.keys import Encryption
 from ckpt.snapshot.executor import Background
 from ckpt.snapshot.staging import HostPool, Snapshot, guarded_storages
 from ckpt.state import tree as treemod
 from ckpt.state.capture import capture
 from ckpt.state.dataloader import track_all
-from ckpt.security.envelope import open_store
-from ckpt.security.keys import Encryption
 from ckpt.storage import retention
 from ckpt.storage.commit import latest_for_save, load_manifest, new_run_id
 from ckpt.storage.manifest import Manifest, check_step
