@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
+import os
 import re
+import stat
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
@@ -30,6 +33,8 @@ from ckpt.errors import CheckpointError, EncryptionError, PluginError, StoreErro
 
 if TYPE_CHECKING:
     from ckpt.security.keys import KeyProvider
+
+log = logging.getLogger(__name__)
 
 KEY_BYTES = 32
 #: Any key file longer than this is not a key file (a key in any accepted form is < 100 bytes).
@@ -75,6 +80,7 @@ def read_key_file(path: str | Path) -> bytes:
     try:
         with p.open("rb") as f:
             raw = f.read(MAX_KEY_FILE_BYTES + 1)
+            mode = os.fstat(f.fileno()).st_mode
     except FileNotFoundError:
         raise EncryptionError(f"{source} does not exist") from None
     except IsADirectoryError:
@@ -83,7 +89,10 @@ def read_key_file(path: str | Path) -> bytes:
         raise EncryptionError(f"{source} cannot be read: {exc.strerror or type(exc).__name__}") from None
     if len(raw) > MAX_KEY_FILE_BYTES:
         raise EncryptionError(f"{source} is larger than {MAX_KEY_FILE_BYTES} bytes: not a key file")
-    return parse_key(raw, source=source)
+    key = parse_key(raw, source=source)
+    if os.name == "posix" and stat.S_ISREG(mode) and mode & 0o077:
+        log.warning("%s can be read by other users (mode %o): chmod 600 it", source, stat.S_IMODE(mode))
+    return key
 
 
 class KeyFileProvider:

@@ -110,6 +110,19 @@ def test_key_file_not_there_too_big_or_a_directory(tmp_path):
             read_key_file(locked)
 
 
+def test_key_file_readable_by_others_is_warned_about(tmp_path, caplog):
+    path = tmp_path / "k"
+    path.write_text(KEY.hex())
+    path.chmod(0o600)
+    with caplog.at_level("WARNING", logger="ckpt.security.providers"):
+        assert read_key_file(path) == KEY
+    assert not caplog.records
+    path.chmod(0o644)
+    with caplog.at_level("WARNING", logger="ckpt.security.providers"):
+        assert read_key_file(path) == KEY
+    assert "can be read by other users (mode 644): chmod 600 it" in caplog.text and KEY.hex() not in caplog.text
+
+
 def test_key_file_wrong_key_cannot_unwrap(tmp_path):
     (tmp_path / "a").write_text(KEY.hex())
     (tmp_path / "b").write_text(bytes(32).hex())
