@@ -27,6 +27,8 @@ import struct
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from ckpt.codecs.base import INPUT_SIZE, CodecContext, DecodeContext, EncodeContext
 from ckpt.errors import CorruptCheckpointError, EncryptionError
 
@@ -77,10 +79,9 @@ def seal(keys: StoreKeys, object_key: str, data: memoryview, piece: int = PIECE_
     """``data`` sealed as object ``object_key`` of the store (see the module docstring)."""
     total = len(data)
     count = _pieces(total, piece)
-    out = bytearray(sealed_size(total, piece))
+    view = np.empty(sealed_size(total, piece), dtype=np.uint8).data  # fully overwritten: no zero-fill
     base = os.urandom(NONCE_SIZE)
-    out[:NONCE_SIZE] = base
-    view = memoryview(out)
+    view[:NONCE_SIZE] = base
     at = NONCE_SIZE
     aead = keys.object_aead
     for i in range(count):
@@ -175,15 +176,12 @@ def address(ctx: CodecContext, raw_hash: str, size: int) -> str:
 class ObjectDecodeContext:
     """A reader's :class:`DecodeContext` for one object: adds the key the object is stored under."""
 
-    __slots__ = ("_ctx", "object_key")
+    __slots__ = ("_ctx", "codec_context", "object_key")
 
     def __init__(self, ctx: DecodeContext, object_key: str) -> None:
         self._ctx = ctx
+        self.codec_context = ctx.codec_context
         self.object_key = object_key
-
-    @property
-    def codec_context(self) -> CodecContext:
-        return self._ctx.codec_context
 
     def raw_chunk(self, ref: Mapping[str, Any]) -> memoryview:
         return self._ctx.raw_chunk(ref)

@@ -247,7 +247,7 @@ class Writer:
             mine.set_exception(exc)
             raise
         ref = ChunkRef(hash=h, key=key, size=len(data), stored=len(payload), codec=tuple(chain))
-        delta_object = deltamod.parent_record(chain) is not None
+        delta_object = any(s.get("name") == deltamod.NAME for s in chain)
         self.stats.add(written_bytes=len(payload), objects_written=1, delta_objects=int(delta_object))
         mine.set_result(ref)
         return ref
