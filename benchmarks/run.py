@@ -1,4 +1,4 @@
-"""Entry point: ``python -m benchmarks.run [--smoke] [--section core|async|frameworks|tiers|distributed|all] [--out DIR]``.
+"""Entry point: ``python -m benchmarks.run [--smoke] [--section core|async|frameworks|tiers|distributed|encryption|all] [--out DIR]``.
 
 Writes ``core.json``/``core.md``/``core.png``, ``async.json``/``async.md`` and, for the
 frameworks section, ``lightning.*`` and ``transformers.*`` (each framework's default
@@ -7,6 +7,7 @@ tables and the PASS/FAIL lines of the targets (never asserted). ``all`` is core 
 ``tiers`` (:mod:`benchmarks.bench_tiers`: restart from a local tier vs S3, loop overhead)
 and ``distributed`` (``distributed.*``: 2 and 4 gloo processes) run on their own, like
 frameworks; the frameworks section needs the ckpt-lightning and ckpt-transformers plugins installed.
+The encryption section (``encryption.*``) compares an encrypted store with a plain one.
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ from benchmarks import common, report
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (checks the harness, not speed)")
-    p.add_argument("--section", choices=["core", "async", "frameworks", "tiers", "distributed", "all"], default="all")
+    p.add_argument(
+        "--section",
+        choices=["core", "async", "frameworks", "tiers", "distributed", "encryption", "all"],
+        default="all",
+    )
     p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="results directory")
     p.add_argument("--workdir", default=None, help="where checkpoints are written (default: a temp dir)")
     args = p.parse_args(argv)
@@ -75,6 +80,15 @@ def main(argv: list[str] | None = None) -> int:
             report.write_json(out / "distributed.json", res)
             md = bench_distributed.markdown(res)
             (out / "distributed.md").write_text(md)
+            log("")
+            log(md)
+        if args.section == "encryption":
+            from benchmarks import bench_crypto
+
+            res = bench_crypto.run(smoke=args.smoke, workdir=workdir, log=log)
+            report.write_json(out / "encryption.json", res)
+            md = bench_crypto.markdown(res)
+            (out / "encryption.md").write_text(md)
             log("")
             log(md)
         if args.section == "frameworks":

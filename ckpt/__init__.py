@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # the names as type checkers see them; at run time they load 
     from ckpt.errors import (
         CheckpointError,
         CorruptCheckpointError,
+        EncryptionError,
         MissingObjectError,
         NewerSchemaError,
         NoCheckpointError,
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # the names as type checkers see them; at run time they load 
         UnsupportedValueError,
     )
     from ckpt.hooks.hookspecs import hookimpl
+    from ckpt.security.keys import Encryption
     from ckpt.snapshot.checkpointer import Checkpointer, SaveHandle
     from ckpt.state.adapters import Adapter, AdapterRegistry
     from ckpt.state.dataloader import track
@@ -48,6 +50,7 @@ _LAZY = {
         (
             "CheckpointError",
             "CorruptCheckpointError",
+            "EncryptionError",
             "MissingObjectError",
             "NewerSchemaError",
             "NoCheckpointError",
@@ -61,6 +64,7 @@ _LAZY = {
         "ckpt.errors",
     ),
     "hookimpl": "ckpt.hooks.hookspecs",
+    "Encryption": "ckpt.security.keys",
     **dict.fromkeys(("Checkpointer", "SaveHandle"), "ckpt.snapshot.checkpointer"),
     **dict.fromkeys(("Adapter", "AdapterRegistry"), "ckpt.state.adapters"),
     "track": "ckpt.state.dataloader",
@@ -95,6 +99,8 @@ def _import(module: str) -> Any:
         import ckpt.errors
     elif module == "ckpt.hooks.hookspecs":
         import ckpt.hooks.hookspecs
+    elif module == "ckpt.security.keys":
+        import ckpt.security.keys
     elif module == "ckpt.snapshot.checkpointer":
         import ckpt.snapshot.checkpointer
     elif module == "ckpt.state.adapters":
@@ -128,6 +134,8 @@ __all__ = [
     "Codec",
     "CodecRegistry",
     "CorruptCheckpointError",
+    "Encryption",
+    "EncryptionError",
     "Manifest",
     "MissingObjectError",
     "NewerSchemaError",

@@ -23,6 +23,8 @@ from ckpt.hooks.manager import Plugins, get_plugins
 from ckpt.io.plan import ReadPlan
 from ckpt.io.reader import read_tensors
 from ckpt.io.writer import write_objects
+from ckpt.security.envelope import before_write, open_store
+from ckpt.security.keys import Encryption
 from ckpt.snapshot.executor import io_pool
 from ckpt.state import tree as treemod
 from ckpt.state.capture import capture
@@ -68,6 +70,7 @@ def write_checkpoint(
     one more than the store's highest) and ``run`` the writer's id (default: this process's).
     """
     chunk_bytes = config.chunk_bytes()
+    before_write(store)  # an encrypted store's descriptor goes first; plain into encrypted is refused
     entries, stats = write_objects(
         store,
         plugins.codecs,
@@ -113,6 +116,7 @@ def save(
     *,
     step: int,
     storage_options: dict[str, Any] | None = None,
+    encryption: Encryption | None = None,
 ) -> CheckpointInfo:
     """Save ``state`` as checkpoint ``step`` of the store at ``url``; returns after the commit.
 
@@ -126,6 +130,10 @@ def save(
 
     Under an initialized ``torch.distributed`` default group of several ranks, every rank
     calls it with its own state: a collective save (:mod:`ckpt.distributed.coordinator`).
+
+    ``encryption`` (a :class:`ckpt.Encryption`) encrypts the store: objects and manifests
+    (AES-256-GCM, see :mod:`ckpt.security`). A store is encrypted from its first save on, or
+    never: mixing is refused, and so is a wrong key.
     """
     check_step(step)
     if _distributed():
@@ -134,6 +142,7 @@ def save(
         return collective_save(url, state, step=step, storage_options=storage_options)
     plugins = get_plugins()
     store = Store(url, storage_options)
+    open_store(store, encryption, create=True)
     classes: dict[str, str] = {}
     tree, adapters = capture(as_mapping(state, plugins)[0], plugins, classes)
     plugins.before_save(url=store.url, step=step, tree=tree)
@@ -204,6 +213,7 @@ def restore(
     strict: bool = True,
     map_location: Any = None,
     storage_options: dict[str, Any] | None = None,
+    encryption: Encryption | None = None,
 ) -> CheckpointInfo:
     """Load checkpoint ``step`` (the newest when None) into the live objects of ``state``.
 
@@ -224,6 +234,9 @@ def restore(
 
     Under an initialized ``torch.distributed`` default group of several ranks it is
     collective (:mod:`ckpt.distributed.restore`): DTensors resharded to the live layout.
+
+    error before any data is read. An encrypted store needs its ``encryption`` (a missing or
+    wrong key is an :class:`ckpt.EncryptionError` before any data is read).
     """
     if _distributed():
         from ckpt.distributed.restore import restore as collective_restore
@@ -235,6 +248,7 @@ def restore(
     place = placer(map_location)
     live, _ = as_mapping(state, plugins)
     store = Store(url, storage_options)
+    open_store(store, encryption)
     if not isinstance(live, MutableMapping):
         raise CheckpointError(
             f"restore needs a mutable mapping (plain values in it are replaced), got {type(live).__name__}"
@@ -253,6 +267,7 @@ def load(
     map_location: Any = "cpu",
     storage_options: dict[str, Any] | None = None,
     rank: int = 0,
+    encryption: Encryption | None = None,
 ) -> dict[str, Any]:
     """Read checkpoint ``step`` (newest when None) as a plain tree of fresh tensors.
 
@@ -265,12 +280,16 @@ def load(
     A checkpoint of a collective save comes back as full tensors (shards put together)
     with the per-rank values of ``rank`` (see :func:`ckpt.distributed.sharding.rank_view`);
     it never communicates.
+
+    new locations, or a callable); NumPy arrays stay in host memory. ``encryption``: as
+    :func:`restore` takes it.
     """
     from ckpt.distributed.sharding import rank_view
 
     plugins = get_plugins()
     place = placer(map_location)
     store = Store(url, storage_options)
+    open_store(store, encryption)
     manifest = rank_view(load_manifest(store, step), rank)
     tree = manifest.tree
     if keys is not None:
@@ -309,17 +328,28 @@ def steps(url: str, storage_options: dict[str, Any] | None = None) -> list[int]:
     return Store(url, storage_options).steps()
 
 
-def latest_step(url: str, storage_options: dict[str, Any] | None = None) -> int | None:
+def latest_step(
+    url: str, storage_options: dict[str, Any] | None = None, encryption: Encryption | None = None
+) -> int | None:
     """The latest committed step of the store at ``url`` (None when it holds none): the one its
     writer committed last, so after a rollback (restore 20 of 30, save 21) 21, not 30."""
-    return Store(url, storage_options).latest_step()
+    store = Store(url, storage_options)
+    open_store(store, encryption)
+    return store.latest_step()
 
 
-def read_manifest(url: str, step: int | None = None, storage_options: dict[str, Any] | None = None) -> Manifest:
+def read_manifest(
+    url: str,
+    step: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+    encryption: Encryption | None = None,
+) -> Manifest:
     """The validated manifest of checkpoint ``step`` (newest when None): what it holds and how it is stored.
 
     Reads no tensor data. See :class:`ckpt.Manifest` for the fields.
     """
     if step is not None:
         check_step(step)
-    return load_manifest(Store(url, storage_options), step)
+    store = Store(url, storage_options)
+    open_store(store, encryption)
+    return load_manifest(store, step)

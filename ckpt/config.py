@@ -234,3 +234,15 @@ def dist_timeout_seconds() -> float:
     long (at once when the failure is reported), and no manifest is written.
     """
     return max(1.0, _float("CKPT_DIST_TIMEOUT", 300.0))
+
+
+def key_file() -> str | None:
+    """``CKPT_KEY_FILE``: the key file the ``ckpt`` command line uses when ``--key-file`` is not given.
+
+    The file holds a 256-bit key as 64 hex digits, as base64 or as exactly 32 raw bytes
+    (:func:`ckpt.security.providers.read_key_file`). Only the command line reads it: the
+    Python API takes ``encryption=`` explicitly, so a library call never picks up a key
+    from the environment by surprise.
+    """
+    raw = os.environ.get("CKPT_KEY_FILE", "")
+    return raw or None

@@ -50,5 +50,14 @@ class PluginError(CheckpointError):
     """A plugin is broken: duplicate adapter or codec name, bad hook implementation."""
 
 
+class EncryptionError(CheckpointError):
+    """An encrypted store cannot be opened as asked: no key given, a wrong key, a key provider
+    that refuses, or an encrypted save into a plain store (and the other way round).
+
+    Raised before any tensor data is read. Tampered encrypted data is a
+    :class:`CorruptCheckpointError` instead (authentication failed on a key that is right).
+    """
+
+
 class StoreError(CheckpointError):
     """The storage backend failed (after retries) for a URL."""

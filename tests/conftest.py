@@ -47,6 +47,13 @@ def s3_server():
 
 
 @pytest.fixture(scope="session")
+def kms_server(s3_server):
+    """moto's KMS on 127.0.0.1: the ``s3_server`` itself (moto serves every AWS API on one
+    port); ``kms_server.new_kms_key()`` makes a key, ``kms_options`` reach it."""
+    return s3_server
+
+
+@pytest.fixture(scope="session")
 def az_server():
     """azurite (Blob) on 127.0.0.1 for the whole session; plain ``az://`` URLs reach it."""
     from servers import Azurite

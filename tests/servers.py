@@ -90,6 +90,21 @@ class MotoS3:
 
         return boto3.client("s3", **self._boto_kwargs())
 
+    def kms_client(self) -> Any:
+        """A boto3 KMS client of the same server: moto serves every AWS API on one port."""
+        import boto3
+
+        return boto3.client("kms", **self._boto_kwargs())
+
+    def new_kms_key(self) -> str:
+        """A new symmetric KMS key on this server; its ARN."""
+        return self.kms_client().create_key(Description="ckpt test")["KeyMetadata"]["Arn"]
+
+    @property
+    def kms_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``KMSKeyProvider`` that reach this server."""
+        return {k: v for k, v in self._boto_kwargs().items() if k != "region_name"} | {"region": "us-east-1"}
+
     @property
     def storage_options(self) -> dict[str, Any]:
         return {

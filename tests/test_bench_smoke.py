@@ -136,3 +136,16 @@ def test_tiers_section_restarts_from_each_tier_and_times_the_loop(tmp_path):
     assert len(data["targets"]) == 3 and all(isinstance(t["pass"], bool) for t in data["targets"])
     assert "PASS" in (tmp_path / "tiers.md").read_text() or "FAIL" in (tmp_path / "tiers.md").read_text()
     assert list(work.iterdir()) == [], "the benchmark left checkpoints behind"
+
+
+def test_encryption_section_smoke(tmp_path):
+    from benchmarks import bench_crypto
+
+    res = bench_crypto.run(smoke=True, workdir=str(tmp_path), log=lambda _m: None)
+    assert set(res["workload"]["modes"]) == {"plain", "encrypted"}
+    for m in res["workload"]["modes"].values():
+        assert m["save_s"] > 0 and m["restore_s"] > 0 and m["stored_bytes"] > 0
+    assert [t["threshold"] for t in res["targets"]] == [1.10, 1.02, 1.10]
+    md = bench_crypto.markdown(res)
+    assert "encrypted / plain" in md and md.count("PASS") + md.count("FAIL") == 3
+    assert list(tmp_path.iterdir()) == [], "the benchmark left checkpoints behind"

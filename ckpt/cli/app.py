@@ -26,6 +26,7 @@ from ckpt.cli.common import EXIT_CORRUPT, EXIT_HELP, EXIT_OK, EXIT_USAGE
 from ckpt.cli.cp import cp_cmd
 from ckpt.cli.inspect import diff_cmd, ls_cmd, show_cmd, verify_cmd
 from ckpt.cli.maintenance import du_cmd, gc_cmd, plugins_cmd, unlock_cmd
+from ckpt.cli.rekey import rekey_cmd
 from ckpt.cli.transfer import export_cmd, import_cmd
 from ckpt.errors import CheckpointError, CorruptCheckpointError, PluginError
 
@@ -70,7 +71,8 @@ def _fail(ctx: click.Context, message: str, code: int) -> None:
 ROOT_HELP = f"""Inspect, verify, diff, export, import and garbage-collect ckpt checkpoint stores.
 
 A store is any fsspec URL or local path (file:///runs/a, s3://bucket/run, memory://x);
-pass backend options with --storage-option KEY=VALUE.
+pass backend options with --storage-option KEY=VALUE. An encrypted store needs its key:
+--key-file FILE (or CKPT_KEY_FILE) or --key-provider kms:KEY_ID, after the command name.
 
 \b
 Examples:
@@ -133,8 +135,20 @@ def _quiet_stdout() -> None:
     os.dup2(devnull, sys.stdout.fileno())
 
 
-COMMANDS = [ls_cmd, show_cmd, diff_cmd, verify_cmd, export_cmd, import_cmd, gc_cmd, unlock_cmd, plugins_cmd, du_cmd]
-COMMANDS += [cp_cmd]  # ckpt cp: ckpt.storage.copy
+COMMANDS = [
+    ls_cmd,
+    show_cmd,
+    diff_cmd,
+    verify_cmd,
+    export_cmd,
+    import_cmd,
+    gc_cmd,
+    unlock_cmd,
+    plugins_cmd,
+    du_cmd,
+    rekey_cmd,
+    cp_cmd,
+]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -67,6 +67,73 @@ storage_option = click.option(
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document (schema below).")
 
+ENCRYPTION_META = "ckpt.encryption"
+
+
+def _key_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    # Both options resolve together, once the second of them has been seen; the Encryption
+    # lands in ctx.meta, where open_store() and current_encryption() find it.
+    seen = ctx.meta.setdefault("ckpt.key_options", {})
+    seen[param.name] = value
+    if len(seen) == 2:
+        ctx.meta[ENCRYPTION_META] = encryption_for(seen["key_file"], seen["key_provider"])
+    return value
+
+
+def encryption_for(key_file: str | None, key_provider: str | None) -> Any:
+    """An ``Encryption`` for ``--key-file`` or ``--key-provider``, else for ``CKPT_KEY_FILE``,
+    else None."""
+    from ckpt import config
+    from ckpt.errors import EncryptionError
+
+    if key_file and key_provider:
+        raise EncryptionError("give --key-file or --key-provider, not both")
+    if key_provider:
+        provider = plugins().key_provider(key_provider)
+    elif key_file or config.key_file():
+        from ckpt.security.providers import KeyFileProvider
+
+        provider = KeyFileProvider(key_file or str(config.key_file()))
+    else:
+        return None
+    from ckpt.security.keys import Encryption
+
+    return Encryption(provider)
+
+
+def key_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--key-file FILE`` and ``--key-provider SPEC`` for a command that reads or writes a store.
+
+    Without either, ``CKPT_KEY_FILE`` names the key file; with none of the three the store
+    is opened without a key (a plain store, or an encrypted one for what needs no key).
+    """
+    fn = click.option(
+        "--key-provider",
+        "key_provider",
+        metavar="SPEC",
+        default=None,
+        expose_value=False,
+        callback=_key_callback,
+        help="Key provider of an encrypted store, SCHEME:VALUE: file:PATH, "
+        "kms:KEY_ID[?region=R&endpoint_url=U&profile=P&context.K=V], or a plugin's scheme.",
+    )(fn)
+    return click.option(
+        "--key-file",
+        "key_file",
+        metavar="FILE",
+        default=None,
+        expose_value=False,
+        callback=_key_callback,
+        help="Key of an encrypted store: a file holding 64 hex digits, base64 or 32 raw bytes "
+        "(default: $CKPT_KEY_FILE).",
+    )(fn)
+
+
+def current_encryption() -> Any:
+    """The ``Encryption`` that the running command's key options gave (None: no key)."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get(ENCRYPTION_META) if ctx is not None else None
+
 
 # -- output helpers -----------------------------------------------------------------------
 
@@ -156,9 +223,14 @@ def progress_bar(description: str, *, unit: str = "bytes") -> Iterator[Callable[
 
 
 def open_store(url: str, storage_options: dict[str, Any]) -> Any:
+    """The store at ``url``, opened with the command's key options (an encrypted store
+    without its key, or with a wrong one, is an EncryptionError before any data is read)."""
+    from ckpt.security.envelope import open_store as open_envelope
     from ckpt.storage.store import Store
 
-    return Store(url, storage_options)
+    store = Store(url, storage_options)
+    open_envelope(store, current_encryption())
+    return store
 
 
 def plugins() -> Any:

@@ -10,10 +10,12 @@ from ckpt.cli.common import (
     EXIT_CORRUPT,
     console,
     created,
+    current_encryption,
     emit_json,
     emit_table,
     fmt_bytes,
     json_option,
+    key_options,
     open_store,
     plugins,
     progress_bar,
@@ -29,6 +31,7 @@ from ckpt.state import paths as treemod
 @click.command("ls")
 @click.argument("url")
 @json_option
+@key_options
 @storage_option
 def ls_cmd(url: str, as_json: bool, storage_options: dict[str, Any]) -> None:
     """List the checkpoints of the store at URL.
@@ -97,6 +100,7 @@ def ls_cmd(url: str, as_json: bool, storage_options: dict[str, Any]) -> None:
 @click.argument("url")
 @click.option("--step", type=int, default=None, help="Checkpoint step (default: the latest).")
 @json_option
+@key_options
 @storage_option
 def show_cmd(url: str, step: int | None, as_json: bool, storage_options: dict[str, Any]) -> None:
     """Show what checkpoint STEP of URL holds: a tree of names with dtype, shape, codec,
@@ -228,6 +232,7 @@ def _rich_tree(head: str, tree: Any, by_path: dict[str, dict]) -> Any:
 @click.argument("a", type=int)
 @click.argument("b", type=int)
 @json_option
+@key_options
 @storage_option
 def diff_cmd(url: str, a: int, b: int, as_json: bool, storage_options: dict[str, Any]) -> None:
     """Compare checkpoints A and B of URL: changed, added and removed tensors, the largest
@@ -299,6 +304,7 @@ def diff_cmd(url: str, a: int, b: int, as_json: bool, storage_options: dict[str,
 @click.argument("url")
 @click.option("--step", type=int, default=None, help="Verify only this step (default: every step).")
 @json_option
+@key_options
 @storage_option
 def verify_cmd(url: str, step: int | None, as_json: bool, storage_options: dict[str, Any]) -> None:
     """Read, decode and hash-check every object of checkpoint STEP (default: every checkpoint).
@@ -317,16 +323,34 @@ def verify_cmd(url: str, step: int | None, as_json: bool, storage_options: dict[
       {"url": str, "steps": [int], "objects": int, "bytes": int, "ok": bool,
        "problems": [{"key": str|null (null: the manifest itself), "error": str,
                      "references": [{"step": int, "tensor": str|null}]}]}
+      An encrypted store verified without its key adds "authenticated": false,
+      "key_id": str and "note": str (presence and sizes checked, nothing authenticated;
+      "tensor" is then null).
+
+    An encrypted store needs its key (--key-file, CKPT_KEY_FILE) to authenticate every
+    manifest and object; without it, verify checks that every object the manifests' clear
+    headers list is present with its recorded size, and says it cannot authenticate.
 
     Exit codes: 0 every object sound, 1 corruption found, 2 bad URL, empty store, unknown step.
     """
     from ckpt.cli.report import verify_report
 
-    store = open_store(url, storage_options)
+    keyless = _encrypted_without_key(url, storage_options)
     with progress_bar("verifying") as update:
-        doc = verify_report(store, plugins(), step, update)
+        if keyless is not None:  # presence and sizes from the sealed headers; nothing authenticated
+            from ckpt.security.audit import check_without_key
+
+            doc = check_without_key(keyless, step, update)
+        else:
+            doc = verify_report(open_store(url, storage_options), plugins(), step, update)
     if as_json:
         emit_json(doc)
+    elif doc["ok"] and keyless is not None:
+        click.echo(
+            f"NOT AUTHENTICATED: {len(doc['steps'])} checkpoint(s), {doc['objects']} objects present with their "
+            f"recorded sizes in {doc['url']}; it is encrypted (key {doc['key_id']}) and no key was given, so ckpt "
+            "cannot authenticate them: pass --key-file or CKPT_KEY_FILE"
+        )
     elif doc["ok"]:
         click.echo(
             f"OK: {len(doc['steps'])} checkpoint(s), {doc['objects']} objects, "
@@ -339,5 +363,18 @@ def verify_cmd(url: str, step: int | None, as_json: bool, storage_options: dict[
                 if r["tensor"] is not None:
                     click.echo(f"    used by step {r['step']} tensor {r['tensor']!r}")
     if not doc["ok"]:
+        if keyless is not None and not as_json:
+            click.echo("(no key given: ckpt cannot authenticate what is present; pass --key-file to check every byte)")
         click.echo(f"ckpt: error: verification failed: {len(doc['problems'])} bad object(s) in {doc['url']}", err=True)
         raise click.exceptions.Exit(EXIT_CORRUPT)
+
+
+def _encrypted_without_key(url: str, storage_options: dict[str, Any]) -> Any:
+    """The store at ``url`` when it is encrypted and the command was given no key, else None."""
+    from ckpt.security.envelope import read_descriptor
+    from ckpt.storage.store import Store
+
+    if current_encryption() is not None:
+        return None
+    store = Store(url, storage_options)
+    return store if read_descriptor(store) is not None else None

@@ -10,10 +10,12 @@ import click
 
 from ckpt.cli.common import (
     console,
+    current_encryption,
     emit_json,
     emit_table,
     fmt_bytes,
     json_option,
+    key_options,
     open_store,
     plugins,
     report_step_errors,
@@ -42,6 +44,7 @@ from ckpt.errors import CheckpointError, CorruptCheckpointError
     "they may belong to a save in flight.",
 )
 @json_option
+@key_options
 @storage_option
 def gc_cmd(
     url: str,
@@ -89,6 +92,7 @@ def gc_cmd(
             grace_seconds=grace_seconds,
             storage_options=storage_options,
             progress=update,
+            encryption=current_encryption(),
         )
     doc = {"url": store.url, **_gc_doc(res, grace_seconds)}
     if as_json:
@@ -168,6 +172,7 @@ def _gc_progress() -> Iterator[Callable[[str, int, int], None] | None]:
     help="Grace period of the gc estimate (default CKPT_GC_GRACE_SECONDS, 900).",
 )
 @json_option
+@key_options
 @storage_option
 def du_cmd(
     url: str,
@@ -221,6 +226,7 @@ def du_cmd(
                     dry_run=True,
                     grace_seconds=grace_seconds,
                     storage_options=storage_options,
+                    encryption=current_encryption(),
                 )
                 estimate = {"keep_last": keep_last, "keep_every": keep_every, **_gc_doc(res, grace_seconds)}
             except CorruptCheckpointError as exc:

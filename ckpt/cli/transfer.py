@@ -7,9 +7,11 @@ from typing import Any
 import click
 
 from ckpt.cli.common import (
+    current_encryption,
     emit_json,
     fmt_bytes,
     json_option,
+    key_options,
     progress_bar,
     storage_option,
 )
@@ -30,6 +32,7 @@ from ckpt.cli.common import (
 )
 @click.option("--key", default=None, help="Export only this top-level key (e.g. model), without its prefix.")
 @json_option
+@key_options
 @storage_option
 def export_cmd(
     url: str,
@@ -73,7 +76,16 @@ def export_cmd(
     from ckpt.interop.export import export_checkpoint
 
     with progress_bar("exporting") as update:
-        res = export_checkpoint(url, out, step=step, fmt=fmt, key=key, storage_options=storage_options, progress=update)
+        res = export_checkpoint(
+            url,
+            out,
+            step=step,
+            fmt=fmt,
+            key=key,
+            storage_options=storage_options,
+            progress=update,
+            encryption=current_encryption(),
+        )
     if as_json:
         emit_json(dataclasses.asdict(res))
     else:
@@ -107,6 +119,7 @@ def _adapter_pairs(_ctx: click.Context, _param: click.Parameter, value: tuple[st
     "optim=torch.optim.Optimizer) so ckpt.restore loads it into live objects.",
 )
 @json_option
+@key_options
 @storage_option
 def import_cmd(
     src: str, url: str, step: int, adapters: dict[str, str], as_json: bool, storage_options: dict[str, Any]
@@ -142,7 +155,13 @@ def import_cmd(
 
     with progress_bar("importing") as update:
         res = import_checkpoint(
-            src, url, step=step, adapters=adapters, storage_options=storage_options, progress=update
+            src,
+            url,
+            step=step,
+            adapters=adapters,
+            storage_options=storage_options,
+            progress=update,
+            encryption=current_encryption(),
         )
     if as_json:
         emit_json(dataclasses.asdict(res))

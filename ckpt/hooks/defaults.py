@@ -1,4 +1,4 @@
-"""Core's own hook implementations: the built-in adapters and codecs.
+"""Core's own hook implementations: the built-in adapters, codecs and key providers.
 
 Registered by the plugin-manager factory exactly like a plugin, ``trylast`` so plugins
 registered through entry points are consulted first. The adapters and codecs are
@@ -14,6 +14,7 @@ from ckpt.hooks.hookspecs import hookimpl
 
 if TYPE_CHECKING:
     from ckpt.codecs.base import CodecRegistry
+    from ckpt.security.providers import KeyProviderRegistry
     from ckpt.state.adapters import AdapterRegistry
 
 
@@ -45,8 +46,17 @@ def ckpt_register_adapters(register: AdapterRegistry) -> None:
 
 @hookimpl(trylast=True)
 def ckpt_register_codecs(register: CodecRegistry) -> None:
+    from ckpt.codecs.crypto import AesGcmCodec
     from ckpt.codecs.delta import XorDeltaCodec
     from ckpt.codecs.zstd import ByteGroupZstdCodec, ZstdCodec
 
-    for codec in (ZstdCodec(), ByteGroupZstdCodec(), XorDeltaCodec()):
+    for codec in (ZstdCodec(), ByteGroupZstdCodec(), XorDeltaCodec(), AesGcmCodec()):
         register(codec)
+
+
+@hookimpl(trylast=True)
+def ckpt_register_key_providers(register: KeyProviderRegistry) -> None:
+    from ckpt.security.providers import KeyFileProvider, kms_from_spec
+
+    register("file", KeyFileProvider)  # file:/etc/ckpt/key
+    register("kms", kms_from_spec)  # kms:alias/ckpt?region=eu-west-1 (boto3 on first use)

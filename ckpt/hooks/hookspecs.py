@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import click
 
     from ckpt.codecs.base import CodecRegistry
+    from ckpt.security.providers import KeyProviderRegistry
     from ckpt.state.adapters import AdapterRegistry
     from ckpt.types import CheckpointInfo
 
@@ -46,6 +47,20 @@ def ckpt_register_codecs(register: CodecRegistry) -> None:
     meaning once data has been written with it.
 
     :param register: the registry; a duplicate codec name raises PluginError naming both.
+    """
+
+
+@hookspec
+def ckpt_register_key_providers(register: KeyProviderRegistry) -> None:
+    """Register key providers with ``register(scheme, factory)``.
+
+    ``factory(rest)`` builds the provider that ``SCHEME:REST`` names wherever a key provider
+    is given as text (the command line's ``--key-provider kms:alias/ckpt``); it returns an
+    object with ``key_id``, ``wrap`` and ``unwrap`` (:class:`ckpt.security.keys.KeyProvider`).
+    A provider's ``key_id`` is recorded in every store it wraps a key for, so it must keep
+    naming the same key.
+
+    :param register: the registry; a duplicate scheme raises PluginError naming both.
     """
 
 

@@ -21,11 +21,13 @@ from ckpt import config
 from ckpt.codecs.base import CodecRegistry
 from ckpt.errors import CheckpointError, PluginError
 from ckpt.hooks import defaults, hookspecs
+from ckpt.security.providers import KeyProviderRegistry
 from ckpt.state.adapters import AdapterRegistry
 
 if TYPE_CHECKING:
     import click
 
+    from ckpt.security.keys import KeyProvider
     from ckpt.types import CheckpointInfo
 
 PROJECT = "ckpt"
@@ -81,6 +83,8 @@ class Plugins:
         self.pm = pm
         self.codecs = CodecRegistry()
         self._run_registration("ckpt_register_codecs", self.codecs)
+        self.key_providers = KeyProviderRegistry()
+        self._run_registration("ckpt_register_key_providers", self.key_providers)
         self._adapters: AdapterRegistry | None = None
         self._adapters_lock = threading.RLock()  # a plugin may look adapters up while registering
 
@@ -95,7 +99,9 @@ class Plugins:
                 self._adapters = registry
             return self._adapters
 
-    def _run_registration(self, hook_name: str, registry: AdapterRegistry | CodecRegistry) -> None:
+    def _run_registration(
+        self, hook_name: str, registry: AdapterRegistry | CodecRegistry | KeyProviderRegistry
+    ) -> None:
         # Called implementation by implementation (in pluggy's call order) so a duplicate
         # name can be blamed on the plugin that registered it. That bypasses pluggy's call
         # loop, so a wrapper would never run: refused before anything registers.
@@ -129,6 +135,10 @@ class Plugins:
 
     def register_commands(self, *, cli: click.Group) -> None:
         self.pm.hook.ckpt_register_commands(cli=cli)
+
+    def key_provider(self, spec: str) -> KeyProvider:
+        """The key provider a ``SCHEME:VALUE`` spec names (``file:/etc/ckpt.key``, ``kms:alias/ckpt``)."""
+        return self.key_providers.resolve(spec)
 
     # -- introspection -----------------------------------------------------------------
     def info(self) -> list[PluginInfo]:

@@ -50,6 +50,8 @@ from ckpt.interop.names import IMPORT_WINDOW_BYTES, Progress, flat_name
 from ckpt.interop.safetensors import SafetensorsSource, write_safetensors
 from ckpt.interop.source import Source
 from ckpt.interop.torch_save import TorchSource, write_torch
+from ckpt.security.envelope import open_store
+from ckpt.security.keys import Encryption
 from ckpt.state import tree as treemod
 from ckpt.storage.commit import load_manifest
 from ckpt.storage.manifest import Manifest, TensorEntry, check_step
@@ -147,12 +149,15 @@ def export_checkpoint(
     key: str | None = None,
     storage_options: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    encryption: Encryption | None = None,
 ) -> ExportResult:
-    """Write checkpoint ``step`` (newest when None) of ``url`` to the file ``out``."""
+    """Write checkpoint ``step`` (newest when None) of ``url`` to the file ``out``
+    (``encryption``: the key of an encrypted store; the file written is plain)."""
     out = os.fspath(out)
     fmt = format_for(out, fmt)
     plugins = get_plugins()
     store = Store(url, storage_options)
+    open_store(store, encryption)
     # a collective save's checkpoint: full tensors (shards put together), rank 0's per-rank values
     manifest = rank_view(load_manifest(store, step), 0, warn=False)
     subtree, prefix = _select(manifest, key, store.url)
@@ -208,8 +213,9 @@ def import_checkpoint(
     adapters: Mapping[str, str] | None = None,
     storage_options: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    encryption: Encryption | None = None,
 ) -> ImportResult:
-    """Store the state in ``src`` as checkpoint ``step`` of ``url``.
+    """Store the state in ``src`` as checkpoint ``step`` of ``url`` (``encryption``: as ``ckpt.save``).
 
     ``adapters`` maps top-level keys to adapter names (``{"model": "torch.nn.Module"}``)
     so ``ckpt.restore`` can load the imported state into live objects of that kind.
@@ -219,6 +225,7 @@ def import_checkpoint(
     kind = detect_source(src)
     plugins = get_plugins()
     store = Store(url, storage_options)
+    open_store(store, encryption, create=True)
     if kind == "torch":
         source: Source = TorchSource(src)
     elif kind == "safetensors":

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ckpt.codecs.base import CodecRegistry, decode_chain, max_encoded_size
+from ckpt.codecs.crypto import ObjectDecodeContext
 from ckpt.errors import CheckpointError, CorruptCheckpointError
 from ckpt.io.hashing import hash_bytes
 from ckpt.io.plan import ChunkRead, ReadPlan
@@ -86,7 +87,8 @@ class Reader:
                 f"{what}: object {ref.key} has {has} bytes, the manifest says {ref.stored} (truncated or replaced)"
             )
         try:
-            decode_chain(self.codecs, list(ref.codec), memoryview(payload), out, self, what=f"{what}, object {ref.key}")
+            ctx = ObjectDecodeContext(self, ref.key)  # an encrypted object is bound to its key
+            decode_chain(self.codecs, list(ref.codec), memoryview(payload), out, ctx, what=f"{what}, object {ref.key}")
         except CorruptCheckpointError as exc:
             # keeps the subclass: a delta whose parent object is gone is a MissingObjectError
             raise type(exc)(f"{what}: object {ref.key} is corrupt: {exc}") from None

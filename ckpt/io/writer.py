@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ckpt.codecs import crypto
 from ckpt.codecs import delta as deltamod
 from ckpt.codecs.base import CodecRegistry, EncodeContext
 from ckpt.errors import CheckpointError, UnsupportedValueError
@@ -246,7 +247,8 @@ class Writer:
             mine.set_exception(exc)
             raise
         ref = ChunkRef(hash=h, key=key, size=len(data), stored=len(payload), codec=tuple(chain))
-        self.stats.add(written_bytes=len(payload), objects_written=1, delta_objects=int(key != h))
+        delta_object = any(s.get("name") == deltamod.NAME for s in chain)
+        self.stats.add(written_bytes=len(payload), objects_written=1, delta_objects=int(delta_object))
         mine.set_result(ref)
         return ref
 
@@ -278,9 +280,12 @@ class Writer:
             self.stats.tried_delta(path, choice.delta)
         if choice.probed:
             self.stats.add(probes=1)
+        # an encrypted store keys objects by a keyed hash and seals them last (ckpt.codecs.crypto)
+        key = crypto.address(ctx.codec_context, h, len(data))
         if choice.delta and base_ref is not None:
-            return choice.payload, choice.chain, deltamod.delta_key(h, base_ref.hash)
-        return choice.payload, choice.chain, h
+            key = deltamod.delta_key(key, base_ref.key)  # a base is a full object: its key is its address
+        payload, chain = crypto.seal_chain(ctx.codec_context, key, choice.payload, choice.chain, len(data))
+        return payload, chain, key
 
     def _parent_raw(self, path: str, parent: ChunkRef, parent_view: memoryview | None) -> memoryview | None:
         """Verified raw bytes of ``parent``: from the previous snapshot if it still matches, else the store."""

@@ -31,6 +31,8 @@ from ckpt.api import devices_of, restore_latest, restore_manifest, write_checkpo
 from ckpt.codecs.delta import DeltaLearner
 from ckpt.errors import CheckpointError, NoCheckpointError
 from ckpt.hooks.manager import get_plugins
+from ckpt.security.envelope import open_store
+from ckpt.security.keys import Encryption
 from ckpt.snapshot.executor import Background
 from ckpt.snapshot.staging import HostPool, Snapshot, guarded_storages
 from ckpt.state import tree as treemod
@@ -111,6 +113,7 @@ class Checkpointer:
     :param preempt_deadline: seconds after a preemption signal by which the process exits even
         if the save has not committed, with status 128 + the signal number (default
         ``CKPT_PREEMPT_DEADLINE_SECONDS``, 60; 0 turns it off).
+    :param encryption: a :class:`ckpt.Encryption`: the store is encrypted (see ``ckpt.save``).
 
     One writer per store: an open Checkpointer holds the store's writer lease
     (:class:`ckpt.storage.leases.WriterLease`) until :meth:`close`, and a second writer
@@ -149,6 +152,7 @@ class Checkpointer:
         persist_every: int | None = None,
         local_keep_last: int | None = 2,
         local_storage_options: dict[str, Any] | None = None,
+        encryption: Encryption | None = None,
     ) -> None:
         if every is not None and (not isinstance(every, int) or every < 1):
             raise CheckpointError(f"every must be a positive int, got {every!r}")
@@ -171,6 +175,9 @@ class Checkpointer:
             self.store = self.tiers.local.store  # every save commits there
         else:
             self.store = Store(url, storage_options)
+        open_store(self.store, encryption, create=True)  # a missing or wrong key fails here
+        if self.tiers is not None:
+            open_store(self.tiers.durable.store, encryption, create=True)
         self.url = self.store.url
         self.every = every
         self.keep_last = keep_last

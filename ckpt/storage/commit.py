@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from ckpt.security.envelope import seal_for
 from ckpt.storage.lineage import Latest, find_latest, parse_manifest, require_latest
 from ckpt.storage.manifest import Manifest, TensorEntry
 from ckpt.storage.store import Store
@@ -103,7 +104,7 @@ def commit(store: Store, manifest: Manifest) -> None:
     said so in the log: the earlier checkpoint of that step is gone.
     """
     replacing = store.exists(store.manifest_path(manifest.step))
-    store.commit(manifest.step, manifest.to_json_bytes(), seq=manifest.seq)
+    store.commit(manifest.step, seal_for(store, manifest, manifest.to_json_bytes()), seq=manifest.seq)
     if replacing:
         log.warning("re-saved step %d of %s: the earlier checkpoint of that step is replaced", manifest.step, store.url)
     log.info(

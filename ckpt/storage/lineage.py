@@ -33,6 +33,7 @@ from typing import Protocol
 from ckpt.errors import (
     CheckpointError,
     CorruptCheckpointError,
+    EncryptionError,
     NewerSchemaError,
     NoCheckpointError,
     SchemaError,
@@ -114,8 +115,8 @@ def _read(
             continue
         try:
             good[step] = parse_manifest(store.read_manifest(step), step, store.url)
-        except (StoreError, NewerSchemaError):
-            # the backend failed, or a newer ckpt wrote it: neither is a reason to pick an
+        except (StoreError, NewerSchemaError, EncryptionError):
+            # the backend failed, a newer ckpt wrote it, or it needs a key: none is a reason to pick an
             # older checkpoint (an older ckpt must not carry on behind a newer one's back)
             raise
         except NoCheckpointError:

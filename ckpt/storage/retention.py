@@ -57,6 +57,8 @@ from typing import Any
 from ckpt import config
 from ckpt.codecs.delta import referenced_keys
 from ckpt.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError, StoreError
+from ckpt.security.envelope import open_store
+from ckpt.security.keys import Encryption
 from ckpt.storage.leases import WRITER, LeaseRecord, delete_if_expired, lease_files, live_leases
 from ckpt.storage.lineage import parse_manifest, read_lineage
 from ckpt.storage.store import Store
@@ -367,6 +369,7 @@ def collect(
     grace_seconds: float | None = None,
     storage_options: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    encryption: Encryption | None = None,
 ) -> GCResult:
     """Apply a retention policy to the store at ``url`` and sweep unreferenced objects.
 
@@ -381,8 +384,11 @@ def collect(
     :param grace_seconds: objects younger than this are never deleted
         (default ``CKPT_GC_GRACE_SECONDS``, 900).
     :param progress: ``progress(phase, done, total)`` with phase ``"mark"`` or ``"sweep"``.
+    :param encryption: the key of an encrypted store (without it, an EncryptionError: nothing is
+        collected from a store whose manifests cannot be read).
     """
     store = Store(url, storage_options)
+    open_store(store, encryption)
     return _gc(
         store,
         keep_last=keep_last,

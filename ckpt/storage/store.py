@@ -45,10 +45,11 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ckpt import config
 from ckpt.codecs.base import CodecContext
+from ckpt.codecs.crypto import manifest_json
 from ckpt.errors import CheckpointError, CorruptCheckpointError, MissingObjectError, NoCheckpointError, StoreError
 from ckpt.storage.backends import tune_client
 from ckpt.storage.lineage import Ref, find_latest
-from ckpt.storage.retry import GaveUp, Retrier
+from ckpt.storage.retry import GaveUp, Retrier, unreachable_reason
 
 log = logging.getLogger("ckpt")
 
@@ -234,9 +235,10 @@ class Store:
             return self.fs.cat_file(path, start=0, end=limit)
         except FileNotFoundError:
             raise
-        except Exception:
-            # S3 and Azure answer any range of an empty object with 416 (InvalidRange)
-            if self.fs.info(path).get("size") == 0:
+        except Exception as exc:
+            # S3 and Azure answer any range of an empty object with 416 (InvalidRange); an
+            # endpoint that cannot be reached is not asked a second time
+            if unreachable_reason(exc) is None and self.fs.info(path).get("size") == 0:
                 return b""
             raise
 
@@ -384,8 +386,9 @@ class Store:
         )
 
     def read_manifest(self, step: int) -> bytes:
+        """The manifest JSON of ``step`` (an encrypted store's opened and authenticated)."""
         try:
-            return self.read(self.manifest_path(step))
+            return manifest_json(self.codec_context, step, self.read(self.manifest_path(step)))
         except FileNotFoundError:
             pass
         hint = ""

@@ -28,10 +28,11 @@ def test_hookspecs_are_found():
         "ckpt_register_adapters",
         "ckpt_register_codecs",
         "ckpt_register_commands",
+        "ckpt_register_key_providers",
         "ckpt_before_save",
         "ckpt_after_commit",
         "ckpt_after_restore",
-    } <= set(SPECS), "the six core hooks are specs"
+    } <= set(SPECS), "the core hooks are specs"
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
@@ -84,6 +85,22 @@ def ckpt_register_codecs(register):
     register(Codec())
 
 
+class KeyProvider:
+    key_id = "recorder:k1"
+    def __init__(self, rest):
+        self.rest = rest
+    def wrap(self, data_key):
+        return bytes(b ^ 0x5A for b in data_key)
+    def unwrap(self, wrapped):
+        return bytes(b ^ 0x5A for b in wrapped)
+
+
+@ckpt.hookimpl
+def ckpt_register_key_providers(register):
+    CALLS.append(("ckpt_register_key_providers", {"register": register}))
+    register("recorder", KeyProvider)
+
+
 @ckpt.hookimpl
 def ckpt_register_commands(cli):
     CALLS.append(("ckpt_register_commands", {"cli": cli}))
@@ -125,6 +142,13 @@ def test_every_hookspec_is_exercised(fake_plugin, store_url):
     assert [type(kw["register"]) for kw in called("ckpt_register_codecs")] == [ckpt.CodecRegistry]
     assert plugins.adapters.owner("recorder.Marker") == "ckpt-recorder"
     assert plugins.codecs.owner("recorder-identity") == "ckpt-recorder"
+    from ckpt.security.providers import KeyProviderRegistry
+
+    assert [type(kw["register"]) for kw in called("ckpt_register_key_providers")] == [KeyProviderRegistry]
+    assert plugins.key_providers.owner("recorder") == "ckpt-recorder"
+    assert plugins.key_providers.owner("kms") == "ckpt.hooks.defaults"
+    provider = plugins.key_provider("recorder:some/where")
+    assert provider.rest == "some/where" and provider.unwrap(provider.wrap(b"k" * 32)) == b"k" * 32
 
     # lifecycle hooks
     class Marker:
