@@ -1,0 +1,104 @@
+"""A hostile review of ckpt.copy and the tiers: an untrusted source, a destination holding
+another lineage, interrupted copies, and the tiers' failure modes. Every refusal is a
+CheckpointError naming the step/object/URL, with nothing committed at the destination."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _tiers_util import keys_of
+
+import ckpt
+from ckpt.storage.copy import copy_stores
+from ckpt.storage.store import Store
+
+
+def _save(url: str, steps, seed: int = 0) -> None:
+    for s in steps:
+        ckpt.save(url, {"head": torch.full((8,), float(s + seed)), "w": torch.randn(64)}, step=s)
+
+
+def _edit(store: Store, step: int, fn) -> None:
+    doc = json.loads(store.read_manifest(step))
+    fn(doc)
+    store.write(store.manifest_path(step), json.dumps(doc).encode())
+
+
+def _nothing_at(url: str) -> None:
+    assert ckpt.steps(url) == [] and not any(Store(url).list_objects())
+
+
+def _raw_bomb(doc: dict) -> None:
+    """A raw chunk claiming 1 TiB stored and raw (consistent: the validator accepts it)."""
+    doc["chunk_bytes"] = 2**40
+    t = doc["tensors"]["head"]
+    t.update(shape=[2**38], nbytes=2**40)
+    t["chunks"][0].update(size=2**40, stored=2**40)
+
+
+def _missing_delta_parent(doc: dict) -> None:
+    chunk = doc["tensors"]["head"]["chunks"][0]
+    parent = {"hash": "0" * 32, "key": "0" * 32, "size": 32, "stored": 32, "codec": []}
+    chunk["codec"] = [{"name": "xor", "parent": parent}]
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [(_raw_bomb, "cad4b99211f416992baab582646646bd|bytes"), (_missing_delta_parent, "0{32}")],
+    ids=["size-bomb", "delta-parent-missing"],
+)
+def test_copy_refuses_hostile_objects_before_writing_anything(tmp_path, damage, match):
+    src = Store(str(tmp_path / "src"))
+    ckpt.save(src.url, {"head": torch.ones(8), "w": torch.randn(64)}, step=1)
+    _edit(src, 1, damage)
+    dst = str(tmp_path / "dst")
+    with pytest.raises(ckpt.CheckpointError, match=f"step 1 of {src.url}.*({match})"):
+        ckpt.copy(src.url, dst)  # a 1 TiB buffer is never allocated: the fetched size is checked first
+    _nothing_at(dst)
+
+
+def test_copy_never_overwrites_a_different_checkpoint_at_the_same_step(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _save(a, [1, 2])
+    _save(b, [1, 2, 3], seed=100)  # another lineage with colliding step numbers
+    before = {s: ckpt.load(a, step=s)["head"] for s in (1, 2)}
+    objects = {o.key for o in Store(a).list_objects()}
+    for step in (2, None):
+        with pytest.raises(ckpt.CheckpointError, match=rf"step \d of {a} is a different checkpoint.*{b}"):
+            ckpt.copy(b, a, step=step)
+    assert ckpt.steps(a) == [1, 2] and ckpt.latest_step(a) == 2
+    assert all(torch.equal(ckpt.load(a, step=s)["head"], v) for s, v in before.items())
+    assert {o.key for o in Store(a).list_objects()} == objects  # refused before the first write
+    ckpt.copy(b, a, step=3)  # a step the destination lacks is fine
+    assert ckpt.steps(a) == [1, 2, 3]
+    ckpt.copy(a, str(tmp_path / "c"))
+    assert ckpt.copy(a, str(tmp_path / "c")).step == 3  # the same checkpoints: skipped, not refused
+
+
+def test_copy_never_overwrites_an_unreadable_destination_step(tmp_path):
+    src, dst = str(tmp_path / "src"), Store(str(tmp_path / "dst"))
+    _save(src, [1])
+    ckpt.copy(src, dst.url)
+    _edit(dst, 1, lambda d: d.update(schema=99))  # written by a newer ckpt, say
+    held = dst.read_manifest(1)
+    with pytest.raises(ckpt.CheckpointError, match=f"step 1 of {dst.url} is unreadable"):
+        ckpt.copy(src, dst.url, step=1)
+    assert dst.read_manifest(1) == held
+
+
+def test_copy_rerun_after_manifest_without_ref(tmp_path):
+    """Killed between the manifest and the ref: the rerun finds the checkpoint complete."""
+    src, dst = Store(str(tmp_path / "src")), Store(str(tmp_path / "dst"))
+    _save(src.url, [1, 2])
+    ckpt.copy(src.url, dst.url, step=1)
+    for key in keys_of(src, 2):
+        dst.put_object(key, src.get_object(key))
+    doc = json.loads(src.read_manifest(2))
+    doc["seq"] = 2
+    dst.write(dst.manifest_path(2), json.dumps(doc).encode())  # the ref still names step 1
+    assert ckpt.latest_step(dst.url) == 2
+    res = copy_stores(src, dst)
+    assert res.stats.already == 2 and res.stats.objects == 0 and res.info.step == 2
+    assert torch.equal(ckpt.load(dst.url)["head"], ckpt.load(src.url)["head"])
