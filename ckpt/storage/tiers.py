@@ -15,8 +15,16 @@ objects are missing or corrupt is passed over for the next (the tier's older int
 checkpoints on its line, or the other tier), and every such decision is logged naming
 the tier and why. ``created`` rather than the commit sequence ranks them because the two
 stores number their commits independently; it also makes a stale local tier left by an
-older run lose to a newer durable one, and a rollback (restore 20, save 21) win over the
-abandoned higher steps.
+earlier session of this run lose to a newer durable one, and a rollback (restore 20, save
+21) win over the abandoned higher steps. A local tier left by another run (the same local
+path, another durable URL: a node reused by a new job) is refused when the Checkpointer is
+made, never restored from or persisted (:func:`_bind`, ``tier.json`` in the local tier).
+
+A background persist that fails (any exception of the thread, as a :class:`CheckpointError`
+naming the step and the durable URL) is logged, kept in :attr:`Tiers.errors`, and raised
+once by the next :meth:`Tiers.committed`: the Checkpointer makes it the run's pending error
+(``on_error``), raised by its next save or wait. A failed persist of the newest checkpoint
+at close is retried there and returned.
 
 Retention is per tier (:func:`ckpt.storage.retention.prune`): ``local_keep_last`` (2) on
 the local tier, never dropping a checkpoint that is waiting to be persisted, and
@@ -43,6 +51,7 @@ from __future__ import annotations
 import datetime as _dt
 import heapq
 import itertools
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -112,6 +121,7 @@ class Tiers:
         if local.url == durable.url:
             raise CheckpointError(f"the local tier and the durable tier are the same store: {local.url}")
         retention.retained([], keep_last=local_keep_last)  # validates
+        _bind(local, durable)
         self.local = Tier("local", local, 0)
         self.durable = Tier("durable", durable, 1)
         self.persist_every = persist_every
@@ -130,6 +140,8 @@ class Tiers:
         self.persisted: list[int] = []
         self.errors: list[CheckpointError] = []
         self._newest_local: int | None = None
+        #: background persist failures not yet raised by :meth:`committed`
+        self._unreported: list[CheckpointError] = []
 
     @property
     def lease(self) -> WriterLease:
@@ -148,19 +160,30 @@ class Tiers:
     def committed(self, step: int, *, protect: Iterable[int], writer: WriterLease) -> None:
         """After step ``step`` committed to the local tier: persist it when due, prune locally.
 
-        :raises CheckpointError: the durable tier has another live writer.
+        :raises CheckpointError: the durable tier has another live writer, or a background
+            persist failed since the last call (once; the save and this persist went ahead).
         """
         self.lease  # noqa: B018 - refused: raised here, at the first save
         self._newest_local = step
         if self.persist_every is not None and step % self.persist_every == 0:
             self.persist_async(step)
         if self.local_keep_last is None:
+            self.raise_unreported()
             return
         keep = {step, *protect, *self.pinned()}
         try:
             retention.prune(self.local.store, keep_last=self.local_keep_last, protect=keep, writer=writer)
         except CheckpointError as exc:  # housekeeping: the commit stands
             log.warning("pruning the local tier %s after step %d failed: %s", self.local.store.url, step, exc)
+        self.raise_unreported()
+
+    def raise_unreported(self) -> None:
+        """Raise the oldest background persist failure not raised yet (the next save's error)."""
+        with self._lock:
+            if not self._unreported:
+                return
+            err, self._unreported = self._unreported[0], []
+        raise err
 
     def persist_async(self, step: int) -> None:
         """Copy ``step`` to the durable tier in the background (replacing a waiting older request)."""
@@ -184,9 +207,14 @@ class Tiers:
         try:
             if step is not None:
                 self.persist_now(step)
-        except CheckpointError as exc:
-            self.errors.append(exc)
-            log.error("persisting step %s to the durable tier %s failed: %s", step, self.durable.store.url, exc)
+        except Exception as exc:  # noqa: BLE001 - any failure of the thread is reported, as a CheckpointError
+            why = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
+            err = CheckpointError(f"persisting step {step} to the durable tier {self.durable.store.url} failed: {why}")
+            err.__cause__ = exc
+            with self._lock:
+                self.errors.append(err)
+                self._unreported.append(err)
+            log.error("%s", err)
         finally:
             with self._lock:
                 self._running = None
@@ -377,3 +405,52 @@ _ORDER = itertools.count()
 def _push(heap: list[Any], tier: Tier, manifest: Manifest) -> None:
     # a min-heap: newest created first, then the higher step, then the faster tier
     heapq.heappush(heap, (-_created(manifest), -manifest.step, tier.rank, next(_ORDER), manifest))
+
+
+#: the local tier's record of the durable tier it caches (see :func:`_bind`)
+TIER_MARK = "tier.json"
+
+
+def _bind(local: Store, durable: Store) -> None:
+    """Bind the local tier to its durable tier, refusing a local tier left by another run.
+
+    A node-local path reused by a new job with another durable tier would otherwise be
+    restored from (its checkpoints may even be newer) and persisted into the new run's
+    durable tier: a foreign run silently taken over. The local tier records its durable
+    URL in ``tier.json`` on first use; a different one there is a :class:`CheckpointError`
+    (use another local path, or empty that one) while it holds checkpoints. A local tier
+    without the record that already holds checkpoints is adopted, with a warning.
+    """
+    path = local.path(TIER_MARK)
+    try:
+        raw = local.read(path, limit=64 * 1024)
+    except FileNotFoundError:
+        raw = None
+    if raw is not None:
+        try:
+            doc = json.loads(raw)
+            bound = doc["durable"]
+            if not isinstance(bound, str):
+                raise TypeError(type(bound).__name__)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptCheckpointError(f"{path} of the local tier {local.url} is malformed ({exc!r})") from None
+        if bound == durable.url:
+            return
+        if local.manifest_listing():
+            raise CheckpointError(
+                f"the local tier {local.url} belongs to the durable tier {bound[:512]!r}, not {durable.url}: "
+                "it holds another run's checkpoints; use another local path (or empty that one)"
+            )
+        log.info(
+            "the local tier %s (of %s before) holds no checkpoint: binding it to %s",
+            local.url,
+            bound[:512],
+            durable.url,
+        )
+    elif local.manifest_listing():
+        log.warning(
+            "the local tier %s holds checkpoints but no record of its durable tier: adopting it for %s",
+            local.url,
+            durable.url,
+        )
+    local.write(path, json.dumps({"durable": durable.url}).encode())

@@ -8,9 +8,10 @@ import json
 
 import pytest
 import torch
-from _tiers_util import keys_of
+from _tiers_util import corrupt, keys_of, make_state, same, train_step, weights
 
 import ckpt
+from ckpt.storage import tiers as tiers_mod
 from ckpt.storage.copy import copy_stores
 from ckpt.storage.store import Store
 
@@ -102,3 +103,85 @@ def test_copy_rerun_after_manifest_without_ref(tmp_path):
     res = copy_stores(src, dst)
     assert res.stats.already == 2 and res.stats.objects == 0 and res.info.step == 2
     assert torch.equal(ckpt.load(dst.url)["head"], ckpt.load(src.url)["head"])
+
+
+# -- tiers ---------------------------------------------------------------------------------
+
+
+def _train(durable: str, local: str, steps, **kw) -> dict:
+    state = make_state()
+    with ckpt.Checkpointer(durable, local=local, **kw) as ck:
+        for s in steps:
+            train_step(state, s)
+            ck.save(state, step=s).wait()
+    return weights(state)
+
+
+def test_a_local_tier_left_by_another_run_is_never_restored(tmp_path):
+    local = str(tmp_path / "local")
+    _train(str(tmp_path / "job_a"), local, [1, 2, 3], persist_every=100)
+    assert ckpt.steps(local) == [2, 3]
+    with pytest.raises(ckpt.CheckpointError, match=f"local tier {local} belongs to the durable tier .*job_a"):
+        ckpt.Checkpointer(str(tmp_path / "job_b"), local=local, persist_every=1)
+    assert ckpt.steps(str(tmp_path / "job_b")) == []  # nothing of job a persisted into job b
+    assert ckpt.steps(local) == [2, 3]  # and nothing of job a pruned
+    # the same job restarting on that node keeps its local tier
+    state = make_state(seed=1)
+    with ckpt.Checkpointer(str(tmp_path / "job_a"), local=local, persist_every=100) as ck:
+        assert ck.restore(state).step == 3
+    # an emptied local tier may serve another job
+    Store(local).fs.rm(Store(local).path("manifests"), recursive=True)
+    ckpt.Checkpointer(str(tmp_path / "job_b"), local=local, persist_every=1).close()
+
+
+def test_a_failed_background_persist_surfaces_at_the_next_save(tmp_path, monkeypatch):
+    durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
+    state = make_state()
+    ck = ckpt.Checkpointer(durable, local=local, persist_every=1, local_keep_last=None)
+    try:
+        ck.save(state, step=1).wait()
+        ck.tiers.wait()
+        boom = RuntimeError("injected: the durable tier went away")
+
+        def fail(*a, **k):
+            raise boom
+
+        monkeypatch.setattr(tiers_mod, "copy_stores", fail)  # a bug or a raw error in the thread
+        ck.save(state, step=2).wait()
+        ck.tiers.wait()
+        monkeypatch.undo()
+        ck.save(state, step=3).wait()  # commits locally; the persist failure is the run's pending error
+        with pytest.raises(ckpt.CheckpointError, match=f"persisting step 2 to the durable tier {durable}.*injected"):
+            ck.wait()
+        ck.save(state, step=4).wait()  # raised once; training goes on
+    finally:
+        ck.close()
+    assert ckpt.latest_step(durable) == 4 and ckpt.steps(local) == [1, 2, 3, 4]
+
+
+def test_close_during_a_background_persist_waits_for_it(tmp_path):
+    durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
+    state = {"w": torch.randn(256 * 1024)}
+    ck = ckpt.Checkpointer(durable, local=local, persist_every=1)
+    ck.save(state, step=1).wait()
+    ck.close()  # while step 1 is being copied
+    assert ckpt.latest_step(durable) == 1 and torch.equal(ckpt.load(durable)["w"], state["w"])
+    assert not list(Store(durable).fs.glob(Store(durable).path("leases", "*")))  # the lease is released
+
+
+def test_restore_when_both_tiers_are_corrupt_leaves_live_objects_untouched(tmp_path):
+    durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
+    _train(durable, local, [1, 2], persist_every=1)
+    for url in (durable, local):
+        for s in ckpt.steps(url):
+            corrupt(Store(url), s)
+    fresh = make_state(seed=7)
+    before = weights(fresh)
+    opt_before = {k: dict(v) for k, v in fresh["optim"].state_dict()["state"].items()}
+    with (
+        ckpt.Checkpointer(durable, local=local, persist_every=1) as ck,
+        pytest.raises(ckpt.CorruptCheckpointError, match="no intact checkpoint in either tier"),
+    ):
+        ck.restore(fresh)
+    assert same(before, weights(fresh))
+    assert {k: dict(v) for k, v in fresh["optim"].state_dict()["state"].items()} == opt_before
