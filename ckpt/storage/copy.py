@@ -162,7 +162,7 @@ def _records(manifest: Manifest) -> dict[str, ChunkRef]:
     return out
 
 
-def _same(a: Manifest, b: Manifest) -> bool:
+def same_checkpoint(a: Manifest, b: Manifest) -> bool:
     """Whether two manifests hold the same checkpoint (whatever their commit sequences)."""
     keep = ("seq", "stored_bytes")
     da = {f.name: getattr(a, f.name) for f in dataclasses.fields(a) if f.name not in keep}
@@ -194,11 +194,11 @@ def _copy_all(
     lock = threading.Lock()
     # everything that can be refused is refused before anything is written
     held = {m.step: _existing(dst, m, src.url, replace=as_latest is True) for m in manifests}
-    _check_sources(src, [m for m in manifests if held[m.step] is None or not _same(held[m.step], m)], present)
+    _check_sources(src, [m for m in manifests if held[m.step] is None or not same_checkpoint(held[m.step], m)], present)
     with io_pool("ckpt-copy") as pool:
         for manifest in manifests:
             existing = held[manifest.step]
-            if existing is not None and _same(existing, manifest):
+            if existing is not None and same_checkpoint(existing, manifest):
                 stats.already += 1
                 newest = CheckpointInfo.from_manifest(existing, dst.url)
                 continue
@@ -262,7 +262,7 @@ def _existing(dst: Store, manifest: Manifest, src_url: str, *, replace: bool) ->
             ) from None
         log.warning("step %d of %s is unreadable (%s): replacing it with the copy from %s", step, dst.url, exc, src_url)
         return None
-    if replace or _same(held, manifest):
+    if replace or same_checkpoint(held, manifest):
         return held
     raise CheckpointError(
         f"step {step} of {dst.url} is a different checkpoint (run {held.run or '?'}, created {held.created}) "

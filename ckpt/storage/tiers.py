@@ -16,7 +16,11 @@ checkpoints on its line, or the other tier), and every such decision is logged n
 the tier and why. ``created`` rather than the commit sequence ranks them because the two
 stores number their commits independently; it also makes a stale local tier left by an
 earlier session of this run lose to a newer durable one, and a rollback (restore 20, save
-21) win over the abandoned higher steps. A local tier left by another run (the same local
+21) win over the abandoned higher steps. ``created`` comes from the clock of the node that
+saved, so before it ranks them the lineage is asked (:func:`_ahead`): a latest checkpoint
+whose parent chain reaches the other tier's latest (the same checkpoint, where its tier
+holds that step) is the newer one whatever the clocks say (a restart on a node whose clock
+is behind; a stale local tier written with a clock ahead). A local tier left by another run (the same local
 path, another durable URL: a node reused by a new job) is refused when the Checkpointer is
 made, never restored from or persisted (:func:`_bind`, ``tier.json`` in the local tier).
 
@@ -62,7 +66,7 @@ from typing import Any
 from ckpt.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
 from ckpt.snapshot.executor import serial_pool
 from ckpt.storage import retention
-from ckpt.storage.copy import CopyResult, copy_stores
+from ckpt.storage.copy import CopyResult, copy_stores, same_checkpoint
 from ckpt.storage.lineage import find_latest, parse_manifest, read_lineage
 from ckpt.storage.manifest import Manifest
 from ckpt.storage.store import Store
@@ -306,6 +310,7 @@ class Tiers:
         empty: list[str] = []
         why: list[str] = []
         held = False
+        latests: dict[str, Manifest] = {}
         for tier in tiers:
             try:
                 latest = find_latest(tier.store)
@@ -322,11 +327,15 @@ class Tiers:
                     why.append(f"{tier.name} tier {tier.store.url}: {reason}")
                 continue
             held = True
-            _push(heap, tier, latest.manifest)
+            latests[tier.name] = latest.manifest
+        ahead = _ahead(self.local, self.durable, latests)
+        for tier in tiers:
+            if tier.name in latests:
+                _push(heap, tier, latests[tier.name], ahead if tier.name == ahead else None)
         expanded: set[str] = set()
         first = True
         while heap:
-            _key, _step, index, _n, manifest = heapq.heappop(heap)
+            _ahead_, _key, _step, index, _n, manifest = heapq.heappop(heap)
             tier = tiers[index]
             if not first:
                 log.warning(
@@ -402,9 +411,71 @@ class Tiers:
 _ORDER = itertools.count()
 
 
-def _push(heap: list[Any], tier: Tier, manifest: Manifest) -> None:
-    # a min-heap: newest created first, then the higher step, then the faster tier
-    heapq.heappush(heap, (-_created(manifest), -manifest.step, tier.rank, next(_ORDER), manifest))
+def _push(heap: list[Any], tier: Tier, manifest: Manifest, ahead: str | None = None) -> None:
+    # a min-heap: the lineage's descendant (``ahead``) first, then the newest created, then the
+    # higher step, then the faster tier
+    key = (0 if ahead else 1, -_created(manifest), -manifest.step, tier.rank, next(_ORDER), manifest)
+    heapq.heappush(heap, key)
+
+
+#: parent links followed to tell whether one tier's latest descends from the other's
+MAX_HOPS = 64
+
+
+def _descends(store: Store, manifest: Manifest, ancestor: Manifest, *, need_copy: bool) -> bool:
+    """Whether ``manifest``'s parent chain in ``store`` reaches ``ancestor`` (by step; where
+    ``store`` holds that step, its copy must be the same checkpoint; ``need_copy``: it must hold it)."""
+    m = manifest
+    for _ in range(MAX_HOPS):
+        parent = m.parent
+        if parent is None or parent < ancestor.step:
+            return False
+        try:
+            held = parse_manifest(store.read_manifest(parent), parent, store.url)
+        except NoCheckpointError:
+            return parent == ancestor.step and not need_copy
+        except CheckpointError:
+            return False
+        if parent == ancestor.step:
+            return same_checkpoint(held, ancestor)
+        m = held
+    return False
+
+
+def _ahead(local: Tier, durable: Tier, latests: dict[str, Manifest]) -> str | None:
+    """The tier whose latest checkpoint descends from the other's, when ``created`` (clocks of
+    different nodes) ranks them the other way; None otherwise."""
+    lo, du = latests.get("local"), latests.get("durable")
+    if lo is None or du is None or lo.step == du.step:
+        return None
+    if (
+        _created(du) >= _created(lo)
+        and lo.step > du.step
+        # a restart on a node whose clock is behind: the local tier continues the durable
+        # checkpoint it was restored from (which it does not hold)
+        and _descends(local.store, lo, du, need_copy=False)
+    ):
+        log.warning(
+            "restore: step %d of the local tier descends from step %d of the durable tier, created later "
+            "by its clock (clock skew between nodes): the local one is newer",
+            lo.step,
+            du.step,
+        )
+        return "local"
+    if (
+        _created(lo) > _created(du)
+        and du.step > lo.step
+        # a stale local tier written on a node whose clock was ahead
+        and _descends(durable.store, du, lo, need_copy=True)
+    ):
+        log.warning(
+            "restore: step %d of the durable tier descends from step %d of the local tier, created later "
+            "by its clock (clock skew between nodes): the durable one is newer",
+            du.step,
+            lo.step,
+        )
+        return "durable"
+    return None
 
 
 #: the local tier's record of the durable tier it caches (see :func:`_bind`)

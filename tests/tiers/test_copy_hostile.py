@@ -4,6 +4,7 @@ CheckpointError naming the step/object/URL, with nothing committed at the destin
 
 from __future__ import annotations
 
+import datetime
 import json
 
 import pytest
@@ -185,3 +186,54 @@ def test_restore_when_both_tiers_are_corrupt_leaves_live_objects_untouched(tmp_p
         ck.restore(fresh)
     assert same(before, weights(fresh))
     assert {k: dict(v) for k, v in fresh["optim"].state_dict()["state"].items()} == opt_before
+
+
+def _skew(urls, steps, hours: float) -> None:
+    """Rewrite the ``created`` of ``steps`` as a node whose clock is ``hours`` off would have."""
+    stamp = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=hours)).strftime(
+        "%Y-%m-%dT%H:%M:%S.%fZ"
+    )
+    for url in urls:
+        for s in steps:
+            _edit(Store(url), s, lambda d: d.update(created=stamp))
+
+
+def test_clock_skew_a_restart_on_a_node_whose_clock_is_behind(tmp_path):
+    durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
+    _train(durable, str(tmp_path / "node_a"), [1, 2, 3, 4], persist_every=4)
+    _skew([durable], [4], hours=1)  # node a's clock was an hour ahead
+    # node b restored step 4 from the durable tier and saved 5, 6 locally before dying
+    seen = {}
+    state = make_state(seed=3)
+    ck = ckpt.Checkpointer(durable, local=local, persist_every=100)
+    assert ck.restore(state).step == 4
+    for s in (5, 6):
+        train_step(state, s)
+        ck.save(state, step=s).wait()
+        seen[s] = weights(state)
+    ck.tiers.close(persist=False)  # died before persisting: the durable tier still ends at step 4
+    ck.tiers = None
+    ck.close()
+    assert ckpt.latest_step(durable) == 4 and ckpt.steps(local) == [5, 6]
+    fresh = make_state(seed=1)
+    with ckpt.Checkpointer(durable, local=local, persist_every=100) as again:
+        assert again.restore(fresh).step == 6  # not step 4, whose clock says it is newer
+    assert same(weights(fresh), seen[6])
+
+
+def test_clock_skew_a_stale_local_tier_written_with_a_clock_ahead(tmp_path):
+    durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
+    _train(durable, local, [1, 2], persist_every=1)
+    _skew([local, durable], [1, 2], hours=1)  # this node's clock was an hour ahead, in both copies
+    # the job went on on another node (its own local tier), persisting 3, 4, 5
+    state = make_state(seed=3)
+    with ckpt.Checkpointer(durable, local=str(tmp_path / "node_b"), persist_every=1) as ck:
+        assert ck.restore(state).step == 2
+        for s in (3, 4, 5):
+            train_step(state, s)
+            ck.save(state, step=s).wait()
+    want = weights(state)
+    fresh = make_state(seed=1)
+    with ckpt.Checkpointer(durable, local=local, persist_every=1) as ck:  # back on the first node
+        assert ck.restore(fresh).step == 5  # not the stale step 2, whose clock says it is newer
+    assert same(weights(fresh), want)
