@@ -17,12 +17,14 @@ the tier and why. ``created`` rather than the commit sequence ranks them because
 stores number their commits independently; it also makes a stale local tier left by an
 earlier session of this run lose to a newer durable one, and a rollback (restore 20, save
 21) win over the abandoned higher steps. ``created`` comes from the clock of the node that
-saved, so before it ranks them the lineage is asked (:func:`_ahead`): a latest checkpoint
+saved, so before it ranks them the lineage is asked
+(:func:`ckpt.storage.tier_checks.ahead`): a latest checkpoint
 whose parent chain reaches the other tier's latest (the same checkpoint, where its tier
 holds that step) is the newer one whatever the clocks say (a restart on a node whose clock
 is behind; a stale local tier written with a clock ahead). A local tier left by another run (the same local
 path, another durable URL: a node reused by a new job) is refused when the Checkpointer is
-made, never restored from or persisted (:func:`_bind`, ``tier.json`` in the local tier).
+made, never restored from or persisted (:func:`ckpt.storage.tier_checks.bind`,
+``tier.json`` in the local tier).
 
 A background persist that fails (any exception of the thread, as a :class:`CheckpointError`
 naming the step and the durable URL) is logged, kept in :attr:`Tiers.errors`, and raised
@@ -52,10 +54,8 @@ intact step). Single-process runs are complete today.
 
 from __future__ import annotations
 
-import datetime as _dt
 import heapq
 import itertools
-import json
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -65,8 +65,8 @@ from typing import Any
 
 from ckpt.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
 from ckpt.snapshot.executor import serial_pool
-from ckpt.storage import retention
-from ckpt.storage.copy import CopyResult, copy_stores, same_checkpoint
+from ckpt.storage import retention, tier_checks
+from ckpt.storage.copy import CopyResult, copy_stores
 from ckpt.storage.lineage import find_latest, parse_manifest, read_lineage
 from ckpt.storage.manifest import Manifest
 from ckpt.storage.store import Store
@@ -77,17 +77,6 @@ log = logging.getLogger("ckpt")
 
 #: ``restore(store, manifest) -> info``: loads one checkpoint into the live objects, all or nothing
 RestoreFn = Callable[[Store, Manifest], CheckpointInfo]
-
-
-def _created(manifest: Manifest) -> float:
-    try:
-        stamp = _dt.datetime.strptime(manifest.created, "%Y-%m-%dT%H:%M:%S.%fZ")
-    except ValueError:
-        try:
-            stamp = _dt.datetime.fromisoformat(manifest.created.replace("Z", "+00:00")).replace(tzinfo=None)
-        except ValueError:
-            return 0.0
-    return stamp.replace(tzinfo=_dt.timezone.utc).timestamp()
 
 
 @dataclass(frozen=True)
@@ -125,7 +114,7 @@ class Tiers:
         if local.url == durable.url:
             raise CheckpointError(f"the local tier and the durable tier are the same store: {local.url}")
         retention.retained([], keep_last=local_keep_last)  # validates
-        _bind(local, durable)
+        tier_checks.bind(local, durable)
         self.local = Tier("local", local, 0)
         self.durable = Tier("durable", durable, 1)
         self.persist_every = persist_every
@@ -328,7 +317,7 @@ class Tiers:
                 continue
             held = True
             latests[tier.name] = latest.manifest
-        ahead = _ahead(self.local, self.durable, latests)
+        ahead = tier_checks.ahead(self.local.store, self.durable.store, latests)
         for tier in tiers:
             if tier.name in latests:
                 _push(heap, tier, latests[tier.name], ahead if tier.name == ahead else None)
@@ -414,114 +403,5 @@ _ORDER = itertools.count()
 def _push(heap: list[Any], tier: Tier, manifest: Manifest, ahead: str | None = None) -> None:
     # a min-heap: the lineage's descendant (``ahead``) first, then the newest created, then the
     # higher step, then the faster tier
-    key = (0 if ahead else 1, -_created(manifest), -manifest.step, tier.rank, next(_ORDER), manifest)
+    key = (0 if ahead else 1, -tier_checks.created(manifest), -manifest.step, tier.rank, next(_ORDER), manifest)
     heapq.heappush(heap, key)
-
-
-#: parent links followed to tell whether one tier's latest descends from the other's
-MAX_HOPS = 64
-
-
-def _descends(store: Store, manifest: Manifest, ancestor: Manifest, *, need_copy: bool) -> bool:
-    """Whether ``manifest``'s parent chain in ``store`` reaches ``ancestor`` (by step; where
-    ``store`` holds that step, its copy must be the same checkpoint; ``need_copy``: it must hold it)."""
-    m = manifest
-    for _ in range(MAX_HOPS):
-        parent = m.parent
-        if parent is None or parent < ancestor.step:
-            return False
-        try:
-            held = parse_manifest(store.read_manifest(parent), parent, store.url)
-        except NoCheckpointError:
-            return parent == ancestor.step and not need_copy
-        except CheckpointError:
-            return False
-        if parent == ancestor.step:
-            return same_checkpoint(held, ancestor)
-        m = held
-    return False
-
-
-def _ahead(local: Tier, durable: Tier, latests: dict[str, Manifest]) -> str | None:
-    """The tier whose latest checkpoint descends from the other's, when ``created`` (clocks of
-    different nodes) ranks them the other way; None otherwise."""
-    lo, du = latests.get("local"), latests.get("durable")
-    if lo is None or du is None or lo.step == du.step:
-        return None
-    if (
-        _created(du) >= _created(lo)
-        and lo.step > du.step
-        # a restart on a node whose clock is behind: the local tier continues the durable
-        # checkpoint it was restored from (which it does not hold)
-        and _descends(local.store, lo, du, need_copy=False)
-    ):
-        log.warning(
-            "restore: step %d of the local tier descends from step %d of the durable tier, created later "
-            "by its clock (clock skew between nodes): the local one is newer",
-            lo.step,
-            du.step,
-        )
-        return "local"
-    if (
-        _created(lo) > _created(du)
-        and du.step > lo.step
-        # a stale local tier written on a node whose clock was ahead
-        and _descends(durable.store, du, lo, need_copy=True)
-    ):
-        log.warning(
-            "restore: step %d of the durable tier descends from step %d of the local tier, created later "
-            "by its clock (clock skew between nodes): the durable one is newer",
-            du.step,
-            lo.step,
-        )
-        return "durable"
-    return None
-
-
-#: the local tier's record of the durable tier it caches (see :func:`_bind`)
-TIER_MARK = "tier.json"
-
-
-def _bind(local: Store, durable: Store) -> None:
-    """Bind the local tier to its durable tier, refusing a local tier left by another run.
-
-    A node-local path reused by a new job with another durable tier would otherwise be
-    restored from (its checkpoints may even be newer) and persisted into the new run's
-    durable tier: a foreign run silently taken over. The local tier records its durable
-    URL in ``tier.json`` on first use; a different one there is a :class:`CheckpointError`
-    (use another local path, or empty that one) while it holds checkpoints. A local tier
-    without the record that already holds checkpoints is adopted, with a warning.
-    """
-    path = local.path(TIER_MARK)
-    try:
-        raw = local.read(path, limit=64 * 1024)
-    except FileNotFoundError:
-        raw = None
-    if raw is not None:
-        try:
-            doc = json.loads(raw)
-            bound = doc["durable"]
-            if not isinstance(bound, str):
-                raise TypeError(type(bound).__name__)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CorruptCheckpointError(f"{path} of the local tier {local.url} is malformed ({exc!r})") from None
-        if bound == durable.url:
-            return
-        if local.manifest_listing():
-            raise CheckpointError(
-                f"the local tier {local.url} belongs to the durable tier {bound[:512]!r}, not {durable.url}: "
-                "it holds another run's checkpoints; use another local path (or empty that one)"
-            )
-        log.info(
-            "the local tier %s (of %s before) holds no checkpoint: binding it to %s",
-            local.url,
-            bound[:512],
-            durable.url,
-        )
-    elif local.manifest_listing():
-        log.warning(
-            "the local tier %s holds checkpoints but no record of its durable tier: adopting it for %s",
-            local.url,
-            durable.url,
-        )
-    local.write(path, json.dumps({"durable": durable.url}).encode())
