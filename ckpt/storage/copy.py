@@ -194,11 +194,11 @@ def _copy_all(
     lock = threading.Lock()
     # everything that can be refused is refused before anything is written
     held = {m.step: _existing(dst, m, src.url, replace=as_latest is True) for m in manifests}
-    _check_sources(src, [m for m in manifests if held[m.step] is None or not same_checkpoint(held[m.step], m)], present)
+    _check_sources(src, [m for m in manifests if not _holds(held[m.step], m)], present)
     with io_pool("ckpt-copy") as pool:
         for manifest in manifests:
             existing = held[manifest.step]
-            if existing is not None and same_checkpoint(existing, manifest):
+            if existing is not None and _holds(existing, manifest):
                 stats.already += 1
                 newest = CheckpointInfo.from_manifest(existing, dst.url)
                 continue
@@ -239,6 +239,10 @@ def _copy_all(
         stats.skipped,
     )
     return CopyResult(newest, stats)
+
+
+def _holds(existing: Manifest | None, manifest: Manifest) -> bool:
+    return existing is not None and same_checkpoint(existing, manifest)
 
 
 def _existing(dst: Store, manifest: Manifest, src_url: str, *, replace: bool) -> Manifest | None:

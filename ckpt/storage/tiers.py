@@ -295,7 +295,7 @@ class Tiers:
         tiers = (self.local, self.durable)
         if step is not None:
             return self._restore_step(restore_fn, step, tiers)
-        heap: list[tuple[float, int, int, int, Manifest]] = []
+        heap: list[tuple[int, float, int, int, int, Manifest]] = []
         empty: list[str] = []
         why: list[str] = []
         held = False
