@@ -158,7 +158,15 @@ def _records(manifest: Manifest) -> dict[str, ChunkRef]:
                 raise CorruptCheckpointError(
                     f"step {manifest.step}: malformed parent record {str(rec)[:200]}: {exc}"
                 ) from None
-            out.setdefault(chunk.key, chunk)
+            seen = out.setdefault(chunk.key, chunk)
+            if (seen.hash, seen.size, seen.stored) != (chunk.hash, chunk.size, chunk.stored) or list(
+                seen.codec
+            ) != list(chunk.codec):
+                # one object verified against one record would let the other through unverified
+                raise CorruptCheckpointError(
+                    f"step {manifest.step}: object {chunk.key} is cited by records that disagree "
+                    "(hash, size, stored size or codec)"
+                )
     return out
 
 

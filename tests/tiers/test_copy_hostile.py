@@ -237,3 +237,17 @@ def test_clock_skew_a_stale_local_tier_written_with_a_clock_ahead(tmp_path):
     with ckpt.Checkpointer(durable, local=local, persist_every=1) as ck:  # back on the first node
         assert ck.restore(fresh).step == 5  # not the stale step 2, whose clock says it is newer
     assert same(weights(fresh), want)
+
+
+def test_copy_refuses_one_object_cited_with_two_different_hashes(tmp_path):
+    src = Store(str(tmp_path / "src"))
+    ckpt.save(src.url, {"a": torch.ones(8), "b": torch.zeros(8)}, step=1)
+
+    def alias(doc):  # b's chunk points at a's object, with b's own hash
+        doc["tensors"]["b"]["chunks"][0]["key"] = doc["tensors"]["a"]["chunks"][0]["key"]
+
+    _edit(src, 1, alias)
+    dst = str(tmp_path / "dst")
+    with pytest.raises(ckpt.CheckpointError, match="step 1.*cited by records that disagree"):
+        ckpt.copy(src.url, dst)
+    _nothing_at(dst)
