@@ -20,6 +20,16 @@ destination's latest (one more than its highest seq, and the ref names it) unles
 older, in the source's commit order, than the destination's latest; then it is written
 without a seq, which orders it before every sequenced commit (see
 :func:`ckpt.storage.lineage.order_key`), and the ref is left alone.
+
+A step the destination already holds is never overwritten by a copy (the contract): the
+same checkpoint there is skipped; a different one (another lineage, an abandoned branch,
+or a manifest this version cannot read) is refused with :class:`CheckpointError` naming the
+step and both URLs, before anything is written. Only the tiers' persister
+(``as_latest=True``: the writing run persisting its own saves) replaces a step, as a save of
+an existing step does. Everything refusable (hostile manifests, a collision, an object or
+delta base the source lacks) is refused before the first write; an object that fails
+verification mid-copy leaves the already-verified objects of that checkpoint behind as
+unreferenced objects (``ckpt gc`` removes them), never a manifest.
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ from typing import Any
 
 from ckpt.codecs.base import CodecRegistry, max_encoded_size
 from ckpt.codecs.delta import chunk_records
-from ckpt.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
+from ckpt.errors import CheckpointError, CorruptCheckpointError, MissingObjectError, NoCheckpointError
 from ckpt.io.reader import Reader
 from ckpt.snapshot.executor import io_pool, wait_all
 from ckpt.storage.lineage import find_latest, order_key, parse_manifest, read_lineage
@@ -148,11 +158,19 @@ def _records(manifest: Manifest) -> dict[str, ChunkRef]:
                 raise CorruptCheckpointError(
                     f"step {manifest.step}: malformed parent record {str(rec)[:200]}: {exc}"
                 ) from None
-            out.setdefault(chunk.key, chunk)
+            seen = out.setdefault(chunk.key, chunk)
+            if (seen.hash, seen.size, seen.stored) != (chunk.hash, chunk.size, chunk.stored) or list(
+                seen.codec
+            ) != list(chunk.codec):
+                # one object verified against one record would let the other through unverified
+                raise CorruptCheckpointError(
+                    f"step {manifest.step}: object {chunk.key} is cited by records that disagree "
+                    "(hash, size, stored size or codec)"
+                )
     return out
 
 
-def _same(a: Manifest, b: Manifest) -> bool:
+def same_checkpoint(a: Manifest, b: Manifest) -> bool:
     """Whether two manifests hold the same checkpoint (whatever their commit sequences)."""
     keep = ("seq", "stored_bytes")
     da = {f.name: getattr(a, f.name) for f in dataclasses.fields(a) if f.name not in keep}
@@ -182,10 +200,13 @@ def _copy_all(
     todo = {k: r for m in manifests for k, r in _records(m).items() if present is None or k not in present}
     total = sum(max(r.stored, 0) for r in todo.values())
     lock = threading.Lock()
+    # everything that can be refused is refused before anything is written
+    held = {m.step: _existing(dst, m, src.url, replace=as_latest is True) for m in manifests}
+    _check_sources(src, [m for m in manifests if not _holds(held[m.step], m)], present)
     with io_pool("ckpt-copy") as pool:
         for manifest in manifests:
-            existing = _existing(dst, manifest.step)
-            if existing is not None and _same(existing, manifest):
+            existing = held[manifest.step]
+            if existing is not None and _holds(existing, manifest):
                 stats.already += 1
                 newest = CheckpointInfo.from_manifest(existing, dst.url)
                 continue
@@ -228,22 +249,78 @@ def _copy_all(
     return CopyResult(newest, stats)
 
 
-def _existing(dst: Store, step: int) -> Manifest | None:
+def _holds(existing: Manifest | None, manifest: Manifest) -> bool:
+    return existing is not None and same_checkpoint(existing, manifest)
+
+
+def _existing(dst: Store, manifest: Manifest, src_url: str, *, replace: bool) -> Manifest | None:
+    """The destination's checkpoint at ``manifest.step``, if it holds one.
+
+    A different checkpoint at the same step (another lineage, an abandoned branch, a manifest
+    this version cannot read) is never overwritten by a copy: :class:`CheckpointError`. Only
+    ``replace`` (the tiers persisting their own run, whose save of an existing step replaces
+    it, as :func:`ckpt.save` does) writes over it.
+    """
+    step = manifest.step
     try:
-        return parse_manifest(dst.read_manifest(step), step, dst.url)
+        held = parse_manifest(dst.read_manifest(step), step, dst.url)
     except NoCheckpointError:
         return None
-    except CorruptCheckpointError as exc:  # a damaged copy of ours: replaced by this one
-        log.warning("step %d of %s is unreadable (%s): copying it again", step, dst.url, exc)
+    except CorruptCheckpointError as exc:
+        if not replace:
+            raise CheckpointError(
+                f"step {step} of {dst.url} is unreadable ({exc}); not overwriting it with step {step} of "
+                f"{src_url}: remove its manifest first if it is damaged"
+            ) from None
+        log.warning("step %d of %s is unreadable (%s): replacing it with the copy from %s", step, dst.url, exc, src_url)
         return None
+    if replace or same_checkpoint(held, manifest):
+        return held
+    raise CheckpointError(
+        f"step {step} of {dst.url} is a different checkpoint (run {held.run or '?'}, created {held.created}) "
+        f"than step {step} of {src_url} (run {manifest.run or '?'}, created {manifest.created}); "
+        "a copy never overwrites a committed checkpoint: copy to another store, or remove that step there first"
+    )
+
+
+def _check_sources(src: Store, manifests: list[Manifest], present: set[str] | None) -> None:
+    """Refuse, before anything is written, a checkpoint citing an object (or delta base) the
+    source lacks or holds at another size than its manifest records."""
+    try:
+        there = {o.key: o.size for o in src.list_objects()}
+    except CheckpointError as exc:  # an optimisation: each fetch is still checked
+        log.warning("cannot list the objects of %s (%s): checking each one as it is copied", src.url, exc)
+        return
+    for manifest in manifests:
+        records = _records(manifest)
+        todo = {k: r for k, r in records.items() if present is None or k not in present}
+        missing = sorted(k for k in todo if k not in there)
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise MissingObjectError(
+                f"step {manifest.step} of {src.url} cites object(s) {', '.join(missing[:3])}{more} "
+                "that the source does not hold: nothing of it copied"
+            )
+        for key, ref in todo.items():
+            if ref.stored >= 0 and there[key] != ref.stored:
+                raise CorruptCheckpointError(
+                    f"step {manifest.step} of {src.url}: object {key} has {there[key]} bytes, the manifest says "
+                    f"{ref.stored} (truncated or replaced): nothing of it copied"
+                )
 
 
 def _copy_object(src: Store, dst: Store, reader: Reader, ref: ChunkRef, what: str) -> int:
     """Fetch object ``ref``, verify it, write it to ``dst`` as stored; returns its stored size."""
     expected = ref.stored if ref.stored >= 0 else max_encoded_size(ref.size)
     payload = src.get_object(ref.key, what=what, limit=expected + 1)
-    # bounded by the manifest: at most one chunk's raw bytes per worker
-    reader.check_payload(ref, payload, memoryview(bytearray(ref.size)), what=what)
+    if len(payload) > expected or (ref.stored >= 0 and len(payload) != ref.stored):
+        # before the raw buffer is allocated: a hostile size costs nothing
+        reader.check_payload(ref, payload, memoryview(bytearray(0)), what=what)
+    try:  # bounded by the manifest: at most one chunk's raw bytes per worker
+        out = memoryview(bytearray(ref.size))
+    except MemoryError:
+        raise CheckpointError(f"{what}: object {ref.key}: cannot allocate {ref.size} bytes to verify it") from None
+    reader.check_payload(ref, payload, out, what=what)
     dst.put_object(ref.key, payload)
     return len(payload)
 

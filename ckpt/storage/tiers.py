@@ -15,8 +15,22 @@ objects are missing or corrupt is passed over for the next (the tier's older int
 checkpoints on its line, or the other tier), and every such decision is logged naming
 the tier and why. ``created`` rather than the commit sequence ranks them because the two
 stores number their commits independently; it also makes a stale local tier left by an
-older run lose to a newer durable one, and a rollback (restore 20, save 21) win over the
-abandoned higher steps.
+earlier session of this run lose to a newer durable one, and a rollback (restore 20, save
+21) win over the abandoned higher steps. ``created`` comes from the clock of the node that
+saved, so before it ranks them the lineage is asked
+(:func:`ckpt.storage.tier_checks.ahead`): a latest checkpoint
+whose parent chain reaches the other tier's latest (the same checkpoint, where its tier
+holds that step) is the newer one whatever the clocks say (a restart on a node whose clock
+is behind; a stale local tier written with a clock ahead). A local tier left by another run (the same local
+path, another durable URL: a node reused by a new job) is refused when the Checkpointer is
+made, never restored from or persisted (:func:`ckpt.storage.tier_checks.bind`,
+``tier.json`` in the local tier).
+
+A background persist that fails (any exception of the thread, as a :class:`CheckpointError`
+naming the step and the durable URL) is logged, kept in :attr:`Tiers.errors`, and raised
+once by the next :meth:`Tiers.committed`: the Checkpointer makes it the run's pending error
+(``on_error``), raised by its next save or wait. A failed persist of the newest checkpoint
+at close is retried there and returned.
 
 Retention is per tier (:func:`ckpt.storage.retention.prune`): ``local_keep_last`` (2) on
 the local tier, never dropping a checkpoint that is waiting to be persisted, and
@@ -40,7 +54,6 @@ intact step). Single-process runs are complete today.
 
 from __future__ import annotations
 
-import datetime as _dt
 import heapq
 import itertools
 import logging
@@ -52,7 +65,7 @@ from typing import Any
 
 from ckpt.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
 from ckpt.snapshot.executor import serial_pool
-from ckpt.storage import retention
+from ckpt.storage import retention, tier_checks
 from ckpt.storage.copy import CopyResult, copy_stores
 from ckpt.storage.lineage import find_latest, parse_manifest, read_lineage
 from ckpt.storage.manifest import Manifest
@@ -64,17 +77,6 @@ log = logging.getLogger("ckpt")
 
 #: ``restore(store, manifest) -> info``: loads one checkpoint into the live objects, all or nothing
 RestoreFn = Callable[[Store, Manifest], CheckpointInfo]
-
-
-def _created(manifest: Manifest) -> float:
-    try:
-        stamp = _dt.datetime.strptime(manifest.created, "%Y-%m-%dT%H:%M:%S.%fZ")
-    except ValueError:
-        try:
-            stamp = _dt.datetime.fromisoformat(manifest.created.replace("Z", "+00:00")).replace(tzinfo=None)
-        except ValueError:
-            return 0.0
-    return stamp.replace(tzinfo=_dt.timezone.utc).timestamp()
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class Tiers:
         if local.url == durable.url:
             raise CheckpointError(f"the local tier and the durable tier are the same store: {local.url}")
         retention.retained([], keep_last=local_keep_last)  # validates
+        tier_checks.bind(local, durable)
         self.local = Tier("local", local, 0)
         self.durable = Tier("durable", durable, 1)
         self.persist_every = persist_every
@@ -130,6 +133,8 @@ class Tiers:
         self.persisted: list[int] = []
         self.errors: list[CheckpointError] = []
         self._newest_local: int | None = None
+        #: background persist failures not yet raised by :meth:`committed`
+        self._unreported: list[CheckpointError] = []
 
     @property
     def lease(self) -> WriterLease:
@@ -148,19 +153,30 @@ class Tiers:
     def committed(self, step: int, *, protect: Iterable[int], writer: WriterLease) -> None:
         """After step ``step`` committed to the local tier: persist it when due, prune locally.
 
-        :raises CheckpointError: the durable tier has another live writer.
+        :raises CheckpointError: the durable tier has another live writer, or a background
+            persist failed since the last call (once; the save and this persist went ahead).
         """
         self.lease  # noqa: B018 - refused: raised here, at the first save
         self._newest_local = step
         if self.persist_every is not None and step % self.persist_every == 0:
             self.persist_async(step)
         if self.local_keep_last is None:
+            self.raise_unreported()
             return
         keep = {step, *protect, *self.pinned()}
         try:
             retention.prune(self.local.store, keep_last=self.local_keep_last, protect=keep, writer=writer)
         except CheckpointError as exc:  # housekeeping: the commit stands
             log.warning("pruning the local tier %s after step %d failed: %s", self.local.store.url, step, exc)
+        self.raise_unreported()
+
+    def raise_unreported(self) -> None:
+        """Raise the oldest background persist failure not raised yet (the next save's error)."""
+        with self._lock:
+            if not self._unreported:
+                return
+            err, self._unreported = self._unreported[0], []
+        raise err
 
     def persist_async(self, step: int) -> None:
         """Copy ``step`` to the durable tier in the background (replacing a waiting older request)."""
@@ -184,9 +200,14 @@ class Tiers:
         try:
             if step is not None:
                 self.persist_now(step)
-        except CheckpointError as exc:
-            self.errors.append(exc)
-            log.error("persisting step %s to the durable tier %s failed: %s", step, self.durable.store.url, exc)
+        except Exception as exc:  # noqa: BLE001 - any failure of the thread is reported, as a CheckpointError
+            why = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
+            err = CheckpointError(f"persisting step {step} to the durable tier {self.durable.store.url} failed: {why}")
+            err.__cause__ = exc
+            with self._lock:
+                self.errors.append(err)
+                self._unreported.append(err)
+            log.error("%s", err)
         finally:
             with self._lock:
                 self._running = None
@@ -274,10 +295,11 @@ class Tiers:
         tiers = (self.local, self.durable)
         if step is not None:
             return self._restore_step(restore_fn, step, tiers)
-        heap: list[tuple[float, int, int, int, Manifest]] = []
+        heap: list[tuple[int, float, int, int, int, Manifest]] = []
         empty: list[str] = []
         why: list[str] = []
         held = False
+        latests: dict[str, Manifest] = {}
         for tier in tiers:
             try:
                 latest = find_latest(tier.store)
@@ -294,11 +316,15 @@ class Tiers:
                     why.append(f"{tier.name} tier {tier.store.url}: {reason}")
                 continue
             held = True
-            _push(heap, tier, latest.manifest)
+            latests[tier.name] = latest.manifest
+        ahead = tier_checks.ahead(self.local.store, self.durable.store, latests)
+        for tier in tiers:
+            if tier.name in latests:
+                _push(heap, tier, latests[tier.name], ahead if tier.name == ahead else None)
         expanded: set[str] = set()
         first = True
         while heap:
-            _key, _step, index, _n, manifest = heapq.heappop(heap)
+            _ahead_, _key, _step, index, _n, manifest = heapq.heappop(heap)
             tier = tiers[index]
             if not first:
                 log.warning(
@@ -374,6 +400,8 @@ class Tiers:
 _ORDER = itertools.count()
 
 
-def _push(heap: list[Any], tier: Tier, manifest: Manifest) -> None:
-    # a min-heap: newest created first, then the higher step, then the faster tier
-    heapq.heappush(heap, (-_created(manifest), -manifest.step, tier.rank, next(_ORDER), manifest))
+def _push(heap: list[Any], tier: Tier, manifest: Manifest, ahead: str | None = None) -> None:
+    # a min-heap: the lineage's descendant (``ahead``) first, then the newest created, then the
+    # higher step, then the faster tier
+    key = (0 if ahead else 1, -tier_checks.created(manifest), -manifest.step, tier.rank, next(_ORDER), manifest)
+    heapq.heappush(heap, key)
