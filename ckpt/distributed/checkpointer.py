@@ -235,7 +235,9 @@ class DistributedCheckpointer:
                 try:
                     try:
                         start = self.restore(merged).step
-                    except NoCheckpointError:  # every rank: the store holds no checkpoint
+                    except NoCheckpointError:  # on every rank
+                        if self.store.steps():  # a store holding checkpoints never starts over
+                            raise
                         start = 0
                     self._last_saved_step = start if start else None
                     self._preempt.install()

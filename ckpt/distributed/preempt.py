@@ -88,7 +88,10 @@ class Preemption:
         got = int(flag.item())
         if got and self.signal is None:  # another rank's signal
             self.signum = got
-            self.signal = signal.Signals(got).name if got in signal.Signals._value2member_map_ else str(got)
+            try:
+                self.signal = f"{signal.Signals(got).name} (on another rank)"
+            except ValueError:
+                self.signal = f"signal {got} (on another rank)"
             self._start_deadline()
         return got != 0
 

@@ -45,8 +45,10 @@ from .sharding import is_dtensor, rank_view, read_into_dtensor
 
 log = logging.getLogger("ckpt")
 
-#: what rank 0 sends when the store holds no checkpoint (every rank raises NoCheckpointError)
-_NONE = "no checkpoint"
+
+class _NoCheckpoint(_Failed):
+    """What rank 0 sends when the store holds no (such) checkpoint: every rank raises
+    NoCheckpointError, as a single-process restore does."""
 
 
 class _Damaged(_Failed):
@@ -100,12 +102,12 @@ def restore(
         if rank == 0:
             chosen = _first(store, step)
     except NoCheckpointError as exc:
-        err, chosen = exc, _NONE
+        err, chosen = exc, _NoCheckpoint(rank, exc)
     except Exception as exc:  # noqa: BLE001 - reported to every rank
         err, chosen = exc, _Failed(rank, exc)
     picked = gather_all(group, chosen, what)
-    if picked[0] == _NONE:
-        raise NoCheckpointError(f"no checkpoint in {url}") if err is None else err
+    if isinstance(picked[0], _NoCheckpoint):
+        raise err if err is not None else NoCheckpointError(f"{what}: {picked[0].message}")
     check_parts(picked, err, what)
     skipped: list[str] = []
     candidate = picked[0]
