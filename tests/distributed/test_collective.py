@@ -76,3 +76,7 @@ def test_checkpointer_retention_resume_preemption_and_damaged_newest(tmp_path):
         assert text.count("REFUSED") == 3 and "PREEMPTED" in text and "RAISED" in text
     assert "RAISED CorruptCheckpointError" in results[0][1] and "RAISED MissingObjectError" in results[1][1]
     assert "step 2 is damaged on rank 1; trying step 1" in results[0][1] + results[1][1]
+    # retention also collected what only the pruned checkpoints used
+    store = Store(str(tmp_path / "kept"))
+    refs = {c.key for s in (4, 5, 6) for e in ckpt.read_manifest(store.url, step=s).tensors.values() for c in e.refs}
+    assert {o.key for o in store.list_objects()} == refs
