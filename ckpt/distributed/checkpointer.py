@@ -10,16 +10,25 @@ construction (``dist.new_group``), never the training's group: training collecti
 (all_reduce, FSDP's all-gathers) run concurrently without any ordering between the two.
 
 Saves commit in order; a save requested while one is in flight waits for it (``if_busy``
-is always "wait": skipping on one rank only would desynchronize the ranks). The store's
-writer lease is taken by rank 0 for each commit. A failure on any rank is raised on every
+is always "wait": skipping on one rank only would desynchronize the ranks, so "skip" is
+refused). The store's writer lease is taken by rank 0 for each commit; with ``keep_last``
+/ ``keep_every`` rank 0 prunes (:func:`ckpt.storage.retention.prune`, with that lease) after
+each commit, keeping the restored step as well. A failure on any rank is raised on every
 rank by the next ``save``/``step``/``wait``/``close`` (or logged with ``on_error="warn"``).
+
+:meth:`~DistributedCheckpointer.resume` restores collectively and handles preemption
+signals on every rank (:mod:`ckpt.distributed.preempt`). Not supported with several ranks
+yet, refused at construction with a CheckpointError: ``max_host_memory`` (every tensor is
+staged in host memory at once), ``if_busy="skip"``, and a local tier (``local=``,
+``persist_every``: see :mod:`ckpt.storage.tiers`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
@@ -28,13 +37,17 @@ import torch
 import torch.distributed as dist
 
 from ckpt import config
-from ckpt.errors import CheckpointError
+from ckpt.errors import CheckpointError, NoCheckpointError
 from ckpt.hooks.manager import get_plugins
+from ckpt.state.dataloader import track_all
+from ckpt.storage import retention
 from ckpt.storage.manifest import check_step
 from ckpt.storage.store import Store
+from ckpt.storage.writer_lease import WriterLease
 from ckpt.types import CheckpointInfo
 
 from .coordinator import _Failed, capture_local, commit_collective
+from .preempt import Preemption
 
 log = logging.getLogger("ckpt")
 
@@ -42,9 +55,8 @@ log = logging.getLogger("ckpt")
 class DistributedCheckpointer:
     """Asynchronous collective checkpoints (see the module docstring).
 
-    Takes the arguments of :class:`ckpt.Checkpointer`; ``every``, ``state``,
-    ``storage_options`` and ``on_error`` are honoured, the others are accepted and ignored
-    (retention and memory bounds of a sharded run are future work).
+    Takes the arguments of :class:`ckpt.Checkpointer`; those not supported with several
+    ranks yet raise a CheckpointError (see the module docstring), none is ignored.
     """
 
     def __init__(
@@ -55,14 +67,18 @@ class DistributedCheckpointer:
         storage_options: dict[str, Any] | None = None,
         on_error: str = "raise",
         state: MutableMapping[str, Any] | None = None,
-        **ignored: Any,
+        keep_last: int | None = None,
+        keep_every: int | None = None,
+        take_over: bool | None = None,
+        preempt_exit_code: int = 0,
+        preempt_deadline: float | None = None,
+        **unsupported: Any,
     ) -> None:
         if every is not None and (not isinstance(every, int) or every < 1):
             raise CheckpointError(f"every must be a positive int, got {every!r}")
         if on_error not in ("raise", "warn"):
             raise CheckpointError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
-        if ignored:
-            log.debug("Checkpointer under torch.distributed ignores %s", sorted(ignored))
+        _refuse(unsupported)
         self.store = Store(url, storage_options)
         self.url = self.store.url
         self.every = every
@@ -76,6 +92,19 @@ class DistributedCheckpointer:
         self._pending: CheckpointError | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self.keep_last, self.keep_every, self.take_over = keep_last, keep_every, take_over
+        self._restored_step: int | None = None
+        self._last_step: int | None = None
+        self._last_saved_step: int | None = None
+        deadline = config.preempt_deadline_seconds() if preempt_deadline is None else preempt_deadline
+        # collective too: the per-step preemption check must not interleave with commits
+        self._preempt = Preemption(
+            dist.new_group(backend="gloo", timeout=timedelta(seconds=config.dist_timeout_seconds())),
+            deadline,
+            preempt_exit_code,
+            lambda: f"step {self._last_step} of {self.url}",
+        )
+        self._in_resume = False
 
     def __enter__(self) -> DistributedCheckpointer:
         return self
@@ -88,6 +117,8 @@ class DistributedCheckpointer:
         if self._closed:
             raise CheckpointError(f"Checkpointer of {self.url} is closed")
         check_step(step)
+        if _.get("meta") is not None:
+            raise CheckpointError("Checkpointer.save(meta=...) is not supported with several ranks yet")
         state = self._state if state is None else state
         if state is None:
             raise CheckpointError("Checkpointer.save() needs a state")
@@ -102,12 +133,29 @@ class DistributedCheckpointer:
             local = {p: t.detach().to("cpu", copy=True) for p, t in local.items()}
         except Exception as exc:  # noqa: BLE001 - reported to every rank by the background commit
             err, part = exc, _Failed(dist.get_rank(), exc)
+        self._last_saved_step = step
         fut = self._thread.submit(
-            commit_collective, self.store, self._plugins, self._group, step=step, part=part, local=local, err=err
+            commit_collective,
+            self.store,
+            self._plugins,
+            self._group,
+            step=step,
+            part=part,
+            local=local,
+            err=err,
+            take_over=self.take_over,
+            after=self._prune,
         )
         fut.add_done_callback(self._done)
         self._inflight = fut
         return fut
+
+    def _prune(self, lease: WriterLease, info: CheckpointInfo) -> None:
+        """On the coordinator after each commit, with its writer lease: retention."""
+        if self.keep_last is None and self.keep_every is None:
+            return
+        protect = {s for s in (self._restored_step, info.step) if s is not None}
+        retention.prune(self.store, keep_last=self.keep_last, keep_every=self.keep_every, protect=protect, writer=lease)
 
     def _done(self, fut: Future[CheckpointInfo]) -> None:
         exc = fut.exception()
@@ -132,7 +180,20 @@ class DistributedCheckpointer:
             raise error
 
     def step(self, step: int) -> None:
-        """Save when ``step`` is a multiple of ``every`` (with the state given at construction)."""
+        """Save when ``step`` is a multiple of ``every`` (with the state given at construction).
+
+        Inside :meth:`resume`: after SIGTERM/SIGUSR1 on any rank, every rank saves this step,
+        waits for the commit and exits with ``preempt_exit_code`` (one small all-reduce per
+        call, :mod:`ckpt.distributed.preempt`).
+        """
+        self._last_step = step
+        if self._in_resume and self._preempt.agreed(step):
+            log.warning("%s: saving step %d to %s on every rank and exiting", self._preempt.signal, step, self.url)
+            if self._last_saved_step != step:
+                self.save(step=step)
+            self.close()
+            self._preempt.committed = True
+            raise SystemExit(self._preempt.exit_code)
         if self.every is not None and step % self.every == 0:
             self.save(step=step)
         else:
@@ -153,7 +214,54 @@ class DistributedCheckpointer:
         state = self._state if state is None else state
         if state is None:
             raise CheckpointError("Checkpointer.restore() needs a state")
-        return restore(self.url, state, step=step)
+        info = restore(self.url, state, step=step)
+        self._restored_step = info.step
+        return info
+
+    def resume(self, state: MutableMapping[str, Any] | None = None, /, **objects: Any) -> Callable:
+        """Decorator, as :meth:`ckpt.Checkpointer.resume`, on every rank: restore the newest
+        checkpoint collectively (start 0 on an empty store), call ``fn(start_step)``, then
+        save the last step and wait; preemption signals stop every rank at the same step."""
+        merged: dict[str, Any] = dict(state or {})
+        merged.update(objects)
+        if not merged:
+            raise CheckpointError("resume() needs the objects to checkpoint, e.g. resume(model=model, optim=opt)")
+
+        def decorate(fn: Callable) -> Callable:
+            @functools.wraps(fn)
+            def run(*args: Any, **kwargs: Any) -> Any:
+                self._state = merged
+                track_all(merged)
+                try:
+                    try:
+                        start = self.restore(merged).step
+                    except NoCheckpointError:  # on every rank
+                        if self.store.steps():  # a store holding checkpoints never starts over
+                            raise
+                        start = 0
+                    self._last_saved_step = start if start else None
+                    self._preempt.install()
+                    self._in_resume = True
+                except BaseException:  # a resume that cannot start leaves nothing running
+                    self.close(raise_errors=False)
+                    raise
+                try:
+                    result = fn(start, *args, **kwargs)
+                except BaseException:  # incl. the SystemExit of a preemption
+                    self.close(raise_errors=False)
+                    raise
+                finally:
+                    self._in_resume = False
+                    self._preempt.uninstall()
+                if self._last_step is not None and self._last_saved_step != self._last_step:
+                    self.save(step=self._last_step)
+                self.close()
+                self._preempt.committed = self._preempt.signal is not None
+                return result
+
+            return run
+
+        return decorate
 
     def latest_step(self) -> int | None:
         return self.store.latest_step()
@@ -168,3 +276,26 @@ class DistributedCheckpointer:
             self._thread.shutdown(wait=True)
         if raise_errors:
             self._raise_pending()
+
+
+#: arguments of ckpt.Checkpointer not supported with several ranks yet (refused, never ignored)
+_UNSUPPORTED = {
+    "max_host_memory": (None,),
+    "if_busy": ("wait",),
+    "local": (None,),
+    "persist_every": (None,),
+    "local_keep_last": (2,),
+    "local_storage_options": (None,),
+    "encryption": (None,),
+}
+
+
+def _refuse(args: Mapping[str, Any]) -> None:
+    unknown = sorted(set(args) - set(_UNSUPPORTED))
+    if unknown:
+        raise TypeError(f"Checkpointer() got unexpected keyword arguments {', '.join(unknown)}")
+    bad = [f"{k}={v!r}" for k, v in args.items() if v not in _UNSUPPORTED[k]]
+    if bad:
+        raise CheckpointError(
+            f"Checkpointer: {', '.join(bad)} not supported with several ranks yet (see ckpt.distributed.checkpointer)"
+        )

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -298,9 +298,14 @@ def commit_collective(
     part: Any,
     local: Mapping[str, torch.Tensor],
     err: BaseException | None,
+    take_over: bool | None = None,
+    after: Callable[[WriterLease, CheckpointInfo], None] | None = None,
 ) -> CheckpointInfo:
     """Steps 2-5 of the protocol for a captured ``part`` (or this rank's failure ``err``),
-    over ``group``: every rank of it calls this for the same step, in the same order."""
+    over ``group``: every rank of it calls this for the same step, in the same order.
+
+    ``after`` runs on the coordinator once every rank knows the commit, still holding the
+    writer lease (the Checkpointer's retention); its failure is logged, the commit stands."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     what = f"collective save of step {step} to {store.url}"
     parts = gather_all(group, part, what)
@@ -310,7 +315,7 @@ def commit_collective(
     head: Any = None
     try:
         if rank == 0:
-            lease = WriterLease(store, what="ckpt.save (collective)").__enter__()
+            lease = WriterLease(store, take_over=take_over, what="ckpt.save (collective)").__enter__()
             latest = latest_for_save(store)
             lease.saving(step, latest.manifest)
             head = (None if latest.manifest is None else latest.manifest.step, latest.top_seq + 1)
@@ -356,6 +361,11 @@ def commit_collective(
         check_parts(results, err, what)
         info = dataclasses.replace(results[0], write_stats=written[rank][1])
         plugins.after_commit(info=info)
+        if after is not None and lease is not None:
+            try:
+                after(lease, info)
+            except CheckpointError as exc:  # housekeeping: the commit stands
+                log.warning("after committing step %d to %s: %s", step, store.url, exc)
         return info
     finally:
         if lease is not None:

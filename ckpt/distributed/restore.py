@@ -1,8 +1,10 @@
 """Collective restore: every rank loads its part of a checkpoint into its live objects.
 
 Rank 0 picks the step (the latest when none is given) and every rank reads that manifest.
-Unlike a single-process restore, a damaged latest checkpoint is not skipped for an older
-one: it raises on every rank (restore an older step explicitly).
+Without a step, as in a single-process restore, a newest checkpoint that is damaged on any
+rank (its manifest, or an object that rank reads, missing or corrupt) is skipped by every
+rank for the next older intact one on its lineage, logged: the ranks agree on each
+candidate with one all-gather of their outcome. With a step, damage raises on every rank.
 Each rank takes :func:`~ckpt.distributed.sharding.rank_view` of it: with the same world size
 its own per-rank values, with another one those of ``rank % saved world size`` (a warning
 says so). A live DTensor (FSDP2 parameters and optimizer moments, tensor-parallel weights)
@@ -16,13 +18,14 @@ rank raises CheckpointError on every rank and changes nothing live.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ckpt.errors import CheckpointError, StateMismatchError
+from ckpt.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError, StateMismatchError
 from ckpt.hooks.manager import get_plugins
 from ckpt.io.plan import ReadPlan
 from ckpt.io.reader import Reader, read_tensors
@@ -32,12 +35,45 @@ from ckpt.state.dataloader import track_all
 from ckpt.state.placement import DEFAULT_LOCATION, Placer, placer
 from ckpt.state.restore import _check_class, _fit, as_mapping
 from ckpt.storage.commit import load_manifest
+from ckpt.storage.lineage import read_lineage
 from ckpt.storage.manifest import Manifest
 from ckpt.storage.store import Store
 from ckpt.types import CheckpointInfo
 
 from .coordinator import _Failed, check_parts, ckpt_group, gather_all
 from .sharding import is_dtensor, rank_view, read_into_dtensor
+
+log = logging.getLogger("ckpt")
+
+
+class _NoCheckpoint(_Failed):
+    """What rank 0 sends when the store holds no (such) checkpoint: every rank raises
+    NoCheckpointError, as a single-process restore does."""
+
+
+class _Damaged(_Failed):
+    """A rank's outcome when the candidate checkpoint is missing or corrupt in its reads."""
+
+
+def _first(store: Store, step: int | None) -> int:
+    """The step to try first: ``step``, or the latest (when its manifest is unreadable, the
+    newest readable one on the lineage)."""
+    if step is not None:
+        return step
+    try:
+        return load_manifest(store, None).step
+    except CorruptCheckpointError:
+        lineage, _ = read_lineage(store)
+        if not lineage.line:
+            raise
+        return lineage.line[0]
+
+
+def _older(store: Store, step: int) -> int | None:
+    """The newest readable checkpoint ``step`` continues from (its lineage, never an
+    abandoned step), as :func:`ckpt.state.restore.restore_latest` falls back."""
+    lineage, manifests = read_lineage(store)
+    return next((s for s in lineage.before(step) if s in manifests), None)
 
 
 def restore(
@@ -64,19 +100,63 @@ def restore(
         live: MutableMapping[str, Any] = mapping
         store = Store(url, storage_options)
         if rank == 0:
-            chosen = load_manifest(store, step).step
+            chosen = _first(store, step)
+    except NoCheckpointError as exc:
+        err, chosen = exc, _NoCheckpoint(rank, exc)
     except Exception as exc:  # noqa: BLE001 - reported to every rank
         err, chosen = exc, _Failed(rank, exc)
-    check_parts(picked := gather_all(group, chosen, what), err, what)
-    prepared: Any = None
-    try:
-        manifest = load_manifest(store, picked[0])
-        view = rank_view(manifest, rank)
-        values, missing, unexpected = _prepare(store, plugins, view, live, strict=strict, place=place)
-        prepared = True
-    except Exception as exc:  # noqa: BLE001
-        err, prepared = exc, _Failed(rank, exc)
-    check_parts(gather_all(group, prepared, what), err, what)
+    picked = gather_all(group, chosen, what)
+    if isinstance(picked[0], _NoCheckpoint):
+        raise err if err is not None else NoCheckpointError(f"{what}: {picked[0].message}")
+    check_parts(picked, err, what)
+    skipped: list[str] = []
+    candidate = picked[0]
+    while True:
+        prepared: Any = None
+        err = None
+        try:
+            manifest = load_manifest(store, candidate)
+            view = rank_view(manifest, rank)
+            values, missing, unexpected = _prepare(store, plugins, view, live, strict=strict, place=place)
+            prepared = True
+        except CorruptCheckpointError as exc:
+            err, prepared = exc, _Damaged(rank, exc)
+        except Exception as exc:  # noqa: BLE001
+            err, prepared = exc, _Failed(rank, exc)
+        outcomes = gather_all(group, prepared, what)
+        failed = [o for o in outcomes if isinstance(o, _Failed)]
+        if not failed:
+            break
+        if any(not isinstance(o, _Damaged) for o in failed):  # a misfit: an older one would not fit either
+            check_parts(outcomes, err, what)
+        if step is not None:  # damage of an explicit step raises on every rank
+            if err is not None:
+                raise err
+            raise CorruptCheckpointError(
+                f"{what}: step {candidate} is damaged on rank {failed[0].rank}: {failed[0].message}"
+            )
+        skipped.append(f"step {candidate} (rank {failed[0].rank}: {failed[0].message})")
+        older: Any = None
+        err = None
+        if rank == 0:
+            try:
+                older = _older(store, candidate)
+            except Exception as exc:  # noqa: BLE001
+                err, older = exc, _Failed(rank, exc)
+        olders = gather_all(group, older, what)
+        check_parts(olders, err, what)
+        if olders[0] is None:
+            raise CorruptCheckpointError(f"{what}: no intact checkpoint; skipped {'; '.join(skipped)}")
+        log.warning(
+            "collective restore from %s: step %d is damaged on rank %d; trying step %d",
+            url,
+            candidate,
+            failed[0].rank,
+            olders[0],
+        )
+        candidate = olders[0]
+    if skipped:
+        log.warning("restored step %d of %s after skipping %s", manifest.step, url, "; ".join(skipped))
     # every rank has read, verified and checked everything: load
     for key, value in values.items():
         live[key] = load_into(live[key], value, treemod.escape(key), plugins, strict=strict)

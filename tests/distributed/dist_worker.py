@@ -174,8 +174,84 @@ def run(scenario: str, where: str, rank: int) -> None:
             assert got["rank"]["r"] == rank
             for k, v in sd.items():
                 assert torch.equal(got["model"][k], v), (step, k)
+    elif scenario == "checkpointer":  # refusals, retention, resume, preemption, damaged newest
+        checkpointer_features(where, rank)
     else:
         raise SystemExit(f"unknown scenario {scenario}")
+
+
+def checkpointer_features(where: str, rank: int) -> None:
+    from ckpt.errors import CorruptCheckpointError
+
+    for bad in ({"max_host_memory": 1 << 20}, {"if_busy": "skip"}, {"local": os.path.join(where, "local")}):
+        try:
+            ckpt.Checkpointer(os.path.join(where, "refused"), **bad)
+            raise AssertionError(f"{bad} accepted")
+        except ckpt.CheckpointError as exc:
+            assert "not supported with several ranks yet" in str(exc), exc
+            print("REFUSED", list(bad)[0])
+    # retention: keep_last=2 and keep_every=4 after each collective commit
+    url = os.path.join(where, "kept")
+    state = {"w": torch.zeros(3), "r": {"rank": rank}}
+    with ckpt.Checkpointer(url, every=1, keep_last=2, keep_every=4, state=state) as ck:
+        for step in range(1, 7):
+            state["w"].fill_(step)
+            ck.step(step)
+    assert ckpt.steps(url) == [4, 5, 6], ckpt.steps(url)
+    # resume: a fresh run starts at 0 and saves its last step; a second one resumes from it
+    url = os.path.join(where, "resumed")
+    model = mlp(rank)  # per-rank weights: each rank gets its own back
+    ck = ckpt.Checkpointer(url, every=2)
+
+    @ck.resume(model=model, extra={"rank": rank})
+    def train(start: int) -> int:
+        assert start == 0
+        for step in range(1, 4):
+            with torch.no_grad():
+                model[0].weight.add_(1.0)
+            ck.step(step)
+        return start
+
+    train()
+    assert ckpt.steps(url) == [2, 3], ckpt.steps(url)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    model2 = mlp(7)
+    ck = ckpt.Checkpointer(url, every=100, preempt_deadline=0)
+
+    @ck.resume(model=model2, extra={"rank": rank})
+    def train2(start: int) -> None:
+        assert start == 3, start
+        assert all(torch.equal(model2.state_dict()[k], v) for k, v in want.items())
+        for step in range(start + 1, 10):
+            if step == 5 and rank == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # one rank only: every rank stops at step 5
+            ck.step(step)
+        raise AssertionError("not preempted")
+
+    try:
+        train2()
+    except SystemExit as exc:
+        assert exc.code == 0, exc.code
+        print("PREEMPTED")
+    assert ckpt.steps(url) == [2, 3, 5], ckpt.steps(url)
+    # a damaged newest (an object only rank 1 reads) falls back on every rank to the one before
+    url = os.path.join(where, "damaged")
+    for step in (1, 2):
+        ckpt.save(url, {"t": torch.full((4,), float(10 * step + rank))}, step=step)
+    if rank == 1:
+        store = ckpt.storage.store.Store(url)
+        ref = ckpt.read_manifest(url, step=2).tensors["$rank/1/t"].chunks[0]
+        store.delete(store.object_path(ref.key))
+    dist.barrier()
+    live = {"t": torch.zeros(4)}
+    try:
+        ckpt.restore(url, live, step=2)
+        raise AssertionError("damaged step 2 restored")
+    except CorruptCheckpointError as exc:
+        print("RAISED", type(exc).__name__)
+    assert torch.equal(live["t"], torch.zeros(4))  # nothing live changed on any rank
+    info = ckpt.restore(url, live)
+    assert info.step == 1 and torch.equal(live["t"], torch.full((4,), float(10 + rank))), (info.step, live)
 
 
 if __name__ == "__main__":

@@ -65,3 +65,18 @@ def test_sigkilled_rank_leaves_previous_latest(tmp_path):
 def test_async_checkpointer_commits_while_training_collectives_run(suite):
     m = ckpt.read_manifest(str(suite[0] / "async" / "store"))
     assert m.step == 6 and m.world_size == 2 and m.tree["rank"]["r"] == {"$rank": [0, 1]}
+
+
+def test_checkpointer_retention_resume_preemption_and_damaged_newest(tmp_path):
+    """One launch: refused arguments, keep_last/keep_every, resume, a SIGTERM on one rank
+    stopping both at the same step, and a newest damaged on rank 1 only skipped by both."""
+    results = run_ranks("checkpointer", 2, tmp_path, timeout=180)
+    assert_ok(results)
+    for _, text in results:
+        assert text.count("REFUSED") == 3 and "PREEMPTED" in text and "RAISED" in text
+    assert "RAISED CorruptCheckpointError" in results[0][1] and "RAISED MissingObjectError" in results[1][1]
+    assert "step 2 is damaged on rank 1; trying step 1" in results[0][1] + results[1][1]
+    # retention also collected what only the pruned checkpoints used
+    store = Store(str(tmp_path / "kept"))
+    refs = {c.key for s in (4, 5, 6) for e in ckpt.read_manifest(store.url, step=s).tensors.values() for c in e.refs}
+    assert {o.key for o in store.list_objects()} == refs
