@@ -18,10 +18,17 @@ from benchmarks.common import Workload, median, now
 from benchmarks.systems import DCP, System, TorchSave, all_systems
 
 
+def _stored_share(chunk: Any) -> float:
+    """The stored bytes of a chunk; for a packed chunk (a slice of an object several small
+    tensors share, manifest schema 2) its share of the object, by raw size."""
+    of = getattr(chunk, "of", -1)
+    return chunk.stored * chunk.size / of if of and of > 0 else chunk.stored
+
+
 def ckpt_groups(path: str) -> dict[str, dict[str, float]]:
     """ckpt's compression per kind of tensor, from the manifest it wrote."""
     manifest = ckpt.read_manifest(path)
-    groups: dict[str, list[int]] = {}
+    groups: dict[str, list[float]] = {}
     for tpath, entry in manifest.tensors.items():
         if tpath.startswith("model/"):
             group = "params/weights (" + entry.dtype + ")"
@@ -33,7 +40,7 @@ def ckpt_groups(path: str) -> dict[str, dict[str, float]]:
             group = "other"
         raw_stored = groups.setdefault(group, [0, 0])
         raw_stored[0] += entry.nbytes
-        raw_stored[1] += sum(c.stored for c in entry.chunks)
+        raw_stored[1] += sum(_stored_share(c) for c in entry.chunks)
     all_raw = sum(v[0] for v in groups.values())
     all_stored = sum(v[1] for v in groups.values())
     groups["all tensors"] = [all_raw, all_stored]

@@ -51,6 +51,8 @@ def header(title: str, machine: dict[str, Any], smoke: bool, other_cpu: float | 
         f"- Software: torch {machine['torch']}, ckpt {machine['ckpt']}, Python {machine['python']}, {machine['platform']}",
         f"- Date: {machine['date']}",
     ]
+    if machine.get("source"):
+        lines.append(f"- Source: commit {machine['source']}")
     if other_cpu is not None:
         lines.append(
             f"- Other processes used {other_cpu:.2f} of the {machine['cores']} cores on average during this section"
@@ -81,8 +83,9 @@ def core_markdown(res: dict[str, Any]) -> str:
         "- Save time includes fsync for every system (ckpt fsyncs objects, directories, manifest and ref; torch.save",
         "  and safetensors are followed by fsync of the file and directory; DCP's FileSystemWriter fsyncs by default).",
         "- Warm restore: right after the save, the files are in the page cache for every system alike.",
-        f"- Cold restore: {cold_sentence(res)}; `cached` is the",
-        "  share of the files' pages still resident after eviction (mincore), the largest over the repeats.",
+        f"- Cold restore: {cold_sentence(res)}.",
+        "- cached: share of the files' pages still in the page cache after eviction (mincore), the largest",
+        "  over the repeats (0% means the cold restore read everything from the device).",
         "- Times are the median of the repeats; the order of the systems rotates every repeat.",
         "- ratio = logical tensor bytes / bytes on disk (every file the system wrote). Speed ratios: < 1 is faster",
         "  than the reference.",
