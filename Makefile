@@ -69,8 +69,8 @@ bench-frameworks: $(STAMP)
 # benchmarks/results/gpu.*. Without a usable CUDA device it says why and exits 0.
 bench-gpu: $(STAMP)
 	@if $(BIN)/python -m benchmarks.bench_gpu --probe; then \
-		timeout 120 $(BIN)/python -m pytest -q -m gpu tests/snapshot/test_cuda.py && \
-		timeout 170 $(BIN)/python -m benchmarks.bench_gpu --out benchmarks/results; \
+		timeout 90 $(BIN)/python -m pytest -q -m gpu tests/snapshot/test_cuda.py && \
+		timeout 200 $(BIN)/python -m benchmarks.bench_gpu --out benchmarks/results; \
 	else echo "bench-gpu: nothing run (no usable CUDA device)"; fi
 
 clean:

@@ -62,7 +62,7 @@ def plan(*, dry_run: bool, smoke: bool) -> Plan:
         return Plan("cpu", layers=2, width=64, batch=4, repeats=2, every=2, steps=6, d2h_mb=4)
     if smoke:
         return Plan("cuda", layers=4, width=1024, batch=32, repeats=2, every=5, steps=10, d2h_mb=64)
-    return Plan("cuda", layers=24, width=2048, batch=64, repeats=5, every=5, steps=40, d2h_mb=1024)
+    return Plan("cuda", layers=24, width=2048, batch=64, repeats=3, every=5, steps=20, d2h_mb=1024)
 
 
 def cuda_status() -> str | None:
