@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, flush=True)
 
     t_start = time.perf_counter()
+    summary: list[str] = []  # every section's PASS/FAIL lines, printed again at the end
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-", dir=args.workdir) as workdir:
         if args.section in ("core", "all"):
             from benchmarks import core
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             res = core.run(smoke=args.smoke, workdir=workdir, log=log, cold=args.cold, mlp_layers=args.mlp_layers)
             res.update(section="core", smoke=args.smoke, machine=machine, other_cpu_cores=round(other.cores(), 2))
             report.write_json(out / "core.json", res)
+            summary += [f"[core] {line}" for line in report.target_lines(res["targets"], res["other_cpu_cores"])]
             md = report.core_markdown(res)
             (out / "core.md").write_text(md)
             report.core_plot(res, out / "core.png")
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             res = async_bench.run(smoke=args.smoke, workdir=workdir, log=log, mlp_layers=args.mlp_layers)
             res.update(section="async", smoke=args.smoke, machine=machine, other_cpu_cores=round(other.cores(), 2))
             report.write_json(out / "async.json", res)
+            summary += [f"[async] {line}" for line in report.target_lines(res["targets"], res["other_cpu_cores"])]
             md = async_bench.markdown(res)
             (out / "async.md").write_text(md)
             log("")
@@ -84,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             res = bench_objects.run(smoke=args.smoke, workdir=workdir, log=log)
             res.update(section="objects", smoke=args.smoke, machine=machine, other_cpu_cores=round(other.cores(), 2))
             report.write_json(out / "objects.json", res)
+            summary += [f"[objects] {line}" for line in report.target_lines(res["targets"], res["other_cpu_cores"])]
             md = bench_objects.markdown(res)
             (out / "objects.md").write_text(md)
             log("")
@@ -102,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
                 log("")
                 log(md)
                 gc.collect()
+    if summary:
+        log("\nTargets (PASS/FAIL, never asserted):")
+        for line in summary:
+            log("  " + line)
     log(f"benchmark finished in {time.perf_counter() - t_start:.0f}s; results in {out}")
     return 0
 
