@@ -124,14 +124,21 @@ def build_base(kind: str) -> Base:
         base.manifests[step] = store.read_manifest(step)
         manifest = ckpt.read_manifest(url, step)
         loaded = _flat_tensors(base.reference[step])
+        packs: dict[str, bytearray] = {}  # packed objects (schema 2) assembled from their tensors
         for path, entry in manifest.tensors.items():
             raw = loaded[path]
             offset = 0
             for c in entry.chunks:
                 piece = raw[offset : offset + c.size]
-                assert xxhash.xxh3_128_hexdigest(piece) == c.hash
-                base.raw_by_hash[c.hash] = piece
+                if c.packed:
+                    packs.setdefault(c.hash, bytearray(c.of))[c.at : c.at + c.size] = piece
+                else:
+                    assert xxhash.xxh3_128_hexdigest(piece) == c.hash
+                    base.raw_by_hash[c.hash] = piece
                 offset += c.size
+        for digest, whole in packs.items():
+            assert xxhash.xxh3_128_hexdigest(whole) == digest
+            base.raw_by_hash[digest] = bytes(whole)
     for info in store.list_objects():
         base.objects[info.key] = store.get_object(info.key)
     base.ref_latest = store.read(store.path("refs", "latest"))
@@ -216,6 +223,13 @@ class Oracle:
             raw = b""
             for c in entry["chunks"]:
                 piece = self.base.raw_by_hash[c["hash"]]
+                if "at" in c or "of" in c:  # a slice of a packed object (schema 2)
+                    at, of, size = c["at"], c["of"], c["size"]
+                    if not all(type(v) is int for v in (at, of, size)) or not 0 <= at <= at + size <= of:
+                        raise Unreadable(f"chunk {c['hash']}: bad slice at={at!r} of={of!r}")
+                    if len(piece) != of:
+                        raise Unreadable(f"chunk {c['hash']} is {len(piece)} bytes, not {of}")
+                    piece = piece[at : at + size]
                 if type(c["size"]) is not int or len(piece) != c["size"]:
                     raise Unreadable(f"chunk {c['hash']} is {len(piece)} bytes, not {c['size']}")
                 raw += piece
