@@ -54,8 +54,11 @@ format: $(STAMP)
 	$(BIN)/ruff format $(LINT_PATHS)
 	$(BIN)/ruff check --fix $(LINT_PATHS)
 
+# BENCH_ARGS: e.g. "--cold drop_caches" on an idle machine as root (default: fadvise, only the
+# benchmark's own files leave the page cache), "--section core", "--mlp-layers 4" (a reduced run).
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 bench-smoke: $(STAMP)
 	$(BIN)/python -m benchmarks.run --smoke
