@@ -18,7 +18,7 @@ be stored as a delta of that object.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -66,11 +66,16 @@ def parent_layouts(parent: Manifest | None) -> dict[str, tuple[Layout, ChunkRef]
         first.setdefault(ident, (entry.dtype, ref))
     out: dict[str, tuple[Layout, ChunkRef]] = {}
     for ident, members in by_object.items():
-        layout = tuple(sorted(members, key=lambda m: m[1]))
+        layout = _layout(members)
         obj = first[ident][1].object_ref()
         for path, _at, _size in members:
             out[path] = (layout, obj)
     return out
+
+
+def _layout(members: Iterable[tuple[str, int, int]]) -> Layout:
+    """Members in offset order (then path: twins share an offset)."""
+    return tuple(sorted(members, key=lambda m: (m[1], m[0])))
 
 
 class Packer:
@@ -94,12 +99,18 @@ class Packer:
         self._parent_dtypes = {p: e.dtype for p, e in parent.tensors.items()} if parent is not None else {}
         #: packs written (objects or dedup hits)
         self.packs = 0
+        self._added: set[str] = set()
+
+    def holds(self, path: str) -> bool:
+        """Whether tensor ``path`` was copied into a pack (its own memory is no longer needed)."""
+        return path in self._added
 
     def add(
         self, path: str, data: memoryview, dtype: str, itemsize: int, shape: tuple[int, ...]
     ) -> Future[TensorEntry]:
         """Copy ``data`` into the open pack of ``dtype``; the future gives the tensor's entry."""
         fut: Future[TensorEntry] = Future()
+        self._added.add(path)
         size = len(data)
         # a subtree's tensors (``model/...``) pack apart from other subtrees'; bare top-level tensors together
         group = (path.split("/", 1)[0] if "/" in path else "", dtype)
@@ -141,7 +152,7 @@ class Packer:
     def _write_pack(self, pack: _Pack) -> None:
         try:
             data = memoryview(pack.buf)[: pack.used]
-            layout = tuple((m.path, m.at, m.size) for m in pack.members)
+            layout = _layout((m.path, m.at, m.size) for m in pack.members)
             parent = self._delta_parent(pack, layout)
             ref = self.write(pack.members[0].path, data, pack.dtype, pack.itemsize, parent, layout)
             self.packs += 1

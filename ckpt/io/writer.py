@@ -385,7 +385,11 @@ def write_objects(
     try:
         for path, tensor in items:
             fut = writer.submit(path, tensor)
-            if on_tensor_written is not None:
+            if on_tensor_written is not None and writer.packer.holds(path):
+                # copied into a pack: its memory is free now (a pack is written when full or at
+                # the end, and a staging pool waiting for this release must not wait for that)
+                on_tensor_written(path)
+            elif on_tensor_written is not None:
                 # mypy cannot type a lambda whose extra parameter binds the loop variable
                 fut.add_done_callback(lambda _f, p=path: on_tensor_written(p))  # type: ignore[misc]
             futures[path] = fut
