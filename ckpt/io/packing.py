@@ -118,7 +118,7 @@ class Packer:
         with self._lock:
             pack = self._open.get(group)
             twin = pack.seen.get(digest) if pack is not None else None
-            if twin is not None and twin.size == size:
+            if pack is not None and twin is not None and twin.size == size:
                 pack.members.append(_Member(path, twin.at, size, shape, fut))
                 return fut
             if pack is not None and pack.used + size > self.capacity:
