@@ -6,7 +6,10 @@ Three measurements on the same live state:
    ``torch.distributed.checkpoint.async_save`` (default, and with DCP's ``DefaultStager``
    options that run on a CPU) vs cloning every tensor of the state once;
 2. a real training loop (forward, backward, AdamW step on random data) with no
-   checkpoints, with ckpt every 5 steps and with DCP async_save every 5 steps;
+   checkpoints, and with a checkpoint every 5 steps (20 steps, 2 rounds) and every 50 steps
+   (100 steps, 1 round) by ckpt, DCP async_save (default and with DefaultStager async
+   staging) and a synchronous torch.save + fsync: overhead against no checkpoints and the
+   loop-time ratio against DCP async_save with async staging (issue 17's reference);
 3. the time from ``save()`` returning to the commit vs a synchronous ``ckpt.save``.
 """
 
