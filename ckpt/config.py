@@ -67,7 +67,8 @@ def pack_bytes() -> int:
     """``CKPT_PACK_BYTES``: tensors smaller than this share stored objects (1 MiB; 0: never).
 
     Small tensors (biases, norms, small projections) are packed, in the order a save meets
-    them and by dtype, into objects of up to ``CKPT_CHUNK_BYTES``: one object, hash, write
+    them and by top-level key and dtype, into objects of up to 4 MiB (at most
+    ``CKPT_CHUNK_BYTES``): one object, hash, write
     (fsync or PUT) and manifest object record for many tensors instead of one each. An
     unchanged set of small tensors packs into identical objects and is deduplicated across
     saves; a changed one may be stored as a delta of the parent's object of the same layout.

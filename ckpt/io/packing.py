@@ -3,11 +3,13 @@
 A model made of many small tensors would otherwise pay per-object costs (an open, a
 write and fsync or a PUT, a hash, a manifest record) for each of them. A save's small
 tensors (below ``CKPT_PACK_BYTES``) are copied, in the order the save meets them and
-grouped by top-level state key and dtype, into pack buffers of up to the chunk size; each
-full buffer is written as one object, and each tensor's entry cites its slice of it
-(``at``, ``of``). Top-level subtrees (a module, an optimizer) never share an object, so
-``ckpt.load(keys=[...])`` reads only the objects of those keys; a tensor equal to one packed before it in the same
-group (tied weights) cites the same slice instead of being packed twice.
+grouped by top-level state key and dtype, into pack buffers of a few MiB
+(:data:`ckpt.io.writer.PACK_CAPACITY`, at most the chunk size); each full buffer is
+written as one object, and each tensor's entry cites its slice of it (``at``, ``of``).
+Top-level subtrees (a module, an optimizer) never share an object, so
+``ckpt.load(keys=[...])`` reads only the objects of those keys; a tensor equal to one
+packed before it in the same group (tied weights) cites the same slice instead of being
+packed twice.
 
 The order is the save's order, so an unchanged set of small tensors packs into the same
 bytes and is deduplicated by hash like any object. A changed pack whose layout (tensor

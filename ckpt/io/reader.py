@@ -174,8 +174,9 @@ def read_tensors(
                 if progress is not None:
                     progress(r.ref.size)
 
-        futures = [pool.submit(job, r) for r in plan.reads if not r.ref.packed]
-        futures += [pool.submit(packed_job, reads) for reads in plan.packed_objects().values()]
+        # packs first: each is one task holding many tensors, which must not end the read alone
+        futures = [pool.submit(packed_job, reads) for reads in plan.packed_objects().values()]
+        futures += [pool.submit(job, r) for r in plan.reads if not r.ref.packed]
         wait_all(futures)
     with torch.no_grad():
         for dest, host in staged:

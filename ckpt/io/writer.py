@@ -39,6 +39,9 @@ from ckpt.types import SaveStats
 
 log = logging.getLogger("ckpt")
 
+#: raw bytes of a packed object of small tensors at most (or the chunk size, when smaller)
+PACK_CAPACITY = 4 * 1024 * 1024
+
 
 def dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
@@ -153,7 +156,9 @@ class Writer:
         self._reader: Reader | None = None
         #: tensors below this many bytes (and the chunk size) share objects (:mod:`ckpt.io.packing`)
         self.pack_bytes = min(max(0, pack_bytes), chunk_bytes)
-        self.packer = Packer(pool, self._write_pack, capacity=chunk_bytes, parent=parent if self.delta else None)
+        # packs of a few MiB: few enough objects, and enough of them to encode and decode in parallel
+        capacity = min(chunk_bytes, max(PACK_CAPACITY, self.pack_bytes))
+        self.packer = Packer(pool, self._write_pack, capacity=capacity, parent=parent if self.delta else None)
 
     def _write_pack(
         self, path: str, data: memoryview, dtype: str, itemsize: int, parent: ChunkRef | None, layout: Layout
