@@ -11,21 +11,28 @@ Top-level subtrees (a module, an optimizer) never share an object, so
 packed before it in the same group (tied weights) cites the same slice instead of being
 packed twice.
 
-The order is the save's order, so an unchanged set of small tensors packs into the same
-bytes and is deduplicated by hash like any object. A changed pack whose layout (tensor
+A small tensor whose bytes equal its slice of the parent's packed object keeps citing
+that slice (:func:`unchanged_slice`): frozen tensors are never written again, only the
+changed ones are packed. The order is the save's order, so a changed set packs the same
+way at every save. A changed pack whose layout (tensor
 paths, offsets and sizes) is the same as the parent's pack holding its first tensor may
 be stored as a delta of that object.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
+from ckpt.errors import CheckpointError
 from ckpt.io.hashing import hash_bytes
+from ckpt.io.reader import Reader
 from ckpt.storage.manifest import ChunkRef, Manifest, TensorEntry
+
+log = logging.getLogger("ckpt")
 
 #: (path, at, size) of each tensor of a pack, in offset order
 Layout = tuple[tuple[str, int, int], ...]
@@ -51,6 +58,30 @@ class _Pack:
     members: list[_Member] = field(default_factory=list)
     #: content hash of each member's bytes -> the member (equal tensors share a slice)
     seen: dict[str, _Member] = field(default_factory=dict)
+
+
+def unchanged_slice(
+    parent: Manifest, known: Mapping[str, ChunkRef], reader: Reader, path: str, view: memoryview, dtype: str
+) -> ChunkRef | None:
+    """The parent's packed record of ``path`` when its bytes equal ``view`` and its object is
+    present (``known``: reusable objects by hash).
+
+    Frozen small tensors (a LoRA base's biases and norms) keep citing the object they were
+    first packed in, so only what changed is packed and written again. The parent's packed
+    objects are read back through ``reader`` (verified; cached, so each once per save).
+    """
+    entry = parent.tensors.get(path)
+    if entry is None or entry.dtype != dtype or len(entry.chunks) != 1:
+        return None
+    ref = entry.chunks[0]
+    if not ref.packed or ref.size != len(view) or ref.hash not in known:
+        return None
+    try:
+        raw = reader.object_bytes(ref, what=f"parent of tensor {path!r}")
+    except CheckpointError as exc:
+        log.warning("tensor %r: cannot read the parent's packed object %s (%s); packing it again", path, ref.key, exc)
+        return None
+    return ref if raw[ref.at : ref.at + ref.size] == view else None
 
 
 def parent_layouts(parent: Manifest | None) -> dict[str, tuple[Layout, ChunkRef]]:

@@ -30,7 +30,7 @@ from ckpt.codecs import delta as deltamod
 from ckpt.codecs.base import CodecRegistry, EncodeContext
 from ckpt.errors import CheckpointError, UnsupportedValueError
 from ckpt.io.hashing import hash_bytes
-from ckpt.io.packing import Layout, Packer
+from ckpt.io.packing import Layout, Packer, unchanged_slice
 from ckpt.io.reader import Reader
 from ckpt.snapshot.executor import wait_all
 from ckpt.storage.manifest import ChunkRef, Manifest, TensorEntry
@@ -41,6 +41,8 @@ log = logging.getLogger("ckpt")
 
 #: raw bytes of a packed object of small tensors at most (or the chunk size, when smaller)
 PACK_CAPACITY = 4 * 1024 * 1024
+#: the parent's packed objects kept decoded while a save compares its small tensors with them
+PARENT_PACK_CACHE = 64 * 1024 * 1024
 
 
 def dtype_name(t: torch.Tensor) -> str:
@@ -154,6 +156,7 @@ class Writer:
         #: keys the parent cites that the store no longer holds: never a delta's base
         self.absent = absent
         self._reader: Reader | None = None
+        self._pack_reader: Reader | None = None
         #: tensors below this many bytes (and the chunk size) share objects (:mod:`ckpt.io.packing`)
         self.pack_bytes = min(max(0, pack_bytes), chunk_bytes)
         # packs of a few MiB: few enough objects, and enough of them to encode and decode in parallel
@@ -193,6 +196,13 @@ class Writer:
         itemsize = keep.element_size()
         if 0 < len(view) < self.pack_bytes:
             self.stats.add(raw_bytes=len(view))
+            same = self._unchanged_slice(path, view, dtype)
+            if same is not None:
+                # unchanged since the parent: cite its slice of the parent's packed object
+                self.stats.add(reused_bytes=len(view))
+                done: Future[TensorEntry] = Future()
+                done.set_result(TensorEntry(dtype=dtype, shape=tuple(keep.shape), nbytes=len(view), chunks=(same,)))
+                return done
             # copied into the pack now: the tensor's memory is not needed after this call
             return self.packer.add(path, view, dtype, itemsize, tuple(keep.shape))
         spans = [(o, min(o + self.chunk_bytes, len(view))) for o in range(0, len(view), self.chunk_bytes)]
@@ -234,6 +244,13 @@ class Writer:
         for f in chunk_futs:
             f.add_done_callback(done)
         return out
+
+    def _unchanged_slice(self, path: str, view: memoryview, dtype: str) -> ChunkRef | None:
+        if self.parent is None:
+            return None
+        if self._pack_reader is None:
+            self._pack_reader = Reader(self.store, self.codecs, cache_bytes=PARENT_PACK_CACHE)
+        return unchanged_slice(self.parent, self.known, self._pack_reader, path, view, dtype)
 
     def _delta_parents(
         self, path: str, dtype: str, spans: list[tuple[int, int]]
