@@ -200,9 +200,9 @@ class Writer:
             if same is not None:
                 # unchanged since the parent: cite its slice of the parent's packed object
                 self.stats.add(reused_bytes=len(view))
-                done: Future[TensorEntry] = Future()
-                done.set_result(TensorEntry(dtype=dtype, shape=tuple(keep.shape), nbytes=len(view), chunks=(same,)))
-                return done
+                reused: Future[TensorEntry] = Future()
+                reused.set_result(TensorEntry(dtype=dtype, shape=tuple(keep.shape), nbytes=len(view), chunks=(same,)))
+                return reused
             # copied into the pack now: the tensor's memory is not needed after this call
             return self.packer.add(path, view, dtype, itemsize, tuple(keep.shape))
         spans = [(o, min(o + self.chunk_bytes, len(view))) for o in range(0, len(view), self.chunk_bytes)]
