@@ -119,12 +119,14 @@ def build_base(kind: str) -> Base:
     ckpt.save(url, state, step=2)
     base = Base(url=url, root=root, tmp=tmp, canary=os.path.join(tmp, "canary.bin"))
     store = base.store
+    # packed objects (schema 2) assembled from their tensors, over both steps: step 2 cites
+    # slices of step 1's packs for the small tensors it did not change
+    packs: dict[str, bytearray] = {}
     for step in (1, 2):
         base.reference[step] = ckpt.load(url, step=step)
         base.manifests[step] = store.read_manifest(step)
         manifest = ckpt.read_manifest(url, step)
         loaded = _flat_tensors(base.reference[step])
-        packs: dict[str, bytearray] = {}  # packed objects (schema 2) assembled from their tensors
         for path, entry in manifest.tensors.items():
             raw = loaded[path]
             offset = 0
@@ -136,9 +138,9 @@ def build_base(kind: str) -> Base:
                     assert xxhash.xxh3_128_hexdigest(piece) == c.hash
                     base.raw_by_hash[c.hash] = piece
                 offset += c.size
-        for digest, whole in packs.items():
-            assert xxhash.xxh3_128_hexdigest(whole) == digest
-            base.raw_by_hash[digest] = bytes(whole)
+    for digest, whole in packs.items():
+        assert xxhash.xxh3_128_hexdigest(whole) == digest
+        base.raw_by_hash[digest] = bytes(whole)
     for info in store.list_objects():
         base.objects[info.key] = store.get_object(info.key)
     base.ref_latest = store.read(store.path("refs", "latest"))
