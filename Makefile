@@ -7,7 +7,7 @@ TORCH_PIN ?= torch==2.13.0
 PIP := $(BIN)/pip install -q --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast lint typecheck format bench bench-smoke bench-frameworks clean node_modules
+.PHONY: venv demo test test-fast lint typecheck format bench bench-smoke bench-frameworks bench-gpu clean node_modules
 
 $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -54,8 +54,11 @@ format: $(STAMP)
 	$(BIN)/ruff format $(LINT_PATHS)
 	$(BIN)/ruff check --fix $(LINT_PATHS)
 
+# BENCH_ARGS: e.g. "--cold drop_caches" on an idle machine as root (default: fadvise, only the
+# benchmark's own files leave the page cache), "--section core", "--mlp-layers 4" (a reduced run).
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 bench-smoke: $(STAMP)
 	$(BIN)/python -m benchmarks.run --smoke
@@ -63,6 +66,15 @@ bench-smoke: $(STAMP)
 # Lightning's and the HF Trainer's default checkpointing vs the ckpt plugins (issue 16).
 bench-frameworks: $(STAMP)
 	$(BIN)/python -m benchmarks.run --section frameworks
+
+# CUDA tests and the GPU benchmark (issue 17): D2H staging into the pinned pool, save() stall, loop
+# overhead vs DCP async_save + DefaultStager; under five minutes on one GPU, figures in
+# benchmarks/results/gpu.*. Without a usable CUDA device it says why and exits 0.
+bench-gpu: $(STAMP)
+	@if $(BIN)/python -m benchmarks.bench_gpu --probe; then \
+		timeout 90 $(BIN)/python -m pytest -q -m gpu tests/snapshot/test_cuda.py && \
+		timeout 200 $(BIN)/python -m benchmarks.bench_gpu --out benchmarks/results; \
+	else echo "bench-gpu: nothing run (no usable CUDA device)"; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

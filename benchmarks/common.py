@@ -60,6 +60,25 @@ class OtherCpu:
         return max(0.0, other / wall) if wall > 0 else 0.0
 
 
+def source_info() -> str:
+    """The commit the benchmark ran at, and whether ckpt/ had uncommitted changes (else "")."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "ckpt"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    if not head:
+        return ""
+    return head + (" + uncommitted changes in ckpt/" if dirty else "")
+
+
 def machine_info() -> dict[str, Any]:
     import psutil
 
@@ -75,6 +94,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "source": source_info(),
     }
 
 

@@ -31,7 +31,8 @@ def target_lines(targets: list[dict[str, Any]], other_cpu: float | None = None) 
     shared = other_cpu is not None and other_cpu > 0.2
     for t in targets:
         unit = t.get("unit", "x")
-        value = f"{t['value']:.3f}{unit}" if unit == "x" else f"{t['value']:.3f} {unit}"
+        # four digits for ratios: 1.1797x must not print as a passing-looking 1.180x
+        value = f"{t['value']:.4f}{unit}" if unit == "x" else f"{t['value']:.3f} {unit}"
         thr = f"{t['threshold']}{unit}" if unit == "x" else f"{t['threshold']} {unit}"
         note = ""
         if shared and t.get("timing", True):
@@ -50,12 +51,21 @@ def header(title: str, machine: dict[str, Any], smoke: bool, other_cpu: float | 
         f"- Software: torch {machine['torch']}, ckpt {machine['ckpt']}, Python {machine['python']}, {machine['platform']}",
         f"- Date: {machine['date']}",
     ]
+    if machine.get("source"):
+        lines.append(f"- Source: commit {machine['source']}")
     if other_cpu is not None:
         lines.append(
             f"- Other processes used {other_cpu:.2f} of the {machine['cores']} cores on average during this section"
             + (" (a shared machine: timings are pessimistic and noisier)" if other_cpu > 0.2 else "")
         )
     return lines
+
+
+def cold_sentence(res: dict[str, Any]) -> str:
+    cold = res.get("cold")
+    if not cold:
+        return "not measured (results written before cold restores were added)"
+    return str(cold["note"])
 
 
 def core_markdown(res: dict[str, Any]) -> str:
@@ -72,8 +82,10 @@ def core_markdown(res: dict[str, Any]) -> str:
         "  Each system's restore is compared byte-for-byte with the saved state (`bit-exact`); ckpt's is asserted.",
         "- Save time includes fsync for every system (ckpt fsyncs objects, directories, manifest and ref; torch.save",
         "  and safetensors are followed by fsync of the file and directory; DCP's FileSystemWriter fsyncs by default).",
-        "- The page cache cannot be dropped here (no privileges), so restores read files that the save just wrote",
-        "  and are served from the page cache for every system alike: restore times are warm-cache times.",
+        "- Warm restore: right after the save, the files are in the page cache for every system alike.",
+        f"- Cold restore: {cold_sentence(res)}.",
+        "- cached: share of the files' pages still in the page cache after eviction (mincore), the largest",
+        "  over the repeats (0% means the cold restore read everything from the device).",
         "- Times are the median of the repeats; the order of the systems rotates every repeat.",
         "- ratio = logical tensor bytes / bytes on disk (every file the system wrote). Speed ratios: < 1 is faster",
         "  than the reference.",
@@ -87,14 +99,18 @@ def core_markdown(res: dict[str, Any]) -> str:
             "",
             f"`{name}`: {mb(w['raw_bytes'])} MB of tensors, median of {w['repeats']} run(s){busy}.",
             "",
-            "| system | save (s) | restore (s) | stored (MB) | ratio | save vs torch.save | restore vs torch.load | restore vs DCP load | bit-exact |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|:---:|",
+            "| system | save (s) | restore (s) | cold restore (s) | stored (MB) | ratio | save vs torch.save "
+            "| restore vs torch.load | restore vs DCP load | cold vs torch.load | cold vs DCP load | cached | bit-exact |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
         ]
         for s in w["systems"].values():
+            resident = s.get("resident_after_evict")
             lines.append(
-                f"| {s['label']} | {secs(s['save_s'])} | {secs(s['restore_s'])} | {mb(s['stored_bytes'])} | "
-                f"{ratio(s['ratio'])} | {ratio(s.get('save_vs_torch'))} | {ratio(s.get('restore_vs_torch'))} | "
-                f"{ratio(s.get('restore_vs_dcp'))} | {'yes' if s['bit_exact'] else 'NO'} |"
+                f"| {s['label']} | {secs(s['save_s'])} | {secs(s['restore_s'])} | {secs(s.get('restore_cold_s'))} | "
+                f"{mb(s['stored_bytes'])} | {ratio(s['ratio'])} | {ratio(s.get('save_vs_torch'))} | "
+                f"{ratio(s.get('restore_vs_torch'))} | {ratio(s.get('restore_vs_dcp'))} | "
+                f"{ratio(s.get('restore_cold_vs_torch'))} | {ratio(s.get('restore_cold_vs_dcp'))} | "
+                f"{'n/a' if resident is None else f'{100 * resident:.0f}%'} | {'yes' if s['bit_exact'] else 'NO'} |"
             )
         if w.get("ckpt_groups"):
             lines += [
@@ -113,7 +129,7 @@ def core_markdown(res: dict[str, Any]) -> str:
         lines.append(f"- **{s['label']}**: {s['notes']}")
     lines += [
         "",
-        "## Targets (issue 2)",
+        "## Targets (issues 2 and 17)",
         "",
         "```",
         *target_lines(res["targets"], res.get("other_cpu_cores")),

@@ -63,6 +63,19 @@ def chunk_bytes() -> int:
     return max(4096, value - value % 64)  # a multiple of every element size
 
 
+def pack_bytes() -> int:
+    """``CKPT_PACK_BYTES``: tensors smaller than this share stored objects (1 MiB; 0: never).
+
+    Small tensors (biases, norms, small projections) are packed, in the order a save meets
+    them and by top-level key and dtype, into objects of up to 4 MiB (at most
+    ``CKPT_CHUNK_BYTES``): one object, hash, write
+    (fsync or PUT) and manifest object record for many tensors instead of one each. An
+    unchanged set of small tensors packs into identical objects and is deduplicated across
+    saves; a changed one may be stored as a delta of the parent's object of the same layout.
+    """
+    return max(0, _int("CKPT_PACK_BYTES", 1024 * 1024))
+
+
 def zstd_level_override() -> int | None:
     """``CKPT_ZSTD_LEVEL`` when set; byte planes of floats otherwise use tuned settings (``ckpt.codecs.zstd.PLANE_PARAMS``)."""
     return zstd_level() if os.environ.get("CKPT_ZSTD_LEVEL") else None

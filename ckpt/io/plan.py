@@ -70,13 +70,35 @@ class ReadPlan:
         return sum(r.ref.size for r in self.reads)
 
     def distinct(self) -> list[ChunkRead]:
-        """One read per distinct chunk record (the first tensor using it): what verifying needs.
+        """One read per distinct stored object (the first tensor using it): what verifying needs.
 
-        Records are told apart by everything they promise, not by the key alone: a damaged
-        manifest may give one key two hashes, and each must be checked.
+        Records are told apart by everything they promise about the object, not by the key
+        alone: a damaged manifest may give one key two hashes, and each must be checked.
+        Packed chunks of one object are one object (its whole raw size is what is checked).
         """
         seen: dict[tuple[str, str, int, int, str], ChunkRead] = {}
         for r in self.reads:
-            ref = r.ref
-            seen.setdefault((ref.key, ref.hash, ref.size, ref.stored, repr(ref.codec) if ref.codec else ""), r)
+            seen.setdefault(object_identity(r.ref), r)
         return list(seen.values())
+
+    def users(self) -> dict[tuple[str, str, int, int, str], list[str]]:
+        """Tensor paths reading each distinct object (by :func:`object_identity`)."""
+        out: dict[tuple[str, str, int, int, str], list[str]] = {}
+        for r in self.reads:
+            paths = out.setdefault(object_identity(r.ref), [])
+            if not paths or paths[-1] != r.path:
+                paths.append(r.path)
+        return out
+
+    def packed_objects(self) -> dict[tuple[str, str, int, int, str], list[ChunkRead]]:
+        """The packed reads grouped by the object they slice: each object is decoded once."""
+        out: dict[tuple[str, str, int, int, str], list[ChunkRead]] = {}
+        for r in self.reads:
+            if r.ref.packed:
+                out.setdefault(object_identity(r.ref), []).append(r)
+        return out
+
+
+def object_identity(ref: ChunkRef) -> tuple[str, str, int, int, str]:
+    """What a record promises about its stored object: key, hash, raw size, stored size, chain."""
+    return (ref.key, ref.hash, ref.object_size, ref.stored, repr(ref.codec) if ref.codec else "")

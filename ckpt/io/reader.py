@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any
 
@@ -48,6 +48,19 @@ class Reader:
             chunk = ChunkRef.from_json(ref)
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptCheckpointError(f"malformed parent record {str(ref)[:200]}: {exc}") from None
+        raw, decoded = self._object_bytes(chunk, what=what or f"parent object {chunk.key}")
+        if decoded:
+            with self._cache_lock:
+                self.parent_decodes += 1
+        return raw
+
+    def object_bytes(self, chunk: ChunkRef, *, what: str) -> memoryview:
+        """The verified raw bytes of the whole object of ``chunk`` (read-only, cached)."""
+        return self._object_bytes(chunk, what=what)[0]
+
+    def _object_bytes(self, chunk: ChunkRef, *, what: str) -> tuple[memoryview, bool]:
+        """:meth:`object_bytes`, and whether it was decoded (not found in the cache)."""
+        chunk = chunk.object_ref()
         # keyed by what the record promises, not by the key alone: two records naming one
         # object with different hashes or sizes must not share a verified copy
         cache_key = (chunk.key, chunk.hash, chunk.size)
@@ -55,23 +68,32 @@ class Reader:
             hit = self._cache.get(cache_key)
             if hit is not None:
                 self._cache.move_to_end(cache_key)
-                return hit.data
+                return hit.data, False
         # Two threads may decode the same parent at once; waiting on each other instead
         # could deadlock on a (malicious) manifest whose parent records cite each other.
         raw = np.empty(chunk.size, dtype=np.uint8)  # fully overwritten by the decode
-        self.read_chunk(chunk, raw.data, what=what or f"parent object {chunk.key}")
+        self.read_object(chunk, raw.data, what=what)
         raw.flags.writeable = False  # shared through the cache: nobody may write into it
         with self._cache_lock:
-            self.parent_decodes += 1
             if cache_key not in self._cache and raw.nbytes <= self.cache_bytes:
                 self._cache[cache_key] = raw
                 self._cached += raw.nbytes
                 while self._cached > self.cache_bytes:
                     _, old = self._cache.popitem(last=False)
                     self._cached -= old.nbytes
-        return raw.data
+        return raw.data, True
 
     def read_chunk(self, ref: ChunkRef, out: memoryview, *, what: str) -> None:
+        """Bytes of chunk ``ref`` into ``out``; a packed chunk is sliced from its (cached) object."""
+        if ref.packed:
+            raw = self.object_bytes(ref, what=what)
+            out[:] = raw[ref.at : ref.at + ref.size]
+            return
+        self.read_object(ref, out, what=what)
+
+    def read_object(self, ref: ChunkRef, out: memoryview, *, what: str) -> None:
+        """The whole object of ``ref`` decoded into ``out`` (``ref.object_size`` bytes) and verified."""
+        ref = ref.object_ref()
         # Never more than one byte past what the manifest records (or, for a parent record
         # without a stored size, past what any codec chain makes of the raw size).
         expected = ref.stored if ref.stored >= 0 else max_encoded_size(ref.size)
@@ -152,7 +174,20 @@ def read_tensors(
             if progress is not None:
                 progress(r.ref.size)
 
-        wait_all([pool.submit(job, r) for r in plan.reads if r.shard is None])
+        def packed_job(reads: list[ChunkRead]) -> None:
+            # one decode and verification of the shared object, then a slice per tensor
+            obj = reads[0].ref.object_ref()
+            raw = np.empty(obj.size, dtype=np.uint8)
+            reader.read_object(obj, raw.data, what=tensors_named(r.path for r in reads))
+            for r in reads:
+                targets[r.path][r.offset : r.offset + r.ref.size] = raw.data[r.ref.at : r.ref.at + r.ref.size]
+                if progress is not None:
+                    progress(r.ref.size)
+
+        # packs first: each is one task holding many tensors, which must not end the read alone
+        futures = [pool.submit(packed_job, reads) for reads in plan.packed_objects().values()]
+        futures += [pool.submit(job, r) for r in plan.reads if not r.ref.packed and r.shard is None]
+        wait_all(futures)
         for path in plan.paths:  # sharded tensors (schema 2): their boxes put together
             entry = plan.entry(path)
             if entry.shards:
@@ -171,6 +206,17 @@ def read_tensors(
         for dest, host in staged:
             dest.copy_(host)
     return result
+
+
+def tensors_named(paths: Iterable[str], limit: int = 8) -> str:
+    """``tensor 'a'``, or ``tensor 'a' (packed with 'b', 'c')``: who shares a packed object."""
+    names = list(dict.fromkeys(paths))
+    head = f"tensor {names[0]!r}" if names else "tensor ?"
+    if len(names) <= 1:
+        return head
+    shown = ", ".join(repr(p) for p in names[1:limit])
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{head} (packed with {shown}{more})"
 
 
 def iter_chunks(

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from ckpt.codecs.base import CodecRegistry
 from ckpt.errors import CheckpointError
-from ckpt.io.plan import ChunkRead, ReadPlan
-from ckpt.io.reader import Reader
+from ckpt.io.plan import ChunkRead, ReadPlan, object_identity
+from ckpt.io.reader import Reader, tensors_named
 from ckpt.snapshot.executor import io_pool
 from ckpt.storage.manifest import Manifest
 from ckpt.storage.store import Store
@@ -39,17 +39,22 @@ def verify_manifest(
     Each distinct object is checked once even when several tensors share it.
     ``progress`` is called with the raw bytes of each object checked.
     """
-    reads = ReadPlan.whole(manifest).distinct()
+    plan = ReadPlan.whole(manifest)
+    reads = plan.distinct()
+    users = plan.users()
     reader = Reader(store, codecs)
 
     def check(r: ChunkRead) -> Problem | None:
         try:
-            reader.read_chunk(r.ref, memoryview(bytearray(r.ref.size)), what=f"tensor {r.path!r}")
+            # the whole object, packed or not: every byte of it is checked
+            obj = r.ref.object_ref()
+            what = tensors_named(users.get(object_identity(r.ref), [r.path]))
+            reader.read_object(obj, memoryview(bytearray(obj.size)), what=what)
         except CheckpointError as exc:
             return Problem(step=manifest.step, tensor=r.path, key=r.ref.key, error=str(exc))
         finally:
             if progress is not None:
-                progress(r.ref.size)
+                progress(r.ref.object_size)
         return None
 
     with io_pool("ckpt-verify") as pool:

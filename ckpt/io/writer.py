@@ -25,11 +25,13 @@ from typing import Any
 
 import torch
 
+from ckpt import config
 from ckpt.codecs import crypto
 from ckpt.codecs import delta as deltamod
 from ckpt.codecs.base import CodecRegistry, EncodeContext
 from ckpt.errors import CheckpointError, UnsupportedValueError
 from ckpt.io.hashing import hash_bytes
+from ckpt.io.packing import Layout, Packer, unchanged_slice
 from ckpt.io.reader import Reader
 from ckpt.snapshot.executor import wait_all
 from ckpt.storage.manifest import ChunkRef, Manifest, TensorEntry
@@ -37,6 +39,11 @@ from ckpt.storage.store import Store
 from ckpt.types import SaveStats
 
 log = logging.getLogger("ckpt")
+
+#: raw bytes of a packed object of small tensors at most (or the chunk size, when smaller)
+PACK_CAPACITY = 4 * 1024 * 1024
+#: the parent's packed objects kept decoded while a save compares its small tensors with them
+PARENT_PACK_CACHE = 64 * 1024 * 1024
 
 
 def dtype_name(t: torch.Tensor) -> str:
@@ -128,13 +135,15 @@ class Writer:
         max_chain: int = 8,
         delta_skip: Container[str] = (),
         absent: frozenset[str] = frozenset(),
+        pack_bytes: int = 0,
     ) -> None:
         if isinstance(max_chain, bool) or not isinstance(max_chain, int) or max_chain < 1:
             raise CheckpointError(f"max_chain must be an int >= 1 (1 = no deltas), got {max_chain!r}")
         self.store = store
         self.codecs = codecs
         self.pool = pool
-        self.known = dict(known or {})
+        # whole-object records: a packed record of the parent names its object, reused whole
+        self.known = {h: ref.object_ref() for h, ref in (known or {}).items()}
         self.chunk_bytes = chunk_bytes
         self.stats = WriteStats()
         self._claims: dict[str, Future[ChunkRef]] = {}
@@ -148,12 +157,55 @@ class Writer:
         #: keys the parent cites that the store no longer holds: never a delta's base
         self.absent = absent
         self._reader: Reader | None = None
+        self._pack_reader: Reader | None = None
+        #: tensors below this many bytes (and the chunk size) share objects (:mod:`ckpt.io.packing`)
+        self.pack_bytes = min(max(0, pack_bytes), chunk_bytes)
+        # packs of a few MiB: few enough objects, and enough of them to encode and decode in parallel
+        capacity = min(chunk_bytes, max(PACK_CAPACITY, self.pack_bytes))
+        self.packer = Packer(pool, self._write_pack, capacity=capacity, parent=parent if self.delta else None)
+
+    def _write_pack(
+        self, path: str, data: memoryview, dtype: str, itemsize: int, parent: ChunkRef | None, layout: Layout
+    ) -> ChunkRef:
+        if parent is None or path in self.delta_skip:
+            return self._write_chunk(path, data, dtype, itemsize, None, None)
+        # the parent pack's bytes from the previous snapshot's tensors, when it holds them all
+        # (checked against the parent's hash before use, as for any chunk)
+        parts: list[torch.Tensor] = []
+        for p, _at, size in layout:
+            live = self.parent_tensors.get(p)
+            if live is None:
+                break
+            try:
+                keep, view = host_bytes(live, p)
+            except CheckpointError:
+                break
+            if len(view) != size:
+                break
+            parts.append(keep.reshape(-1).view(torch.uint8))
+        parent_view = torch.cat(parts).numpy().data if len(parts) == len(layout) else None
+        return self._write_chunk(path, data, dtype, itemsize, parent, parent_view)
+
+    def flush(self) -> None:
+        """Write the packs still open: call once every tensor is submitted."""
+        self.packer.flush()
 
     def submit(self, path: str, tensor: torch.Tensor) -> Future[TensorEntry]:
         """Schedule ``tensor``'s chunks; the returned future gives its manifest entry."""
         keep, view = host_bytes(tensor, path)
         dtype = dtype_name(keep)
         itemsize = keep.element_size()
+        if 0 < len(view) < self.pack_bytes:
+            self.stats.add(raw_bytes=len(view))
+            same = self._unchanged_slice(path, view, dtype)
+            if same is not None:
+                # unchanged since the parent: cite its slice of the parent's packed object
+                self.stats.add(reused_bytes=len(view))
+                reused: Future[TensorEntry] = Future()
+                reused.set_result(TensorEntry(dtype=dtype, shape=tuple(keep.shape), nbytes=len(view), chunks=(same,)))
+                return reused
+            # copied into the pack now: the tensor's memory is not needed after this call
+            return self.packer.add(path, view, dtype, itemsize, tuple(keep.shape))
         spans = [(o, min(o + self.chunk_bytes, len(view))) for o in range(0, len(view), self.chunk_bytes)]
         parents, parent_view, parent_keep = self._delta_parents(path, dtype, spans)
         chunk_futs = [
@@ -194,6 +246,13 @@ class Writer:
             f.add_done_callback(done)
         return out
 
+    def _unchanged_slice(self, path: str, view: memoryview, dtype: str) -> ChunkRef | None:
+        if self.parent is None:
+            return None
+        if self._pack_reader is None:
+            self._pack_reader = Reader(self.store, self.codecs, cache_bytes=PARENT_PACK_CACHE)
+        return unchanged_slice(self.parent, self.known, self._pack_reader, path, view, dtype)
+
     def _delta_parents(
         self, path: str, dtype: str, spans: list[tuple[int, int]]
     ) -> tuple[tuple[ChunkRef, ...] | None, memoryview | None, torch.Tensor | None]:
@@ -203,7 +262,7 @@ class Writer:
         entry = self.parent.tensors.get(path) if self.parent is not None else None
         if entry is None or entry.dtype != dtype or len(entry.chunks) != len(spans):
             return None, None, None
-        if any(ref.size != b - a for ref, (a, b) in zip(entry.chunks, spans)):
+        if any(ref.size != b - a or ref.packed for ref, (a, b) in zip(entry.chunks, spans)):
             return None, None, None
         pview = pkeep = None
         live = self.parent_tensors.get(path)
@@ -321,6 +380,7 @@ def write_objects(
     max_chain: int = 8,
     delta_skip: Container[str] = (),
     on_tensor_written: Callable[[str], None] | None = None,
+    pack_bytes: int | None = None,
 ) -> tuple[dict[str, TensorEntry], SaveStats]:
     """Write every tensor's objects; return the manifest entries by path and what was done.
 
@@ -330,6 +390,7 @@ def write_objects(
     by ``parent`` are referenced, not written (dedup); with ``delta`` a changed chunk may
     be written as a delta against the parent's (:mod:`ckpt.codecs.delta`). Only a parent
     still committed is reused, and only its objects still present (:func:`reusable`).
+    Tensors below ``pack_bytes`` (default ``CKPT_PACK_BYTES``) share objects (:mod:`ckpt.io.packing`).
     """
     known, absent = reusable(store, parent, pool) if parent is not None else ({}, frozenset())
     writer = Writer(
@@ -344,18 +405,26 @@ def write_objects(
         max_chain=max_chain,
         delta_skip=delta_skip,
         absent=absent,
+        pack_bytes=config.pack_bytes() if pack_bytes is None else pack_bytes,
     )
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     futures: dict[str, Future[TensorEntry]] = {}
     try:
         for path, tensor in items:
             fut = writer.submit(path, tensor)
-            if on_tensor_written is not None:
+            if on_tensor_written is not None and writer.packer.holds(path):
+                # copied into a pack: its memory is free now (a pack is written when full or at
+                # the end, and a staging pool waiting for this release must not wait for that)
+                on_tensor_written(path)
+            elif on_tensor_written is not None:
                 # mypy cannot type a lambda whose extra parameter binds the loop variable
                 fut.add_done_callback(lambda _f, p=path: on_tensor_written(p))  # type: ignore[misc]
             futures[path] = fut
     finally:
-        wait_all(futures.values())
+        try:
+            writer.flush()
+        finally:
+            wait_all(futures.values())
     return {p: f.result() for p, f in futures.items()}, writer.stats.frozen()
 
 

@@ -1,6 +1,6 @@
 """The manifest: one JSON document per checkpoint, written last; its existence is the commit.
 
-Schema (version 1)::
+Schema (version 1; version 2 adds what is listed below)::
 
     {"format": "ckpt", "schema": 1, "step": 10, "created": "2026-11-23T10:00:00Z",
      "parent": 5, "seq": 7, "run": "9f2c...", "hash": "xxh3-128", "chunk_bytes": 16777216,
@@ -17,6 +17,13 @@ the writer that committed it; both are absent from manifests written before line
 was recorded. ``stored`` is the encoded size of the object; ``key`` names the object in ``objects/``
 (equal to ``hash`` for full objects). Readers accept every schema version up to
 :data:`SCHEMA_VERSION` and refuse newer ones with a clear error.
+
+Schema 2, packed small tensors: a chunk record may carry ``"at": int, "of": int``; its
+object (``key``/``hash``/``codec``, ``stored``) holds ``of`` raw bytes shared by several
+small tensors, and the chunk is bytes ``[at, at + size)`` of it (valid: ``0 <= at``,
+``at + size <= of <= chunk cap``; the stored-size bound and the codec steps use ``of``).
+A writer writes ``"schema": 2`` only when a record is packed (:meth:`Manifest.written_schema`),
+so a schema-1 reader refuses such a manifest instead of misreading it.
 
 A store is untrusted input, so :meth:`Manifest.from_json_bytes` validates a manifest
 whole before anything is read or allocated for it, and every violation is a
@@ -152,7 +159,7 @@ _TEXT_RE = re.compile(r"[^\x00-\x1f\x7f]*")
 _CODEC_NAME_RE = re.compile(r"[A-Za-z0-9_.:+-]{1,64}")
 _XOR, _BGZSTD = "xor", "bgzstd"  # ckpt.codecs.delta.NAME, ckpt.codecs.zstd.ByteGroupZstdCodec.name
 _BG_ITEMSIZES = (2, 4, 8, 16)
-_RECORD_KEYS = frozenset({"hash", "key", "size", "stored", "codec"})
+_RECORD_KEYS = frozenset({"hash", "key", "size", "stored", "codec", "at", "of"})
 
 
 def check_step(value: Any, what: str = "step") -> int:
@@ -170,16 +177,43 @@ def _short(value: Any, n: int = 60) -> str:
 
 @dataclass(frozen=True)
 class ChunkRef:
-    """One stored object holding ``size`` raw bytes of a tensor."""
+    """One stored object holding ``size`` raw bytes of a tensor.
+
+    A *packed* record (schema 2, ``of >= 0``) is a slice of a shared object: the object
+    (``key``, ``hash``, ``stored``, ``codec``) holds ``of`` raw bytes and this chunk is bytes
+    ``[at, at + size)`` of them; the hash and codec chain are those of the whole object.
+    """
 
     hash: str
     key: str
     size: int
     stored: int
     codec: tuple[Mapping[str, Any], ...] = ()
+    #: offset of this chunk in its packed object (-1: not packed)
+    at: int = -1
+    #: raw size of the packed object holding this chunk (-1: not packed; the object is ``size``)
+    of: int = -1
+
+    @property
+    def packed(self) -> bool:
+        return self.of >= 0
+
+    @property
+    def object_size(self) -> int:
+        """Raw bytes of the stored object (what its hash covers and its chain decodes to)."""
+        return self.of if self.of >= 0 else self.size
+
+    def object_ref(self) -> ChunkRef:
+        """The record of the whole stored object (itself when not packed)."""
+        if self.of < 0:
+            return self
+        return ChunkRef(hash=self.hash, key=self.key, size=self.of, stored=self.stored, codec=self.codec)
 
     def to_json(self) -> dict[str, Any]:
-        return {"hash": self.hash, "key": self.key, "size": self.size, "stored": self.stored, "codec": list(self.codec)}
+        rec = {"hash": self.hash, "key": self.key, "size": self.size, "stored": self.stored, "codec": list(self.codec)}
+        if self.of >= 0:
+            rec["at"], rec["of"] = self.at, self.of
+        return rec
 
     @classmethod
     def from_json(cls, rec: Mapping[str, Any], *, strict: bool = False) -> ChunkRef:
@@ -192,6 +226,8 @@ class ChunkRef:
             size=int(rec["size"]),
             stored=int(rec["stored"] if strict else rec.get("stored", -1)),
             codec=tuple(dict(s) for s in rec.get("codec", ())),
+            at=int(rec.get("at", -1)),
+            of=int(rec.get("of", -1)),
         )
 
 
@@ -271,7 +307,11 @@ class Manifest:
     @property
     def written_schema(self) -> int:
         """The schema version this manifest is written as: 2 only when it uses a schema-2 addition."""
-        if self.world_size or any(e.shards for e in self.tensors.values()):
+        if (
+            self.world_size
+            or any(e.shards for e in self.tensors.values())
+            or any(c.of >= 0 for c in self.chunk_refs())  # packed small tensors
+        ):
             return max(2, self.schema)
         return BASE_SCHEMA_VERSION if self.schema <= 2 else self.schema
 
@@ -525,21 +565,43 @@ class _Validator:
         if key in ancestors:
             raise self.fail(f"{what}: delta chain cites object {key} again (a cycle)")
         n = self.int_(rec.get("size"), f"{what} size", hi=self.chunk_cap)
-        if size is not None and n != size:
-            raise self.fail(f"{what}: delta parent of {n} bytes for a {size}-byte delta")
+        at, of = self.packing(rec, what, n, depth)
+        if of >= 0:
+            what = f"{what} (bytes {at}..{at + n} of {of})"
+        obj = of if of >= 0 else n  # raw bytes of the object: what its hash and chain cover
+        if size is not None and obj != size:
+            raise self.fail(f"{what}: delta parent of {obj} bytes for a {size}-byte delta")
         stored = -1
         if depth == 0 or "stored" in rec:
-            stored = self.int_(rec.get("stored"), f"{what} stored size", hi=max_encoded_size(n))
+            stored = self.int_(rec.get("stored"), f"{what} stored size", hi=max_encoded_size(obj))
         for k, v in rec.items():  # kept with parent records and written again by later saves
             if k not in _RECORD_KEYS and isinstance(v, (dict, list)) and _too_deep(v, MAX_PARAM_DEPTH):
                 raise self.fail(f"{what}: field {_short(k)} nests too deeply")
         chain = rec.get("codec", [])
         if not isinstance(chain, list) or len(chain) > MAX_CHAIN_STEPS:
             raise self.fail(f"{what}: codec must be a list of at most {MAX_CHAIN_STEPS} steps")
-        steps = tuple(self.codec_step(s, what, n, depth, (*ancestors, key)) for s in chain)
-        if not steps and stored not in (-1, n):
-            raise self.fail(f"{what}: a raw object of {n} bytes cannot store {stored}")
-        return ChunkRef(hash=digest, key=key, size=n, stored=stored, codec=steps)
+        steps = tuple(self.codec_step(s, what, obj, depth, (*ancestors, key)) for s in chain)
+        if not steps and stored not in (-1, obj):
+            raise self.fail(f"{what}: a raw object of {obj} bytes cannot store {stored}")
+        return ChunkRef(hash=digest, key=key, size=n, stored=stored, codec=steps, at=at, of=of)
+
+    def packing(self, rec: dict[str, Any], what: str, size: int, depth: int) -> tuple[int, int]:
+        """``(at, of)`` of a packed chunk record (schema 2), ``(-1, -1)`` for a whole object.
+
+        Valid: both or neither; ``0 <= at``, ``at + size <= of <= chunk cap``. Only a tensor's
+        own chunk records are packed: a delta's parent record names a whole object.
+        """
+        if "at" not in rec and "of" not in rec:
+            return -1, -1
+        if "at" not in rec or "of" not in rec:
+            raise self.fail(f"{what}: a packed chunk record needs both 'at' and 'of'")
+        if depth:
+            raise self.fail(f"{what}: a delta parent record cannot be packed (at/of)")
+        of = self.int_(rec["of"], f"{what} packed object size (of)", hi=self.chunk_cap)
+        at = self.int_(rec["at"], f"{what} packed offset (at)", hi=of)
+        if at + size > of:
+            raise self.fail(f"{what}: bytes {at}..{at + size} lie outside its packed object of {of} bytes")
+        return at, of
 
     def codec_step(self, step: Any, what: str, size: int, depth: int, ancestors: tuple[str, ...]) -> dict[str, Any]:
         if not isinstance(step, dict) or not isinstance(step.get("name"), str):

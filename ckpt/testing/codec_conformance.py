@@ -388,8 +388,9 @@ def rewrite_with_codec(
         itemsize = dtype_from_name(entry.dtype).itemsize
         for i, ref in enumerate(entry.chunks):
             if ref.key not in done:
-                raw = memoryview(bytearray(ref.size))
-                reader.read_chunk(ref, raw, what=f"tensor {path!r}")
+                # the whole object: a packed chunk (schema 2) is a slice of an object shared with others
+                raw = memoryview(bytearray(ref.object_size))
+                reader.read_object(ref, raw, what=f"tensor {path!r}")
                 if encode_context is None:
                     ctx = EncodeContext(dtype=entry.dtype, itemsize=itemsize, codec_context=store.codec_context)
                 else:

@@ -75,18 +75,21 @@ def test_frozen_model_gets_lora_sized_checkpoints_from_dedup_alone(store_url, mo
                 for n, e in ckpt.read_manifest(store.url, 0).tensors.items()
                 if n.startswith("model/0.")
                 for r in e.chunks
+                if not r.packed
             }
     frozen = sum(p.numel() * p.element_size() for p in base.parameters())
     assert sizes[0] > frozen * 0.8  # the base is written once, compressed a little
     for s in sizes[1:]:
         assert s <= budget, (sizes, budget)
-    # the base objects are shared by every checkpoint, never rewritten
+    # the base objects are shared by every checkpoint, never rewritten (the small frozen biases
+    # share a packed object with the trained head: that object changes, stored as a delta)
     for step in range(1, 4):
         keys = {
             r.key
             for n, e in ckpt.read_manifest(store.url, step).tensors.items()
             if n.startswith("model/0.")
             for r in e.chunks
+            if not r.packed
         }
         assert keys == base_objects
     fresh = torch.nn.Sequential(

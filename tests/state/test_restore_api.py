@@ -56,10 +56,10 @@ def test_load_keys_reads_only_those_subtrees(tmp_path):
     ckpt.save(url, state, step=1)
     manifest = ckpt.read_manifest(url)
     # damage every optimizer object: a load of the model alone never reads them
-    for path, entry in manifest.tensors.items():
-        if path.startswith("optim/"):
-            for ref in entry.chunks:
-                corrupt_object(Store(url), ref.key)
+    # (each object once: small tensors share packed objects, and a second flip would undo the first)
+    keys = {ref.key for path, entry in manifest.tensors.items() if path.startswith("optim/") for ref in entry.chunks}
+    for key in keys:
+        corrupt_object(Store(url), key)
     tree = ckpt.load(url, keys=["model"])
     assert set(tree) == {"model"}
     assert_same_state(tree["model"], clone_state(state["model"].state_dict()))

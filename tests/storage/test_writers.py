@@ -437,7 +437,9 @@ def test_issue_scenario_operator_gc_through_the_cli_between_two_saves(tmp_path):
         _train(model, opt)
         expected = {"model": clone_state(model.state_dict()), "opt": clone_state(opt.state_dict())}
         info = ck.save({"model": model, "opt": opt}, step=22).wait()
-        assert info is not None and info.write_stats.reused_bytes > 0
+        # step 21's objects survived: reused as they are, or (a small model's tensors share a
+        # packed object, changed by training) read back as the parent of a delta
+        assert info is not None and (info.write_stats.reused_bytes > 0 or info.write_stats.delta_objects > 0)
     _assert_complete(store)
     loaded = ckpt.load(url, step=22)
     assert_same_state(loaded["model"], expected["model"])

@@ -1,0 +1,255 @@
+"""Small tensors packed into shared objects (manifest schema 2: chunk records with at/of).
+
+Round trips through save/restore/load/verify/export/gc, object counts, dedup of an
+unchanged set of small tensors across steps, deltas of a changed pack, damage named by
+tensor, and hostile at/of values refused by the manifest validator.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import ckpt
+from ckpt.errors import NewerSchemaError, SchemaError
+from ckpt.hooks.manager import get_plugins
+from ckpt.io.verify import verify_manifest
+from ckpt.storage.manifest import SCHEMA_VERSION, Manifest
+from ckpt.storage.store import Store
+from ckpt.testing import assert_same_state, clone_state, stored_objects
+from ckpt.testing.state import corrupt_object
+
+H32 = "ab" * 16
+
+
+def _state(seed: int = 0, n_small: int = 40) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    state = {f"b{i:02d}": torch.randn(17 + i, generator=g) for i in range(n_small)}
+    state["ints"] = torch.arange(33)
+    state["half"] = torch.randn(5, 7, generator=g).bfloat16()
+    state["scalar"] = torch.tensor(1.5)
+    state["empty"] = torch.zeros(0, 3)
+    state["big"] = torch.randn(96 * 1024, generator=g)  # 384 KiB: above the threshold below
+    return state
+
+
+@pytest.fixture
+def small_packs(monkeypatch):
+    monkeypatch.setenv("CKPT_PACK_BYTES", str(64 * 1024))
+    monkeypatch.setenv("CKPT_CHUNK_BYTES", str(128 * 1024))
+
+
+def test_round_trip_and_object_counts(store_url, small_packs):
+    state = _state()
+    expected = clone_state(state)
+    ckpt.save(store_url, state, step=1)
+    manifest = ckpt.read_manifest(store_url, 1)
+    # 40 float32 + int64 + bfloat16 + scalar float32 share three packs (one per dtype); big is
+    # three 128 KiB chunks; the empty tensor has no object
+    assert len(stored_objects(Store(store_url))) == 3 + 3
+    packed = [p for p, e in manifest.tensors.items() if e.chunks and e.chunks[0].packed]
+    assert sorted(packed) == sorted(k for k in state if k not in ("big", "empty"))
+    assert json.loads(Store(store_url).read_manifest(1))["schema"] == 2
+    assert_same_state(ckpt.load(store_url), expected)
+    live = {k: torch.zeros_like(v) for k, v in state.items()}
+    ckpt.restore(store_url, live)
+    assert_same_state(live, expected)
+    assert verify_manifest(Store(store_url), get_plugins().codecs, manifest) == []
+
+
+def test_without_packing_schema_stays_1(store_url, monkeypatch):
+    monkeypatch.setenv("CKPT_PACK_BYTES", "0")
+    state = _state(n_small=5)
+    ckpt.save(store_url, state, step=1)
+    assert json.loads(Store(store_url).read_manifest(1))["schema"] == 1
+    assert len(stored_objects(Store(store_url))) == 5 + 3 + 1  # each small tensor its own object
+    assert_same_state(ckpt.load(store_url), state)
+
+
+def test_unchanged_small_tensors_dedup_across_steps(tmp_path, small_packs):
+    url = f"file://{tmp_path}/s"
+    state = _state()
+    ckpt.save(url, state, step=1)
+    before = set(stored_objects(Store(url)))
+    info = ckpt.save(url, state, step=2)
+    assert set(stored_objects(Store(url))) == before
+    assert info.write_stats.objects_written == 0
+    # one small tensor changes: it alone is packed and written; the others keep citing
+    # their slices of step 1's object
+    state["b07"][3] += 1.0
+    info = ckpt.save(url, state, step=3)
+    assert info.write_stats.objects_written == 1 and info.write_stats.written_bytes < 200
+    m1, m3 = ckpt.read_manifest(url, 1), ckpt.read_manifest(url, 3)
+    assert m3.tensors["b06"] == m1.tensors["b06"] and m3.tensors["b07"].chunks[0].key not in before
+    # the same tensors change again: a pack of the same layout as the parent's, stored as a delta
+    for i in range(40):
+        state[f"b{i:02d}"] += 1e-3
+    ckpt.save(url, state, step=4)
+    for i in range(40):
+        state[f"b{i:02d}"][0] += 1e-6
+    info = ckpt.save(url, state, step=5)
+    assert info.write_stats.objects_written == 1 and info.write_stats.delta_objects == 1
+    ref = ckpt.read_manifest(url, 5).tensors["b07"].chunks[0]
+    assert ref.packed and ref.codec[0]["name"] == "xor"
+    assert_same_state(ckpt.load(url), state)
+    assert_same_state(ckpt.load(url, step=1)["b07"], _state()["b07"])
+
+
+def test_layout_change_writes_a_full_pack(tmp_path, small_packs):
+    url = f"file://{tmp_path}/s"
+    state = _state()
+    ckpt.save(url, state, step=1)
+    state["extra"] = torch.ones(9)  # a new small tensor: the float32 pack's layout differs
+    state["b00"] += 1
+    info = ckpt.save(url, state, step=2)
+    assert info.write_stats.delta_objects == 0
+    assert_same_state(ckpt.load(url), state)
+
+
+def test_damaged_pack_names_its_tensors_and_leaves_live_state(tmp_path, small_packs):
+    url = f"file://{tmp_path}/s"
+    state = _state()
+    ckpt.save(url, state, step=1)
+    manifest = ckpt.read_manifest(url, 1)
+    key = manifest.tensors["b05"].chunks[0].key
+    store = Store(url)
+    corrupt_object(store, key)
+    with pytest.raises(ckpt.CorruptCheckpointError, match=r"tensor 'b\d\d' \(packed with 'b\d\d', .*" + key):
+        ckpt.load(url)
+    live = {k: torch.zeros_like(v) for k, v in state.items()}
+    with pytest.raises(ckpt.CorruptCheckpointError, match=key):
+        ckpt.restore(url, live)
+    assert all(not v.any() for v in live.values())  # nothing live was changed
+    problems = verify_manifest(store, get_plugins().codecs, manifest)
+    assert len(problems) == 1 and problems[0].key == key and "'b05'" in problems[0].error
+
+
+def test_export_and_gc_see_packed_objects(tmp_path, small_packs):
+    from safetensors.torch import load_file
+
+    from ckpt.interop.export import export_checkpoint
+    from ckpt.storage.retention import collect
+
+    url = f"file://{tmp_path}/s"
+    state = _state()
+    ckpt.save(url, state, step=1)
+    state["b01"] += 1
+    ckpt.save(url, state, step=2)
+    out = tmp_path / "x.safetensors"
+    export_checkpoint(url, out, step=2)
+    exported = load_file(str(out))
+    for k, v in state.items():
+        assert torch.equal(exported[k], v), k
+    collect(url, keep_last=1, grace_seconds=0)
+    assert_same_state(ckpt.load(url), state)
+    assert verify_manifest(Store(url), get_plugins().codecs, ckpt.read_manifest(url, 2)) == []
+
+
+# -- manifest validation (schema 2, at/of) -------------------------------------------------
+
+
+def _doc(**chunk: object) -> dict:
+    rec = {"hash": H32, "key": H32, "size": 16, "stored": 40, "codec": [], "at": 8, "of": 40}
+    rec.update(chunk)
+    rec = {k: v for k, v in rec.items() if v is not None}
+    return {
+        "format": "ckpt",
+        "schema": 2,
+        "step": 3,
+        "chunk_bytes": 64,
+        "tree": {"$tensor": "w"},
+        "tensors": {"w": {"dtype": "float32", "shape": [2, 2], "nbytes": 16, "chunks": [rec]}},
+    }
+
+
+def _parse(doc: dict) -> Manifest:
+    return Manifest.from_json_bytes(json.dumps(doc).encode(), where="test")
+
+
+def test_a_packed_record_parses_and_round_trips():
+    m = _parse(_doc())
+    ref = m.tensors["w"].chunks[0]
+    assert (ref.at, ref.of, ref.size, ref.object_size) == (8, 40, 16, 40)
+    assert ref.object_ref().size == 40 and not ref.object_ref().packed
+    again = Manifest.from_json_bytes(m.to_json_bytes(), where="again")
+    assert again.tensors == m.tensors and json.loads(m.to_json_bytes())["schema"] == 2
+
+
+@pytest.mark.parametrize(
+    ("chunk", "words"),
+    [
+        ({"at": 30}, "outside its packed object"),  # at + size > of
+        ({"at": -1}, "packed offset"),
+        ({"at": 41}, "packed offset"),
+        ({"at": True}, "packed offset"),
+        ({"at": 1.0}, "packed offset"),
+        ({"of": 65, "stored": 65}, "packed object size"),  # of > chunk cap
+        ({"of": 10}, "outside its packed object"),  # at > of
+        ({"of": "40"}, "packed object size"),
+        ({"of": None}, "both 'at' and 'of'"),
+        ({"at": None}, "both 'at' and 'of'"),
+        ({"stored": 41}, "cannot store"),  # a raw object stores exactly of bytes
+        ({"codec": [{"name": "zstd"}], "stored": 40 + 40 // 8 + 65 * 1024}, "stored size"),
+    ],
+)
+def test_hostile_packed_records(chunk, words):
+    with pytest.raises(SchemaError, match=words):
+        _parse(_doc(**chunk))
+
+
+def test_a_delta_parent_record_cannot_be_packed():
+    parent = {"hash": H32, "key": H32, "size": 40, "at": 0, "of": 40}
+    doc = _doc(codec=[{"name": "xor", "parent": parent}], key=H32 + ".x" + "0" * 16)
+    with pytest.raises(SchemaError, match="cannot be packed"):
+        _parse(doc)
+    # a parent of the whole packed object's size is what a packed delta cites
+    parent = {"hash": H32, "key": H32, "size": 40}
+    _parse(_doc(codec=[{"name": "xor", "parent": parent}], key=H32 + ".x" + "0" * 16))
+    with pytest.raises(SchemaError, match="delta parent of 16 bytes"):
+        _parse(_doc(codec=[{"name": "xor", "parent": {**parent, "size": 16}}], key=H32 + ".x" + "0" * 16))
+
+
+def test_schema_versions():
+    assert SCHEMA_VERSION == 2
+    unpacked = _doc(at=None, of=None, stored=16)
+    assert _parse({**unpacked, "schema": 1}).tensors["w"].chunks[0].of == -1
+    assert json.loads(_parse(unpacked).to_json_bytes())["schema"] == 1  # written as the oldest that fits
+    with pytest.raises(NewerSchemaError, match="upgrade"):
+        _parse({**unpacked, "schema": 3})
+
+
+def test_parent_tensors_give_a_pack_delta_its_parent_bytes(tmp_path, small_packs):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ckpt.io.writer import Writer
+
+    url = f"file://{tmp_path}/s"
+    state = _state()
+    ckpt.save(url, state, step=1)
+    previous = clone_state(state)
+    state["b03"][0] += 1.0
+    store = Store(url)
+
+    def write(parent_tensors):
+        with ThreadPoolExecutor(4) as pool:
+            writer = Writer(
+                store,
+                get_plugins().codecs,
+                pool,
+                chunk_bytes=128 * 1024,
+                parent=ckpt.read_manifest(url, 1),
+                parent_tensors=parent_tensors,
+                delta=True,
+                pack_bytes=64 * 1024,
+            )
+            futures = [writer.submit(p, t) for p, t in state.items()]
+            writer.flush()
+            entries = [f.result() for f in futures]
+        return writer.stats, entries
+
+    stats, entries = write(previous)  # known={}: every chunk and pack is written (as a delta)
+    assert stats.parent_reads == 0 and stats.delta_outcome["b00"]  # the float32 pack, named by its first
+    stats, entries2 = write({p: torch.zeros_like(t) for p, t in previous.items()})  # not the parent's bytes
+    assert stats.parent_reads == stats.objects_written and entries2 == entries
