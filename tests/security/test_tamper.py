@@ -33,8 +33,11 @@ def _tensors(seed: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture
-def store(tmp_path):
-    """Steps 1, 2, 3 of an encrypted store, each with new values of tensors a and b."""
+def store(tmp_path, monkeypatch):
+    """Steps 1, 2, 3 of an encrypted store, each with new values of tensors a and b.
+
+    Each tensor gets an object of its own (no packing), so one can be swapped for another."""
+    monkeypatch.setenv("CKPT_PACK_BYTES", "0")
     url = f"file://{tmp_path}/s"
     enc = Encryption(KEY)
     for step in (1, 2, 3):
