@@ -30,6 +30,7 @@ import torch.distributed as dist
 from ckpt import config
 from ckpt.errors import CheckpointError
 from ckpt.hooks.manager import get_plugins
+from ckpt.security.keys import Encryption
 from ckpt.storage.manifest import check_step
 from ckpt.storage.store import Store
 from ckpt.types import CheckpointInfo
@@ -43,7 +44,7 @@ class DistributedCheckpointer:
     """Asynchronous collective checkpoints (see the module docstring).
 
     Takes the arguments of :class:`ckpt.Checkpointer`; ``every``, ``state``,
-    ``storage_options`` and ``on_error`` are honoured, the others are accepted and ignored
+    ``storage_options``, ``on_error`` and ``encryption`` are honoured, the others are accepted and ignored
     (retention and memory bounds of a sharded run are future work).
     """
 
@@ -55,6 +56,7 @@ class DistributedCheckpointer:
         storage_options: dict[str, Any] | None = None,
         on_error: str = "raise",
         state: MutableMapping[str, Any] | None = None,
+        encryption: Encryption | None = None,
         **ignored: Any,
     ) -> None:
         if every is not None and (not isinstance(every, int) or every < 1):
@@ -64,6 +66,7 @@ class DistributedCheckpointer:
         if ignored:
             log.debug("Checkpointer under torch.distributed ignores %s", sorted(ignored))
         self.store = Store(url, storage_options)
+        self._encryption = encryption  # each commit opens the store with it (rank 0 first)
         self.url = self.store.url
         self.every = every
         self.on_error = on_error
@@ -103,7 +106,15 @@ class DistributedCheckpointer:
         except Exception as exc:  # noqa: BLE001 - reported to every rank by the background commit
             err, part = exc, _Failed(dist.get_rank(), exc)
         fut = self._thread.submit(
-            commit_collective, self.store, self._plugins, self._group, step=step, part=part, local=local, err=err
+            commit_collective,
+            self.store,
+            self._plugins,
+            self._group,
+            step=step,
+            part=part,
+            local=local,
+            err=err,
+            encryption=self._encryption,
         )
         fut.add_done_callback(self._done)
         self._inflight = fut
@@ -153,7 +164,7 @@ class DistributedCheckpointer:
         state = self._state if state is None else state
         if state is None:
             raise CheckpointError("Checkpointer.restore() needs a state")
-        return restore(self.url, state, step=step)
+        return restore(self.url, state, step=step, encryption=self._encryption)
 
     def latest_step(self) -> int | None:
         return self.store.latest_step()
