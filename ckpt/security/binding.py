@@ -31,6 +31,7 @@ from ckpt.errors import CorruptCheckpointError, EncryptionError
 from ckpt.security.envelope import (
     _DESCRIPTOR_BYTES,
     FILE,
+    PLAIN,
     StoreKeys,
     _attach,
     _unwrap,
@@ -74,6 +75,13 @@ def bind_destination(src: Store, dst: Store, encryption: Encryption | None) -> N
     writer lease: see the module docstring."""
     skeys = keys_of(src)
     current = dst.codec_context.settings.get(SETTING)
+    if (skeys is None and current == PLAIN) or (
+        skeys is not None
+        and isinstance(current, StoreKeys)
+        and current.pending is None
+        and current.store_id == skeys.store_id
+    ):
+        return  # bound already (a tier persisting again)
     ddoc = read_descriptor(dst)
     if skeys is None:
         if ddoc is not None or isinstance(current, StoreKeys):
