@@ -216,3 +216,32 @@ def test_collective_save_and_restore_encrypted(tmp_path):
         ckpt.load(url)
     got = ckpt.load(url, step=1, rank=1, encryption=enc)
     assert torch.equal(got["mine"]["t"], torch.full((64,), 1001.0))
+
+
+def test_dcp_storage_writer_and_reader_encrypted(tmp_path):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    import ckpt.dcp
+    from ckpt.interop.dcp_storage import checkpoint_error
+
+    enc, url = ckpt.Encryption(KEY), str(tmp_path / "dcp")
+    src = {"weights": _state(5)["weights"], "bias": _state(5)["bias"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(src, storage_writer=ckpt.dcp.StorageWriter(url, step=1, encryption=enc))
+        dst = {"weights": torch.zeros(4096, dtype=torch.uint8), "bias": torch.zeros(64)}
+        dcp.load(dst, storage_reader=ckpt.dcp.StorageReader(url, encryption=enc))
+        assert torch.equal(dst["weights"], src["weights"]) and torch.equal(dst["bias"], src["bias"])
+        for path, data in _files(url).items():
+            assert src["weights"].numpy().tobytes()[:64] not in data and b"weights" not in data, path
+        # no key: refused, and nothing plain is written into the encrypted store
+        with pytest.raises(BaseException) as info:
+            dcp.save(src, storage_writer=ckpt.dcp.StorageWriter(url, step=2))
+        assert isinstance(checkpoint_error(info.value), EncryptionError)
+        with pytest.raises(BaseException) as info:
+            dcp.load(dst, storage_reader=ckpt.dcp.StorageReader(url))
+        assert isinstance(checkpoint_error(info.value), EncryptionError)
+    assert ckpt.steps(url) == [1]
+    assert torch.equal(ckpt.load(url, encryption=enc)["weights"], src["weights"])
