@@ -18,7 +18,7 @@ from click.testing import CliRunner
 import ckpt
 from ckpt.cli import build_cli
 from ckpt.errors import EncryptionError
-from ckpt.security.envelope import FILE
+from ckpt.security.envelope import FILE, parse_sealed
 from ckpt.storage.store import Store
 from ckpt.testing.store_urls import temporary_store_url
 
@@ -245,3 +245,26 @@ def test_dcp_storage_writer_and_reader_encrypted(tmp_path):
         assert isinstance(checkpoint_error(info.value), EncryptionError)
     assert ckpt.steps(url) == [1]
     assert torch.equal(ckpt.load(url, encryption=enc)["weights"], src["weights"])
+
+
+def test_copy_of_an_older_step_is_resealed_without_seq_and_opens(encrypted_src, tmp_path):
+    src, enc, last = encrypted_src
+    dst = str(tmp_path / "dst")
+    ckpt.copy(src, dst, step=2, encryption=enc)
+    ckpt.copy(src, dst, step=1, encryption=enc)  # older than the destination's latest: no seq
+    assert ckpt.latest_step(dst, encryption=enc) == 2
+    got = _blank()
+    assert ckpt.restore(dst, got, step=1, encryption=enc).step == 1
+    _equal(got, _state(1))
+    store = Store(dst)
+    assert parse_sealed(store.read(store.manifest_path(1)), "step 1")[1]["seq"] is None
+    assert parse_sealed(store.read(store.manifest_path(2)), "step 2")[1]["seq"] == 1
+    # the resealed manifests are bound to their step like any other (rollback refused)
+    store.write(store.manifest_path(2), store.read(store.manifest_path(1)))
+    with pytest.raises(ckpt.CorruptCheckpointError, match="rollback"):
+        ckpt.restore(dst, _blank(), step=2, encryption=enc)
+    # a plain source with a key: refused (nothing to re-encrypt with)
+    plain = str(tmp_path / "plain")
+    ckpt.save(plain, _state(4), step=1)
+    with pytest.raises(EncryptionError, match="not encrypted"):
+        ckpt.copy(plain, str(tmp_path / "x"), encryption=enc)
