@@ -295,9 +295,7 @@ def save(
             plugins.before_save(url=store.url, step=step, tree=part.tree)
     except Exception as exc:  # noqa: BLE001 - reported to every rank, re-raised here
         err, part = exc, _Failed(dist.get_rank(), exc)
-    return commit_collective(
-        store, plugins, group, step=step, part=part, local=local, err=err, encryption=encryption
-    )
+    return commit_collective(store, plugins, group, step=step, part=part, local=local, err=err, encryption=encryption)
 
 
 def commit_collective(
