@@ -139,7 +139,7 @@ def save(
     if _distributed():
         from ckpt.distributed.coordinator import save as collective_save
 
-        return collective_save(url, state, step=step, storage_options=storage_options)
+        return collective_save(url, state, step=step, storage_options=storage_options, encryption=encryption)
     plugins = get_plugins()
     store = Store(url, storage_options)
     open_store(store, encryption, create=True)
@@ -242,7 +242,13 @@ def restore(
         from ckpt.distributed.restore import restore as collective_restore
 
         return collective_restore(
-            url, state, step=step, strict=strict, map_location=map_location, storage_options=storage_options
+            url,
+            state,
+            step=step,
+            strict=strict,
+            map_location=map_location,
+            storage_options=storage_options,
+            encryption=encryption,
         )
     plugins = get_plugins()
     place = placer(map_location)

@@ -6,7 +6,16 @@ from typing import Any
 
 import click
 
-from ckpt.cli.common import emit_json, fmt_bytes, json_option, parse_storage_options, progress_bar, storage_option
+from ckpt.cli.common import (
+    current_encryption,
+    emit_json,
+    fmt_bytes,
+    json_option,
+    key_options,
+    parse_storage_options,
+    progress_bar,
+    storage_option,
+)
 
 
 @click.command("cp")
@@ -22,6 +31,7 @@ from ckpt.cli.common import emit_json, fmt_bytes, json_option, parse_storage_opt
 )
 @json_option
 @storage_option
+@key_options
 def cp_cmd(
     src: str,
     dst: str,
@@ -37,6 +47,8 @@ def cp_cmd(
     written; then the manifest, then refs/latest. Interrupted, it is completed by running
     it again. DST's writer lease is held meanwhile: a live writer there refuses the copy.
     Use it to promote a checkpoint to long-term storage or to move a run between clouds.
+    An encrypted SRC needs its key (--key-file, --key-provider or CKPT_KEY_FILE): DST
+    becomes the same encrypted store (re-encryption is not supported).
 
     \b
     Examples:
@@ -57,7 +69,7 @@ def cp_cmd(
     source = Store(src, storage_options)
     target = Store(dst, parse_storage_options(dst_storage_options))
     with progress_bar(f"copying to {target.url}") as update:
-        res = copy_stores(source, target, step=step, progress=update)
+        res = copy_stores(source, target, step=step, progress=update, encryption=current_encryption())
     s = res.stats
     if as_json:
         emit_json(

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from ckpt import config
 from ckpt.errors import CheckpointError, NoCheckpointError
 from ckpt.hooks.manager import get_plugins
+from ckpt.security.keys import Encryption
 from ckpt.state.dataloader import track_all
 from ckpt.storage import retention
 from ckpt.storage.manifest import check_step
@@ -67,6 +68,7 @@ class DistributedCheckpointer:
         storage_options: dict[str, Any] | None = None,
         on_error: str = "raise",
         state: MutableMapping[str, Any] | None = None,
+        encryption: Encryption | None = None,
         keep_last: int | None = None,
         keep_every: int | None = None,
         take_over: bool | None = None,
@@ -80,6 +82,7 @@ class DistributedCheckpointer:
             raise CheckpointError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
         _refuse(unsupported)
         self.store = Store(url, storage_options)
+        self._encryption = encryption  # each commit opens the store with it (rank 0 first)
         self.url = self.store.url
         self.every = every
         self.on_error = on_error
@@ -143,6 +146,7 @@ class DistributedCheckpointer:
             part=part,
             local=local,
             err=err,
+            encryption=self._encryption,
             take_over=self.take_over,
             after=self._prune,
         )
@@ -214,7 +218,7 @@ class DistributedCheckpointer:
         state = self._state if state is None else state
         if state is None:
             raise CheckpointError("Checkpointer.restore() needs a state")
-        info = restore(self.url, state, step=step)
+        info = restore(self.url, state, step=step, encryption=self._encryption)
         self._restored_step = info.step
         return info
 
@@ -286,7 +290,6 @@ _UNSUPPORTED = {
     "persist_every": (None,),
     "local_keep_last": (2,),
     "local_storage_options": (None,),
-    "encryption": (None,),
 }
 
 

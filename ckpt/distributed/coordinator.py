@@ -40,6 +40,8 @@ from ckpt.errors import CheckpointError
 from ckpt.hooks.manager import get_plugins
 from ckpt.io.hashing import hash_bytes
 from ckpt.io.writer import host_bytes, write_objects
+from ckpt.security.envelope import before_write, open_store
+from ckpt.security.keys import Encryption
 from ckpt.snapshot.executor import io_pool
 from ckpt.state import tree as treemod
 from ckpt.state.capture import capture
@@ -271,7 +273,14 @@ def _parent_view(parent: Manifest | None, mine: list[tuple[str, str, str, tuple 
     return dataclasses.replace(parent, tensors={**keep, **tensors})
 
 
-def save(url: str, state: Any, *, step: int, storage_options: dict[str, Any] | None = None) -> CheckpointInfo:
+def save(
+    url: str,
+    state: Any,
+    *,
+    step: int,
+    storage_options: dict[str, Any] | None = None,
+    encryption: Encryption | None = None,
+) -> CheckpointInfo:
     """``ckpt.save`` on every rank of the default group (see the module docstring)."""
     check_step(step)
     plugins = get_plugins()
@@ -286,7 +295,7 @@ def save(url: str, state: Any, *, step: int, storage_options: dict[str, Any] | N
             plugins.before_save(url=store.url, step=step, tree=part.tree)
     except Exception as exc:  # noqa: BLE001 - reported to every rank, re-raised here
         err, part = exc, _Failed(dist.get_rank(), exc)
-    return commit_collective(store, plugins, group, step=step, part=part, local=local, err=err)
+    return commit_collective(store, plugins, group, step=step, part=part, local=local, err=err, encryption=encryption)
 
 
 def commit_collective(
@@ -298,11 +307,16 @@ def commit_collective(
     part: Any,
     local: Mapping[str, torch.Tensor],
     err: BaseException | None,
+    encryption: Encryption | None = None,
     take_over: bool | None = None,
     after: Callable[[WriterLease, CheckpointInfo], None] | None = None,
 ) -> CheckpointInfo:
     """Steps 2-5 of the protocol for a captured ``part`` (or this rank's failure ``err``),
     over ``group``: every rank of it calls this for the same step, in the same order.
+
+    ``encryption``: rank 0 opens the store (creating an encrypted store's descriptor under
+    its lease) before the first gather that follows; the other ranks open it after that
+    gather, so that every rank uses the one store id (:mod:`ckpt.security.envelope`).
 
     ``after`` runs on the coordinator once every rank knows the commit, still holding the
     writer lease (the Checkpointer's retention); its failure is logged, the commit stands."""
@@ -316,6 +330,8 @@ def commit_collective(
     try:
         if rank == 0:
             lease = WriterLease(store, take_over=take_over, what="ckpt.save (collective)").__enter__()
+            open_store(store, encryption, create=True)
+            before_write(store)  # a new encrypted store's descriptor, before any rank writes
             latest = latest_for_save(store)
             lease.saving(step, latest.manifest)
             head = (None if latest.manifest is None else latest.manifest.step, latest.top_seq + 1)
@@ -328,6 +344,8 @@ def commit_collective(
         out: Any
         parent = None
         try:
+            if rank != 0:  # rank 0 wrote the descriptor of a new encrypted store before the gather
+                open_store(store, encryption)
             parent = load_manifest(store, parent_step) if parent_step is not None else None
             mine = plan.assign[rank]
             tensors = {wpath: local[path] for wpath, _, path, _ in mine}

@@ -29,6 +29,8 @@ from ckpt.errors import CheckpointError, CorruptCheckpointError, NoCheckpointErr
 from ckpt.hooks.manager import get_plugins
 from ckpt.io.plan import ReadPlan
 from ckpt.io.reader import Reader, read_tensors
+from ckpt.security.envelope import open_store
+from ckpt.security.keys import Encryption
 from ckpt.state import tree as treemod
 from ckpt.state.capture import as_numpy, capture, check_into, live_tensors, load_into
 from ckpt.state.dataloader import track_all
@@ -84,6 +86,7 @@ def restore(
     strict: bool = True,
     map_location: Any = None,
     storage_options: dict[str, Any] | None = None,
+    encryption: Encryption | None = None,
 ) -> CheckpointInfo:
     """``ckpt.restore`` on every rank of the default group (see the module docstring)."""
     group = ckpt_group()
@@ -99,6 +102,7 @@ def restore(
             raise CheckpointError(f"restore needs a mutable mapping, got {type(mapping).__name__}")
         live: MutableMapping[str, Any] = mapping
         store = Store(url, storage_options)
+        open_store(store, encryption)  # every rank: a missing or wrong key fails before any data is read
         if rank == 0:
             chosen = _first(store, step)
     except NoCheckpointError as exc:

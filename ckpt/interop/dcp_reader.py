@@ -37,6 +37,8 @@ from ckpt.interop.dcp_storage import Item, dcp_items, no_tensor, subtree
 from ckpt.io.reader import Reader
 from ckpt.io.region import pieces, read_box
 from ckpt.io.writer import dtype_name
+from ckpt.security.envelope import open_store
+from ckpt.security.keys import Encryption
 from ckpt.snapshot.executor import io_pool, wait_all
 from ckpt.state import tree as treemod
 from ckpt.storage.commit import load_manifest
@@ -50,11 +52,20 @@ class StorageReader(_DCPReader):
     :param url: the store; ``checkpoint_id`` of ``dcp.load`` replaces it when given.
     :param step: the checkpoint to read (None: the latest; every rank must then read the same,
         which :meth:`prepare_global_plan` checks).
+    :param encryption: the key of an encrypted store (``ckpt.Encryption``).
     """
 
-    def __init__(self, url: str, step: int | None = None, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        step: int | None = None,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        encryption: Encryption | None = None,
+    ) -> None:
         super().__init__()
         self.url = str(url)
+        self.encryption = encryption
         self.step = None if step is None else check_step(step)
         self.storage_options = storage_options
         self.manifest: Manifest | None = None
@@ -83,6 +94,7 @@ class StorageReader(_DCPReader):
 
     def _read_metadata(self) -> Metadata:
         store = Store(self.url, self.storage_options)
+        open_store(store, self.encryption)
         manifest = load_manifest(store, self.step)
         if manifest.world_size:  # a collective ckpt.save: this rank's per-rank values
             from ckpt.distributed.sharding import rank_view
@@ -128,6 +140,7 @@ class StorageReader(_DCPReader):
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         manifest = self._manifest()
         store = Store(self.url, self.storage_options)
+        open_store(store, self.encryption)
         where = f"step {manifest.step} of {store.url}"
         reads = []
         for item in plan.items:

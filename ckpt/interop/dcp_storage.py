@@ -70,6 +70,8 @@ from ckpt.errors import CheckpointError, CorruptCheckpointError, UnsupportedValu
 from ckpt.hooks.manager import get_plugins
 from ckpt.io.region import pieces
 from ckpt.io.writer import Writer, dtype_name, present_objects, reusable
+from ckpt.security.envelope import before_write, open_store
+from ckpt.security.keys import Encryption
 from ckpt.snapshot.executor import io_pool, wait_all
 from ckpt.state import tree as treemod
 from ckpt.storage.commit import commit, load_manifest, new_manifest, next_seq, process_run_id
@@ -180,16 +182,25 @@ class StorageWriter(_DCPWriter):
     :param step: the step of the checkpoint this writer commits.
     :param storage_options: passed to fsspec.
     :param delta: write a changed chunk as an XOR delta against the parent's same shard when smaller.
+    :param encryption: the key of an encrypted store (``ckpt.Encryption``): the coordinator
+        writes a new store's descriptor while planning, before any rank writes.
 
     After a save, :attr:`stats` holds what this rank wrote (:class:`ckpt.SaveStats`) and,
     on the coordinator, :attr:`manifest` the committed manifest.
     """
 
     def __init__(
-        self, url: str, step: int, storage_options: dict[str, Any] | None = None, *, delta: bool = True
+        self,
+        url: str,
+        step: int,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        delta: bool = True,
+        encryption: Encryption | None = None,
     ) -> None:
         super().__init__()
         self.url = str(url)
+        self.encryption = encryption
         self.step = check_step(step)
         self.storage_options = storage_options
         self.delta = delta
@@ -210,8 +221,10 @@ class StorageWriter(_DCPWriter):
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
         return False  # chosen explicitly, never by DCP's guess from a path
 
-    def _store(self) -> Store:
-        return Store(self.url, self.storage_options)
+    def _store(self, *, create: bool = False) -> Store:
+        store = Store(self.url, self.storage_options)
+        open_store(store, self.encryption, create=create)  # a missing or wrong key fails here
+        return store
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.is_coordinator = is_coordinator
@@ -225,9 +238,9 @@ class StorageWriter(_DCPWriter):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         # One parent for every rank: the store's latest when planning, fixed here.
-        store = self._store()
+        store = self._store(create=True)
         with WriterLease(store, what="ckpt.dcp.StorageWriter"):  # a live writer refuses us now, not at the end
-            pass
+            before_write(store)  # a new encrypted store's descriptor, before any rank writes
         latest = store.latest_step()
         self._parent = latest
         return [dataclasses.replace(p, storage_data={"ckpt_parent": latest}) for p in plans]

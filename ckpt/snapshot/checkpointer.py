@@ -31,6 +31,7 @@ from ckpt.api import devices_of, restore_latest, restore_manifest, write_checkpo
 from ckpt.codecs.delta import DeltaLearner
 from ckpt.errors import CheckpointError, NoCheckpointError
 from ckpt.hooks.manager import get_plugins
+from ckpt.security.binding import open_tiers
 from ckpt.security.envelope import open_store
 from ckpt.security.keys import Encryption
 from ckpt.snapshot.executor import Background
@@ -175,9 +176,14 @@ class Checkpointer:
             self.store = self.tiers.local.store  # every save commits there
         else:
             self.store = Store(url, storage_options)
-        open_store(self.store, encryption, create=True)  # a missing or wrong key fails here
-        if self.tiers is not None:
-            open_store(self.tiers.durable.store, encryption, create=True)
+        if self.tiers is not None:  # one descriptor for both tiers (ckpt.security.binding)
+            try:
+                open_tiers(self.store, self.tiers.durable.store, encryption)
+            except BaseException:
+                self.tiers.close(persist=False)
+                raise
+        else:
+            open_store(self.store, encryption, create=True)  # a missing or wrong key fails here
         self.url = self.store.url
         self.every = every
         self.keep_last = keep_last

@@ -45,6 +45,9 @@ from ckpt.codecs.base import CodecRegistry, max_encoded_size
 from ckpt.codecs.delta import chunk_records
 from ckpt.errors import CheckpointError, CorruptCheckpointError, MissingObjectError, NoCheckpointError
 from ckpt.io.reader import Reader
+from ckpt.security.binding import bind_destination, open_source
+from ckpt.security.envelope import seal_for
+from ckpt.security.keys import Encryption
 from ckpt.snapshot.executor import io_pool, wait_all
 from ckpt.storage.lineage import find_latest, order_key, parse_manifest, read_lineage
 from ckpt.storage.manifest import ChunkRef, Manifest, check_step
@@ -88,6 +91,7 @@ def copy(
     step: int | None = None,
     storage_options: dict[str, Any] | None = None,
     dst_storage_options: dict[str, Any] | None = None,
+    encryption: Encryption | None = None,
 ) -> CheckpointInfo:
     """Copy checkpoint ``step`` (every checkpoint when None) of ``src_url`` to ``dst_url``.
 
@@ -95,11 +99,18 @@ def copy(
     order is objects, manifest, ref. Safe to interrupt and run again. Returns the info of
     the newest checkpoint copied, as the destination holds it.
 
+    An encrypted source needs its ``encryption`` (the copy verifies every object with it);
+    the destination holds the same store afterwards (:mod:`ckpt.security.binding`: it gets
+    the source's descriptor, or must have it already; re-encryption is not supported).
+
+    :raises EncryptionError: an encrypted source without its key (or a wrong one), a
+        destination that is another encrypted store, or plain and encrypted mixed.
     :raises CheckpointError: a source manifest or object is malformed, missing or fails
         verification (nothing of that checkpoint is committed), or the destination has a
         live writer.
     """
-    return copy_stores(Store(src_url, storage_options), Store(dst_url, dst_storage_options), step=step).info
+    src, dst = Store(src_url, storage_options), Store(dst_url, dst_storage_options)
+    return copy_stores(src, dst, step=step, encryption=encryption).info
 
 
 def copy_stores(
@@ -112,6 +123,7 @@ def copy_stores(
     progress: Progress | None = None,
     codecs: CodecRegistry | None = None,
     as_latest: bool | None = None,
+    encryption: Encryption | None = None,
 ) -> CopyResult:
     """:func:`copy` between open stores, with what it moved.
 
@@ -120,15 +132,20 @@ def copy_stores(
         without one the copy takes it for its duration.
     :param as_latest: True: every copied checkpoint becomes the destination's latest (the
         writing run persisting its own checkpoints); None: decided as the module says.
+    :param encryption: the key of an encrypted source (None: a plain source, or stores the
+        caller opened already, :func:`ckpt.security.envelope.open_store`).
     """
     if codecs is None:
         from ckpt.hooks.manager import get_plugins
 
         codecs = get_plugins(adapters=False).codecs
+    open_source(src, encryption)  # before any manifest is read: an encrypted source needs its key
     manifests = _source_manifests(src, step, steps)
     if lease is not None:
+        bind_destination(src, dst, encryption)
         return _copy_all(src, dst, manifests, lease, progress, codecs, as_latest)
     with WriterLease(dst, what=f"ckpt copy from {src.url}") as own:
+        bind_destination(src, dst, encryption)  # an encrypted source's descriptor, before any object
         return _copy_all(src, dst, manifests, own, progress, codecs, as_latest)
 
 
@@ -349,12 +366,12 @@ def _commit_copy(
     if as_latest:
         out = dataclasses.replace(manifest, seq=latest.top_seq + 1)
         lease.check()  # a writer that lost the store must not commit over the new one
-        dst.commit(out.step, out.to_json_bytes(), seq=out.seq)
+        dst.commit(out.step, seal_for(dst, out, out.to_json_bytes()), seq=out.seq)
     else:
         out = dataclasses.replace(manifest, seq=None)
         lease.check()
         dst.sync_dirs()
-        dst.write(dst.manifest_path(out.step), out.to_json_bytes())
+        dst.write(dst.manifest_path(out.step), seal_for(dst, out, out.to_json_bytes()))
         dst.sync_dirs()
         log.info(
             "step %d copied to %s without becoming its latest (step %s is newer)",
