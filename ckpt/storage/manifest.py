@@ -653,6 +653,14 @@ class _Validator:
         Other tags are checked where they are decoded (:func:`ckpt.state.tree.decode`, a
         SchemaError naming the path), which owns their meaning.
         """
+        marked = [k for k in node if isinstance(k, str) and k.startswith("$")]
+        if marked:
+            # The encoder writes a mapping with a "$" key only as a tag node (a plain mapping
+            # with such keys becomes a $map): anything else is a hostile mix that restoring
+            # one key would accept and decoding the whole tree would refuse.
+            allowed = _TAG_KEYS.get(marked[0])
+            if len(marked) != 1 or allowed is None or not set(node) <= allowed:
+                raise self.fail(f"tree at {_short(at or '/')}: malformed tagged node with keys {_short(sorted(node))}")
         if RANK_TAG in node:
             values = node[RANK_TAG]
             where = f"tree at {_short(at or '/')}"
@@ -667,6 +675,17 @@ class _Validator:
             if not isinstance(ref, str) or ref not in tensors:
                 where = f"tree at {_short(at or '/')}"
                 raise self.fail(f"{where} references tensor {_short(ref)}, which is not listed")
+
+
+#: the keys each tag node of an encoded tree may hold (:mod:`ckpt.state.tree`, ``$rank`` nodes)
+_TAG_KEYS: dict[str, frozenset[str]] = {
+    "$tensor": frozenset({"$tensor", "numpy", "byteorder", "param", "requires_grad"}),
+    "$np": frozenset({"$np", "v", "hex"}),
+    **{
+        tag: frozenset({tag})
+        for tag in ("$tuple", "$map", "$float", "$dtype", "$bytes", "$bytearray", "$size", RANK_TAG)
+    },
+}
 
 
 def _has_rank_node(node: Any) -> bool:

@@ -155,7 +155,7 @@ def test_delta_parent_records():
         ({"tensors": {"a~2b": _doc()["tensors"]["w"]}}, ("bad tensor path",)),
         ({"tree": {"w": {"$tensor": "missing"}}}, ("not listed",)),
         ({"tree": {"w": {"$tensor": ["w"]}}}, ("not listed",)),
-        ({"tree": {"w": {"$float": "nan", "x": json.loads("[" * 200 + "]" * 200)}}}, ("nests deeper",)),
+        ({"tree": {"w": {"$tuple": [json.loads("[" * 200 + "]" * 200)]}}}, ("nests deeper",)),
     ],
 )
 def test_fields(change, words):
@@ -275,3 +275,26 @@ def test_decode_chain_refuses_malformed_steps():
     for chain in ([{"name": "bgzstd", "itemsize": "x"}], [{"name": 3}], ["zstd"], [{"name": "xor", "parent": {}}]):
         with pytest.raises(CorruptCheckpointError):
             decode_chain(codecs, chain, memoryview(b"abcd"), memoryview(bytearray(4)), None, "t")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"$dtype": ["nan", "nan", "nan"]},  # a tag mixed into the root mapping (found by the fuzzer)
+        {"$bytes": {"tree": 1}},
+        {"$unknown": 1},
+    ],
+)
+def test_a_tag_mixed_into_a_mapping_is_refused_before_restoring_any_key(tmp_path, extra):
+    """Restoring one key must not accept a tree that decoding the whole would refuse."""
+    url = str(tmp_path / "s")
+    ckpt.save(url, {"w": torch.ones(3), "n": 1}, step=1)
+    store = Store(url)
+    path = store.manifest_path(1)
+    doc = json.loads(store.fs.cat_file(path))
+    doc["tree"].update(extra)
+    store.fs.pipe_file(path, json.dumps(doc).encode())
+    live = torch.zeros(3)
+    with pytest.raises(SchemaError, match="malformed tagged node"):
+        ckpt.restore(url, {"w": live}, step=1)
+    assert torch.equal(live, torch.zeros(3))
