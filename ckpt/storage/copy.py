@@ -170,7 +170,8 @@ def _records(manifest: Manifest) -> dict[str, ChunkRef]:
     for ref in manifest.chunk_refs():
         for rec in chunk_records(ref.to_json()):
             try:
-                chunk = ChunkRef.from_json(rec)
+                # a packed record is a slice: the object is what is fetched, verified and compared
+                chunk = ChunkRef.from_json(rec).object_ref()
             except (KeyError, TypeError, ValueError) as exc:  # a validated manifest never gets here
                 raise CorruptCheckpointError(
                     f"step {manifest.step}: malformed parent record {str(rec)[:200]}: {exc}"

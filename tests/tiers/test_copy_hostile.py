@@ -18,6 +18,12 @@ from ckpt.storage.copy import copy_stores
 from ckpt.storage.store import Store
 
 
+@pytest.fixture(autouse=True)
+def _one_object_per_tensor(monkeypatch):
+    """These attacks edit one tensor's own object record: small tensors are not packed here."""
+    monkeypatch.setenv("CKPT_PACK_BYTES", "0")
+
+
 def _save(url: str, steps, seed: int = 0) -> None:
     for s in steps:
         ckpt.save(url, {"head": torch.full((8,), float(s + seed)), "w": torch.randn(64)}, step=s)
