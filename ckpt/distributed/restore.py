@@ -22,20 +22,18 @@ import logging
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
-from ckpt.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError, StateMismatchError
+from ckpt.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
 from ckpt.hooks.manager import get_plugins
 from ckpt.io.plan import ReadPlan
 from ckpt.io.reader import Reader, read_tensors
 from ckpt.security.envelope import open_store
 from ckpt.security.keys import Encryption
 from ckpt.state import tree as treemod
-from ckpt.state.capture import as_numpy, capture, check_into, live_tensors, load_into
-from ckpt.state.dataloader import track_all
+from ckpt.state.capture import load_into
 from ckpt.state.placement import DEFAULT_LOCATION, Placer, placer
-from ckpt.state.restore import _check_class, _fit, as_mapping
+from ckpt.state.restore import as_mapping, decode_values, fit_live
 from ckpt.storage.commit import load_manifest
 from ckpt.storage.lineage import read_lineage
 from ckpt.storage.manifest import Manifest
@@ -181,33 +179,7 @@ def _prepare(
     place: Placer | None,
 ) -> tuple[dict[str, Any], list[str], list[str]]:
     """As :func:`ckpt.state.restore._prepare`, reading only this rank's box of each live DTensor."""
-    stored_tree = manifest.tree
-    if not isinstance(stored_tree, dict):
-        raise CheckpointError(f"checkpoint step {manifest.step} of {store.url} has no state mapping")
-    absent = [k for k in state if k not in stored_tree]
-    if absent and strict:
-        raise StateMismatchError(
-            f"checkpoint step {manifest.step} of {store.url} has no {', '.join(map(repr, absent))}; "
-            f"it holds {', '.join(map(repr, stored_tree))} (restore with strict=False to load what matches)"
-        )
-    keys = [k for k in state if k in stored_tree]
-    track_all(state)
-    live_tree, live_adapters = capture({k: state[k] for k in keys}, plugins)
-    for path, name in live_adapters.items():
-        saved = manifest.adapters.get(path)
-        if saved != name:
-            raise StateMismatchError(
-                f"{path!r} was saved {'by adapter ' + repr(saved) if saved else 'as plain data'}, "
-                f"but the live object needs adapter {name!r}"
-            )
-        _check_class(manifest, path, state, plugins, name)
-    live: dict[str, torch.Tensor] = {}
-    for key in keys:
-        live_tensors(live_tree[key], treemod.escape(key), live)
-    exact = [p for p, name in live_adapters.items() if getattr(plugins.adapters.get(name), "exact_tensors", False)]
-    missing, unexpected = _fit(manifest, live, exact, strict)
-    missing = [*map(str, absent), *missing]
-    wanted = [p for key in keys for p in treemod.tensor_paths(stored_tree[key])]
+    keys, live, wanted, missing, unexpected = fit_live(store, plugins, manifest, state, strict=strict)
     boxed = [p for p in wanted if is_dtensor(live.get(p))]
     whole = [p for p in wanted if p not in set(boxed)]
     tensors = read_tensors(store, plugins.codecs, ReadPlan.for_paths(manifest, whole))
@@ -216,9 +188,4 @@ def _prepare(
     reader = Reader(store, plugins.codecs)
     for p in boxed:
         tensors[p] = read_into_dtensor(store, plugins.codecs, manifest, p, live[p], reader=reader)
-    values = {}
-    for key in keys:
-        path = treemod.escape(key)
-        values[key] = treemod.decode(stored_tree[key], lambda p, is_np: as_numpy(tensors[p], is_np), path)
-        check_into(state[key], values[key], path, plugins, strict=strict)
-    return values, missing, unexpected
+    return decode_values(manifest, state, keys, tensors, plugins, strict=strict), missing, unexpected

@@ -130,6 +130,21 @@ def _prepare(
     """The values ``state``'s keys take from ``manifest`` (read, verified and checked against
     the live objects, nothing live changed yet), and the missing and unexpected keys."""
     manifest = rank_view(manifest, 0)  # a collective save's checkpoint in one process: rank 0's values
+    keys, _live, wanted, missing, unexpected = fit_live(store, plugins, manifest, state, strict=strict)
+    # Into fresh host memory, not the live tensors: a chunk failing verification must not
+    # leave a module half-overwritten. The adapters' loads copy them in afterwards.
+    tensors = read_tensors(store, plugins.codecs, ReadPlan.for_paths(manifest, wanted))
+    if place is not None:
+        tensors = {p: place(t, manifest.devices.get(p, DEFAULT_LOCATION)) for p, t in tensors.items()}
+    return decode_values(manifest, state, keys, tensors, plugins, strict=strict), missing, unexpected
+
+
+def fit_live(
+    store: Store, plugins: Plugins, manifest: Manifest, state: Mapping[str, Any], *, strict: bool
+) -> tuple[list[str], dict[str, torch.Tensor], list[str], list[str], list[str]]:
+    """Check ``state``'s live objects against ``manifest`` before anything is read: the keys
+    restored, the live tensors by path, the stored tensor paths to read, and the missing and
+    unexpected keys (shared by the one-process and the collective restore)."""
     stored_tree = manifest.tree
     if not isinstance(stored_tree, dict):
         raise CheckpointError(f"checkpoint step {manifest.step} of {store.url} has no state mapping")
@@ -157,17 +172,25 @@ def _prepare(
     missing, unexpected = _fit(manifest, live, exact, strict)
     missing = [*map(str, absent), *missing]
     wanted = [p for key in keys for p in treemod.tensor_paths(stored_tree[key])]
-    # Into fresh host memory, not the live tensors: a chunk failing verification must not
-    # leave a module half-overwritten. The adapters' loads copy them in afterwards.
-    tensors = read_tensors(store, plugins.codecs, ReadPlan.for_paths(manifest, wanted))
-    if place is not None:
-        tensors = {p: place(t, manifest.devices.get(p, DEFAULT_LOCATION)) for p, t in tensors.items()}
+    return keys, live, wanted, missing, unexpected
+
+
+def decode_values(
+    manifest: Manifest,
+    state: Mapping[str, Any],
+    keys: list[str],
+    tensors: Mapping[str, torch.Tensor],
+    plugins: Plugins,
+    *,
+    strict: bool,
+) -> dict[str, Any]:
+    """The values of ``keys`` decoded from ``manifest`` with ``tensors``, each checked against its live object."""
     values = {}
     for key in keys:
         path = treemod.escape(key)
-        values[key] = treemod.decode(stored_tree[key], lambda p, is_np: as_numpy(tensors[p], is_np), path)
+        values[key] = treemod.decode(manifest.tree[key], lambda p, is_np: as_numpy(tensors[p], is_np), path)
         check_into(state[key], values[key], path, plugins, strict=strict)
-    return values, missing, unexpected
+    return values
 
 
 def _check_class(manifest: Manifest, path: str, state: Mapping[str, Any], plugins: Plugins, name: str) -> None:
