@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -15,6 +16,7 @@ from ckpt.codecs.base import CodecRegistry, decode_chain, max_encoded_size
 from ckpt.codecs.crypto import ObjectDecodeContext
 from ckpt.errors import CheckpointError, CorruptCheckpointError
 from ckpt.io.hashing import hash_bytes
+from ckpt.io.memory import prefault
 from ckpt.io.plan import ChunkRead, ReadPlan
 from ckpt.io.region import read_box
 from ckpt.snapshot.executor import io_pool, io_threads, wait_all
@@ -41,6 +43,7 @@ class Reader:
         self._cache_lock = threading.Lock()
         #: parent objects decoded by :meth:`raw_chunk` (cache misses)
         self.parent_decodes = 0
+        self._buffers: list[np.ndarray] = []  # payload buffers, see _scratch
 
     def raw_chunk(self, ref: Mapping[str, Any], *, what: str | None = None) -> memoryview:
         """DecodeContext: a verified chunk by its manifest record (delta parents)."""
@@ -97,17 +100,59 @@ class Reader:
         # Never more than one byte past what the manifest records (or, for a parent record
         # without a stored size, past what any codec chain makes of the raw size).
         expected = ref.stored if ref.stored >= 0 else max_encoded_size(ref.size)
+        if not ref.codec and ref.stored == len(out):
+            # stored raw on local disk: read straight into the destination, then verify there
+            prefault(out)
+            got = self.store.read_object_into(ref.key, out, what=what)
+            if got is not None:
+                self.check_payload(ref, out, out, what=what, in_place=got)
+                return
+        with self._scratch(expected + 1) as buf:
+            got = self.store.read_object_into(ref.key, buf, what=what)
+            if got is not None:
+                self.check_payload(ref, buf[:got], out, what=what)
+                return
         payload = self.store.get_object(ref.key, what=what, limit=expected + 1)
         self.check_payload(ref, payload, out, what=what)
 
-    def check_payload(self, ref: ChunkRef, payload: bytes, out: memoryview, *, what: str) -> None:
-        """Decode ``payload`` (object ``ref.key`` as fetched) into ``out`` and verify its hash."""
+    @contextlib.contextmanager
+    def _scratch(self, nbytes: int) -> Iterator[memoryview]:
+        """A buffer of ``nbytes`` for one payload, reused by later reads of this Reader (a
+        delta's parent read while its child's payload is in use takes another one)."""
+        with self._cache_lock:
+            found = next((i for i, b in enumerate(self._buffers) if b.nbytes >= nbytes), None)
+            buf = self._buffers.pop(found) if found is not None else None
+        if buf is None:
+            buf = np.empty(nbytes, dtype=np.uint8)  # contents undefined: only what is read is used
+        try:
+            yield buf.data[:nbytes]
+        finally:
+            with self._cache_lock:
+                self._buffers.append(buf)
+
+    def check_payload(
+        self, ref: ChunkRef, payload: bytes | memoryview, out: memoryview, *, what: str, in_place: int | None = None
+    ) -> None:
+        """Decode ``payload`` (object ``ref.key`` as fetched) into ``out`` and verify its hash.
+
+        ``in_place``: the payload was read straight into ``out`` (a raw object), this many bytes.
+        """
         expected = ref.stored if ref.stored >= 0 else max_encoded_size(ref.size)
+        if in_place is not None:
+            if in_place != ref.stored:
+                has = f"more than {ref.stored}" if in_place > ref.stored else str(in_place)
+                raise CorruptCheckpointError(
+                    f"{what}: object {ref.key} has {has} bytes, the manifest says {ref.stored} (truncated or replaced)"
+                )
+            if hash_bytes(out) != ref.hash:
+                raise CorruptCheckpointError(f"{what}: object {ref.key} fails verification (content hash mismatch)")
+            return
         if len(payload) > expected or (ref.stored >= 0 and len(payload) != ref.stored):
             has = f"more than {expected}" if len(payload) > expected else str(len(payload))
             raise CorruptCheckpointError(
                 f"{what}: object {ref.key} has {has} bytes, the manifest says {ref.stored} (truncated or replaced)"
             )
+        prefault(out)
         try:
             ctx = ObjectDecodeContext(self, ref.key)  # an encrypted object is bound to its key
             decode_chain(self.codecs, list(ref.codec), memoryview(payload), out, ctx, what=f"{what}, object {ref.key}")

@@ -29,6 +29,7 @@ is a :class:`CorruptCheckpointError` naming it, never a hang or a read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -38,7 +39,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -243,6 +244,14 @@ class Store:
             raise
 
     def _read_local(self, path: str, limit: int | None) -> bytes:
+        with self._open_local(path) as (f, size):
+            want = size + 1 if limit is None else min(limit, size + 1)
+            return f.read(want)
+
+    @contextlib.contextmanager
+    def _open_local(self, path: str) -> Iterator[tuple[BinaryIO, int]]:
+        """A local file of the store opened for reading, and its size: only a regular file
+        under the store's root (symlinks resolved), never a FIFO or a device."""
         real = os.path.realpath(path)
         root = self._real_root
         if root is None:
@@ -269,8 +278,32 @@ class Store:
             os.close(fd)
             raise
         with f:
-            want = st.st_size + 1 if limit is None else min(limit, st.st_size + 1)
-            return f.read(want)
+            yield f, st.st_size
+
+    def read_object_into(self, key: str, buf: memoryview, *, what: str = "") -> int | None:
+        """Object ``key`` read into ``buf``: how many bytes it has, ``len(buf) + 1`` when it
+        has more than fit (``buf`` then holds its first bytes), or None when this store cannot
+        read into memory it is given (remote stores: call :meth:`get_object`). Saves the
+        allocation and the copy of a payload on local disk: a raw object goes straight into
+        the tensor's memory."""
+        if not self.local:
+            return None
+
+        def read() -> int:
+            with self._open_local(self.object_path(key)) as (f, _size):
+                got = 0
+                while got < len(buf):
+                    n = f.readinto(buf[got:])
+                    if not n:
+                        return got
+                    got += n
+                return got + len(f.read(1))
+
+        try:
+            return self._io(f"reading object {key}", read)
+        except FileNotFoundError:
+            where = f" (needed by {what})" if what else ""
+            raise MissingObjectError(f"object {key} is missing from {self.url}{where}") from None
 
     def _uncached(self, path: str) -> None:
         # fsspec backends cache listings per filesystem instance, and instances are

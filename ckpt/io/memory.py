@@ -1,0 +1,65 @@
+"""Fresh host memory, faulted in ahead of a decode that fills it.
+
+A restore decodes into fresh memory (the live objects change only once everything has
+been verified), so every page of it is first touched by the decode: one page fault per
+4 KiB. ``madvise(MADV_POPULATE_WRITE)`` (Linux 5.14+) maps a whole range in one call:
+on this project's 2-core machine a 91 MB model restored in 106-123 ms instead of
+123-146 ms with one thread. Elsewhere, or where the kernel refuses it, nothing happens
+and the pages fault in as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import sys
+import threading
+
+import numpy as np
+
+log = logging.getLogger("ckpt")
+
+_MADV_POPULATE_WRITE = 23  # include/uapi/asm-generic/mman-common.h
+_PAGE = mmap.PAGESIZE
+#: populating pays off for ranges of at least this many bytes
+MIN_BYTES = 1 << 20
+
+_lock = threading.Lock()
+_madvise: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
+_usable = sys.platform.startswith("linux")
+
+
+def _function() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    global _madvise, _usable
+    with _lock:
+        if _madvise is None and _usable:
+            try:
+                fn = ctypes.CDLL(None, use_errno=True).madvise
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                fn.restype = ctypes.c_int
+                _madvise = fn
+            except (OSError, AttributeError):
+                _usable = False
+        return _madvise
+
+
+def prefault(view: memoryview) -> None:
+    """Map the whole pages of writable ``view`` (at least :data:`MIN_BYTES`) in one call."""
+    if not _usable or view.nbytes < MIN_BYTES or view.readonly:
+        return
+    fn = _function()
+    if fn is None:
+        return
+    addr = np.frombuffer(view, dtype=np.uint8).ctypes.data
+    start = -(-addr // _PAGE) * _PAGE
+    end = (addr + view.nbytes) // _PAGE * _PAGE
+    if end > start and fn(start, end - start, _MADV_POPULATE_WRITE) != 0:
+        _disable(ctypes.get_errno())
+
+
+def _disable(errno: int) -> None:
+    global _usable
+    if errno in (22, 38):  # EINVAL (kernel before 5.14), ENOSYS: never again
+        _usable = False
+        log.debug("madvise(MADV_POPULATE_WRITE) unavailable (errno %d): pages fault in one by one", errno)
