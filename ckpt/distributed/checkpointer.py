@@ -290,6 +290,7 @@ _UNSUPPORTED = {
     "persist_every": (None,),
     "local_keep_last": (2,),
     "local_storage_options": (None,),
+    "local_compress": (False,),
 }
 
 

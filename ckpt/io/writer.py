@@ -148,7 +148,9 @@ class Writer:
         self.stats = WriteStats()
         self._claims: dict[str, Future[ChunkRef]] = {}
         self._lock = threading.Lock()
-        self.delta = bool(delta) and parent is not None and max_chain > 1 and deltamod.NAME in codecs
+        #: False: objects stored raw (a fast local tier, see Store.compress): no codec, no delta
+        self.compress = store.compress
+        self.delta = self.compress and bool(delta) and parent is not None and max_chain > 1 and deltamod.NAME in codecs
         self.parent = parent
         self.parent_tensors = parent_tensors or {}
         self.max_chain = max_chain
@@ -323,6 +325,10 @@ class Writer:
     ) -> tuple[bytes | memoryview, list[dict[str, Any]], str]:
         """``(payload, chain, key)`` of a new chunk: in full, or as a delta when the policy of
         :mod:`ckpt.codecs.delta` finds that smaller."""
+        if not self.compress:
+            key = crypto.address(self.store.codec_context, h, len(data))
+            payload, chain = crypto.seal_chain(self.store.codec_context, key, data, [], len(data))
+            return payload, chain, key
         parent_record = parent.to_json() if parent is not None else None
         base_record, age = deltamod.delta_base(parent_record, self.max_chain)
         if base_record is not None and not self.absent.isdisjoint(deltamod.referenced_keys(base_record)):

@@ -111,6 +111,9 @@ class Checkpointer:
         background (None: only the newest, on close, at the end of ``resume`` and on preemption).
     :param local_keep_last: checkpoints kept on the local tier (2).
     :param local_storage_options: fsspec options of the local tier.
+    :param local_compress: compress on the local tier too (default False: its objects are
+        stored raw, so saves there cost no compression and restores no decoding; persisted
+        checkpoints are compressed on their way to ``url``).
     :param preempt_deadline: seconds after a preemption signal by which the process exits even
         if the save has not committed, with status 128 + the signal number (default
         ``CKPT_PREEMPT_DEADLINE_SECONDS``, 60; 0 turns it off).
@@ -154,6 +157,7 @@ class Checkpointer:
         local_keep_last: int | None = 2,
         local_storage_options: dict[str, Any] | None = None,
         encryption: Encryption | None = None,
+        local_compress: bool = False,
     ) -> None:
         if every is not None and (not isinstance(every, int) or every < 1):
             raise CheckpointError(f"every must be a positive int, got {every!r}")
@@ -172,6 +176,7 @@ class Checkpointer:
                 keep_last=keep_last,
                 keep_every=keep_every,
                 take_over=take_over,
+                local_compress=local_compress,
             )
             self.store = self.tiers.local.store  # every save commits there
         else:

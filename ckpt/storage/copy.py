@@ -50,7 +50,7 @@ from ckpt.security.envelope import seal_for
 from ckpt.security.keys import Encryption
 from ckpt.snapshot.executor import io_pool, wait_all
 from ckpt.storage.lineage import find_latest, order_key, parse_manifest, read_lineage
-from ckpt.storage.manifest import ChunkRef, Manifest, check_step
+from ckpt.storage.manifest import ChunkRef, Manifest, TensorEntry, check_step
 from ckpt.storage.store import Store
 from ckpt.storage.writer_lease import WriterLease
 from ckpt.types import CheckpointInfo
@@ -189,11 +189,25 @@ def _records(manifest: Manifest) -> dict[str, ChunkRef]:
 
 
 def same_checkpoint(a: Manifest, b: Manifest) -> bool:
-    """Whether two manifests hold the same checkpoint (whatever their commit sequences)."""
-    keep = ("seq", "stored_bytes")
+    """Whether two manifests hold the same checkpoint, whatever their commit sequences and
+    however their objects are encoded (a raw local tier and the compressed durable copy of
+    the same save: :mod:`ckpt.storage.resave`)."""
+    keep = ("seq", "stored_bytes", "tensors")
     da = {f.name: getattr(a, f.name) for f in dataclasses.fields(a) if f.name not in keep}
     db = {f.name: getattr(b, f.name) for f in dataclasses.fields(b) if f.name not in keep}
-    return da == db
+    if da != db or a.tensors.keys() != b.tensors.keys():
+        return False
+    return all(_content(a.tensors[p]) == _content(b.tensors[p]) for p in a.tensors)
+
+
+def _content(entry: TensorEntry) -> Any:
+    """A tensor entry without the encoding of its objects: raw hashes, sizes, layout."""
+
+    def chunks(refs: Iterable[ChunkRef]) -> list[tuple[str, int, int, int]]:
+        return [(c.hash, c.size, c.at, c.of) for c in refs]
+
+    shards = [(s.offsets, s.shape, chunks(s.chunks)) for s in entry.shards]
+    return entry.dtype, tuple(entry.shape), entry.nbytes, chunks(entry.chunks), shards
 
 
 def _copy_all(

@@ -113,6 +113,9 @@ class Store:
         self.codec_context = CodecContext(url=self.url)
         # the root with symlinks resolved, once it exists: local reads stay under it
         self._real_root: str | None = None
+        #: whether objects written here are compressed (and deltas tried): a fast local tier
+        #: stores them raw, so its restores read straight into memory (ckpt.storage.tiers)
+        self.compress = True
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"

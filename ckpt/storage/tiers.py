@@ -71,12 +71,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from ckpt.codecs.base import CodecRegistry
 from ckpt.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
 from ckpt.snapshot.executor import serial_pool
 from ckpt.storage import retention, tier_checks
 from ckpt.storage.copy import CopyResult, copy_stores
 from ckpt.storage.lineage import find_latest, parse_manifest, read_lineage
 from ckpt.storage.manifest import Manifest
+from ckpt.storage.resave import resave_step
 from ckpt.storage.store import Store
 from ckpt.storage.writer_lease import WriterLease
 from ckpt.types import CheckpointInfo
@@ -102,6 +104,10 @@ class Tiers:
     :param persist_every: persist steps divisible by this (None: only on close).
     :param local_keep_last: checkpoints kept on the local tier (None: all).
     :param keep_last: / :param keep_every: retention of the durable tier.
+    :param local_compress: compress the local tier's objects too (default: stored raw, so a
+        save there only hashes and writes and a restore reads straight into memory; each
+        persisted checkpoint is then written to the durable tier compressed, see
+        :mod:`ckpt.storage.resave`).
     """
 
     def __init__(
@@ -114,6 +120,7 @@ class Tiers:
         keep_last: int | None = None,
         keep_every: int | None = None,
         take_over: bool | None = None,
+        local_compress: bool = False,
     ) -> None:
         if persist_every is not None and (
             isinstance(persist_every, bool) or not isinstance(persist_every, int) or persist_every < 1
@@ -123,6 +130,7 @@ class Tiers:
             raise CheckpointError(f"the local tier and the durable tier are the same store: {local.url}")
         retention.retained([], keep_last=local_keep_last)  # validates
         tier_checks.bind(local, durable)
+        local.compress = bool(local_compress)
         self.local = Tier("local", local, 0)
         self.durable = Tier("durable", durable, 1)
         self.persist_every = persist_every
@@ -143,6 +151,12 @@ class Tiers:
         self._newest_local: int | None = None
         #: background persist failures not yet raised by :meth:`committed`
         self._unreported: list[CheckpointError] = []
+
+    @staticmethod
+    def _codecs() -> CodecRegistry:
+        from ckpt.hooks.manager import get_plugins
+
+        return get_plugins(adapters=False).codecs
 
     @property
     def lease(self) -> WriterLease:
@@ -222,7 +236,10 @@ class Tiers:
 
     def persist_now(self, step: int) -> CopyResult:
         """Copy local step ``step`` to the durable tier (what it lacks), then prune the durable tier."""
-        result = copy_stores(self.local.store, self.durable.store, step=step, lease=self.lease, as_latest=True)
+        if self.local.store.compress:
+            result = copy_stores(self.local.store, self.durable.store, step=step, lease=self.lease, as_latest=True)
+        else:  # raw local objects: written to the durable tier compressed (ckpt.storage.resave)
+            result = resave_step(self.local.store, self.durable.store, step, lease=self.lease, codecs=self._codecs())
         self.persisted.append(step)
         log.info(
             "persisted step %d from %s to %s (%d objects, %d bytes moved; %d already there)",

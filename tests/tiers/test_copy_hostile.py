@@ -155,6 +155,7 @@ def test_a_failed_background_persist_surfaces_at_the_next_save(tmp_path, monkeyp
             raise boom
 
         monkeypatch.setattr(tiers_mod, "copy_stores", fail)  # a bug or a raw error in the thread
+        monkeypatch.setattr(tiers_mod, "resave_step", fail)
         ck.save(state, step=2).wait()
         ck.tiers.wait()
         monkeypatch.undo()

@@ -1,0 +1,114 @@
+"""The local tier stores objects raw; persisted checkpoints reach the durable tier compressed
+(ckpt.storage.resave), and both copies are the same checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from _tiers_util import make_state, same, train_step, weights
+
+import ckpt
+from ckpt.hooks.manager import get_plugins
+from ckpt.io.verify import verify_manifest
+from ckpt.storage.commit import load_manifest
+from ckpt.storage.store import Store
+
+
+def _big_state(seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 256))
+    return {"model": model, "optim": torch.optim.AdamW(model.parameters(), lr=1e-3)}
+
+
+def _step(state: dict, step: int) -> None:
+    g = torch.Generator().manual_seed(step)
+    state["optim"].zero_grad()
+    state["model"](torch.randn(4, 512, generator=g)).pow(2).mean().backward()
+    state["optim"].step()
+
+
+def _codecs(url: str, step: int) -> set[str]:
+    m = load_manifest(Store(url), step)
+    return {"+".join(s["name"] for s in c.codec) or "raw" for e in m.tensors.values() for c in e.chunks}
+
+
+def test_local_raw_durable_compressed_and_both_restore_exactly(store_url, tmp_path):
+    local = str(tmp_path / "local")
+    state = _big_state()
+    seen = {}
+    with ckpt.Checkpointer(store_url, local=local, persist_every=2, local_keep_last=None) as ck:
+        for s in (1, 2, 3, 4):
+            _step(state, s)
+            seen[s] = weights(state)
+            ck.save(state, step=s).wait()
+    assert ckpt.steps(store_url) == [2, 4]
+    assert _codecs(local, 4) == {"raw"}  # nothing to decode on restore
+    assert "bgzstd" in _codecs(store_url, 2)
+    assert "xor" in _codecs(store_url, 4) or "bgzstd" in _codecs(store_url, 4)  # deltas against step 2 where smaller
+    ml, md = load_manifest(Store(local), 4), load_manifest(Store(store_url), 4)
+    assert md.stored_bytes < 0.95 * ml.stored_bytes
+    assert (ml.created, ml.run, ml.parent, ml.tree) == (md.created, md.run, md.parent, md.tree)
+    for s in (2, 4):
+        assert verify_manifest(Store(store_url), get_plugins().codecs, load_manifest(Store(store_url), s)) == []
+    for url in (local, store_url):
+        fresh = _big_state(seed=9)
+        assert ckpt.restore(url, fresh, step=4).step == 4
+        assert same(weights(fresh), seen[4])
+
+
+def test_persisting_again_moves_nothing_and_a_copy_sees_the_same_checkpoint(tmp_path):
+    durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
+    state = make_state()
+    with ckpt.Checkpointer(durable, local=local, persist_every=1) as ck:
+        train_step(state, 1)
+        ck.save(state, step=1).wait()
+        ck.tiers.wait()
+        again = ck.tiers.persist_now(1)
+    assert again.stats.already == 1 and again.stats.objects == 0
+    # the raw local copy and the compressed durable one are one checkpoint: not a collision
+    info = ckpt.copy(local, durable, step=1)
+    assert info.step == 1
+
+
+def test_local_compress_keeps_the_object_copy(tmp_path):
+    durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
+    state = _big_state()
+    with ckpt.Checkpointer(durable, local=local, persist_every=1, local_compress=True) as ck:
+        _step(state, 1)
+        ck.save(state, step=1).wait()
+    assert "bgzstd" in _codecs(local, 1)
+    ml, md = load_manifest(Store(local), 1), load_manifest(Store(durable), 1)
+    assert ml.tensors == md.tensors  # copied object for object
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "extend"])
+def test_a_damaged_raw_local_object_falls_back_to_the_durable_tier(tmp_path, damage, caplog):
+    durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
+    state = _big_state()
+    with ckpt.Checkpointer(durable, local=local, persist_every=1) as ck:
+        _step(state, 1)
+        ck.save(state, step=1).wait()
+    want = weights(state)
+    store = Store(local)
+    m = load_manifest(store, 1)
+    ref = max((c for e in m.tensors.values() for c in e.chunks), key=lambda c: c.size)
+    path = store.object_path(ref.key)
+    data = bytearray(Path(path).read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 1
+    elif damage == "truncate":
+        del data[-1]
+    else:
+        data += b"\0"
+    Path(path).write_bytes(bytes(data))
+    fresh = _big_state(seed=3)
+    before = weights(fresh)
+    with pytest.raises(ckpt.CorruptCheckpointError, match=ref.key):
+        ckpt.restore(local, fresh)  # the local tier alone: refused, nothing live changed
+    assert same(weights(fresh), before)
+    with ckpt.Checkpointer(durable, local=local) as ck:
+        assert ck.restore(fresh).step == 1
+    assert same(weights(fresh), want)
+    assert "durable" in caplog.text
