@@ -50,16 +50,38 @@ def _compressor(level: int | str) -> zstandard.ZstdCompressor:
 PLANE_PARAMS = dict(strategy=1, min_match=7, hash_log=6, chain_log=6, search_log=1, window_log=17, target_length=0)
 
 
-def _scratch(nbytes: int) -> np.ndarray:
+def _scratch(nbytes: int, slot: str = "scratch") -> np.ndarray:
     """A per-thread byte buffer of ``nbytes`` (contents undefined), reused by later calls.
 
     Only for data that does not outlive the call using it: the next call on the same
-    thread overwrites it.
+    thread (for the same ``slot``) overwrites it.
     """
-    buf = getattr(_local, "scratch", None)
+    buf = getattr(_local, slot, None)
     if buf is None or buf.nbytes < nbytes:
-        buf = _local.scratch = np.empty(nbytes, dtype=np.uint8)
+        buf = np.empty(nbytes, dtype=np.uint8)
+        setattr(_local, slot, buf)
     return buf[:nbytes]
+
+
+# Two-byte elements (bf16, fp16) are split and joined with shifts on 16-bit words, ~1.4x
+# (split) and ~2x (join) faster than numpy's strided byte copies on this project's machine.
+# Plane i is byte i of each element in memory: the words are read little-endian everywhere.
+_WORD = np.dtype("<u2")
+
+
+def _split_words(data: memoryview, planes: np.ndarray) -> None:
+    words = np.frombuffer(data, dtype=_WORD)
+    np.copyto(planes[0], words, casting="unsafe")  # the low byte
+    high = _scratch(len(data), "words").view(_WORD)
+    np.right_shift(words, 8, out=high)
+    np.copyto(planes[1], high, casting="unsafe")
+
+
+def _join_words(low: np.ndarray, high: np.ndarray, out: memoryview) -> None:
+    words = np.frombuffer(out, dtype=_WORD)
+    np.copyto(words, high)
+    np.left_shift(words, 8, out=words)
+    np.bitwise_or(words, low, out=words)
 
 
 def _decompressor() -> zstandard.ZstdDecompressor:
@@ -145,7 +167,10 @@ class ByteGroupZstdCodec:
         n = len(data) // k
         # One transposing copy into a per-thread buffer reused across chunks: plane i is row i.
         planes = _scratch(len(data)).reshape(k, n)
-        np.copyto(planes, np.frombuffer(data, dtype=np.uint8).reshape(n, k).T)
+        if k == 2:
+            _split_words(data, planes)
+        else:
+            np.copyto(planes, np.frombuffer(data, dtype=np.uint8).reshape(n, k).T)
         parts: list[tuple[int, bytes | np.ndarray]] = [self._compress_plane(planes[i]) for i in range(k)]
         if all(mode == _RAW for mode, _ in parts):
             return None
@@ -167,6 +192,7 @@ class ByteGroupZstdCodec:
             raise CorruptCheckpointError(f"bgzstd: bad itemsize {str(k)[:40]} for {len(out)} bytes")
         n = len(out) // k
         grid = np.frombuffer(out, dtype=np.uint8).reshape(-1, k)
+        planes: list[np.ndarray] = []
         pos = _PLANE.size * k
         if len(payload) < pos:
             raise CorruptCheckpointError("bgzstd: truncated plane table")
@@ -184,6 +210,11 @@ class ByteGroupZstdCodec:
                 plane = np.frombuffer(_decompress_exact(body, n, f"bgzstd plane {i}"), dtype=np.uint8)
             else:
                 raise CorruptCheckpointError(f"bgzstd: plane {i} has unknown mode {mode}")
-            grid[:, i] = plane
+            if k == 2:
+                planes.append(plane)
+            else:
+                grid[:, i] = plane
         if pos != len(payload):
             raise CorruptCheckpointError(f"bgzstd: {len(payload) - pos} trailing bytes")
+        if k == 2:
+            _join_words(planes[0], planes[1], out)

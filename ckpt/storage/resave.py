@@ -30,7 +30,7 @@ from ckpt.io.plan import ReadPlan
 from ckpt.io.reader import read_tensors
 from ckpt.io.writer import write_objects
 from ckpt.security.binding import bind_destination
-from ckpt.snapshot.executor import io_pool
+from ckpt.snapshot.executor import new_io_pool
 from ckpt.storage.copy import CopyResult, CopyStats, _commit_copy, _existing, _source_manifests, same_checkpoint
 from ckpt.storage.lineage import find_latest
 from ckpt.storage.manifest import Manifest, TensorEntry
@@ -63,7 +63,8 @@ def resave_step(
         return CopyResult(CheckpointInfo.from_manifest(held, dst.url), stats)
     lease.protect([*lease.protected, manifest.step], in_flight=manifest.step)
     parent = find_latest(dst).manifest
-    with io_pool("ckpt-resave") as pool:
+    # compression is the heavy part: at the lower priority of the Checkpointer's background work
+    with new_io_pool("ckpt-resave", nice=config.background_nice()) as pool:
         entries, written = write_objects(
             dst,
             codecs,
