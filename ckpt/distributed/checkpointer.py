@@ -42,13 +42,16 @@ from ckpt.hooks.manager import get_plugins
 from ckpt.security.keys import Encryption
 from ckpt.state.dataloader import track_all
 from ckpt.storage import retention
+from ckpt.storage.commit import new_run_id
 from ckpt.storage.manifest import check_step
 from ckpt.storage.store import Store
 from ckpt.storage.writer_lease import WriterLease
 from ckpt.types import CheckpointInfo
 
-from .coordinator import _Failed, capture_local, commit_collective
+from .coordinator import _Failed, capture_local, check_parts, commit_collective, gather_all
 from .preempt import Preemption
+from .tiers import META as TIER_META
+from .tiers import RankTier, part_from_local
 
 log = logging.getLogger("ckpt")
 
@@ -74,6 +77,10 @@ class DistributedCheckpointer:
         take_over: bool | None = None,
         preempt_exit_code: int = 0,
         preempt_deadline: float | None = None,
+        local: str | None = None,
+        persist_every: int | None = None,
+        local_keep_last: int | None = 2,
+        local_storage_options: dict[str, Any] | None = None,
         **unsupported: Any,
     ) -> None:
         if every is not None and (not isinstance(every, int) or every < 1):
@@ -81,6 +88,8 @@ class DistributedCheckpointer:
         if on_error not in ("raise", "warn"):
             raise CheckpointError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
         _refuse(unsupported)
+        if local is not None:
+            _check_tier(persist_every, encryption)
         self.store = Store(url, storage_options)
         self._encryption = encryption  # each commit opens the store with it (rank 0 first)
         self.url = self.store.url
@@ -108,6 +117,49 @@ class DistributedCheckpointer:
             lambda: f"step {self._last_step} of {self.url}",
         )
         self._in_resume = False
+        #: this rank's local tier (``local=``; :mod:`ckpt.distributed.tiers`), None without one
+        self.tier: RankTier | None = None
+        self.persist_every = persist_every
+        if local is not None:
+            self._init_tier(local, persist_every, local_keep_last, local_storage_options, encryption)
+
+    def _init_tier(
+        self,
+        local: str,
+        persist_every: int | None,
+        keep_last: int | None,
+        storage_options: dict[str, Any] | None,
+        encryption: Encryption | None,
+    ) -> None:
+        # collective, like the groups above: the save ids of this run, shared by every rank
+        run = [new_run_id()]
+        dist.broadcast_object_list(run, src=0, group=self._group)
+        self._run, self._saves = str(run[0]), 0
+        self._persist_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=config.dist_timeout_seconds()))
+        self._persist_pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-dist-persist")
+        self._persisting: Future[CheckpointInfo] | None = None
+        #: (step, save id) of the newest local checkpoint and of the newest one persisted
+        self._newest: tuple[int, str] | None = None
+        self._persisted: tuple[int, str] | None = None
+        err: BaseException | None = None
+        try:
+            self.tier = RankTier(
+                local,
+                self.store,
+                rank=dist.get_rank(),
+                world=dist.get_world_size(),
+                keep_last=keep_last,
+                storage_options=storage_options,
+                take_over=self.take_over,
+            )
+            out: Any = True
+        except Exception as exc:  # noqa: BLE001 - refused on every rank
+            err, out = exc, _Failed(dist.get_rank(), exc)
+        what = f"opening the local tiers of {self.url}"
+        outs = gather_all(self._group, out, what)
+        if err is None and any(isinstance(o, _Failed) for o in outs) and self.tier is not None:
+            self.tier.close()
+        check_parts(outs, err, what)
 
     def __enter__(self) -> DistributedCheckpointer:
         return self
@@ -137,6 +189,12 @@ class DistributedCheckpointer:
         except Exception as exc:  # noqa: BLE001 - reported to every rank by the background commit
             err, part = exc, _Failed(dist.get_rank(), exc)
         self._last_saved_step = step
+        if self.tier is not None:
+            self._saves += 1
+            fut = self._thread.submit(self._commit_local, step, part, local, err, f"{self._run}-{self._saves}")
+            fut.add_done_callback(self._done)
+            self._inflight = fut
+            return fut
         fut = self._thread.submit(
             commit_collective,
             self.store,
@@ -153,6 +211,86 @@ class DistributedCheckpointer:
         fut.add_done_callback(self._done)
         self._inflight = fut
         return fut
+
+    # -- the local tier ------------------------------------------------------------------------
+    def _commit_local(
+        self, step: int, part: Any, local: dict[str, torch.Tensor], err: BaseException | None, save: str
+    ) -> CheckpointInfo:
+        """On the commit thread: every rank commits its part to its local tier (the outcomes are
+        gathered: a failure on any rank raises on every rank), then persists when due."""
+        assert self.tier is not None
+        rank = dist.get_rank()
+        info: Any = None
+        out: Any = part if err is not None else True
+        if err is None:
+            try:
+                protect = {self._restored_step} if self._restored_step is not None else set()
+                info = self.tier.commit(self._plugins, step=step, part=part, tensors=local, save=save, protect=protect)
+            except Exception as exc:  # noqa: BLE001 - reported to every rank
+                err, out = exc, _Failed(rank, exc)
+        what = f"saving step {step} to the local tiers of {self.url}"
+        check_parts(gather_all(self._group, out, what), err, what)
+        self._newest = (step, save)
+        if self.persist_every is not None and step % self.persist_every == 0:
+            prev = self._persisting
+            if prev is not None:  # at most one persist in flight (its error is pending already)
+                prev.exception()
+            fut = self._persist_pool.submit(self._persist, step, part, local, save)
+            fut.add_done_callback(self._done)
+            self._persisting = fut
+        return info
+
+    def _persist(
+        self, step: int, part: Any, local: Mapping[str, torch.Tensor], save: str, err: BaseException | None = None
+    ) -> CheckpointInfo:
+        """The global collective checkpoint of save ``save`` to the durable tier (its own group)."""
+        info = commit_collective(
+            self.store,
+            self._plugins,
+            self._persist_group,
+            step=step,
+            part=part,
+            local=local,
+            err=err,
+            take_over=self.take_over,
+            after=self._prune,
+            meta={TIER_META: {"save": save}},
+        )
+        self._persisted = (step, save)
+        log.info("persisted step %d to the durable tier %s", step, self.url)
+        return info
+
+    def _close_tier(self, persist: bool) -> None:
+        """Finish the persists, persist the newest local checkpoint (read back from the local
+        tier), release the local tier."""
+        assert self.tier is not None
+        try:
+            if self._persisting is not None:
+                self._persisting.exception()
+            newest = self._newest
+            if newest is None or newest == self._persisted:
+                return
+            if not persist:
+                log.warning(
+                    "closing after an error: step %d of the local tiers is not persisted to %s", newest[0], self.url
+                )
+                return
+            err: BaseException | None = None
+            part: Any
+            tensors: dict[str, torch.Tensor] = {}
+            try:
+                part, tensors = part_from_local(self.tier.store, self._plugins, self.tier.load(newest[0]))
+            except Exception as exc:  # noqa: BLE001 - reported to every rank
+                err, part = exc, _Failed(dist.get_rank(), exc)
+            try:
+                self._persist_pool.submit(self._persist, newest[0], part, tensors, newest[1], err).result()
+            except CheckpointError as exc:  # the local checkpoint stands
+                log.error("persisting the newest local checkpoint (step %d) to %s failed: %s", newest[0], self.url, exc)
+                with self._lock:
+                    self._pending = self._pending or exc
+        finally:
+            self._persist_pool.shutdown(wait=True)
+            self.tier.close()
 
     def _prune(self, lease: WriterLease, info: CheckpointInfo) -> None:
         """On the coordinator after each commit, with its writer lease: retention."""
@@ -218,9 +356,25 @@ class DistributedCheckpointer:
         state = self._state if state is None else state
         if state is None:
             raise CheckpointError("Checkpointer.restore() needs a state")
-        info = restore(self.url, state, step=step, encryption=self._encryption)
-        self._restored_step = info.step
-        return info
+        if self.tier is None:
+            info = restore(self.url, state, step=step, encryption=self._encryption)
+            self._restored_step = info.step
+            return info
+        from .coordinator import ckpt_group
+        from .tier_restore import restore_tiers
+
+        if self._persisting is not None:
+            self._persisting.exception()
+        self._raise_pending()
+        done = restore_tiers(self.tier, self.store, self._plugins, ckpt_group(), state, step=step)
+        c = done.candidate
+        self._restored_step = c.step
+        self.tier.restored(done.local_manifest)
+        if c.save is not None:
+            self._newest = (c.step, c.save)  # persisted at close unless the durable tier holds it
+            if c.durable:
+                self._persisted = self._newest
+        return done.info
 
     def resume(self, state: MutableMapping[str, Any] | None = None, /, **objects: Any) -> Callable:
         """Decorator, as :meth:`ckpt.Checkpointer.resume`, on every rank: restore the newest
@@ -278,6 +432,8 @@ class DistributedCheckpointer:
             self._wait_inflight()
         finally:
             self._thread.shutdown(wait=True)
+            if self.tier is not None:
+                self._close_tier(persist=raise_errors)
         if raise_errors:
             self._raise_pending()
 
@@ -286,11 +442,19 @@ class DistributedCheckpointer:
 _UNSUPPORTED = {
     "max_host_memory": (None,),
     "if_busy": ("wait",),
-    "local": (None,),
-    "persist_every": (None,),
-    "local_keep_last": (2,),
-    "local_storage_options": (None,),
 }
+
+
+def _check_tier(persist_every: Any, encryption: Encryption | None) -> None:
+    if encryption is not None:
+        raise CheckpointError(
+            "Checkpointer: encryption with a local tier is not supported with several ranks yet "
+            "(see ckpt.distributed.checkpointer)"
+        )
+    if persist_every is not None and (
+        isinstance(persist_every, bool) or not isinstance(persist_every, int) or persist_every < 1
+    ):
+        raise CheckpointError(f"persist_every must be a positive int, got {persist_every!r}")
 
 
 def _refuse(args: Mapping[str, Any]) -> None:

@@ -1,0 +1,145 @@
+"""One rank of the local-tier scenarios: ``python tier_worker.py tiers <dir>`` (see
+``conftest.run_ranks``). FSDP2 state and per-rank values (an RNG, a tensor) through one
+run persisting every 2 steps, then restarts: rank 1's local tier gone, a local tier newer
+than the durable one, a corrupt local object on rank 1 (of a persisted step, then of a
+step only the local tiers hold). Prints ``OK`` last on success."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+
+import torch
+import torch.distributed as dist
+
+import ckpt
+from ckpt.storage.store import Store
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+from dist_worker import fsdp_model, full, train_step
+from tiers._tiers_util import corrupt, keys_of
+
+
+def make(rank: int, seed: int) -> tuple[dict, torch.nn.Module, torch.optim.Optimizer, torch.Generator]:
+    model, opt = fsdp_model(seed)
+    train_step(model, opt)  # the optimizer holds its state, as after any resume
+    gen = torch.Generator().manual_seed(1000 + seed)
+    state = {"model": model, "optim": opt, "gen": gen, "r": {"rank": -1, "t": torch.zeros(3)}}
+    return state, model, opt, gen
+
+
+def snap(state: dict) -> dict:
+    return {
+        "model": full(state["model"].state_dict()),
+        "optim": full(state["optim"].state_dict()["state"]),
+        "gen": state["gen"].get_state().clone(),
+        "t": state["r"]["t"].clone(),
+        "rank": state["r"]["rank"],
+    }
+
+
+def check(state: dict, ref: dict, what: str) -> None:
+    got = snap(state)
+    for k, v in ref["model"].items():
+        assert torch.equal(got["model"][k], v), (what, k)
+    for i, s in ref["optim"].items():
+        for k, v in s.items():
+            assert torch.equal(got["optim"][i][k], v), (what, i, k)
+    assert torch.equal(got["gen"], ref["gen"]) and torch.equal(got["t"], ref["t"]), what
+    assert got["rank"] == ref["rank"], what
+
+
+def advance(state: dict, rank: int, step: int) -> None:
+    train_step(state["model"], state["optim"])
+    torch.randn(2, generator=state["gen"])
+    state["r"]["t"] = torch.full((3,), float(10 * step + rank))
+    state["r"]["rank"] = rank
+
+
+def tiers(where: str, rank: int) -> None:
+    url, local = os.path.join(where, "durable"), os.path.join(where, "local")
+    mine = os.path.join(local, f"rank-{rank:05d}")
+    refs: dict[int, dict] = {}
+
+    def restart(persist_every: int | None, want: int, tag: str) -> tuple:
+        state, *_ = make(rank, 9)  # other values everywhere
+        ck = ckpt.Checkpointer(url, local=local, persist_every=persist_every, state=state)
+        print(f"PHASE {tag}", flush=True)
+        info = ck.restore()
+        assert info.step == want, (tag, info.step)
+        check(state, refs[want], tag)
+        return state, ck
+
+    # run 1: every save to the local tiers, steps 2 and 4 to the durable one, 5 at close
+    state, *_ = make(rank, 0)
+    ck = ckpt.Checkpointer(url, local=local, persist_every=2, local_keep_last=2, state=state)
+    assert type(ck).__name__ == "DistributedCheckpointer"
+    for step in range(1, 6):
+        advance(state, rank, step)
+        refs[step] = snap(state)
+        t = torch.ones(1)
+        dist.all_reduce(t)  # training collectives while the tiers commit and persist
+        ck.save(step=step)
+    ck.wait()
+    assert Store(mine).steps() == [4, 5], Store(mine).steps()
+    ck.close()
+    assert ckpt.steps(url) == [2, 4, 5], ckpt.steps(url)
+
+    # restart with rank 1's local tier gone: rank 1 reads the durable tier, rank 0 its own
+    if rank == 1:
+        shutil.rmtree(mine)
+    dist.barrier()
+    state, ck = restart(10, 5, "gone")
+    for step in (6, 7):  # not persisted (persist_every=10); the run dies without closing
+        advance(state, rank, step)
+        refs[step] = snap(state)
+        ck.save(step=step)
+    ck.close(raise_errors=False)  # an error path: nothing is persisted
+    assert ckpt.steps(url) == [2, 4, 5], ckpt.steps(url)
+
+    # the local tiers are newer than the durable one: they win; close persists step 7
+    state, ck = restart(10, 7, "newer")
+    ck.close()
+    assert ckpt.steps(url) == [2, 4, 5, 7], ckpt.steps(url)
+
+    # a corrupt local object on rank 1: rank 1 reads step 7 from the durable tier, rank 0 locally
+    if rank == 1:
+        corrupt(Store(mine), 7, only=set(sorted(keys_of(Store(mine), 7))[:1]))
+    dist.barrier()
+    state, ck = restart(10, 7, "corrupt")
+    advance(state, rank, 8)
+    refs[8] = snap(state)
+    ck.save(step=8)
+    ck.close(raise_errors=False)
+    # step 8 exists only in the local tiers, damaged on rank 1: every rank falls back to 7
+    if rank == 1:
+        corrupt(Store(mine), 8)
+    dist.barrier()
+    state, ck = restart(10, 7, "fallback")
+    ck.close()
+    if rank == 0:
+        torch.save({s: {"model": refs[s]["model"], "optim": refs[s]["optim"]} for s in refs}, f"{where}/ref.pt")
+    # another world size would reshard from the durable tier (tests/distributed/test_fsdp.py);
+    # the refused arguments stay refused
+    try:
+        ckpt.Checkpointer(url, local=local, max_host_memory=1 << 20)
+        raise AssertionError("max_host_memory accepted")
+    except ckpt.CheckpointError as exc:
+        assert "not supported with several ranks yet" in str(exc), exc
+
+
+def main() -> None:
+    where = sys.argv[2]
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(message)s")
+    dist.init_process_group("gloo")
+    tiers(where, dist.get_rank())
+    dist.barrier()
+    print("OK")
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
