@@ -20,12 +20,14 @@ def _phase(text: str, tag: str) -> str:
     return after.split("PHASE ", 1)[0]
 
 
-def test_rank_local_tiers_persist_restore_and_fall_back(tmp_path):
-    results = run_ranks("tiers", 2, tmp_path, worker=WORKER, timeout=120)
+def test_rank_local_tiers_persist_restore_and_fall_back(tmp_path, s3_server):
+    """The durable tier on S3 (moto), the local tiers in a directory."""
+    url = s3_server.new_url("dtiers")
+    env = {**s3_server.env, "TIER_DURABLE": url}
+    results = run_ranks("tiers", 2, tmp_path, worker=WORKER, timeout=120, env=env)
     assert_ok(results)
     out0, out1 = results[0][1], results[1][1]
     # the durable tier holds the persisted steps only, as global checkpoints bit-exact in one process
-    url = str(tmp_path / "durable")
     assert ckpt.steps(url) == [2, 4, 5, 7]
     ref = torch.load(tmp_path / "ref.pt")
     for step in (2, 4, 5, 7):
@@ -61,3 +63,15 @@ def test_rank_local_tiers_persist_restore_and_fall_back(tmp_path):
         assert "step 8 (local) is damaged on rank 1" in fallback, fallback
     assert "rank 0 restored step 7 from the local tier" in _phase(out0, "fallback")
     assert "rank 1 restored step 7 from the durable tier" in _phase(out1, "fallback")
+    for out, r in ((out0, 0), (out1, 1)):
+        assert f"rank {r} restored step 5 from the durable tier" in _phase(out, "step")
+
+    # at 3 ranks: the local tiers (of 2 ranks) are ignored, the durable tier reshards; resume
+    # saves and persists at 3 ranks
+    results = run_ranks("resize", 3, tmp_path, worker=WORKER, timeout=120, env=env)
+    assert_ok(results)
+    for r, (_, text) in enumerate(results):
+        assert f"rank {r} restored step 7 from the durable tier" in text, text[-3000:]
+        if r < 2:
+            assert "saved by rank" in text and "of 2 ranks, this is rank" in text, text[-3000:]
+    assert ckpt.steps(url) == [2, 4, 5, 7, 9]

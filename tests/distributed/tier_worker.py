@@ -59,7 +59,7 @@ def advance(state: dict, rank: int, step: int) -> None:
 
 
 def tiers(where: str, rank: int) -> None:
-    url, local = os.path.join(where, "durable"), os.path.join(where, "local")
+    url, local = os.environ.get("TIER_DURABLE") or os.path.join(where, "durable"), os.path.join(where, "local")
     mine = os.path.join(local, f"rank-{rank:05d}")
     refs: dict[int, dict] = {}
 
@@ -118,6 +118,16 @@ def tiers(where: str, rank: int) -> None:
         corrupt(Store(mine), 8)
     dist.barrier()
     state, ck = restart(10, 7, "fallback")
+    # an explicit step: only that step's copies (5: the durable tier, on every rank)
+    print("PHASE step", flush=True)
+    assert ck.restore(step=5).step == 5
+    check(state, refs[5], "step 5")
+    try:
+        ck.restore(step=6)  # pruned from the local tiers, never persisted
+        raise AssertionError("step 6 restored")
+    except ckpt.NoCheckpointError as exc:
+        assert "no checkpoint of step 6 in either tier" in str(exc), exc
+    check(state, refs[5], "step 6 refused")
     ck.close()
     if rank == 0:
         torch.save({s: {"model": refs[s]["model"], "optim": refs[s]["optim"]} for s in refs}, f"{where}/ref.pt")
@@ -130,11 +140,40 @@ def tiers(where: str, rank: int) -> None:
         assert "not supported with several ranks yet" in str(exc), exc
 
 
+def resize(where: str, rank: int) -> None:
+    """At 3 ranks after :func:`tiers` at 2: the local tiers are ignored (saved by another world
+    size), the durable tier reshards; resume saves and persists at 3 ranks."""
+    url, local = os.environ["TIER_DURABLE"], os.path.join(where, "local")
+    ref = torch.load(os.path.join(where, "ref.pt"))
+    state, model, opt, gen = make(rank, 9)
+    ck = ckpt.Checkpointer(url, local=local, persist_every=100, local_keep_last=None)
+
+    @ck.resume(state)
+    def train(start: int) -> None:
+        assert start == 7, start
+        got = full(model.state_dict())
+        for k, v in ref[7]["model"].items():
+            assert torch.equal(got[k], v), k
+        got = full(opt.state_dict()["state"])
+        for i, s in ref[7]["optim"].items():
+            for k, v in s.items():
+                assert torch.equal(got[i][k], v), (i, k)
+        assert state["r"]["rank"] == rank % 2  # per-rank values of rank % saved world size
+        for step in (8, 9):
+            advance(state, rank, step)
+            ck.step(step)
+
+    train()
+    mine = Store(os.path.join(local, f"rank-{rank:05d}"))
+    assert 9 in mine.steps(), mine.steps()
+    assert ckpt.read_manifest(url, 9).world_size == 3
+
+
 def main() -> None:
-    where = sys.argv[2]
+    scenario, where = sys.argv[1], sys.argv[2]
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(message)s")
     dist.init_process_group("gloo")
-    tiers(where, dist.get_rank())
+    {"tiers": tiers, "resize": resize}[scenario](where, dist.get_rank())
     dist.barrier()
     print("OK")
     sys.stdout.flush()
