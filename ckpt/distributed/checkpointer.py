@@ -19,8 +19,21 @@ rank by the next ``save``/``step``/``wait``/``close`` (or logged with ``on_error
 :meth:`~DistributedCheckpointer.resume` restores collectively and handles preemption
 signals on every rank (:mod:`ckpt.distributed.preempt`). Not supported with several ranks
 yet, refused at construction with a CheckpointError: ``max_host_memory`` (every tensor is
-staged in host memory at once), ``if_busy="skip"``, and a local tier (``local=``,
-``persist_every``: see :mod:`ckpt.storage.tiers`).
+staged in host memory at once), ``if_busy="skip"``, and ``encryption`` together with a
+local tier.
+
+With ``local=`` (``persist_every``, ``local_keep_last``, ``local_storage_options``) every
+save commits, on the commit thread, each rank's part to its own local tier
+(:mod:`ckpt.distributed.tiers`; the outcomes are gathered, so a failure on any rank raises
+on every rank); a step divisible by ``persist_every`` is then committed as the global
+collective checkpoint to ``url`` from the same staged host copy, on a second background
+thread over a second gloo group (skipped on every rank, logged, while the previous persist
+still runs on any rank). ``close()`` (the end of ``resume``, a preemption) persists the
+newest local checkpoint, read back from the local tier, unless the durable tier holds it;
+``close(raise_errors=False)`` (an error path, where the ranks may be out of step) persists
+nothing. ``restore``/``resume`` use :func:`ckpt.distributed.tier_restore.restore_tiers`.
+``keep_last``/``keep_every`` then apply to the durable tier, ``local_keep_last`` to each
+rank's local tier.
 """
 
 from __future__ import annotations
@@ -217,11 +230,14 @@ class DistributedCheckpointer:
         self, step: int, part: Any, local: dict[str, torch.Tensor], err: BaseException | None, save: str
     ) -> CheckpointInfo:
         """On the commit thread: every rank commits its part to its local tier (the outcomes are
-        gathered: a failure on any rank raises on every rank), then persists when due."""
+        gathered: a failure on any rank raises on every rank), then persists when due, unless
+        a persist is still running on some rank: then every rank skips this one (logged), as
+        the one-process tiers replace a waiting request, so training never waits on the durable tier."""
         assert self.tier is not None
         rank = dist.get_rank()
         info: Any = None
-        out: Any = part if err is not None else True
+        busy = self._persisting is not None and not self._persisting.done()
+        out: Any = part if err is not None else busy
         if err is None:
             try:
                 protect = {self._restored_step} if self._restored_step is not None else set()
@@ -229,16 +245,33 @@ class DistributedCheckpointer:
             except Exception as exc:  # noqa: BLE001 - reported to every rank
                 err, out = exc, _Failed(rank, exc)
         what = f"saving step {step} to the local tiers of {self.url}"
-        check_parts(gather_all(self._group, out, what), err, what)
+        outs = gather_all(self._group, out, what)
+        check_parts(outs, err, what)
         self._newest = (step, save)
         if self.persist_every is not None and step % self.persist_every == 0:
+            if any(outs):
+                log.warning(
+                    "persisting step %d to %s skipped: the durable tier is still busy with the one before",
+                    step,
+                    self.url,
+                )
+                return info
             prev = self._persisting
-            if prev is not None:  # at most one persist in flight (its error is pending already)
+            if prev is not None:  # done on every rank (its error is pending already)
                 prev.exception()
             fut = self._persist_pool.submit(self._persist, step, part, local, save)
             fut.add_done_callback(self._done)
             self._persisting = fut
         return info
+
+    def wait_persisted(self) -> None:
+        """Wait for the save in flight and the background persist to the durable tier (with
+        ``local=``); raise a failure of either on any rank."""
+        self._wait_inflight()
+        fut = self._persisting if self.tier is not None else None
+        if fut is not None:
+            fut.exception()
+        self._raise_pending()
 
     def _persist(
         self, step: int, part: Any, local: Mapping[str, torch.Tensor], save: str, err: BaseException | None = None
