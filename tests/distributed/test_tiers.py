@@ -66,8 +66,8 @@ def test_rank_local_tiers_persist_restore_and_fall_back(tmp_path, s3_server):
     for out, r in ((out0, 0), (out1, 1)):
         assert f"rank {r} restored step 5 from the durable tier" in _phase(out, "step")
 
-    # at 3 ranks: the local tiers (of 2 ranks) are ignored, the durable tier reshards; resume
-    # saves and persists at 3 ranks
+    # at 3 ranks: the local tiers (of 2 ranks) are ignored, the durable tier reshards; a SIGTERM
+    # on one rank saves step 9 on every rank and persists it before they exit
     results = run_ranks("resize", 3, tmp_path, worker=WORKER, timeout=120, env=env)
     assert_ok(results)
     for r, (_, text) in enumerate(results):

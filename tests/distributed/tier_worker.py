@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import sys
 
 import torch
@@ -144,11 +145,11 @@ def tiers(where: str, rank: int) -> None:
 
 def resize(where: str, rank: int) -> None:
     """At 3 ranks after :func:`tiers` at 2: the local tiers are ignored (saved by another world
-    size), the durable tier reshards; resume saves and persists at 3 ranks."""
+    size), the durable tier reshards; a preemption on one rank saves and persists at 3 ranks."""
     url, local = os.environ["TIER_DURABLE"], os.path.join(where, "local")
     ref = torch.load(os.path.join(where, "ref.pt"))
     state, model, opt, gen = make(rank, 9)
-    ck = ckpt.Checkpointer(url, local=local, persist_every=100, local_keep_last=None)
+    ck = ckpt.Checkpointer(url, local=local, persist_every=100, local_keep_last=None, preempt_deadline=0)
 
     @ck.resume(state)
     def train(start: int) -> None:
@@ -161,11 +162,17 @@ def resize(where: str, rank: int) -> None:
             for k, v in s.items():
                 assert torch.equal(got[i][k], v), (i, k)
         assert state["r"]["rank"] == rank % 2  # per-rank values of rank % saved world size
-        for step in (8, 9):
+        for step in range(8, 20):
             advance(state, rank, step)
+            if step == 9 and rank == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # one rank: every rank saves 9, persists it, exits
             ck.step(step)
+        raise AssertionError("not preempted")
 
-    train()
+    try:
+        train()
+    except SystemExit as exc:
+        assert exc.code == 0, exc.code
     mine = Store(os.path.join(local, f"rank-{rank:05d}"))
     assert 9 in mine.steps(), mine.steps()
     assert ckpt.read_manifest(url, 9).world_size == 3
