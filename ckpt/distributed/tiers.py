@@ -194,7 +194,8 @@ def save_of(manifest: Manifest) -> str | None:
 
 def _boxes(manifest: Manifest) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
     """The recorded (global offsets, global shape) of each DTensor local shard, validated."""
-    raw = manifest.meta[META].get("boxes", {})
+    doc = manifest.meta.get(META)
+    raw = doc.get("boxes", {}) if isinstance(doc, dict) else None
     if not isinstance(raw, dict):
         raise CorruptCheckpointError(f"step {manifest.step}: malformed DTensor boxes in its meta")
     out = {}
