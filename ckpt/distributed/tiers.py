@@ -133,9 +133,10 @@ class RankTier:
         return info
 
     def restored(self, manifest: Manifest | None) -> None:
-        """The next local save continues from ``manifest`` (the local checkpoint restored), or
-        from the local store's latest (None: restored from the durable tier)."""
-        self._parent, self._parent_loaded = manifest, manifest is not None
+        """The next local save continues from ``manifest``, the local checkpoint restored (None:
+        this rank restored from the durable tier; what its local tier holds may be damaged or
+        of another save, so the next local save is written in full)."""
+        self._parent, self._parent_loaded = manifest, True
 
     # -- what this rank holds --------------------------------------------------------------
     def versions(self) -> dict[int, Version]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -75,3 +76,5 @@ def test_rank_local_tiers_persist_restore_and_fall_back(tmp_path, s3_server):
         if r < 2:
             assert "saved by rank" in text and "of 2 ranks, this is rank" in text, text[-3000:]
     assert ckpt.steps(url) == [2, 4, 5, 7, 9]
+    mark = json.loads((tmp_path / "local" / "rank-00001" / "tier.json").read_text())
+    assert mark == {"durable": url, "world_size": 3, "rank": 1}
