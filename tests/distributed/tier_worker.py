@@ -149,7 +149,7 @@ def resize(where: str, rank: int) -> None:
     url, local = os.environ["TIER_DURABLE"], os.path.join(where, "local")
     ref = torch.load(os.path.join(where, "ref.pt"))
     state, model, opt, gen = make(rank, 9)
-    ck = ckpt.Checkpointer(url, local=local, persist_every=100, local_keep_last=None, preempt_deadline=0)
+    ck = ckpt.Checkpointer(url, local=local, persist_every=100, local_keep_last=None, keep_last=2, preempt_deadline=0)
 
     @ck.resume(state)
     def train(start: int) -> None:
