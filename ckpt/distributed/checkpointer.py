@@ -101,8 +101,7 @@ class DistributedCheckpointer:
         if on_error not in ("raise", "warn"):
             raise CheckpointError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
         _refuse(unsupported)
-        if local is not None:
-            _check_tier(persist_every, encryption)
+        _check_tier(local, persist_every, local_keep_last, local_storage_options, encryption)
         self.store = Store(url, storage_options)
         self._encryption = encryption  # each commit opens the store with it (rank 0 first)
         self.url = self.store.url
@@ -478,7 +477,22 @@ _UNSUPPORTED = {
 }
 
 
-def _check_tier(persist_every: Any, encryption: Encryption | None) -> None:
+def _check_tier(
+    local: str | None, persist_every: Any, keep_last: Any, options: Any, encryption: Encryption | None
+) -> None:
+    if local is None:
+        given = [
+            name
+            for name, value, default in (
+                ("persist_every", persist_every, None),
+                ("local_keep_last", keep_last, 2),
+                ("local_storage_options", options, None),
+            )
+            if value != default
+        ]
+        if given:
+            raise CheckpointError(f"Checkpointer: {', '.join(given)} needs a local tier (local=...), none is given")
+        return
     if encryption is not None:
         raise CheckpointError(
             "Checkpointer: encryption with a local tier is not supported with several ranks yet "

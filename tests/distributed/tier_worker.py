@@ -134,13 +134,17 @@ def tiers(where: str, rank: int) -> None:
     ck.close()
     if rank == 0:
         torch.save({s: {"model": refs[s]["model"], "optim": refs[s]["optim"]} for s in refs}, f"{where}/ref.pt")
-    # another world size would reshard from the durable tier (tests/distributed/test_fsdp.py);
-    # the refused arguments stay refused
-    try:
-        ckpt.Checkpointer(url, local=local, max_host_memory=1 << 20)
-        raise AssertionError("max_host_memory accepted")
-    except ckpt.CheckpointError as exc:
-        assert "not supported with several ranks yet" in str(exc), exc
+    # the refused arguments stay refused; the tiers' ones need a local tier
+    for bad, why in (
+        ({"local": local, "max_host_memory": 1 << 20}, "not supported with several ranks yet"),
+        ({"persist_every": 5}, "persist_every needs a local tier"),
+        ({"local": local, "persist_every": 0}, "persist_every must be a positive int"),
+    ):
+        try:
+            ckpt.Checkpointer(url, **bad)
+            raise AssertionError(f"{bad} accepted")
+        except ckpt.CheckpointError as exc:
+            assert why in str(exc), exc
 
 
 def resize(where: str, rank: int) -> None:
