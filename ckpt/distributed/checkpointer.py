@@ -153,6 +153,8 @@ class DistributedCheckpointer:
         #: (step, save id) of the newest local checkpoint and of the newest one persisted
         self._newest: tuple[int, str] | None = None
         self._persisted: tuple[int, str] | None = None
+        #: the save id this run restored from (recorded by its saves: newer than it, whatever the clocks)
+        self._base: str | None = None
         err: BaseException | None = None
         try:
             self.tier = RankTier(
@@ -240,7 +242,9 @@ class DistributedCheckpointer:
         if err is None:
             try:
                 protect = {self._restored_step} if self._restored_step is not None else set()
-                info = self.tier.commit(self._plugins, step=step, part=part, tensors=local, save=save, protect=protect)
+                info = self.tier.commit(
+                    self._plugins, step=step, part=part, tensors=local, save=save, base=self._base, protect=protect
+                )
             except Exception as exc:  # noqa: BLE001 - reported to every rank
                 err, out = exc, _Failed(rank, exc)
         what = f"saving step {step} to the local tiers of {self.url}"
@@ -286,7 +290,7 @@ class DistributedCheckpointer:
             err=err,
             take_over=self.take_over,
             after=self._prune,
-            meta={TIER_META: {"save": save}},
+            meta={TIER_META: {"save": save, "base": self._base}},
         )
         self._persisted = (step, save)
         log.info("persisted step %d to the durable tier %s", step, self.url)
@@ -402,6 +406,7 @@ class DistributedCheckpointer:
         c = done.candidate
         self._restored_step = c.step
         self.tier.restored(done.local_manifest)
+        self._base = c.save
         if c.save is not None:
             self._newest = (c.step, c.save)  # persisted at close unless the durable tier holds it
             if c.durable:

@@ -4,8 +4,9 @@ The ranks agree first (one all-gather on ckpt's group): each sends the local che
 its own tier holds for this world size and rank (step, save id, created; see
 :mod:`ckpt.distributed.tiers`), rank 0 the durable tier's latest. The candidates are the
 saves EVERY rank holds locally (the same save id on each) and the durable checkpoints,
-newest first by ``created`` (the step breaks ties); a durable checkpoint written from a
-save that the local tiers hold too is one candidate. For a candidate, each rank reads from
+newest first (:func:`_newer`: two saves of one run by the run's own count, a save of a run
+that restored from the other one first, else by ``created``, then the step); a durable
+checkpoint written from a save that the local tiers hold too is one candidate. For a candidate, each rank reads from
 its local tier when it holds that very save and it reads, verifies and fits, else its
 region of the durable global checkpoint (:func:`~ckpt.distributed.sharding.rank_view`),
 and logs which tier and why. All or nothing across ranks, as
@@ -19,6 +20,7 @@ candidates are tried. A world size other than the one that saved finds no local 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import MutableMapping
 from typing import Any
@@ -38,7 +40,7 @@ from ckpt.types import CheckpointInfo
 from .coordinator import _Failed, check_parts, gather_all
 from .restore import _older, _prepare
 from .sharding import rank_view
-from .tiers import RankTier, Version, identity, prepare_local, save_of
+from .tiers import RankTier, Version, base_of, identity, prepare_local, save_of
 
 log = logging.getLogger("ckpt")
 
@@ -54,6 +56,7 @@ class Candidate:
     created: float
     durable: bool  # the durable tier holds it
     local: bool  # every rank's local tier holds it
+    base: str | None = None  # the save its run restored from
 
     @property
     def key(self) -> tuple[float, int, int]:
@@ -88,7 +91,7 @@ def _durable_version(durable: Store, step: int | None, below: int | None = None)
     except CorruptCheckpointError as exc:
         log.warning("restore: the durable tier %s holds no readable checkpoint there (%s)", durable.url, exc)
         return None
-    return Version(m.step, save_of(m) or "", created(m))
+    return Version(m.step, save_of(m) or "", created(m), base_of(m))
 
 
 def _merge(
@@ -100,16 +103,36 @@ def _merge(
     for step, v in first.items():
         held = [loc.get(step) for loc in locals_]
         if all(h is not None and h.save == v.save for h in held):
-            out[(step, v.save)] = Candidate(step, v.save, max(h.created for h in held if h), False, True)
+            out[(step, v.save)] = Candidate(step, v.save, max(h.created for h in held if h), False, True, v.base)
     if durable is not None:
         save = durable.save or None
         c = out.get((durable.step, save))
         out[(durable.step, save)] = (
             dataclasses.replace(c, durable=True)
             if c is not None
-            else Candidate(durable.step, save, durable.created, True, False)
+            else Candidate(durable.step, save, durable.created, True, False, durable.base)
         )
-    return sorted((c for k, c in out.items() if k not in tried), key=lambda c: c.key, reverse=True)
+    return sorted((c for k, c in out.items() if k not in tried), key=functools.cmp_to_key(_newer), reverse=True)
+
+
+def _counter(save: str | None) -> tuple[str, int] | None:
+    """(run, n) of a save id ``<run>-<n>`` (see DistributedCheckpointer.save)."""
+    run, _, n = (save or "").rpartition("-")
+    return (run, int(n)) if run and n.isdigit() and len(n) < 19 else None
+
+
+def _newer(a: Candidate, b: Candidate) -> int:
+    """> 0 when ``a`` is newer than ``b``. Saves of one run are ordered by the run's own count,
+    a save whose run restored from the other is newer; only then the clocks of the nodes
+    (``created``) decide, then the step, then the local tiers (the faster)."""
+    ra, rb = _counter(a.save), _counter(b.save)
+    if ra is not None and rb is not None and ra[0] == rb[0] and ra[1] != rb[1]:
+        return 1 if ra[1] > rb[1] else -1
+    if a.base is not None and a.base == b.save:
+        return 1
+    if b.base is not None and b.base == a.save:
+        return -1
+    return (a.key > b.key) - (a.key < b.key)
 
 
 def restore_tiers(

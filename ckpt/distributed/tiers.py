@@ -64,6 +64,8 @@ class Version:
     step: int
     save: str
     created: float
+    #: the save the run that wrote it restored from (None: a fresh run, or unknown)
+    base: str | None = None
 
 
 class RankTier:
@@ -99,6 +101,7 @@ class RankTier:
         part: LocalPart,
         tensors: Mapping[str, torch.Tensor],
         save: str,
+        base: str | None,
         protect: set[int],
     ) -> CheckpointInfo:
         """Commit this rank's part of save ``save`` (step ``step``) to the local store, then prune it."""
@@ -106,7 +109,7 @@ class RankTier:
             self._parent, self._parent_loaded = latest_for_save(self.store).manifest, True
         boxes = {p: [list(d[3]), list(d[2])] for p, d in part.tensors.items() if d[0] == "box"}
         devices = {p: d[6] if d[0] == "box" else d[5] for p, d in part.tensors.items()}
-        meta = {META: {"save": save, "world_size": self.world, "rank": self.rank, "boxes": boxes}}
+        meta = {META: {"save": save, "base": base, "world_size": self.world, "rank": self.rank, "boxes": boxes}}
         self.lease.saving(step, self._parent, keep=protect)
         with io_pool() as pool:
             info = write_checkpoint(
@@ -154,7 +157,7 @@ class RankTier:
             except CheckpointError as exc:
                 log.warning("restore: step %d of the local tier %s is not used (%s)", step, self.store.url, exc)
                 continue
-            out[step] = Version(step, save, tier_checks.created(manifest))
+            out[step] = Version(step, save, tier_checks.created(manifest), base_of(manifest))
         return out
 
     def load(self, step: int) -> Manifest:
@@ -181,6 +184,13 @@ def identity(manifest: Manifest, world: int, rank: int) -> str:
             f"{str(doc.get('world_size'))[:20]} ranks, this is rank {rank} of {world}"
         )
     return doc["save"]
+
+
+def base_of(manifest: Manifest) -> str | None:
+    """The save id of the checkpoint the run that wrote ``manifest`` restored from (None: unknown)."""
+    doc = manifest.meta.get(META)
+    base = doc.get("base") if isinstance(doc, dict) else None
+    return base if isinstance(base, str) else None
 
 
 def save_of(manifest: Manifest) -> str | None:

@@ -98,3 +98,32 @@ def test_any_boxes_validate_or_raise_corrupt(boxes, whole):
     except CorruptCheckpointError:
         return
     assert out == {} or all(len(o) == len(s) for o, s in out.values())
+
+
+def _v(step, save, created, base=None):
+    from ckpt.distributed.tiers import Version
+
+    return Version(step, save, created, base)
+
+
+def test_candidates_order_by_the_runs_own_count_and_base_before_the_clocks():
+    from ckpt.distributed.tier_restore import _merge
+
+    # one run: its count orders its saves, whatever the clocks (a node whose clock jumped back)
+    locals_ = [{6: _v(6, "A-6", 100.0)}, {6: _v(6, "A-6", 101.0)}]
+    order = _merge(locals_, _v(4, "A-4", 200.0), set())
+    assert [(c.step, c.local, c.durable) for c in order] == [(6, True, False), (4, False, True)]
+    # a run that restored from the durable checkpoint (base) is newer, whatever the clocks
+    locals_ = [{9: _v(9, "B-2", 50.0, base="A-7")}, {9: _v(9, "B-2", 50.0, base="A-7")}]
+    assert [c.step for c in _merge(locals_, _v(7, "A-7", 100.0), set())] == [9, 7]
+    # unrelated runs: the clocks decide (a stale local tier of an older run loses)
+    locals_ = [{9: _v(9, "B-2", 50.0)}, {9: _v(9, "B-2", 50.0)}]
+    assert [c.step for c in _merge(locals_, _v(7, "C-1", 100.0), set())] == [7, 9]
+    # a save held by every local tier and the durable one is one candidate; tried ones are gone
+    locals_ = [{5: _v(5, "A-5", 10.0), 4: _v(4, "A-4", 9.0)}, {5: _v(5, "A-5", 10.0), 4: _v(4, "A-4", 9.0)}]
+    order = _merge(locals_, _v(5, "A-5", 20.0), set())
+    assert [(c.step, c.local, c.durable) for c in order] == [(5, True, True), (4, True, False)]
+    assert [c.step for c in _merge(locals_, _v(5, "A-5", 20.0), {(5, "A-5")})] == [4]
+    # a save only some ranks hold locally is no local candidate (never mixed across saves)
+    locals_ = [{5: _v(5, "A-5", 10.0)}, {5: _v(5, "X-5", 10.0)}]
+    assert _merge(locals_, None, set()) == []
