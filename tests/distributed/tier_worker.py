@@ -145,6 +145,36 @@ def tiers(where: str, rank: int) -> None:
             raise AssertionError(f"{bad} accepted")
         except ckpt.CheckpointError as exc:
             assert why in str(exc), exc
+    busy(where, rank)
+
+
+def busy(where: str, rank: int) -> None:
+    """A persist still running (slowed down on rank 1) when the next one falls due: every rank
+    skips that one, training goes on; close persists the newest."""
+    import time
+
+    import ckpt.distributed.checkpointer as dck
+
+    real = dck.commit_collective
+
+    def slow(*args, **kwargs):
+        if rank == 1 and kwargs["step"] == 1:
+            time.sleep(1.5)
+        return real(*args, **kwargs)
+
+    dck.commit_collective = slow  # type: ignore[assignment]
+    url = os.path.join(where, "busy")
+    state = {"w": torch.zeros(4), "r": {"rank": rank}}
+    ck = ckpt.Checkpointer(url, local=os.path.join(where, "busy-local"), persist_every=1, state=state)
+    print("PHASE busy", flush=True)
+    for step in (1, 2):
+        state["w"].fill_(step)
+        ck.save(step=step)
+        ck.wait()  # the local commit, not the slow persist
+    ck.close()
+    dck.commit_collective = real  # type: ignore[assignment]
+    assert ckpt.steps(url) == [1, 2], ckpt.steps(url)
+    assert torch.equal(ckpt.load(url, step=2)["w"], torch.full((4,), 2.0))
 
 
 def resize(where: str, rank: int) -> None:
