@@ -23,17 +23,11 @@ staged in host memory at once), ``if_busy="skip"``, and ``encryption`` together 
 local tier.
 
 With ``local=`` (``persist_every``, ``local_keep_last``, ``local_storage_options``) every
-save commits, on the commit thread, each rank's part to its own local tier
-(:mod:`ckpt.distributed.tiers`; the outcomes are gathered, so a failure on any rank raises
-on every rank); a step divisible by ``persist_every`` is then committed as the global
-collective checkpoint to ``url`` from the same staged host copy, on a second background
-thread over a second gloo group (skipped on every rank, logged, while the previous persist
-still runs on any rank). ``close()`` (the end of ``resume``, a preemption) persists the
-newest local checkpoint, read back from the local tier, unless the durable tier holds it;
-``close(raise_errors=False)`` (an error path, where the ranks may be out of step) persists
-nothing. ``restore``/``resume`` use :func:`ckpt.distributed.tier_restore.restore_tiers`.
-``keep_last``/``keep_every`` then apply to the durable tier, ``local_keep_last`` to each
-rank's local tier.
+save commits to each rank's own local tier and steps divisible by ``persist_every`` go on
+to ``url`` as global collective checkpoints in the background
+(:mod:`ckpt.distributed.tier_run`); ``restore``/``resume`` take the newest checkpoint
+across the tiers (:mod:`ckpt.distributed.tier_restore`). ``keep_last``/``keep_every``
+then apply to the durable tier, ``local_keep_last`` to each rank's local tier.
 """
 
 from __future__ import annotations
@@ -55,16 +49,14 @@ from ckpt.hooks.manager import get_plugins
 from ckpt.security.keys import Encryption
 from ckpt.state.dataloader import track_all
 from ckpt.storage import retention
-from ckpt.storage.commit import new_run_id
 from ckpt.storage.manifest import check_step
 from ckpt.storage.store import Store
 from ckpt.storage.writer_lease import WriterLease
 from ckpt.types import CheckpointInfo
 
-from .coordinator import _Failed, capture_local, check_parts, commit_collective, gather_all
+from .coordinator import _Failed, capture_local, commit_collective
 from .preempt import Preemption
-from .tiers import META as TIER_META
-from .tiers import RankTier, part_from_local
+from .tier_run import TierRun, check_args
 
 log = logging.getLogger("ckpt")
 
@@ -101,7 +93,7 @@ class DistributedCheckpointer:
         if on_error not in ("raise", "warn"):
             raise CheckpointError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
         _refuse(unsupported)
-        _check_tier(local, persist_every, local_keep_last, local_storage_options, encryption)
+        check_args(local, persist_every, local_keep_last, local_storage_options, encryption)
         self.store = Store(url, storage_options)
         self._encryption = encryption  # each commit opens the store with it (rank 0 first)
         self.url = self.store.url
@@ -129,51 +121,21 @@ class DistributedCheckpointer:
             lambda: f"step {self._last_step} of {self.url}",
         )
         self._in_resume = False
-        #: this rank's local tier (``local=``; :mod:`ckpt.distributed.tiers`), None without one
-        self.tier: RankTier | None = None
-        self.persist_every = persist_every
+        #: the local tiers (``local=``; :mod:`ckpt.distributed.tier_run`), None without
+        self.tiers: TierRun | None = None
         if local is not None:
-            self._init_tier(local, persist_every, local_keep_last, local_storage_options, encryption)
-
-    def _init_tier(
-        self,
-        local: str,
-        persist_every: int | None,
-        keep_last: int | None,
-        storage_options: dict[str, Any] | None,
-        encryption: Encryption | None,
-    ) -> None:
-        # collective, like the groups above: the save ids of this run, shared by every rank
-        run = [new_run_id()]
-        dist.broadcast_object_list(run, src=0, group=self._group)
-        self._run, self._saves = str(run[0]), 0
-        self._persist_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=config.dist_timeout_seconds()))
-        self._persist_pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-dist-persist")
-        self._persisting: Future[CheckpointInfo] | None = None
-        #: (step, save id) of the newest local checkpoint and of the newest one persisted
-        self._newest: tuple[int, str] | None = None
-        self._persisted: tuple[int, str] | None = None
-        #: the save id this run restored from (recorded by its saves: newer than it, whatever the clocks)
-        self._base: str | None = None
-        err: BaseException | None = None
-        try:
-            self.tier = RankTier(
+            self.tiers = TierRun(
                 local,
                 self.store,
-                rank=dist.get_rank(),
-                world=dist.get_world_size(),
-                keep_last=keep_last,
-                storage_options=storage_options,
-                take_over=self.take_over,
+                self._group,
+                self._plugins,
+                persist_every=persist_every,
+                keep_last=local_keep_last,
+                storage_options=local_storage_options,
+                take_over=take_over,
+                on_done=self._done,
+                prune=self._prune,
             )
-            out: Any = True
-        except Exception as exc:  # noqa: BLE001 - refused on every rank
-            err, out = exc, _Failed(dist.get_rank(), exc)
-        what = f"opening the local tiers of {self.url}"
-        outs = gather_all(self._group, out, what)
-        if err is None and any(isinstance(o, _Failed) for o in outs) and self.tier is not None:
-            self.tier.close()
-        check_parts(outs, err, what)
 
     def __enter__(self) -> DistributedCheckpointer:
         return self
@@ -203,9 +165,9 @@ class DistributedCheckpointer:
         except Exception as exc:  # noqa: BLE001 - reported to every rank by the background commit
             err, part = exc, _Failed(dist.get_rank(), exc)
         self._last_saved_step = step
-        if self.tier is not None:
-            self._saves += 1
-            fut = self._thread.submit(self._commit_local, step, part, local, err, f"{self._run}-{self._saves}")
+        if self.tiers is not None:
+            protect = {self._restored_step} if self._restored_step is not None else set()
+            fut = self._thread.submit(self.tiers.commit, step, part, local, err, self.tiers.next_save(), protect)
             fut.add_done_callback(self._done)
             self._inflight = fut
             return fut
@@ -226,107 +188,13 @@ class DistributedCheckpointer:
         self._inflight = fut
         return fut
 
-    # -- the local tier ------------------------------------------------------------------------
-    def _commit_local(
-        self, step: int, part: Any, local: dict[str, torch.Tensor], err: BaseException | None, save: str
-    ) -> CheckpointInfo:
-        """On the commit thread: every rank commits its part to its local tier (the outcomes are
-        gathered: a failure on any rank raises on every rank), then persists when due, unless
-        a persist is still running on some rank: then every rank skips this one (logged), as
-        the one-process tiers replace a waiting request, so training never waits on the durable tier."""
-        assert self.tier is not None
-        rank = dist.get_rank()
-        info: Any = None
-        busy = self._persisting is not None and not self._persisting.done()
-        out: Any = part if err is not None else busy
-        if err is None:
-            try:
-                protect = {self._restored_step} if self._restored_step is not None else set()
-                info = self.tier.commit(
-                    self._plugins, step=step, part=part, tensors=local, save=save, base=self._base, protect=protect
-                )
-            except Exception as exc:  # noqa: BLE001 - reported to every rank
-                err, out = exc, _Failed(rank, exc)
-        what = f"saving step {step} to the local tiers of {self.url}"
-        outs = gather_all(self._group, out, what)
-        check_parts(outs, err, what)
-        self._newest = (step, save)
-        if self.persist_every is not None and step % self.persist_every == 0:
-            if any(outs):
-                log.warning(
-                    "persisting step %d to %s skipped: the durable tier is still busy with the one before",
-                    step,
-                    self.url,
-                )
-                return info
-            prev = self._persisting
-            if prev is not None:  # done on every rank (its error is pending already)
-                prev.exception()
-            fut = self._persist_pool.submit(self._persist, step, part, local, save)
-            fut.add_done_callback(self._done)
-            self._persisting = fut
-        return info
-
     def wait_persisted(self) -> None:
         """Wait for the save in flight and the background persist to the durable tier (with
         ``local=``); raise a failure of either on any rank."""
         self._wait_inflight()
-        fut = self._persisting if self.tier is not None else None
-        if fut is not None:
-            fut.exception()
+        if self.tiers is not None:
+            self.tiers.wait()
         self._raise_pending()
-
-    def _persist(
-        self, step: int, part: Any, local: Mapping[str, torch.Tensor], save: str, err: BaseException | None = None
-    ) -> CheckpointInfo:
-        """The global collective checkpoint of save ``save`` to the durable tier (its own group)."""
-        info = commit_collective(
-            self.store,
-            self._plugins,
-            self._persist_group,
-            step=step,
-            part=part,
-            local=local,
-            err=err,
-            take_over=self.take_over,
-            after=self._prune,
-            meta={TIER_META: {"save": save, "base": self._base}},
-        )
-        self._persisted = (step, save)
-        log.info("persisted step %d to the durable tier %s", step, self.url)
-        return info
-
-    def _close_tier(self, persist: bool) -> None:
-        """Finish the persists, persist the newest local checkpoint (read back from the local
-        tier), release the local tier."""
-        assert self.tier is not None
-        try:
-            if self._persisting is not None:
-                self._persisting.exception()
-            newest = self._newest
-            if newest is None or newest == self._persisted:
-                return
-            if not persist:
-                log.warning(
-                    "closing after an error: step %d of the local tiers is not persisted to %s", newest[0], self.url
-                )
-                return
-            err: BaseException | None = None
-            part: Any
-            tensors: dict[str, torch.Tensor] = {}
-            try:
-                part, tensors = part_from_local(self.tier.store, self._plugins, self.tier.load(newest[0]))
-            except Exception as exc:  # noqa: BLE001 - reported to every rank
-                err, part = exc, _Failed(dist.get_rank(), exc)
-            try:
-                self._persist_pool.submit(self._persist, newest[0], part, tensors, newest[1], err).result()
-            except CheckpointError as exc:  # the local checkpoint stands
-                log.error("persisting the newest local checkpoint (step %d) to %s failed: %s", newest[0], self.url, exc)
-                with self._lock:
-                    self._pending = self._pending or exc
-        finally:
-            self._persist_pool.shutdown(wait=True)
-            self.tier.close()
 
     def _prune(self, lease: WriterLease, info: CheckpointInfo) -> None:
         """On the coordinator after each commit, with its writer lease: retention."""
@@ -392,25 +260,18 @@ class DistributedCheckpointer:
         state = self._state if state is None else state
         if state is None:
             raise CheckpointError("Checkpointer.restore() needs a state")
-        if self.tier is None:
+        if self.tiers is None:
             info = restore(self.url, state, step=step, encryption=self._encryption)
             self._restored_step = info.step
             return info
         from .coordinator import ckpt_group
         from .tier_restore import restore_tiers
 
-        if self._persisting is not None:
-            self._persisting.exception()
-        self._raise_pending()
-        done = restore_tiers(self.tier, self.store, self._plugins, ckpt_group(), state, step=step)
+        self.wait_persisted()
+        done = restore_tiers(self.tiers.tier, self.store, self._plugins, ckpt_group(), state, step=step)
         c = done.candidate
         self._restored_step = c.step
-        self.tier.restored(done.local_manifest)
-        self._base = c.save
-        if c.save is not None:
-            self._newest = (c.step, c.save)  # persisted at close unless the durable tier holds it
-            if c.durable:
-                self._persisted = self._newest
+        self.tiers.restored(c.step, c.save, durable=c.durable, local_manifest=done.local_manifest)
         return done.info
 
     def resume(self, state: MutableMapping[str, Any] | None = None, /, **objects: Any) -> Callable:
@@ -469,8 +330,11 @@ class DistributedCheckpointer:
             self._wait_inflight()
         finally:
             self._thread.shutdown(wait=True)
-            if self.tier is not None:
-                self._close_tier(persist=raise_errors)
+            if self.tiers is not None:
+                err = self.tiers.close(persist=raise_errors)  # logged there
+                if self.on_error == "raise":
+                    with self._lock:
+                        self._pending = self._pending or err
         if raise_errors:
             self._raise_pending()
 
@@ -480,33 +344,6 @@ _UNSUPPORTED = {
     "max_host_memory": (None,),
     "if_busy": ("wait",),
 }
-
-
-def _check_tier(
-    local: str | None, persist_every: Any, keep_last: Any, options: Any, encryption: Encryption | None
-) -> None:
-    if local is None:
-        given = [
-            name
-            for name, value, default in (
-                ("persist_every", persist_every, None),
-                ("local_keep_last", keep_last, 2),
-                ("local_storage_options", options, None),
-            )
-            if value != default
-        ]
-        if given:
-            raise CheckpointError(f"Checkpointer: {', '.join(given)} needs a local tier (local=...), none is given")
-        return
-    if encryption is not None:
-        raise CheckpointError(
-            "Checkpointer: encryption with a local tier is not supported with several ranks yet "
-            "(see ckpt.distributed.checkpointer)"
-        )
-    if persist_every is not None and (
-        isinstance(persist_every, bool) or not isinstance(persist_every, int) or persist_every < 1
-    ):
-        raise CheckpointError(f"persist_every must be a positive int, got {persist_every!r}")
 
 
 def _refuse(args: Mapping[str, Any]) -> None:
