@@ -66,6 +66,9 @@ def test_rank_local_tiers_persist_restore_and_fall_back(tmp_path, s3_server):
     assert "rank 1 restored step 7 from the durable tier" in _phase(out1, "fallback")
     for out, r in ((out0, 0), (out1, 1)):
         assert f"rank {r} restored step 5 from the durable tier" in _phase(out, "step")
+    # a durable tier that cannot be written: raised on every rank, by the next wait and by close
+    for out in (out0, out1):
+        assert "RAISED persist" in _phase(out, "failing") and "RAISED close" in _phase(out, "failing")
     # a persist due while the one before still runs (slowed on rank 1): skipped on every rank
     for out in (out0, out1):
         assert "persisting step 2 to" in _phase(out, "busy") and "skipped" in _phase(out, "busy")

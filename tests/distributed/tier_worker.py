@@ -146,6 +146,7 @@ def tiers(where: str, rank: int) -> None:
         except ckpt.CheckpointError as exc:
             assert why in str(exc), exc
     busy(where, rank)
+    failing(where, rank)
 
 
 def busy(where: str, rank: int) -> None:
@@ -175,6 +176,33 @@ def busy(where: str, rank: int) -> None:
     dck.commit_collective = real  # type: ignore[assignment]
     assert ckpt.steps(url) == [1, 2], ckpt.steps(url)
     assert torch.equal(ckpt.load(url, step=2)["w"], torch.full((4,), 2.0))
+
+
+def failing(where: str, rank: int) -> None:
+    """A durable tier that cannot be written: the local saves go on, the failed persist raises
+    on every rank at the next save, and close() raises it again after a failed last persist."""
+    url = os.path.join(where, "not-a-dir")
+    if rank == 0:
+        with open(url, "w") as f:
+            f.write("a file where the durable tier should be")
+    dist.barrier()
+    state = {"w": torch.zeros(4), "r": {"rank": rank}}
+    ck = ckpt.Checkpointer(url, local=os.path.join(where, "failing-local"), persist_every=1, state=state)
+    print("PHASE failing", flush=True)
+    ck.save(step=1)
+    ck.wait()
+    try:
+        ck.wait_persisted()
+        raise AssertionError("persist did not fail")
+    except ckpt.CheckpointError as exc:
+        print("RAISED persist", type(exc).__name__, flush=True)
+    ck.save(step=2).result()  # the local tier still takes every save (2 is persisted at close)
+    assert Store(os.path.join(where, "failing-local", f"rank-{rank:05d}")).steps() == [1, 2]
+    try:
+        ck.close()
+        raise AssertionError("close did not raise")
+    except ckpt.CheckpointError as exc:
+        print("RAISED close", type(exc).__name__, flush=True)
 
 
 def resize(where: str, rank: int) -> None:
