@@ -19,8 +19,15 @@ rank by the next ``save``/``step``/``wait``/``close`` (or logged with ``on_error
 :meth:`~DistributedCheckpointer.resume` restores collectively and handles preemption
 signals on every rank (:mod:`ckpt.distributed.preempt`). Not supported with several ranks
 yet, refused at construction with a CheckpointError: ``max_host_memory`` (every tensor is
-staged in host memory at once), ``if_busy="skip"``, and a local tier (``local=``,
-``persist_every``: see :mod:`ckpt.storage.tiers`).
+staged in host memory at once), ``if_busy="skip"``, and ``encryption`` together with a
+local tier.
+
+With ``local=`` (``persist_every``, ``local_keep_last``, ``local_storage_options``) every
+save commits to each rank's own local tier and steps divisible by ``persist_every`` go on
+to ``url`` as global collective checkpoints in the background
+(:mod:`ckpt.distributed.tier_run`); ``restore``/``resume`` take the newest checkpoint
+across the tiers (:mod:`ckpt.distributed.tier_restore`). ``keep_last``/``keep_every``
+then apply to the durable tier, ``local_keep_last`` to each rank's local tier.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from ckpt.types import CheckpointInfo
 
 from .coordinator import _Failed, capture_local, commit_collective
 from .preempt import Preemption
+from .tier_run import TierRun, check_args
 
 log = logging.getLogger("ckpt")
 
@@ -74,6 +82,11 @@ class DistributedCheckpointer:
         take_over: bool | None = None,
         preempt_exit_code: int = 0,
         preempt_deadline: float | None = None,
+        local: str | None = None,
+        persist_every: int | None = None,
+        local_keep_last: int | None = 2,
+        local_storage_options: dict[str, Any] | None = None,
+        local_compress: bool = False,
         **unsupported: Any,
     ) -> None:
         if every is not None and (not isinstance(every, int) or every < 1):
@@ -81,6 +94,7 @@ class DistributedCheckpointer:
         if on_error not in ("raise", "warn"):
             raise CheckpointError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
         _refuse(unsupported)
+        check_args(local, persist_every, local_keep_last, local_storage_options, encryption)
         self.store = Store(url, storage_options)
         self._encryption = encryption  # each commit opens the store with it (rank 0 first)
         self.url = self.store.url
@@ -108,6 +122,22 @@ class DistributedCheckpointer:
             lambda: f"step {self._last_step} of {self.url}",
         )
         self._in_resume = False
+        #: the local tiers (``local=``; :mod:`ckpt.distributed.tier_run`), None without
+        self.tiers: TierRun | None = None
+        if local is not None:
+            self.tiers = TierRun(
+                local,
+                self.store,
+                self._group,
+                self._plugins,
+                persist_every=persist_every,
+                keep_last=local_keep_last,
+                storage_options=local_storage_options,
+                compress=local_compress,
+                take_over=take_over,
+                on_done=self._done,
+                prune=self._prune,
+            )
 
     def __enter__(self) -> DistributedCheckpointer:
         return self
@@ -137,6 +167,12 @@ class DistributedCheckpointer:
         except Exception as exc:  # noqa: BLE001 - reported to every rank by the background commit
             err, part = exc, _Failed(dist.get_rank(), exc)
         self._last_saved_step = step
+        if self.tiers is not None:
+            protect = {self._restored_step} if self._restored_step is not None else set()
+            fut = self._thread.submit(self.tiers.commit, step, part, local, err, self.tiers.next_save(), protect)
+            fut.add_done_callback(self._done)
+            self._inflight = fut
+            return fut
         fut = self._thread.submit(
             commit_collective,
             self.store,
@@ -153,6 +189,14 @@ class DistributedCheckpointer:
         fut.add_done_callback(self._done)
         self._inflight = fut
         return fut
+
+    def wait_persisted(self) -> None:
+        """Wait for the save in flight and the background persist to the durable tier (with
+        ``local=``); raise a failure of either on any rank."""
+        self._wait_inflight()
+        if self.tiers is not None:
+            self.tiers.wait()
+        self._raise_pending()
 
     def _prune(self, lease: WriterLease, info: CheckpointInfo) -> None:
         """On the coordinator after each commit, with its writer lease: retention."""
@@ -218,9 +262,19 @@ class DistributedCheckpointer:
         state = self._state if state is None else state
         if state is None:
             raise CheckpointError("Checkpointer.restore() needs a state")
-        info = restore(self.url, state, step=step, encryption=self._encryption)
-        self._restored_step = info.step
-        return info
+        if self.tiers is None:
+            info = restore(self.url, state, step=step, encryption=self._encryption)
+            self._restored_step = info.step
+            return info
+        from .coordinator import ckpt_group
+        from .tier_restore import restore_tiers
+
+        self.wait_persisted()
+        done = restore_tiers(self.tiers.tier, self.store, self._plugins, ckpt_group(), state, step=step)
+        c = done.candidate
+        self._restored_step = c.step
+        self.tiers.restored(c.step, c.save, durable=c.durable, local_manifest=done.local_manifest)
+        return done.info
 
     def resume(self, state: MutableMapping[str, Any] | None = None, /, **objects: Any) -> Callable:
         """Decorator, as :meth:`ckpt.Checkpointer.resume`, on every rank: restore the newest
@@ -278,6 +332,11 @@ class DistributedCheckpointer:
             self._wait_inflight()
         finally:
             self._thread.shutdown(wait=True)
+            if self.tiers is not None:
+                err = self.tiers.close(persist=raise_errors)  # logged there
+                if self.on_error == "raise":
+                    with self._lock:
+                        self._pending = self._pending or err
         if raise_errors:
             self._raise_pending()
 
@@ -286,11 +345,6 @@ class DistributedCheckpointer:
 _UNSUPPORTED = {
     "max_host_memory": (None,),
     "if_busy": ("wait",),
-    "local": (None,),
-    "persist_every": (None,),
-    "local_keep_last": (2,),
-    "local_storage_options": (None,),
-    "local_compress": (False,),
 }
 
 

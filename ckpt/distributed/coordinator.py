@@ -310,6 +310,7 @@ def commit_collective(
     encryption: Encryption | None = None,
     take_over: bool | None = None,
     after: Callable[[WriterLease, CheckpointInfo], None] | None = None,
+    meta: Mapping[str, Any] | None = None,
 ) -> CheckpointInfo:
     """Steps 2-5 of the protocol for a captured ``part`` (or this rank's failure ``err``),
     over ``group``: every rank of it calls this for the same step, in the same order.
@@ -319,7 +320,8 @@ def commit_collective(
     gather, so that every rank uses the one store id (:mod:`ckpt.security.envelope`).
 
     ``after`` runs on the coordinator once every rank knows the commit, still holding the
-    writer lease (the Checkpointer's retention); its failure is logged, the commit stands."""
+    writer lease (the Checkpointer's retention); its failure is logged, the commit stands.
+    ``meta`` is recorded in the manifest (a rank tier's save id, :mod:`ckpt.distributed.tiers`)."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     what = f"collective save of step {step} to {store.url}"
     parts = gather_all(group, part, what)
@@ -369,7 +371,9 @@ def commit_collective(
         if rank == 0:
             try:
                 assert lease is not None
-                manifest = _manifest(plan, written, step=step, parent=parent, seq=seq, world=world, plugins=plugins)
+                manifest = _manifest(
+                    plan, written, step=step, parent=parent, seq=seq, world=world, plugins=plugins, meta=meta
+                )
                 lease.check()
                 commit(store, manifest)
                 result = CheckpointInfo.from_manifest(manifest, store.url)
@@ -391,7 +395,15 @@ def commit_collective(
 
 
 def _manifest(
-    plan: SavePlan, written: list[Any], *, step: int, parent: Manifest | None, seq: int, world: int, plugins: Any
+    plan: SavePlan,
+    written: list[Any],
+    *,
+    step: int,
+    parent: Manifest | None,
+    seq: int,
+    world: int,
+    plugins: Any,
+    meta: Mapping[str, Any] | None = None,
 ) -> Manifest:
     entries: dict[str, TensorEntry] = {}
     raw = stored = 0
@@ -426,6 +438,7 @@ def _manifest(
         run=process_run_id(),
         classes=plan.classes,
         devices=plan.devices,
+        meta=meta,
     )
     manifest = dataclasses.replace(manifest, world_size=world)
     Manifest.from_doc(_doc(manifest), where=f"step {step} (before commit)")  # what loads would refuse

@@ -106,7 +106,8 @@ class Checkpointer:
     :param preempt_exit_code: exit status after a preemption's save has committed (0).
     :param local: a fast local tier (a path, ``/dev/shm/...``, ``memory://...``): every save
         commits there and ``url`` becomes the durable tier, which receives copies
-        (:mod:`ckpt.storage.tiers`); ``keep_last``/``keep_every`` then apply to the durable tier.
+        (:mod:`ckpt.storage.tiers`; with several ranks, one local tier per rank under it:
+        :mod:`ckpt.distributed.tiers`); ``keep_last``/``keep_every`` then apply to the durable tier.
     :param persist_every: with ``local``, copy steps divisible by this to ``url`` in the
         background (None: only the newest, on close, at the end of ``resume`` and on preemption).
     :param local_keep_last: checkpoints kept on the local tier (2).

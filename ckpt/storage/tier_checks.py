@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+from typing import Any
 
 from ckpt.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
 from ckpt.storage.copy import same_checkpoint
@@ -91,7 +92,7 @@ def ahead(local: Store, durable: Store, latests: dict[str, Manifest]) -> str | N
 TIER_MARK = "tier.json"
 
 
-def bind(local: Store, durable: Store) -> None:
+def bind(local: Store, durable: Store, *, extra: dict[str, Any] | None = None) -> None:
     """Bind the local tier to its durable tier, refusing a local tier left by another run.
 
     A node-local path reused by a new job with another durable tier would otherwise be
@@ -99,7 +100,8 @@ def bind(local: Store, durable: Store) -> None:
     durable tier: a foreign run silently taken over. The local tier records its durable
     URL in ``tier.json`` on first use; a different one there is a :class:`CheckpointError`
     (use another local path, or empty that one) while it holds checkpoints. A local tier
-    without the record that already holds checkpoints is adopted, with a warning.
+    without the record that already holds checkpoints is adopted, with a warning. ``extra``
+    is recorded too (a rank's local tier: its world size and rank), never checked here.
     """
     path = local.path(TIER_MARK)
     try:
@@ -115,22 +117,27 @@ def bind(local: Store, durable: Store) -> None:
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptCheckpointError(f"{path} of the local tier {local.url} is malformed ({exc!r})") from None
         if bound == durable.url:
-            return
-        if local.manifest_listing():
+            if all(doc.get(k) == v for k, v in (extra or {}).items()):
+                return
+            # the same run at another world size: its checkpoints there are never restored
+            # (each records its world size and rank), retention drops them
+            log.info("the local tier %s was used with %.300s before: recording %s", local.url, doc, extra)
+        elif local.manifest_listing():
             raise CheckpointError(
                 f"the local tier {local.url} belongs to the durable tier {bound[:512]!r}, not {durable.url}: "
                 "it holds another run's checkpoints; use another local path (or empty that one)"
             )
-        log.info(
-            "the local tier %s (of %s before) holds no checkpoint: binding it to %s",
-            local.url,
-            bound[:512],
-            durable.url,
-        )
+        else:
+            log.info(
+                "the local tier %s (of %s before) holds no checkpoint: binding it to %s",
+                local.url,
+                bound[:512],
+                durable.url,
+            )
     elif local.manifest_listing():
         log.warning(
             "the local tier %s holds checkpoints but no record of its durable tier: adopting it for %s",
             local.url,
             durable.url,
         )
-    local.write(path, json.dumps({"durable": durable.url}).encode())
+    local.write(path, json.dumps({"durable": durable.url, **(extra or {})}).encode())

@@ -41,23 +41,17 @@ trips (and the settling wait) of taking a lease on an object store: a second run
 to the same durable URL is refused at its first save (:meth:`Tiers.committed` raises),
 before it persists anything.
 
-Many ranks: NOT SUPPORTED YET. Under a default process group of several ranks,
-``ckpt.Checkpointer(url, local=...)`` (and ``persist_every``, ``local_keep_last``,
-``local_storage_options``) raises ``CheckpointError("... not supported with several ranks
-yet")`` at construction (:mod:`ckpt.distributed.checkpointer`); nothing is ignored. The
-intended design, for whoever wires it (hook points only today): each rank's
-local tier holds what that rank wrote (its per-rank objects and, on the coordinator, the
-manifest). :meth:`Tiers.persist_now` is the one place that moves a checkpoint; with a
-process group each rank copies the objects it wrote (``copy_stores`` with its own
-``steps``), a barrier follows, and the coordinator alone commits the manifest and holds
-the durable lease. :meth:`Tiers.restore` is where a rank whose local tier lacks its shards
-reads them from the durable tier while the others read locally (the choice of the
-checkpoint must then be agreed on by all ranks, e.g. the minimum of every rank's newest
-intact step). Two further points: a rank's local store holds no manifest except on the
-coordinator, so per-tier retention on the other ranks cannot mark by manifests (their GC
-must take the kept steps' object lists from the coordinator); and the collective commit
-(:func:`ckpt.distributed.coordinator.commit_collective`) writes into one store, so it needs
-a per-rank target store. Single-process runs are complete today.
+Many ranks: under a default process group of several ranks, ``ckpt.Checkpointer(url,
+local=...)`` is a :class:`ckpt.distributed.checkpointer.DistributedCheckpointer` with a
+local tier per rank (:mod:`ckpt.distributed.tiers`): each rank's local store,
+``<local>/rank-<r:05d>``, holds that rank's own single-process checkpoints (its shards,
+per-rank values and a copy of the replicated state, tagged with the id of the collective
+save), so per-tier retention and GC are this module's; the durable tier receives the
+global collective checkpoint (:func:`ckpt.distributed.coordinator.commit_collective`)
+written from the staged host copy on a background thread, not a copy of the local stores
+(no rank holds the global manifest). Restores agree across ranks on the checkpoint
+(:mod:`ckpt.distributed.tier_restore`); a rank whose local tier lacks it reads its region
+of the durable one while the others read locally. :class:`Tiers` itself stays one-process.
 """
 
 from __future__ import annotations

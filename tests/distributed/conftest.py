@@ -18,9 +18,15 @@ def free_port() -> int:
 
 
 def run_ranks(
-    scenario: str, world: int, where: Path, *, timeout: float = 120, env: dict | None = None
+    scenario: str,
+    world: int,
+    where: Path,
+    *,
+    timeout: float = 120,
+    env: dict | None = None,
+    worker: Path = WORKER,
 ) -> list[tuple[int, str]]:
-    """Run ``scenario`` on ``world`` ranks; returns (exit code, output) of each rank."""
+    """Run ``scenario`` of ``worker`` on ``world`` ranks; returns (exit code, output) of each rank."""
     port = free_port()
     procs = []
     for rank in range(world):
@@ -37,7 +43,7 @@ def run_ranks(
         }
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(WORKER), scenario, str(where)],
+                [sys.executable, str(worker), scenario, str(where)],
                 env=e,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,

@@ -183,7 +183,12 @@ def run(scenario: str, where: str, rank: int) -> None:
 def checkpointer_features(where: str, rank: int) -> None:
     from ckpt.errors import CorruptCheckpointError
 
-    for bad in ({"max_host_memory": 1 << 20}, {"if_busy": "skip"}, {"local": os.path.join(where, "local")}):
+    refused = (
+        {"max_host_memory": 1 << 20},
+        {"if_busy": "skip"},
+        {"local": os.path.join(where, "local"), "encryption": ckpt.Encryption(bytes(32))},
+    )
+    for bad in refused:
         try:
             ckpt.Checkpointer(os.path.join(where, "refused"), **bad)
             raise AssertionError(f"{bad} accepted")
