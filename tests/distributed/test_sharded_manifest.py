@@ -121,13 +121,18 @@ def test_region_of_plain_entry_reads_only_overlapping_chunks(tmp_path):
     m = ckpt.read_manifest(url)
     assert len(m.tensors["w"].chunks) == 4
     got = []
-    orig = store.get_object
+    orig, orig_into = store.get_object, store.read_object_into
 
     def spy(key, **kw):
         got.append(key)
         return orig(key, **kw)
 
+    def spy_into(key, buf, **kw):
+        got.append(key)
+        return orig_into(key, buf, **kw)
+
     store.get_object = spy  # type: ignore[method-assign]
+    store.read_object_into = spy_into  # type: ignore[method-assign]
     box = read_region(store, get_plugins().codecs, m, "w", (5, 1), (2, 2))
     assert torch.equal(box, full[5:7, 1:3])
     assert got == [m.tensors["w"].chunks[1].key]
