@@ -8,8 +8,8 @@ cross a network), so a checkpoint of such a tier is not copied object for object
 tensors are read back (verified against their hashes), written to the durable store by
 the ordinary writer (compression, deduplication against the durable tier's latest
 checkpoint, deltas against it) and committed with a manifest that is the local one with
-the durable tier's object records. Keys are content addresses, so an object both tiers
-hold has the same key in both; only its encoding and stored size differ.
+the durable tier's object records. A raw object's key is not its encoded form's
+(:func:`ckpt.io.writer.raw_key`): a store holding both never has one replace the other.
 
 The commit rules are the copy's (:mod:`ckpt.storage.copy`): objects, then the manifest,
 then the ref, under the durable tier's writer lease; a checkpoint the durable tier holds
