@@ -122,6 +122,11 @@ class Reader:
         with self._cache_lock:
             found = next((i for i, b in enumerate(self._buffers) if b.nbytes >= nbytes), None)
             buf = self._buffers.pop(found) if found is not None else None
+            if buf is None and self._buffers:
+                # a free buffer too small for this payload is replaced by the new one: never
+                # more buffers than payloads in use at once (objects read in growing order
+                # would otherwise keep one buffer per size, without bound)
+                self._buffers.pop(min(range(len(self._buffers)), key=lambda i: self._buffers[i].nbytes))
         if buf is None:
             buf = np.empty(nbytes, dtype=np.uint8)  # contents undefined: only what is read is used
         try:
