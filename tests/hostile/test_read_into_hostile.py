@@ -3,6 +3,11 @@ objects read straight into the destination memory (Store.read_object_into)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 
 import ckpt
@@ -42,3 +47,35 @@ def test_payload_buffers_stay_bounded_by_the_largest_object(tmp_path, monkeypatc
     # never more than one payload in use at a time: one buffer of the largest, not one per size
     held = sum(b.nbytes for b in reader._buffers)
     assert held <= max(stored) + 1, (held, max(stored))
+
+
+_THREADS_FAIL = """
+import resource
+from ckpt.snapshot.executor import io_pool
+
+def vm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmSize"):
+            return int(line.split()[1]) * 1024
+
+# room for a few threads' stacks, not for 512: a thread fails to start while others wait
+resource.setrlimit(resource.RLIMIT_AS, (vm() + 128 * 2**20, resource.RLIM_INFINITY))
+try:
+    with io_pool("t", workers=512):
+        print("all started")
+except RuntimeError as exc:
+    print("refused:", exc)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux's")
+def test_io_pool_whose_threads_cannot_all_start_raises_instead_of_hanging():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _THREADS_FAIL], capture_output=True, text=True, timeout=30, env=env
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("io_pool hung when a thread could not start")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused: can't start new thread" in done.stdout or "all started" in done.stdout, done.stdout
