@@ -3,6 +3,7 @@ objects read straight into the destination memory (Store.read_object_into)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import ckpt
+from ckpt.errors import CheckpointError
 from ckpt.hooks.manager import get_plugins
 from ckpt.io.reader import Reader
 from ckpt.storage.commit import load_manifest
@@ -79,3 +81,22 @@ def test_io_pool_whose_threads_cannot_all_start_raises_instead_of_hanging():
         pytest.fail("io_pool hung when a thread could not start")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "refused: can't start new thread" in done.stdout or "all started" in done.stdout, done.stdout
+
+
+def test_packed_object_size_no_host_can_hold_is_a_checkpoint_error(tmp_path):
+    """A manifest without a chunk size lets a packed record claim an object of up to 1 TiB:
+    its buffer cannot be allocated (or, where memory is overcommitted, the object is short)."""
+    url = str(tmp_path / "s")
+    ckpt.save(url, {"a": torch.arange(4.0), "b": torch.arange(3.0)}, step=1)
+    (path,) = (tmp_path / "s" / "manifests").glob("*1*.json")
+    doc = json.loads(path.read_text())
+    chunk = doc["tensors"]["a"]["chunks"][0]
+    assert "of" in chunk  # packed with 'b'
+    chunk["of"] = chunk["stored"] = 2**40
+    chunk["codec"] = []
+    doc["chunk_bytes"] = 0  # no chunk size recorded: the cap is the schema's
+    path.write_text(json.dumps(doc))
+    live = {"a": torch.zeros(4), "b": torch.zeros(3)}
+    with pytest.raises(CheckpointError, match=r"cannot allocate|truncated or replaced"):
+        ckpt.restore(url, live, step=1)
+    assert not live["a"].any() and not live["b"].any()
