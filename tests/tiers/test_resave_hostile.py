@@ -35,3 +35,31 @@ def test_other_encoding_of_the_same_content_never_replaces_a_committed_object(tm
         out = {"w": torch.full((N,), 7.0)}
         assert ckpt.restore(local, out, step=step).step == step
         assert torch.equal(out["w"], torch.full((N,), value))
+
+
+def test_both_tiers_record_one_save_alike_whatever_their_packs_reused(tmp_path):
+    """Small tensors share packed objects, and an unchanged one cites its parent's pack: the
+    local tier's parents are not the durable tier's (persist_every=2), yet the re-saved
+    copy records the same content and layout, so the tiers' checks hold both the same."""
+    from ckpt.storage.copy import same_checkpoint
+
+    local, durable = str(tmp_path / "local"), str(tmp_path / "durable")
+    torch.manual_seed(0)
+    frozen, moving = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    state = {"m": torch.nn.ModuleDict({"frozen": frozen, "moving": moving})}
+    seen = {}
+    with ckpt.Checkpointer(durable, local=local, persist_every=2, local_keep_last=None) as ck:
+        for step in (1, 2, 3, 4):
+            with torch.no_grad():
+                moving.weight.add_(1.0)
+            seen[step] = {k: v.clone() for k, v in state["m"].state_dict().items()}
+            ck.save(state, step=step).wait()
+    assert ckpt.steps(durable) == [2, 4]
+    for step in (2, 4):
+        a, b = load_manifest(Store(local), step), load_manifest(Store(durable), step)
+        assert any(c.packed for e in b.tensors.values() for c in e.chunks)
+        assert same_checkpoint(a, b), step
+        fresh = {"m": torch.nn.ModuleDict({"frozen": torch.nn.Linear(8, 8), "moving": torch.nn.Linear(8, 8)})}
+        assert ckpt.restore(durable, fresh, step=step).step == step
+        got = fresh["m"].state_dict()
+        assert all(torch.equal(got[k], v) for k, v in seen[step].items())
