@@ -30,6 +30,7 @@ is a :class:`CorruptCheckpointError` naming it, never a hang or a read.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -39,7 +40,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -252,7 +253,7 @@ class Store:
             return f.read(want)
 
     @contextlib.contextmanager
-    def _open_local(self, path: str) -> Iterator[tuple[BinaryIO, int]]:
+    def _open_local(self, path: str) -> Iterator[tuple[io.BufferedReader, int]]:
         """A local file of the store opened for reading, and its size: only a regular file
         under the store's root (symlinks resolved), never a FIFO or a device."""
         real = os.path.realpath(path)
