@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -70,17 +71,19 @@ def resave_step(
     lease.protect([*lease.protected, manifest.step], in_flight=manifest.step)
     parent = find_latest(dst).manifest
     packs = _packs(manifest)
+    window = _Window(batch_bytes)
     # compression is the heavy part: at the lower priority of the Checkpointer's background work
     with new_io_pool("ckpt-resave", nice=config.background_nice()) as pool:
         entries, written = write_objects(
             dst,
             codecs,
-            _read_back(src, codecs, manifest, packs, batch_bytes),
+            _read_back(src, codecs, manifest, packs, window),
             pool=pool,
             chunk_bytes=manifest.chunk_bytes or config.chunk_bytes(),
             parent=parent,
             max_chain=config.delta_max_chain(),
             pack_bytes=0,  # the local tier's packs are written as they are (_packs)
+            on_tensor_written=window.written,
         )
     entries = _unpack(manifest, packs, entries)
     stats.objects = written.objects_written
@@ -148,14 +151,43 @@ def _unpack(manifest: Manifest, packs: dict[str, _Pack], entries: dict[str, Tens
     return out
 
 
+class _Window:
+    """Raw bytes read back and not written yet: a batch is read only once those of the batch
+    before are down to ``limit`` (the writer takes tensors without waiting: reading on
+    regardless held the whole checkpoint in memory while the writer compressed it)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._pending: dict[str, int] = {}
+        self._cond = threading.Condition()
+
+    def reading(self, path: str, nbytes: int) -> None:
+        with self._cond:
+            self._pending[path] = nbytes
+
+    def written(self, path: str) -> None:
+        """The writer is done with ``path``'s bytes (written, reused, or failed)."""
+        with self._cond:
+            self._pending.pop(path, None)
+            self._cond.notify_all()
+
+    def wait(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: sum(self._pending.values()) <= self.limit)
+
+
 def _read_back(
-    src: Store, codecs: CodecRegistry, manifest: Manifest, packs: dict[str, _Pack], batch_bytes: int
+    src: Store, codecs: CodecRegistry, manifest: Manifest, packs: dict[str, _Pack], window: _Window
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Every packed object of ``manifest`` (as one tensor each, :func:`_pack_path`), then
-    every other tensor, read and verified a batch of ``batch_bytes`` at a time."""
+    every other tensor, read and verified a batch of ``window.limit`` bytes at a time, each
+    batch once the writer has the one before it (nearly) done."""
+    batch_bytes = window.limit
     reader = Reader(src, codecs, cache_bytes=0)
     for key, pack in packs.items():
+        window.wait()
         raw = reader.object_bytes(pack.ref, what=f"packed object {key} of step {manifest.step}")
+        window.reading(_pack_path(key), len(raw))
         yield _pack_path(key), _pack_tensor(raw, manifest, pack)
     packed = {p for pack in packs.values() for p in pack.members}
     batch: list[str] = []
@@ -165,8 +197,10 @@ def _read_back(
         batch.append(path)
         size += manifest.tensors[path].nbytes
         if size >= batch_bytes or i == len(paths) - 1:
+            window.wait()
             tensors = read_tensors(src, codecs, ReadPlan.for_paths(manifest, batch))
             for p in batch:
+                window.reading(p, manifest.tensors[p].nbytes)
                 yield p, tensors.pop(p)
             batch, size = [], 0
 

@@ -4,10 +4,13 @@ the same content in another (raw vs compressed share the content, never the obje
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
 import ckpt
+from ckpt.hooks.manager import get_plugins
 from ckpt.storage.commit import load_manifest
 from ckpt.storage.store import Store
 
@@ -63,3 +66,31 @@ def test_both_tiers_record_one_save_alike_whatever_their_packs_reused(tmp_path):
         assert ckpt.restore(durable, fresh, step=step).step == step
         got = fresh["m"].state_dict()
         assert all(torch.equal(got[k], v) for k, v in seen[step].items())
+
+
+def test_resave_reads_a_batch_ahead_of_the_writer_not_the_checkpoint(tmp_path):
+    """The writer takes tensors without waiting: the re-save reads the next batch only once
+    the writer is done with the one before, instead of the whole local checkpoint ahead of
+    the compression (measured: 192 MiB read 4 MiB at a time grew the peak RSS by ~200 MiB)."""
+    from ckpt.storage import resave
+
+    local = str(tmp_path / "local")
+    state = {f"t{i}": torch.full((1 << 18,), float(i)) for i in range(6)}  # 1 MiB each
+    with ckpt.Checkpointer(str(tmp_path / "durable"), local=local, persist_every=None) as ck:
+        ck.save(state, step=1).wait()
+    m = load_manifest(Store(local), 1)
+    window = resave._Window(1 << 20)
+    got: list[str] = []
+    gen = resave._read_back(Store(local), get_plugins().codecs, m, resave._packs(m), window)
+    reader = threading.Thread(target=lambda: got.extend(p for p, _t in gen), daemon=True)
+    reader.start()
+    reader.join(1.0)
+    assert reader.is_alive() and len(got) == 2, got  # a batch being written, one read ahead
+    for path in list(got):
+        window.written(path)
+    reader.join(1.0)
+    assert reader.is_alive() and len(got) == 4, got
+    for path in list(got):
+        window.written(path)
+    reader.join(10.0)
+    assert not reader.is_alive() and sorted(got) == sorted(state)
