@@ -74,7 +74,7 @@ class Reader:
                 return hit.data, False
         # Two threads may decode the same parent at once; waiting on each other instead
         # could deadlock on a (malicious) manifest whose parent records cite each other.
-        raw = np.empty(chunk.size, dtype=np.uint8)  # fully overwritten by the decode
+        raw = payload_buffer(chunk.size, what=f"{what}, object {chunk.key}")  # fully overwritten by the decode
         self.read_object(chunk, raw.data, what=what)
         raw.flags.writeable = False  # shared through the cache: nobody may write into it
         with self._cache_lock:
@@ -122,8 +122,14 @@ class Reader:
         with self._cache_lock:
             found = next((i for i, b in enumerate(self._buffers) if b.nbytes >= nbytes), None)
             buf = self._buffers.pop(found) if found is not None else None
+            if buf is None and self._buffers:
+                # a free buffer too small for this payload is replaced by the new one: never
+                # more buffers than payloads in use at once (objects read in growing order
+                # would otherwise keep one buffer per size, without bound)
+                self._buffers.pop(min(range(len(self._buffers)), key=lambda i: self._buffers[i].nbytes))
         if buf is None:
-            buf = np.empty(nbytes, dtype=np.uint8)  # contents undefined: only what is read is used
+            # contents undefined: only what is read is used
+            buf = payload_buffer(nbytes, what="an object's payload")
         try:
             yield buf.data[:nbytes]
         finally:
@@ -161,6 +167,15 @@ class Reader:
             raise type(exc)(f"{what}: object {ref.key} is corrupt: {exc}") from None
         if hash_bytes(out) != ref.hash:
             raise CorruptCheckpointError(f"{what}: object {ref.key} fails verification (content hash mismatch)")
+
+
+def payload_buffer(nbytes: int, *, what: str) -> np.ndarray:
+    """An uninitialised byte buffer of ``nbytes``, a size a manifest gave (an object's, a
+    packed object's): one the host cannot allocate is a CheckpointError, as for a tensor."""
+    try:
+        return np.empty(nbytes, dtype=np.uint8)
+    except MemoryError:  # numpy's _ArrayMemoryError
+        raise CheckpointError(f"{what}: cannot allocate {nbytes} bytes for it") from None
 
 
 def empty_like_entry(entry: TensorEntry, path: str) -> torch.Tensor:
@@ -222,7 +237,7 @@ def read_tensors(
         def packed_job(reads: list[ChunkRead]) -> None:
             # one decode and verification of the shared object, then a slice per tensor
             obj = reads[0].ref.object_ref()
-            raw = np.empty(obj.size, dtype=np.uint8)
+            raw = payload_buffer(obj.size, what=f"{tensors_named(r.path for r in reads)}, packed object {obj.key}")
             reader.read_object(obj, raw.data, what=tensors_named(r.path for r in reads))
             for r in reads:
                 targets[r.path][r.offset : r.offset + r.ref.size] = raw.data[r.ref.at : r.ref.at + r.ref.size]

@@ -326,7 +326,7 @@ class Writer:
         """``(payload, chain, key)`` of a new chunk: in full, or as a delta when the policy of
         :mod:`ckpt.codecs.delta` finds that smaller."""
         if not self.compress:
-            key = crypto.address(self.store.codec_context, h, len(data))
+            key = raw_key(crypto.address(self.store.codec_context, h, len(data)))
             payload, chain = crypto.seal_chain(self.store.codec_context, key, data, [], len(data))
             return payload, chain, key
         parent_record = parent.to_json() if parent is not None else None
@@ -371,6 +371,15 @@ class Writer:
                 "tensor %r: cannot read parent object %s for a delta (%s); writing it in full", path, parent.key, exc
             )
             return None
+
+
+def raw_key(key: str) -> str:
+    """The key of an object stored raw (:attr:`Writer.compress` False) whose encoded form would
+    be ``key``. Never the key of an encoded object: a store may hold the same content encoded
+    (written before it became a raw tier, or after), cited by a manifest with its codec chain
+    and stored size, and writing the raw object over it would break that checkpoint (and a
+    copy finding one key present would skip the other encoding)."""
+    return hash_bytes(b"ckpt-raw-object\0" + key.encode())
 
 
 def write_objects(

@@ -48,9 +48,15 @@ def io_pool(name: str = "ckpt-io", workers: int | None = None) -> Iterator[Threa
     n = workers or io_threads()
     with new_io_pool(name, workers=n) as pool:
         gate = threading.Barrier(n + 1)
-        for _ in range(n):
-            pool.submit(gate.wait)
-        gate.wait()
+        try:
+            for _ in range(n):
+                pool.submit(gate.wait)
+            gate.wait()
+        except BaseException:
+            # a thread that could not start (or an interrupt): the threads already waiting
+            # must not wait forever, with the pool's shutdown waiting on them
+            gate.abort()
+            raise
         yield pool
 
 
