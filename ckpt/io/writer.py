@@ -15,6 +15,7 @@ afterwards (the argument is in :mod:`ckpt.storage.retention`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import threading
@@ -326,7 +327,7 @@ class Writer:
         """``(payload, chain, key)`` of a new chunk: in full, or as a delta when the policy of
         :mod:`ckpt.codecs.delta` finds that smaller."""
         if not self.compress:
-            key = raw_key(crypto.address(self.store.codec_context, h, len(data)))
+            key = object_key(crypto.address(self.store.codec_context, h, len(data)), [], len(data))
             payload, chain = crypto.seal_chain(self.store.codec_context, key, data, [], len(data))
             return payload, chain, key
         parent_record = parent.to_json() if parent is not None else None
@@ -346,9 +347,9 @@ class Writer:
         if choice.probed:
             self.stats.add(probes=1)
         # an encrypted store keys objects by a keyed hash and seals them last (ckpt.codecs.crypto)
-        key = crypto.address(ctx.codec_context, h, len(data))
+        key = object_key(crypto.address(ctx.codec_context, h, len(data)), choice.chain, len(choice.payload))
         if choice.delta and base_ref is not None:
-            key = deltamod.delta_key(key, base_ref.key)  # a base is a full object: its key is its address
+            key = deltamod.delta_key(key, base_ref.key)  # and the base it is a delta of
         payload, chain = crypto.seal_chain(ctx.codec_context, key, choice.payload, choice.chain, len(data))
         return payload, chain, key
 
@@ -373,13 +374,18 @@ class Writer:
             return None
 
 
-def raw_key(key: str) -> str:
-    """The key of an object stored raw (:attr:`Writer.compress` False) whose encoded form would
-    be ``key``. Never the key of an encoded object: a store may hold the same content encoded
-    (written before it became a raw tier, or after), cited by a manifest with its codec chain
-    and stored size, and writing the raw object over it would break that checkpoint (and a
-    copy finding one key present would skip the other encoding)."""
-    return hash_bytes(b"ckpt-raw-object\0" + key.encode())
+def object_key(address: str, chain: list[dict[str, Any]], stored: int) -> str:
+    """The key of an object: its content's address (the raw hash, or a keyed hash of it in an
+    encrypted store) together with how it is encoded (the codec chain, a delta's parent aside,
+    and the encoded size).
+
+    Objects are immutable, and a manifest cites one with its codec chain and stored size: the
+    same content encoded another way (stored raw on a local tier, another dtype's codec, another
+    zstd level or version) must never land on the key an older checkpoint cites, or that
+    checkpoint would be lost. Equal content encoded alike still shares one key (dedup).
+    """
+    steps = [[step.get("name"), {k: v for k, v in step.items() if k not in ("name", "parent")}] for step in chain]
+    return hash_bytes(json.dumps([address, steps, stored], sort_keys=True, separators=(",", ":")).encode())
 
 
 def write_objects(

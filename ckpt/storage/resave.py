@@ -11,8 +11,8 @@ checkpoint, deltas against it) and committed with a manifest that is the local o
 the durable tier's object records. Packed objects (small tensors sharing one) are written
 as the local tier packed them, so both copies record the same raw content and layout
 (:func:`ckpt.storage.copy.same_checkpoint` holds them the same checkpoint, which the tiers'
-checks rely on). A raw object's key is not its encoded form's
-(:func:`ckpt.io.writer.raw_key`): a store holding both never has one replace the other.
+checks rely on). An object's key names its encoding too (:func:`ckpt.io.writer.object_key`):
+a store holding the same content raw and compressed never has one replace the other.
 
 The commit rules are the copy's (:mod:`ckpt.storage.copy`): objects, then the manifest,
 then the ref, under the durable tier's writer lease; a checkpoint the durable tier holds
