@@ -39,6 +39,7 @@ from ckpt.snapshot.staging import HostPool, Snapshot, guarded_storages
 from ckpt.state import tree as treemod
 from ckpt.state.capture import capture
 from ckpt.state.dataloader import track_all
+from ckpt.state.restore import apply_restore, prepare_restore
 from ckpt.storage import retention
 from ckpt.storage.commit import latest_for_save, load_manifest, new_run_id
 from ckpt.storage.manifest import Manifest, check_step
@@ -169,22 +170,28 @@ class Checkpointer:
         #: the durable tier behind a local one (``local=``; see :mod:`ckpt.storage.tiers`)
         self.tiers: Tiers | None = None
         if local is not None:
+            durable = Store(url, storage_options)
             self.tiers = Tiers(
                 Store(local, local_storage_options),
-                Store(url, storage_options),
+                durable,
                 persist_every=persist_every,
                 local_keep_last=local_keep_last,
                 keep_last=keep_last,
                 keep_every=keep_every,
                 take_over=take_over,
                 local_compress=local_compress,
+                # a plain durable tier is opened on the tiers' thread (see below)
+                open_durable=functools.partial(open_store, durable, None, create=True) if encryption is None else None,
             )
             self.store = self.tiers.local.store  # every save commits there
         else:
             self.store = Store(url, storage_options)
         if self.tiers is not None:  # one descriptor for both tiers (ckpt.security.binding)
             try:
-                open_tiers(self.store, self.tiers.durable.store, encryption)
+                if encryption is None:  # plain: the local tier now, the durable one in the background
+                    open_store(self.store, None, create=True)
+                else:
+                    open_tiers(self.store, self.tiers.durable.store, encryption)
             except BaseException:
                 self.tiers.close(persist=False)
                 raise
@@ -474,7 +481,10 @@ class Checkpointer:
         if self.tiers is not None:  # the newest intact checkpoint of either tier
             live = state
             info, manifest, _tier = self.tiers.restore(
-                lambda store, m: restore_manifest(store, self._plugins, m, live), step
+                lambda store, m: restore_manifest(store, self._plugins, m, live),
+                step,
+                prepare_fn=lambda store, m: prepare_restore(store, self._plugins, m, live),
+                apply_fn=apply_restore,
             )
         elif step is None:
             info, manifest = restore_latest(self.store, self._plugins, state)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -67,13 +68,46 @@ def restore_manifest(
     place: Placer | None = None,
 ) -> CheckpointInfo:
     """Load ``manifest``'s checkpoint into ``state``'s live objects (see ``ckpt.restore``)."""
+    return apply_restore(prepare_restore(store, plugins, manifest, state, strict=strict, place=place))
+
+
+@dataclass
+class Prepared:
+    """A checkpoint read, verified and checked against the live objects, not loaded yet."""
+
+    store_url: str
+    plugins: Plugins
+    manifest: Manifest
+    state: MutableMapping[str, Any]
+    values: dict[str, Any]
+    missing: list[str]
+    unexpected: list[str]
+    strict: bool
+
+
+def prepare_restore(
+    store: Store,
+    plugins: Plugins,
+    manifest: Manifest,
+    state: MutableMapping[str, Any],
+    *,
+    strict: bool = True,
+    place: Placer | None = None,
+) -> Prepared:
+    """The first half of :func:`restore_manifest`: everything read and checked, nothing live changed."""
     values, missing, unexpected = _prepare(store, plugins, manifest, state, strict=strict, place=place)
+    return Prepared(store.url, plugins, manifest, state, values, missing, unexpected, strict)
+
+
+def apply_restore(prepared: Prepared) -> CheckpointInfo:
+    """The second half of :func:`restore_manifest`: the live objects take the prepared values."""
+    state, plugins, strict = prepared.state, prepared.plugins, prepared.strict
     # Everything is read, verified and checked: from here on only loads that fit.
-    for key, value in values.items():
+    for key, value in prepared.values.items():
         state[key] = load_into(state[key], value, treemod.escape(key), plugins, strict=strict)
-    info = CheckpointInfo.from_manifest(manifest, store.url)
+    info = CheckpointInfo.from_manifest(prepared.manifest, prepared.store_url)
     if not strict:
-        info = info.with_keys(missing=missing, unexpected=unexpected)
+        info = info.with_keys(missing=prepared.missing, unexpected=prepared.unexpected)
     plugins.after_restore(info=info, state=state)
     return info
 

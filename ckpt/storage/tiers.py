@@ -115,6 +115,7 @@ class Tiers:
         keep_every: int | None = None,
         take_over: bool | None = None,
         local_compress: bool = False,
+        open_durable: Callable[[], Any] | None = None,
     ) -> None:
         if persist_every is not None and (
             isinstance(persist_every, bool) or not isinstance(persist_every, int) or persist_every < 1
@@ -132,9 +133,10 @@ class Tiers:
         self.keep_last = keep_last
         self.keep_every = keep_every
         self._pool: ThreadPoolExecutor = serial_pool("ckpt-tiers")
-        self._lease: Future[WriterLease] = self._pool.submit(
-            WriterLease, durable, take_over=take_over, what="Checkpointer (durable tier)"
-        )
+        # The durable tier is opened (its encryption descriptor read) and its lease taken on
+        # the tiers' thread: a restart from the local tier waits for neither.
+        self._opened: Future[Any] = self._pool.submit(open_durable or _nothing)
+        self._lease: Future[WriterLease] = self._pool.submit(self._take_lease, durable, take_over)
         self._lock = threading.Lock()
         self._running: int | None = None
         self._waiting: int | None = None
@@ -145,6 +147,14 @@ class Tiers:
         self._newest_local: int | None = None
         #: background persist failures not yet raised by :meth:`committed`
         self._unreported: list[CheckpointError] = []
+
+    def _take_lease(self, durable: Store, take_over: bool | None) -> WriterLease:
+        self._opened.result()  # a durable tier that cannot be opened refuses the first save
+        return WriterLease(durable, take_over=take_over, what="Checkpointer (durable tier)")
+
+    def _durable_latest(self) -> Any:
+        self._opened.result()
+        return find_latest(self.durable.store)
 
     @staticmethod
     def _codecs() -> CodecRegistry:
@@ -303,9 +313,21 @@ class Tiers:
         return err
 
     # -- restoring ---------------------------------------------------------------------
-    def restore(self, restore_fn: RestoreFn, step: int | None = None) -> tuple[CheckpointInfo, Manifest, str]:
+    def restore(
+        self,
+        restore_fn: RestoreFn,
+        step: int | None = None,
+        *,
+        prepare_fn: Callable[[Store, Manifest], Any] | None = None,
+        apply_fn: Callable[[Any], CheckpointInfo] | None = None,
+    ) -> tuple[CheckpointInfo, Manifest, str]:
         """Restore the newest checkpoint across the tiers that is complete and verifies
         (``step``: that step, from the first tier holding an intact copy).
+
+        With ``prepare_fn`` and ``apply_fn`` (``restore_fn``'s two halves: read and check,
+        then load), the local tier's latest checkpoint is read while the durable tier's latest
+        is fetched on another thread; it is loaded only if it wins the ranking, so a restart
+        from the local tier does not wait on the durable store's round trips.
 
         Returns its info, its manifest and the name of the tier it came from.
         :raises NoCheckpointError: neither tier holds a checkpoint (of ``step``).
@@ -319,9 +341,34 @@ class Tiers:
         why: list[str] = []
         held = False
         latests: dict[str, Manifest] = {}
+        side = serial_pool("ckpt-tiers-rank")
+        try:
+            durable_latest = side.submit(self._durable_latest)
+            local_latest = self._latest_or_error(self.local)
+            early: tuple[Manifest, Any, BaseException | None] | None = None
+            m = None if isinstance(local_latest, BaseException) else local_latest.manifest
+            if prepare_fn is not None and apply_fn is not None and m is not None:
+                try:
+                    early = (m, prepare_fn(self.local.store, m), None)
+                except CheckpointError as exc:  # raised, or passed over, if this one wins
+                    early = (m, None, exc)
+            found = {"local": local_latest, "durable": _result_or_error(durable_latest)}
+        finally:
+            side.shutdown(wait=False)
+
+        def attempt(tier: Tier, manifest: Manifest) -> CheckpointInfo:
+            if early is not None and tier is self.local and manifest is early[0]:
+                if early[2] is not None:
+                    raise early[2]
+                assert apply_fn is not None
+                return apply_fn(early[1])
+            return restore_fn(tier.store, manifest)
+
         for tier in tiers:
             try:
-                latest = find_latest(tier.store)
+                latest = found[tier.name]
+                if isinstance(latest, BaseException):
+                    raise latest
             except CheckpointError as exc:
                 why.append(f"{tier.name} tier {tier.store.url}: {exc}")
                 log.warning("restore: the %s tier %s cannot be read (%s)", tier.name, tier.store.url, exc)
@@ -351,7 +398,7 @@ class Tiers:
                 )
             first = False
             try:
-                info = restore_fn(tier.store, manifest)
+                info = attempt(tier, manifest)
             except CorruptCheckpointError as exc:
                 why.append(f"step {manifest.step} of the {tier.name} tier: {exc}")
                 log.warning(
@@ -381,6 +428,13 @@ class Tiers:
             raise NoCheckpointError(f"no checkpoint in {self.local.store.url} or {self.durable.store.url}")
         raise CorruptCheckpointError("no intact checkpoint in either tier: " + "; ".join(why))
 
+    @staticmethod
+    def _latest_or_error(tier: Tier) -> Any:
+        try:
+            return find_latest(tier.store)
+        except CheckpointError as exc:
+            return exc
+
     def _push_older(self, heap: list[Any], tier: Tier, below: int) -> None:
         try:
             lineage, manifests = read_lineage(tier.store)
@@ -398,6 +452,8 @@ class Tiers:
         corrupt = False
         for tier in tiers:
             try:
+                if tier is self.durable:
+                    self._opened.result()
                 manifest = parse_manifest(tier.store.read_manifest(step), step, tier.store.url)
                 info = restore_fn(tier.store, manifest)
             except NoCheckpointError as exc:
@@ -417,6 +473,18 @@ class Tiers:
 
 
 _ORDER = itertools.count()
+
+
+def _nothing() -> None:
+    return None
+
+
+def _result_or_error(future: Future[Any]) -> Any:
+    """The future's result, or the CheckpointError it raised (any other exception propagates)."""
+    try:
+        return future.result()
+    except CheckpointError as exc:
+        return exc
 
 
 def _push(heap: list[Any], tier: Tier, manifest: Manifest, ahead: str | None = None) -> None:

@@ -268,3 +268,24 @@ def test_copy_of_an_older_step_is_resealed_without_seq_and_opens(encrypted_src, 
     ckpt.save(plain, _state(4), step=1)
     with pytest.raises(EncryptionError, match="not encrypted"):
         ckpt.copy(plain, str(tmp_path / "x"), encryption=enc)
+
+
+def test_plain_tiers_whose_durable_tier_is_encrypted_refuse_the_first_save(tmp_path, caplog):
+    """Without a key the durable tier is opened in the background (a restart from the local
+    tier does not wait on it): an encrypted durable tier is reported by the restore and
+    refuses the first save, never mixed with plain checkpoints."""
+    durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
+    with ckpt.Checkpointer(durable, local=local, persist_every=None) as ck:
+        ck.save(_state(1), step=1).wait()
+        ck.tiers.persist_now(1)
+    shutil.rmtree(durable)
+    ckpt.save(durable, _state(2), step=1, encryption=ckpt.Encryption(KEY))  # another store there now
+    ck = ckpt.Checkpointer(durable, local=local)
+    got = _blank()
+    assert ck.restore(got).step == 1  # the local tier's checkpoint, the durable one unreadable
+    _equal(got, _state(1))
+    assert "durable tier" in caplog.text
+    ck.save(_state(3), step=2).wait()  # the local commit stands ...
+    with pytest.raises(EncryptionError):
+        ck.close()  # ... and nothing plain reaches the encrypted durable tier
+    assert ckpt.steps(durable) == [1]  # the encrypted store as it was
