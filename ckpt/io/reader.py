@@ -189,7 +189,7 @@ def empty_like_entry(entry: TensorEntry, path: str) -> torch.Tensor:
     return host
 
 
-def _writable_in_place(dest: torch.Tensor) -> bool:
+def writable_in_place(dest: torch.Tensor) -> bool:
     return dest.device.type == "cpu" and dest.is_contiguous() and not dest.is_conj() and not dest.is_neg()
 
 
@@ -215,7 +215,7 @@ def read_tensors(
     for path in plan.paths:
         entry = plan.entry(path)
         dest = destinations.get(path)
-        if dest is not None and _writable_in_place(dest):
+        if dest is not None and writable_in_place(dest):
             if dest.nbytes != entry.nbytes:
                 raise CheckpointError(f"tensor {path!r}: destination has {dest.nbytes} bytes, stored {entry.nbytes}")
             host = dest.detach()
@@ -266,6 +266,20 @@ def read_tensors(
         for dest, host in staged:
             dest.copy_(host)
     return result
+
+
+def verify_reads(store: Store, codecs: CodecRegistry, plan: ReadPlan) -> None:
+    """Read and verify every chunk of ``plan`` into reused buffers, keeping nothing: the first
+    pass of an in-place restore (:func:`ckpt.state.restore.prepare_restore`)."""
+    with io_pool("ckpt-verify") as pool:
+        reader = Reader(store, codecs)
+
+        def job(r: ChunkRead) -> None:
+            obj = r.ref.object_ref()
+            with reader._scratch(obj.size) as buf:
+                reader.read_object(obj, buf, what=f"tensor {r.path!r}")
+
+        wait_all([pool.submit(job, r) for r in plan.reads])
 
 
 def tensors_named(paths: Iterable[str], limit: int = 8) -> str:

@@ -483,7 +483,8 @@ class Checkpointer:
             info, manifest, _tier = self.tiers.restore(
                 lambda store, m: restore_manifest(store, self._plugins, m, live),
                 step,
-                prepare_fn=lambda store, m: prepare_restore(store, self._plugins, m, live),
+                # a raw local tier is read straight into the live tensors (verified before and after)
+                prepare_fn=lambda store, m: prepare_restore(store, self._plugins, m, live, in_place=not store.compress),
                 apply_fn=apply_restore,
             )
         elif step is None:

@@ -21,14 +21,14 @@ from ckpt.distributed.sharding import rank_view
 from ckpt.errors import CheckpointError, CorruptCheckpointError, StateMismatchError
 from ckpt.hooks.manager import Plugins
 from ckpt.io.plan import ReadPlan
-from ckpt.io.reader import read_tensors
+from ckpt.io.reader import read_tensors, verify_reads, writable_in_place
 from ckpt.state import tree as treemod
 from ckpt.state.capture import as_numpy, capture, check_into, live_tensors, load_into, qualified_name
 from ckpt.state.dataloader import track_all
 from ckpt.state.placement import DEFAULT_LOCATION, Placer
 from ckpt.storage.commit import load_manifest
 from ckpt.storage.lineage import read_lineage
-from ckpt.storage.manifest import Manifest
+from ckpt.storage.manifest import Manifest, TensorEntry
 from ckpt.storage.store import Store
 from ckpt.types import CheckpointInfo
 
@@ -72,6 +72,16 @@ def restore_manifest(
 
 
 @dataclass
+class InPlace:
+    """Raw objects verified by :func:`prepare_restore` that :func:`apply_restore` reads straight
+    into the live tensors (see ``in_place``)."""
+
+    store: Store
+    plan: ReadPlan
+    live: dict[str, torch.Tensor]
+
+
+@dataclass
 class Prepared:
     """A checkpoint read, verified and checked against the live objects, not loaded yet."""
 
@@ -83,6 +93,7 @@ class Prepared:
     missing: list[str]
     unexpected: list[str]
     strict: bool
+    in_place: InPlace | None = None
 
 
 def prepare_restore(
@@ -93,15 +104,37 @@ def prepare_restore(
     *,
     strict: bool = True,
     place: Placer | None = None,
+    in_place: bool = False,
 ) -> Prepared:
-    """The first half of :func:`restore_manifest`: everything read and checked, nothing live changed."""
-    values, missing, unexpected = _prepare(store, plugins, manifest, state, strict=strict, place=place)
-    return Prepared(store.url, plugins, manifest, state, values, missing, unexpected, strict)
+    """The first half of :func:`restore_manifest`: everything read and checked, nothing live changed.
+
+    ``in_place`` (a raw local tier, :mod:`ckpt.storage.tiers`): tensors stored raw whose live
+    tensor is contiguous CPU memory are verified here, read into reused buffers and dropped,
+    and read again straight into the live tensors by :func:`apply_restore`, where they are
+    verified once more; no fresh memory the size of the state is needed (in a fresh process
+    its first touch cost more than the read). A damaged object is found here, before anything
+    live changes; only an object file rewritten in place between the two reads (milliseconds,
+    by someone who can write the tier) is found after the live tensors changed: that raises a
+    CorruptCheckpointError saying so, which the tiers answer by restoring another copy over them.
+    """
+    values, missing, unexpected, deferred = _prepare(
+        store, plugins, manifest, state, strict=strict, place=place, in_place=in_place
+    )
+    return Prepared(store.url, plugins, manifest, state, values, missing, unexpected, strict, deferred)
 
 
 def apply_restore(prepared: Prepared) -> CheckpointInfo:
     """The second half of :func:`restore_manifest`: the live objects take the prepared values."""
     state, plugins, strict = prepared.state, prepared.plugins, prepared.strict
+    if prepared.in_place is not None:  # verified already: now into the live tensors, verified again
+        ip = prepared.in_place
+        try:
+            read_tensors(ip.store, plugins.codecs, ip.plan, destinations=ip.live)
+        except CheckpointError as exc:
+            raise CorruptCheckpointError(
+                f"{exc} (it changed after it was verified: the live tensors of step {prepared.manifest.step} "
+                "may be partly overwritten; restore another checkpoint)"
+            ) from None
     # Everything is read, verified and checked: from here on only loads that fit.
     for key, value in prepared.values.items():
         state[key] = load_into(state[key], value, treemod.escape(key), plugins, strict=strict)
@@ -160,17 +193,40 @@ def _prepare(
     *,
     strict: bool,
     place: Placer | None,
-) -> tuple[dict[str, Any], list[str], list[str]]:
+    in_place: bool = False,
+) -> tuple[dict[str, Any], list[str], list[str], InPlace | None]:
     """The values ``state``'s keys take from ``manifest`` (read, verified and checked against
-    the live objects, nothing live changed yet), and the missing and unexpected keys."""
+    the live objects, nothing live changed yet), the missing and unexpected keys, and the
+    tensors :func:`apply_restore` reads in place (see :func:`prepare_restore`)."""
     manifest = rank_view(manifest, 0)  # a collective save's checkpoint in one process: rank 0's values
-    keys, _live, wanted, missing, unexpected = fit_live(store, plugins, manifest, state, strict=strict)
+    keys, live, wanted, missing, unexpected = fit_live(store, plugins, manifest, state, strict=strict)
+    deferred: dict[str, torch.Tensor] = {}
+    if in_place and place is None:
+        deferred = {p: live[p] for p in wanted if p in live and _raw_into(manifest.tensors[p], live[p])}
+    later = None
+    if deferred:
+        later = InPlace(store, ReadPlan.for_paths(manifest, list(deferred)), deferred)
+        verify_reads(store, plugins.codecs, later.plan)
     # Into fresh host memory, not the live tensors: a chunk failing verification must not
     # leave a module half-overwritten. The adapters' loads copy them in afterwards.
-    tensors = read_tensors(store, plugins.codecs, ReadPlan.for_paths(manifest, wanted))
+    tensors = read_tensors(
+        store, plugins.codecs, ReadPlan.for_paths(manifest, [p for p in wanted if p not in deferred])
+    )
     if place is not None:
         tensors = {p: place(t, manifest.devices.get(p, DEFAULT_LOCATION)) for p, t in tensors.items()}
-    return decode_values(manifest, state, keys, tensors, plugins, strict=strict), missing, unexpected
+    tensors.update(deferred)  # the live tensors themselves, filled by apply_restore
+    return decode_values(manifest, state, keys, tensors, plugins, strict=strict), missing, unexpected, later
+
+
+def _raw_into(entry: TensorEntry, live: torch.Tensor) -> bool:
+    """Whether ``entry`` is stored raw, unpacked and unsharded, and ``live`` can take it in place."""
+    return (
+        bool(entry.chunks)
+        and not entry.shards
+        and all(not c.codec and not c.packed for c in entry.chunks)
+        and writable_in_place(live)
+        and live.nbytes == entry.nbytes
+    )
 
 
 def fit_live(

@@ -112,3 +112,68 @@ def test_a_damaged_raw_local_object_falls_back_to_the_durable_tier(tmp_path, dam
         assert ck.restore(fresh).step == 1
     assert same(weights(fresh), want)
     assert "durable" in caplog.text
+
+
+def test_restore_from_the_raw_local_tier_reads_into_the_live_tensors(tmp_path, monkeypatch):
+    """The live tensors themselves take the local tier's raw objects (no fresh copy of the
+    state), verified before anything changes and again after."""
+    import ckpt.state.restore as restore_mod
+
+    durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
+    state = _big_state()
+    with ckpt.Checkpointer(durable, local=local, persist_every=1) as ck:
+        _step(state, 1)
+        ck.save(state, step=1).wait()
+    want = weights(state)
+    fresh = _big_state(seed=4)
+    _step(fresh, 9)  # optimizer state exists: it is written in place too
+    params = {n: p.data_ptr() for n, p in fresh["model"].named_parameters()}
+    calls = []
+    read = restore_mod.read_tensors
+
+    def spy(store, codecs, plan, **kw):
+        calls.append((sorted(plan.paths), sorted(kw.get("destinations") or {})))
+        return read(store, codecs, plan, **kw)
+
+    monkeypatch.setattr(restore_mod, "read_tensors", spy)
+    with ckpt.Checkpointer(durable, local=local) as ck:
+        assert ck.restore(fresh).step == 1
+    assert same(weights(fresh), want)
+    saved = [s["exp_avg_sq"] for s in state["optim"].state.values()]
+    live = [s["exp_avg_sq"] for s in fresh["optim"].state.values()]
+    assert all(torch.equal(a, b) for a, b in zip(live, saved))
+    big = {p for p, e in load_manifest(Store(local), 1).tensors.items() if not e.chunks[0].packed}
+    fresh_reads = {p for paths, dest in calls if not dest for p in paths}
+    in_place = {p for paths, dest in calls if dest for p in dest}
+    assert big and big <= in_place and not (big & fresh_reads)  # no fresh copy of the large tensors
+    assert {n: p.data_ptr() for n, p in fresh["model"].named_parameters()} == params
+
+
+def test_a_local_object_rewritten_between_the_two_reads_is_restored_from_the_durable_tier(
+    tmp_path, monkeypatch, caplog
+):
+    import ckpt.snapshot.checkpointer as ckmod
+
+    durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
+    state = _big_state()
+    with ckpt.Checkpointer(durable, local=local, persist_every=1) as ck:
+        _step(state, 1)
+        ck.save(state, step=1).wait()
+    want = weights(state)
+    store = Store(local)
+    ref = max((c for e in load_manifest(store, 1).tensors.values() for c in e.chunks), key=lambda c: c.size)
+    prepare = ckmod.prepare_restore
+
+    def then_rewrite(*a, **k):
+        prepared = prepare(*a, **k)
+        with open(store.object_path(ref.key), "r+b") as f:  # in place, after the first read
+            f.seek(ref.size // 2)
+            f.write(b"\xff\xff\xff\xff")
+        return prepared
+
+    monkeypatch.setattr(ckmod, "prepare_restore", then_rewrite)
+    fresh = _big_state(seed=5)
+    with ckpt.Checkpointer(durable, local=local) as ck:
+        assert ck.restore(fresh).step == 1
+    assert same(weights(fresh), want)  # the durable copy restored over the partly written tensors
+    assert "changed after it was verified" in caplog.text
