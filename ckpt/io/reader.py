@@ -276,8 +276,23 @@ def verify_reads(store: Store, codecs: CodecRegistry, plan: ReadPlan) -> None:
 
         def job(r: ChunkRead) -> None:
             obj = r.ref.object_ref()
+            what = f"tensor {r.path!r}"
+            if not obj.codec and obj.stored == obj.size:  # raw on local disk: hashed as it streams by
+                got = store.hash_object(obj.key, obj.size, what=what)
+                if got is not None:
+                    digest, size = got
+                    if size != obj.size:
+                        has = f"more than {obj.size}" if size > obj.size else str(size)
+                        raise CorruptCheckpointError(
+                            f"{what}: object {obj.key} has {has} bytes, the manifest says {obj.size} (truncated or replaced)"
+                        )
+                    if digest != obj.hash:
+                        raise CorruptCheckpointError(
+                            f"{what}: object {obj.key} fails verification (content hash mismatch)"
+                        )
+                    return
             with reader._scratch(obj.size) as buf:
-                reader.read_object(obj, buf, what=f"tensor {r.path!r}")
+                reader.read_object(obj, buf, what=what)
 
         wait_all([pool.submit(job, r) for r in plan.reads])
 

@@ -136,6 +136,8 @@ class Tiers:
         # The durable tier is opened (its encryption descriptor read) and its lease taken on
         # the tiers' thread: a restart from the local tier waits for neither.
         self._opened: Future[Any] = self._pool.submit(open_durable or _nothing)
+        # the durable tier's latest, for the first restore to rank against (fetched meanwhile)
+        self._head: Future[Any] | None = self._pool.submit(self._durable_latest)
         self._lease: Future[WriterLease] = self._pool.submit(self._take_lease, durable, take_over)
         self._lock = threading.Lock()
         self._running: int | None = None
@@ -184,6 +186,7 @@ class Tiers:
         """
         self.lease  # noqa: B018 - refused: raised here, at the first save
         self._newest_local = step
+        self._head = None  # a later restore asks the durable tier again
         if self.persist_every is not None and step % self.persist_every == 0:
             self.persist_async(step)
         if self.local_keep_last is None:
@@ -343,7 +346,7 @@ class Tiers:
         latests: dict[str, Manifest] = {}
         side = serial_pool("ckpt-tiers-rank")
         try:
-            durable_latest = side.submit(self._durable_latest)
+            durable_latest, self._head = self._head or side.submit(self._durable_latest), None
             local_latest = self._latest_or_error(self.local)
             early: tuple[Manifest, Any, BaseException | None] | None = None
             m = None if isinstance(local_latest, BaseException) else local_latest.manifest
