@@ -183,6 +183,10 @@ def _loop(
     return {"loop_s": loop, "close_s": time.perf_counter() - t1}
 
 
+#: fresh-process restarts per ckpt mode (the median is reported)
+RESTART_REPEATS = 3
+
+
 def run(
     *,
     smoke: bool,
@@ -216,7 +220,18 @@ def run(
             ("ckpt durable tier (S3)", "ckpt", str(Path(workdir) / "new-node")),
             ("dcp.load (S3, FsspecReader)", "dcp", local),
         ):
-            r = _fresh_process(mode, layers, width, loc, durable, so, smoke)
+            # one sample of a restart swings by ~0.1 s on a shared VM: ckpt's restarts run three
+            # times and report the median (dcp.load from S3 takes tens of seconds: once)
+            samples = []
+            for _ in range(1 if smoke or mode == "dcp" else RESTART_REPEATS):
+                samples.append(_fresh_process(mode, layers, width, loc, durable, so, smoke))
+                common.rmtree(Path(workdir) / "new-node")
+            samples.sort(key=lambda x: x["restore_s"])
+            r = dict(
+                samples[len(samples) // 2],
+                samples=[x["restore_s"] for x in samples],
+                bit_exact=all(x["bit_exact"] for x in samples),
+            )
             restarts[name] = r
             log(
                 f"{name:30} ready to train {r['ready_s']:.2f}s (restore {r['restore_s']:.2f}s, "
@@ -307,13 +322,16 @@ def markdown(res: dict[str, Any]) -> str:
         f"- State: {w['title']}, {report.mb(w['raw_bytes'])} MB of tensors",
         f"- Shared machine: load average {la[0]:.1f} at the start, {lb[0]:.1f} at the end",
         "- S3 is moto in its own process on loopback: it compares clients, it does not predict cloud throughput",
+        f"- Each ckpt restart runs {RESTART_REPEATS} times in a fresh process (the median is shown), dcp.load once",
         "",
-        "| restart after SIGKILL | ready to train s | of which restore s | exact |",
-        "|---|---:|---:|---|",
+        "| restart after SIGKILL | ready to train s | of which restore s | restore s, every run | exact |",
+        "|---|---:|---:|---|---|",
     ]
     for name, r in res["restarts"].items():
+        every = ", ".join(f"{x:.3f}" for x in r.get("samples", [r["restore_s"]]))
         lines.append(
-            f"| {name} | {report.secs(r['ready_s'])} | {report.secs(r['restore_s'])} | {'yes' if r['bit_exact'] else 'NO'} |"
+            f"| {name} | {report.secs(r['ready_s'])} | {report.secs(r['restore_s'])} | {every} | "
+            f"{'yes' if r['bit_exact'] else 'NO'} |"
         )
     lines += [
         "",
