@@ -86,7 +86,12 @@ def new_manifest(
         classes=dict(classes or {}),
         devices=dict(devices or {}),
     )
-    # The manifest's own digits change its length, so settle it.
+    return settle_stored_bytes(manifest, written_bytes)
+
+
+def settle_stored_bytes(manifest: Manifest, written_bytes: int) -> Manifest:
+    """``manifest`` whose ``stored_bytes`` counts ``written_bytes`` and the manifest itself
+    (its own digits change its length, so the count is settled)."""
     stored = written_bytes + len(manifest.to_json_bytes())
     for _ in range(3):
         manifest = dataclasses.replace(manifest, stored_bytes=stored)

@@ -38,6 +38,7 @@ from ckpt.io.writer import write_objects
 from ckpt.security.binding import bind_destination
 from ckpt.snapshot.executor import new_io_pool
 from ckpt.state.tree import dtype_from_name
+from ckpt.storage.commit import settle_stored_bytes
 from ckpt.storage.copy import CopyResult, CopyStats, _commit_copy, _existing, _source_manifests, same_checkpoint
 from ckpt.storage.lineage import find_latest
 from ckpt.storage.manifest import ChunkRef, Manifest, TensorEntry
@@ -208,11 +209,4 @@ def _read_back(
 def _durable_manifest(manifest: Manifest, entries: dict[str, TensorEntry], written: int) -> Manifest:
     """``manifest`` citing the durable tier's objects, its stored size settled as a save's is."""
     out = dataclasses.replace(manifest, tensors={p: entries[p] for p in manifest.tensors}, seq=None)
-    stored = written + len(out.to_json_bytes())
-    for _ in range(3):
-        out = dataclasses.replace(out, stored_bytes=stored)
-        now = written + len(out.to_json_bytes())
-        if now == stored:
-            break
-        stored = now
-    return out
+    return settle_stored_bytes(out, written)
