@@ -170,7 +170,8 @@ class Checkpointer:
         #: the durable tier behind a local one (``local=``; see :mod:`ckpt.storage.tiers`)
         self.tiers: Tiers | None = None
         if local is not None:
-            durable = Store(url, storage_options)
+            # made on the tiers' thread: a restart from the local tier does not wait for s3fs
+            durable = Store(url, storage_options, lazy=True)
             self.tiers = Tiers(
                 Store(local, local_storage_options),
                 durable,

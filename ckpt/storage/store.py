@@ -40,7 +40,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import fsspec
 import xxhash
@@ -94,25 +94,20 @@ class ObjectInfo:
 class Store:
     """One checkpoint store at ``url`` (an fsspec URL or a local path)."""
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *, lazy: bool = False) -> None:
+        """``lazy``: the filesystem is made (its package imported: s3fs and its clients take
+        ~0.2 s) at the first use of the store rather than here, on whichever thread uses it
+        first; a URL fsspec cannot open is then refused there. The tiers open their durable
+        tier so, on their own thread, while a restart restores from the local tier."""
         if not isinstance(url, (str, os.PathLike)) or not str(url):
             raise CheckpointError(f"store URL must be a non-empty string or path, got {url!r}")
         self.url = os.fspath(url)
-        try:
-            self.fs, root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
-        except ImportError as exc:
-            raise StoreError(f"cannot open {self.url}: {exc}") from None
-        except (ValueError, TypeError) as exc:
-            raise StoreError(f"cannot open {self.url}: {exc}") from None
-        tune_client(self.fs)  # ckpt's Retrier is the only one that retries
-        self.root = root.rstrip("/") if root not in ("/", "") else root
-        self.local = isinstance(self.fs, LocalFileSystem)
+        self._options = dict(storage_options or {})
+        self._resolve_lock = threading.Lock()
         self._dirs_lock = threading.Lock()
         self._dirty_dirs: set[str] = set()
         self._made_dirs: set[str] = set()
         self.retrier = Retrier(where=self.url)
-        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
-        self._s3 = any(p in ("s3", "s3a") for p in protocols)
         #: what this store gives its codecs (see ckpt.codecs.base.CodecContext)
         self.codec_context = CodecContext(url=self.url)
         # the root with symlinks resolved, once it exists: local reads stay under it
@@ -120,6 +115,42 @@ class Store:
         #: whether objects written here are compressed (and deltas tried): a fast local tier
         #: stores them raw, so its restores read straight into memory (ckpt.storage.tiers)
         self.compress = True
+        if not lazy:
+            self._resolve()
+
+    #: attributes set by :meth:`_resolve` (a lazy store makes them on first use)
+    _RESOLVED = frozenset({"fs", "root", "local", "_s3"})
+
+    fs: fsspec.AbstractFileSystem
+    root: str
+    local: bool
+    _s3: bool
+
+    if not TYPE_CHECKING:  # (hidden from mypy, which would otherwise type every attribute Any)
+
+        def __getattr__(self, name: str) -> Any:
+            # only called for attributes not set yet: those of a lazy store's filesystem
+            if name in Store._RESOLVED:
+                self._resolve()
+                return self.__dict__[name]
+            raise AttributeError(name)
+
+    def _resolve(self) -> None:
+        with self._resolve_lock:
+            if "fs" in self.__dict__:
+                return
+            try:
+                fs, root = fsspec.core.url_to_fs(self.url, **self._options)
+            except ImportError as exc:
+                raise StoreError(f"cannot open {self.url}: {exc}") from None
+            except (ValueError, TypeError) as exc:
+                raise StoreError(f"cannot open {self.url}: {exc}") from None
+            tune_client(fs)  # ckpt's Retrier is the only one that retries
+            self.root = root.rstrip("/") if root not in ("/", "") else root
+            self.local = isinstance(fs, LocalFileSystem)
+            protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+            self._s3 = any(p in ("s3", "s3a") for p in protocols)
+            self.fs = fs  # last: its presence says the others are set
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
