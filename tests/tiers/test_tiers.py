@@ -5,6 +5,7 @@ as the durable tier)."""
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 
 import pytest
@@ -142,3 +143,99 @@ def test_resume_persists_the_final_step(store_url, local_url):
     train()
     assert ckpt.latest_step(store_url) == 5
     assert ckpt.steps(local_url)[-1] == 5
+
+
+@pytest.fixture
+def slow_durable_head(monkeypatch):
+    """The durable tier's latest answers only after the local tier's checkpoint was read (as a
+    fresh process's S3 client does), so the restore loads the local one before the ranking;
+    records the steps loaded before it answered (armed by calling it)."""
+    import ckpt.snapshot.checkpointer as ckmod
+    from ckpt.storage.tiers import Tiers
+
+    latest = Tiers._durable_latest
+    prepared = threading.Event()
+    loaded: list[int] = []
+
+    answered = threading.Event()
+
+    def slow(self):
+        prepared.wait(30)
+        try:
+            return latest(self)
+        finally:
+            answered.set()
+
+    prepare, apply = ckmod.prepare_restore, ckmod.apply_restore
+
+    def prepare_then_answer(*a, **k):
+        try:
+            return prepare(*a, **k)
+        finally:
+            prepared.set()
+
+    def apply_early(p):
+        early = not answered.is_set()
+        info = apply(p)
+        if early:
+            loaded.append(info.step)
+        return info
+
+    def arm() -> list[int]:  # for the restoring Checkpointer only (the saving ones never prepare)
+        monkeypatch.setattr(Tiers, "_durable_latest", slow)
+        monkeypatch.setattr(ckmod, "prepare_restore", prepare_then_answer)
+        monkeypatch.setattr(ckmod, "apply_restore", apply_early)
+        return loaded
+
+    return arm
+
+
+def test_local_checkpoint_loaded_before_the_durable_tier_answers(tmp_path, slow_durable_head):
+    durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
+    seen = _run(durable, local, range(1, 4), persist_every=2)
+    fresh, loaded = make_state(seed=1), slow_durable_head()
+    with ckpt.Checkpointer(durable, local=local) as ck:
+        assert ck.restore(fresh).step == 3
+    assert same(weights(fresh), seen[3]) and loaded == [3]
+
+
+def test_a_newer_durable_checkpoint_answering_late_is_restored_over_the_early_load(tmp_path, slow_durable_head):
+    durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
+    _run(durable, local, range(1, 3))  # this node's local tier: steps 1-2
+    seen = _run(durable, str(tmp_path / "other-node"), range(1, 6), persist_every=5)
+    fresh, loaded = make_state(seed=1), slow_durable_head()
+    with ckpt.Checkpointer(durable, local=local) as ck:
+        assert ck.restore(fresh).step == 5
+    assert loaded == [2]  # loaded early, then step 5 over it
+    assert same(weights(fresh), seen[5])
+
+
+def test_a_damaged_newer_durable_checkpoint_answering_late_keeps_the_early_load(tmp_path, slow_durable_head, caplog):
+    durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
+    mine = _run(durable, local, range(1, 3))
+    _run(durable, str(tmp_path / "other-node"), range(3, 6), persist_every=5)
+    corrupt(Store(durable), 5)
+    fresh, loaded = make_state(seed=1), slow_durable_head()
+    with caplog.at_level(logging.WARNING, logger="ckpt"), ckpt.Checkpointer(durable, local=local) as ck:
+        assert ck.restore(fresh).step == 2
+    assert "step 5 of the durable tier" in caplog.text and "corrupt" in caplog.text
+    assert same(weights(fresh), mine[2]) and loaded == [2]  # read once, not again
+
+
+def test_a_newer_durable_checkpoint_that_does_not_fit_is_raised_after_an_early_load(
+    tmp_path, slow_durable_head, caplog
+):
+    durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
+    mine = _run(durable, local, range(1, 3))
+    other = {"model": torch.nn.Linear(16, 5)}  # the run changed its model
+    with ckpt.Checkpointer(durable, local=str(tmp_path / "other-node"), persist_every=1) as ck:
+        ck.save(other, step=7).wait()
+    fresh, loaded = make_state(seed=1), slow_durable_head()
+    with (
+        caplog.at_level(logging.WARNING, logger="ckpt"),
+        ckpt.Checkpointer(durable, local=local) as ck,
+        pytest.raises(ckpt.CheckpointError),
+    ):
+        ck.restore(fresh)
+    assert "the live objects hold step 2 of the local tier" in caplog.text
+    assert same(weights(fresh), mine[2]) and loaded == [2]  # whole, never half of either
