@@ -214,3 +214,33 @@ def test_a_frame_without_a_declared_size_is_bounded_by_the_expected_size():
     out = bytearray(1 << 20)
     ZstdCodec().decode(memoryview(streamed), memoryview(out), {}, None)
     assert not any(out)
+
+
+def _plane_alone(t: torch.Tensor, byte: int, params: dict) -> int:
+    """The size of byte plane ``byte`` of ``t`` compressed with ``params`` on its own."""
+    k = t.element_size()
+    plane = np.ascontiguousarray(t.contiguous().view(torch.uint8).numpy().reshape(-1, k)[:, byte])
+    c = zstandard.ZstdCompressor(compression_params=zstandard.ZstdCompressionParameters(**params))
+    return len(c.compress(plane.data))
+
+
+def test_a_plane_with_long_repeats_is_compressed_with_a_large_window_and_others_are_not():
+    """A one-sample gradient of a linear layer (an outer product) repeats each row's exponent
+    pattern in every row of the same scale, rows apart: the sample picks REPEAT_PARAMS for it,
+    and keeps PLANE_PARAMS for weights, where they are better."""
+    from ckpt.codecs.zstd import REPEAT_PARAMS
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1024, generator=g)
+    scale = 2.0 ** torch.randint(-30, -10, (2048,), generator=g) * torch.sign(torch.randn(2048, generator=g))
+    grad = torch.outer(scale, x)  # 8 MiB: a 2 MiB exponent plane
+    codec = ByteGroupZstdCodec()
+    payload, params = _encode(codec, grad)
+    stored_exponent = len(_planes(payload, 4)[3][1])
+    assert stored_exponent == _plane_alone(grad, 3, REPEAT_PARAMS)
+    assert stored_exponent * 10 < _plane_alone(grad, 3, PLANE_PARAMS)  # (39x smaller here)
+    assert _decode(ByteGroupZstdCodec(), payload, params, grad.nbytes) == bytes(_bytes(grad))
+
+    weights = _weights(2 * 1024 * 1024)
+    payload, _ = _encode(codec, weights)
+    assert len(_planes(payload, 4)[3][1]) == _plane_alone(weights, 3, PLANE_PARAMS)
