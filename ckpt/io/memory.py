@@ -18,6 +18,8 @@ import threading
 
 import numpy as np
 
+from ckpt.errors import CheckpointError
+
 log = logging.getLogger("ckpt")
 
 _MADV_POPULATE_WRITE = 23  # include/uapi/asm-generic/mman-common.h
@@ -63,3 +65,12 @@ def _disable(errno: int) -> None:
     if errno in (22, 38):  # EINVAL (kernel before 5.14), ENOSYS: never again
         _usable = False
         log.debug("madvise(MADV_POPULATE_WRITE) unavailable (errno %d): pages fault in one by one", errno)
+
+
+def payload_buffer(nbytes: int, *, what: str) -> np.ndarray:
+    """An uninitialised byte buffer of ``nbytes``, a size a manifest gave (an object's, a
+    packed object's, a box's): one the host cannot allocate is a CheckpointError, as for a tensor."""
+    try:
+        return np.empty(nbytes, dtype=np.uint8)
+    except (MemoryError, ValueError) as exc:  # numpy's _ArrayMemoryError; a negative size
+        raise CheckpointError(f"{what}: cannot allocate {nbytes} bytes for it ({type(exc).__name__})") from None

@@ -16,7 +16,7 @@ from ckpt.codecs.base import CodecRegistry, decode_chain, max_encoded_size
 from ckpt.codecs.crypto import ObjectDecodeContext
 from ckpt.errors import CheckpointError, CorruptCheckpointError
 from ckpt.io.hashing import hash_bytes
-from ckpt.io.memory import prefault
+from ckpt.io.memory import payload_buffer, prefault
 from ckpt.io.plan import ChunkRead, ReadPlan
 from ckpt.io.region import read_box
 from ckpt.snapshot.executor import io_pool, io_threads, wait_all
@@ -169,15 +169,6 @@ class Reader:
             raise CorruptCheckpointError(f"{what}: object {ref.key} fails verification (content hash mismatch)")
 
 
-def payload_buffer(nbytes: int, *, what: str) -> np.ndarray:
-    """An uninitialised byte buffer of ``nbytes``, a size a manifest gave (an object's, a
-    packed object's): one the host cannot allocate is a CheckpointError, as for a tensor."""
-    try:
-        return np.empty(nbytes, dtype=np.uint8)
-    except MemoryError:  # numpy's _ArrayMemoryError
-        raise CheckpointError(f"{what}: cannot allocate {nbytes} bytes for it") from None
-
-
 def empty_like_entry(entry: TensorEntry, path: str) -> torch.Tensor:
     dtype = dtype_from_name(entry.dtype, what=f"tensor {path!r}")
     try:
@@ -321,7 +312,10 @@ def iter_chunks(
         reader = Reader(store, codecs)
 
         def job(r: ChunkRead) -> bytearray:
-            buf = bytearray(r.ref.size)
+            try:
+                buf = bytearray(r.ref.size)
+            except MemoryError:
+                raise CheckpointError(f"tensor {r.path!r}: cannot allocate {r.ref.size} bytes for a chunk") from None
             reader.read_chunk(r.ref, memoryview(buf), what=f"tensor {r.path!r}")
             return buf
 

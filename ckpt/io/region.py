@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ckpt.errors import CheckpointError, CorruptCheckpointError
+from ckpt.io.memory import payload_buffer
 from ckpt.snapshot.executor import wait_all
 from ckpt.state.tree import dtype_from_name
 from ckpt.storage.manifest import DTYPE_ITEMSIZE, ChunkRef, TensorEntry
@@ -101,7 +102,7 @@ def read_box(
         first = sum(r * s for r, s in zip(rel, strides))
         last = sum((r + n - 1) * s for r, n, s in zip(rel, inter[1], strides))
         lo, hi = first * itemsize, (last + 1) * itemsize
-        buf = np.empty(hi - lo, dtype=np.uint8)
+        buf = payload_buffer(hi - lo, what=f"tensor {path!r}, a piece of box {list(offsets)}+{list(shape)}")
         start = 0
         for ref in chunks:
             a, b = start, start + ref.size
@@ -127,7 +128,7 @@ def _fill(reader: Reader, ref: ChunkRef, a: int, buf: np.ndarray, lo: int, hi: i
     if a >= lo and b <= hi:  # wholly inside: decode straight into the buffer
         reader.read_chunk(ref, buf.data[a - lo : b - lo], what=f"tensor {path!r}")
         return
-    tmp = np.empty(ref.size, dtype=np.uint8)
+    tmp = payload_buffer(ref.size, what=f"tensor {path!r}, chunk {ref.key}")
     reader.read_chunk(ref, tmp.data, what=f"tensor {path!r}")
     s, e = max(a, lo), min(b, hi)
     buf[s - lo : e - lo] = tmp[s - a : e - a]

@@ -100,3 +100,13 @@ def test_packed_object_size_no_host_can_hold_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match=r"cannot allocate|truncated or replaced"):
         ckpt.restore(url, live, step=1)
     assert not live["a"].any() and not live["b"].any()
+
+
+@pytest.mark.parametrize("nbytes", [2**62, -1])
+def test_a_buffer_size_no_host_can_hold_is_a_checkpoint_error(nbytes):
+    """Every buffer sized by a manifest (payloads, packed objects, boxes of sharded tensors)
+    comes from payload_buffer: an impossible size is a CheckpointError naming what needed it."""
+    from ckpt.io.memory import payload_buffer
+
+    with pytest.raises(CheckpointError, match=r"tensor 'w', chunk k: cannot allocate"):
+        payload_buffer(nbytes, what="tensor 'w', chunk k")
