@@ -107,11 +107,12 @@ class Reader:
             if got is not None:
                 self.check_payload(ref, out, out, what=what, in_place=got)
                 return
-        with self._scratch(expected + 1) as buf:
-            got = self.store.read_object_into(ref.key, buf, what=what)
-            if got is not None:
-                self.check_payload(ref, buf[:got], out, what=what)
-                return
+        if self.store.local:  # (a remote store's payload comes back as bytes: no buffer of ours)
+            with self._scratch(expected + 1) as buf:
+                got = self.store.read_object_into(ref.key, buf, what=what)
+                if got is not None:
+                    self.check_payload(ref, buf[:got], out, what=what)
+                    return
         payload = self.store.get_object(ref.key, what=what, limit=expected + 1)
         self.check_payload(ref, payload, out, what=what)
 

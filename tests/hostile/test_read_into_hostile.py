@@ -110,3 +110,22 @@ def test_a_buffer_size_no_host_can_hold_is_a_checkpoint_error(nbytes):
 
     with pytest.raises(CheckpointError, match=r"tensor 'w', chunk k: cannot allocate"):
         payload_buffer(nbytes, what="tensor 'w', chunk k")
+
+
+def test_a_remote_store_reader_holds_no_payload_buffer():
+    """A remote store's payloads come back as bytes: the Reader allocates no buffer of its own for them."""
+    import uuid
+
+    url = f"memory://read-into-{uuid.uuid4().hex}"
+    tensors = _growing(4, 256 * 1024)
+    ckpt.save(url, dict(tensors), step=1)
+    store = Store(url)
+    assert not store.local
+    m = load_manifest(store, 1)
+    reader = Reader(store, get_plugins().codecs)
+    for path in sorted(m.tensors):
+        ref = m.tensors[path].chunks[0]
+        out = torch.empty(ref.size, dtype=torch.uint8)
+        reader.read_chunk(ref, out.numpy().data, what=f"tensor {path!r}")
+        assert torch.equal(out, tensors[path].view(torch.uint8)[: ref.size])
+    assert reader._buffers == []
