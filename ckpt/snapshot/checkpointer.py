@@ -172,6 +172,9 @@ class Checkpointer:
         if local is not None:
             # made on the tiers' thread: a restart from the local tier does not wait for s3fs
             durable = Store(url, storage_options, lazy=True)
+            # An encrypted durable tier gets its keys on this thread (open_tiers, below): the
+            # tiers' thread waits for them before it reads anything there (its latest, its lease).
+            keyed = threading.Event()
             self.tiers = Tiers(
                 Store(local, local_storage_options),
                 durable,
@@ -182,7 +185,9 @@ class Checkpointer:
                 take_over=take_over,
                 local_compress=local_compress,
                 # a plain durable tier is opened on the tiers' thread (see below)
-                open_durable=functools.partial(open_store, durable, None, create=True) if encryption is None else None,
+                open_durable=functools.partial(open_store, durable, None, create=True)
+                if encryption is None
+                else keyed.wait,
             )
             self.store = self.tiers.local.store  # every save commits there
         else:
@@ -192,7 +197,10 @@ class Checkpointer:
                 if encryption is None:  # plain: the local tier now, the durable one in the background
                     open_store(self.store, None, create=True)
                 else:
-                    open_tiers(self.store, self.tiers.durable.store, encryption)
+                    try:
+                        open_tiers(self.store, self.tiers.durable.store, encryption)
+                    finally:
+                        keyed.set()
             except BaseException:
                 self.tiers.close(persist=False)
                 raise
