@@ -74,9 +74,11 @@ def bind_ranks(
             chosen = _choose(durable, encryption, locals_)
         except Exception as exc:  # noqa: BLE001 - refused on every rank
             err, chosen = exc, _Refused(rank, exc)
-    _agree(gather_all(group, chosen, what), err, what)
-    doc = gather_all(group, None if rank else chosen, what)[0]
-    err, out = None, True
+    outs = gather_all(group, chosen, what)  # rank 0's choice (or refusal) reaches every rank
+    _agree(outs, err, what)
+    doc = outs[0]
+    err = None
+    out: Any = True
     try:
         _bind(local, durable, encryption, doc, locals_[rank][0], rank)
     except Exception as exc:  # noqa: BLE001 - refused on every rank

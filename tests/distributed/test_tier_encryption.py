@@ -43,6 +43,8 @@ def test_encrypted_rank_local_tiers(tmp_path):
         foreign, plain = _phase(out, "foreign"), _phase(out, "plain")
         assert "REFUSED foreign" in foreign and "another encrypted store" in foreign, foreign
         assert "REFUSED plain" in plain and "plain checkpoints" in plain, plain
+        wrong = _phase(out, "wrongkey")
+        assert "REFUSED wrongkey" in wrong and "cannot open it" in wrong, wrong
     durable, local = tmp_path / "durable", tmp_path / "local"
     # one descriptor: the durable tier re-created at step 5 took the local tiers' store id
     ids = {_store_id(durable), _store_id(local / "rank-00000"), _store_id(local / "rank-00001")}

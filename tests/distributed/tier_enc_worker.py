@@ -1,7 +1,7 @@
 """One rank of the encrypted local-tier scenarios: ``python tier_enc_worker.py enc <dir>``
 (see ``conftest.run_ranks``). Saves with ``local=`` and ``encryption=``, restores from the
 local tiers, with rank 1's local tier gone, after the durable tier was deleted, and refuses
-a foreign or plain local tier on rank 1. Prints ``PHASE <name>`` before each phase and
+a foreign or plain local tier, or a wrong key, on rank 1. Prints ``PHASE <name>`` before each phase and
 ``OK`` last on success."""
 
 from __future__ import annotations
@@ -104,6 +104,13 @@ def enc(where: str, rank: int) -> None:
         if rank == 1:
             shutil.rmtree(mine)
             os.rename(f"{mine}.kept", mine)
+
+    print("PHASE wrongkey", flush=True)  # rank 1 cannot unwrap the data key: refused on every rank
+    try:
+        ckpt.Checkpointer(url, local=local, encryption=ckpt.Encryption(bytes(32)) if rank else key)
+        raise AssertionError("a wrong key on rank 1 was accepted")
+    except EncryptionError as exc:
+        print("REFUSED wrongkey", exc, flush=True)
 
     print("PHASE after", flush=True)  # the local tiers are still usable
     state = make()
