@@ -19,15 +19,16 @@ rank by the next ``save``/``step``/``wait``/``close`` (or logged with ``on_error
 :meth:`~DistributedCheckpointer.resume` restores collectively and handles preemption
 signals on every rank (:mod:`ckpt.distributed.preempt`). Not supported with several ranks
 yet, refused at construction with a CheckpointError: ``max_host_memory`` (every tensor is
-staged in host memory at once), ``if_busy="skip"``, and ``encryption`` together with a
-local tier.
+staged in host memory at once) and ``if_busy="skip"``.
 
 With ``local=`` (``persist_every``, ``local_keep_last``, ``local_storage_options``) every
 save commits to each rank's own local tier and steps divisible by ``persist_every`` go on
 to ``url`` as global collective checkpoints in the background
 (:mod:`ckpt.distributed.tier_run`); ``restore``/``resume`` take the newest checkpoint
 across the tiers (:mod:`ckpt.distributed.tier_restore`). ``keep_last``/``keep_every``
-then apply to the durable tier, ``local_keep_last`` to each rank's local tier.
+then apply to the durable tier, ``local_keep_last`` to each rank's local tier. With
+``encryption`` too, every rank's local tier and the durable tier share one encryption
+descriptor, agreed collectively at construction (:mod:`ckpt.distributed.tier_crypto`).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class DistributedCheckpointer:
         if on_error not in ("raise", "warn"):
             raise CheckpointError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
         _refuse(unsupported)
-        check_args(local, persist_every, local_keep_last, local_storage_options, encryption)
+        check_args(local, persist_every, local_keep_last, local_storage_options)
         self.store = Store(url, storage_options)
         self._encryption = encryption  # each commit opens the store with it (rank 0 first)
         self.url = self.store.url
@@ -137,6 +138,7 @@ class DistributedCheckpointer:
                 take_over=take_over,
                 on_done=self._done,
                 prune=self._prune,
+                encryption=encryption,
             )
 
     def __enter__(self) -> DistributedCheckpointer:

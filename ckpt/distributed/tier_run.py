@@ -11,6 +11,9 @@ on any rank: then every rank skips this one (logged), as the one-process tiers r
 waiting request, so training never waits on the durable tier. :meth:`TierRun.close`
 persists the newest local checkpoint, read back from the local tier, unless the durable
 tier holds it; after an error (the ranks may be out of step) it persists nothing.
+
+With ``encryption`` every rank's local tier and the durable tier share one descriptor,
+agreed at construction (:mod:`ckpt.distributed.tier_crypto`).
 """
 
 from __future__ import annotations
@@ -33,15 +36,14 @@ from ckpt.storage.writer_lease import WriterLease
 from ckpt.types import CheckpointInfo
 
 from .coordinator import _Failed, check_parts, commit_collective, gather_all
+from .tier_crypto import bind_ranks, local_descriptor
 from .tiers import META, RankTier, part_from_local
 
 log = logging.getLogger("ckpt")
 
 
-def check_args(
-    local: str | None, persist_every: Any, keep_last: Any, options: Any, encryption: Encryption | None
-) -> None:
-    """Refuse what the local tiers do not support with several ranks, and tier arguments without a tier."""
+def check_args(local: str | None, persist_every: Any, keep_last: Any, options: Any) -> None:
+    """Refuse invalid tier arguments, and tier arguments without a tier."""
     if local is None:
         given = [
             name
@@ -55,11 +57,6 @@ def check_args(
         if given:
             raise CheckpointError(f"Checkpointer: {', '.join(given)} needs a local tier (local=...), none is given")
         return
-    if encryption is not None:
-        raise CheckpointError(
-            "Checkpointer: encryption with a local tier is not supported with several ranks yet "
-            "(see ckpt.distributed.checkpointer)"
-        )
     if persist_every is not None and (
         isinstance(persist_every, bool) or not isinstance(persist_every, int) or persist_every < 1
     ):
@@ -88,8 +85,10 @@ class TierRun:
         on_done: Callable[[Future[CheckpointInfo]], None],
         prune: Callable[[WriterLease, CheckpointInfo], None],
         compress: bool = False,
+        encryption: Encryption | None = None,
     ) -> None:
         self.durable, self.group, self.plugins = durable, group, plugins
+        self.encryption = encryption
         self.persist_every, self.take_over = persist_every, take_over
         self._on_done, self._prune = on_done, prune
         # the save ids of this run, shared by every rank
@@ -118,16 +117,22 @@ class TierRun:
                 take_over=take_over,
             )
             tier.store.compress = compress  # raw by default, as one process's local tier
+            if encryption is not None:
+                out = local_descriptor(tier.store)
         except Exception as exc:  # noqa: BLE001 - refused on every rank
             err, out = exc, _Failed(dist.get_rank(), exc)
         what = f"opening the local tiers of {durable.url}"
         outs = gather_all(group, out, what)
-        if any(isinstance(o, _Failed) for o in outs):
+        try:
+            check_parts(outs, err, what)
+            assert tier is not None
+            if encryption is not None:  # one descriptor for every tier (ckpt.distributed.tier_crypto)
+                bind_ranks(tier.store, durable, group, encryption, outs)
+        except BaseException:
             if tier is not None:
                 tier.close()
             self._pool.shutdown(wait=False)
-        check_parts(outs, err, what)
-        assert tier is not None
+            raise
         self.tier = tier
 
     def next_save(self) -> str:
@@ -194,6 +199,7 @@ class TierRun:
             part=part,
             local=local,
             err=err,
+            encryption=self.encryption,
             take_over=self.take_over,
             after=self._prune,
             meta={META: {"save": save, "base": self.base}},

@@ -186,7 +186,6 @@ def checkpointer_features(where: str, rank: int) -> None:
     refused = (
         {"max_host_memory": 1 << 20},
         {"if_busy": "skip"},
-        {"local": os.path.join(where, "local"), "encryption": ckpt.Encryption(bytes(32))},
     )
     for bad in refused:
         try:
