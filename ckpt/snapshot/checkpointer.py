@@ -172,6 +172,9 @@ class Checkpointer:
         if local is not None:
             # made on the tiers' thread: a restart from the local tier does not wait for s3fs
             durable = Store(url, storage_options, lazy=True)
+            # an encrypted durable tier is opened below, with the local one: the tiers' thread
+            # waits for that (its keys) before it reads the durable tier or takes its lease
+            opened: Future[None] = Future()
             self.tiers = Tiers(
                 Store(local, local_storage_options),
                 durable,
@@ -182,7 +185,9 @@ class Checkpointer:
                 take_over=take_over,
                 local_compress=local_compress,
                 # a plain durable tier is opened on the tiers' thread (see below)
-                open_durable=functools.partial(open_store, durable, None, create=True) if encryption is None else None,
+                open_durable=functools.partial(open_store, durable, None, create=True)
+                if encryption is None
+                else opened.result,
             )
             self.store = self.tiers.local.store  # every save commits there
         else:
@@ -193,7 +198,10 @@ class Checkpointer:
                     open_store(self.store, None, create=True)
                 else:
                     open_tiers(self.store, self.tiers.durable.store, encryption)
-            except BaseException:
+                    opened.set_result(None)
+            except BaseException as exc:
+                if encryption is not None:
+                    opened.set_exception(exc)
                 self.tiers.close(persist=False)
                 raise
         else:
