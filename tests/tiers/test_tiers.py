@@ -277,3 +277,31 @@ def test_an_early_load_damaged_in_place_then_a_durable_misfit_says_the_live_obje
     assert loaded == []  # the early load failed, after the live tensors changed
     assert not same({k: v.detach() for k, v in fresh["model"].state_dict().items()}, before)
     assert "partly overwritten" in caplog.text and "step 7 of the durable tier" in caplog.text
+
+
+def test_a_loader_saved_before_its_first_epoch_restored_over_the_early_load_starts_afresh(tmp_path, slow_durable_head):
+    """The early load gives a DataLoader the local checkpoint's position to replay; a newer
+    durable checkpoint restored over it, saved before its loader's first epoch, must leave the
+    loader starting from the beginning, not replaying the local one's position."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def state():
+        torch.manual_seed(0)
+        loader = ckpt.track(DataLoader(TensorDataset(torch.arange(32)), batch_size=4))
+        return {"model": torch.nn.Linear(4, 4), "loader": loader}
+
+    durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
+    mine = state()
+    it = iter(mine["loader"])
+    for _ in range(3):
+        next(it)
+    with ckpt.Checkpointer(durable, local=local) as ck:
+        ck.save(mine, step=2).wait()  # three batches into epoch 0
+    with ckpt.Checkpointer(durable, local=str(tmp_path / "other-node"), persist_every=5) as ck:
+        ck.save(state(), step=5).wait()  # a newer run's, before its loader's first epoch
+    fresh, loaded = state(), slow_durable_head()
+    with ckpt.Checkpointer(durable, local=local) as ck:
+        assert ck.restore(fresh).step == 5
+    assert loaded == [2]
+    (first,) = next(iter(fresh["loader"]))
+    assert first.tolist() == [0, 1, 2, 3]
