@@ -172,9 +172,9 @@ class Checkpointer:
         if local is not None:
             # made on the tiers' thread: a restart from the local tier does not wait for s3fs
             durable = Store(url, storage_options, lazy=True)
-            # An encrypted durable tier gets its keys on this thread (open_tiers, below): the
-            # tiers' thread waits for them before it reads anything there (its latest, its lease).
-            keyed = threading.Event()
+            # an encrypted durable tier is opened below, with the local one: the tiers' thread
+            # waits for that (its keys) before it reads the durable tier or takes its lease
+            opened: Future[None] = Future()
             self.tiers = Tiers(
                 Store(local, local_storage_options),
                 durable,
@@ -187,7 +187,7 @@ class Checkpointer:
                 # a plain durable tier is opened on the tiers' thread (see below)
                 open_durable=functools.partial(open_store, durable, None, create=True)
                 if encryption is None
-                else keyed.wait,
+                else opened.result,
             )
             self.store = self.tiers.local.store  # every save commits there
         else:
@@ -197,11 +197,11 @@ class Checkpointer:
                 if encryption is None:  # plain: the local tier now, the durable one in the background
                     open_store(self.store, None, create=True)
                 else:
-                    try:
-                        open_tiers(self.store, self.tiers.durable.store, encryption)
-                    finally:
-                        keyed.set()
-            except BaseException:
+                    open_tiers(self.store, self.tiers.durable.store, encryption)
+                    opened.set_result(None)
+            except BaseException as exc:
+                if encryption is not None:
+                    opened.set_exception(exc)
                 self.tiers.close(persist=False)
                 raise
         else:

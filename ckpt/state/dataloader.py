@@ -444,7 +444,10 @@ class DataLoaderAdapter:
         pos = obj._ckpt_position  # type: ignore[attr-defined]
         pos.epoch = int(tree["epoch"])
         if pos.epoch < 0:
-            return  # saved before its first epoch: nothing to replay
+            # saved before its first epoch: nothing to replay, nor what an earlier restore
+            # left (the tiers load the local checkpoint, then maybe a newer one over it)
+            pos.resume = None
+            return
         pos.resume = {"epoch": pos.epoch, "batches": int(tree["batches"]), "start": dict(tree["start"])}
 
 

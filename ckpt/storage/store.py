@@ -141,11 +141,14 @@ class Store:
                 return
             try:
                 fs, root = fsspec.core.url_to_fs(self.url, **self._options)
-            except ImportError as exc:
-                raise StoreError(f"cannot open {self.url}: {exc}") from None
-            except (ValueError, TypeError) as exc:
-                raise StoreError(f"cannot open {self.url}: {exc}") from None
-            tune_client(fs)  # ckpt's Retrier is the only one that retries
+                tune_client(fs)  # ckpt's Retrier is the only one that retries
+            except CheckpointError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - fsspec raises what the filesystem raises (zip:: over a
+                # missing file: FileNotFoundError); a lazy store raises it at first use, on whichever thread,
+                # where only a CheckpointError naming the URL is expected (and an AttributeError out of
+                # __getattr__ would read as a missing attribute)
+                raise StoreError(f"cannot open {self.url}: {type(exc).__name__}: {exc}") from None
             self.root = root.rstrip("/") if root not in ("/", "") else root
             self.local = isinstance(fs, LocalFileSystem)
             protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)

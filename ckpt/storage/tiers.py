@@ -358,11 +358,18 @@ class Tiers:
             #: the local checkpoint already loaded into the live objects (see above)
             applied: tuple[Manifest, CheckpointInfo] | None = None
             m = None if isinstance(local_latest, BaseException) else local_latest.manifest
+            #: the early load's error, raised once it changed the live objects (a raw object
+            #: rewritten in place between its two reads): they match no checkpoint then
+            damaged: CheckpointError | None = None
             if prepare_fn is not None and apply_fn is not None and m is not None:
                 try:
                     early = (m, prepare_fn(self.local.store, m), None)
                     if not durable_latest.done():
-                        applied = (m, apply_fn(early[1]))
+                        try:
+                            applied = (m, apply_fn(early[1]))
+                        except CheckpointError as exc:
+                            damaged = exc
+                            raise
                 except CheckpointError as exc:  # raised, or passed over, if this one wins
                     early = (m, None, exc)
             found = {"local": local_latest, "durable": _result_or_error(durable_latest)}
@@ -437,6 +444,18 @@ class Tiers:
                         tier.store.url,
                         exc,
                         applied[0].step,
+                    )
+                elif damaged is not None and tier is not self.local:
+                    log.warning(
+                        "restore: step %d of the %s tier %s ranked first but cannot be restored (%s); "
+                        "the live objects are partly overwritten by step %d of the local tier, whose load "
+                        "while the durable tier answered failed (%s): restore again before training",
+                        manifest.step,
+                        tier.name,
+                        tier.store.url,
+                        exc,
+                        m.step if m is not None else -1,
+                        damaged,
                     )
                 raise
             if tier.rank and (empty or why):

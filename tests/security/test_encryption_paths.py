@@ -289,3 +289,39 @@ def test_plain_tiers_whose_durable_tier_is_encrypted_refuse_the_first_save(tmp_p
     with pytest.raises(EncryptionError):
         ck.close()  # ... and nothing plain reaches the encrypted durable tier
     assert ckpt.steps(durable) == [1]  # the encrypted store as it was
+
+
+def test_tiers_rank_an_encrypted_durable_tier_only_once_it_is_open(tmp_path, monkeypatch):
+    """The durable tier's latest is fetched on the tiers' thread while the Checkpointer opens
+    both tiers (descriptor, keys) on its own: fetched before the keys were attached, the durable
+    tier's newer checkpoint was not seen (a slow KMS or object store makes that the usual order)."""
+    import threading
+
+    import ckpt.snapshot.checkpointer as ckmod
+    from ckpt.storage.tiers import Tiers
+
+    enc = ckpt.Encryption(KEY)
+    durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
+    with ckpt.Checkpointer(durable, local=local, persist_every=1, encryption=enc) as ck:
+        ck.save(_state(1), step=1).wait()
+    with ckpt.Checkpointer(durable, local=str(tmp_path / "other-node"), persist_every=5, encryption=enc) as ck:
+        ck.save(_state(5), step=5).wait()
+    fetched = threading.Event()
+    latest, open_tiers = Tiers._durable_latest, ckmod.open_tiers
+
+    def durable_latest(self):
+        try:
+            return latest(self)
+        finally:
+            fetched.set()
+
+    def slow_open_tiers(*a, **k):
+        fetched.wait(1.0)  # the tiers' thread first, if it does not wait for this
+        return open_tiers(*a, **k)
+
+    monkeypatch.setattr(Tiers, "_durable_latest", durable_latest)
+    monkeypatch.setattr(ckmod, "open_tiers", slow_open_tiers)
+    with ckpt.Checkpointer(durable, local=local, encryption=enc) as ck:
+        got = _blank()
+        assert ck.restore(got).step == 5
+    _equal(got, _state(5))

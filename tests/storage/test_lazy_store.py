@@ -56,3 +56,32 @@ def test_checkpointer_durable_tier_made_lazily_still_persists(tmp_path):
         ck.save({"m": {"w": torch.arange(8.0)}}, step=1).wait()
     assert ckpt.steps(durable) == [1]
     assert torch.equal(ckpt.load(durable)["m"]["w"], torch.arange(8.0))
+
+
+def test_lazy_store_wraps_any_error_of_its_filesystem(tmp_path):
+    # fsspec raises what the filesystem raises: a zip over a missing file, FileNotFoundError
+    url = f"zip://a::file://{tmp_path}/missing.zip"
+    store = Store(url, lazy=True)
+    with pytest.raises(StoreError, match="missing.zip"):
+        store.fs  # noqa: B018
+    with pytest.raises(StoreError, match="missing.zip"):
+        store.path("objects")
+
+
+def test_checkpointer_durable_tier_that_cannot_be_made_is_a_checkpoint_error(tmp_path):
+    url = f"zip://a::file://{tmp_path}/missing.zip"
+    state = {"m": {"w": torch.arange(8.0)}}
+    ck = ckpt.Checkpointer(url, local=str(tmp_path / "local"), persist_every=None)
+    try:
+        ck.save(state, step=1).wait()
+    except ckpt.CheckpointError as exc:  # the first save may be refused: the durable tier's lease
+        assert "missing.zip" in str(exc)
+    with pytest.raises(ckpt.CheckpointError, match="missing.zip"):
+        ck.save(state, step=2).wait()
+    # restore: the durable tier cannot be read, the local one answers
+    info = ck.restore(state)
+    assert info.step in (1, 2)
+    try:
+        ck.close()  # the newest local checkpoint cannot be persisted: said, naming the URL
+    except ckpt.CheckpointError as exc:
+        assert "missing.zip" in str(exc)

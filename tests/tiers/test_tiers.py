@@ -239,3 +239,69 @@ def test_a_newer_durable_checkpoint_that_does_not_fit_is_raised_after_an_early_l
         ck.restore(fresh)
     assert "the live objects hold step 2 of the local tier" in caplog.text
     assert same(weights(fresh), mine[2]) and loaded == [2]  # whole, never half of either
+
+
+def test_an_early_load_damaged_in_place_then_a_durable_misfit_says_the_live_objects_are_damaged(
+    tmp_path, slow_durable_head, caplog, monkeypatch
+):
+    """The raw local tier is read straight into the live tensors; an object rewritten between its
+    verification and that read is found after they changed. Without the early load a newer
+    durable checkpoint ranked first would have left them untouched: now, when that one cannot
+    be restored either, the live objects are partly overwritten and the log must say so."""
+    import ckpt.state.restore as restoremod
+
+    durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
+    torch.manual_seed(0)
+    with ckpt.Checkpointer(durable, local=local) as ck:
+        for s in (1, 2):
+            ck.save({"model": torch.nn.Linear(1024, 512)}, step=s).wait()  # 2 MiB: read in place
+    with ckpt.Checkpointer(durable, local=str(tmp_path / "other-node"), persist_every=1) as ck:
+        ck.save({"other": torch.nn.Linear(16, 5)}, step=7).wait()  # the run changed its state
+    fresh, loaded = {"model": torch.nn.Linear(1024, 512)}, slow_durable_head()
+    before = {k: v.detach().clone() for k, v in fresh["model"].state_dict().items()}
+    prepare = restoremod._prepare
+
+    def prepare_then_rewrite(store, plugins, m, live, **kw):
+        prepared = prepare(store, plugins, m, live, **kw)
+        if prepared[3] is not None:
+            corrupt(store, m.step)  # rewritten in place between the two reads
+        return prepared
+
+    monkeypatch.setattr(restoremod, "_prepare", prepare_then_rewrite)
+    with (
+        caplog.at_level(logging.WARNING, logger="ckpt"),
+        ckpt.Checkpointer(durable, local=local) as ck,
+        pytest.raises(ckpt.CheckpointError, match="has no 'model'"),
+    ):
+        ck.restore(fresh)
+    assert loaded == []  # the early load failed, after the live tensors changed
+    assert not same({k: v.detach() for k, v in fresh["model"].state_dict().items()}, before)
+    assert "partly overwritten" in caplog.text and "step 7 of the durable tier" in caplog.text
+
+
+def test_a_loader_saved_before_its_first_epoch_restored_over_the_early_load_starts_afresh(tmp_path, slow_durable_head):
+    """The early load gives a DataLoader the local checkpoint's position to replay; a newer
+    durable checkpoint restored over it, saved before its loader's first epoch, must leave the
+    loader starting from the beginning, not replaying the local one's position."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def state():
+        torch.manual_seed(0)
+        loader = ckpt.track(DataLoader(TensorDataset(torch.arange(32)), batch_size=4))
+        return {"model": torch.nn.Linear(4, 4), "loader": loader}
+
+    durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
+    mine = state()
+    it = iter(mine["loader"])
+    for _ in range(3):
+        next(it)
+    with ckpt.Checkpointer(durable, local=local) as ck:
+        ck.save(mine, step=2).wait()  # three batches into epoch 0
+    with ckpt.Checkpointer(durable, local=str(tmp_path / "other-node"), persist_every=5) as ck:
+        ck.save(state(), step=5).wait()  # a newer run's, before its loader's first epoch
+    fresh, loaded = state(), slow_durable_head()
+    with ckpt.Checkpointer(durable, local=local) as ck:
+        assert ck.restore(fresh).step == 5
+    assert loaded == [2]
+    (first,) = next(iter(fresh["loader"]))
+    assert first.tolist() == [0, 1, 2, 3]
