@@ -117,6 +117,11 @@ class Store:
         self.compress = True
         if not lazy:
             self._resolve()
+            return
+        # a protocol fsspec does not know (a typo) is refused now, not at the first use
+        protocol = fsspec.core.split_protocol(self.url)[0]
+        if protocol is not None and protocol not in fsspec.available_protocols():
+            raise StoreError(f"cannot open {self.url}: fsspec knows no protocol {protocol!r}")
 
     #: attributes set by :meth:`_resolve` (a lazy store makes them on first use)
     _RESOLVED = frozenset({"fs", "root", "local", "_s3"})

@@ -42,11 +42,19 @@ def test_lazy_store_resolves_once_across_threads(tmp_path):
         store.no_such_attribute  # noqa: B018
 
 
-def test_lazy_store_refuses_a_bad_url_at_first_use():
-    store = Store("nosuchproto://x/y", lazy=True)
+def test_lazy_store_refuses_an_unknown_protocol_at_once(tmp_path):
     with pytest.raises(StoreError, match="nosuchproto://x/y"):
+        Store("nosuchproto://x/y", lazy=True)  # a typo: said at construction, nothing imported
+    with pytest.raises(StoreError, match="nosuchproto://x/y"):
+        ckpt.Checkpointer("nosuchproto://x/y", local=str(tmp_path / "local"))
+
+
+def test_lazy_store_refuses_a_url_it_cannot_open_at_first_use():
+    # a known protocol whose package is not installed: known only when fsspec imports it
+    store = Store("hdfs://namenode/x/y", lazy=True)
+    with pytest.raises(StoreError, match="hdfs://namenode/x/y"):
         store.fs  # noqa: B018
-    with pytest.raises(StoreError, match="nosuchproto://x/y"):
+    with pytest.raises(StoreError, match="hdfs://namenode/x/y"):
         store.path("objects")  # and again: nothing half-made was kept
 
 
