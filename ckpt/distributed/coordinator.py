@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from ckpt import config
-from ckpt.errors import CheckpointError
+from ckpt.errors import CheckpointError, EncryptionError
 from ckpt.hooks.manager import get_plugins
 from ckpt.io.hashing import hash_bytes
 from ckpt.io.writer import host_bytes, write_objects
@@ -81,6 +81,8 @@ class _Failed:
     def __init__(self, rank: int, exc: BaseException) -> None:
         self.rank = rank
         self.message = f"{type(exc).__name__}: {exc}"[:2000]
+        #: an EncryptionError stays one on the other ranks (a wrong key, a foreign store)
+        self.encryption = isinstance(exc, EncryptionError)
 
 
 def gather_all(group: Any, value: Any, what: str) -> list[Any]:
@@ -102,7 +104,8 @@ def check_parts(parts: list[Any], mine: BaseException | None, what: str) -> None
         if isinstance(mine, CheckpointError):
             raise mine
         raise CheckpointError(f"{what}: {type(mine).__name__}: {mine}") from mine
-    raise CheckpointError(f"{what}: rank {failed[0].rank} failed: {failed[0].message}")
+    kind = EncryptionError if failed[0].encryption else CheckpointError
+    raise kind(f"{what}: rank {failed[0].rank} failed: {failed[0].message}")
 
 
 # -- capture ----------------------------------------------------------------------------------

@@ -29,25 +29,17 @@ from typing import Any
 
 import torch.distributed as dist
 
-from ckpt.errors import CheckpointError, EncryptionError
+from ckpt.errors import EncryptionError
 from ckpt.security.binding import raw_descriptor
 from ckpt.security.envelope import _attach, _unwrap, keys_of, open_store, read_descriptor
 from ckpt.security.keys import Encryption
 from ckpt.storage.store import Store
 
-from .coordinator import _Failed, gather_all
+from .coordinator import _Failed, check_parts, gather_all
 
 #: what a rank tells about its local tier: (store id, descriptor JSON) or None, and whether
 #: it holds plain checkpoints
 LocalDescriptor = tuple[tuple[str, dict[str, Any]] | None, bool]
-
-
-class _Refused(_Failed):
-    """A rank's failure, remembering whether it was an :class:`EncryptionError`."""
-
-    def __init__(self, rank: int, exc: BaseException) -> None:
-        super().__init__(rank, exc)
-        self.encryption = isinstance(exc, EncryptionError)
 
 
 def local_descriptor(local: Store) -> LocalDescriptor:
@@ -73,31 +65,17 @@ def bind_ranks(
         try:
             chosen = _choose(durable, encryption, locals_)
         except Exception as exc:  # noqa: BLE001 - refused on every rank
-            err, chosen = exc, _Refused(rank, exc)
+            err, chosen = exc, _Failed(rank, exc)
     outs = gather_all(group, chosen, what)  # rank 0's choice (or refusal) reaches every rank
-    _agree(outs, err, what)
+    check_parts(outs, err, what)
     doc = outs[0]
     err = None
     out: Any = True
     try:
         _bind(local, durable, encryption, doc, locals_[rank][0], rank)
     except Exception as exc:  # noqa: BLE001 - refused on every rank
-        err, out = exc, _Refused(rank, exc)
-    _agree(gather_all(group, out, what), err, what)
-
-
-def _agree(outs: list[Any], mine: BaseException | None, what: str) -> None:
-    """Raise on every rank when any rank failed: an EncryptionError stays one on every rank."""
-    failed = [o for o in outs if isinstance(o, _Failed)]
-    if not failed:
-        return
-    if mine is not None:
-        if isinstance(mine, CheckpointError):
-            raise mine
-        raise CheckpointError(f"{what}: {type(mine).__name__}: {mine}") from mine
-    first = failed[0]
-    cls = EncryptionError if isinstance(first, _Refused) and first.encryption else CheckpointError
-    raise cls(f"{what}: rank {first.rank} refused: {first.message}")
+        err, out = exc, _Failed(rank, exc)
+    check_parts(gather_all(group, out, what), err, what)
 
 
 def _choose(durable: Store, encryption: Encryption, locals_: list[LocalDescriptor]) -> dict[str, Any]:

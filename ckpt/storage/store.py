@@ -97,8 +97,9 @@ class Store:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *, lazy: bool = False) -> None:
         """``lazy``: the filesystem is made (its package imported: s3fs and its clients take
         ~0.2 s) at the first use of the store rather than here, on whichever thread uses it
-        first; a URL fsspec cannot open is then refused there. The tiers open their durable
-        tier so, on their own thread, while a restart restores from the local tier."""
+        first (a protocol fsspec does not know is refused here; any other failure to open
+        there). The tiers open their durable tier so, on their own thread, while a restart
+        restores from the local tier."""
         if not isinstance(url, (str, os.PathLike)) or not str(url):
             raise CheckpointError(f"store URL must be a non-empty string or path, got {url!r}")
         self.url = os.fspath(url)

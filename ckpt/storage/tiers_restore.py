@@ -101,12 +101,9 @@ class TierRestore:
                 try:
                     early = (m, prepare_fn(self.local.store, m), None)
                     if not durable_latest.done():
-                        try:
-                            applied = (m, apply_fn(early[1]))
-                        except CheckpointError as exc:
-                            damaged = exc
-                            raise
+                        applied = (m, apply_fn(early[1]))
                 except CheckpointError as exc:  # raised, or passed over, if this one wins
+                    damaged = exc if early is not None else None  # (the load failed, not the read)
                     early = (m, None, exc)
             found = {"local": local_latest, "durable": _result_or_error(durable_latest)}
         finally:
@@ -190,7 +187,7 @@ class TierRestore:
                         tier.name,
                         tier.store.url,
                         exc,
-                        m.step if m is not None else -1,
+                        early[0].step if early is not None else -1,
                         damaged,
                     )
                 raise
