@@ -494,7 +494,9 @@ class Checkpointer:
                 step,
                 # a raw local tier is read straight into the live tensors (verified before and after)
                 prepare_fn=lambda store, m: prepare_restore(store, self._plugins, m, live, in_place=not store.compress),
-                apply_fn=apply_restore,
+                apply_fn=functools.partial(apply_restore, hooks=False),
+                # once, for the checkpoint the live objects end up holding
+                after_fn=lambda info: self._plugins.after_restore(info=info, state=live),
             )
         elif step is None:
             info, manifest = restore_latest(self.store, self._plugins, state)

@@ -123,8 +123,12 @@ def prepare_restore(
     return Prepared(store.url, plugins, manifest, state, values, missing, unexpected, strict, deferred)
 
 
-def apply_restore(prepared: Prepared) -> CheckpointInfo:
-    """The second half of :func:`restore_manifest`: the live objects take the prepared values."""
+def apply_restore(prepared: Prepared, *, hooks: bool = True) -> CheckpointInfo:
+    """The second half of :func:`restore_manifest`: the live objects take the prepared values.
+
+    ``hooks=False`` leaves the ``ckpt_after_restore`` hooks to the caller (the tiers load a
+    local checkpoint early and may restore another over it: the hooks run once, for the
+    checkpoint the live objects end up holding)."""
     state, plugins, strict = prepared.state, prepared.plugins, prepared.strict
     if prepared.in_place is not None:  # verified already: now into the live tensors, verified again
         ip = prepared.in_place
@@ -141,7 +145,8 @@ def apply_restore(prepared: Prepared) -> CheckpointInfo:
     info = CheckpointInfo.from_manifest(prepared.manifest, prepared.store_url)
     if not strict:
         info = info.with_keys(missing=prepared.missing, unexpected=prepared.unexpected)
-    plugins.after_restore(info=info, state=state)
+    if hooks:
+        plugins.after_restore(info=info, state=state)
     return info
 
 

@@ -59,6 +59,7 @@ class TierRestore:
         *,
         prepare_fn: Callable[[Store, Manifest], Any] | None = None,
         apply_fn: Callable[[Any], CheckpointInfo] | None = None,
+        after_fn: Callable[[CheckpointInfo], None] | None = None,
     ) -> tuple[CheckpointInfo, Manifest, str]:
         """Restore the newest checkpoint across the tiers that is complete and verifies
         (``step``: that step, from the first tier holding an intact copy).
@@ -72,7 +73,10 @@ class TierRestore:
         nothing as always; a damaged one falls back to the next candidate as always (the local
         checkpoint, if it is next, is not read again). Any other error (a misfit, a store that
         fails) is raised as without the early load, but the live objects then hold the local
-        checkpoint, whole; the log says so.
+        checkpoint, whole; the log says so. ``apply_fn`` runs no ``ckpt_after_restore`` hooks:
+        ``after_fn(info)`` is called once the local checkpoint loaded that way is the one
+        restored (``restore_fn`` runs its own), so the hooks see only what the live objects
+        end up holding.
 
         Returns its info, its manifest and the name of the tier it came from.
         :raises NoCheckpointError: neither tier holds a checkpoint (of ``step``).
@@ -114,9 +118,13 @@ class TierRestore:
                 if early[2] is not None:
                     raise early[2]
                 if applied is not None:
-                    return applied[1]
-                assert apply_fn is not None
-                return apply_fn(early[1])
+                    info = applied[1]
+                else:
+                    assert apply_fn is not None
+                    info = apply_fn(early[1])
+                if after_fn is not None:
+                    after_fn(info)
+                return info
             return restore_fn(tier.store, manifest)
 
         for tier in tiers:

@@ -174,9 +174,9 @@ def slow_durable_head(monkeypatch):
         finally:
             prepared.set()
 
-    def apply_early(p):
+    def apply_early(p, **kw):
         early = not answered.is_set()
-        info = apply(p)
+        info = apply(p, **kw)
         if early:
             loaded.append(info.step)
         return info
@@ -190,16 +190,41 @@ def slow_durable_head(monkeypatch):
     return arm
 
 
-def test_local_checkpoint_loaded_before_the_durable_tier_answers(tmp_path, slow_durable_head):
+@pytest.fixture
+def after_restore_calls():
+    """The steps the ``ckpt_after_restore`` hook is called with, and the weights it sees."""
+    from ckpt.hooks.manager import get_plugins
+
+    calls: list[tuple[int, dict]] = []
+
+    class Recorder:
+        @ckpt.hookimpl
+        def ckpt_after_restore(self, info, state):
+            calls.append((info.step, weights(state)))
+
+    pm = get_plugins().pm
+    recorder = Recorder()
+    pm.register(recorder, name="after-restore-recorder")
+    try:
+        yield calls
+    finally:
+        pm.unregister(recorder)
+
+
+def test_local_checkpoint_loaded_before_the_durable_tier_answers(tmp_path, slow_durable_head, after_restore_calls):
     durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
     seen = _run(durable, local, range(1, 4), persist_every=2)
     fresh, loaded = make_state(seed=1), slow_durable_head()
     with ckpt.Checkpointer(durable, local=local) as ck:
         assert ck.restore(fresh).step == 3
     assert same(weights(fresh), seen[3]) and loaded == [3]
+    # the hooks run once, after the ranking kept the early load
+    assert [s for s, _w in after_restore_calls] == [3] and same(after_restore_calls[0][1], seen[3])
 
 
-def test_a_newer_durable_checkpoint_answering_late_is_restored_over_the_early_load(tmp_path, slow_durable_head):
+def test_a_newer_durable_checkpoint_answering_late_is_restored_over_the_early_load(
+    tmp_path, slow_durable_head, after_restore_calls
+):
     durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
     _run(durable, local, range(1, 3))  # this node's local tier: steps 1-2
     seen = _run(durable, str(tmp_path / "other-node"), range(1, 6), persist_every=5)
@@ -208,9 +233,13 @@ def test_a_newer_durable_checkpoint_answering_late_is_restored_over_the_early_lo
         assert ck.restore(fresh).step == 5
     assert loaded == [2]  # loaded early, then step 5 over it
     assert same(weights(fresh), seen[5])
+    # the hooks never hear of the early load: only of step 5, which the live objects hold
+    assert [s for s, _w in after_restore_calls] == [5] and same(after_restore_calls[0][1], seen[5])
 
 
-def test_a_damaged_newer_durable_checkpoint_answering_late_keeps_the_early_load(tmp_path, slow_durable_head, caplog):
+def test_a_damaged_newer_durable_checkpoint_answering_late_keeps_the_early_load(
+    tmp_path, slow_durable_head, caplog, after_restore_calls
+):
     durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
     mine = _run(durable, local, range(1, 3))
     _run(durable, str(tmp_path / "other-node"), range(3, 6), persist_every=5)
@@ -220,6 +249,7 @@ def test_a_damaged_newer_durable_checkpoint_answering_late_keeps_the_early_load(
         assert ck.restore(fresh).step == 2
     assert "step 5 of the durable tier" in caplog.text and "corrupt" in caplog.text
     assert same(weights(fresh), mine[2]) and loaded == [2]  # read once, not again
+    assert [s for s, _w in after_restore_calls] == [2]
 
 
 def test_a_newer_durable_checkpoint_that_does_not_fit_is_raised_after_an_early_load(
