@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import signal
 import sys
 import threading
 from collections.abc import Callable, Mapping, MutableMapping
@@ -35,6 +33,7 @@ from ckpt.security.binding import open_tiers
 from ckpt.security.envelope import open_store
 from ckpt.security.keys import Encryption
 from ckpt.snapshot.executor import Background
+from ckpt.snapshot.preemption import PREEMPT_SIGNALS, Preemption
 from ckpt.snapshot.staging import HostPool, Snapshot, guarded_storages
 from ckpt.state import tree as treemod
 from ckpt.state.capture import capture
@@ -50,7 +49,8 @@ from ckpt.types import CheckpointInfo
 
 log = logging.getLogger("ckpt")
 
-PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
+# PREEMPT_SIGNALS: re-exported, its home is ckpt.snapshot.preemption
+__all__ = ["PREEMPT_SIGNALS", "Checkpointer", "SaveHandle"]
 
 
 class SaveHandle:
@@ -212,10 +212,12 @@ class Checkpointer:
         self.keep_every = keep_every
         self.if_busy = if_busy
         self.on_error = on_error
-        self.preempt_exit_code = preempt_exit_code
-        self.preempt_deadline = config.preempt_deadline_seconds() if preempt_deadline is None else preempt_deadline
-        self._deadline: threading.Timer | None = None
-        self._preempt_committed = False
+        #: the preemption signals' handlers and deadline (installed by ``resume``)
+        self._preempt = Preemption(
+            config.preempt_deadline_seconds() if preempt_deadline is None else preempt_deadline,
+            preempt_exit_code,
+            lambda: f"step {self._last_step} is not committed to {self.url}",
+        )
         self.errors: list[CheckpointError] = []
         self._state = state
         self._plugins = get_plugins()
@@ -245,7 +247,6 @@ class Checkpointer:
         self._last_step: int | None = None
         self._last_saved_step: int | None = None
         self._restored_step: int | None = None
-        self._preempted: str | None = None
         self._side_stream: Any = None
         self._hook = register_optimizer_step_pre_hook(self._before_optimizer_step)
 
@@ -258,6 +259,24 @@ class Checkpointer:
 
     def __repr__(self) -> str:
         return f"Checkpointer({self.url!r}, every={self.every})"
+
+    @property
+    def preempt_exit_code(self) -> int:
+        """The exit status after a preemption's save has committed."""
+        return self._preempt.exit_code
+
+    @preempt_exit_code.setter
+    def preempt_exit_code(self, code: int) -> None:
+        self._preempt.exit_code = code
+
+    @property
+    def preempt_deadline(self) -> float:
+        """Seconds after a preemption signal by which the process exits (0: no deadline)."""
+        return self._preempt.deadline
+
+    @preempt_deadline.setter
+    def preempt_deadline(self, seconds: float) -> None:
+        self._preempt.deadline = seconds
 
     # -- errors --------------------------------------------------------------------------
     def _mark_reported(self, exc: BaseException) -> None:
@@ -525,12 +544,12 @@ class Checkpointer:
         """
         self._raise_pending()
         self._last_step = step
-        if self._preempted is not None:
-            log.warning("%s received: saving step %d to %s and exiting", self._preempted, step, self.url)
+        if self._preempt.signal is not None:
+            log.warning("%s received: saving step %d to %s and exiting", self._preempt.signal, step, self.url)
             if self._last_saved_step != step:
                 self.save(step=step)
             self.close()
-            self._preempt_committed = True
+            self._preempt.committed = True
             raise SystemExit(self.preempt_exit_code)
         if self.every and step % self.every == 0:
             self.save(step=step)
@@ -561,7 +580,7 @@ class Checkpointer:
                             raise
                         start = 0
                     self._last_saved_step = start if start else None
-                    previous = self._install_signals()
+                    self._preempt.install()
                 except BaseException:  # a resume that cannot start gives the store back
                     self.close(raise_errors=False)
                     raise
@@ -571,75 +590,16 @@ class Checkpointer:
                     self.close(raise_errors=False)
                     raise
                 finally:
-                    _restore_signals(previous)
+                    self._preempt.uninstall()
                 if self._last_step is not None and self._last_saved_step != self._last_step:
                     self.save(step=self._last_step)
                 self.close()
-                self._preempt_committed = self._preempted is not None  # the deadline exits with 0 now
+                self._preempt.committed = self._preempt.signal is not None  # the deadline exits with 0 now
                 return result
 
             return run
 
         return decorate
-
-    def _install_signals(self) -> dict[int, Any]:
-        previous: dict[int, Any] = {}
-        if threading.current_thread() is not threading.main_thread():
-            log.warning("resume() outside the main thread: preemption signals are not handled")
-            return previous
-        for name in PREEMPT_SIGNALS:
-            signum = getattr(signal, name, None)
-            if signum is None:
-                continue
-            old = signal.getsignal(signum)
-
-            def handler(num: int, frame: Any, _old: Any = old, _name: str = name) -> None:
-                if self._preempted is None:
-                    self._preempted = _name
-                    self._start_deadline(num)
-                if callable(_old) and _old not in (signal.default_int_handler,):
-                    _old(num, frame)
-
-            signal.signal(signum, handler)
-            previous[signum] = old
-        return previous
-
-    def _start_deadline(self, signum: int) -> None:
-        if self.preempt_deadline <= 0:
-            return
-        # A daemon thread: it never holds the process up, and it still fires while the
-        # interpreter exits (a hung shutdown after the save is cut short too).
-        self._deadline = threading.Timer(self.preempt_deadline, self._deadline_exit, (signum,))
-        self._deadline.daemon = True
-        self._deadline.start()
-
-    def _deadline_exit(self, signum: int) -> None:
-        if self._preempt_committed:
-            code = self.preempt_exit_code
-            log.error("preempted run did not exit within %ss after its save; exiting", self.preempt_deadline)
-        else:
-            # Abandons the save in flight: its manifest is not written, so the previous
-            # checkpoint stays the latest; stray objects are collected by gc.
-            code = 128 + signum
-            log.error(
-                "%s received %ss ago and step %s is not committed to %s: exiting without it "
-                "(the latest checkpoint is the one before)",
-                self._preempted,
-                self.preempt_deadline,
-                self._last_step,
-                self.url,
-            )
-        for h in logging.getLogger().handlers + log.handlers:
-            h.flush()
-        os._exit(code)
-
-
-def _restore_signals(previous: Mapping[int, Any]) -> None:
-    for signum, old in previous.items():
-        try:
-            signal.signal(signum, old if old is not None else signal.SIG_DFL)
-        except (ValueError, TypeError):  # pragma: no cover - not the main thread any more
-            pass
 
 
 def _chain(src: Future, dst: Future) -> None:
