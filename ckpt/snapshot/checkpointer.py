@@ -1,33 +1,26 @@
 """The asynchronous Checkpointer and the ``resume`` training-loop decorator.
 
-``save()`` returns once the snapshot is consistent (see :mod:`ckpt.snapshot.staging` for exactly
-what that guarantees); staging of optimizer-owned tensors, encoding and writing run on a
-background thread and a worker pool. At most one save is in flight: a second ``save()``
-waits for the first to commit (``if_busy="wait"``, the default) or is skipped
-(``if_busy="skip"``, logged). Errors of background work are raised, as
-:class:`CheckpointError`, from ``handle.wait()``, the next ``save()``, ``step()``,
-``wait()`` or ``close()`` — whichever comes first — never lost and never hung on
-(with ``on_error="warn"`` they are logged and kept in :attr:`Checkpointer.errors`
-instead, and training goes on; the previous checkpoint stays the latest).
+:class:`Checkpointer` owns the run's store (and tiers), its writer lease, ``restore``,
+``close`` and the training loop (``step``, ``resume``). Saving (``save()``, the background
+commit, its errors, ``wait()``) is :class:`ckpt.snapshot.saving.Saving`, mixed in, with
+:class:`SaveHandle` (importable from here too); the preemption signals ``resume`` handles,
+and their deadline, are :class:`ckpt.snapshot.preemption.Preemption`.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
-import signal
 import sys
 import threading
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, MutableMapping
 from concurrent.futures import Future
 from typing import Any
 
-import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ckpt import config
-from ckpt.api import devices_of, restore_latest, restore_manifest, write_checkpoint
+from ckpt.api import restore_latest, restore_manifest
 from ckpt.codecs.delta import DeltaLearner
 from ckpt.errors import CheckpointError, NoCheckpointError
 from ckpt.hooks.manager import get_plugins
@@ -35,14 +28,13 @@ from ckpt.security.binding import open_tiers
 from ckpt.security.envelope import open_store
 from ckpt.security.keys import Encryption
 from ckpt.snapshot.executor import Background
-from ckpt.snapshot.staging import HostPool, Snapshot, guarded_storages
-from ckpt.state import tree as treemod
-from ckpt.state.capture import capture
+from ckpt.snapshot.preemption import PREEMPT_SIGNALS, Preemption
+from ckpt.snapshot.saving import SaveHandle, Saving
+from ckpt.snapshot.staging import HostPool, Snapshot
 from ckpt.state.dataloader import track_all
 from ckpt.state.restore import apply_restore, prepare_restore
-from ckpt.storage import retention
-from ckpt.storage.commit import latest_for_save, load_manifest, new_run_id
-from ckpt.storage.manifest import Manifest, check_step
+from ckpt.storage.commit import load_manifest, new_run_id
+from ckpt.storage.manifest import Manifest
 from ckpt.storage.store import Store
 from ckpt.storage.tiers import Tiers
 from ckpt.storage.writer_lease import WriterLease
@@ -50,49 +42,11 @@ from ckpt.types import CheckpointInfo
 
 log = logging.getLogger("ckpt")
 
-PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
+# SaveHandle and PREEMPT_SIGNALS: re-exported (their homes: ckpt.snapshot.saving, .preemption)
+__all__ = ["PREEMPT_SIGNALS", "Checkpointer", "SaveHandle"]
 
 
-class SaveHandle:
-    """An asynchronous save: consistent when returned, committed when :meth:`wait` returns."""
-
-    def __init__(self, checkpointer: Checkpointer, step: int, snapshot: Snapshot | None) -> None:
-        self.step = step
-        self._ck = checkpointer
-        self._snapshot = snapshot
-        self._future: Future[CheckpointInfo] = Future()
-        self.skipped = snapshot is None
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def wait_staged(self, timeout: float | None = None) -> bool:
-        """Wait until every tensor has been copied out of the live objects."""
-        return True if self._snapshot is None else self._snapshot.staged.wait(timeout)
-
-    def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
-        """Wait for the commit; returns its info (None for a skipped save).
-
-        :raises CheckpointError: the save failed (the error is then reported only here).
-        """
-        if self.skipped:
-            return None
-        try:
-            return self._future.result(timeout)
-        except CheckpointError as exc:
-            self._ck._mark_reported(exc)
-            raise
-        except TimeoutError:
-            raise CheckpointError(
-                f"save of step {self.step} to {self._ck.url} did not commit within {timeout}s"
-            ) from None
-
-    def __repr__(self) -> str:
-        state = "skipped" if self.skipped else ("done" if self.done() else "in flight")
-        return f"<SaveHandle step={self.step} {state}>"
-
-
-class Checkpointer:
+class Checkpointer(Saving):
     """Asynchronous checkpoints of one training run into the store at ``url``.
 
     :param every: ``step(n)`` saves when ``n % every == 0``.
@@ -212,10 +166,12 @@ class Checkpointer:
         self.keep_every = keep_every
         self.if_busy = if_busy
         self.on_error = on_error
-        self.preempt_exit_code = preempt_exit_code
-        self.preempt_deadline = config.preempt_deadline_seconds() if preempt_deadline is None else preempt_deadline
-        self._deadline: threading.Timer | None = None
-        self._preempt_committed = False
+        #: the preemption signals' handlers and deadline (installed by ``resume``)
+        self._preempt = Preemption(
+            config.preempt_deadline_seconds() if preempt_deadline is None else preempt_deadline,
+            preempt_exit_code,
+            lambda: f"step {self._last_step} is not committed to {self.url}",
+        )
         self.errors: list[CheckpointError] = []
         self._state = state
         self._plugins = get_plugins()
@@ -245,7 +201,6 @@ class Checkpointer:
         self._last_step: int | None = None
         self._last_saved_step: int | None = None
         self._restored_step: int | None = None
-        self._preempted: str | None = None
         self._side_stream: Any = None
         self._hook = register_optimizer_step_pre_hook(self._before_optimizer_step)
 
@@ -259,194 +214,23 @@ class Checkpointer:
     def __repr__(self) -> str:
         return f"Checkpointer({self.url!r}, every={self.every})"
 
-    # -- errors --------------------------------------------------------------------------
-    def _mark_reported(self, exc: BaseException) -> None:
-        with self._lock:
-            self._reported.add(id(exc))
-            if self._pending_error is exc:
-                self._pending_error = None
+    @property
+    def preempt_exit_code(self) -> int:
+        """The exit status after a preemption's save has committed."""
+        return self._preempt.exit_code
 
-    def _raise_pending(self) -> None:
-        with self._lock:
-            exc, self._pending_error = self._pending_error, None
-            if exc is not None:
-                self._reported.add(id(exc))
-        if exc is not None:
-            raise exc
+    @preempt_exit_code.setter
+    def preempt_exit_code(self, code: int) -> None:
+        self._preempt.exit_code = code
 
-    def _fail(self, step: int, exc: BaseException) -> CheckpointError:
-        if isinstance(exc, CheckpointError):
-            err = exc
-        else:
-            err = CheckpointError(f"saving step {step} to {self.url} failed: {type(exc).__name__}: {exc}")
-            err.__cause__ = exc
-        self.errors.append(err)
-        if self.on_error == "warn":
-            log.error("checkpoint of step %d to %s failed (training continues): %s", step, self.url, err)
-            self._reported.add(id(err))
-        else:
-            with self._lock:
-                if self._pending_error is None:
-                    self._pending_error = err
-        return err
+    @property
+    def preempt_deadline(self) -> float:
+        """Seconds after a preemption signal by which the process exits (0: no deadline)."""
+        return self._preempt.deadline
 
-    # -- saving --------------------------------------------------------------------------
-    def _check_open(self) -> None:
-        if self._closed:
-            raise CheckpointError(f"Checkpointer for {self.url} is closed")
-
-    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        snap = self._snapshot
-        if snap is not None and not snap.staged.is_set():
-            snap.staged.wait()
-
-    def _stream(self) -> Any:
-        if self._side_stream is None and torch.cuda.is_available():
-            self._side_stream = torch.cuda.Stream()
-        return self._side_stream
-
-    def save(
-        self,
-        state: Mapping[str, Any] | None = None,
-        *,
-        step: int,
-        guard: bool = True,
-        meta: Mapping[str, Any] | None = None,
-    ) -> SaveHandle:
-        """Snapshot ``state`` (default: the state given to ``resume``) as ``step`` and persist it
-        in the background. Returns once the snapshot is consistent.
-
-        :param guard: copy optimizer-owned tensors in the background, holding the next
-            ``optimizer.step()`` until done (default). ``False`` copies all before returning.
-        """
-        self._check_open()
-        self._raise_pending()
-        check_step(step)
-        if state is None:
-            state = self._state
-            if state is None:
-                raise CheckpointError("Checkpointer.save() needs a state (or use Checkpointer.resume(...))")
-        prev = self._inflight
-        if prev is not None and not prev.done():
-            if self.if_busy == "skip":
-                log.warning("save of step %d skipped: step %d is still being written to %s", step, prev.step, self.url)
-                return SaveHandle(self, step, None)
-            prev._future.exception()  # wait; its error, if any, is pending now
-            self._raise_pending()
-        classes: dict[str, str] = {}
-        tree, adapters = capture(state, self._plugins, classes)
-        self._plugins.before_save(url=self.url, step=step, tree=tree)
-        tensors: dict[str, torch.Tensor] = {}
-        json_tree = treemod.encode(tree, tensors, set())
-        guarded = guarded_storages(_optimizers_in(state)) if guard else set()
-        snapshot = Snapshot.take(tensors, self._pool, guarded, side_stream=self._stream())
-        if torch.cuda.is_available():
-            snapshot.gpu_wait()
-        handle = SaveHandle(self, step, snapshot)
-        with self._lock:
-            self._inflight = handle
-            self._snapshot = snapshot
-        self._last_saved_step = step
-        fut = self._threads.commits.submit(
-            self._persist, handle, json_tree, adapters, meta, classes, devices_of(tensors)
-        )
-        fut.add_done_callback(lambda f: _chain(f, handle._future))
-        if not guard:
-            snapshot.staged.wait()
-        return handle
-
-    def _persist(
-        self,
-        handle: SaveHandle,
-        json_tree: Any,
-        adapters: Mapping[str, str],
-        meta: Any,
-        classes: Mapping[str, str],
-        devices: Mapping[str, str],
-    ) -> CheckpointInfo:
-        snapshot = handle._snapshot
-        assert snapshot is not None
-        try:
-            # One plain copy first: the next optimizer step waits for nothing but it (no store
-            # reads, no encoding), unless max_host_memory is too small to hold it at once.
-            snapshot.copy_all(side_stream=self._side_stream)
-            if not self._parent_loaded or self._top_seq is None:
-                latest = latest_for_save(self.store)
-                if not self._parent_loaded:  # no restore: continue from the store's latest
-                    self._parent, self._parent_loaded = latest.manifest, True
-                self._top_seq = latest.top_seq
-            # Taken before writing: a save failing after its manifest was written must not
-            # leave its seq to the next one.
-            self._top_seq += 1
-            self._writer.saving(handle.step, self._parent, keep=self._pinned())
-            info = write_checkpoint(
-                self.store,
-                self._plugins,
-                step=handle.step,
-                json_tree=json_tree,
-                adapters=adapters,
-                tensors=snapshot.stage(side_stream=self._side_stream),
-                parent=self._parent,
-                pool=self._threads.io,
-                meta=meta,
-                on_tensor_written=snapshot.release,
-                delta_skip=self._deltas.skip(),
-                seq=self._top_seq,
-                run=self.run_id,
-                classes=classes,
-                devices=devices,
-                lease=self._writer,
-            )
-            if info.write_stats is not None:
-                self._deltas.learn(info.write_stats.delta_outcome)
-            self._parent = info.manifest
-            self._after_commit(info)
-            return info
-        except BaseException as exc:
-            raise self._fail(handle.step, exc) from exc
-        finally:
-            snapshot.staged.set()
-            snapshot.release_all()
-
-    def _pinned(self) -> list[int]:
-        """Steps this run holds besides its parent and the save in flight."""
-        return [self._restored_step] if self._restored_step is not None else []
-
-    def _after_commit(self, info: CheckpointInfo) -> None:
-        try:
-            self._writer.committed(info.step, keep=self._pinned())  # the next save's parent
-        except CheckpointError as exc:  # the commit stands; the next save raises it
-            log.error("after committing step %d to %s: %s", info.step, self.url, exc)
-            return
-        if self.tiers is not None:  # persist when due; per-tier retention
-            try:
-                self.tiers.committed(info.step, protect=self._pinned(), writer=self._writer)
-            except CheckpointError as exc:  # the local commit stands; the next save raises it
-                log.error("after committing step %d to %s: %s", info.step, self.url, exc)
-                self._fail(info.step, exc)
-            return
-        if self.keep_last is None and self.keep_every is None:
-            return
-        protect = {s for s in (self._restored_step, info.step) if s is not None}
-        try:
-            # This run is the store's one writer: what only pruned checkpoints used goes now.
-            retention.prune(
-                self.store, keep_last=self.keep_last, keep_every=self.keep_every, protect=protect, writer=self._writer
-            )
-        except CheckpointError as exc:  # pruning is housekeeping: the commit stands
-            log.warning("pruning %s after step %d failed: %s", self.url, info.step, exc)
-
-    def wait(self) -> CheckpointInfo | None:
-        """Wait for the save in flight (if any) to commit; raise a pending error."""
-        handle = self._inflight
-        info = None
-        if handle is not None:
-            try:
-                info = handle._future.result()
-            except CheckpointError:
-                pass
-        self._raise_pending()
-        return info
+    @preempt_deadline.setter
+    def preempt_deadline(self, seconds: float) -> None:
+        self._preempt.deadline = seconds
 
     def close(self, *, raise_errors: bool = True) -> None:
         """Wait for pending saves, release resources and raise an unreported error."""
@@ -525,12 +309,12 @@ class Checkpointer:
         """
         self._raise_pending()
         self._last_step = step
-        if self._preempted is not None:
-            log.warning("%s received: saving step %d to %s and exiting", self._preempted, step, self.url)
+        if self._preempt.signal is not None:
+            log.warning("%s received: saving step %d to %s and exiting", self._preempt.signal, step, self.url)
             if self._last_saved_step != step:
                 self.save(step=step)
             self.close()
-            self._preempt_committed = True
+            self._preempt.committed = True
             raise SystemExit(self.preempt_exit_code)
         if self.every and step % self.every == 0:
             self.save(step=step)
@@ -561,7 +345,7 @@ class Checkpointer:
                             raise
                         start = 0
                     self._last_saved_step = start if start else None
-                    previous = self._install_signals()
+                    self._preempt.install()
                 except BaseException:  # a resume that cannot start gives the store back
                     self.close(raise_errors=False)
                     raise
@@ -571,84 +355,13 @@ class Checkpointer:
                     self.close(raise_errors=False)
                     raise
                 finally:
-                    _restore_signals(previous)
+                    self._preempt.uninstall()
                 if self._last_step is not None and self._last_saved_step != self._last_step:
                     self.save(step=self._last_step)
                 self.close()
-                self._preempt_committed = self._preempted is not None  # the deadline exits with 0 now
+                self._preempt.committed = self._preempt.signal is not None  # the deadline exits with 0 now
                 return result
 
             return run
 
         return decorate
-
-    def _install_signals(self) -> dict[int, Any]:
-        previous: dict[int, Any] = {}
-        if threading.current_thread() is not threading.main_thread():
-            log.warning("resume() outside the main thread: preemption signals are not handled")
-            return previous
-        for name in PREEMPT_SIGNALS:
-            signum = getattr(signal, name, None)
-            if signum is None:
-                continue
-            old = signal.getsignal(signum)
-
-            def handler(num: int, frame: Any, _old: Any = old, _name: str = name) -> None:
-                if self._preempted is None:
-                    self._preempted = _name
-                    self._start_deadline(num)
-                if callable(_old) and _old not in (signal.default_int_handler,):
-                    _old(num, frame)
-
-            signal.signal(signum, handler)
-            previous[signum] = old
-        return previous
-
-    def _start_deadline(self, signum: int) -> None:
-        if self.preempt_deadline <= 0:
-            return
-        # A daemon thread: it never holds the process up, and it still fires while the
-        # interpreter exits (a hung shutdown after the save is cut short too).
-        self._deadline = threading.Timer(self.preempt_deadline, self._deadline_exit, (signum,))
-        self._deadline.daemon = True
-        self._deadline.start()
-
-    def _deadline_exit(self, signum: int) -> None:
-        if self._preempt_committed:
-            code = self.preempt_exit_code
-            log.error("preempted run did not exit within %ss after its save; exiting", self.preempt_deadline)
-        else:
-            # Abandons the save in flight: its manifest is not written, so the previous
-            # checkpoint stays the latest; stray objects are collected by gc.
-            code = 128 + signum
-            log.error(
-                "%s received %ss ago and step %s is not committed to %s: exiting without it "
-                "(the latest checkpoint is the one before)",
-                self._preempted,
-                self.preempt_deadline,
-                self._last_step,
-                self.url,
-            )
-        for h in logging.getLogger().handlers + log.handlers:
-            h.flush()
-        os._exit(code)
-
-
-def _restore_signals(previous: Mapping[int, Any]) -> None:
-    for signum, old in previous.items():
-        try:
-            signal.signal(signum, old if old is not None else signal.SIG_DFL)
-        except (ValueError, TypeError):  # pragma: no cover - not the main thread any more
-            pass
-
-
-def _chain(src: Future, dst: Future) -> None:
-    exc = src.exception()
-    if exc is not None:
-        dst.set_exception(exc)
-    else:
-        dst.set_result(src.result())
-
-
-def _optimizers_in(state: Mapping[str, Any]) -> list[torch.optim.Optimizer]:
-    return treemod.instances(state, torch.optim.Optimizer)
