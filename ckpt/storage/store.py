@@ -202,9 +202,23 @@ class Store:
             raise self._wrap(exc, what) from (exc.error if isinstance(exc, GaveUp) else exc)
 
     def _mkdir(self, directory: str) -> None:
+        """Make ``directory`` and any missing above it. The parent of each one that was
+        missing is marked for :meth:`sync_dirs`: a new directory (and every file under it)
+        survives a crash only once its entry in its parent is durable."""
         if directory in self._made_dirs:
             return
+        missing: list[str] = []
+        below = directory
+        while not os.path.isdir(below):
+            missing.append(below)
+            above = os.path.dirname(below)
+            if above == below:
+                break
+            below = above
         self.fs.makedirs(directory, exist_ok=True)
+        if missing:
+            with self._dirs_lock:
+                self._dirty_dirs.update(os.path.dirname(d) for d in missing)
         self._made_dirs.add(directory)
 
     def _write_local(self, path: str, data: bytes | memoryview) -> None:
