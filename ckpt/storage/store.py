@@ -6,13 +6,21 @@
     <root>/manifests/<step>.json   one per committed checkpoint (canonical names only)
     <root>/refs/latest             step and seq of the latest commit, written after it: a hint
 
-Commit order is objects, then the manifest, then ``refs/latest``; a checkpoint without a
-manifest does not exist, and a ref that cannot be written does not undo a commit (which
-checkpoint is the latest is decided in :mod:`ckpt.storage.lineage`). Local files are written to a temporary name, fsynced and
-renamed, and their directories fsynced before the manifest, so a crash at any instant
-leaves the last commit loadable. Object stores get whole-object PUTs, which are atomic
-(large objects go up in parts, in parallel, and appear only when the upload completes);
-nothing relies on rename or on fsync there.
+:class:`Store` owns the paths, the retried calls to the backend and the objects; it is
+made of two more ideas, each in its own module and mixed in:
+
+* :mod:`ckpt.storage.store_local` (:class:`~ckpt.storage.store_local.LocalFiles`): local
+  files are written to a temporary name, fsynced and renamed, and their directories (new
+  ones in their parents) fsynced before the manifest, so a crash at any instant leaves the
+  last commit loadable; local reads stay under the store's root.
+* :mod:`ckpt.storage.store_manifests` (:class:`~ckpt.storage.store_manifests.ManifestsAndRefs`):
+  commit order is objects, then the manifest, then ``refs/latest``; a checkpoint without a
+  manifest does not exist, and a ref that cannot be written does not undo a commit (which
+  checkpoint is the latest is decided in :mod:`ckpt.storage.lineage`).
+
+Object stores get whole-object PUTs, which are atomic (large objects go up in parts, in
+parallel, and appear only when the upload completes); nothing relies on rename or on
+fsync there.
 
 Every call to the backend goes through :class:`ckpt.storage.retry.Retrier`: transient errors
 (connection resets, timeouts, throttling, 5xx) are retried with backoff and jitter; a
@@ -29,59 +37,32 @@ is a :class:`CorruptCheckpointError` naming it, never a hang or a read.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import logging
 import os
 import re
-import stat
 import threading
-import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import fsspec
-import xxhash
 from fsspec.implementations.local import LocalFileSystem
 
 from ckpt import config
 from ckpt.codecs.base import CodecContext
-from ckpt.codecs.crypto import manifest_json
-from ckpt.errors import CheckpointError, CorruptCheckpointError, MissingObjectError, NoCheckpointError, StoreError
+from ckpt.errors import CheckpointError, CorruptCheckpointError, StoreError
 from ckpt.storage.backends import tune_client
-from ckpt.storage.lineage import Ref, find_latest
 from ckpt.storage.retry import GaveUp, Retrier, unreachable_reason
+from ckpt.storage.store_local import LocalFiles
+from ckpt.storage.store_manifests import ManifestsAndRefs, entry_mtime
 
 log = logging.getLogger("ckpt")
 
 T = TypeVar("T")
 
-# Canonical manifest names only: "0009.json" or "+9.json" would alias step 9, and a
-# step of thousands of digits would not even convert to an int.
-_STEP_FILE = re.compile(r"^(0|[1-9][0-9]{0,17})\.json$")
-# What an interrupted local atomic write leaves behind (see Store._write_local): harmless.
-_TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{12}$")
-# A ref is a few dozen bytes; anything longer is not one.
-_REF_BYTES = 4096
 _KEY = re.compile(r"^[0-9a-f]{8,}(\.[0-9a-z.]+)?$")
 # What object_path accepts: one safe path component (manifests validate the strict key grammar).
 _OBJECT_NAME = re.compile(r"[0-9a-f]{2}[0-9a-z._-]{0,254}")
-#: piece size of :meth:`Store.hash_object` (stays in the CPU's cache)
-_HASH_PIECE = 1 << 20
-_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_O_BINARY = getattr(os, "O_BINARY", 0)
-
-
-def _mtime(info: Mapping[str, Any]) -> float | None:
-    """Modification time of a listing entry in Unix seconds, whatever the backend calls it."""
-    mtime: Any = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("created")
-    if hasattr(mtime, "timestamp"):
-        mtime = mtime.timestamp()
-    return float(mtime) if isinstance(mtime, (int, float)) else None
 
 
 @dataclass(frozen=True)
@@ -91,8 +72,13 @@ class ObjectInfo:
     mtime: float | None
 
 
-class Store:
-    """One checkpoint store at ``url`` (an fsspec URL or a local path)."""
+class Store(LocalFiles, ManifestsAndRefs):
+    """One checkpoint store at ``url`` (an fsspec URL or a local path).
+
+    Local files (atomic writes, directory fsyncs, confined reads) are
+    :class:`~ckpt.storage.store_local.LocalFiles`; manifests and ``refs/latest`` are
+    :class:`~ckpt.storage.store_manifests.ManifestsAndRefs`.
+    """
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *, lazy: bool = False) -> None:
         """``lazy``: the filesystem is made (its package imported: s3fs and its clients take
@@ -201,32 +187,6 @@ class Store:
         except Exception as exc:  # noqa: BLE001 - every backend failure becomes a StoreError naming the URL
             raise self._wrap(exc, what) from (exc.error if isinstance(exc, GaveUp) else exc)
 
-    def _mkdir(self, directory: str) -> None:
-        if directory in self._made_dirs:
-            return
-        self.fs.makedirs(directory, exist_ok=True)
-        self._made_dirs.add(directory)
-
-    def _write_local(self, path: str, data: bytes | memoryview) -> None:
-        directory = os.path.dirname(path)
-        self._mkdir(directory)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                if config.fsync():
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        with self._dirs_lock:
-            self._dirty_dirs.add(directory)
-
     def _put_options(self, size: int) -> dict[str, Any]:
         # s3fs uploads in parts (in parallel, then CompleteMultipartUpload) from two
         # parts' worth on; below that one PUT. Other backends decide themselves.
@@ -244,19 +204,6 @@ class Store:
             self._io(what, lambda: self.fs.pipe_file(path, body, **options), "write")
         except FileNotFoundError as exc:  # a missing bucket or container: not "not there" for a write
             raise self._wrap(exc, what) from exc
-
-    def sync_dirs(self) -> None:
-        """Make renames done so far durable (local files only)."""
-        if not (self.local and config.fsync()):
-            return
-        with self._dirs_lock:
-            dirs, self._dirty_dirs = self._dirty_dirs, set()
-        for directory in dirs:
-            fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
     def read(self, path: str, *, limit: int | None = None) -> bytes:
         """A file, or its first ``limit`` bytes when it is longer; FileNotFoundError when it is not there.
@@ -290,95 +237,6 @@ class Store:
                 return b""
             raise
 
-    def _read_local(self, path: str, limit: int | None) -> bytes:
-        with self._open_local(path) as (f, size):
-            want = size + 1 if limit is None else min(limit, size + 1)
-            return f.read(want)
-
-    @contextlib.contextmanager
-    def _open_local(self, path: str) -> Iterator[tuple[io.BufferedReader, int]]:
-        """A local file of the store opened for reading, and its size: only a regular file
-        under the store's root (symlinks resolved), never a FIFO or a device."""
-        real = os.path.realpath(path)
-        root = self._real_root
-        if root is None:
-            root = os.path.realpath(self.root or "/")
-            if os.path.isdir(root):
-                self._real_root = root
-        if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
-            raise CorruptCheckpointError(
-                f"{path} of {self.url} leads to {real}, outside the store: refusing to read it"
-            )
-        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below.
-        try:
-            fd = os.open(real, os.O_RDONLY | _O_NONBLOCK | _O_NOFOLLOW | _O_CLOEXEC | _O_BINARY)
-        except NotADirectoryError:
-            raise CorruptCheckpointError(
-                f"{path} of {self.url} cannot be read: a folder on its way is not a folder (a damaged store)"
-            ) from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise CorruptCheckpointError(f"{path} of {self.url} is not a regular file: refusing to read it")
-            f = os.fdopen(fd, "rb")
-        except BaseException:
-            os.close(fd)
-            raise
-        with f:
-            yield f, st.st_size
-
-    def hash_object(self, key: str, limit: int, *, what: str = "") -> tuple[str, int] | None:
-        """The content hash of object ``key`` as stored and its size (at most ``limit`` + 1
-        bytes are read), streamed through a small buffer; None when this store cannot (remote
-        stores). Verifies a raw object without a buffer its size."""
-        if not self.local:
-            return None
-
-        def read() -> tuple[str, int]:
-            digest = xxhash.xxh3_128()
-            buf = bytearray(_HASH_PIECE)
-            view = memoryview(buf)
-            got = 0
-            with self._open_local(self.object_path(key)) as (f, _size):
-                while got <= limit:
-                    n = f.readinto(view[: min(_HASH_PIECE, limit + 1 - got)])
-                    if not n:
-                        break
-                    digest.update(view[:n])
-                    got += n
-            return digest.hexdigest(), got
-
-        try:
-            return self._io(f"reading object {key}", read)
-        except FileNotFoundError:
-            where = f" (needed by {what})" if what else ""
-            raise MissingObjectError(f"object {key} is missing from {self.url}{where}") from None
-
-    def read_object_into(self, key: str, buf: memoryview, *, what: str = "") -> int | None:
-        """Object ``key`` read into ``buf``: how many bytes it has, ``len(buf) + 1`` when it
-        has more than fit (``buf`` then holds its first bytes), or None when this store cannot
-        read into memory it is given (remote stores: call :meth:`get_object`). Saves the
-        allocation and the copy of a payload on local disk: a raw object goes straight into
-        the tensor's memory."""
-        if not self.local:
-            return None
-
-        def read() -> int:
-            with self._open_local(self.object_path(key)) as (f, _size):
-                got = 0
-                while got < len(buf):
-                    n = f.readinto(buf[got:])
-                    if not n:
-                        return got
-                    got += n
-                return got + len(f.read(1))
-
-        try:
-            return self._io(f"reading object {key}", read)
-        except FileNotFoundError:
-            where = f" (needed by {what})" if what else ""
-            raise MissingObjectError(f"object {key} is missing from {self.url}{where}") from None
-
     def _uncached(self, path: str) -> None:
         # fsspec backends cache listings per filesystem instance, and instances are
         # shared; another process (or Store) may have written since.
@@ -411,8 +269,7 @@ class Store:
         try:
             return self._read(self.object_path(key), limit)
         except FileNotFoundError:
-            where = f" (needed by {what})" if what else ""
-            raise MissingObjectError(f"object {key} is missing from {self.url}{where}") from None
+            raise self._missing(key, what) from None
 
     def has_object(self, key: str) -> bool:
         return self.exists(self.object_path(key))
@@ -433,141 +290,4 @@ class Store:
             if not _KEY.match(key):
                 continue  # temporaries and foreign files
             out_size = info.get("size") or 0
-            yield ObjectInfo(key=key, size=int(out_size), mtime=_mtime(info))
-
-    # -- manifests and refs --------------------------------------------------------------
-    def _manifest_entries(self) -> list[tuple[str, float | None, bool]]:
-        """``(name, mtime, is a file)`` of everything in ``manifests/`` ([] when it does not exist)."""
-        base = self.path("manifests")
-
-        def damaged() -> CorruptCheckpointError:
-            return CorruptCheckpointError(
-                f"manifests/ of {self.url} is a file, not a folder: the store is damaged and no checkpoint can be listed"
-            )
-
-        def listing() -> list[tuple[str, float | None, bool]]:
-            if self.local:
-                if not os.path.lexists(base):
-                    return []
-                if not os.path.isdir(base):
-                    raise damaged()
-                out: list[tuple[str, float | None, bool]] = []
-                with os.scandir(base) as it:
-                    for e in it:
-                        try:
-                            st = e.stat(follow_symlinks=False)
-                        except FileNotFoundError:
-                            continue  # removed while listing
-                        out.append((e.name, st.st_mtime, stat.S_ISREG(st.st_mode)))
-                return out
-            self._uncached(base)
-            infos = self.fs.ls(base, detail=True)
-            if len(infos) == 1 and infos[0].get("type") == "file" and infos[0]["name"].strip("/") == base.strip("/"):
-                raise damaged()
-            return [(i["name"].rstrip("/").rsplit("/", 1)[-1], _mtime(i), i.get("type") == "file") for i in infos]
-
-        try:
-            return self._io("listing manifests", listing, "list")
-        except FileNotFoundError:
-            return []
-
-    def manifest_listing(self) -> dict[int, float | None]:
-        """Step -> modification time (None: unknown) of every committed manifest.
-
-        Only canonical names count (``<step>.json``, no leading zeros or signs, a regular
-        file); see :meth:`stray_manifests` for the rest.
-        """
-        return {int(m.group(1)): mtime for n, mtime, f in self._manifest_entries() if f and (m := _STEP_FILE.match(n))}
-
-    def steps(self) -> list[int]:
-        """Steps of every committed manifest, ascending."""
-        return sorted(self.manifest_listing())
-
-    def stray_manifests(self) -> list[str]:
-        """Names in ``manifests/`` that are not a committed manifest and are ignored: what
-        ``ckpt verify`` reports. Temporaries of interrupted local writes are not listed."""
-        return sorted(
-            n + ("" if f else "/")
-            for n, _t, f in self._manifest_entries()
-            if not (f and _STEP_FILE.match(n)) and not (f and _TEMPORARY.search(n))
-        )
-
-    def read_manifest(self, step: int) -> bytes:
-        """The manifest JSON of ``step`` (an encrypted store's opened and authenticated)."""
-        try:
-            return manifest_json(self.codec_context, step, self.read(self.manifest_path(step)))
-        except FileNotFoundError:
-            pass
-        hint = ""
-        alias = [
-            n for n in self.stray_manifests() if (m := re.match(r"^[+]?0*(\d{1,18})\.json$", n)) and int(m[1]) == step
-        ]
-        if alias:
-            hint = f" (ignored, not manifest names: {', '.join(f'manifests/{n}' for n in alias)})"
-        raise NoCheckpointError(f"no checkpoint at step {step} in {self.url}{hint}") from None
-
-    def commit(self, step: int, manifest: bytes, *, seq: int | None = None) -> None:
-        """Make a checkpoint visible: objects durable, then the manifest, then the ref.
-
-        The manifest is the commit. ``refs/latest`` is a hint: when it cannot be written the
-        save still stands (logged), and readers find the checkpoint by its manifest.
-        """
-        self.sync_dirs()
-        self.write(self.manifest_path(step), manifest)
-        self.sync_dirs()
-        try:
-            self.write_latest(step, seq)
-            self.sync_dirs()
-        except CheckpointError as exc:
-            log.warning(
-                "step %d is committed to %s, but refs/latest could not be written (%s); "
-                "readers find the checkpoint by scanning manifests",
-                step,
-                self.url,
-                exc,
-            )
-
-    def read_ref(self) -> Ref | None:
-        """What ``refs/latest`` says; None when it is missing or unreadable (logged: it is a hint)."""
-        try:
-            raw = self.read(self.path("refs", "latest"), limit=_REF_BYTES)
-        except FileNotFoundError:
-            return None
-        except CheckpointError as exc:
-            log.warning("refs/latest of %s cannot be read (%s); scanning manifests", self.url, exc)
-            return None
-        try:
-            doc = json.loads(raw)
-            step, seq = doc["step"], doc.get("seq")
-            if not _is_count(step) or not (seq is None or _is_count(seq)):
-                raise ValueError(f"step {step!r}, seq {seq!r}")
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
-            log.warning("refs/latest of %s is unreadable (%s); scanning manifests", self.url, exc)
-            return None
-        return Ref(step, seq)
-
-    def read_latest(self) -> int | None:
-        """The step ``refs/latest`` names (None: missing or unreadable). A hint: see :meth:`latest_step`."""
-        ref = self.read_ref()
-        return None if ref is None else ref.step
-
-    def write_latest(self, step: int, seq: int | None = None) -> None:
-        body: dict[str, Any] = {"step": int(step), **({"seq": int(seq)} if seq is not None else {})}
-        body["manifest"] = f"manifests/{int(step)}.json"
-        self.write(self.path("refs", "latest"), json.dumps(body).encode())
-
-    def latest_step(self, *, repair: bool = False) -> int | None:
-        """The latest committed step: the readable manifest with the highest commit sequence
-        (see :mod:`ckpt.storage.lineage`), whatever ``refs/latest`` says.
-
-        ``refs/latest`` is a hint that a crash between manifest and ref can leave stale, or
-        that can be lost; with ``repair`` it is rewritten when it disagrees.
-        """
-        return find_latest(self, repair=repair).step
-
-    def delete_manifest(self, step: int) -> None:
-        self.delete(self.manifest_path(step))
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**18
+            yield ObjectInfo(key=key, size=int(out_size), mtime=entry_mtime(info))

@@ -1,0 +1,101 @@
+"""A local save makes every new directory entry durable before its manifest commits.
+
+A file renamed into a directory is durable once that directory is fsynced; a directory
+created on the way (``objects/ab/``, ``objects/``, the store's root) is durable once its
+*parent* is. These tests watch which directories ``os.fsync`` is called on during a real
+``ckpt.save`` (``os.open``/``os.fsync``/``os.replace`` wrapped to record, then called)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import ckpt
+
+
+class Recorder:
+    """``("fsync", directory)`` and ``("replace", destination)`` in the order they happen."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.events: list[tuple[str, str]] = []
+        self._dirs: dict[int, tuple[str, int]] = {}  # fd -> (path, inode) of directories opened
+        self._lock = threading.Lock()
+        real_open, real_fsync, real_replace = os.open, os.fsync, os.replace
+
+        def open_(path, flags, *args, **kwargs):
+            fd = real_open(path, flags, *args, **kwargs)
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                with self._lock:
+                    self._dirs[fd] = (os.path.realpath(path), st.st_ino)
+            return fd
+
+        def fsync(fd):
+            st = os.fstat(fd)
+            with self._lock:
+                known = self._dirs.get(fd)
+                if stat.S_ISDIR(st.st_mode) and known is not None and known[1] == st.st_ino:
+                    self.events.append(("fsync", known[0]))
+            return real_fsync(fd)
+
+        def replace(src, dst, *args, **kwargs):
+            real_replace(src, dst, *args, **kwargs)
+            with self._lock:
+                self.events.append(("replace", os.path.realpath(dst)))
+
+        monkeypatch.setattr(os, "open", open_)
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
+
+    def index(self, kind: str, path: Path) -> list[int]:
+        return [i for i, event in enumerate(self.events) if event == (kind, os.path.realpath(path))]
+
+
+def _state() -> dict[str, object]:
+    # several objects (tensors over the pack size are stored alone), so several objects/<xx>/
+    return {f"w{i}": torch.full((300_000,), float(i)) for i in range(4)} | {"step_no": 1}
+
+
+def test_new_directories_are_fsynced_in_their_parents_before_the_manifest(tmp_path, monkeypatch):
+    monkeypatch.setenv("CKPT_FSYNC", "1")
+    root = tmp_path / "new" / "store"  # neither exists yet
+    rec = Recorder(monkeypatch)
+    ckpt.save(str(root), _state(), step=1)
+    monkeypatch.undo()
+
+    [manifest] = rec.index("replace", root / "manifests" / "1.json")
+    shards = sorted(p for p in (root / "objects").iterdir() if p.is_dir())
+    assert len(shards) >= 2
+    # each directory a committed object's path needs, made by this save, is in its parent's
+    # listing durably before the manifest names the object
+    for parent in [*shards, root / "objects", root, tmp_path / "new", tmp_path]:
+        before = [i for i in rec.index("fsync", parent) if i < manifest]
+        assert before, f"{parent} not fsynced before the manifest: {rec.events}"
+    # manifests/ is new too: the root is fsynced again after the manifest, before save returns
+    assert any(i > manifest for i in rec.index("fsync", root)), rec.events
+    assert ckpt.load(str(root))["step_no"] == 1
+
+
+def test_existing_directories_are_not_fsynced_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("CKPT_FSYNC", "1")
+    root = tmp_path / "store"
+    ckpt.save(str(root), _state(), step=1)
+    rec = Recorder(monkeypatch)
+    ckpt.save(str(root), _state(), step=2)  # same chunks: no object, no new directory
+    monkeypatch.undo()
+    synced = {path for kind, path in rec.events if kind == "fsync"}
+    assert os.path.realpath(tmp_path) not in synced
+    assert os.path.realpath(root / "objects") not in synced
+
+
+def test_no_fsync_when_disabled(tmp_path, monkeypatch):
+    monkeypatch.setenv("CKPT_FSYNC", "0")
+    rec = Recorder(monkeypatch)
+    ckpt.save(str(tmp_path / "store"), _state(), step=1)
+    monkeypatch.undo()
+    assert [e for e in rec.events if e[0] == "fsync"] == []
