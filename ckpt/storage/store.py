@@ -37,7 +37,6 @@ is a :class:`CorruptCheckpointError` naming it, never a hang or a read.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import threading
@@ -55,8 +54,6 @@ from ckpt.storage.backends import tune_client
 from ckpt.storage.retry import GaveUp, Retrier, unreachable_reason
 from ckpt.storage.store_local import LocalFiles
 from ckpt.storage.store_manifests import ManifestsAndRefs, entry_mtime
-
-log = logging.getLogger("ckpt")
 
 T = TypeVar("T")
 
