@@ -96,3 +96,63 @@ def test_no_checkpoint_runs_no_hook(tmp_path, after_restore_calls):
     with pytest.raises(ckpt.NoCheckpointError):
         _restore(str(tmp_path / "d"), str(tmp_path / "l"))
     assert after_restore_calls == []
+
+
+@pytest.fixture
+def durable_answers_first(monkeypatch):
+    """The local checkpoint is read only once the durable tier's latest is known: it is not
+    loaded early, but prepared and loaded (or not) after the ranking."""
+    import threading
+    import time
+
+    import ckpt.snapshot.checkpointer as ckmod
+    from ckpt.storage.tiers import Tiers
+
+    latest, prepare, apply = Tiers._durable_latest, ckmod.prepare_restore, ckmod.apply_restore
+    answered = threading.Event()
+    #: whether the durable tier had answered, at each load of a prepared local checkpoint
+    late: list[bool] = []
+
+    def signalled(self):
+        try:
+            return latest(self)
+        finally:
+            answered.set()
+
+    def prepare_after(*a, **k):
+        answered.wait(30)
+        time.sleep(0.1)  # its future is done
+        return prepare(*a, **k)
+
+    def apply_late(p, **kw):
+        late.append(answered.is_set())
+        return apply(p, **kw)
+
+    def arm():
+        monkeypatch.setattr(Tiers, "_durable_latest", signalled)
+        monkeypatch.setattr(ckmod, "prepare_restore", prepare_after)
+        monkeypatch.setattr(ckmod, "apply_restore", apply_late)
+        return late
+
+    return arm
+
+
+def test_durable_answering_first_local_wins(tmp_path, after_restore_calls, durable_answers_first):
+    durable, local = str(tmp_path / "d"), str(tmp_path / "l")
+    seen = _run(durable, local, range(1, 4), persist_every=2)
+    late = durable_answers_first()
+    got, w = _restore(durable, local)
+    assert got == 3 and same(w, seen[3])
+    assert late == [True]  # prepared, then loaded after the ranking
+    _once(after_restore_calls, 3, seen[3])
+
+
+def test_durable_answering_first_durable_wins(tmp_path, after_restore_calls, durable_answers_first):
+    durable, local = str(tmp_path / "d"), str(tmp_path / "l")
+    _run(durable, local, range(1, 3))
+    seen = _run(durable, str(tmp_path / "other-node"), range(1, 6), persist_every=5)
+    late = durable_answers_first()
+    got, w = _restore(durable, local)
+    assert got == 5 and same(w, seen[5])
+    assert late == []  # the local one prepared, never loaded
+    _once(after_restore_calls, 5, seen[5])
