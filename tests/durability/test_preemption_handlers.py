@@ -140,3 +140,22 @@ def test_a_shutdown_hung_after_the_committed_save_exits_with_the_code_at_the_dea
     assert "did not exit within 0.5s after its save" in proc.stderr
     assert time.monotonic() - start < 30
     assert ckpt.latest_step(url) == 3
+
+
+def test_handlers_given_back_after_a_resume_called_again_inside_itself(tmp_path, own_handlers):
+    # the decorated function called again from inside itself (its own resume nested): each
+    # level gives back the handlers it replaced, so none of ckpt's is left once both return
+    mine, _ = own_handlers
+    ck = ckpt.Checkpointer(str(tmp_path / "r"), preempt_deadline=0)
+    depth: list[int] = []
+
+    @ck.resume(model=torch.nn.Linear(2, 2))
+    def train(start):
+        depth.append(start)
+        if len(depth) == 1:
+            train()
+        ck.step(1)
+
+    train()
+    assert len(depth) == 2
+    assert _handlers() == {s: mine for s in SIGNALS}
