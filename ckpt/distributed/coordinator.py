@@ -365,6 +365,7 @@ def commit_collective(
                     delta=True,
                     max_chain=config.delta_max_chain(),
                 )
+            store.sync_dirs()  # this rank's objects (and new folders) durable before rank 0 commits
             out = (entries, stats)
         except Exception as exc:  # noqa: BLE001
             err, out = exc, _Failed(rank, exc)

@@ -43,10 +43,14 @@ class Preemption:
         #: the preemption's save has committed (the deadline then exits with ``exit_code``)
         self.committed = False
         self._timer: threading.Timer | None = None
-        self._previous: dict[int, Any] = {}
+        #: the handlers each :meth:`install` replaced, innermost last (a resume nested in
+        #: another of the same Checkpointer gives back its own)
+        self._previous: list[dict[int, Any]] = []
 
     def install(self) -> None:
         """Handle the preemption signals (from the main thread only: elsewhere, logged)."""
+        previous: dict[int, Any] = {}
+        self._previous.append(previous)  # (one per install, so each uninstall gives back its own)
         if threading.current_thread() is not threading.main_thread():
             log.warning("resume() outside the main thread: preemption signals are not handled")
             return
@@ -64,16 +68,17 @@ class Preemption:
                     _old(num, frame)
 
             signal.signal(signum, handler)
-            self._previous[signum] = old
+            previous[signum] = old
 
     def uninstall(self) -> None:
-        """Give the signals back to the handlers :meth:`install` replaced."""
-        for signum, old in self._previous.items():
+        """Give the signals back to the handlers the last :meth:`install` replaced."""
+        if not self._previous:
+            return
+        for signum, old in self._previous.pop().items():
             try:
                 signal.signal(signum, old if old is not None else signal.SIG_DFL)
             except (ValueError, TypeError):  # pragma: no cover - not the main thread any more
                 pass
-        self._previous = {}
 
     def _start_deadline(self) -> None:
         if self.deadline <= 0 or self._timer is not None:

@@ -95,7 +95,7 @@ class LocalFiles:
         self._mkdir(directory)
         tmp = temporary_name(path)
         try:
-            with open(tmp, "wb") as f:
+            with self._open_new(tmp, directory) as f:
                 f.write(data)
                 if config.fsync():
                     f.flush()
@@ -109,6 +109,19 @@ class LocalFiles:
             raise
         with self._dirs_lock:
             self._dirty_dirs.add(directory)
+
+    def _open_new(self, tmp: str, directory: str) -> io.BufferedWriter:
+        """``tmp`` opened for writing in ``directory``; a directory this store made that
+        someone removed since (a cleaner of empty folders) is made again, its parent marked
+        for :meth:`sync_dirs`. A store whose root is gone is not made again: that raises."""
+        try:
+            return open(tmp, "wb")
+        except FileNotFoundError:
+            if directory not in self._made_dirs or not os.path.isdir(self.root):
+                raise
+        self._made_dirs.discard(directory)
+        self._mkdir(directory)
+        return open(tmp, "wb")
 
     def sync_dirs(self) -> None:
         """Make renames and new directories done so far durable (local files only)."""

@@ -80,3 +80,25 @@ def test_checkpointer_retention_resume_preemption_and_damaged_newest(tmp_path):
     store = Store(str(tmp_path / "kept"))
     refs = {c.key for s in (4, 5, 6) for e in ckpt.read_manifest(store.url, step=s).tensors.values() for c in e.refs}
     assert {o.key for o in store.list_objects()} == refs
+
+
+def test_every_rank_makes_its_objects_durable_before_the_manifest(tmp_path):
+    # a rank's objects are renamed into objects/<xx>/ (made by it, maybe): those directories
+    # (and the parents of new ones) must be fsynced before rank 0 commits the manifest, or a
+    # power loss after the commit can lose objects of a committed checkpoint
+    from pathlib import Path
+
+    from .conftest import WORKER
+
+    results = run_ranks("fsync", 2, tmp_path, env={"CKPT_FSYNC": "1"}, worker=WORKER.with_name("fsync_worker.py"))
+    assert_ok(results)
+    events = {r: json.loads((tmp_path / f"events-{r}.json").read_text()) for r in (0, 1)}
+    store = (tmp_path / "store").resolve()
+    [committed] = [t for kind, p, t in events[0] if kind == "replace" and p == str(store / "manifests" / "1.json")]
+    fsyncs = [(p, t) for r in (0, 1) for kind, p, t in events[r] if kind == "fsync"]
+    mine = [(p, t) for kind, p, t in events[1] if kind == "replace" and Path(p).parent.parent == store / "objects"]
+    assert mine, events[1]
+    for obj, renamed in mine:
+        folder = str(Path(obj).parent)
+        assert any(p == folder and renamed <= t < committed for p, t in fsyncs), f"{folder} of rank 1's {obj}"
+    assert any(p == str(store / "objects") and t < committed for p, t in fsyncs)

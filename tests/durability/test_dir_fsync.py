@@ -99,3 +99,40 @@ def test_no_fsync_when_disabled(tmp_path, monkeypatch):
     ckpt.save(str(tmp_path / "store"), _state(), step=1)
     monkeypatch.undo()
     assert [e for e in rec.events if e[0] == "fsync"] == []
+
+
+def test_a_directory_removed_after_the_store_made_it_is_made_again_and_fsynced_in_its_parent(tmp_path, monkeypatch):
+    # objects/ab/ made by this store, then emptied and removed by someone else (a cleaner of
+    # empty folders, ``find -empty -delete``): the next object written there makes it again
+    from ckpt.storage.store import Store
+
+    monkeypatch.setenv("CKPT_FSYNC", "1")
+    root = tmp_path / "store"
+    store = Store(str(root))
+    store.write(store.object_path("ab" + "0" * 14), b"one")
+    store.sync_dirs()
+    (root / "objects" / "ab" / ("ab" + "0" * 14)).unlink()
+    (root / "objects" / "ab").rmdir()
+    (root / "objects").rmdir()
+    rec = Recorder(monkeypatch)
+    store.write(store.object_path("ab" + "1" * 14), b"two")
+    store.sync_dirs()
+    monkeypatch.undo()
+    assert (root / "objects" / "ab" / ("ab" + "1" * 14)).read_bytes() == b"two"
+    for parent in [root / "objects" / "ab", root / "objects", root]:
+        assert rec.index("fsync", parent), f"{parent} not fsynced: {rec.events}"
+
+
+def test_a_store_whose_root_was_removed_is_not_made_again(tmp_path):
+    import shutil
+
+    from ckpt.errors import StoreError
+    from ckpt.storage.store import Store
+
+    root = tmp_path / "store"
+    store = Store(str(root))
+    store.write(store.object_path("ab" + "0" * 14), b"one")
+    shutil.rmtree(root)  # the whole store deleted under a live writer: its saves fail
+    with pytest.raises(StoreError, match="FileNotFoundError"):
+        store.write(store.object_path("ab" + "1" * 14), b"two")
+    assert not root.exists()
