@@ -28,7 +28,7 @@ import fsspec
 import xxhash
 
 from ckpt import config
-from ckpt.errors import CorruptCheckpointError, MissingObjectError
+from ckpt.errors import CorruptCheckpointError, MissingObjectError, StoreError
 
 T = TypeVar("T")
 
@@ -129,12 +129,23 @@ class LocalFiles:
             return
         with self._dirs_lock:
             dirs, self._dirty_dirs = self._dirty_dirs, set()
-        for directory in dirs:
-            fd = os.open(directory, os.O_RDONLY)
+        pending = sorted(dirs)
+        while pending:
+            directory = pending[-1]
             try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+                fd = os.open(directory, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                with self._dirs_lock:  # not durable yet: the next sync tries them again
+                    self._dirty_dirs.update(pending)
+                raise StoreError(
+                    f"cannot make the folder {directory} of {self.url} durable (fsync): {exc}; "
+                    "nothing written since its last sync is committed"
+                ) from exc
+            pending.pop()
 
     # -- reading -------------------------------------------------------------------------
     def _read_local(self, path: str, limit: int | None) -> bytes:

@@ -136,3 +136,36 @@ def test_a_store_whose_root_was_removed_is_not_made_again(tmp_path):
     with pytest.raises(StoreError, match="FileNotFoundError"):
         store.write(store.object_path("ab" + "1" * 14), b"two")
     assert not root.exists()
+
+
+def test_a_folder_that_cannot_be_fsynced_fails_the_save_and_is_synced_at_the_next(tmp_path, monkeypatch):
+    # EIO from fsync of the objects/ folder: the save is a StoreError naming it, nothing is
+    # committed, and the writer's next save fsyncs it (and the folders not reached) before
+    # its manifest
+    store = tmp_path / "store"
+    rec = Recorder(monkeypatch)
+    recorded_fsync = os.fsync
+    failing = {"left": 1}
+
+    def fsync(fd):
+        if (
+            failing["left"]
+            and stat.S_ISDIR(os.fstat(fd).st_mode)
+            and os.fstat(fd).st_ino == os.stat(store / "objects").st_ino
+        ):
+            failing["left"] -= 1
+            raise OSError(5, "Input/output error (injected)")
+        return recorded_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    state = _state()
+    with ckpt.Checkpointer(str(store)) as ck:
+        with pytest.raises(ckpt.StoreError, match=r"objects .*durable.*Input/output error"):
+            ck.save(state, step=1).wait()
+        assert ckpt.steps(str(store)) == []
+        rec.events.clear()
+        ck.save(state, step=2).wait()
+    manifest = rec.index("replace", store / "manifests" / "2.json")
+    assert manifest and rec.index("fsync", store / "objects")
+    assert min(rec.index("fsync", store / "objects")) < manifest[0]
+    assert ckpt.steps(str(store)) == [2]
