@@ -45,3 +45,17 @@ def corrupt(store: Store, step: int, only: set[str] | None = None) -> set[str]:
         data = store.get_object(key)
         store.put_object(key, bytes(b ^ 0x5A for b in data) or b"x")
     return keys
+
+
+def run_steps(durable: str, local: str, steps, **kw) -> dict[int, dict[str, torch.Tensor]]:
+    """Train ``steps`` steps through ``Checkpointer(durable, local=local, **kw)``, saving
+    each one; returns the weights after each step."""
+    import ckpt
+
+    state, seen = make_state(), {}
+    with ckpt.Checkpointer(durable, local=local, **kw) as ck:
+        for s in steps:
+            train_step(state, s)
+            seen[s] = weights(state)
+            ck.save(state, step=s).wait()
+    return seen

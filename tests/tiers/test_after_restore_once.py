@@ -5,42 +5,10 @@ checkpoint the live objects end up holding, on every path of the ranking (fallba
 from __future__ import annotations
 
 import pytest
-from _tiers_util import corrupt, keys_of, make_state, same, weights
+from _tiers_util import corrupt, keys_of, make_state, run_steps, same, weights
 
 import ckpt
 from ckpt.storage.store import Store
-
-
-@pytest.fixture
-def after_restore_calls():
-    from ckpt.hooks.manager import get_plugins
-
-    calls: list[tuple[int, dict]] = []
-
-    class Recorder:
-        @ckpt.hookimpl
-        def ckpt_after_restore(self, info, state):
-            calls.append((info.step, weights(state)))
-
-    pm = get_plugins().pm
-    recorder = Recorder()
-    pm.register(recorder, name="after-restore-once-recorder")
-    try:
-        yield calls
-    finally:
-        pm.unregister(recorder)
-
-
-def _run(durable, local, steps, **kw):
-    from _tiers_util import train_step
-
-    state, seen = make_state(), {}
-    with ckpt.Checkpointer(durable, local=local, **kw) as ck:
-        for s in steps:
-            train_step(state, s)
-            seen[s] = weights(state)
-            ck.save(state, step=s).wait()
-    return seen
 
 
 def _restore(durable, local, **kw):
@@ -58,7 +26,7 @@ def _once(calls, step, w):
 @pytest.mark.parametrize("step", [5, 2])  # in the local tier / only in the durable one
 def test_restore_of_a_given_step(tmp_path, after_restore_calls, step):
     durable, local = str(tmp_path / "d"), str(tmp_path / "l")
-    seen = _run(durable, local, range(1, 6), persist_every=2)  # durable 2, 4, 5; local 4, 5
+    seen = run_steps(durable, local, range(1, 6), persist_every=2)  # durable 2, 4, 5; local 4, 5
     got, w = _restore(durable, local, step=step)
     assert got == step and same(w, seen[step])
     _once(after_restore_calls, step, seen[step])
@@ -66,7 +34,7 @@ def test_restore_of_a_given_step(tmp_path, after_restore_calls, step):
 
 def test_latest_from_the_local_tier(tmp_path, after_restore_calls):
     durable, local = str(tmp_path / "d"), str(tmp_path / "l")
-    seen = _run(durable, local, range(1, 4), persist_every=2)
+    seen = run_steps(durable, local, range(1, 4), persist_every=2)
     got, w = _restore(durable, local)
     assert got == 3
     _once(after_restore_calls, 3, seen[3])
@@ -74,7 +42,7 @@ def test_latest_from_the_local_tier(tmp_path, after_restore_calls):
 
 def test_a_damaged_local_newest_falls_back_to_the_durable_copy(tmp_path, after_restore_calls):
     durable, local = str(tmp_path / "d"), str(tmp_path / "l")
-    seen = _run(durable, local, range(1, 5), persist_every=2)
+    seen = run_steps(durable, local, range(1, 5), persist_every=2)
     corrupt(Store(local), 4)
     got, w = _restore(durable, local)
     assert got == 4 and same(w, seen[4])
@@ -83,7 +51,7 @@ def test_a_damaged_local_newest_falls_back_to_the_durable_copy(tmp_path, after_r
 
 def test_a_damaged_local_newest_falls_back_to_an_older_local_one(tmp_path, after_restore_calls):
     durable, local = str(tmp_path / "d"), str(tmp_path / "l")
-    seen = _run(durable, local, range(1, 5), persist_every=None)  # durable: only 4 (close)
+    seen = run_steps(durable, local, range(1, 5), persist_every=None)  # durable: only 4 (close)
     store = Store(local)
     corrupt(store, 4, keys_of(store, 4) - keys_of(store, 3))
     corrupt(Store(durable), 4)
@@ -139,7 +107,7 @@ def durable_answers_first(monkeypatch):
 
 def test_durable_answering_first_local_wins(tmp_path, after_restore_calls, durable_answers_first):
     durable, local = str(tmp_path / "d"), str(tmp_path / "l")
-    seen = _run(durable, local, range(1, 4), persist_every=2)
+    seen = run_steps(durable, local, range(1, 4), persist_every=2)
     late = durable_answers_first()
     got, w = _restore(durable, local)
     assert got == 3 and same(w, seen[3])
@@ -149,8 +117,8 @@ def test_durable_answering_first_local_wins(tmp_path, after_restore_calls, durab
 
 def test_durable_answering_first_durable_wins(tmp_path, after_restore_calls, durable_answers_first):
     durable, local = str(tmp_path / "d"), str(tmp_path / "l")
-    _run(durable, local, range(1, 3))
-    seen = _run(durable, str(tmp_path / "other-node"), range(1, 6), persist_every=5)
+    run_steps(durable, local, range(1, 3))
+    seen = run_steps(durable, str(tmp_path / "other-node"), range(1, 6), persist_every=5)
     late = durable_answers_first()
     got, w = _restore(durable, local)
     assert got == 5 and same(w, seen[5])

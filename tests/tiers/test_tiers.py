@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 import torch
-from _tiers_util import corrupt, keys_of, make_state, same, train_step, weights
+from _tiers_util import corrupt, keys_of, make_state, run_steps, same, train_step, weights
 
 import ckpt
 from ckpt.storage.store import Store
@@ -19,18 +19,6 @@ from ckpt.storage.store import Store
 @pytest.fixture
 def local_url(tmp_path):
     return str(tmp_path / "local")
-
-
-def _run(durable, local, steps, **kw):
-    """Train ``steps`` steps saving each one; returns the weights after each step."""
-    state = make_state()
-    seen = {}
-    with ckpt.Checkpointer(durable, local=local, **kw) as ck:
-        for s in steps:
-            train_step(state, s)
-            seen[s] = weights(state)
-            ck.save(state, step=s).wait()
-    return seen
 
 
 def test_persist_cadence_and_per_tier_retention(store_url, local_url):
@@ -54,7 +42,7 @@ def test_persist_cadence_and_per_tier_retention(store_url, local_url):
 
 
 def test_restore_prefers_the_local_tier_and_is_bit_exact(store_url, local_url, caplog):
-    seen = _run(store_url, local_url, range(1, 5), persist_every=2)
+    seen = run_steps(store_url, local_url, range(1, 5), persist_every=2)
     fresh = make_state(seed=1)
     caplog.set_level(logging.INFO, logger="ckpt")
     with ckpt.Checkpointer(store_url, local=local_url, persist_every=2) as ck:
@@ -65,7 +53,7 @@ def test_restore_prefers_the_local_tier_and_is_bit_exact(store_url, local_url, c
 
 def test_deleted_local_tier_restores_from_the_durable_tier(store_url, tmp_path, caplog):
     local = f"memory://tiers-lost-{uuid.uuid4().hex}"
-    seen = _run(store_url, local, range(1, 6), persist_every=2)  # durable: 2, 4 and 5 (on close)
+    seen = run_steps(store_url, local, range(1, 6), persist_every=2)  # durable: 2, 4 and 5 (on close)
     Store(local).fs.rm(Store(local).root, recursive=True)  # the node is gone
     fresh = make_state(seed=1)
     caplog.set_level(logging.INFO, logger="ckpt")
@@ -76,7 +64,7 @@ def test_deleted_local_tier_restores_from_the_durable_tier(store_url, tmp_path, 
 
 
 def test_corrupt_local_newest_falls_back_to_the_durable_copy(store_url, local_url, caplog):
-    seen = _run(store_url, local_url, range(1, 5), persist_every=2)  # durable 2, 4; local 3, 4
+    seen = run_steps(store_url, local_url, range(1, 5), persist_every=2)  # durable 2, 4; local 3, 4
     corrupt(Store(local_url), 4)
     fresh = make_state(seed=1)
     caplog.set_level(logging.INFO, logger="ckpt")
@@ -88,7 +76,7 @@ def test_corrupt_local_newest_falls_back_to_the_durable_copy(store_url, local_ur
 
 
 def test_corrupt_local_newest_falls_back_to_an_older_intact_local_one(store_url, local_url, caplog):
-    seen = _run(store_url, local_url, range(1, 5), persist_every=None)  # durable: only 4 (close)
+    seen = run_steps(store_url, local_url, range(1, 5), persist_every=None)  # durable: only 4 (close)
     local = Store(local_url)
     corrupt(local, 4, keys_of(local, 4) - keys_of(local, 3))
     corrupt(Store(store_url), 4)  # the durable copy of 4 is damaged too
@@ -103,8 +91,8 @@ def test_corrupt_local_newest_falls_back_to_an_older_intact_local_one(store_url,
 def test_newer_durable_checkpoint_beats_a_stale_local_tier(store_url, local_url):
     # a stale local tier of an earlier session of this run (another run's local tier is refused:
     # test_copy_hostile.py::test_a_local_tier_left_by_another_run_is_never_restored)
-    _run(store_url, local_url, range(1, 3))
-    seen = _run(store_url, f"memory://tiers-{uuid.uuid4().hex}", range(1, 6), persist_every=5)
+    run_steps(store_url, local_url, range(1, 3))
+    seen = run_steps(store_url, f"memory://tiers-{uuid.uuid4().hex}", range(1, 6), persist_every=5)
     fresh = make_state(seed=1)
     with ckpt.Checkpointer(store_url, local=local_url) as ck:
         assert ck.restore(fresh).step == 5
@@ -112,7 +100,7 @@ def test_newer_durable_checkpoint_beats_a_stale_local_tier(store_url, local_url)
 
 
 def test_restore_of_a_step_missing_locally_reads_the_durable_tier(store_url, local_url):
-    seen = _run(store_url, local_url, range(1, 7), persist_every=2)  # durable 2, 4, 6; local 5, 6
+    seen = run_steps(store_url, local_url, range(1, 7), persist_every=2)  # durable 2, 4, 6; local 5, 6
     fresh = make_state(seed=1)
     with ckpt.Checkpointer(store_url, local=local_url) as ck:
         assert ck.restore(fresh, step=2).step == 2
@@ -190,30 +178,9 @@ def slow_durable_head(monkeypatch):
     return arm
 
 
-@pytest.fixture
-def after_restore_calls():
-    """The steps the ``ckpt_after_restore`` hook is called with, and the weights it sees."""
-    from ckpt.hooks.manager import get_plugins
-
-    calls: list[tuple[int, dict]] = []
-
-    class Recorder:
-        @ckpt.hookimpl
-        def ckpt_after_restore(self, info, state):
-            calls.append((info.step, weights(state)))
-
-    pm = get_plugins().pm
-    recorder = Recorder()
-    pm.register(recorder, name="after-restore-recorder")
-    try:
-        yield calls
-    finally:
-        pm.unregister(recorder)
-
-
 def test_local_checkpoint_loaded_before_the_durable_tier_answers(tmp_path, slow_durable_head, after_restore_calls):
     durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
-    seen = _run(durable, local, range(1, 4), persist_every=2)
+    seen = run_steps(durable, local, range(1, 4), persist_every=2)
     fresh, loaded = make_state(seed=1), slow_durable_head()
     with ckpt.Checkpointer(durable, local=local) as ck:
         assert ck.restore(fresh).step == 3
@@ -226,8 +193,8 @@ def test_a_newer_durable_checkpoint_answering_late_is_restored_over_the_early_lo
     tmp_path, slow_durable_head, after_restore_calls
 ):
     durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
-    _run(durable, local, range(1, 3))  # this node's local tier: steps 1-2
-    seen = _run(durable, str(tmp_path / "other-node"), range(1, 6), persist_every=5)
+    run_steps(durable, local, range(1, 3))  # this node's local tier: steps 1-2
+    seen = run_steps(durable, str(tmp_path / "other-node"), range(1, 6), persist_every=5)
     fresh, loaded = make_state(seed=1), slow_durable_head()
     with ckpt.Checkpointer(durable, local=local) as ck:
         assert ck.restore(fresh).step == 5
@@ -241,8 +208,8 @@ def test_a_damaged_newer_durable_checkpoint_answering_late_keeps_the_early_load(
     tmp_path, slow_durable_head, caplog, after_restore_calls
 ):
     durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
-    mine = _run(durable, local, range(1, 3))
-    _run(durable, str(tmp_path / "other-node"), range(3, 6), persist_every=5)
+    mine = run_steps(durable, local, range(1, 3))
+    run_steps(durable, str(tmp_path / "other-node"), range(3, 6), persist_every=5)
     corrupt(Store(durable), 5)
     fresh, loaded = make_state(seed=1), slow_durable_head()
     with caplog.at_level(logging.WARNING, logger="ckpt"), ckpt.Checkpointer(durable, local=local) as ck:
@@ -256,7 +223,7 @@ def test_a_newer_durable_checkpoint_that_does_not_fit_is_raised_after_an_early_l
     tmp_path, slow_durable_head, caplog
 ):
     durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
-    mine = _run(durable, local, range(1, 3))
+    mine = run_steps(durable, local, range(1, 3))
     other = {"model": torch.nn.Linear(16, 5)}  # the run changed its model
     with ckpt.Checkpointer(durable, local=str(tmp_path / "other-node"), persist_every=1) as ck:
         ck.save(other, step=7).wait()
