@@ -129,9 +129,8 @@ class LocalFiles:
             return
         with self._dirs_lock:
             dirs, self._dirty_dirs = self._dirty_dirs, set()
-        pending = sorted(dirs)
-        while pending:
-            directory = pending[-1]
+        ordered = sorted(dirs)
+        for i, directory in enumerate(ordered):
             try:
                 fd = os.open(directory, os.O_RDONLY)
                 try:
@@ -140,12 +139,11 @@ class LocalFiles:
                     os.close(fd)
             except OSError as exc:
                 with self._dirs_lock:  # not durable yet: the next sync tries them again
-                    self._dirty_dirs.update(pending)
+                    self._dirty_dirs.update(ordered[i:])
                 raise StoreError(
                     f"cannot make the folder {directory} of {self.url} durable (fsync): {exc}; "
-                    "nothing written since its last sync is committed"
+                    "the commit waiting on it does not happen"
                 ) from exc
-            pending.pop()
 
     # -- reading -------------------------------------------------------------------------
     def _read_local(self, path: str, limit: int | None) -> bytes:
