@@ -31,6 +31,8 @@ class SaveStats:
     probes: int
     #: tensor path -> whether a delta was kept for any of its chunks (paths where one was tried)
     delta_outcome: dict[str, bool]
+    #: parent chunks read back and decoded whole (the others' probes decoded their first bytes only)
+    parent_decodes: int = 0
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ store gives its codecs (keys, later) arrives with every call in a :class:`CodecC
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -74,6 +74,10 @@ class Codec(Protocol):
 
         ``out`` has exactly the size this stage's input had when encoding; a payload that
         does not decode to exactly that is a :class:`~ckpt.CorruptCheckpointError`.
+
+        A codec may also have ``decode_prefix(payload, size, nbytes, params)``: the first
+        bytes (at least ``min(nbytes, size)``, at most ``size``) of its ``size``-byte input,
+        decoded without the rest, or None; see :func:`decode_prefix`.
         """
 
 
@@ -182,6 +186,39 @@ def decode_chain(
                 f"{what}: codec {codec.name!r} cannot decode it ({type(exc).__name__}: {exc})"
             ) from None
         current = target
+
+
+def decode_prefix(
+    registry: CodecRegistry, chain: Sequence[Mapping[str, Any]], payload: memoryview, size: int, nbytes: int
+) -> memoryview | None:
+    """The first bytes, at least ``min(nbytes, size)``, of a chunk of ``size`` raw bytes
+    stored as ``payload`` through ``chain``, decoding no more of it than they take.
+
+    For a chunk stored raw, or by one codec that has ``decode_prefix`` (the zstd codecs);
+    None for any other chain (a delta, an encrypted object), and for a payload that does
+    not decode: decode the whole chunk then, which says what is wrong with it. The bytes
+    are **not verified** (the content hash covers the whole chunk): estimates only (the
+    delta probe of :mod:`ckpt.codecs.delta`), never data.
+    """
+    want = min(nbytes, size)
+    if not chain:
+        return payload[:want] if len(payload) == size else None
+    step = chain[0]
+    if len(chain) != 1 or not isinstance(step, Mapping) or INPUT_SIZE in step:
+        return None
+    name = step.get("name")
+    if not isinstance(name, str) or name not in registry:
+        return None
+    prefix = getattr(registry.get(name), "decode_prefix", None)
+    if prefix is None:
+        return None
+    try:
+        out = prefix(payload, size, nbytes, step)
+    except (CorruptCheckpointError, ValueError, TypeError, KeyError, IndexError, OverflowError, struct.error):
+        return None  # a third party's codec refusing it: the whole decode says why
+    if out is None or not want <= len(out) <= size:
+        return None
+    return memoryview(out)
 
 
 def _step_name(step: Any, what: str) -> str:

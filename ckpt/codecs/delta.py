@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,6 +179,27 @@ def delta_base(parent: Mapping[str, Any] | None, max_chain: int) -> tuple[Mappin
     return record, age
 
 
+def _no_prefix(nbytes: int) -> memoryview | None:
+    return None
+
+
+@dataclass(frozen=True)
+class DeltaBase:
+    """The chunk a delta would cite (see :func:`delta_base`), its raw bytes fetched only as
+    far as :func:`choose` needs them."""
+
+    #: its manifest record, repeated in the delta's codec parameters
+    record: Mapping[str, Any]
+    #: the delta's age (see :func:`delta_age`)
+    age: int
+    #: its verified raw bytes, or None when they cannot be had (the chunk is then written in full)
+    whole: Callable[[], memoryview | None]
+    #: its first raw bytes (at least the number asked for), decoded without the rest and
+    #: **unverified**, or None: what the probe of a large chunk uses when :attr:`whole` would
+    #: mean decoding a stored object (:func:`ckpt.codecs.base.decode_prefix`)
+    prefix: Callable[[int], memoryview | None] = _no_prefix
+
+
 @dataclass(frozen=True)
 class Choice:
     """How a changed chunk was encoded: ``chain`` applied to give ``payload``."""
@@ -193,73 +214,96 @@ class Choice:
     probed: bool
 
 
-def choose(
-    registry: CodecRegistry,
-    data: memoryview,
-    ctx: EncodeContext,
-    base: memoryview | None,
-    base_record: Mapping[str, Any] | None,
-    age: int,
-) -> Choice:
+def choose(registry: CodecRegistry, data: memoryview, ctx: EncodeContext, base: DeltaBase | None) -> Choice:
     """Encode a changed chunk in full, or as a delta against ``base`` when that is smaller.
 
     The base record and the age are repeated in the manifest, so they count against the
     delta. Encoding a large chunk both ways would double the codec work of every changed
-    chunk, so samples spread over it decide first (:data:`PROBE_BYTES`), and only the
-    chosen encoding runs on the whole chunk.
+    chunk, so samples decide first (:data:`PROBE_BYTES`), and only the chosen encoding runs
+    on the whole chunk. The samples are spread over the chunk when the base's bytes are at
+    hand; when they would have to be decoded from a stored object, one sample at the start
+    of the chunk is compared with the base's first bytes, decoded alone, and the whole base
+    is decoded (and verified) only for a delta that is then written: a third of the large
+    chunks of a training run pay a delta (measured on the benchmark's MLP + AdamW), and
+    decoding the bases of the others took more CPU than the save's own encoding.
     """
     full_chain = default_chain(ctx.dtype)
-    if base is None or base_record is None:
+
+    def full(tried: bool, probed: bool) -> Choice:
         payload, chain = encode_chain(registry, full_chain, data, ctx)
-        return Choice(payload, chain, delta=False, tried=False, probed=False)
-    overhead = len(json.dumps(dict(base_record), separators=(",", ":"))) + len(',"age":') + len(str(age))
-    dctx = dataclasses.replace(ctx, parent=base, parent_ref=base_record)
+        return Choice(payload, chain, delta=False, tried=tried, probed=probed)
+
+    if base is None:
+        return full(False, False)
+    overhead = len(json.dumps(dict(base.record), separators=(",", ":"))) + len(',"age":') + len(str(base.age))
     delta_chain = [NAME, *full_chain]
+
+    def as_delta(whole: memoryview) -> tuple[bytes | memoryview, list[dict[str, Any]]]:
+        return encode_chain(registry, delta_chain, data, dataclasses.replace(ctx, parent=whole, parent_ref=base.record))
 
     def wins(payload: bytes | memoryview, chain: list[dict[str, Any]], full_size: float) -> bool:
         won = bool(chain) and chain[0].get("name") == NAME and len(payload) + overhead < full_size
         if won:
-            chain[0]["age"] = age
+            chain[0]["age"] = base.age
         return won
 
     if len(data) >= 4 * PROBE_BYTES:
-        full_est, delta_est = _probe(registry, data, base, full_chain, delta_chain, ctx, dctx)
+        whole: memoryview | None = None
+        step = PROBE_BYTES - PROBE_BYTES % 64  # whole elements
+        head = base.prefix(step)
+        if head is not None:
+            samples = [(0, head[:step])]
+        else:
+            whole = base.whole()
+            if whole is None:
+                return full(False, False)
+            samples = _spread(whole, len(data))
+        full_est, delta_est = _probe(registry, data, samples, full_chain, delta_chain, ctx)
         if delta_est + overhead < full_est * MIN_GAIN:
-            payload, chain = encode_chain(registry, delta_chain, data, dctx)
+            whole = whole if whole is not None else base.whole()
+            if whole is None:
+                return full(False, True)  # the base cannot be read: nothing was tried
+            payload, chain = as_delta(whole)
             if wins(payload, chain, len(data)):
                 return Choice(payload, chain, delta=True, tried=True, probed=True)
-        payload, chain = encode_chain(registry, full_chain, data, ctx)
-        return Choice(payload, chain, delta=False, tried=True, probed=True)
+        return full(True, True)
+    whole = base.whole()
+    if whole is None:
+        return full(False, False)
     payload, chain = encode_chain(registry, full_chain, data, ctx)
-    dpayload, dchain = encode_chain(registry, delta_chain, data, dctx)
+    dpayload, dchain = as_delta(whole)
     if wins(dpayload, dchain, len(payload) * MIN_GAIN):
         return Choice(dpayload, dchain, delta=True, tried=True, probed=False)
     return Choice(payload, chain, delta=False, tried=True, probed=False)
 
 
-def _probe(
-    registry: CodecRegistry,
-    data: memoryview,
-    base: memoryview,
-    full_chain: list[str],
-    delta_chain: list[str],
-    ctx: EncodeContext,
-    dctx: EncodeContext,
-) -> tuple[float, float]:
-    """Estimated full and delta sizes of ``data`` from encoding samples both ways."""
-    n = len(data)
+def _spread(base: memoryview, n: int) -> list[tuple[int, memoryview]]:
+    """:data:`PROBE_SAMPLES` samples of ``base`` (``n`` bytes) spread over it: (offset, bytes)."""
     step = PROBE_BYTES // PROBE_SAMPLES
     step -= step % 64  # keeps every sample aligned to whole elements
     starts = [((n - step) * i // (PROBE_SAMPLES - 1)) // 64 * 64 for i in range(PROBE_SAMPLES)]
+    return [(a, base[a : a + step]) for a in starts]
+
+
+def _probe(
+    registry: CodecRegistry,
+    data: memoryview,
+    samples: list[tuple[int, memoryview]],
+    full_chain: list[str],
+    delta_chain: list[str],
+    ctx: EncodeContext,
+) -> tuple[float, float]:
+    """Estimated full and delta sizes of ``data`` from encoding its ``samples`` (offset, the
+    base's bytes there) both ways."""
     full = delta = taken = 0
-    for a in starts:
-        part, pbase = data[a : a + step], base[a : a + step]
+    for a, pbase in samples:
+        part = data[a : a + len(pbase)]
         p, _ = encode_chain(registry, full_chain, part, ctx)
-        d, _ = encode_chain(registry, delta_chain, part, dataclasses.replace(dctx, parent=pbase))
+        d, _ = encode_chain(registry, delta_chain, part, dataclasses.replace(ctx, parent=pbase, parent_ref={}))
         full += len(p)
         delta += len(d)
         taken += len(part)
-    return full * n / taken, delta * n / taken
+    return full * len(data) / taken, delta * len(data) / taken
 
 
 class DeltaLearner:

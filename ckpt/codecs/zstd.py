@@ -117,6 +117,39 @@ def _decompress_exact(payload: memoryview | bytes, size: int, what: str) -> byte
     return raw
 
 
+#: the largest window a frame decoded in part may declare: decoding a frame in part (unlike
+#: whole, straight into the destination) allocates its window, which a hostile frame could
+#: declare up to zstd's limit of 128 MiB per thread. ckpt's own frames of 16 MiB chunks use
+#: 128 KiB to 2 MiB windows, 8 MiB at ``CKPT_ZSTD_LEVEL=19``; a larger one is decoded whole.
+PREFIX_WINDOW = 8 * 1024 * 1024
+
+
+def _prefix_decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "prefix_dctx", None)
+    if d is None:
+        d = _local.prefix_dctx = zstandard.ZstdDecompressor(max_window_size=PREFIX_WINDOW)
+    return d
+
+
+def _decompress_prefix(payload: memoryview | bytes, nbytes: int) -> bytes | None:
+    """The first ``nbytes`` a zstd frame decodes to, decoding no more of it than that takes
+    (a block, at most 128 KiB, past them); None when it holds fewer, does not decode, or
+    declares a window over :data:`PREFIX_WINDOW`."""
+    try:
+        reader = _prefix_decompressor().stream_reader(payload, read_across_frames=False)
+        parts: list[bytes] = []
+        got = 0
+        while got < nbytes:
+            part = reader.read(nbytes - got)
+            if not part:
+                return None
+            parts.append(part)
+            got += len(part)
+    except zstandard.ZstdError:
+        return None
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 #: a plane is compressed only when that saves at least this fraction of it
 _MIN_SAVING = 0.02
 _SAMPLE = 128 * 1024
@@ -139,6 +172,10 @@ class ZstdCodec:
     def decode(self, payload: memoryview, out: memoryview, params: Mapping[str, Any], ctx: DecodeContext) -> None:
         raw = _decompress_exact(payload, len(out), "zstd object")
         out[:] = raw
+
+    def decode_prefix(self, payload: memoryview, size: int, nbytes: int, params: Mapping[str, Any]) -> bytes | None:
+        """The first ``min(nbytes, size)`` bytes of a ``size``-byte chunk (see :func:`ckpt.codecs.base.decode_prefix`)."""
+        return _decompress_prefix(payload, min(nbytes, size))
 
 
 _PLANE = struct.Struct("<BQ")  # mode (0 raw, 1 zstd), stored length
@@ -231,3 +268,41 @@ class ByteGroupZstdCodec:
             raise CorruptCheckpointError(f"bgzstd: {len(payload) - pos} trailing bytes")
         if k == 2:
             _join_words(planes[0], planes[1], out)
+
+    def decode_prefix(
+        self, payload: memoryview, size: int, nbytes: int, params: Mapping[str, Any]
+    ) -> memoryview | None:
+        """The first whole elements, at least ``min(nbytes, size)`` bytes, of a ``size``-byte
+        chunk: only the first bytes of each plane are decompressed (see
+        :func:`ckpt.codecs.base.decode_prefix`). None for a payload :meth:`decode` would refuse
+        in its table or in those first bytes."""
+        k = params.get("itemsize")
+        if type(k) is not int or k not in ITEMSIZES or size % k or len(payload) < _PLANE.size * k:
+            return None
+        n = size // k
+        m = min(n, -(-nbytes // k))  # elements
+        planes: list[np.ndarray] = []
+        pos = _PLANE.size * k
+        for i in range(k):
+            mode, length = _PLANE.unpack_from(payload, i * _PLANE.size)
+            body = payload[pos : pos + length]
+            pos += length
+            if len(body) != length:
+                return None
+            if mode == _RAW and length == n:
+                planes.append(np.frombuffer(body, dtype=np.uint8, count=m))
+            elif mode == _ZSTD:
+                raw = _decompress_prefix(body, m)
+                if raw is None:
+                    return None
+                planes.append(np.frombuffer(raw, dtype=np.uint8))
+            else:
+                return None
+        out = np.empty(m * k, dtype=np.uint8)  # fully written below
+        if k == 2:
+            _join_words(planes[0], planes[1], out.data)
+        else:
+            grid = out.reshape(m, k)
+            for i, plane in enumerate(planes):
+                grid[:, i] = plane
+        return out.data

@@ -31,6 +31,7 @@ from ckpt.codecs import crypto
 from ckpt.codecs import delta as deltamod
 from ckpt.codecs.base import CodecRegistry, EncodeContext
 from ckpt.errors import CheckpointError, UnsupportedValueError
+from ckpt.io import delta_bases
 from ckpt.io.hashing import hash_bytes
 from ckpt.io.packing import Layout, Packer, unchanged_slice
 from ckpt.io.reader import Reader
@@ -88,6 +89,8 @@ class WriteStats:
     probes: int = 0
     #: tensor path -> whether a delta was kept for any of its chunks (paths where one was tried)
     delta_outcome: dict[str, bool] = field(default_factory=dict)
+    #: parent chunks read back and decoded whole (the others' probes decoded their first bytes only)
+    parent_decodes: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **deltas: int) -> None:
@@ -338,10 +341,9 @@ class Writer:
         if base_record is not None:
             base_ref = parent if base_record is parent_record else ChunkRef.from_json(base_record)
             assert base_ref is not None  # a base record exists only when a parent does
-            # the previous snapshot's bytes are the parent's: of use only when it is the base
-            base = self._parent_raw(path, base_ref, parent_view if base_ref is parent else None)
+            base = self._delta_base(path, base_ref, base_record, age, parent_view if base_ref is parent else None)
         ctx = EncodeContext(dtype=dtype, itemsize=itemsize, codec_context=self.store.codec_context)
-        choice = deltamod.choose(self.codecs, data, ctx, base, base_record, age)
+        choice = deltamod.choose(self.codecs, data, ctx, base)
         if choice.tried:
             self.stats.tried_delta(path, choice.delta)
         if choice.probed:
@@ -353,25 +355,19 @@ class Writer:
         payload, chain = crypto.seal_chain(ctx.codec_context, key, choice.payload, choice.chain, len(data))
         return payload, chain, key
 
-    def _parent_raw(self, path: str, parent: ChunkRef, parent_view: memoryview | None) -> memoryview | None:
-        """Verified raw bytes of ``parent``: from the previous snapshot if it still matches, else the store."""
+    def _delta_base(
+        self, path: str, ref: ChunkRef, record: Mapping[str, Any], age: int, parent_view: memoryview | None
+    ) -> deltamod.DeltaBase:
+        """The base of a delta of this chunk: the previous snapshot's bytes when they are still
+        its (the parent's chunk is the base), else read back from the store as far as needed."""
         if parent_view is not None:
-            # A private copy first: the caller's buffer may be reused while we encode.
-            copy = memoryview(bytes(parent_view))
-            if hash_bytes(copy) == parent.hash:
-                return copy
+            base = delta_bases.from_snapshot(record, age, ref, parent_view)
+            if base is not None:
+                return base
         if self._reader is None:
             # each changed chunk has its own ancestors: caching them would only hold memory
             self._reader = Reader(self.store, self.codecs, cache_bytes=0)
-        try:
-            self.stats.add(parent_reads=1)
-            return self._reader.raw_chunk(parent.to_json(), what=f"parent of tensor {path!r}")
-        except CheckpointError as exc:
-            # A full object is always correct; a damaged parent only costs compression.
-            log.warning(
-                "tensor %r: cannot read parent object %s for a delta (%s); writing it in full", path, parent.key, exc
-            )
-            return None
+        return delta_bases.StoredBase(self._reader, ref, f"parent of tensor {path!r}", self.stats.add).base(record, age)
 
 
 def object_key(address: str, chain: list[dict[str, Any]], stored: int) -> str:

@@ -26,6 +26,7 @@ import torch
 
 import ckpt
 from ckpt.codecs import Codec, CodecContext, CodecRegistry, EncodeContext, decode_chain, encode_chain
+from ckpt.codecs.base import decode_prefix
 from ckpt.hooks.manager import get_plugins
 from ckpt.io.reader import Reader
 from ckpt.state.tree import dtype_from_name
@@ -305,6 +306,63 @@ class CodecConformance:
                 assert peak <= len(out) + DECODE_SLACK_BYTES, (
                     f"{codec.name} allocated {peak} bytes decoding {sample.name} ({len(out)} bytes)"
                 )
+
+    def test_decode_prefix_is_the_start_of_decode(self, codec: Codec) -> None:
+        """``decode_prefix`` (optional; see :func:`ckpt.codecs.base.decode_prefix`) gives the
+        first bytes the whole decode gives, at least as many as asked; a codec without it
+        gives None, and the writer decodes the whole chunk instead."""
+        has = getattr(codec, "decode_prefix", None) is not None
+        registry = self.registry(codec)
+        for sample in codec_samples() + large_samples():
+            encoded = self.encode(codec, sample)
+            if encoded is None:
+                continue
+            n = len(sample.data)
+            for want in sorted({0, 1, sample.itemsize, n // 3, n, n + 7}):
+                got = decode_prefix(registry, encoded.chain, memoryview(encoded.payload), n, want)
+                where = f"{codec.name}, sample {sample.name}, prefix of {want} of {n} bytes"
+                if not has:
+                    assert got is None, f"{where}: a codec without decode_prefix has no prefix"
+                    continue
+                if got is None:
+                    continue  # allowed (a codec may decline a chain it cannot cut short)
+                assert min(want, n) <= len(got) <= n, f"{where}: got {len(got)} bytes"
+                assert bytes(got) == sample.data[: len(got)], f"{where}: differs from the decoded chunk"
+
+    def test_decode_prefix_of_damage_never_raises(self, codec: Codec) -> None:
+        """A damaged payload's prefix is None or some bytes (unverified: used for estimates
+        only), never an exception, and costs memory bounded by what was asked."""
+        registry = self.registry(codec)
+        with _tracing():
+            for encoded in self.encoded_samples(codec, limit=100_000) + [
+                e for e in (self.encode(codec, s) for s in large_samples()) if e is not None
+            ]:
+                p = encoded.payload
+                n = len(encoded.sample.data)
+                damaged = [p[:cut] for cut in sorted({0, 1, len(p) // 2, len(p) - 1}) if 0 <= cut < len(p)]
+                for pos in sorted(
+                    {*range(min(len(p), 48)), *np.linspace(0, max(len(p) - 1, 0), 8).astype(int).tolist()}
+                ):
+                    if pos < len(p):
+                        bad = bytearray(p)
+                        bad[pos] ^= 0xFF
+                        damaged.append(bytes(bad))
+                for bad_payload in damaged:
+                    want = min(n, 64 * 1024)
+                    tracemalloc.reset_peak()
+                    base = tracemalloc.get_traced_memory()[0]
+                    try:
+                        got = decode_prefix(registry, encoded.chain, memoryview(bad_payload), n, want)
+                    except Exception as exc:
+                        raise AssertionError(
+                            f"{codec.name}, sample {encoded.sample.name}: decode_prefix of a damaged payload "
+                            f"raised {type(exc).__name__}: {exc}"
+                        ) from exc
+                    peak = tracemalloc.get_traced_memory()[1] - base
+                    assert got is None or min(want, n) <= len(got) <= n
+                    assert peak <= 2 * want + DECODE_SLACK_BYTES, (
+                        f"{codec.name}, sample {encoded.sample.name}: a {want}-byte prefix allocated {peak} bytes"
+                    )
 
     def test_stateless_across_stores(self, codec: Codec) -> None:
         """One codec instance serves every store at once: all it needs comes in the context."""

@@ -379,3 +379,58 @@ def _decode(reader: Reader, path: str, entry, out: torch.Tensor) -> None:
     for ref in entry.chunks:
         reader.read_chunk(ref, view[offset : offset + ref.size], what=f"tensor {path!r}")
         offset += ref.size
+
+
+# -- large chunks: the base decoded whole only for a delta that is written ---------------
+
+
+def _two_big(seed: int = 3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    # 4 MiB each: one chunk apiece, large enough to be probed (>= 4 x PROBE_BYTES)
+    return {"nudged": torch.randn(1024, 1024, generator=g), "replaced": torch.randn(1024, 1024, generator=g)}
+
+
+def _step(state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        state["nudged"].add_(torch.randn_like(state["nudged"]) * 1e-5)
+        state["replaced"].copy_(torch.randn_like(state["replaced"]))
+
+
+def test_probe_decodes_whole_only_the_bases_a_delta_is_written_against(store_url):
+    state = _two_big()
+    assert state["nudged"].nbytes >= 4 * deltamod.PROBE_BYTES
+    ckpt.save(store_url, state, step=0)
+    _step(state)
+    stats = ckpt.save(store_url, state, step=1).write_stats
+    assert stats is not None
+    # both bases fetched, both chunks probed from their bases' first bytes; only the base
+    # of the delta that was written was decoded whole (and verified)
+    assert (stats.parent_reads, stats.probes, stats.parent_decodes, stats.delta_objects) == (2, 2, 1, 1)
+    assert stats.delta_outcome == {"nudged": True, "replaced": False}
+    chains = {p: deltamod.chain_depth(e.chunks[0].codec) for p, e in ckpt.read_manifest(store_url, 1).tensors.items()}
+    assert chains == {"nudged": 1, "replaced": 0}
+    assert_same_state(ckpt.load(store_url, step=1), clone_state(state))
+
+
+@pytest.mark.parametrize("damage", ["middle", "header", "truncated"])
+def test_a_damaged_base_costs_compression_only(tmp_path, caplog, damage):
+    """A base whose first bytes decode but whose whole does not verify ("middle"), or whose
+    plane table or length is wrong, is written against by nobody: the chunk is stored in
+    full, the log names the object, and the checkpoint restores bit-exact."""
+    url = str(tmp_path / "store")
+    state = _two_big()
+    ckpt.save(url, state, step=0)
+    store = Store(url)
+    base = ckpt.read_manifest(url, 0).tensors["nudged"].chunks[0]
+    if damage == "truncated":
+        with open(store.object_path(base.key), "r+b") as f:
+            f.truncate(base.stored - 100)
+    else:
+        corrupt_object(store, base.key, offset=3 if damage == "header" else None)
+    _step(state)
+    with caplog.at_level("WARNING", logger="ckpt"):
+        stats = ckpt.save(url, state, step=1).write_stats
+    assert stats is not None and stats.delta_objects == 0
+    assert any(base.key in r.getMessage() and "writing it in full" in r.getMessage() for r in caplog.records)
+    assert all(deltamod.chain_depth(r.codec) == 0 for r in ckpt.read_manifest(url, 1).chunk_refs())
+    assert_same_state(ckpt.load(url, step=1), clone_state(state))

@@ -15,8 +15,10 @@ import zstandard
 
 import ckpt
 from ckpt.codecs import EncodeContext
-from ckpt.codecs.base import default_chain
+from ckpt.codecs import zstd as zstd_codecs
+from ckpt.codecs.base import decode_prefix, default_chain
 from ckpt.codecs.zstd import PLANE_PARAMS, ByteGroupZstdCodec, ZstdCodec
+from ckpt.testing import get_plugins
 
 PLANE = struct.Struct("<BQ")  # the plane table entry: mode (0 raw, 1 zstd), stored length
 RAW, ZSTD = 0, 1
@@ -244,3 +246,17 @@ def test_a_plane_with_long_repeats_is_compressed_with_a_large_window_and_others_
     weights = _weights(2 * 1024 * 1024)
     payload, _ = _encode(codec, weights)
     assert len(_planes(payload, 4)[3][1]) == _plane_alone(weights, 3, PLANE_PARAMS)
+
+
+def test_a_prefix_is_decoded_only_from_frames_with_a_bounded_window():
+    """Decoding a frame in part allocates its window: a frame declaring a window over
+    PREFIX_WINDOW gets no prefix (the writer decodes it whole, bounded by the chunk size)."""
+    data = bytes(range(256)) * (64 * 1024)  # 16 MiB
+    registry = get_plugins().codecs
+    wide = zstandard.ZstdCompressionParameters(window_log=27, write_content_size=True)
+    frame = zstandard.ZstdCompressor(compression_params=wide).compress(data)
+    assert zstandard.get_frame_parameters(frame).window_size > zstd_codecs.PREFIX_WINDOW
+    assert decode_prefix(registry, [{"name": "zstd"}], memoryview(frame), len(data), 4096) is None
+    frame = zstandard.ZstdCompressor(level=3, write_content_size=True).compress(data)
+    got = decode_prefix(registry, [{"name": "zstd"}], memoryview(frame), len(data), 4096)
+    assert got is not None and bytes(got) == data[:4096]
