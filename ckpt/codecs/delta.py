@@ -259,6 +259,16 @@ def choose(registry: CodecRegistry, data: memoryview, ctx: EncodeContext, base: 
                 return full(False, False)
             samples = _spread(whole, len(data))
         full_est, delta_est = _probe(registry, data, samples, full_chain, delta_chain, ctx)
+        if whole is None and base.age > 1 and not delta_est + overhead < full_est * MIN_GAIN:
+            # The first bytes say "full", but a delta paid at this chunk's last change (its
+            # parent is one): a chunk whose first rows changed and the rest did not (the
+            # frequent tokens' rows of an embedding) would lose every delta to its first
+            # bytes, so the whole base's spread samples decide.
+            whole = base.whole()
+            if whole is None:
+                return full(False, True)  # the base cannot be read: nothing was tried
+            samples = _spread(whole, len(data))
+            full_est, delta_est = _probe(registry, data, samples, full_chain, delta_chain, ctx)
         if delta_est + overhead < full_est * MIN_GAIN:
             whole = whole if whole is not None else base.whole()
             if whole is None:

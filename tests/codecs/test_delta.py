@@ -434,3 +434,26 @@ def test_a_damaged_base_costs_compression_only(tmp_path, caplog, damage):
     assert any(base.key in r.getMessage() and "writing it in full" in r.getMessage() for r in caplog.records)
     assert all(deltamod.chain_depth(r.codec) == 0 for r in ckpt.read_manifest(url, 1).chunk_refs())
     assert_same_state(ckpt.load(url, step=1), clone_state(state))
+
+
+def test_a_chunk_that_paid_a_delta_is_not_judged_by_its_first_bytes_alone(tmp_path):
+    """A chunk whose parent is a delta (a delta paid at its last change) and whose first
+    rows now change wholesale while the rest does not: the base's first bytes say "full",
+    spread samples of the whole base say "delta", and the delta is what pays."""
+    url = str(tmp_path / "store")
+    g = torch.Generator().manual_seed(5)
+    n = 4 * deltamod.PROBE_BYTES // 4  # float32 elements: the smallest probed chunk
+    w = torch.randn(n, generator=g) * 0.02
+    state = {"emb": w.clone()}
+    ckpt.save(url, state, step=0)
+    rows = torch.randperm(n, generator=g)[: n // 20]
+    state["emb"][rows] += torch.randn(len(rows), generator=g) * 1e-5  # a few rows: a delta pays
+    assert ckpt.save(url, state, step=1).write_stats.delta_objects == 1
+    head = deltamod.PROBE_BYTES // 4
+    state["emb"][:head] = torch.randn(head, generator=g) * 0.02  # the first rows replaced
+    stats = ckpt.save(url, state, step=2).write_stats
+    assert stats is not None
+    full = ckpt.read_manifest(url, 0).tensors["emb"].chunks[0].stored
+    assert (stats.probes, stats.delta_objects, stats.delta_outcome) == (1, 1, {"emb": True})
+    assert stats.written_bytes < 0.5 * full
+    assert_same_state(ckpt.load(url, step=2), clone_state(state))
