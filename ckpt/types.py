@@ -31,7 +31,8 @@ class SaveStats:
     probes: int
     #: tensor path -> whether a delta was kept for any of its chunks (paths where one was tried)
     delta_outcome: dict[str, bool]
-    #: parent chunks read back and decoded whole (the others' probes decoded their first bytes only)
+    #: parent chunks read back and decoded whole, verified or refused (the rest of ``parent_reads``: probed
+    #: from their first bytes only, or not readable)
     parent_decodes: int = 0
 
 

@@ -222,10 +222,14 @@ def choose(registry: CodecRegistry, data: memoryview, ctx: EncodeContext, base: 
     chunk, so samples decide first (:data:`PROBE_BYTES`), and only the chosen encoding runs
     on the whole chunk. The samples are spread over the chunk when the base's bytes are at
     hand; when they would have to be decoded from a stored object, one sample at the start
-    of the chunk is compared with the base's first bytes, decoded alone, and the whole base
-    is decoded (and verified) only for a delta that is then written: a third of the large
-    chunks of a training run pay a delta (measured on the benchmark's MLP + AdamW), and
-    decoding the bases of the others took more CPU than the save's own encoding.
+    of the chunk is compared with the base's first bytes, decoded alone (unverified: an
+    estimate only), and the whole base is decoded (and verified) only when that sample
+    favours a delta, or when the chunk's parent is a delta and the sample does not (a
+    delta paid at its last change: its first rows alone must not turn it back to full).
+    Decoding and verifying a stored base whole costs over half the CPU of encoding the
+    chunk (16 MiB of float32), and most large chunks of a training run do not pay a delta.
+    A base whose first bytes cannot be cut short (a sealed object, a delta of deltas) is
+    decoded whole and sampled as one at hand.
     """
     full_chain = default_chain(ctx.dtype)
 

@@ -89,7 +89,8 @@ class WriteStats:
     probes: int = 0
     #: tensor path -> whether a delta was kept for any of its chunks (paths where one was tried)
     delta_outcome: dict[str, bool] = field(default_factory=dict)
-    #: parent chunks read back and decoded whole (the others' probes decoded their first bytes only)
+    #: parent chunks read back and decoded whole, verified or refused (the rest of ``parent_reads``: probed
+    #: from their first bytes only, or not readable)
     parent_decodes: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
