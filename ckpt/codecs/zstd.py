@@ -197,13 +197,19 @@ class ByteGroupZstdCodec:
         comp = _compressor("planes" if self.level is None else self.level)
         n = plane.nbytes
         if n > 4 * _SAMPLE:
-            # Mantissa planes are close to random: a sample decides cheaply.
-            sample = comp.compress(plane[:_SAMPLE].data)
-            if len(sample) >= _SAMPLE * (1 - _MIN_SAVING):
+            # Mantissa planes are close to random: samples decide cheaply. Stored raw only
+            # when its start, middle and end all are: a plane random in part only (a delta
+            # of an embedding whose first rows changed and the rest did not) is compressed.
+            for at in (0, (n - _SAMPLE) // 2, n - _SAMPLE):
+                part = plane[at : at + _SAMPLE].data
+                sample = comp.compress(part)
+                if len(sample) < _SAMPLE * (1 - _MIN_SAVING):
+                    break
+            else:
                 return _RAW, plane
             if self.level is None:  # long repeats (see REPEAT_PARAMS) show in the sample too
                 repeats = _compressor("repeats")
-                if len(repeats.compress(plane[:_SAMPLE].data)) * _REPEATS_GAIN <= len(sample):
+                if len(repeats.compress(part)) * _REPEATS_GAIN <= len(sample):
                     comp = repeats
         out = comp.compress(plane.data)
         if len(out) >= n * (1 - _MIN_SAVING):

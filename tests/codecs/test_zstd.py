@@ -260,3 +260,18 @@ def test_a_prefix_is_decoded_only_from_frames_with_a_bounded_window():
     frame = zstandard.ZstdCompressor(level=3, write_content_size=True).compress(data)
     got = decode_prefix(registry, [{"name": "zstd"}], memoryview(frame), len(data), 4096)
     assert got is not None and bytes(got) == data[:4096]
+
+
+def test_a_plane_random_only_at_its_start_is_compressed():
+    """The XOR delta of a tensor whose first rows changed and the rest did not: random
+    bytes at the start of every plane, zeros after. The start's sample alone would store
+    the planes raw; the middle and end samples show they compress."""
+    g = torch.Generator().manual_seed(0)
+    n = 1024 * 1024  # planes of 1 MiB: decided from samples
+    xor = torch.zeros(n, dtype=torch.int32)
+    xor[: n // 5] = torch.randint(-(2**31), 2**31 - 1, (n // 5,), generator=g, dtype=torch.int32)
+    codec = ByteGroupZstdCodec()
+    payload, params = _encode(codec, xor.view(torch.float32))
+    assert [mode for mode, _ in _planes(payload, 4)] == [ZSTD] * 4
+    assert len(payload) < 0.25 * 4 * n
+    assert _decode(codec, payload, params, 4 * n) == bytes(_bytes(xor))
