@@ -183,6 +183,10 @@ def _no_prefix(nbytes: int) -> memoryview | None:
     return None
 
 
+def _no_planes() -> tuple[int, dict[int, memoryview]] | None:
+    return None
+
+
 @dataclass(frozen=True)
 class DeltaBase:
     """The chunk a delta would cite (see :func:`delta_base`), its raw bytes fetched only as
@@ -198,6 +202,10 @@ class DeltaBase:
     #: **unverified**, or None: what the probe of a large chunk uses when :attr:`whole` would
     #: mean decoding a stored object (:func:`ckpt.codecs.base.decode_prefix`)
     prefix: Callable[[int], memoryview | None] = _no_prefix
+    #: ``(itemsize, {i: plane})``: the byte planes the stored base holds raw (byte *i* of
+    #: each element), read in place and **unverified**, or None: where the probe looks
+    #: past the first bytes without decoding anything (:func:`_first_bytes_understate`)
+    raw_planes: Callable[[], tuple[int, dict[int, memoryview]] | None] = _no_planes
 
 
 @dataclass(frozen=True)
@@ -263,11 +271,17 @@ def choose(registry: CodecRegistry, data: memoryview, ctx: EncodeContext, base: 
                 return full(False, False)
             samples = _spread(whole, len(data))
         full_est, delta_est = _probe(registry, data, samples, full_chain, delta_chain, ctx)
-        if whole is None and base.age > 1 and not delta_est + overhead < full_est * MIN_GAIN:
-            # The first bytes say "full", but a delta paid at this chunk's last change (its
-            # parent is one): a chunk whose first rows changed and the rest did not (the
-            # frequent tokens' rows of an embedding) would lose every delta to its first
-            # bytes, so the whole base's spread samples decide.
+        if (
+            whole is None
+            and head is not None
+            and not delta_est + overhead < full_est * MIN_GAIN
+            and _first_bytes_understate(data, head[:step], base.raw_planes(), base.age)
+        ):
+            # The first bytes say "full", but the base's raw planes show more of the chunk
+            # unchanged past them (or, without raw planes, a delta paid at this chunk's last
+            # change): a chunk whose first rows changed and the rest did not (the frequent
+            # tokens' rows of an embedding) would lose every delta to its first bytes, so
+            # the whole base's spread samples decide.
             whole = base.whole()
             if whole is None:
                 return full(False, True)  # the base cannot be read: nothing was tried
@@ -289,6 +303,39 @@ def choose(registry: CodecRegistry, data: memoryview, ctx: EncodeContext, base: 
     if wins(dpayload, dchain, len(payload) * MIN_GAIN):
         return Choice(dpayload, dchain, delta=True, tried=True, probed=False)
     return Choice(payload, chain, delta=False, tried=True, probed=False)
+
+
+#: the first bytes understate a chunk's unchanged share when the raw planes past them
+#: agree with the new data on this much more of their bytes (fractions of bytes)
+UNDERSTATED = 0.1
+
+
+def _first_bytes_understate(
+    data: memoryview, head: memoryview, planes: tuple[int, dict[int, memoryview]] | None, age: int
+) -> bool:
+    """Whether the bytes of ``data`` past ``head`` (the base's first bytes) are unchanged
+    noticeably more often than the first ones, judged on the base's raw planes (the low
+    mantissa bytes of floats, which an update of an element almost always changes) at
+    :data:`PROBE_SAMPLES` places spread over the chunk: no decoding needed. Without raw
+    planes to judge by (or planes that do not fit the chunk): whether a delta paid at the
+    chunk's last change (``age`` > 1: its parent is a delta)."""
+    if planes is None or not planes[1]:
+        return age > 1
+    k, raw = planes
+    n = len(data) // k
+    m = len(head) // k
+    if len(data) % k or m == 0 or n < 2 * m or any(len(p) != n for p in raw.values()):
+        return age > 1
+    new = np.frombuffer(data, dtype=np.uint8).reshape(n, k)
+    first = np.frombuffer(head, dtype=np.uint8, count=m * k).reshape(m, k)
+    width = max(1, m // PROBE_SAMPLES)
+    starts = [m + (n - m - width) * j // (PROBE_SAMPLES - 1) for j in range(PROBE_SAMPLES)]
+    same_first = same_past = 0.0
+    for i, plane in raw.items():
+        old = np.frombuffer(plane, dtype=np.uint8)
+        same_first += float(np.mean(new[:m, i] == first[:, i]))
+        same_past += float(np.mean([np.mean(new[a : a + width, i] == old[a : a + width]) for a in starts]))
+    return (same_past - same_first) / len(raw) > UNDERSTATED
 
 
 def _spread(base: memoryview, n: int) -> list[tuple[int, memoryview]]:

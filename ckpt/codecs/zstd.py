@@ -275,6 +275,25 @@ class ByteGroupZstdCodec:
         if k == 2:
             _join_words(planes[0], planes[1], out)
 
+    def raw_planes(self, payload: memoryview, size: int, params: Mapping[str, Any]) -> dict[int, memoryview] | None:
+        """The planes of a ``size``-byte chunk stored raw (byte *i* of every element, by *i*),
+        read in place: no decoding. None for a plane table :meth:`decode` would refuse.
+        **Unverified**, like :meth:`decode_prefix`: for estimates only."""
+        k = params.get("itemsize")
+        if type(k) is not int or k not in ITEMSIZES or size % k or len(payload) < _PLANE.size * k:
+            return None
+        n = size // k
+        raw: dict[int, memoryview] = {}
+        pos = _PLANE.size * k
+        for i in range(k):
+            mode, length = _PLANE.unpack_from(payload, i * _PLANE.size)
+            if mode not in (_RAW, _ZSTD) or (mode == _RAW and length != n) or pos + length > len(payload):
+                return None
+            if mode == _RAW:
+                raw[i] = payload[pos : pos + length]
+            pos += length
+        return raw if pos == len(payload) else None
+
     def decode_prefix(
         self, payload: memoryview, size: int, nbytes: int, params: Mapping[str, Any]
     ) -> memoryview | None:

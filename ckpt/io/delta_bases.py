@@ -47,7 +47,7 @@ class StoredBase:
         self._failed = False
 
     def base(self, record: Mapping[str, Any], age: int) -> DeltaBase:
-        return DeltaBase(record, age, whole=self.whole, prefix=self.prefix)
+        return DeltaBase(record, age, whole=self.whole, prefix=self.prefix, raw_planes=self.raw_planes)
 
     def payload(self) -> memoryview | None:
         """The stored object as fetched (None, logged, when it cannot be read)."""
@@ -66,6 +66,16 @@ class StoredBase:
         if payload is None or (self.ref.stored >= 0 and len(payload) != self.ref.stored):
             return None  # the whole decode says what is wrong with it
         return decode_prefix(self.reader.codecs, self.ref.codec, payload, self.ref.size, nbytes)
+
+    def raw_planes(self) -> tuple[int, dict[int, memoryview]] | None:
+        """``(itemsize, planes stored raw)`` of a base stored by ``bgzstd`` alone, read in place."""
+        payload = self.payload()
+        chain = self.ref.codec
+        if payload is None or len(chain) != 1 or chain[0].get("name") != "bgzstd" or "bgzstd" not in self.reader.codecs:
+            return None
+        planes = getattr(self.reader.codecs.get("bgzstd"), "raw_planes", None)
+        found = planes(payload, self.ref.size, chain[0]) if planes is not None else None
+        return None if found is None else (int(chain[0]["itemsize"]), found)
 
     def whole(self) -> memoryview | None:
         payload = self.payload()

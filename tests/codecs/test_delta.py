@@ -457,3 +457,27 @@ def test_a_chunk_that_paid_a_delta_is_not_judged_by_its_first_bytes_alone(tmp_pa
     assert (stats.probes, stats.delta_objects, stats.delta_outcome) == (1, 1, {"emb": True})
     assert stats.written_bytes < 0.5 * full
     assert_same_state(ckpt.load(url, step=2), clone_state(state))
+
+
+@pytest.mark.parametrize("changed", ["first rows", "everywhere"])
+def test_a_full_base_past_its_first_bytes_is_judged_by_its_raw_planes(tmp_path, monkeypatch, changed):
+    """The first delta of a chunk whose first rows changed and the rest did not: its base is
+    a full object, whose first bytes say "full"; its raw (low mantissa) planes, read in place,
+    show the rest unchanged, so the whole base is decoded and the delta written. A chunk
+    changed everywhere shows no such thing and its base is never decoded whole."""
+    url = str(tmp_path / "store")
+    g = torch.Generator().manual_seed(7)
+    state = {"emb": torch.randn(512, 2048, generator=g) * 0.02}  # 4 MiB of float32: probed
+    ckpt.save(url, state, step=0)
+    with torch.no_grad():
+        rows = state["emb"][:100] if changed == "first rows" else state["emb"]
+        rows.copy_(torch.randn(rows.shape, generator=g) * 0.02)  # replaced: no delta pays there
+    stats = ckpt.save(url, state, step=1).write_stats
+    assert stats is not None and stats.probes == 1
+    full = ckpt.read_manifest(url, 0).tensors["emb"].chunks[0].stored
+    if changed == "first rows":
+        assert (stats.parent_decodes, stats.delta_objects) == (1, 1)
+        assert stats.written_bytes < 0.5 * full
+    else:
+        assert (stats.parent_decodes, stats.delta_objects) == (0, 0)
+    assert_same_state(ckpt.load(url, step=1), clone_state(state))
