@@ -232,8 +232,9 @@ def choose(registry: CodecRegistry, data: memoryview, ctx: EncodeContext, base: 
     hand; when they would have to be decoded from a stored object, one sample at the start
     of the chunk is compared with the base's first bytes, decoded alone (unverified: an
     estimate only), and the whole base is decoded (and verified) only when that sample
-    favours a delta, or when the chunk's parent is a delta and the sample does not (a
-    delta paid at its last change: its first rows alone must not turn it back to full).
+    favours a delta, or when it does not but the base's raw planes, read in place at
+    places spread over the chunk, show more of it unchanged than its first bytes do
+    (:func:`_first_bytes_understate`: a chunk whose first rows changed and the rest did not).
     Decoding and verifying a stored base whole costs over half the CPU of encoding the
     chunk (16 MiB of float32), and most large chunks of a training run do not pay a delta.
     A base whose first bytes cannot be cut short (a sealed object, a delta of deltas) is
