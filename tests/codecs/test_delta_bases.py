@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ckpt
 from ckpt.codecs import EncodeContext
@@ -79,3 +81,60 @@ def test_a_packed_parent_is_probed_from_its_first_bytes(tmp_path):
     assert stats is not None
     assert (stats.probes, stats.parent_decodes, stats.delta_objects) == (1, 1, 1)
     assert_same_state(ckpt.load(url, step=1), clone_state(state))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    payload=st.binary(max_size=600),
+    itemsize=st.sampled_from([1, 2, 3, 4, 8, 16, -1]),
+    elements=st.integers(min_value=0, max_value=64),
+    head=st.integers(min_value=0, max_value=256),
+)
+def test_hostile_plane_tables_give_raw_planes_or_none_and_never_raise(payload, itemsize, elements, head):
+    """``raw_planes`` and ``decode_prefix`` read untrusted bytes: whatever they hold, the
+    answer is None or planes of exactly the chunk's length (and the probe's raw-plane check
+    takes them without an error), never an exception."""
+    codec = get_plugins().codecs.get("bgzstd")
+    size = elements * max(itemsize, 1)
+    params = {"name": "bgzstd", "itemsize": itemsize}
+    planes = codec.raw_planes(memoryview(payload), size, params)
+    if planes is not None:
+        assert all(len(p) == elements for p in planes.values())
+        data = memoryview(bytes(range(256)) * (size // 256 + 1))[:size]
+        deltamod._first_bytes_understate(data, data[: head * itemsize], (itemsize, planes), 1)
+    got = decode_prefix(get_plugins().codecs, [params], memoryview(payload), size, head)
+    assert got is None or min(head, size) <= len(got) <= size
+
+
+@st.composite
+def _plane_tables(draw):
+    """bgzstd payloads of ``elements`` elements whose tables are nearly right: each plane
+    raw, zstd (random bytes) or an unknown mode, its recorded length off by a little or not."""
+    import struct
+
+    k = draw(st.sampled_from([2, 4, 8]))
+    n = draw(st.integers(min_value=1, max_value=48))
+    table, bodies = b"", b""
+    for _ in range(k):
+        mode = draw(st.sampled_from([0, 0, 1, 2]))
+        body = draw(st.binary(min_size=n, max_size=n)) if mode == 0 else draw(st.binary(max_size=40))
+        table += struct.pack("<BQ", mode, max(0, len(body) + draw(st.sampled_from([0, 0, 0, -1, 1]))))
+        bodies += body
+    return k, n, table + bodies + draw(st.sampled_from([b"", b"", b"\0"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=_plane_tables(), head=st.integers(min_value=0, max_value=64))
+def test_nearly_valid_plane_tables_give_exact_raw_planes_or_none(case, head):
+    k, n, payload = case
+    codec = get_plugins().codecs.get("bgzstd")
+    params = {"name": "bgzstd", "itemsize": k}
+    planes = codec.raw_planes(memoryview(payload), n * k, params)
+    if planes is not None:
+        assert all(len(p) == n for p in planes.values())
+        table = [payload[i * 9] for i in range(k)]
+        assert sorted(planes) == [i for i, mode in enumerate(table) if mode == 0]
+        data = memoryview(np.random.default_rng(0).bytes(n * k))
+        deltamod._first_bytes_understate(data, data[: min(head, n // 2) * k], (k, planes), 1)
+    got = decode_prefix(get_plugins().codecs, [params], memoryview(payload), n * k, head)
+    assert got is None or min(head, n * k) <= len(got) <= n * k
