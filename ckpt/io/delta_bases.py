@@ -4,9 +4,11 @@ from the store only as far as the choice of encoding needs (:class:`ckpt.codecs.
 Most bases are stored compressed. Deciding whether a changed chunk is worth a delta needs
 only a sample of the base's raw bytes, so the stored object is fetched once and only the
 first bytes of its byte planes are decoded for the probe
-(:func:`ckpt.codecs.base.decode_prefix`); the whole object is decoded and verified against
-its hash only for a delta that is then written. A base that cannot be read or does not
-verify costs compression only: the chunk is written in full, and the log says why.
+(:func:`ckpt.codecs.base.decode_prefix`), and the planes it stores raw are read in place;
+the whole object is decoded and verified against its hash only when the probe favours a
+delta, or finds the first bytes unlike the rest (see :func:`ckpt.codecs.delta.choose`). A
+base that cannot be read or does not verify costs compression only: the chunk is written
+in full, and the log says why.
 """
 
 from __future__ import annotations
