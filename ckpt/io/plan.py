@@ -36,8 +36,12 @@ class ReadPlan:
 
     @classmethod
     def for_paths(cls, manifest: Manifest, paths: Iterable[str]) -> ReadPlan:
-        """The plan for ``paths``; a path the manifest does not list is a CorruptCheckpointError."""
-        paths = tuple(paths)
+        """The plan for ``paths``; a path the manifest does not list is a CorruptCheckpointError.
+
+        A path named twice (a tree citing one tensor in two places) is read once: two reads
+        of one chunk into the same memory at once would race (a delta decodes in place).
+        """
+        paths = tuple(dict.fromkeys(paths))
         reads: list[ChunkRead] = []
         for path in paths:
             entry = manifest.tensors.get(path)

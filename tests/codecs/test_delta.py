@@ -481,3 +481,27 @@ def test_a_full_base_past_its_first_bytes_is_judged_by_its_raw_planes(tmp_path, 
     else:
         assert (stats.parent_decodes, stats.delta_objects) == (0, 0)
     assert_same_state(ckpt.load(url, step=1), clone_state(state))
+
+
+def test_a_tree_citing_a_delta_tensor_twice_loads_it_once(tmp_path):
+    """A manifest whose tree names one tensor in two places (hostile, or hand-edited): the
+    tensor is read once, not twice into the same memory at once (a delta decodes in place,
+    and two decodes racing in one buffer made an intact object fail verification)."""
+    from ckpt.io.plan import ReadPlan
+
+    url = str(tmp_path / "store")
+    model = _model(torch.float32)
+    ckpt.save(url, {"model": model}, step=0)
+    _nudge(model)
+    ckpt.save(url, {"model": model}, step=1)
+    manifest = ckpt.read_manifest(url, 1)
+    path = next(p for p, e in manifest.tensors.items() if deltamod.chain_depth(e.chunks[0].codec))
+    plan = ReadPlan.for_paths(manifest, [path, "model/1.bias", path])
+    assert plan.paths == (path, "model/1.bias")
+    assert len(plan.reads) == len(manifest.tensors[path].chunks) + len(manifest.tensors["model/1.bias"].chunks)
+    store = Store(url)
+    doc = json.loads(store.read_manifest(1))
+    doc["tree"]["model"]["extra"] = {"$tensor": path}  # the delta tensor cited a second time
+    store.write(store.path("manifests", "1.json"), json.dumps(doc).encode())
+    loaded = ckpt.load(url, step=1)
+    assert torch.equal(loaded["model"]["extra"], model.state_dict()[path.split("/", 1)[1]])
