@@ -58,6 +58,9 @@ def restart(
     """
     import ckpt
 
+    # moto takes its time over DCP's multipart upload of one 1.2 GB file: botocore's 60 s read
+    # timeout ended some runs (a ReadTimeoutError ~50 s into the upload); DCP gets 10 minutes
+    dcp_so = dict(so, config_kwargs={**so.get("config_kwargs", {}), "read_timeout": 600})
     t0 = time.perf_counter()
     w = common.mlp_workload(layers, width, repeats=1)
     state = w.fresh()
@@ -73,7 +76,7 @@ def restart(
 
         from benchmarks.systems import _dcp_state
 
-        dcp.save(_dcp_state(w.build()), storage_writer=FsspecWriter(durable + "-dcp", **so))
+        dcp.save(_dcp_state(w.build()), storage_writer=FsspecWriter(durable + "-dcp", **dcp_so))
         if kill:
             print("READY 0 0\nCHECK ok", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -86,7 +89,7 @@ def restart(
         from benchmarks.systems import _dcp_apply, _dcp_state
 
         sd = _dcp_state(state)
-        dcp.load(sd, storage_reader=FsspecReader(durable + "-dcp", **so))
+        dcp.load(sd, storage_reader=FsspecReader(durable + "-dcp", **dcp_so))
         _dcp_apply(state, sd)
         t2 = time.perf_counter()
     else:
