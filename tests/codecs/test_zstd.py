@@ -275,3 +275,47 @@ def test_a_plane_random_only_at_its_start_is_compressed():
     assert [mode for mode, _ in _planes(payload, 4)] == [ZSTD] * 4
     assert len(payload) < 0.25 * 4 * n
     assert _decode(codec, payload, params, 4 * n) == bytes(_bytes(xor))
+
+
+# -- plane buffers reused across calls and threads -------------------------------------
+
+
+def test_plane_buffers_are_reused_across_threads_and_never_shared_at_once():
+    import threading
+
+    scratch = zstd_codecs._Scratch()
+    with scratch.take(1000) as a:
+        first = a.ctypes.data
+        with scratch.take(1000) as b:  # a second caller while the first holds its buffer
+            assert b.ctypes.data != first
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(scratch.take(800).__enter__().ctypes.data))
+    worker.start()
+    worker.join()
+    assert seen[0] in {first, b.ctypes.data}, "a buffer given back serves another thread"
+
+
+def test_plane_buffers_kept_are_bounded(monkeypatch):
+    scratch = zstd_codecs._Scratch()
+    monkeypatch.setattr(scratch, "KEEP_BYTES", 3000)
+    with scratch.take(2000), scratch.take(1500), scratch.take(1000):
+        pass
+    assert [b.nbytes for b in scratch._free] == [2000], "the largest that fit the budget"
+    with scratch.take(10_000):  # larger than all kept: a new one, dropped on return
+        pass
+    assert sum(b.nbytes for b in scratch._free) <= 3000
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_encodes_on_many_threads_at_once_each_decode_to_their_own_data(dtype):
+    """A raw plane is a view of a reused buffer: it must be copied out before the buffer goes
+    back, or a payload would hold another chunk's bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunks = [_weights(100_000 + 17 * i, dtype, seed=i) for i in range(24)]
+    codec = ByteGroupZstdCodec()
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda t: _encode(codec, t), chunks))
+    for t, (payload, params) in zip(chunks, results):
+        assert any(mode == RAW for mode, _ in _planes(payload, t.element_size())), "a raw plane is exercised"
+        assert _decode(codec, payload, params, t.numel() * t.element_size()) == bytes(_bytes(t))
