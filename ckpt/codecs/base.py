@@ -22,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from ckpt.errors import CorruptCheckpointError, PluginError, UnknownCodecError
+from ckpt.io.memory import copy_into
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ def decode_chain(
     if not chain:
         if len(payload) != len(out):
             raise CorruptCheckpointError(f"{what}: raw object has {len(payload)} bytes, expected {len(out)}")
-        out[:] = payload
+        copy_into(out, payload)
         return
     # A last stage that may decode in place (``in_place = True``: it tolerates ``payload``
     # aliasing ``out``, as XOR does) gets the previous stage's output written straight

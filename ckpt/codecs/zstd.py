@@ -20,7 +20,7 @@ import zstandard
 from ckpt import config
 from ckpt.codecs.base import DecodeContext, EncodeContext
 from ckpt.errors import CorruptCheckpointError
-from ckpt.io.memory import prefault
+from ckpt.io.memory import copy_into, prefault
 
 _local = threading.local()
 
@@ -201,7 +201,7 @@ class ZstdCodec:
 
     def decode(self, payload: memoryview, out: memoryview, params: Mapping[str, Any], ctx: DecodeContext) -> None:
         raw = _decompress_exact(payload, len(out), "zstd object")
-        out[:] = raw
+        copy_into(out, raw)
 
     def decode_prefix(self, payload: memoryview, size: int, nbytes: int, params: Mapping[str, Any]) -> bytes | None:
         """The first ``min(nbytes, size)`` bytes of a ``size``-byte chunk (see :func:`ckpt.codecs.base.decode_prefix`)."""
@@ -269,7 +269,7 @@ class ByteGroupZstdCodec:
                 _PLANE.pack_into(view, pos, mode, size)
                 pos += _PLANE.size
             for (_, p), size in zip(parts, sizes):  # (raw planes are views of buf: copied before it goes back)
-                view[pos : pos + size] = p if isinstance(p, bytes) else p.data
+                copy_into(view[pos : pos + size], p if isinstance(p, bytes) else p.data)
                 pos += size
         return view, {"itemsize": k}
 

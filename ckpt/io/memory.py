@@ -67,6 +67,20 @@ def _disable(errno: int) -> None:
         log.debug("madvise(MADV_POPULATE_WRITE) unavailable (errno %d): pages fault in one by one", errno)
 
 
+#: copies of at least this many bytes release the GIL (see copy_into)
+RELEASE_GIL_BYTES = 64 * 1024
+
+
+def copy_into(dst: memoryview, src: bytes | bytearray | memoryview) -> None:
+    """``dst[:] = src`` for contiguous buffers of the same size, with the GIL released when
+    it is large: a memoryview assignment copies holding it, stopping every other Python
+    thread (the training loop during a background save) for the copy; numpy lets go."""
+    if dst.nbytes < RELEASE_GIL_BYTES:
+        dst[:] = src
+        return
+    np.copyto(np.frombuffer(dst, dtype=np.uint8), np.frombuffer(src, dtype=np.uint8))
+
+
 def payload_buffer(nbytes: int, *, what: str) -> np.ndarray:
     """An uninitialised byte buffer of ``nbytes``, a size a manifest gave (an object's, a
     packed object's, a box's): one the host cannot allocate is a CheckpointError, as for a tensor."""

@@ -16,7 +16,7 @@ from ckpt.codecs.base import CodecRegistry, decode_chain, max_encoded_size
 from ckpt.codecs.crypto import ObjectDecodeContext
 from ckpt.errors import CheckpointError, CorruptCheckpointError
 from ckpt.io.hashing import hash_bytes
-from ckpt.io.memory import payload_buffer, prefault
+from ckpt.io.memory import copy_into, payload_buffer, prefault
 from ckpt.io.plan import ChunkRead, ReadPlan
 from ckpt.io.region import read_box
 from ckpt.snapshot.executor import io_pool, io_threads, wait_all
@@ -90,7 +90,7 @@ class Reader:
         """Bytes of chunk ``ref`` into ``out``; a packed chunk is sliced from its (cached) object."""
         if ref.packed:
             raw = self.object_bytes(ref, what=what)
-            out[:] = raw[ref.at : ref.at + ref.size]
+            copy_into(out, raw[ref.at : ref.at + ref.size])
             return
         self.read_object(ref, out, what=what)
 
@@ -232,7 +232,7 @@ def read_tensors(
             raw = payload_buffer(obj.size, what=f"{tensors_named(r.path for r in reads)}, packed object {obj.key}")
             reader.read_object(obj, raw.data, what=tensors_named(r.path for r in reads))
             for r in reads:
-                targets[r.path][r.offset : r.offset + r.ref.size] = raw.data[r.ref.at : r.ref.at + r.ref.size]
+                copy_into(targets[r.path][r.offset : r.offset + r.ref.size], raw.data[r.ref.at : r.ref.at + r.ref.size])
                 if progress is not None:
                     progress(r.ref.size)
 
