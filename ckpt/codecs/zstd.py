@@ -103,18 +103,27 @@ class _Scratch:
 _scratch = _Scratch()
 
 
-# Two-byte elements (bf16, fp16) are split and joined with shifts on 16-bit words, ~3x
-# (split) and ~2.3x (join) faster than numpy's strided byte copies on this project's machine
-# (8 Mi elements: split 1.8 ms, join 2.0-2.3 ms). Each ufunc writes its narrowing (split) or
-# widening (join) cast straight into its output: no temporary the size of the chunk.
+# Elements of 2, 4 and 8 bytes are split into planes with shifts on words, and two-byte ones
+# (bf16, fp16) joined back the same way: faster than numpy's strided byte copies on this
+# project's machine (8 Mi bf16 elements: split 1.8 ms instead of 3.8, join 2.0-2.3 ms instead
+# of 4.5; 4 Mi float32 ones split in 3.3 ms instead of 4.8-5.4). Each ufunc writes its
+# narrowing (split) or widening (join) cast straight into its output: no temporary the size
+# of the chunk. (Joining 4-byte elements by shifts was no faster than strided copies.)
 # Plane i is byte i of each element in memory: the words are read little-endian everywhere.
 _WORD = np.dtype("<u2")
+#: elements of these sizes are split by shifts on words (16-byte ones by strided copies)
+_WORDS = {2: _WORD, 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 
 
 def _split_words(data: memoryview, planes: np.ndarray) -> None:
-    words = np.frombuffer(data, dtype=_WORD)
+    """Byte *i* of every element of ``data`` into ``planes[i]``: one shift and narrowing
+    store per plane on the elements read as little-endian words (2, 4 or 8 bytes; 5 GB/s for
+    float32 on this project's machine, against 3.1-3.5 GB/s for strided byte copies)."""
+    k = planes.shape[0]
+    words = np.frombuffer(data, dtype=_WORDS[k])
     np.copyto(planes[0], words, casting="unsafe")  # the low byte
-    np.right_shift(words, 8, out=planes[1], casting="unsafe")
+    for i in range(1, k):
+        np.right_shift(words, 8 * i, out=planes[i], casting="unsafe")
 
 
 def _join_words(low: np.ndarray, high: np.ndarray, out: memoryview) -> None:
@@ -254,7 +263,7 @@ class ByteGroupZstdCodec:
         # One transposing copy into a reused buffer (see _Scratch): plane i is row i.
         with _scratch.take(len(data)) as buf:
             planes = buf.reshape(k, n)
-            if k == 2:
+            if k in _WORDS:
                 _split_words(data, planes)
             else:
                 np.copyto(planes, np.frombuffer(data, dtype=np.uint8).reshape(n, k).T)
