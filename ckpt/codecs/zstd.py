@@ -8,10 +8,9 @@ header is never trusted for an allocation.
 
 from __future__ import annotations
 
-import contextlib
 import struct
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,7 @@ import zstandard
 from ckpt import config
 from ckpt.codecs.base import DecodeContext, EncodeContext
 from ckpt.errors import CorruptCheckpointError
-from ckpt.io.memory import copy_into, prefault
+from ckpt.io.memory import copy_into
 
 _local = threading.local()
 
@@ -59,48 +58,6 @@ REPEAT_PARAMS = dict(PLANE_PARAMS, hash_log=14, window_log=20)
 _PLANE_SETTINGS = {"planes": PLANE_PARAMS, "repeats": REPEAT_PARAMS}
 #: a sample that REPEAT_PARAMS makes this much smaller than PLANE_PARAMS picks them
 _REPEATS_GAIN = 1.25
-
-
-class _Scratch:
-    """Byte buffers for the planes of one encode, kept for later calls on any thread.
-
-    A save's pool threads are new at every call, so a buffer kept by a thread died with it
-    and each save paid the page faults of fresh ones (a 16 MiB bf16 chunk encoded in 16 ms
-    with a used buffer, 20-120 ms with a new one on this project's machine). Up to
-    :data:`KEEP_BYTES` of free buffers are kept; a buffer is used by one caller at a time.
-    """
-
-    #: free buffers kept between uses, in bytes (more than that are dropped)
-    KEEP_BYTES = 64 * 1024 * 1024
-
-    def __init__(self) -> None:
-        self._free: list[np.ndarray] = []
-        self._lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def take(self, nbytes: int) -> Iterator[np.ndarray]:
-        """A buffer of ``nbytes`` (contents undefined) for the ``with`` block only."""
-        with self._lock:
-            fits = [i for i, b in enumerate(self._free) if b.nbytes >= nbytes]
-            buf = self._free.pop(min(fits, key=lambda i: self._free[i].nbytes)) if fits else None
-        if buf is None:
-            buf = np.empty(nbytes, dtype=np.uint8)
-            prefault(buf.data)  # its pages mapped in one call, not one fault each
-        try:
-            yield buf[:nbytes]
-        finally:
-            with self._lock:
-                self._free.append(buf)
-                self._free.sort(key=lambda b: -b.nbytes)
-                kept = 0
-                for i, b in enumerate(self._free):  # the largest that fit KEEP_BYTES
-                    if kept + b.nbytes > self.KEEP_BYTES:
-                        del self._free[i:]
-                        break
-                    kept += b.nbytes
-
-
-_scratch = _Scratch()
 
 
 # Elements of 2, 4 and 8 bytes are split into planes with shifts on words, and two-byte ones
@@ -260,27 +217,34 @@ class ByteGroupZstdCodec:
         if k not in ITEMSIZES or len(data) % k:
             return None
         n = len(data) // k
-        # One transposing copy into a reused buffer (see _Scratch): plane i is row i.
-        with _scratch.take(len(data)) as buf:
-            planes = buf.reshape(k, n)
-            if k in _WORDS:
-                _split_words(data, planes)
-            else:
-                np.copyto(planes, np.frombuffer(data, dtype=np.uint8).reshape(n, k).T)
-            parts: list[tuple[int, bytes | np.ndarray]] = [self._compress_plane(planes[i]) for i in range(k)]
-            if all(mode == _RAW for mode, _ in parts):
-                return None
-            sizes = [len(p) if isinstance(p, bytes) else p.nbytes for _, p in parts]
-            out = np.empty(_PLANE.size * k + sum(sizes), dtype=np.uint8)  # fully written below
-            view = out.data
-            pos = 0
-            for (mode, _), size in zip(parts, sizes):
-                _PLANE.pack_into(view, pos, mode, size)
-                pos += _PLANE.size
-            for (_, p), size in zip(parts, sizes):  # (raw planes are views of buf: copied before it goes back)
-                copy_into(view[pos : pos + size], p if isinstance(p, bytes) else p.data)
-                pos += size
-        return view, {"itemsize": k}
+        # The planes are split straight into the payload, where each would lie if every plane
+        # before it were stored raw: a raw plane (the low mantissa bytes, which come first)
+        # stays where it is, and one after a compressed plane moves down. A compressed plane
+        # is written over its own rows, already read, and never reaches the next plane's
+        # (it is shorter than them). No plane is copied out of a buffer of its own.
+        table = _PLANE.size * k
+        out = np.empty(table + len(data), dtype=np.uint8)  # (what is returned is fully written)
+        planes = out[table:].reshape(k, n)
+        if k in _WORDS:
+            _split_words(data, planes)
+        else:
+            np.copyto(planes, np.frombuffer(data, dtype=np.uint8).reshape(n, k).T)
+        view = out.data
+        pos = table
+        compressed = False
+        for i in range(k):
+            mode, part = self._compress_plane(planes[i])
+            size = len(part) if isinstance(part, bytes) else part.nbytes
+            if mode == _ZSTD:
+                compressed = True
+                copy_into(view[pos : pos + size], part)
+            elif pos != table + i * n:
+                np.copyto(out[pos : pos + size], planes[i])  # down over what is already written out
+            _PLANE.pack_into(view, i * _PLANE.size, mode, size)
+            pos += size
+        if not compressed:
+            return None
+        return view[:pos], {"itemsize": k}
 
     def decode(self, payload: memoryview, out: memoryview, params: Mapping[str, Any], ctx: DecodeContext) -> None:
         k = params.get("itemsize")

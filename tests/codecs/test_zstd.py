@@ -277,33 +277,24 @@ def test_a_plane_random_only_at_its_start_is_compressed():
     assert _decode(codec, payload, params, 4 * n) == bytes(_bytes(xor))
 
 
-# -- plane buffers reused across calls and threads -------------------------------------
+# -- planes split straight into the payload -------------------------------------------
 
 
-def test_plane_buffers_are_reused_across_threads_and_never_shared_at_once():
-    import threading
-
-    scratch = zstd_codecs._Scratch()
-    with scratch.take(1000) as a:
-        first = a.ctypes.data
-        with scratch.take(1000) as b:  # a second caller while the first holds its buffer
-            assert b.ctypes.data != first
-    seen = []
-    worker = threading.Thread(target=lambda: seen.append(scratch.take(800).__enter__().ctypes.data))
-    worker.start()
-    worker.join()
-    assert seen[0] in {first, b.ctypes.data}, "a buffer given back serves another thread"
-
-
-def test_plane_buffers_kept_are_bounded(monkeypatch):
-    scratch = zstd_codecs._Scratch()
-    monkeypatch.setattr(scratch, "KEEP_BYTES", 3000)
-    with scratch.take(2000), scratch.take(1500), scratch.take(1000):
-        pass
-    assert [b.nbytes for b in scratch._free] == [2000], "the largest that fit the budget"
-    with scratch.take(10_000):  # larger than all kept: a new one, dropped on return
-        pass
-    assert sum(b.nbytes for b in scratch._free) <= 3000
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_a_raw_plane_after_compressed_ones_moves_down_intact(k):
+    """The low bytes zero (compressed to almost nothing), the high bytes random (raw): each
+    raw plane is moved down over the space the compressed ones left, and holds byte k."""
+    n = 300_001
+    grid = np.zeros((n, k), dtype=np.uint8)
+    grid[:, k // 2 :] = np.random.default_rng(k).integers(0, 256, (n, k - k // 2), dtype=np.uint8)
+    data = memoryview(grid.reshape(-1).tobytes())
+    payload, params = ByteGroupZstdCodec().encode(data, EncodeContext(dtype=f"x{k}", itemsize=k))
+    planes = _planes(payload, k)
+    assert [mode for mode, _ in planes] == [ZSTD] * (k // 2) + [RAW] * (k - k // 2)
+    for i, (mode, body) in enumerate(planes):
+        plane = body if mode == RAW else zstandard.ZstdDecompressor().decompress(body)
+        assert plane == grid[:, i].tobytes(), f"plane {i}"
+    assert _decode(ByteGroupZstdCodec(), payload, params, len(data)) == bytes(data)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
