@@ -78,7 +78,10 @@ def copy_into(dst: memoryview, src: bytes | bytearray | memoryview) -> None:
     if dst.nbytes < RELEASE_GIL_BYTES:
         dst[:] = src
         return
-    np.copyto(np.frombuffer(dst, dtype=np.uint8), np.frombuffer(src, dtype=np.uint8))
+    to, source = np.frombuffer(dst, dtype=np.uint8), np.frombuffer(src, dtype=np.uint8)
+    if to.shape != source.shape:  # numpy would broadcast a one-byte source over all of dst
+        raise ValueError(f"copy_into: {source.nbytes} bytes into a {to.nbytes}-byte destination")
+    np.copyto(to, source)
 
 
 def payload_buffer(nbytes: int, *, what: str) -> np.ndarray:

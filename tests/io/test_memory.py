@@ -41,3 +41,14 @@ def test_sizes_that_differ_are_refused():
         copy_into(memoryview(bytearray(RELEASE_GIL_BYTES)), bytes(RELEASE_GIL_BYTES + 1))
     with pytest.raises(ValueError):
         copy_into(memoryview(bytearray(10)), bytes(11))
+
+
+@pytest.mark.parametrize("n", [RELEASE_GIL_BYTES - 1, RELEASE_GIL_BYTES, 4 * RELEASE_GIL_BYTES])
+@pytest.mark.parametrize("src", [b"\x07", b""], ids=["one-byte", "empty"])
+def test_a_source_of_another_size_is_refused_not_broadcast(n, src):
+    """numpy broadcasts a one-element source over the whole destination: a short source
+    must be refused at every size, never copied as a fill of its one byte."""
+    dst = bytearray(n)
+    with pytest.raises(ValueError):
+        copy_into(memoryview(dst), src)
+    assert dst == bytearray(n), "nothing written"
