@@ -62,7 +62,7 @@ _REPEATS_GAIN = 1.25
 
 # Elements of 2, 4 and 8 bytes are split into planes with shifts on words, and two-byte ones
 # (bf16, fp16) joined back the same way: faster than numpy's strided byte copies on this
-# project's machine (8 Mi bf16 elements: split 1.8 ms instead of 3.8, join 2.0-2.3 ms instead
+# project's machine (8 Mi bf16 elements: split 1.8 ms instead of 5.5, join 2.0-2.3 ms instead
 # of 4.5; 4 Mi float32 ones split in 3.3 ms instead of 4.8-5.4). Each ufunc writes its
 # narrowing (split) or widening (join) cast straight into its output: no temporary the size
 # of the chunk. (Joining 4-byte elements by shifts was no faster than strided copies.)
