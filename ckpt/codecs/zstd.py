@@ -69,7 +69,7 @@ _REPEATS_GAIN = 1.25
 # Plane i is byte i of each element in memory: the words are read little-endian everywhere.
 _WORD = np.dtype("<u2")
 #: elements of these sizes are split by shifts on words (16-byte ones by strided copies)
-_WORDS = {2: _WORD, 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+_WORDS: dict[int, np.dtype[Any]] = {2: _WORD, 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 
 
 def _split_words(data: memoryview, planes: np.ndarray) -> None:
@@ -237,7 +237,7 @@ class ByteGroupZstdCodec:
             size = len(part) if isinstance(part, bytes) else part.nbytes
             if mode == _ZSTD:
                 compressed = True
-                copy_into(view[pos : pos + size], part)
+                copy_into(view[pos : pos + size], part if isinstance(part, bytes) else part.data)
             elif pos != table + i * n:
                 np.copyto(out[pos : pos + size], planes[i])  # down over what is already written out
             _PLANE.pack_into(view, i * _PLANE.size, mode, size)
