@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import xxhash
 
-#: inputs of at least this many bytes are hashed with the GIL released (see hash_bytes)
-RELEASE_GIL_BYTES = 64 * 1024
+# inputs of at least RELEASE_GIL_BYTES are hashed with the GIL released (see hash_bytes)
+from ckpt.io.memory import RELEASE_GIL_BYTES
 
 
 def hash_bytes(data: memoryview | bytes) -> str:

@@ -67,7 +67,7 @@ def _disable(errno: int) -> None:
         log.debug("madvise(MADV_POPULATE_WRITE) unavailable (errno %d): pages fault in one by one", errno)
 
 
-#: copies of at least this many bytes release the GIL (see copy_into)
+#: copies (copy_into) and hashes (ckpt.io.hashing) of at least this many bytes release the GIL
 RELEASE_GIL_BYTES = 64 * 1024
 
 

@@ -301,8 +301,8 @@ def test_a_raw_plane_after_compressed_ones_moves_down_intact(k):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_encodes_on_many_threads_at_once_each_decode_to_their_own_data(dtype):
-    """A raw plane is a view of a reused buffer: it must be copied out before the buffer goes
-    back, or a payload would hold another chunk's bytes."""
+    """Planes are split into each encode's own payload, raw ones left in place: chunks encoded
+    at once on many threads must each hold their own bytes."""
     from concurrent.futures import ThreadPoolExecutor
 
     chunks = [_weights(100_000 + 17 * i, dtype, seed=i) for i in range(24)]
