@@ -54,6 +54,17 @@ def fsync() -> bool:
     return os.environ.get("CKPT_FSYNC", "1") != "0"
 
 
+def direct_writes() -> bool:
+    """``CKPT_DIRECT_WRITES``: ``0`` writes objects to local disk through the page cache.
+
+    By default an object of 1 MiB or more written to a local store (with fsync on) bypasses
+    the page cache (``O_DIRECT``, :mod:`ckpt.storage.direct_io`): no kernel copy of every
+    byte, and the job's own cached files stay cached. A tiers' local tier, which a restart
+    reads at once, always writes through the page cache.
+    """
+    return os.environ.get("CKPT_DIRECT_WRITES", "1") != "0"
+
+
 def chunk_bytes() -> int:
     """``CKPT_CHUNK_BYTES``: tensors larger than this are split into chunks of this size (16 MiB).
 

@@ -84,6 +84,7 @@ class RankTier:
     ) -> None:
         retention.retained([], keep_last=keep_last)  # validates
         self.store = Store(rank_url(local, rank), storage_options)
+        self.store.direct_writes = False  # a restart reads it at once: keep it in the page cache
         if self.store.url == durable.url or Store(local, storage_options).url == durable.url:
             raise CheckpointError(f"the local tier and the durable tier are the same store: {durable.url}")
         self.rank, self.world, self.keep_last = rank, world, keep_last

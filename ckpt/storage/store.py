@@ -99,6 +99,9 @@ class Store(LocalFiles, ManifestsAndRefs):
         #: whether objects written here are compressed (and deltas tried): a fast local tier
         #: stores them raw, so its restores read straight into memory (ckpt.storage.tiers)
         self.compress = True
+        #: large objects written to a local disk bypass the page cache (``CKPT_DIRECT_WRITES``;
+        #: ckpt.storage.direct_io): a fast local tier keeps them cached for a restart
+        self.direct_writes = config.direct_writes()
         if not lazy:
             self._resolve()
             return

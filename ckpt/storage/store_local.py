@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import re
 import stat
@@ -29,8 +30,10 @@ import xxhash
 
 from ckpt import config
 from ckpt.errors import CorruptCheckpointError, MissingObjectError, StoreError
+from ckpt.storage import direct_io
 
 T = TypeVar("T")
+log = logging.getLogger("ckpt")
 
 #: what an interrupted atomic write leaves behind (see :func:`temporary_name`): harmless
 TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{12}$")
@@ -62,6 +65,8 @@ class LocalFiles:
     _made_dirs: set[str]
     #: the root with symlinks resolved, once it exists: local reads stay under it
     _real_root: str | None
+    #: objects of :data:`ckpt.storage.direct_io.MIN_BYTES` or more are written around the page cache
+    direct_writes: bool
 
     if TYPE_CHECKING:  # provided by Store
 
@@ -94,12 +99,16 @@ class LocalFiles:
         directory = os.path.dirname(path)
         self._mkdir(directory)
         tmp = temporary_name(path)
+        sync = config.fsync()
+        # fsynced anyway and not read until a restore: large objects skip the page cache
+        direct = sync and self.direct_writes and memoryview(data).nbytes >= direct_io.MIN_BYTES
         try:
-            with self._open_new(tmp, directory) as f:
-                f.write(data)
-                if config.fsync():
-                    f.flush()
-                    os.fsync(f.fileno())
+            if not (direct and self._in_directory(directory, lambda: self._write_direct(tmp, data))):
+                with self._in_directory(directory, lambda: open(tmp, "wb")) as f:
+                    f.write(data)
+                    if sync:
+                        f.flush()
+                        os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             try:
@@ -110,18 +119,30 @@ class LocalFiles:
         with self._dirs_lock:
             self._dirty_dirs.add(directory)
 
-    def _open_new(self, tmp: str, directory: str) -> io.BufferedWriter:
-        """``tmp`` opened for writing in ``directory``; a directory this store made that
-        someone removed since (a cleaner of empty folders) is made again, its parent marked
-        for :meth:`sync_dirs`. A store whose root is gone is not made again: that raises."""
+    def _write_direct(self, tmp: str, data: bytes | memoryview) -> bool:
+        """``tmp`` written around the page cache and fsynced; False when this filesystem
+        refuses ``O_DIRECT`` (then never tried again by this store: write it buffered)."""
         try:
-            return open(tmp, "wb")
+            direct_io.write_file(tmp, data, sync=True)
+        except direct_io.Refused as exc:
+            self.direct_writes = False
+            log.info("%s: writing through the page cache (%s)", self.url, exc.strerror)
+            return False
+        return True
+
+    def _in_directory(self, directory: str, fn: Callable[[], T]) -> T:
+        """``fn()``, which creates a file in ``directory``; a directory this store made that
+        someone removed since (a cleaner of empty folders) is made again, its parent marked
+        for :meth:`sync_dirs`, and ``fn`` called again. A store whose root is gone is not
+        made again: that raises."""
+        try:
+            return fn()
         except FileNotFoundError:
             if directory not in self._made_dirs or not os.path.isdir(self.root):
                 raise
         self._made_dirs.discard(directory)
         self._mkdir(directory)
-        return open(tmp, "wb")
+        return fn()
 
     def sync_dirs(self) -> None:
         """Make renames and new directories done so far durable (local files only)."""

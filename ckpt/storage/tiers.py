@@ -112,6 +112,7 @@ class Tiers(TierRestore):
         retention.retained([], keep_last=local_keep_last)  # validates
         tier_checks.bind(local, durable)
         local.compress = bool(local_compress)
+        local.direct_writes = False  # a restart reads the local tier at once: keep it in the page cache
         self.local = Tier("local", local, 0)
         self.durable = Tier("durable", durable, 1)
         self.persist_every = persist_every
