@@ -64,7 +64,9 @@ def write_file(path: str, data: bytes | bytearray | memoryview, *, sync: bool) -
     take such writes (the caller writes the file again, buffered); any other OSError as raised."""
     if not O_DIRECT:
         raise Refused(errno.EINVAL, "O_DIRECT is not available on this platform", path)
-    view = memoryview(data).cast("B") if not isinstance(data, memoryview) or data.format != "B" else data
+    view = memoryview(data)
+    if view.ndim != 1 or view.format != "B":  # offsets below are bytes: a flat byte view
+        view = view.cast("B")
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) | O_DIRECT, 0o666)
     except OSError as exc:

@@ -169,3 +169,19 @@ def test_save_and_restore_written_direct_are_bit_exact(tmp_path):
     out = {k: torch.empty_like(v) for k, v in state.items()}
     ckpt.restore(url, out)
     assert_same_state(out, state)
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+def test_multidimensional_byte_view_is_written_as_its_bytes(tmp_path, offset):
+    # a 2-D uint8 view (format "B", ndim 2) whose size is not a whole number of blocks:
+    # slicing it by bytes would slice its rows
+    flat = _aligned(1024 * 4097, offset)
+    flat[:] = os.urandom(flat.nbytes)
+    src = flat.cast("B", (1024, 4097))
+    direct_io.write_file(str(tmp_path / "f"), src, sync=True)
+    assert (tmp_path / "f").read_bytes() == flat.tobytes()
+    store = Store(str(tmp_path / "s"))
+    path = Path(store.object_path("ab" + "2" * 30))
+    store.put_object("ab" + "2" * 30, src)
+    assert path.read_bytes() == flat.tobytes()
+    assert store.direct_writes
