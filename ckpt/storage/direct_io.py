@@ -47,10 +47,11 @@ class Refused(OSError):
 
 
 def _bounce() -> memoryview:
-    """This thread's aligned buffer (mmap memory starts on a page)."""
+    """This thread's aligned buffer (mmap memory starts on a page; private, not mmap's
+    default shared mapping, which a forked child would write into)."""
     buf = getattr(_local, "buf", None)
     if buf is None:
-        buf = _local.buf = mmap.mmap(-1, PIECE)
+        buf = _local.buf = mmap.mmap(-1, PIECE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return memoryview(buf)
 
 

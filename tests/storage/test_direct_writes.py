@@ -185,3 +185,34 @@ def test_multidimensional_byte_view_is_written_as_its_bytes(tmp_path, offset):
     store.put_object("ab" + "2" * 30, src)
     assert path.read_bytes() == flat.tobytes()
     assert store.direct_writes
+
+
+def test_forked_child_does_not_share_the_bounce_buffer(tmp_path):
+    # a process that forks after writing (a zygote of savers, a fork-started pool): parent
+    # and child writing at once through the buffer the child inherited mix their files
+    def write(name: str, fill: int) -> bool:
+        src = _aligned(2 * direct_io.PIECE, 1)  # unaligned: goes through the buffer
+        src[:] = bytes([fill]) * src.nbytes
+        direct_io.write_file(str(tmp_path / name), src, sync=False)
+        return (tmp_path / name).read_bytes() == src.tobytes()
+
+    def forked(fn) -> int:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = fn()
+            finally:
+                os._exit(code)
+        return pid
+
+    assert write("warm", 0)  # this thread's buffer exists before the fork
+    before = bytes(direct_io._bounce()[:4096])
+    _, status = os.waitpid(forked(lambda: 0 if write("child", 7) else 2), 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert bytes(direct_io._bounce()[:4096]) == before  # the child's bytes are not in our buffer
+    pid = forked(lambda: 0 if all([write(f"child-{i}", 7) for i in range(15)]) else 2)
+    mine = [write(f"parent-{i}", 1) for i in range(15)]
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert all(mine)
