@@ -90,7 +90,8 @@ def write_file(path: str, data: bytes | bytearray | memoryview, *, sync: bool) -
 
 def _write_blocks(fd: int, view: memoryview, path: str) -> int:
     """Write whole blocks of ``view`` with ``O_DIRECT``: how many bytes were written (a
-    short write stops here, leaving the rest to buffered writes)."""
+    short write of whole blocks, as Linux makes of any write over 2 GiB - 4 KiB, goes on;
+    one that is not stops here, leaving the rest to buffered writes)."""
     done = 0
     direct = _address(view) % ALIGN == 0
     bounce = None if direct else _bounce()
@@ -109,7 +110,7 @@ def _write_blocks(fd: int, view: memoryview, path: str) -> int:
                 raise Refused(exc.errno, f"O_DIRECT write refused: {exc.strerror}", path) from exc
             raise
         done += wrote
-        if wrote < len(piece) or wrote % ALIGN:
+        if wrote == 0 or wrote % ALIGN:
             break
     return done
 

@@ -216,3 +216,21 @@ def test_forked_child_does_not_share_the_bounce_buffer(tmp_path):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert all(mine)
+
+
+def test_writes_past_the_kernels_per_call_limit_stay_direct(tmp_path, monkeypatch):
+    # Linux writes at most 2 GiB - 4 KiB per call (MAX_RW_COUNT): an aligned short write;
+    # the rest of a larger object must not fall back to the page cache
+    if _filesystem(tmp_path) in ("tmpfs", "ramfs", ""):
+        pytest.skip("files in memory are always resident")
+    write = os.write
+    monkeypatch.setattr(direct_io.os, "write", lambda fd, b: write(fd, memoryview(b)[: direct_io.MIN_BYTES]))
+    src = _aligned(4 * direct_io.MIN_BYTES, 0)
+    src[:] = os.urandom(src.nbytes)
+    path = tmp_path / "f"
+    direct_io.write_file(str(path), src, sync=True)
+    resident = resident_fraction([path])
+    assert path.read_bytes() == src.tobytes()
+    if resident is None:
+        pytest.skip("mincore is not available")
+    assert resident < 0.01, resident
