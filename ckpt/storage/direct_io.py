@@ -40,6 +40,9 @@ PIECE = 4 << 20
 O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 
 _local = threading.local()
+#: what a filesystem that does not take O_DIRECT answers (EINVAL on Linux; some FUSE and
+#: network filesystems say "not supported")
+_REFUSALS = frozenset({errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)})
 
 
 class Refused(OSError):
@@ -71,7 +74,7 @@ def write_file(path: str, data: bytes | bytearray | memoryview, *, sync: bool) -
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) | O_DIRECT, 0o666)
     except OSError as exc:
-        if exc.errno == errno.EINVAL:
+        if exc.errno in _REFUSALS:
             raise Refused(exc.errno, f"O_DIRECT refused: {exc.strerror}", path) from exc
         raise
     try:
@@ -106,7 +109,7 @@ def _write_blocks(fd: int, view: memoryview, path: str) -> int:
         try:
             wrote = os.write(fd, piece)
         except OSError as exc:
-            if exc.errno == errno.EINVAL and done == 0:
+            if exc.errno in _REFUSALS and done == 0:
                 raise Refused(exc.errno, f"O_DIRECT write refused: {exc.strerror}", path) from exc
             raise
         done += wrote
