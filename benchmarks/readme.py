@@ -193,7 +193,7 @@ def render() -> str:
         line_with(core, "- Machine:"),
         line_with(core, "- Software:"),
         line_with(core, "- Date:"),
-        *[line for line in (line_with(core, "- Cold restore:"),) if line],
+        *[line for line in (line_with(core, "- Warm restore:"), line_with(core, "- Cold restore:")) if line],
         "",
         *[block for title, picks in LAYOUT for block in _blocks(title, picks, docs)],
         END,

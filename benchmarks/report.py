@@ -82,8 +82,8 @@ def core_markdown(res: dict[str, Any]) -> str:
         "  Each system's restore is compared byte-for-byte with the saved state (`bit-exact`); ckpt's is asserted.",
         "- Save time includes fsync for every system (ckpt fsyncs objects, directories, manifest and ref; torch.save",
         "  and safetensors are followed by fsync of the file and directory; DCP's FileSystemWriter fsyncs by default).",
-        "- Warm restore: after the save, every system's files are read once so the page cache holds them all",
-        "  (ckpt writes objects of 1 MiB or more around the page cache, so right after its save they are not cached).",
+        "- Warm restore: after the save, every system's files are read once so the page cache holds them all "
+        "(ckpt writes objects of 1 MiB or more around the page cache, so right after its save they are not cached).",
         f"- Cold restore: {cold_sentence(res)}.",
         "- cached: share of the files' pages still in the page cache after eviction (mincore), the largest",
         "  over the repeats (0% means the cold restore read everything from the device).",
