@@ -221,7 +221,7 @@ def _copy_all(
 ) -> CopyResult:
     stats = CopyStats()
     try:
-        present = {o.key for o in dst.list_objects()}
+        present: dict[str, int] | None = {o.key: o.size for o in dst.list_objects()}
     except CheckpointError as exc:  # a listing is an optimisation: ask object by object instead
         log.warning("cannot list the objects of %s (%s): checking each one", dst.url, exc)
         present = None
@@ -229,7 +229,7 @@ def _copy_all(
     newest: CheckpointInfo | None = None
     reader = Reader(src, codecs)
     # what every copied checkpoint still needs (an estimate for the progress bar only)
-    todo = {k: r for m in manifests for k, r in _records(m).items() if present is None or k not in present}
+    todo = {k: r for m in manifests for k, r in _records(m).items() if not _held(present, r)}
     total = sum(max(r.stored, 0) for r in todo.values())
     lock = threading.Lock()
     # everything that can be refused is refused before anything is written
@@ -246,10 +246,18 @@ def _copy_all(
             needed = _records(manifest)
 
             def one(ref: ChunkRef, manifest: Manifest = manifest) -> None:
-                if present is not None and ref.key in present:
+                if _held(present, ref):
                     with lock:
                         stats.skipped += 1
                     return
+                if present is not None and ref.key in present:
+                    log.warning(
+                        "%s holds object %s at %d bytes, not the %d recorded (a torn write): copying it again",
+                        dst.url,
+                        ref.key,
+                        present[ref.key],
+                        ref.stored,
+                    )
                 if present is None and dst.has_object(ref.key):
                     with lock:
                         stats.skipped += 1
@@ -259,7 +267,7 @@ def _copy_all(
                     stats.objects += 1
                     stats.bytes += moved
                     if present is not None:
-                        present.add(ref.key)
+                        present[ref.key] = moved
                 if progress is not None:
                     progress(moved, total)
 
@@ -315,7 +323,15 @@ def _existing(dst: Store, manifest: Manifest, src_url: str, *, replace: bool) ->
     )
 
 
-def _check_sources(src: Store, manifests: list[Manifest], present: set[str] | None) -> None:
+def _held(present: dict[str, int] | None, ref: ChunkRef) -> bool:
+    """Whether the destination's listing shows object ``ref`` whole (at its recorded size).
+
+    An object there at another size is a torn write of a backend whose writes are not
+    atomic (a copier killed while writing it): it is copied again, over it."""
+    return present is not None and ref.key in present and (ref.stored < 0 or present[ref.key] == ref.stored)
+
+
+def _check_sources(src: Store, manifests: list[Manifest], present: dict[str, int] | None) -> None:
     """Refuse, before anything is written, a checkpoint citing an object (or delta base) the
     source lacks or holds at another size than its manifest records."""
     try:
@@ -325,7 +341,7 @@ def _check_sources(src: Store, manifests: list[Manifest], present: set[str] | No
         return
     for manifest in manifests:
         records = _records(manifest)
-        todo = {k: r for k, r in records.items() if present is None or k not in present}
+        todo = {k: r for k, r in records.items() if not _held(present, r)}
         missing = sorted(k for k in todo if k not in there)
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""

@@ -159,6 +159,26 @@ def test_interrupted_copy_completes_when_rerun(tmp_path, monkeypatch):
     partial = {o.key for o in Store(str(dst)).list_objects()}
     assert 0 < len(partial) < 40
     res = copy_stores(Store(src), Store(str(dst)))  # the dead copier's lease is taken over at once
-    assert res.stats.skipped == len(partial) and res.stats.objects == 40 - len(partial)
+    # faulty://'s file backend writes in place (not atomically): the kill may have torn the
+    # object it was writing, which is then copied again, not skipped
+    assert len(partial) - 1 <= res.stats.skipped <= len(partial)
+    assert res.stats.skipped + res.stats.objects == 40
     out = ckpt.load(str(dst))
     assert all(torch.equal(out[k], v) for k, v in big.items())
+
+
+def test_a_torn_object_in_the_destination_is_copied_again(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CKPT_PACK_BYTES", "0")
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    state = {f"t{i}": torch.randn(64 * 1024, generator=torch.Generator().manual_seed(i)) for i in range(3)}
+    ckpt.save(src, state, step=1)
+    ckpt.copy(src, dst)
+    (Path(dst) / "manifests" / "1.json").unlink()  # as if the copier died before its manifest
+    torn = next(p for p in (Path(dst) / "objects").rglob("*") if p.is_file())
+    torn.write_bytes(torn.read_bytes()[:1000])  # a write cut short under the final name
+    with caplog.at_level("WARNING", logger="ckpt"):
+        res = copy_stores(Store(src), Store(dst))
+    assert res.stats.objects == 1 and res.stats.skipped == 2
+    assert "a torn write" in caplog.text and torn.name in caplog.text
+    out = ckpt.load(dst)
+    assert all(torch.equal(out[k], v) for k, v in state.items())
