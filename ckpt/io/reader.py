@@ -14,6 +14,7 @@ import torch
 
 from ckpt.codecs.base import CodecRegistry, decode_chain, max_encoded_size
 from ckpt.codecs.crypto import ObjectDecodeContext
+from ckpt.codecs.delta import NAME as XOR_DELTA
 from ckpt.errors import CheckpointError, CorruptCheckpointError
 from ckpt.io.hashing import hash_bytes
 from ckpt.io.memory import copy_into, payload_buffer, prefault
@@ -269,16 +270,17 @@ def verify_reads(store: Store, codecs: CodecRegistry, plan: ReadPlan) -> None:
         def job(r: ChunkRead) -> None:
             obj = r.ref.object_ref()
             what = f"tensor {r.path!r}"
-            if not obj.codec and obj.stored == obj.size:  # raw on local disk: hashed as it streams by
-                got = store.hash_object(obj.key, obj.size, what=what)
+            expected = stored_digest(obj)
+            if expected is not None:  # on local disk: its stored bytes hashed as they stream by
+                got = store.hash_object(obj.key, obj.stored, what=what)
                 if got is not None:
                     digest, size = got
-                    if size != obj.size:
-                        has = f"more than {obj.size}" if size > obj.size else str(size)
+                    if size != obj.stored:
+                        has = f"more than {obj.stored}" if size > obj.stored else str(size)
                         raise CorruptCheckpointError(
-                            f"{what}: object {obj.key} has {has} bytes, the manifest says {obj.size} (truncated or replaced)"
+                            f"{what}: object {obj.key} has {has} bytes, the manifest says {obj.stored} (truncated or replaced)"
                         )
-                    if digest != obj.hash:
+                    if digest != expected:
                         raise CorruptCheckpointError(
                             f"{what}: object {obj.key} fails verification (content hash mismatch)"
                         )
@@ -287,6 +289,22 @@ def verify_reads(store: Store, codecs: CodecRegistry, plan: ReadPlan) -> None:
                 reader.read_object(obj, buf, what=what)
 
         wait_all([pool.submit(job, r) for r in plan.reads])
+
+
+def stored_digest(ref: ChunkRef) -> str | None:
+    """What the stored bytes of ``ref``'s object must hash to when reading them is enough to
+    verify it (see :func:`verify_reads`), else None.
+
+    A raw object's bytes are its content. An encoded one needs its recorded ``stored_hash``
+    and no delta in its chain: a delta decodes through its parent objects, which reading
+    this object alone does not check. Its decode (decompression, decryption) is then a
+    function of bytes already verified, checked again against the content hash after it.
+    """
+    if not ref.codec:
+        return ref.hash if ref.stored == ref.size else None
+    if ref.stored_hash and not any(step.get("name") == XOR_DELTA for step in ref.codec):
+        return ref.stored_hash
+    return None
 
 
 def tensors_named(paths: Iterable[str], limit: int = 8) -> str:

@@ -312,7 +312,11 @@ class Writer:
         except BaseException as exc:
             mine.set_exception(exc)
             raise
-        ref = ChunkRef(hash=h, key=key, size=len(data), stored=len(payload), codec=tuple(chain))
+        # an encoded object's stored bytes hashed too: a restore checks them before decoding
+        stored_hash = hash_bytes(payload) if chain else ""
+        ref = ChunkRef(
+            hash=h, key=key, size=len(data), stored=len(payload), codec=tuple(chain), stored_hash=stored_hash
+        )
         delta_object = any(s.get("name") == deltamod.NAME for s in chain)
         self.stats.add(written_bytes=len(payload), objects_written=1, delta_objects=int(delta_object))
         mine.set_result(ref)

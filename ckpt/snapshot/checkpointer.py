@@ -276,8 +276,8 @@ class Checkpointer(Saving):
             info, manifest, _tier = self.tiers.restore(
                 lambda store, m: restore_manifest(store, self._plugins, m, live),
                 step,
-                # a raw local tier is read straight into the live tensors (verified before and after)
-                prepare_fn=lambda store, m: prepare_restore(store, self._plugins, m, live, in_place=not store.compress),
+                # a tier on local disk is read straight into the live tensors (verified before and after)
+                prepare_fn=lambda store, m: prepare_restore(store, self._plugins, m, live),
                 apply_fn=functools.partial(apply_restore, hooks=False),
                 # once, for the checkpoint the live objects end up holding
                 after_fn=lambda info: self._plugins.after_restore(info=info, state=live),

@@ -1,10 +1,11 @@
 """Loading a checkpoint into live objects, all or nothing.
 
-Every object is read, decoded and verified into fresh host memory, and every value is
-checked against its live object (shapes and dtypes against the manifest, the rest by
-each adapter's optional ``check``), before the first live object changes. Only then do
-the adapters load, so a damaged checkpoint or one that does not fit leaves the live
-objects exactly as they were. Restoring "the latest" may instead fall back to the
+Every object is verified, and every value is checked against its live object (shapes and
+dtypes against the manifest, the rest by each adapter's optional ``check``), before the
+first live object changes. Only then do the adapters load, so a damaged checkpoint or one
+that does not fit leaves the live objects exactly as they were. An object is verified by
+decoding it into fresh host memory, or, on local disk, by hashing its stored bytes and
+decoding it afterwards straight into its live tensor (see :func:`prepare_restore`). Restoring "the latest" may instead fall back to the
 newest intact checkpoint, which is then restored completely.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +23,7 @@ from ckpt.distributed.sharding import rank_view
 from ckpt.errors import CheckpointError, CorruptCheckpointError, StateMismatchError
 from ckpt.hooks.manager import Plugins
 from ckpt.io.plan import ReadPlan
-from ckpt.io.reader import read_tensors, verify_reads, writable_in_place
+from ckpt.io.reader import read_tensors, stored_digest, verify_reads, writable_in_place
 from ckpt.state import tree as treemod
 from ckpt.state.capture import as_numpy, capture, check_into, live_tensors, load_into, qualified_name
 from ckpt.state.dataloader import track_all
@@ -73,7 +75,7 @@ def restore_manifest(
 
 @dataclass
 class InPlace:
-    """Raw objects verified by :func:`prepare_restore` that :func:`apply_restore` reads straight
+    """Objects verified by :func:`prepare_restore` that :func:`apply_restore` reads straight
     into the live tensors (see ``in_place``)."""
 
     store: Store
@@ -104,18 +106,21 @@ def prepare_restore(
     *,
     strict: bool = True,
     place: Placer | None = None,
-    in_place: bool = False,
+    in_place: bool | None = None,
 ) -> Prepared:
     """The first half of :func:`restore_manifest`: everything read and checked, nothing live changed.
 
-    ``in_place`` (a raw local tier, :mod:`ckpt.storage.tiers`): tensors stored raw whose live
-    tensor is contiguous CPU memory are verified here, read into reused buffers and dropped,
-    and read again straight into the live tensors by :func:`apply_restore`, where they are
-    verified once more; no fresh memory the size of the state is needed (in a fresh process
-    its first touch cost more than the read). A damaged object is found here, before anything
-    live changes; only an object file rewritten in place between the two reads (milliseconds,
-    by someone who can write the tier) is found after the live tensors changed: that raises a
-    CorruptCheckpointError saying so, which the tiers answer by restoring another copy over them.
+    ``in_place`` (default: when ``store`` is on local disk, where a second read of an object
+    costs a copy from the page cache, not a transfer): tensors whose objects reading alone
+    verifies (raw ones, and encoded ones whose manifest records the hash of their stored
+    bytes; see :func:`ckpt.io.reader.stored_digest`) and whose live tensor is contiguous CPU
+    memory are verified here by streaming their objects through a small buffer, and decoded
+    by :func:`apply_restore` straight into the live tensors, where they are verified once
+    more. No fresh memory the size of the state is needed, nor a copy of it into the live
+    tensors. A damaged object is found here, before anything live changes; only an object
+    rewritten between the two reads (by someone who can write the store), or a manifest
+    forged to record stored bytes that do not decode to its content, is found after the
+    live tensors changed: that raises a CorruptCheckpointError saying so.
     """
     values, missing, unexpected, deferred = _prepare(
         store, plugins, manifest, state, strict=strict, place=place, in_place=in_place
@@ -206,29 +211,33 @@ def _prepare(
     manifest = rank_view(manifest, 0)  # a collective save's checkpoint in one process: rank 0's values
     keys, live, wanted, missing, unexpected = fit_live(store, plugins, manifest, state, strict=strict)
     deferred: dict[str, torch.Tensor] = {}
-    if in_place and place is None:
-        deferred = {p: live[p] for p in wanted if p in live and _raw_into(manifest.tensors[p], live[p])}
-    later = None
-    if deferred:
-        later = InPlace(store, ReadPlan.for_paths(manifest, list(deferred)), deferred)
-        verify_reads(store, plugins.codecs, later.plan)
-    # Into fresh host memory, not the live tensors: a chunk failing verification must not
-    # leave a module half-overwritten. The adapters' loads copy them in afterwards.
-    tensors = read_tensors(
-        store, plugins.codecs, ReadPlan.for_paths(manifest, [p for p in wanted if p not in deferred])
-    )
+    if (store.local if in_place is None else in_place) and place is None:
+        deferred = {p: live[p] for p in wanted if p in live and _into_live(manifest.tensors[p], live[p])}
+    plan = ReadPlan.for_paths(manifest, list(deferred)) if deferred else None
+    with ThreadPoolExecutor(1, thread_name_prefix="ckpt-verify") as side:
+        # the objects read in place are verified while the others are read
+        verified = side.submit(verify_reads, store, plugins.codecs, plan) if plan is not None else None
+        # Into fresh host memory, not the live tensors: a chunk failing verification must not
+        # leave a module half-overwritten.
+        tensors = read_tensors(
+            store, plugins.codecs, ReadPlan.for_paths(manifest, [p for p in wanted if p not in deferred])
+        )
+        if verified is not None:
+            verified.result()
     if place is not None:
         tensors = {p: place(t, manifest.devices.get(p, DEFAULT_LOCATION)) for p, t in tensors.items()}
+    later = InPlace(store, plan, deferred) if plan is not None else None
     tensors.update(deferred)  # the live tensors themselves, filled by apply_restore
     return decode_values(manifest, state, keys, tensors, plugins, strict=strict), missing, unexpected, later
 
 
-def _raw_into(entry: TensorEntry, live: torch.Tensor) -> bool:
-    """Whether ``entry`` is stored raw, unpacked and unsharded, and ``live`` can take it in place."""
+def _into_live(entry: TensorEntry, live: torch.Tensor) -> bool:
+    """Whether ``entry`` is stored unpacked and unsharded in objects reading verifies (see
+    :func:`ckpt.io.reader.stored_digest`), and ``live`` can take it in place."""
     return (
         bool(entry.chunks)
         and not entry.shards
-        and all(not c.codec and not c.packed for c in entry.chunks)
+        and all(not c.packed and stored_digest(c) is not None for c in entry.chunks)
         and writable_in_place(live)
         and live.nbytes == entry.nbytes
     )

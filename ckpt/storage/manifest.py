@@ -15,7 +15,9 @@ Schema (version 1; version 2 adds what is listed below)::
 the store (the newest commit has the highest, whatever its step) and ``run`` the id of
 the writer that committed it; both are absent from manifests written before lineage
 was recorded. ``stored`` is the encoded size of the object; ``key`` names the object in ``objects/``
-(equal to ``hash`` for full objects). Readers accept every schema version up to
+(equal to ``hash`` for full objects). An encoded object's record may carry ``"stored_hash"``,
+the content hash of its stored bytes (optional, any schema: older readers ignore it), which a
+restore checks before it decodes the object into live memory. Readers accept every schema version up to
 :data:`SCHEMA_VERSION` and refuse newer ones with a clear error.
 
 Schema 2, packed small tensors: a chunk record may carry ``"at": int, "of": int``; its
@@ -159,7 +161,7 @@ _TEXT_RE = re.compile(r"[^\x00-\x1f\x7f]*")
 _CODEC_NAME_RE = re.compile(r"[A-Za-z0-9_.:+-]{1,64}")
 _XOR, _BGZSTD = "xor", "bgzstd"  # ckpt.codecs.delta.NAME, ckpt.codecs.zstd.ByteGroupZstdCodec.name
 _BG_ITEMSIZES = (2, 4, 8, 16)
-_RECORD_KEYS = frozenset({"hash", "key", "size", "stored", "codec", "at", "of"})
+_RECORD_KEYS = frozenset({"hash", "key", "size", "stored", "codec", "at", "of", "stored_hash"})
 
 
 def check_step(value: Any, what: str = "step") -> int:
@@ -193,6 +195,9 @@ class ChunkRef:
     at: int = -1
     #: raw size of the packed object holding this chunk (-1: not packed; the object is ``size``)
     of: int = -1
+    #: content hash of the object as stored (its encoded bytes), "" when not recorded: lets a
+    #: restore verify an encoded object by reading it, before decoding it into live memory
+    stored_hash: str = ""
 
     @property
     def packed(self) -> bool:
@@ -207,12 +212,16 @@ class ChunkRef:
         """The record of the whole stored object (itself when not packed)."""
         if self.of < 0:
             return self
-        return ChunkRef(hash=self.hash, key=self.key, size=self.of, stored=self.stored, codec=self.codec)
+        return ChunkRef(
+            hash=self.hash, key=self.key, size=self.of, stored=self.stored, codec=self.codec, stored_hash=self.stored_hash
+        )
 
     def to_json(self) -> dict[str, Any]:
         rec = {"hash": self.hash, "key": self.key, "size": self.size, "stored": self.stored, "codec": list(self.codec)}
         if self.of >= 0:
             rec["at"], rec["of"] = self.at, self.of
+        if self.stored_hash:
+            rec["stored_hash"] = self.stored_hash
         return rec
 
     @classmethod
@@ -228,6 +237,7 @@ class ChunkRef:
             codec=tuple(dict(s) for s in rec.get("codec", ())),
             at=int(rec.get("at", -1)),
             of=int(rec.get("of", -1)),
+            stored_hash=str(rec.get("stored_hash", "")),
         )
 
 
@@ -583,7 +593,10 @@ class _Validator:
         steps = tuple(self.codec_step(s, what, obj, depth, (*ancestors, key)) for s in chain)
         if not steps and stored not in (-1, obj):
             raise self.fail(f"{what}: a raw object of {obj} bytes cannot store {stored}")
-        return ChunkRef(hash=digest, key=key, size=n, stored=stored, codec=steps, at=at, of=of)
+        stored_hash = rec.get("stored_hash", "")
+        if not isinstance(stored_hash, str) or (stored_hash and not HASH_RE.fullmatch(stored_hash)):
+            raise self.fail(f"{what}: bad stored hash {_short(stored_hash)}")
+        return ChunkRef(hash=digest, key=key, size=n, stored=stored, codec=steps, at=at, of=of, stored_hash=stored_hash)
 
     def packing(self, rec: dict[str, Any], what: str, size: int, depth: int) -> tuple[int, int]:
         """``(at, of)`` of a packed chunk record (schema 2), ``(-1, -1)`` for a whole object.

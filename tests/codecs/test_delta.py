@@ -301,7 +301,7 @@ def test_manifest_records_parent_so_no_other_manifest_is_needed(store_url):
     doc = json.loads(store.read_manifest(1))
     first = doc["tensors"]["model/0.weight"]["chunks"][0]
     assert first["codec"][0]["name"] == "xor"
-    assert set(first["codec"][0]["parent"]) == {"hash", "key", "size", "stored", "codec"}
+    assert set(first["codec"][0]["parent"]) == {"hash", "key", "size", "stored", "codec", "stored_hash"}
     store.delete_manifest(0)
     assert_same_state(ckpt.load(store_url, step=1)["model"], expected)
 

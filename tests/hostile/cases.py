@@ -20,6 +20,7 @@ from typing import Any
 
 import hostile_env as H
 import mutations as M
+import xxhash
 import zstandard
 
 import ckpt
@@ -74,6 +75,14 @@ def edit(base: H.Base, step: int, change: Callable[[dict[str, Any]], Any]) -> di
     change(doc)
     M.write_rel(base, f"manifests/{step}.json", json.dumps(doc).encode())
     return doc
+
+
+def restated(chunk: dict[str, Any], body: bytes) -> None:
+    """``chunk`` records ``body`` as its object's stored bytes, as a forger would write it:
+    the decoder, not the stored-bytes check, has to refuse what ``body`` declares."""
+    chunk["stored"] = len(body)
+    if "stored_hash" in chunk:
+        chunk["stored_hash"] = xxhash.xxh3_128_hexdigest(body)
 
 
 def chunk_of(doc: dict[str, Any], tensor: str, i: int = 0) -> dict[str, Any]:
@@ -310,7 +319,7 @@ def case_zstd_frame_declares_1_tib(base: H.Base) -> None:
     def restate(d: dict[str, Any]) -> None:
         for chunk in d["tensors"]["ints"]["chunks"]:
             if chunk["key"] == c["key"]:
-                chunk["stored"] = len(forged)  # the object's size is what the manifest says
+                restated(chunk, forged)  # the object's size and hash are what the manifest says
 
     edit(base, 1, restate)
     refused(base, 1, CorruptCheckpointError, c["key"], "declares 1099511627776 bytes")
@@ -345,7 +354,7 @@ def case_bgzstd_plane_declares_1_tib(base: H.Base) -> None:
     def restate(d: dict[str, Any]) -> None:
         for chunk in d["tensors"]["big"]["chunks"]:
             if chunk["key"] == c["key"]:
-                chunk["stored"] = len(body)
+                restated(chunk, bytes(body))
 
     edit(base, 1, restate)
     refused(base, 1, CorruptCheckpointError, c["key"], "declares 1099511627776 bytes")

@@ -1,0 +1,222 @@
+"""A restore from local disk decodes encoded objects straight into the live tensors.
+
+Their stored bytes are hashed first (the manifest records that hash), so damage is found
+before anything live changes; no fresh memory the size of the state is taken, nor a copy
+of it into the live tensors.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import xxhash
+
+import ckpt
+import ckpt.state.restore as restore_mod
+from ckpt.storage.commit import load_manifest
+from ckpt.storage.store import Store
+from ckpt.testing import corrupt_object
+
+
+def _state(seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 512))
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optim.zero_grad()
+    model(torch.randn(8, 512)).pow(2).mean().backward()
+    optim.step()  # moments exist: they are live tensors too
+    return {"model": model, "optim": optim}
+
+
+def _weights(state: dict) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state["model"].state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _encoded(url: str, step: int) -> dict[str, list]:
+    """The unpacked tensors stored encoded, with their chunk records."""
+    m = load_manifest(Store(url), step)
+    return {
+        p: list(e.chunks) for p, e in m.tensors.items() if e.chunks and not e.chunks[0].packed and e.chunks[0].codec
+    }
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """(paths, destinations) of every read_tensors call of a restore."""
+    calls: list[tuple[list[str], list[str]]] = []
+    real = restore_mod.read_tensors
+
+    def spy(store, codecs, plan, **kw):
+        calls.append((sorted(plan.paths), sorted(kw.get("destinations") or {})))
+        return real(store, codecs, plan, **kw)
+
+    monkeypatch.setattr(restore_mod, "read_tensors", spy)
+    return calls
+
+
+@pytest.fixture
+def saved(tmp_path, monkeypatch):
+    monkeypatch.setenv("CKPT_CHUNK_BYTES", str(512 * 1024))  # the large weights span several chunks
+    url = str(tmp_path / "store")
+    state = _state()
+    ckpt.save(url, state, step=1)
+    return url, state
+
+
+def test_encoded_objects_record_the_hash_of_their_stored_bytes(saved):
+    url, _ = saved
+    store = Store(url)
+    m = load_manifest(store, 1)
+    records = [c for e in m.tensors.values() for c in e.chunks]
+    encoded = [c for c in records if c.codec]
+    assert encoded
+    for c in encoded:
+        with open(store.object_path(c.key), "rb") as f:
+            assert c.stored_hash == xxhash.xxh3_128_hexdigest(f.read())
+    assert all(not c.stored_hash for c in records if not c.codec)  # a raw object's bytes are its content
+
+
+def test_encoded_tensors_are_decoded_into_the_live_tensors(saved, reads):
+    url, state = saved
+    want = _weights(state)
+    fresh = _state(seed=3)
+    ptrs = {n: p.data_ptr() for n, p in fresh["model"].named_parameters()}
+    moments = [s["exp_avg"].data_ptr() for s in fresh["optim"].state.values() if s["exp_avg"].dim() == 2]
+    assert ckpt.restore(url, fresh).step == 1
+    assert _same(_weights(fresh), want)
+    for a, b in zip(state["optim"].state.values(), fresh["optim"].state.values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    encoded = _encoded(url, 1)
+    assert any(p.startswith("model/") for p in encoded) and any(p.startswith("optim/") for p in encoded)
+    in_place = {p for _, dest in reads for p in dest}
+    fresh_reads = {p for paths, dest in reads if not dest for p in paths}
+    assert set(encoded) <= in_place and not (set(encoded) & fresh_reads)
+    # the very same memory holds the restored values
+    assert {n: p.data_ptr() for n, p in fresh["model"].named_parameters()} == ptrs
+    # (the weights' moments: the biases' are small, packed and loaded from fresh memory)
+    assert [s["exp_avg"].data_ptr() for s in fresh["optim"].state.values() if s["exp_avg"].dim() == 2] == moments
+
+
+@pytest.mark.parametrize("which", ["first", "last"])
+def test_a_damaged_encoded_object_changes_nothing_live(saved, which):
+    url, _ = saved
+    encoded = _encoded(url, 1)
+    path = sorted(p for p in encoded if p.startswith("model/") and len(encoded[p]) > 1)[0]
+    ref = encoded[path][0 if which == "first" else -1]
+    corrupt_object(Store(url), ref.key)
+    fresh = _state(seed=3)
+    before = _weights(fresh)
+    with pytest.raises(ckpt.CorruptCheckpointError, match=ref.key) as err:
+        ckpt.restore(url, fresh, step=1)
+    assert "partly overwritten" not in str(err.value)
+    assert _same(_weights(fresh), before)
+
+
+def test_a_truncated_encoded_object_changes_nothing_live(saved):
+    url, _ = saved
+    store = Store(url)
+    ref = next(iter(_encoded(url, 1).values()))[-1]
+    path = store.object_path(ref.key)
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[:-1])
+    fresh = _state(seed=3)
+    before = _weights(fresh)
+    with pytest.raises(ckpt.CorruptCheckpointError, match="truncated"):
+        ckpt.restore(url, fresh, step=1)
+    assert _same(_weights(fresh), before)
+
+
+def _edit_manifest(url: str, step: int, edit) -> None:
+    store = Store(url)
+    doc = json.loads(store.read_manifest(step))
+    for entry in doc["tensors"].values():
+        for chunk in entry["chunks"]:
+            edit(chunk)
+    store.write(store.manifest_path(step), json.dumps(doc).encode())
+
+
+def test_a_manifest_without_stored_hashes_restores_through_fresh_memory(saved, reads):
+    """An older writer's manifest has no stored hashes: its encoded objects are decoded and
+    verified into fresh memory before anything live changes, as before."""
+    url, state = saved
+    _edit_manifest(url, 1, lambda c: c.pop("stored_hash", None))
+    want = _weights(state)
+    fresh = _state(seed=3)
+    assert ckpt.restore(url, fresh).step == 1
+    assert _same(_weights(fresh), want)
+    assert not {p for _, dest in reads for p in dest} & set(_encoded(url, 1))
+    # and damage is still found before anything changes
+    ref = next(iter(_encoded(url, 1).values()))[-1]
+    corrupt_object(Store(url), ref.key)
+    fresh = _state(seed=4)
+    before = _weights(fresh)
+    with pytest.raises(ckpt.CorruptCheckpointError, match=ref.key):
+        ckpt.restore(url, fresh, step=1)
+    assert _same(_weights(fresh), before)
+
+
+def test_a_stored_hash_forged_to_match_an_undecodable_object_is_refused_and_said_so(saved):
+    """Stored bytes that hash as recorded but do not decode to the content hash (only a forger
+    writes those) are found during the decode into the live tensors: the error says the live
+    tensors may have changed, and a restore of an intact checkpoint repairs them."""
+    url, state = saved
+    store = Store(url)
+    ref = next(iter(_encoded(url, 1).values()))[-1]
+    bad = bytearray(store.get_object(ref.key))
+    bad[len(bad) // 2] ^= 0xFF
+    with open(store.object_path(ref.key), "wb") as f:
+        f.write(bad)
+    forged = xxhash.xxh3_128_hexdigest(bytes(bad))
+    _edit_manifest(url, 1, lambda c: c.__setitem__("stored_hash", forged) if c["key"] == ref.key else None)
+    fresh = _state(seed=3)
+    with pytest.raises(ckpt.CorruptCheckpointError, match="partly overwritten"):
+        ckpt.restore(url, fresh, step=1)
+
+
+@pytest.mark.parametrize("value", ["x" * 32, 7, "ABCDEF" + "0" * 26, "0" * 31])
+def test_a_malformed_stored_hash_is_a_schema_error(saved, value):
+    url, _ = saved
+    _edit_manifest(url, 1, lambda c: c.__setitem__("stored_hash", value) if c.get("codec") else None)
+    with pytest.raises(ckpt.SchemaError, match="stored hash"):
+        ckpt.read_manifest(url, 1)
+
+
+def test_delta_objects_are_decoded_into_fresh_memory(tmp_path, reads):
+    """A delta decodes through its parent objects, which hashing its own bytes does not check."""
+    url = str(tmp_path / "store")
+    state = _state()
+    with ckpt.Checkpointer(url) as ck:
+        ck.save(state, step=1).wait()
+        with torch.no_grad():
+            for p in state["model"].parameters():
+                p.view(-1)[::97] += 1e-3  # a few elements change: deltas pay
+        ck.save(state, step=2).wait()
+    m = load_manifest(Store(url), 2)
+    deltas = {p for p, e in m.tensors.items() for c in e.chunks if any(s["name"] == "xor" for s in c.codec)}
+    assert deltas, "the second save wrote no delta"
+    want = _weights(state)
+    fresh = _state(seed=3)
+    assert ckpt.restore(url, fresh).step == 2
+    assert _same(_weights(fresh), want)
+    assert not deltas & {p for _, dest in reads for p in dest}
+
+
+def test_a_remote_store_is_read_once_into_fresh_memory(reads):
+    url = "memory://in-place-remote"
+    state = _state()
+    ckpt.save(url, state, step=1)
+    try:
+        fresh = _state(seed=3)
+        assert ckpt.restore(url, fresh).step == 1
+        assert _same(_weights(fresh), _weights(state))
+        assert not any(dest for _, dest in reads)
+    finally:
+        Store(url).fs.rm("/in-place-remote", recursive=True)
