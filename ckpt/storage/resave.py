@@ -145,9 +145,7 @@ def _unpack(manifest: Manifest, packs: dict[str, _Pack], entries: dict[str, Tens
         obj = chunks[0]
         for path in pack.members:
             mine = manifest.tensors[path].chunks[0]
-            ref = ChunkRef(
-                hash=obj.hash, key=obj.key, size=mine.size, stored=obj.stored, codec=obj.codec, at=mine.at, of=obj.size
-            )
+            ref = dataclasses.replace(obj, size=mine.size, at=mine.at, of=obj.size)
             out[path] = dataclasses.replace(manifest.tensors[path], chunks=(ref,))
     return out
 
