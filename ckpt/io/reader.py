@@ -193,12 +193,14 @@ def read_tensors(
     *,
     destinations: Mapping[str, torch.Tensor] | None = None,
     progress: Callable[[int], None] | None = None,
+    workers: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Carry out ``plan``: every tensor of it decoded and verified, in parallel.
 
     A tensor of ``destinations`` is filled in place (straight into its memory when it is
     a contiguous CPU tensor, else through a host copy); the others come back as fresh CPU
-    tensors. ``progress(n)`` is called with the raw bytes of each chunk done.
+    tensors. ``progress(n)`` is called with the raw bytes of each chunk done; ``workers``
+    sizes the pool (default :func:`~ckpt.snapshot.executor.io_threads`).
     """
     destinations = destinations or {}
     result: dict[str, torch.Tensor] = {}
@@ -219,7 +221,7 @@ def read_tensors(
         result[path] = dest if dest is not None else host
         hosts[path] = host
         targets[path] = host.reshape(-1).view(torch.uint8).numpy().data if entry.nbytes else memoryview(b"")
-    with io_pool("ckpt-read") as pool:
+    with io_pool("ckpt-read", workers) as pool:
         reader = Reader(store, codecs)
 
         def job(r: ChunkRead) -> None:

@@ -24,6 +24,7 @@ from ckpt.errors import CheckpointError, CorruptCheckpointError, StateMismatchEr
 from ckpt.hooks.manager import Plugins
 from ckpt.io.plan import ReadPlan
 from ckpt.io.reader import read_tensors, stored_digest, verify_reads, writable_in_place
+from ckpt.snapshot.executor import cpu_threads
 from ckpt.state import tree as treemod
 from ckpt.state.capture import as_numpy, capture, check_into, live_tensors, load_into, qualified_name
 from ckpt.state.dataloader import track_all
@@ -138,7 +139,8 @@ def apply_restore(prepared: Prepared, *, hooks: bool = True) -> CheckpointInfo:
     if prepared.in_place is not None:  # verified already: now into the live tensors, verified again
         ip = prepared.in_place
         try:
-            read_tensors(ip.store, plugins.codecs, ip.plan, destinations=ip.live)
+            # just read by the verifying pass, so in the page cache: decoding is CPU work
+            read_tensors(ip.store, plugins.codecs, ip.plan, destinations=ip.live, workers=cpu_threads())
         except CheckpointError as exc:
             raise CorruptCheckpointError(
                 f"{exc} (it changed after it was verified: the live tensors of step {prepared.manifest.step} "
