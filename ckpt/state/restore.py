@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ckpt.codecs.base import CodecRegistry
 from ckpt.distributed.sharding import rank_view
 from ckpt.errors import CheckpointError, CorruptCheckpointError, StateMismatchError
 from ckpt.hooks.manager import Plugins
@@ -214,7 +215,9 @@ def _prepare(
     keys, live, wanted, missing, unexpected = fit_live(store, plugins, manifest, state, strict=strict)
     deferred: dict[str, torch.Tensor] = {}
     if (store.local if in_place is None else in_place) and place is None:
-        deferred = {p: live[p] for p in wanted if p in live and _into_live(manifest.tensors[p], live[p])}
+        deferred = {
+            p: live[p] for p in wanted if p in live and _into_live(manifest.tensors[p], live[p], plugins.codecs)
+        }
     plan = ReadPlan.for_paths(manifest, list(deferred)) if deferred else None
     with ThreadPoolExecutor(1, thread_name_prefix="ckpt-verify") as side:
         # the objects read in place are verified while the others are read
@@ -233,13 +236,16 @@ def _prepare(
     return decode_values(manifest, state, keys, tensors, plugins, strict=strict), missing, unexpected, later
 
 
-def _into_live(entry: TensorEntry, live: torch.Tensor) -> bool:
+def _into_live(entry: TensorEntry, live: torch.Tensor, codecs: CodecRegistry) -> bool:
     """Whether ``entry`` is stored unpacked and unsharded in objects reading verifies (see
-    :func:`ckpt.io.reader.stored_digest`), and ``live`` can take it in place."""
+    :func:`ckpt.io.reader.stored_digest`) and this reader has the codecs of (an object of a
+    newer ckpt, or of a plugin not installed here, is refused by the read into fresh memory,
+    before anything live changes), and ``live`` can take it in place."""
     return (
         bool(entry.chunks)
         and not entry.shards
         and all(not c.packed and stored_digest(c) is not None for c in entry.chunks)
+        and all(step.get("name") in codecs for c in entry.chunks for step in c.codec)
         and writable_in_place(live)
         and live.nbytes == entry.nbytes
     )

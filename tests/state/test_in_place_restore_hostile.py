@@ -1,0 +1,186 @@
+"""Restoring straight into the live tensors (see test_in_place_restore.py) against what
+a store, a manifest or the live state may hold: a codec this reader lacks, live tensors
+sharing memory, NumPy arrays, adapters whose check reads values, damage of every kind.
+
+Whatever it is, it is refused before anything live changes, or restored exactly as a
+restore through fresh memory would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import xxhash
+
+import ckpt
+import ckpt.state.restore as restore_mod
+from ckpt.storage.commit import load_manifest
+from ckpt.storage.store import Store
+from ckpt.testing import corrupt_object
+
+KEY = bytes(range(32))
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 512))
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(autouse=True)
+def _chunks(monkeypatch):
+    monkeypatch.setenv("CKPT_CHUNK_BYTES", str(512 * 1024))  # the large weights span several chunks
+
+
+@pytest.fixture
+def in_place(monkeypatch):
+    """The paths of every read_tensors call of a restore that fills live tensors."""
+    paths: list[str] = []
+    real = restore_mod.read_tensors
+
+    def spy(store, codecs, plan, **kw):
+        if kw.get("destinations"):
+            paths.extend(plan.paths)
+        return real(store, codecs, plan, **kw)
+
+    monkeypatch.setattr(restore_mod, "read_tensors", spy)
+    return paths
+
+
+def _edit_manifest(url: str, step: int, edit) -> None:
+    store = Store(url)
+    doc = json.loads(store.read_manifest(step))
+    for path, entry in doc["tensors"].items():
+        for chunk in entry["chunks"]:
+            edit(path, chunk)
+    store.write(store.manifest_path(step), json.dumps(doc).encode())
+
+
+def _newer_codec(url: str, step: int, path: str) -> None:
+    """``path``'s objects recorded as encoded by a codec this reader does not have (a newer
+    ckpt's, or a plugin not installed here), their stored hashes recorded as such a writer would."""
+
+    def edit(p, chunk):
+        if p == path:
+            assert chunk["codec"] and chunk["stored_hash"]
+            chunk["codec"] = [dict(chunk["codec"][0], name="bgzstd2")]
+
+    _edit_manifest(url, step, edit)
+
+
+# -- a codec this reader lacks ---------------------------------------------------------
+
+
+def test_a_codec_this_reader_lacks_is_refused_before_anything_live_changes(tmp_path):
+    url = str(tmp_path / "store")
+    ckpt.save(url, {"model": _model()}, step=1)
+    _newer_codec(url, 1, "model/1.weight")
+    fresh = _model(seed=3)
+    before = _weights(fresh)
+    with pytest.raises(ckpt.UnknownCodecError, match="bgzstd2") as err:
+        ckpt.restore(url, {"model": fresh}, step=1)
+    assert "partly overwritten" not in str(err.value)
+    assert _same(_weights(fresh), before)
+
+
+def test_restoring_the_latest_does_not_skip_a_checkpoint_that_needs_a_codec_this_reader_lacks(tmp_path):
+    """Not damage: an older checkpoint restored instead would be silently older data."""
+    url = str(tmp_path / "store")
+    with ckpt.Checkpointer(url) as ck:
+        ck.save({"model": _model(1)}, step=1).wait()
+        ck.save({"model": _model(2)}, step=2).wait()
+    _newer_codec(url, 2, "model/1.weight")
+    fresh = _model(seed=3)
+    before = _weights(fresh)
+    with pytest.raises(ckpt.UnknownCodecError, match="bgzstd2"):
+        ckpt.restore(url, {"model": fresh})
+    assert _same(_weights(fresh), before)
+
+
+# -- damage found before anything live changes (these held) ----------------------------
+
+
+def _encoded_keys(url: str, step: int, **kw) -> list[str]:
+    m = ckpt.read_manifest(url, step, **kw)
+    return sorted({c.key for e in m.tensors.values() for c in e.chunks if c.codec and c.stored_hash and not c.packed})
+
+
+@pytest.mark.parametrize("damage", ["symlink-outside", "deleted", "extended", "swapped"])
+def test_damaged_encoded_objects_change_nothing_live(tmp_path, damage):
+    url = str(tmp_path / "store")
+    ckpt.save(url, {"model": _model()}, step=1)
+    store = Store(url)
+    keys = _encoded_keys(url, 1)
+    victim = store.object_path(keys[-1])
+    if damage == "symlink-outside":
+        outside = tmp_path / "outside"
+        with open(victim, "rb") as f:
+            outside.write_bytes(f.read())  # the very bytes: only the place is wrong
+        os.remove(victim)
+        os.symlink(outside, victim)
+    elif damage == "deleted":
+        os.remove(victim)
+    elif damage == "extended":
+        with open(victim, "ab") as f:
+            f.write(b"\0")
+    else:
+        with open(store.object_path(keys[0]), "rb") as f:  # another object of the checkpoint, whole
+            data = f.read()
+        os.chmod(victim, 0o644)
+        with open(victim, "wb") as f:
+            f.write(data)
+    fresh = _model(seed=3)
+    before = _weights(fresh)
+    with pytest.raises(ckpt.CorruptCheckpointError, match=keys[-1]) as err:
+        ckpt.restore(url, {"model": fresh}, step=1)
+    assert "partly overwritten" not in str(err.value)
+    assert _same(_weights(fresh), before)
+
+
+def test_an_encrypted_store_is_decoded_in_place_and_damage_found_first(tmp_path, in_place):
+    url = str(tmp_path / "store")
+    enc = ckpt.Encryption(KEY)
+    saved = _model()
+    ckpt.save(url, {"model": saved}, step=1, encryption=enc)
+    fresh = _model(seed=3)
+    ckpt.restore(url, {"model": fresh}, step=1, encryption=enc)
+    assert _same(_weights(fresh), _weights(saved)) and "model/0.weight" in in_place
+    corrupt_object(Store(url), _encoded_keys(url, 1, encryption=enc)[0])
+    fresh = _model(seed=4)
+    before = _weights(fresh)
+    with pytest.raises(ckpt.CorruptCheckpointError) as err:
+        ckpt.restore(url, {"model": fresh}, step=1, encryption=enc)
+    assert "partly overwritten" not in str(err.value)
+    assert _same(_weights(fresh), before)
+
+
+def test_restoring_the_latest_repairs_what_a_forged_stored_hash_overwrote(tmp_path):
+    """The accepted exception, found while decoding in place: the fallback to the older
+    checkpoint restores every live tensor of it."""
+    url = str(tmp_path / "store")
+    first = _model(1)
+    with ckpt.Checkpointer(url) as ck:
+        ck.save({"model": first}, step=1).wait()
+        ck.save({"model": _model(2)}, step=2).wait()
+    store = Store(url)
+    m = load_manifest(store, 2)
+    ref = next(c for c in m.tensors["model/1.weight"].chunks if c.stored_hash and "xor" not in str(c.codec))
+    bad = bytearray(store.get_object(ref.key))
+    bad[len(bad) // 2] ^= 0xFF
+    with open(store.object_path(ref.key), "wb") as f:
+        f.write(bad)
+    forged = xxhash.xxh3_128_hexdigest(bytes(bad))
+    _edit_manifest(url, 2, lambda p, c: c.__setitem__("stored_hash", forged) if c["key"] == ref.key else None)
+    fresh = _model(seed=3)
+    assert ckpt.restore(url, {"model": fresh}).step == 1
+    assert _same(_weights(fresh), _weights(first))
