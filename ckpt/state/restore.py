@@ -218,7 +218,9 @@ def _prepare(
         deferred = {
             p: live[p] for p in wanted if p in live and _into_live(manifest.tensors[p], live[p], plugins.codecs)
         }
-    plan = ReadPlan.for_paths(manifest, list(deferred)) if deferred else None
+    read = _unaliased(manifest, deferred, {p: live[p] for p in wanted if p in live})
+    deferred = {p: t for p, t in deferred.items() if p in read}
+    plan = ReadPlan.for_paths(manifest, [p for p in deferred if read[p]]) if deferred else None
     with ThreadPoolExecutor(1, thread_name_prefix="ckpt-verify") as side:
         # the objects read in place are verified while the others are read
         verified = side.submit(verify_reads, store, plugins.codecs, plan) if plan is not None else None
@@ -234,6 +236,55 @@ def _prepare(
     later = InPlace(store, plan, deferred) if plan is not None else None
     tensors.update(deferred)  # the live tensors themselves, filled by apply_restore
     return decode_values(manifest, state, keys, tensors, plugins, strict=strict), missing, unexpected, later
+
+
+def _unaliased(
+    manifest: Manifest, deferred: Mapping[str, torch.Tensor], live: Mapping[str, torch.Tensor]
+) -> dict[str, bool]:
+    """Which tensors of ``deferred`` may be decoded into their live memory, and whether each
+    is read for it (``False``: another path of the same memory is).
+
+    Live tensors sharing memory (tied weights, a view and its base) would have it written
+    by concurrent decodes: different stored data mixed (or failed its hash after the live
+    tensors changed), where the loads copy one after the other. Only paths that are exactly
+    one memory and hold the same stored bytes (the same object hashes) are read in place,
+    once; any other overlap is read into fresh memory and loaded as before.
+    """
+    spans = sorted((a, b, p) for p, t in live.items() for a, b in [_span(t)] if b > a)
+    groups: list[list[tuple[int, int, str]]] = []
+    end = -1
+    for a, b, p in spans:
+        if groups and a < end:
+            groups[-1].append((a, b, p))
+            end = max(end, b)
+        else:
+            groups.append([(a, b, p)])
+            end = b
+    out = {p: True for p in deferred}
+    for group in groups:
+        if len(group) < 2:
+            continue
+        paths = [p for _, _, p in group]
+        same = (
+            all(p in deferred for p in paths)
+            and len({(a, b) for a, b, _ in group}) == 1
+            and len({tuple(c.hash for c in manifest.tensors[p].chunks) for p in paths}) == 1
+        )
+        for i, p in enumerate(paths):
+            if not same:
+                out.pop(p, None)
+            elif i:
+                out[p] = False
+    return out
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The addresses ``[start, end)`` of the bytes of CPU tensor ``t`` (``(0, 0)`` for none)."""
+    if t.device.type != "cpu" or t.numel() == 0:
+        return 0, 0
+    start = t.data_ptr()
+    last = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+    return start, start + (last + 1) * t.element_size()
 
 
 def _into_live(entry: TensorEntry, live: torch.Tensor, codecs: CodecRegistry) -> bool:

@@ -107,6 +107,61 @@ def test_restoring_the_latest_does_not_skip_a_checkpoint_that_needs_a_codec_this
     assert _same(_weights(fresh), before)
 
 
+# -- live tensors sharing memory --------------------------------------------------------
+
+
+class _Pair(torch.nn.Module):
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(1024, 1024, bias=False)
+        self.b = torch.nn.Linear(1024, 1024, bias=False)
+        if tied:
+            self.b.weight = self.a.weight
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_tied_live_weights_take_an_untied_checkpoint_as_a_load_does(tmp_path, attempt):
+    """Two live paths, one memory, two different stored tensors: decoding both into it at
+    once mixed them (or failed their hash, saying the live tensors may be overwritten). A
+    load copies one after the other: the second wins."""
+    url = str(tmp_path / "store")
+    torch.manual_seed(attempt)
+    saved = _Pair(tied=False)
+    ckpt.save(url, {"m": saved}, step=1)
+    live = _Pair(tied=True)
+    ckpt.restore(url, {"m": live}, step=1)
+    assert live.a.weight is live.b.weight
+    assert torch.equal(live.a.weight, saved.b.weight)
+
+
+def test_tied_live_weights_holding_one_stored_tensor_are_read_once_in_place(tmp_path, in_place):
+    url = str(tmp_path / "store")
+    torch.manual_seed(0)
+    saved = _Pair(tied=True)
+    ckpt.save(url, {"m": saved}, step=1)
+    live = _Pair(tied=True)
+    ptr = live.a.weight.data_ptr()
+    ckpt.restore(url, {"m": live}, step=1)
+    assert live.a.weight is live.b.weight and live.a.weight.data_ptr() == ptr
+    assert torch.equal(live.a.weight, saved.a.weight)
+    assert len([p for p in in_place if p in ("m/a.weight", "m/b.weight")]) == 1
+
+
+def test_overlapping_live_tensors_are_restored_as_a_load_does(tmp_path):
+    """A plain tensor and a view of its first half, saved apart: the later key wins, as the
+    loads copy them in order."""
+    url = str(tmp_path / "store")
+    torch.manual_seed(0)
+    n = 1 << 19
+    stored = {"whole": torch.randn(n), "half": torch.randn(n // 2)}
+    ckpt.save(url, stored, step=1)
+    whole = torch.zeros(n)
+    live = {"whole": whole, "half": whole[: n // 2]}
+    ckpt.restore(url, live, step=1)
+    assert torch.equal(whole[: n // 2], stored["half"])
+    assert torch.equal(whole[n // 2 :], stored["whole"][n // 2 :])
+
+
 # -- damage found before anything live changes (these held) ----------------------------
 
 
