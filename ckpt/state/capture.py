@@ -60,9 +60,10 @@ def qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def live_tensors(tree: Any, path: str, out: dict[str, torch.Tensor]) -> None:
-    """Tensors of a captured live tree by path (the same paths :func:`tree.encode` uses)."""
-    treemod.encode(tree, out, set(), path)
+def live_tensors(tree: Any, path: str, out: dict[str, torch.Tensor], numpy_paths: set[str] | None = None) -> None:
+    """Tensors of a captured live tree by path (the same paths :func:`tree.encode` uses);
+    ``numpy_paths`` receives those that are NumPy arrays (shared with the array)."""
+    treemod.encode(tree, out, set() if numpy_paths is None else numpy_paths, path)
 
 
 def as_numpy(t: torch.Tensor, is_numpy: bool) -> Any:

@@ -212,11 +212,16 @@ def _prepare(
     the live objects, nothing live changed yet), the missing and unexpected keys, and the
     tensors :func:`apply_restore` reads in place (see :func:`prepare_restore`)."""
     manifest = rank_view(manifest, 0)  # a collective save's checkpoint in one process: rank 0's values
-    keys, live, wanted, missing, unexpected = fit_live(store, plugins, manifest, state, strict=strict)
+    refused: set[str] = set()
+    keys, live, wanted, missing, unexpected = fit_live(
+        store, plugins, manifest, state, strict=strict, not_in_place=refused
+    )
     deferred: dict[str, torch.Tensor] = {}
     if (store.local if in_place is None else in_place) and place is None:
         deferred = {
-            p: live[p] for p in wanted if p in live and _into_live(manifest.tensors[p], live[p], plugins.codecs)
+            p: live[p]
+            for p in wanted
+            if p in live and p not in refused and _into_live(manifest.tensors[p], live[p], plugins.codecs)
         }
     read = _unaliased(manifest, deferred, {p: live[p] for p in wanted if p in live})
     deferred = {p: t for p, t in deferred.items() if p in read}
@@ -303,11 +308,21 @@ def _into_live(entry: TensorEntry, live: torch.Tensor, codecs: CodecRegistry) ->
 
 
 def fit_live(
-    store: Store, plugins: Plugins, manifest: Manifest, state: Mapping[str, Any], *, strict: bool
+    store: Store,
+    plugins: Plugins,
+    manifest: Manifest,
+    state: Mapping[str, Any],
+    *,
+    strict: bool,
+    not_in_place: set[str] | None = None,
 ) -> tuple[list[str], dict[str, torch.Tensor], list[str], list[str], list[str]]:
     """Check ``state``'s live objects against ``manifest`` before anything is read: the keys
     restored, the live tensors by path, the stored tensor paths to read, and the missing and
-    unexpected keys (shared by the one-process and the collective restore)."""
+    unexpected keys (shared by the one-process and the collective restore).
+
+    ``not_in_place`` receives the live tensors a restore must not decode into (see
+    :func:`prepare_restore`): NumPy arrays, which a restore replaces, never writes (one may
+    be read-only, a memory map, or held elsewhere)."""
     stored_tree = manifest.tree
     if not isinstance(stored_tree, dict):
         raise CheckpointError(f"checkpoint step {manifest.step} of {store.url} has no state mapping")
@@ -330,7 +345,7 @@ def fit_live(
         _check_class(manifest, path, state, plugins, name)
     live: dict[str, torch.Tensor] = {}
     for key in keys:
-        live_tensors(live_tree[key], treemod.escape(key), live)
+        live_tensors(live_tree[key], treemod.escape(key), live, not_in_place)
     exact = [p for p, name in live_adapters.items() if getattr(plugins.adapters.get(name), "exact_tensors", False)]
     missing, unexpected = _fit(manifest, live, exact, strict)
     missing = [*map(str, absent), *missing]

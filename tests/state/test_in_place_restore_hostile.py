@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import xxhash
@@ -160,6 +161,23 @@ def test_overlapping_live_tensors_are_restored_as_a_load_does(tmp_path):
     ckpt.restore(url, live, step=1)
     assert torch.equal(whole[: n // 2], stored["half"])
     assert torch.equal(whole[n // 2 :], stored["whole"][n // 2 :])
+
+
+# -- NumPy arrays -----------------------------------------------------------------------
+
+
+def test_a_live_numpy_array_is_replaced_not_written(tmp_path):
+    """A restore gives a NumPy key a new array, as before: the live one may be read-only
+    (a np.memmap opened 'r' segfaulted) or held elsewhere."""
+    url = str(tmp_path / "store")
+    saved = np.random.default_rng(0).standard_normal(1 << 19).astype(np.float32)
+    ckpt.save(url, {"arr": saved, "model": _model()}, step=1)
+    read_only = np.zeros(1 << 19, dtype=np.float32)
+    read_only.flags.writeable = False
+    state = {"arr": read_only, "model": _model(seed=3)}
+    ckpt.restore(url, state, step=1)
+    assert np.array_equal(state["arr"], saved)
+    assert not read_only.any() and not np.shares_memory(state["arr"], read_only)
 
 
 # -- damage found before anything live changes (these held) ----------------------------
