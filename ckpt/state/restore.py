@@ -239,7 +239,9 @@ def _prepare(
     if place is not None:
         tensors = {p: place(t, manifest.devices.get(p, DEFAULT_LOCATION)) for p, t in tensors.items()}
     later = InPlace(store, plan, deferred) if plan is not None else None
-    tensors.update(deferred)  # the live tensors themselves, filled by apply_restore
+    # the live tensors' memory, filled by apply_restore; aliases, not the live tensors themselves:
+    # decoding a value (requires_grad_() of a stored tensor that needs grad) must not change them
+    tensors.update({p: t.detach() for p, t in deferred.items()})
     return decode_values(manifest, state, keys, tensors, plugins, strict=strict), missing, unexpected, later
 
 

@@ -180,6 +180,17 @@ def test_a_live_numpy_array_is_replaced_not_written(tmp_path):
     assert not read_only.any() and not np.shares_memory(state["arr"], read_only)
 
 
+# -- requires_grad ----------------------------------------------------------------------
+
+
+def test_a_restore_leaves_requires_grad_of_live_tensors_alone(tmp_path):
+    url = str(tmp_path / "store")
+    ckpt.save(url, {"w": torch.randn(1 << 18).requires_grad_()}, step=1)
+    live = {"w": torch.zeros(1 << 18)}
+    ckpt.restore(url, live, step=1)
+    assert not live["w"].requires_grad and live["w"].any()
+
+
 # -- damage found before anything live changes (these held) ----------------------------
 
 
