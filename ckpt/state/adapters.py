@@ -25,6 +25,10 @@ class Adapter(Protocol):
     name: str
     # Optional: a class attribute ``exact_tensors = True`` makes restore refuse, before
     # writing anything, a checkpoint holding tensors the live object lacks.
+    # Optional: ``checks_tensor_values = False`` says the adapter's ``check`` looks at the
+    # tensors it is given for their shapes, dtypes and structure only: a restore from local
+    # disk may then decode them straight into the live tensors after the check. Without it,
+    # an adapter with a ``check`` is given the checkpoint's tensors, read into fresh memory.
 
     def handles(self, obj: Any) -> bool:
         """True when this adapter knows how to capture ``obj``."""

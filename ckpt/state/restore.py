@@ -324,7 +324,10 @@ def fit_live(
 
     ``not_in_place`` receives the live tensors a restore must not decode into (see
     :func:`prepare_restore`): NumPy arrays, which a restore replaces, never writes (one may
-    be read-only, a memory map, or held elsewhere)."""
+    be read-only, a memory map, or held elsewhere), and the tensors of objects whose
+    adapter's ``check`` may read their values (it must see the checkpoint's, not the live
+    ones the decode overwrites after it: see ``checks_tensor_values`` in
+    :class:`ckpt.state.adapters.Adapter`)."""
     stored_tree = manifest.tree
     if not isinstance(stored_tree, dict):
         raise CheckpointError(f"checkpoint step {manifest.step} of {store.url} has no state mapping")
@@ -348,11 +351,19 @@ def fit_live(
     live: dict[str, torch.Tensor] = {}
     for key in keys:
         live_tensors(live_tree[key], treemod.escape(key), live, not_in_place)
+    if not_in_place is not None:
+        valued = [p for p, name in live_adapters.items() if _checks_values(plugins.adapters.get(name))]
+        not_in_place.update(p for p in live for a in valued if p == a or p.startswith(a + "/"))
     exact = [p for p, name in live_adapters.items() if getattr(plugins.adapters.get(name), "exact_tensors", False)]
     missing, unexpected = _fit(manifest, live, exact, strict)
     missing = [*map(str, absent), *missing]
     wanted = [p for key in keys for p in treemod.tensor_paths(stored_tree[key])]
     return keys, live, wanted, missing, unexpected
+
+
+def _checks_values(adapter: Any) -> bool:
+    """Whether ``adapter``'s optional ``check`` may read the values of the tensors it is given."""
+    return getattr(adapter, "check", None) is not None and getattr(adapter, "checks_tensor_values", True)
 
 
 def decode_values(

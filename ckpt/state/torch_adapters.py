@@ -56,6 +56,8 @@ class ModuleAdapter:
     name = "torch.nn.Module"
     #: restore checks the stored tensors are exactly the live ones before writing any
     exact_tensors = True
+    #: check() reads shapes and dtypes, never values: the tensors may be decoded in place
+    checks_tensor_values = False
 
     def handles(self, obj: Any) -> bool:
         return isinstance(obj, torch.nn.Module)
@@ -103,6 +105,8 @@ class OptimizerAdapter:
     name = "torch.optim.Optimizer"
     #: the checkpoint records the optimizer's class; restoring AdamW state into SGD is refused
     exact_class = True
+    #: check() loads the state into a twin over meta tensors: no value is read
+    checks_tensor_values = False
 
     def handles(self, obj: Any) -> bool:
         return isinstance(obj, torch.optim.Optimizer)

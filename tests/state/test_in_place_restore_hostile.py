@@ -18,6 +18,7 @@ import xxhash
 
 import ckpt
 import ckpt.state.restore as restore_mod
+from ckpt.hooks.manager import get_plugins
 from ckpt.storage.commit import load_manifest
 from ckpt.storage.store import Store
 from ckpt.testing import corrupt_object
@@ -189,6 +190,48 @@ def test_a_restore_leaves_requires_grad_of_live_tensors_alone(tmp_path):
     live = {"w": torch.zeros(1 << 18)}
     ckpt.restore(url, live, step=1)
     assert not live["w"].requires_grad and live["w"].any()
+
+
+# -- adapters' checks -------------------------------------------------------------------
+
+
+class _Counts:
+    def __init__(self) -> None:
+        self.counts = torch.zeros(1 << 18, dtype=torch.int64)
+
+
+class _CountsAdapter:
+    """An adapter whose check reads the values it is given."""
+
+    name = "test.Counts"
+
+    def handles(self, obj):
+        return isinstance(obj, _Counts)
+
+    def state(self, obj):
+        return {"counts": obj.counts}
+
+    def check(self, obj, tree):
+        if (tree["counts"] < 0).any():
+            raise ckpt.StateMismatchError("negative counts")
+
+    def load(self, obj, tree):
+        if (tree["counts"] < 0).any():
+            raise RuntimeError("negative counts")
+        obj.counts.copy_(tree["counts"])
+
+
+def test_an_adapters_check_sees_the_checkpoints_values_before_anything_live_changes(tmp_path):
+    get_plugins().adapters(_CountsAdapter())
+    url = str(tmp_path / "store")
+    bad = _Counts()
+    bad.counts -= 1
+    ckpt.save(url, {"model": _model(), "c": bad}, step=1)
+    live, model = _Counts(), _model(seed=3)
+    before = _weights(model)
+    with pytest.raises(ckpt.StateMismatchError, match="negative counts"):
+        ckpt.restore(url, {"model": model, "c": live}, step=1)
+    assert _same(_weights(model), before) and not live.counts.any()
 
 
 # -- damage found before anything live changes (these held) ----------------------------
