@@ -28,6 +28,7 @@ import ckpt
 from ckpt.codecs import Codec, CodecContext, CodecRegistry, EncodeContext, decode_chain, encode_chain
 from ckpt.codecs.base import decode_prefix
 from ckpt.hooks.manager import get_plugins
+from ckpt.io.hashing import hash_bytes
 from ckpt.io.reader import Reader
 from ckpt.state.tree import dtype_from_name
 from ckpt.storage.store import Store
@@ -460,7 +461,12 @@ def rewrite_with_codec(
                     continue
                 payload, params = result
                 store.put_object(ref.key, payload)
-                done[ref.key] = {"codec": [{"name": codec_name, **params}], "stored": len(payload)}
+                # the hash of the new stored bytes too: a restore checks it before decoding in place
+                done[ref.key] = {
+                    "codec": [{"name": codec_name, **params}],
+                    "stored": len(payload),
+                    "stored_hash": hash_bytes(payload),
+                }
             doc["tensors"][path]["chunks"][i].update(done[ref.key])
     store.write(store.manifest_path(step), json.dumps(doc).encode())
     return sorted(done)

@@ -21,7 +21,7 @@ import ckpt.state.restore as restore_mod
 from ckpt.hooks.manager import get_plugins
 from ckpt.storage.commit import load_manifest
 from ckpt.storage.store import Store
-from ckpt.testing import corrupt_object
+from ckpt.testing import corrupt_object, rewrite_with_codec
 
 KEY = bytes(range(32))
 
@@ -311,3 +311,19 @@ def test_restoring_the_latest_repairs_what_a_forged_stored_hash_overwrote(tmp_pa
     fresh = _model(seed=3)
     assert ckpt.restore(url, {"model": fresh}).step == 1
     assert _same(_weights(fresh), _weights(first))
+
+
+# -- ckpt.testing -----------------------------------------------------------------------
+
+
+def test_objects_rewritten_with_a_codec_by_the_testing_kit_restore_in_place(tmp_path, in_place):
+    """rewrite_with_codec kept the stored hash of the objects it replaced: an intact store
+    was refused as corrupt."""
+    url = str(tmp_path / "store")
+    torch.manual_seed(0)
+    w = torch.randn(1 << 19) * 0.02
+    ckpt.save(url, {"w": w}, step=1)
+    assert rewrite_with_codec(url, 1, "zstd")
+    live = {"w": torch.zeros(1 << 19)}
+    ckpt.restore(url, live, step=1)
+    assert torch.equal(live["w"], w) and "w" in in_place
