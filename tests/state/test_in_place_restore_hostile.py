@@ -327,3 +327,24 @@ def test_objects_rewritten_with_a_codec_by_the_testing_kit_restore_in_place(tmp_
     live = {"w": torch.zeros(1 << 19)}
     ckpt.restore(url, live, step=1)
     assert torch.equal(live["w"], w) and "w" in in_place
+
+
+# -- encrypted objects sealed again -----------------------------------------------------
+
+
+def test_a_checkpoint_whose_encrypted_object_a_later_save_sealed_again_restores(tmp_path, in_place):
+    """The same content under the same key, sealed with a new nonce: other stored bytes than
+    the older manifest records, an intact object. Refusing it lost a committed checkpoint."""
+    url = str(tmp_path / "store")
+    enc = ckpt.Encryption(KEY)
+    torch.manual_seed(0)
+    a, b = torch.randn(1 << 19) * 0.02, torch.randn(1 << 19) * 0.02
+    ckpt.save(url, {"w": a}, step=1, encryption=enc)
+    ckpt.save(url, {"w": b}, step=2, encryption=enc)
+    ckpt.save(url, {"w": a}, step=3, encryption=enc)  # the parent (step 2) does not hold a: written again
+    first, third = (ckpt.read_manifest(url, s, encryption=enc).tensors["w"].chunks for s in (1, 3))
+    assert [c.key for c in first] == [c.key for c in third]
+    assert [c.stored_hash for c in first] != [c.stored_hash for c in third]
+    live = {"w": torch.zeros(1 << 19)}
+    assert ckpt.restore(url, live, step=1, encryption=enc).step == 1
+    assert torch.equal(live["w"], a) and "w" in in_place
