@@ -19,6 +19,7 @@ import xxhash
 import ckpt
 import ckpt.state.restore as restore_mod
 from ckpt.hooks.manager import get_plugins
+from ckpt.io.hashing import hash_bytes
 from ckpt.storage.commit import load_manifest
 from ckpt.storage.store import Store
 from ckpt.testing import corrupt_object, rewrite_with_codec
@@ -348,3 +349,54 @@ def test_a_checkpoint_whose_encrypted_object_a_later_save_sealed_again_restores(
     live = {"w": torch.zeros(1 << 19)}
     assert ckpt.restore(url, live, step=1, encryption=enc).step == 1
     assert torch.equal(live["w"], a) and "w" in in_place
+
+
+# -- a plugin's delta codec -------------------------------------------------------------
+
+
+class _XorWithParent:
+    """A plugin's delta codec: the payload xor the parent object its step cites."""
+
+    name = "test-xorp"
+
+    def encode(self, data, ctx):
+        return None  # (written by the test itself)
+
+    def decode(self, payload, out, params, ctx):
+        parent = ctx.raw_chunk(params["parent"])
+        np.bitwise_xor(
+            np.frombuffer(payload, np.uint8), np.frombuffer(parent, np.uint8), out=np.frombuffer(out, np.uint8)
+        )
+
+
+def test_a_damaged_parent_of_a_plugin_delta_changes_nothing_live(tmp_path, in_place):
+    """Any codec step citing a parent decodes through it: hashing the object's own bytes does
+    not verify it (only ckpt's own xor was read through fresh memory)."""
+    get_plugins().codecs(_XorWithParent())
+    url = str(tmp_path / "store")
+    torch.manual_seed(0)
+    w = torch.randn(1 << 19) * 0.02
+    ckpt.save(url, {"w": w}, step=1)
+    store = Store(url)
+    doc = json.loads(store.read_manifest(1))
+    raw, at, parents = w.numpy().view(np.uint8), 0, []
+    for c in doc["tensors"]["w"]["chunks"]:
+        n = c["size"]
+        parent = np.random.default_rng(at).integers(0, 256, n, dtype=np.uint8).tobytes()
+        parents.append(hash_bytes(parent))
+        store.put_object(parents[-1], parent)
+        payload = (raw[at : at + n] ^ np.frombuffer(parent, np.uint8)).tobytes()
+        store.put_object(c["key"], payload)
+        record = {"hash": parents[-1], "key": parents[-1], "size": n, "stored": n, "codec": []}
+        c.update(codec=[{"name": "test-xorp", "parent": record}], stored=n, stored_hash=hash_bytes(payload))
+        at += n
+    store.write(store.manifest_path(1), json.dumps(doc).encode())
+    live = {"w": torch.zeros(1 << 19)}
+    ckpt.restore(url, live, step=1)
+    assert torch.equal(live["w"], w) and "w" not in in_place
+    corrupt_object(store, parents[-1])
+    live = {"w": torch.zeros(1 << 19)}
+    with pytest.raises(ckpt.CorruptCheckpointError, match=parents[-1]) as err:
+        ckpt.restore(url, live, step=1)
+    assert "partly overwritten" not in str(err.value)
+    assert not live["w"].any()
