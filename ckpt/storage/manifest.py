@@ -213,7 +213,12 @@ class ChunkRef:
         if self.of < 0:
             return self
         return ChunkRef(
-            hash=self.hash, key=self.key, size=self.of, stored=self.stored, codec=self.codec, stored_hash=self.stored_hash
+            hash=self.hash,
+            key=self.key,
+            size=self.of,
+            stored=self.stored,
+            codec=self.codec,
+            stored_hash=self.stored_hash,
         )
 
     def to_json(self) -> dict[str, Any]:
