@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.autograd.graph import increment_version
 
 from ckpt.codecs.base import CodecRegistry
 from ckpt.distributed.sharding import rank_view
@@ -143,10 +144,20 @@ def apply_restore(prepared: Prepared, *, hooks: bool = True) -> CheckpointInfo:
             # just read by the verifying pass, so in the page cache: decoding is CPU work
             read_tensors(ip.store, plugins.codecs, ip.plan, destinations=ip.live, workers=cpu_threads())
         except CheckpointError as exc:
-            raise CorruptCheckpointError(
-                f"{exc} (it changed after it was verified: the live tensors of step {prepared.manifest.step} "
+            damage = (
+                "it changed after it was verified"
+                if isinstance(exc, CorruptCheckpointError)
+                else "it failed after the checkpoint was verified"
+            )
+            raise type(exc)(
+                f"{exc} ({damage}: the live tensors of step {prepared.manifest.step} "
                 "may be partly overwritten; restore another checkpoint)"
             ) from None
+        finally:
+            # written through NumPy, which autograd does not see: a backward still pending
+            # over these tensors must find them changed
+            for tensor in ip.live.values():
+                increment_version(tensor)
     # Everything is read, verified and checked: from here on only loads that fit.
     for key, value in prepared.values.items():
         state[key] = load_into(state[key], value, treemod.escape(key), plugins, strict=strict)
@@ -239,9 +250,11 @@ def _prepare(
     if place is not None:
         tensors = {p: place(t, manifest.devices.get(p, DEFAULT_LOCATION)) for p, t in tensors.items()}
     later = InPlace(store, plan, deferred) if plan is not None else None
-    # the live tensors' memory, filled by apply_restore; aliases, not the live tensors themselves:
-    # decoding a value (requires_grad_() of a stored tensor that needs grad) must not change them
-    tensors.update({p: t.detach() for p, t in deferred.items()})
+    # the live tensors' memory, filled by apply_restore. Decoding a value may set requires_grad
+    # on it (a stored tensor that needs grad), which must not change a live tensor: those that
+    # do not require grad already are given as aliases. Those that do are given themselves,
+    # so a module's load, copying each onto itself, does nothing (an alias it would copy).
+    tensors.update({p: t if t.requires_grad else t.detach() for p, t in deferred.items()})
     return decode_values(manifest, state, keys, tensors, plugins, strict=strict), missing, unexpected, later
 
 

@@ -220,3 +220,18 @@ def test_a_remote_store_is_read_once_into_fresh_memory(reads):
         assert not any(dest for _, dest in reads)
     finally:
         Store(url).fs.rm("/in-place-remote", recursive=True)
+
+
+def test_a_backward_pending_over_restored_tensors_sees_them_changed(saved):
+    """Decoded into through NumPy, which autograd does not see: the live tensors' version
+    counters are bumped, so a graph built before the restore refuses to backpropagate
+    (an optimizer moment: no load copies it in, so only the restore can say so)."""
+    url, _ = saved
+    fresh = _state(seed=3)
+    moment = next(s["exp_avg"] for s in fresh["optim"].state.values() if s["exp_avg"].dim() == 2)
+    x = torch.ones_like(moment, requires_grad=True)
+    pending = (x * moment).sum()  # saves the moment for its backward
+    assert ckpt.restore(url, fresh).step == 1
+    assert any(s["exp_avg"].data_ptr() == moment.data_ptr() for s in fresh["optim"].state.values())
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        pending.backward()
