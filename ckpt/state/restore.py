@@ -20,20 +20,20 @@ from typing import Any
 import torch
 from torch.autograd.graph import increment_version
 
-from ckpt.codecs.base import CodecRegistry
 from ckpt.distributed.sharding import rank_view
 from ckpt.errors import CheckpointError, CorruptCheckpointError, StateMismatchError
 from ckpt.hooks.manager import Plugins
 from ckpt.io.plan import ReadPlan
-from ckpt.io.reader import read_tensors, stored_digest, verify_reads, writable_in_place
+from ckpt.io.reader import read_tensors, verify_reads
 from ckpt.snapshot.executor import cpu_threads
 from ckpt.state import tree as treemod
 from ckpt.state.capture import as_numpy, capture, check_into, live_tensors, load_into, qualified_name
 from ckpt.state.dataloader import track_all
+from ckpt.state.in_place import InPlace, in_place_targets
 from ckpt.state.placement import DEFAULT_LOCATION, Placer
 from ckpt.storage.commit import load_manifest
 from ckpt.storage.lineage import read_lineage
-from ckpt.storage.manifest import Manifest, TensorEntry
+from ckpt.storage.manifest import Manifest
 from ckpt.storage.store import Store
 from ckpt.types import CheckpointInfo
 
@@ -74,16 +74,6 @@ def restore_manifest(
 ) -> CheckpointInfo:
     """Load ``manifest``'s checkpoint into ``state``'s live objects (see ``ckpt.restore``)."""
     return apply_restore(prepare_restore(store, plugins, manifest, state, strict=strict, place=place))
-
-
-@dataclass
-class InPlace:
-    """Objects verified by :func:`prepare_restore` that :func:`apply_restore` reads straight
-    into the live tensors (see ``in_place``)."""
-
-    store: Store
-    plan: ReadPlan
-    live: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -217,7 +207,7 @@ def _prepare(
     *,
     strict: bool,
     place: Placer | None,
-    in_place: bool = False,
+    in_place: bool | None = None,
 ) -> tuple[dict[str, Any], list[str], list[str], InPlace | None]:
     """The values ``state``'s keys take from ``manifest`` (read, verified and checked against
     the live objects, nothing live changed yet), the missing and unexpected keys, and the
@@ -228,15 +218,9 @@ def _prepare(
         store, plugins, manifest, state, strict=strict, not_in_place=refused
     )
     deferred: dict[str, torch.Tensor] = {}
+    plan = None
     if (store.local if in_place is None else in_place) and place is None:
-        deferred = {
-            p: live[p]
-            for p in wanted
-            if p in live and p not in refused and _into_live(manifest.tensors[p], live[p], plugins.codecs)
-        }
-    read = _unaliased(manifest, deferred, {p: live[p] for p in wanted if p in live})
-    deferred = {p: t for p, t in deferred.items() if p in read}
-    plan = ReadPlan.for_paths(manifest, [p for p in deferred if read[p]]) if deferred else None
+        deferred, plan = in_place_targets(manifest, live, wanted, refused, plugins.codecs)
     with ThreadPoolExecutor(1, thread_name_prefix="ckpt-verify") as side:
         # the objects read in place are verified while the others are read
         verified = side.submit(verify_reads, store, plugins.codecs, plan) if plan is not None else None
@@ -256,70 +240,6 @@ def _prepare(
     # so a module's load, copying each onto itself, does nothing (an alias it would copy).
     tensors.update({p: t if t.requires_grad else t.detach() for p, t in deferred.items()})
     return decode_values(manifest, state, keys, tensors, plugins, strict=strict), missing, unexpected, later
-
-
-def _unaliased(
-    manifest: Manifest, deferred: Mapping[str, torch.Tensor], live: Mapping[str, torch.Tensor]
-) -> dict[str, bool]:
-    """Which tensors of ``deferred`` may be decoded into their live memory, and whether each
-    is read for it (``False``: another path of the same memory is).
-
-    Live tensors sharing memory (tied weights, a view and its base) would have it written
-    by concurrent decodes: different stored data mixed (or failed its hash after the live
-    tensors changed), where the loads copy one after the other. Only paths that are exactly
-    one memory and hold the same stored bytes (the same object hashes) are read in place,
-    once; any other overlap is read into fresh memory and loaded as before.
-    """
-    spans = sorted((a, b, p) for p, t in live.items() for a, b in [_span(t)] if b > a)
-    groups: list[list[tuple[int, int, str]]] = []
-    end = -1
-    for a, b, p in spans:
-        if groups and a < end:
-            groups[-1].append((a, b, p))
-            end = max(end, b)
-        else:
-            groups.append([(a, b, p)])
-            end = b
-    out = {p: True for p in deferred}
-    for group in groups:
-        if len(group) < 2:
-            continue
-        paths = [p for _, _, p in group]
-        same = (
-            all(p in deferred for p in paths)
-            and len({(a, b) for a, b, _ in group}) == 1
-            and len({tuple(c.hash for c in manifest.tensors[p].chunks) for p in paths}) == 1
-        )
-        for i, p in enumerate(paths):
-            if not same:
-                out.pop(p, None)
-            elif i:
-                out[p] = False
-    return out
-
-
-def _span(t: torch.Tensor) -> tuple[int, int]:
-    """The addresses ``[start, end)`` of the bytes of CPU tensor ``t`` (``(0, 0)`` for none)."""
-    if t.device.type != "cpu" or t.numel() == 0:
-        return 0, 0
-    start = t.data_ptr()
-    last = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
-    return start, start + (last + 1) * t.element_size()
-
-
-def _into_live(entry: TensorEntry, live: torch.Tensor, codecs: CodecRegistry) -> bool:
-    """Whether ``entry`` is stored unpacked and unsharded in objects reading verifies (see
-    :func:`ckpt.io.reader.stored_digest`) and this reader has the codecs of (an object of a
-    newer ckpt, or of a plugin not installed here, is refused by the read into fresh memory,
-    before anything live changes), and ``live`` can take it in place."""
-    return (
-        bool(entry.chunks)
-        and not entry.shards
-        and all(not c.packed and stored_digest(c) is not None for c in entry.chunks)
-        and all(step.get("name") in codecs for c in entry.chunks for step in c.codec)
-        and writable_in_place(live)
-        and live.nbytes == entry.nbytes
-    )
 
 
 def fit_live(

@@ -1,0 +1,116 @@
+"""Which live tensors a restore decodes straight into (see :func:`ckpt.state.restore.prepare_restore`).
+
+A tensor qualifies when its objects are verified by reading their stored bytes (raw, or
+encoded with a recorded ``stored_hash`` and no parent; :func:`ckpt.io.reader.stored_digest`)
+with codecs this reader has, and its live tensor is contiguous CPU memory of the stored
+size that no other live tensor overlaps (exact aliases holding the same stored bytes are
+read once). Everything else is read into fresh memory and loaded by the adapters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from ckpt.codecs.base import CodecRegistry
+from ckpt.io.plan import ReadPlan
+from ckpt.io.reader import stored_digest, writable_in_place
+from ckpt.storage.manifest import Manifest, TensorEntry
+from ckpt.storage.store import Store
+
+
+@dataclass
+class InPlace:
+    """Objects verified by :func:`prepare_restore` that :func:`apply_restore` reads straight
+    into the live tensors (see ``in_place``)."""
+
+    store: Store
+    plan: ReadPlan
+    live: dict[str, torch.Tensor]
+
+
+def in_place_targets(
+    manifest: Manifest,
+    live: Mapping[str, torch.Tensor],
+    wanted: list[str],
+    refused: set[str],
+    codecs: CodecRegistry,
+) -> tuple[dict[str, torch.Tensor], ReadPlan | None]:
+    """The live tensors of ``wanted`` decoded into in place (not those of ``refused``), and the
+    plan that reads them (None when there are none; an exact alias of another is filled by
+    the other's read)."""
+    deferred = {
+        p: live[p]
+        for p in wanted
+        if p in live and p not in refused and _into_live(manifest.tensors[p], live[p], codecs)
+    }
+    read = _unaliased(manifest, deferred, {p: live[p] for p in wanted if p in live})
+    deferred = {p: t for p, t in deferred.items() if p in read}
+    plan = ReadPlan.for_paths(manifest, [p for p in deferred if read[p]]) if deferred else None
+    return deferred, plan
+
+
+def _unaliased(
+    manifest: Manifest, deferred: Mapping[str, torch.Tensor], live: Mapping[str, torch.Tensor]
+) -> dict[str, bool]:
+    """Which tensors of ``deferred`` may be decoded into their live memory, and whether each
+    is read for it (``False``: another path of the same memory is).
+
+    Live tensors sharing memory (tied weights, a view and its base) would have it written
+    by concurrent decodes: different stored data mixed (or failed its hash after the live
+    tensors changed), where the loads copy one after the other. Only paths that are exactly
+    one memory and hold the same stored bytes (the same object hashes) are read in place,
+    once; any other overlap is read into fresh memory and loaded as before.
+    """
+    spans = sorted((a, b, p) for p, t in live.items() for a, b in [_span(t)] if b > a)
+    groups: list[list[tuple[int, int, str]]] = []
+    end = -1
+    for a, b, p in spans:
+        if groups and a < end:
+            groups[-1].append((a, b, p))
+            end = max(end, b)
+        else:
+            groups.append([(a, b, p)])
+            end = b
+    out = {p: True for p in deferred}
+    for group in groups:
+        if len(group) < 2:
+            continue
+        paths = [p for _, _, p in group]
+        same = (
+            all(p in deferred for p in paths)
+            and len({(a, b) for a, b, _ in group}) == 1
+            and len({tuple(c.hash for c in manifest.tensors[p].chunks) for p in paths}) == 1
+        )
+        for i, p in enumerate(paths):
+            if not same:
+                out.pop(p, None)
+            elif i:
+                out[p] = False
+    return out
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The addresses ``[start, end)`` of the bytes of CPU tensor ``t`` (``(0, 0)`` for none)."""
+    if t.device.type != "cpu" or t.numel() == 0:
+        return 0, 0
+    start = t.data_ptr()
+    last = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+    return start, start + (last + 1) * t.element_size()
+
+
+def _into_live(entry: TensorEntry, live: torch.Tensor, codecs: CodecRegistry) -> bool:
+    """Whether ``entry`` is stored unpacked and unsharded in objects reading verifies (see
+    :func:`ckpt.io.reader.stored_digest`) and this reader has the codecs of (an object of a
+    newer ckpt, or of a plugin not installed here, is refused by the read into fresh memory,
+    before anything live changes), and ``live`` can take it in place."""
+    return (
+        bool(entry.chunks)
+        and not entry.shards
+        and all(not c.packed and stored_digest(c) is not None for c in entry.chunks)
+        and all(step.get("name") in codecs for c in entry.chunks for step in c.codec)
+        and writable_in_place(live)
+        and live.nbytes == entry.nbytes
+    )
