@@ -29,7 +29,7 @@ from ckpt.snapshot.executor import io_pool
 from ckpt.state import tree as treemod
 from ckpt.state.capture import capture
 from ckpt.state.placement import DEFAULT_LOCATION, placer
-from ckpt.state.restore import as_mapping, restore_latest, restore_manifest
+from ckpt.state.restore import as_mapping, gc_paused, restore_latest, restore_manifest
 from ckpt.storage.commit import commit, latest_for_save, load_manifest, new_manifest, next_seq, process_run_id
 from ckpt.storage.manifest import Manifest, check_step
 from ckpt.storage.store import Store
@@ -260,9 +260,10 @@ def restore(
             f"restore needs a mutable mapping (plain values in it are replaced), got {type(live).__name__}"
         )
     target = live
-    if step is not None:
-        return restore_manifest(store, plugins, load_manifest(store, step), target, strict=strict, place=place)
-    return restore_latest(store, plugins, target, strict=strict, place=place)[0]
+    with gc_paused():
+        if step is not None:
+            return restore_manifest(store, plugins, load_manifest(store, step), target, strict=strict, place=place)
+        return restore_latest(store, plugins, target, strict=strict, place=place)[0]
 
 
 def load(

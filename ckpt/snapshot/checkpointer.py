@@ -32,7 +32,7 @@ from ckpt.snapshot.preemption import PREEMPT_SIGNALS, Preemption
 from ckpt.snapshot.saving import SaveHandle, Saving
 from ckpt.snapshot.staging import HostPool, Snapshot
 from ckpt.state.dataloader import track_all
-from ckpt.state.restore import apply_restore, prepare_restore
+from ckpt.state.restore import apply_restore, gc_paused, prepare_restore
 from ckpt.storage.commit import load_manifest, new_run_id
 from ckpt.storage.manifest import Manifest
 from ckpt.storage.store import Store
@@ -271,22 +271,23 @@ class Checkpointer(Saving):
             state = self._state
             if state is None:
                 raise CheckpointError("Checkpointer.restore() needs a state")
-        if self.tiers is not None:  # the newest intact checkpoint of either tier
-            live = state
-            info, manifest, _tier = self.tiers.restore(
-                lambda store, m: restore_manifest(store, self._plugins, m, live),
-                step,
-                # a tier on local disk is read straight into the live tensors (verified before and after)
-                prepare_fn=lambda store, m: prepare_restore(store, self._plugins, m, live),
-                apply_fn=functools.partial(apply_restore, hooks=False),
-                # once, for the checkpoint the live objects end up holding
-                after_fn=lambda info: self._plugins.after_restore(info=info, state=live),
-            )
-        elif step is None:
-            info, manifest = restore_latest(self.store, self._plugins, state)
-        else:
-            manifest = load_manifest(self.store, step)
-            info = restore_manifest(self.store, self._plugins, manifest, state)
+        with gc_paused():
+            if self.tiers is not None:  # the newest intact checkpoint of either tier
+                live = state
+                info, manifest, _tier = self.tiers.restore(
+                    lambda store, m: restore_manifest(store, self._plugins, m, live),
+                    step,
+                    # a tier on local disk is read straight into the live tensors (verified before and after)
+                    prepare_fn=lambda store, m: prepare_restore(store, self._plugins, m, live),
+                    apply_fn=functools.partial(apply_restore, hooks=False),
+                    # once, for the checkpoint the live objects end up holding
+                    after_fn=lambda info: self._plugins.after_restore(info=info, state=live),
+                )
+            elif step is None:
+                info, manifest = restore_latest(self.store, self._plugins, state)
+            else:
+                manifest = load_manifest(self.store, step)
+                info = restore_manifest(self.store, self._plugins, manifest, state)
         self._parent, self._parent_loaded = manifest, True
         self._restored_step = manifest.step
         self._take_lease(manifest.step)

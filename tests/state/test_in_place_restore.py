@@ -235,3 +235,32 @@ def test_a_backward_pending_over_restored_tensors_sees_them_changed(saved):
     assert any(s["exp_avg"].data_ptr() == moment.data_ptr() for s in fresh["optim"].state.values())
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         pending.backward()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_cyclic_gc_is_paused_while_restoring_and_left_as_it_was(saved, monkeypatch, enabled):
+    import gc
+
+    url, _ = saved
+    seen: list[bool] = []
+    real = restore_mod.read_tensors
+
+    def spy(*a, **kw):
+        seen.append(gc.isenabled())
+        return real(*a, **kw)
+
+    monkeypatch.setattr(restore_mod, "read_tensors", spy)
+    (gc.enable if enabled else gc.disable)()
+    try:
+        assert ckpt.restore(url, _state(seed=3)).step == 1
+        with ckpt.Checkpointer(url) as ck:
+            assert ck.restore(_state(seed=4)).step == 1
+        assert gc.isenabled() is enabled
+        with restore_mod.gc_paused():  # nested: the outer pause ends it
+            with restore_mod.gc_paused():
+                pass
+            assert not gc.isenabled()
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable()
+    assert seen and not any(seen)
