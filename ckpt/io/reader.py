@@ -14,7 +14,6 @@ import torch
 
 from ckpt.codecs.base import CodecRegistry, decode_chain, max_encoded_size
 from ckpt.codecs.crypto import ObjectDecodeContext
-from ckpt.codecs.delta import NAME as XOR_DELTA
 from ckpt.errors import CheckpointError, CorruptCheckpointError
 from ckpt.io.hashing import hash_bytes
 from ckpt.io.memory import copy_into, payload_buffer, prefault
@@ -292,13 +291,14 @@ def stored_digest(ref: ChunkRef) -> str | None:
 
     A raw object's bytes are its content. An encoded one needs its recorded ``stored_hash``
     and no delta in its chain: a delta decodes through its parent objects, which reading
-    this object alone does not check (ckpt's ``xor``, or any codec step citing a ``parent``,
-    as a plugin's delta does). Its decode (decompression, decryption) is then a function of
-    bytes already verified, checked again against the content hash after it.
+    this object alone does not check (every codec step citing a ``parent``: ckpt's ``xor``,
+    whose records must cite one, or a plugin's delta). Its decode (decompression,
+    decryption) is then a function of bytes already verified, checked again against the
+    content hash after it.
     """
     if not ref.codec:
         return ref.hash if ref.stored == ref.size else None
-    if ref.stored_hash and not any(step.get("name") == XOR_DELTA or "parent" in step for step in ref.codec):
+    if ref.stored_hash and not any("parent" in step for step in ref.codec):
         return ref.stored_hash
     return None
 

@@ -5,8 +5,9 @@ dtypes against the manifest, the rest by each adapter's optional ``check``), bef
 first live object changes. Only then do the adapters load, so a damaged checkpoint or one
 that does not fit leaves the live objects exactly as they were. An object is verified by
 decoding it into fresh host memory, or, on local disk, by hashing its stored bytes and
-decoding it afterwards straight into its live tensor (see :func:`prepare_restore`). Restoring "the latest" may instead fall back to the
-newest intact checkpoint, which is then restored completely.
+decoding it afterwards straight into its live tensor (see :func:`prepare_restore`).
+Restoring "the latest" may instead fall back to the newest intact checkpoint, which is
+then restored completely.
 """
 
 from __future__ import annotations

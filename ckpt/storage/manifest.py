@@ -88,7 +88,7 @@ import bisect
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -212,14 +212,7 @@ class ChunkRef:
         """The record of the whole stored object (itself when not packed)."""
         if self.of < 0:
             return self
-        return ChunkRef(
-            hash=self.hash,
-            key=self.key,
-            size=self.of,
-            stored=self.stored,
-            codec=self.codec,
-            stored_hash=self.stored_hash,
-        )
+        return replace(self, size=self.of, at=-1, of=-1)
 
     def to_json(self) -> dict[str, Any]:
         rec = {"hash": self.hash, "key": self.key, "size": self.size, "stored": self.stored, "codec": list(self.codec)}
