@@ -1,7 +1,7 @@
 """Which live tensors a restore decodes straight into (see :func:`ckpt.state.restore.prepare_restore`).
 
 A tensor qualifies when its objects are verified by reading their stored bytes (raw, or
-encoded with a recorded ``stored_hash`` and no parent; :func:`ckpt.io.reader.stored_digest`)
+encoded with a recorded ``stored_hash``; a delta with its parents'; :func:`ckpt.io.reader.stored_digests`)
 with codecs this reader has, and its live tensor is contiguous CPU memory of the stored
 size that no other live tensor overlaps (exact aliases holding the same stored bytes are
 read once). Everything else is read into fresh memory and loaded by the adapters.
@@ -16,7 +16,7 @@ import torch
 
 from ckpt.codecs.base import CodecRegistry
 from ckpt.io.plan import ReadPlan
-from ckpt.io.reader import stored_digest, writable_in_place
+from ckpt.io.reader import stored_digests, writable_in_place
 from ckpt.storage.manifest import Manifest, TensorEntry
 from ckpt.storage.store import Store
 
@@ -103,14 +103,14 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
 
 def _into_live(entry: TensorEntry, live: torch.Tensor, codecs: CodecRegistry) -> bool:
     """Whether ``entry`` is stored unpacked and unsharded in objects reading verifies (see
-    :func:`ckpt.io.reader.stored_digest`) and this reader has the codecs of (an object of a
+    :func:`ckpt.io.reader.stored_digests`) and this reader has the codecs of, parents' too (an object of a
     newer ckpt, or of a plugin not installed here, is refused by the read into fresh memory,
     before anything live changes), and ``live`` can take it in place."""
-    return (
-        bool(entry.chunks)
-        and not entry.shards
-        and all(not c.packed and stored_digest(c) is not None for c in entry.chunks)
-        and all(step.get("name") in codecs for c in entry.chunks for step in c.codec)
-        and writable_in_place(live)
-        and live.nbytes == entry.nbytes
+    if not entry.chunks or entry.shards or any(c.packed for c in entry.chunks):
+        return False
+    if not writable_in_place(live) or live.nbytes != entry.nbytes:
+        return False
+    links = [stored_digests(c) for c in entry.chunks]
+    return all(
+        objs is not None and all(step.get("name") in codecs for obj, _ in objs for step in obj.codec) for objs in links
     )

@@ -140,7 +140,7 @@ def prepare_restore(
     ``in_place`` (default: when ``store`` is on local disk, where a second read of an object
     costs a copy from the page cache, not a transfer): tensors whose objects reading alone
     verifies (raw ones, and encoded ones whose manifest records the hash of their stored
-    bytes; see :func:`ckpt.io.reader.stored_digest`) and whose live tensor is contiguous CPU
+    bytes, a delta's parents too; see :func:`ckpt.io.reader.stored_digests`) and whose live tensor is contiguous CPU
     memory are verified here by streaming their objects through a small buffer, and decoded
     by :func:`apply_restore` straight into the live tensors, where they are verified once
     more. No fresh memory the size of the state is needed, nor a copy of it into the live
@@ -166,7 +166,9 @@ def apply_restore(prepared: Prepared, *, hooks: bool = True) -> CheckpointInfo:
         ip = prepared.in_place
         try:
             # just read by the verifying pass, so in the page cache: decoding is CPU work
-            read_tensors(ip.store, plugins.codecs, ip.plan, destinations=ip.live, workers=cpu_threads())
+            read_tensors(
+                ip.store, plugins.codecs, ip.plan, destinations=ip.live, workers=cpu_threads(), cache_parents=False
+            )
         except CheckpointError as exc:
             damage = (
                 "it changed after it was verified"

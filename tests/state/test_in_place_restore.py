@@ -189,8 +189,10 @@ def test_a_malformed_stored_hash_is_a_schema_error(saved, value):
         ckpt.read_manifest(url, 1)
 
 
-def test_delta_objects_are_decoded_into_fresh_memory(tmp_path, reads):
-    """A delta decodes through its parent objects, which hashing its own bytes does not check."""
+@pytest.fixture
+def deltas(tmp_path):
+    """A store whose step 2 holds deltas of the model's weights against step 1's objects:
+    (url, state at step 2, {path: the parent records its delta chunks cite})."""
     url = str(tmp_path / "store")
     state = _state()
     with ckpt.Checkpointer(url) as ck:
@@ -200,13 +202,89 @@ def test_delta_objects_are_decoded_into_fresh_memory(tmp_path, reads):
                 p.view(-1)[::97] += 1e-3  # a few elements change: deltas pay
         ck.save(state, step=2).wait()
     m = load_manifest(Store(url), 2)
-    deltas = {p for p, e in m.tensors.items() for c in e.chunks if any(s["name"] == "xor" for s in c.codec)}
-    assert deltas, "the second save wrote no delta"
+    parents = {
+        p: [s["parent"] for c in e.chunks for s in c.codec if s["name"] == "xor"]
+        for p, e in m.tensors.items()
+        if not e.chunks[0].packed
+    }
+    parents = {p: recs for p, recs in parents.items() if recs}
+    assert parents, "the second save wrote no delta"
+    return url, state, parents
+
+
+def test_delta_objects_are_decoded_into_the_live_tensors(deltas, reads):
+    """A delta's parent objects are verified by their stored bytes too: the delta is decoded
+    straight into the live tensor, its parent into a reused buffer (not fresh memory)."""
+    url, state, parents = deltas
     want = _weights(state)
     fresh = _state(seed=3)
+    ptrs = {n: p.data_ptr() for n, p in fresh["model"].named_parameters()}
     assert ckpt.restore(url, fresh).step == 2
     assert _same(_weights(fresh), want)
-    assert not deltas & {p for _, dest in reads for p in dest}
+    assert set(parents) <= {p for _, dest in reads for p in dest}
+    assert {n: p.data_ptr() for n, p in fresh["model"].named_parameters()} == ptrs
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing", "truncated"])
+def test_a_damaged_parent_of_a_delta_changes_nothing_live(deltas, damage):
+    url, _, parents = deltas
+    store = Store(url)
+    key = next(iter(parents.values()))[0]["key"]
+    if damage == "corrupt":
+        corrupt_object(store, key)
+    elif damage == "missing":
+        store.fs.rm(store.object_path(key))
+    else:
+        with open(store.object_path(key), "r+b") as f:
+            f.truncate(f.seek(0, 2) - 1)
+    fresh = _state(seed=3)
+    before = _weights(fresh)
+    error = ckpt.MissingObjectError if damage == "missing" else ckpt.CorruptCheckpointError
+    with pytest.raises(error, match=key) as err:
+        ckpt.restore(url, fresh, step=2)
+    assert "partly overwritten" not in str(err.value)
+    assert _same(_weights(fresh), before)
+
+
+def test_a_delta_whose_parent_records_no_stored_hash_restores_through_fresh_memory(deltas, reads):
+    """An older writer's parent records carry no stored hash: those deltas are decoded and
+    verified into fresh memory before anything live changes, as before."""
+    url, state, parents = deltas
+
+    def strip(chunk: dict) -> None:
+        for step in chunk.get("codec", []):
+            if step["name"] == "xor":
+                step["parent"].pop("stored_hash", None)
+
+    _edit_manifest(url, 2, strip)
+    want = _weights(state)
+    fresh = _state(seed=3)
+    assert ckpt.restore(url, fresh, step=2).step == 2
+    assert _same(_weights(fresh), want)
+    assert not set(parents) & {p for _, dest in reads for p in dest}
+
+
+def test_a_reader_caching_no_parents_lends_each_delta_its_parent(deltas):
+    """``cache_bytes=0`` (the in-place decode): the parent is read into a reused buffer for
+    its delta alone, never through the parent cache; the result is the same."""
+    from ckpt.hooks.manager import get_plugins
+    from ckpt.io.reader import Reader
+
+    url, state, parents = deltas
+    store = Store(url)
+    m = load_manifest(store, 2)
+    path = next(iter(parents))
+    want = _weights(state)[path.removeprefix("model/")]
+    for cache in (0, 64 << 20):
+        reader = Reader(store, get_plugins().codecs, cache_bytes=cache)
+        out = torch.empty_like(want)
+        view = out.view(-1).view(torch.uint8).numpy().data
+        at = 0
+        for c in m.tensors[path].chunks:
+            reader.read_chunk(c, view[at : at + c.size], what=path)
+            at += c.size
+        assert torch.equal(out, want)
+        assert reader.parent_decodes == (0 if cache == 0 else len(parents[path]))
 
 
 def test_a_remote_store_is_read_once_into_fresh_memory(reads):
