@@ -317,19 +317,22 @@ def read_tensors(
 def verify_reads(store: Store, codecs: CodecRegistry, plan: ReadPlan) -> None:
     """Read and verify every chunk of ``plan`` into reused buffers, keeping nothing: the first
     pass of an in-place restore (:func:`ckpt.state.restore.prepare_restore`)."""
-    seen: set[tuple[str, str]] = set()  # objects whose stored bytes hashed right (a delta's base once)
+    # objects whose stored bytes hashed right (a delta's base once), by what was checked: a
+    # record of the same object naming another stored size is checked on its own
+    seen: set[tuple[str, str, int]] = set()
     lock = threading.Lock()
     with io_pool("ckpt-verify") as pool:
         reader = Reader(store, codecs)
 
         def matches(obj: ChunkRef, digest: str, what: str) -> bool:
+            checked = (obj.key, digest, obj.stored)
             with lock:
-                if (obj.key, digest) in seen:
+                if checked in seen:
                     return True
             if store.hash_object(obj.key, obj.stored, what=what) != (digest, obj.stored):
                 return False
             with lock:
-                seen.add((obj.key, digest))
+                seen.add(checked)
             return True
 
         def job(r: ChunkRead) -> None:

@@ -1,0 +1,56 @@
+"""Deltas decoded straight into the live tensors (see test_in_place_restore.py) against
+hostile manifests: whatever a delta's parent records say, damage is refused before
+anything live changes, or the restore is exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import ckpt
+from ckpt.storage.store import Store
+
+
+@pytest.fixture(autouse=True)
+def _chunks(monkeypatch):
+    monkeypatch.setenv("CKPT_CHUNK_BYTES", str(512 * 1024))
+
+
+def _shared_parent(url: str) -> dict[str, torch.Tensor]:
+    """A store whose step 2 holds two deltas citing one parent object (two tensors equal at
+    step 1, changed differently at step 2); returns the state at step 2."""
+    torch.manual_seed(0)
+    w = torch.randn(1 << 17) * 0.02
+    state = {"a": w.clone(), "b": w.clone()}
+    with ckpt.Checkpointer(url) as ck:
+        ck.save(state, step=1).wait()
+        state["a"][::97] += 1e-3
+        state["b"][::89] += 1e-3
+        ck.save(state, step=2).wait()
+    return state
+
+
+def _parents(doc: dict) -> dict[str, dict]:
+    return {p: e["chunks"][0]["codec"][0]["parent"] for p, e in doc["tensors"].items()}
+
+
+def test_a_shared_parent_whose_second_record_lies_about_its_stored_size_changes_nothing_live(tmp_path, monkeypatch):
+    """The first pass hashes a parent cited by two deltas once: a second record of it naming
+    another stored size was passed unchecked, and failed only while decoding into the live
+    tensors, after the first delta had overwritten its own."""
+    monkeypatch.setenv("CKPT_THREADS", "1")  # the deltas verified in plan order: "a" first
+    url = str(tmp_path / "store")
+    _shared_parent(url)
+    store = Store(url)
+    doc = json.loads(store.read_manifest(2))
+    parents = _parents(doc)
+    assert parents["a"]["key"] == parents["b"]["key"] and parents["a"]["stored"] > 0
+    parents["b"]["stored"] += 7
+    store.write(store.manifest_path(2), json.dumps(doc).encode())
+    live = {"a": torch.zeros(1 << 17), "b": torch.zeros(1 << 17)}
+    with pytest.raises(ckpt.CorruptCheckpointError, match=parents["b"]["key"]) as err:
+        ckpt.restore(url, live, step=2)
+    assert "partly overwritten" not in str(err.value)
+    assert not live["a"].any() and not live["b"].any()
