@@ -322,7 +322,10 @@ def verify_reads(store: Store, codecs: CodecRegistry, plan: ReadPlan) -> None:
     seen: set[tuple[str, str, int]] = set()
     lock = threading.Lock()
     with io_pool("ckpt-verify") as pool:
-        reader = Reader(store, codecs)
+        # decodes as the second pass will (cache_bytes=0, see read_tensors' cache_parents): a
+        # parent decoded for one delta must not vouch for another delta's record of it (its
+        # stored size, its codec chain), which the second pass reads by that record
+        reader = Reader(store, codecs, cache_bytes=0)
 
         def matches(obj: ChunkRef, digest: str, what: str) -> bool:
             checked = (obj.key, digest, obj.stored)

@@ -54,3 +54,32 @@ def test_a_shared_parent_whose_second_record_lies_about_its_stored_size_changes_
         ckpt.restore(url, live, step=2)
     assert "partly overwritten" not in str(err.value)
     assert not live["a"].any() and not live["b"].any()
+
+
+@pytest.mark.parametrize("lie", ["stored", "codec"])
+def test_a_parent_verified_by_decoding_for_one_delta_does_not_vouch_for_anothers_record_of_it(
+    tmp_path, monkeypatch, lie
+):
+    """The first pass decodes a delta whose parent's stored bytes are not as recorded (an
+    encrypted object sealed again, here a stale stored hash): its verifying reader kept that
+    parent, and served it to a second delta whose record of it says another stored size or
+    codec chain, which the decode into the live tensors then refused, after the first delta
+    had overwritten its tensor."""
+    monkeypatch.setenv("CKPT_THREADS", "1")  # the deltas verified in plan order: "a" first
+    url = str(tmp_path / "store")
+    _shared_parent(url)
+    store = Store(url)
+    doc = json.loads(store.read_manifest(2))
+    parents = _parents(doc)
+    parents["a"]["stored_hash"] = "0" * 32  # "a" is verified by decoding it (and its parent)
+    if lie == "stored":
+        parents["b"]["stored"] += 7
+    else:
+        # (its stored hash not the bytes' either: a record the first pass must decode)
+        parents["b"].update(codec=[{"name": "bgzstd", "itemsize": 2}], stored_hash="1" * 32)
+    store.write(store.manifest_path(2), json.dumps(doc).encode())
+    live = {"a": torch.zeros(1 << 17), "b": torch.zeros(1 << 17)}
+    with pytest.raises(ckpt.CorruptCheckpointError, match=parents["b"]["key"]) as err:
+        ckpt.restore(url, live, step=2)
+    assert "partly overwritten" not in str(err.value)
+    assert not live["a"].any() and not live["b"].any()
