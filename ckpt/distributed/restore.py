@@ -13,7 +13,11 @@ world size saved them; replicated and plain tensors are read whole on every rank
 
 All or nothing across ranks: every rank reads, verifies and checks everything first; only
 when every rank reports success does any rank load into its live objects. A failure on any
-rank raises CheckpointError on every rank and changes nothing live.
+rank raises CheckpointError on every rank and changes nothing live. From local disk, whole
+tensors are verified by their stored bytes and decoded straight into the live tensors
+afterwards, as in a single process (:mod:`ckpt.state.in_place`); a failure of that second
+pass on any rank (an object rewritten in between) raises on every rank, saying the live
+tensors may be partly overwritten.
 """
 
 from __future__ import annotations
@@ -26,12 +30,12 @@ import torch.distributed as dist
 
 from ckpt.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
 from ckpt.hooks.manager import get_plugins
-from ckpt.io.plan import ReadPlan
-from ckpt.io.reader import Reader, read_tensors
+from ckpt.io.reader import Reader
 from ckpt.security.envelope import open_store
 from ckpt.security.keys import Encryption
 from ckpt.state import tree as treemod
 from ckpt.state.capture import load_into
+from ckpt.state.in_place import InPlace, decode_in_place, read_verified
 from ckpt.state.placement import DEFAULT_LOCATION, Placer, placer
 from ckpt.state.restore import as_mapping, decode_values, fit_live
 from ckpt.storage.commit import load_manifest
@@ -119,7 +123,9 @@ def restore(
         try:
             manifest = load_manifest(store, candidate)
             view = rank_view(manifest, rank)
-            values, missing, unexpected = _prepare(store, plugins, view, live, strict=strict, place=place)
+            values, missing, unexpected, later = _prepare(
+                store, plugins, view, live, strict=strict, place=place, in_place=store.local
+            )
             prepared = True
         except CorruptCheckpointError as exc:
             err, prepared = exc, _Damaged(rank, exc)
@@ -159,7 +165,15 @@ def restore(
         candidate = olders[0]
     if skipped:
         log.warning("restored step %d of %s after skipping %s", manifest.step, url, "; ".join(skipped))
-    # every rank has read, verified and checked everything: load
+    # every rank has read, verified and checked everything: decode in place, then load
+    done: Any = True
+    err = None
+    if later is not None:
+        try:
+            decode_in_place(later, plugins.codecs)
+        except Exception as exc:  # noqa: BLE001 - reported to every rank
+            err, done = exc, _Failed(rank, exc)
+    check_parts(gather_all(group, done, what), err, what)  # a late failure raises on every rank
     for key, value in values.items():
         live[key] = load_into(live[key], value, treemod.escape(key), plugins, strict=strict)
     info = CheckpointInfo.from_manifest(manifest, store.url)
@@ -177,15 +191,26 @@ def _prepare(
     *,
     strict: bool,
     place: Placer | None,
-) -> tuple[dict[str, Any], list[str], list[str]]:
-    """As :func:`ckpt.state.restore._prepare`, reading only this rank's box of each live DTensor."""
-    keys, live, wanted, missing, unexpected = fit_live(store, plugins, manifest, state, strict=strict)
+    in_place: bool = False,
+) -> tuple[dict[str, Any], list[str], list[str], InPlace | None]:
+    """As :func:`ckpt.state.restore._prepare`, reading only this rank's box of each live
+    DTensor. With ``in_place`` (a store on local disk), whole tensors are only verified, as
+    in a single process: the caller decodes the returned :class:`InPlace` into the live
+    tensors once every rank has verified its reads."""
+    refused: set[str] = set()
+    keys, live, wanted, missing, unexpected = fit_live(
+        store, plugins, manifest, state, strict=strict, not_in_place=refused
+    )
     boxed = [p for p in wanted if is_dtensor(live.get(p))]
     whole = [p for p in wanted if p not in set(boxed)]
-    tensors = read_tensors(store, plugins.codecs, ReadPlan.for_paths(manifest, whole))
+    tensors, later = read_verified(
+        store, plugins.codecs, manifest, live, whole, refused, in_place=in_place and place is None
+    )
     if place is not None:
         tensors = {p: place(t, manifest.devices.get(p, DEFAULT_LOCATION)) for p, t in tensors.items()}
+    if later is not None:
+        tensors.update(later.values())
     reader = Reader(store, plugins.codecs)
     for p in boxed:
         tensors[p] = read_into_dtensor(store, plugins.codecs, manifest, p, live[p], reader=reader)
-    return decode_values(manifest, state, keys, tensors, plugins, strict=strict), missing, unexpected
+    return decode_values(manifest, state, keys, tensors, plugins, strict=strict), missing, unexpected, later

@@ -259,5 +259,5 @@ def _attempt(
     manifest = load_manifest(durable, c.step)
     if (save_of(manifest) or None) != c.save:
         raise CorruptCheckpointError(f"step {c.step} of {durable.url} changed meanwhile")
-    values, _, _ = _prepare(durable, plugins, rank_view(manifest, rank), live, strict=True, place=None)
+    values, _, _, _ = _prepare(durable, plugins, rank_view(manifest, rank), live, strict=True, place=None)
     return values, "durable", manifest, why

@@ -17,23 +17,18 @@ import gc
 import logging
 import threading
 from collections.abc import Iterator, Mapping, MutableMapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.autograd.graph import increment_version
 
 from ckpt.distributed.sharding import rank_view
 from ckpt.errors import CheckpointError, CorruptCheckpointError, StateMismatchError
 from ckpt.hooks.manager import Plugins
-from ckpt.io.plan import ReadPlan
-from ckpt.io.reader import read_tensors, verify_reads
-from ckpt.snapshot.executor import cpu_threads
 from ckpt.state import tree as treemod
 from ckpt.state.capture import as_numpy, capture, check_into, live_tensors, load_into, qualified_name
 from ckpt.state.dataloader import track_all
-from ckpt.state.in_place import InPlace, in_place_targets
+from ckpt.state.in_place import InPlace, decode_in_place, read_verified
 from ckpt.state.placement import DEFAULT_LOCATION, Placer
 from ckpt.storage.commit import load_manifest
 from ckpt.storage.lineage import read_lineage
@@ -163,27 +158,7 @@ def apply_restore(prepared: Prepared, *, hooks: bool = True) -> CheckpointInfo:
     checkpoint the live objects end up holding)."""
     state, plugins, strict = prepared.state, prepared.plugins, prepared.strict
     if prepared.in_place is not None:  # verified already: now into the live tensors, verified again
-        ip = prepared.in_place
-        try:
-            # just read by the verifying pass, so in the page cache: decoding is CPU work
-            read_tensors(
-                ip.store, plugins.codecs, ip.plan, destinations=ip.live, workers=cpu_threads(), cache_parents=False
-            )
-        except CheckpointError as exc:
-            damage = (
-                "it changed after it was verified"
-                if isinstance(exc, CorruptCheckpointError)
-                else "it failed after the checkpoint was verified"
-            )
-            raise type(exc)(
-                f"{exc} ({damage}: the live tensors of step {prepared.manifest.step} "
-                "may be partly overwritten; restore another checkpoint)"
-            ) from None
-        finally:
-            # written through NumPy, which autograd does not see: a backward still pending
-            # over these tensors must find them changed
-            for tensor in ip.live.values():
-                increment_version(tensor)
+        decode_in_place(prepared.in_place, plugins.codecs)
     # Everything is read, verified and checked: from here on only loads that fit.
     for key, value in prepared.values.items():
         state[key] = load_into(state[key], value, treemod.escape(key), plugins, strict=strict)
@@ -253,28 +228,12 @@ def _prepare(
     keys, live, wanted, missing, unexpected = fit_live(
         store, plugins, manifest, state, strict=strict, not_in_place=refused
     )
-    deferred: dict[str, torch.Tensor] = {}
-    plan = None
-    if (store.local if in_place is None else in_place) and place is None:
-        deferred, plan = in_place_targets(manifest, live, wanted, refused, plugins.codecs)
-    with ThreadPoolExecutor(1, thread_name_prefix="ckpt-verify") as side:
-        # the objects read in place are verified while the others are read
-        verified = side.submit(verify_reads, store, plugins.codecs, plan) if plan is not None else None
-        # Into fresh host memory, not the live tensors: a chunk failing verification must not
-        # leave a module half-overwritten.
-        tensors = read_tensors(
-            store, plugins.codecs, ReadPlan.for_paths(manifest, [p for p in wanted if p not in deferred])
-        )
-        if verified is not None:
-            verified.result()
+    in_place = (store.local if in_place is None else in_place) and place is None
+    tensors, later = read_verified(store, plugins.codecs, manifest, live, wanted, refused, in_place=in_place)
     if place is not None:
         tensors = {p: place(t, manifest.devices.get(p, DEFAULT_LOCATION)) for p, t in tensors.items()}
-    later = InPlace(store, plan, deferred) if plan is not None else None
-    # the live tensors' memory, filled by apply_restore. Decoding a value may set requires_grad
-    # on it (a stored tensor that needs grad), which must not change a live tensor: those that
-    # do not require grad already are given as aliases. Those that do are given themselves,
-    # so a module's load, copying each onto itself, does nothing (an alias it would copy).
-    tensors.update({p: t if t.requires_grad else t.detach() for p, t in deferred.items()})
+    if later is not None:
+        tensors.update(later.values())
     return decode_values(manifest, state, keys, tensors, plugins, strict=strict), missing, unexpected, later
 
 

@@ -43,6 +43,16 @@ def test_ddp_shared_state_once_and_per_rank_values(suite):
         assert got["rank"]["value"] == r and torch.equal(got["rank"]["t"], torch.full((3,), float(r)))
 
 
+def test_whole_tensors_are_decoded_into_the_live_tensors_and_a_late_failure_raises_everywhere(suite):
+    """The worker checks the values, the reads into live memory and the same memory; a
+    failure of the second pass on rank 1 raises on both ranks."""
+    _, results = suite
+    late = [line for _, text in results for line in text.splitlines() if line.startswith("LATE")]
+    assert len(late) == 2, late
+    assert "LATE 1 CorruptCheckpointError" in late[1] and "rewritten" in late[1]
+    assert late[0].startswith("LATE 0") and "rank 1" in late[0]
+
+
 def test_failing_rank_raises_everywhere_and_writes_no_manifest(suite):
     where, results = suite
     assert all("RAISED" in text for _, text in results)

@@ -14,6 +14,7 @@ import torch
 import xxhash
 
 import ckpt
+import ckpt.state.in_place as in_place_mod
 import ckpt.state.restore as restore_mod
 from ckpt.storage.commit import load_manifest
 from ckpt.storage.store import Store
@@ -50,13 +51,13 @@ def _encoded(url: str, step: int) -> dict[str, list]:
 def reads(monkeypatch):
     """(paths, destinations) of every read_tensors call of a restore."""
     calls: list[tuple[list[str], list[str]]] = []
-    real = restore_mod.read_tensors
+    real = in_place_mod.read_tensors
 
     def spy(store, codecs, plan, **kw):
         calls.append((sorted(plan.paths), sorted(kw.get("destinations") or {})))
         return real(store, codecs, plan, **kw)
 
-    monkeypatch.setattr(restore_mod, "read_tensors", spy)
+    monkeypatch.setattr(in_place_mod, "read_tensors", spy)
     return calls
 
 
@@ -321,13 +322,13 @@ def test_the_cyclic_gc_is_paused_while_restoring_and_left_as_it_was(saved, monke
 
     url, _ = saved
     seen: list[bool] = []
-    real = restore_mod.read_tensors
+    real = in_place_mod.read_tensors
 
     def spy(*a, **kw):
         seen.append(gc.isenabled())
         return real(*a, **kw)
 
-    monkeypatch.setattr(restore_mod, "read_tensors", spy)
+    monkeypatch.setattr(in_place_mod, "read_tensors", spy)
     (gc.enable if enabled else gc.disable)()
     try:
         assert ckpt.restore(url, _state(seed=3)).step == 1

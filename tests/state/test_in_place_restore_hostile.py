@@ -17,7 +17,7 @@ import torch
 import xxhash
 
 import ckpt
-import ckpt.state.restore as restore_mod
+import ckpt.state.in_place as in_place_mod
 from ckpt.hooks.manager import get_plugins
 from ckpt.io.hashing import hash_bytes
 from ckpt.storage.commit import load_manifest
@@ -49,14 +49,14 @@ def _chunks(monkeypatch):
 def in_place(monkeypatch):
     """The paths of every read_tensors call of a restore that fills live tensors."""
     paths: list[str] = []
-    real = restore_mod.read_tensors
+    real = in_place_mod.read_tensors
 
     def spy(store, codecs, plan, **kw):
         if kw.get("destinations"):
             paths.extend(plan.paths)
         return real(store, codecs, plan, **kw)
 
-    monkeypatch.setattr(restore_mod, "read_tensors", spy)
+    monkeypatch.setattr(in_place_mod, "read_tensors", spy)
     return paths
 
 

@@ -117,7 +117,7 @@ def test_a_damaged_raw_local_object_falls_back_to_the_durable_tier(tmp_path, dam
 def test_restore_from_the_raw_local_tier_reads_into_the_live_tensors(tmp_path, monkeypatch):
     """The live tensors themselves take the local tier's raw objects (no fresh copy of the
     state), verified before anything changes and again after."""
-    import ckpt.state.restore as restore_mod
+    import ckpt.state.in_place as in_place_mod
 
     durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
     state = _big_state()
@@ -129,13 +129,13 @@ def test_restore_from_the_raw_local_tier_reads_into_the_live_tensors(tmp_path, m
     _step(fresh, 9)  # optimizer state exists: it is written in place too
     params = {n: p.data_ptr() for n, p in fresh["model"].named_parameters()}
     calls = []
-    read = restore_mod.read_tensors
+    read = in_place_mod.read_tensors
 
     def spy(store, codecs, plan, **kw):
         calls.append((sorted(plan.paths), sorted(kw.get("destinations") or {})))
         return read(store, codecs, plan, **kw)
 
-    monkeypatch.setattr(restore_mod, "read_tensors", spy)
+    monkeypatch.setattr(in_place_mod, "read_tensors", spy)
     with ckpt.Checkpointer(durable, local=local) as ck:
         assert ck.restore(fresh).step == 1
     assert same(weights(fresh), want)
