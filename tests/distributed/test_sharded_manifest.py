@@ -98,6 +98,39 @@ def test_read_region_any_box_of_any_grid(tmp_path_factory, rows, cols, data):
     assert (out[0] == -1).all() and (out[:, 0] == -1).all()
 
 
+def test_a_box_that_is_a_stored_piece_is_decoded_straight_into_a_contiguous_destination(tmp_path, monkeypatch):
+    """A shard's own box (FSDP at the saved layout), a whole plain tensor (DDP, through
+    ckpt.dcp) or whole tensor of row shards, into contiguous memory: no buffer of its own,
+    no copy; a piece cut by the box, or a strided destination, goes through one, with the
+    same result."""
+    import ckpt.io.region as region
+
+    url = str(tmp_path / "s")
+    full = torch.randn(8, 6, dtype=torch.float32)
+    m = save_sharded(url, full, list(_boxes((8, 6), [[4], []])), chunk_bytes=40)
+    real, buffers = region.payload_buffer, []
+
+    def counted(n, **kw):
+        buffers.append(n)
+        return real(n, **kw)
+
+    monkeypatch.setattr(region, "payload_buffer", counted)
+    codecs = get_plugins().codecs
+    out = torch.full((4, 6), -1.0)
+    assert read_region(Store(url), codecs, m, "w", (4, 0), (4, 6), out=out) is out
+    assert torch.equal(out, full[4:]) and buffers == []
+    strided = torch.full((6, 4), -1.0).t()  # the same box into a transposed (non-contiguous) view
+    read_region(Store(url), codecs, m, "w", (4, 0), (4, 6), out=strided)
+    assert torch.equal(strided, full[4:]) and buffers
+    buffers.clear()
+    whole = torch.empty(8, 6)  # both pieces: each is whole rows of it
+    read_region(Store(url), codecs, m, "w", (0, 0), (8, 6), out=whole)
+    assert torch.equal(whole, full) and buffers == []
+    cols = torch.empty(8, 3)  # part of each piece's rows: through buffers
+    read_region(Store(url), codecs, m, "w", (0, 3), (8, 3), out=cols)
+    assert torch.equal(cols, full[:, 3:]) and buffers
+
+
 def test_region_of_plain_entry_reads_only_overlapping_chunks(tmp_path):
     url = str(tmp_path / "p")
     full = torch.arange(64, dtype=torch.int32).reshape(16, 4)  # 16 bytes a row
