@@ -32,8 +32,23 @@ def _shared_parent(url: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _parents(doc: dict) -> dict[str, dict]:
-    return {p: e["chunks"][0]["codec"][0]["parent"] for p, e in doc["tensors"].items()}
+def _lie(url: str, edit) -> dict[str, dict]:
+    """Step 2's manifest with ``edit(parents)`` applied to its deltas' parent records (by
+    tensor), written back; returns those records as edited."""
+    store = Store(url)
+    doc = json.loads(store.read_manifest(2))
+    parents = {p: e["chunks"][0]["codec"][0]["parent"] for p, e in doc["tensors"].items()}
+    edit(parents)
+    store.write(store.manifest_path(2), json.dumps(doc).encode())
+    return parents
+
+
+def _refused_before_anything_live_changes(url: str, key: str) -> None:
+    live = {"a": torch.zeros(1 << 17), "b": torch.zeros(1 << 17)}
+    with pytest.raises(ckpt.CorruptCheckpointError, match=key) as err:
+        ckpt.restore(url, live, step=2)
+    assert "partly overwritten" not in str(err.value)
+    assert not live["a"].any() and not live["b"].any()
 
 
 def test_a_shared_parent_whose_second_record_lies_about_its_stored_size_changes_nothing_live(tmp_path, monkeypatch):
@@ -43,17 +58,12 @@ def test_a_shared_parent_whose_second_record_lies_about_its_stored_size_changes_
     monkeypatch.setenv("CKPT_THREADS", "1")  # the deltas verified in plan order: "a" first
     url = str(tmp_path / "store")
     _shared_parent(url)
-    store = Store(url)
-    doc = json.loads(store.read_manifest(2))
-    parents = _parents(doc)
-    assert parents["a"]["key"] == parents["b"]["key"] and parents["a"]["stored"] > 0
-    parents["b"]["stored"] += 7
-    store.write(store.manifest_path(2), json.dumps(doc).encode())
-    live = {"a": torch.zeros(1 << 17), "b": torch.zeros(1 << 17)}
-    with pytest.raises(ckpt.CorruptCheckpointError, match=parents["b"]["key"]) as err:
-        ckpt.restore(url, live, step=2)
-    assert "partly overwritten" not in str(err.value)
-    assert not live["a"].any() and not live["b"].any()
+
+    def edit(parents: dict[str, dict]) -> None:
+        assert parents["a"]["key"] == parents["b"]["key"] and parents["a"]["stored"] > 0
+        parents["b"]["stored"] += 7
+
+    _refused_before_anything_live_changes(url, _lie(url, edit)["b"]["key"])
 
 
 @pytest.mark.parametrize("lie", ["stored", "codec"])
@@ -68,18 +78,13 @@ def test_a_parent_verified_by_decoding_for_one_delta_does_not_vouch_for_anothers
     monkeypatch.setenv("CKPT_THREADS", "1")  # the deltas verified in plan order: "a" first
     url = str(tmp_path / "store")
     _shared_parent(url)
-    store = Store(url)
-    doc = json.loads(store.read_manifest(2))
-    parents = _parents(doc)
-    parents["a"]["stored_hash"] = "0" * 32  # "a" is verified by decoding it (and its parent)
-    if lie == "stored":
-        parents["b"]["stored"] += 7
-    else:
-        # (its stored hash not the bytes' either: a record the first pass must decode)
-        parents["b"].update(codec=[{"name": "bgzstd", "itemsize": 2}], stored_hash="1" * 32)
-    store.write(store.manifest_path(2), json.dumps(doc).encode())
-    live = {"a": torch.zeros(1 << 17), "b": torch.zeros(1 << 17)}
-    with pytest.raises(ckpt.CorruptCheckpointError, match=parents["b"]["key"]) as err:
-        ckpt.restore(url, live, step=2)
-    assert "partly overwritten" not in str(err.value)
-    assert not live["a"].any() and not live["b"].any()
+
+    def edit(parents: dict[str, dict]) -> None:
+        parents["a"]["stored_hash"] = "0" * 32  # "a" is verified by decoding it (and its parent)
+        if lie == "stored":
+            parents["b"]["stored"] += 7
+        else:
+            # (its stored hash not the bytes' either: a record the first pass must decode)
+            parents["b"].update(codec=[{"name": "bgzstd", "itemsize": 2}], stored_hash="1" * 32)
+
+    _refused_before_anything_live_changes(url, _lie(url, edit)["b"]["key"])
