@@ -105,7 +105,8 @@ def read_box(
         # A whole piece spanning whole rows of the box (the box itself, or a shard of rows
         # of it) is a contiguous range of a contiguous destination: decoded straight into it.
         whole = inter == (p_off, p_shape) and inter[0][1:] == offsets[1:] and inter[1][1:] == shape[1:]
-        whole = whole and out.is_contiguous()
+        # (not a conjugate or negative view: its memory holds other values than it reads as)
+        whole = whole and out.is_contiguous() and not out.is_conj() and not out.is_neg()
         if whole:
             at = (inter[0][0] - offsets[0]) * (out.nbytes // shape[0]) if shape else 0
             buf = out.detach().reshape(-1).view(torch.uint8).numpy()[at : at + hi - lo]

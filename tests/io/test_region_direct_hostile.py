@@ -1,0 +1,56 @@
+"""read_box decoding a stored piece straight into a contiguous destination (``out``): the
+destination must end up as the buffered path leaves it, and autograd must see the write."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckpt.distributed.sharding import read_region
+from ckpt.hooks.manager import get_plugins
+from ckpt.storage.store import Store
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "distributed"))
+from test_sharded_manifest import _boxes, save_sharded
+
+
+def _rows(tmp_path, full):
+    url = str(tmp_path / "s")
+    return url, save_sharded(url, full, list(_boxes(tuple(full.shape), [[4], []])), chunk_bytes=40)
+
+
+@pytest.mark.parametrize("bit", ["conj", "neg"])
+def test_a_conjugate_or_negative_view_destination_gets_the_values(tmp_path, bit):
+    """A contiguous view with a conjugate or negative bit (``t.conj()``, ``torch._neg_view``)
+    reads like its values: the box is written so that it reads as stored, as a copy_ does."""
+    dtype = torch.complex64 if bit == "conj" else torch.float32
+    full = torch.randn(8, 6, dtype=dtype)
+    url, m = _rows(tmp_path, full)
+    base = torch.zeros(4, 6, dtype=dtype)
+    out = base.conj() if bit == "conj" else torch._neg_view(base)
+    assert out.is_contiguous()
+    assert read_region(Store(url), get_plugins().codecs, m, "w", (4, 0), (4, 6), out=out) is out
+    assert torch.equal(out, full[4:])
+
+
+def test_dcp_load_into_conjugate_and_negative_views(tmp_path):
+    """ckpt.dcp reads into the live tensors: a conjugate or negative view among them (the
+    planner's target) ends up holding the stored values, as DCP's own reader leaves it."""
+    import torch.distributed.checkpoint as dcp
+
+    import ckpt.dcp
+
+    url = f"file://{tmp_path}/s"
+    src = {"z": torch.randn(4, 6, dtype=torch.complex64), "f": torch.randn(4, 6)}
+    z, f = torch.zeros(4, 6, dtype=torch.complex64), torch.zeros(4, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(src, storage_writer=ckpt.dcp.StorageWriter(url, step=1))
+        dst = {"z": z.conj(), "f": torch._neg_view(f)}
+        dcp.load(dst, storage_reader=ckpt.dcp.StorageReader(url))
+    for k in src:
+        assert torch.equal(dst[k], src[k]), k
