@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_done
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch.autograd.graph import increment_version
 
 from ckpt.errors import CheckpointError, CorruptCheckpointError
 from ckpt.io.memory import payload_buffer
@@ -93,39 +95,48 @@ def read_box(
     want: Box = (offsets, shape)
     copies: list[tuple[torch.Tensor, tuple[slice, ...], Box, tuple[int, ...], int]] = []
     jobs = []
-    for p_off, p_shape, chunks in pieces(entry):
-        inter = intersect(want, (p_off, p_shape)) if all(n > 0 for n in shape) else None
-        if inter is None:
-            continue
-        strides = _strides(p_shape)
-        rel = [o - po for o, po in zip(inter[0], p_off)]
-        first = sum(r * s for r, s in zip(rel, strides))
-        last = sum((r + n - 1) * s for r, n, s in zip(rel, inter[1], strides))
-        lo, hi = first * itemsize, (last + 1) * itemsize
-        # A whole piece spanning whole rows of the box (the box itself, or a shard of rows
-        # of it) is a contiguous range of a contiguous destination: decoded straight into it.
-        whole = inter == (p_off, p_shape) and inter[0][1:] == offsets[1:] and inter[1][1:] == shape[1:]
-        # (not a conjugate or negative view: its memory holds other values than it reads as)
-        whole = whole and out.is_contiguous() and not out.is_conj() and not out.is_neg()
-        if whole:
-            at = (inter[0][0] - offsets[0]) * (out.nbytes // shape[0]) if shape else 0
-            buf = out.detach().reshape(-1).view(torch.uint8).numpy()[at : at + hi - lo]
-        else:
-            buf = payload_buffer(hi - lo, what=f"tensor {path!r}, a piece of box {list(offsets)}+{list(shape)}")
-        start = 0
-        for ref in chunks:
-            a, b = start, start + ref.size
-            start = b
-            if b <= lo or a >= hi:
+    direct = False  # some piece decoded straight into out
+    try:
+        for p_off, p_shape, chunks in pieces(entry):
+            inter = intersect(want, (p_off, p_shape)) if all(n > 0 for n in shape) else None
+            if inter is None:
                 continue
-            jobs.append(pool.submit(_fill, reader, ref, a, buf, lo, hi, path))
-        if start != int(np.prod(p_shape, dtype=np.int64)) * itemsize:  # a validated manifest never gets here
-            raise CorruptCheckpointError(f"tensor {path!r}: a piece's chunks do not add up to its box")
-        if whole:
-            continue
-        dest = tuple(slice(o - w, o - w + n) for o, w, n in zip(inter[0], offsets, inter[1]))
-        copies.append((torch.from_numpy(buf), dest, inter, tuple(strides), 0))
-    wait_all(jobs)
+            strides = _strides(p_shape)
+            rel = [o - po for o, po in zip(inter[0], p_off)]
+            first = sum(r * s for r, s in zip(rel, strides))
+            last = sum((r + n - 1) * s for r, n, s in zip(rel, inter[1], strides))
+            lo, hi = first * itemsize, (last + 1) * itemsize
+            # A whole piece spanning whole rows of the box (the box itself, or a shard of rows
+            # of it) is a contiguous range of a contiguous destination: decoded straight into it.
+            whole = inter == (p_off, p_shape) and inter[0][1:] == offsets[1:] and inter[1][1:] == shape[1:]
+            # (not a conjugate or negative view: its memory holds other values than it reads as)
+            whole = whole and out.is_contiguous() and not out.is_conj() and not out.is_neg()
+            if whole:
+                direct = True
+                at = (inter[0][0] - offsets[0]) * (out.nbytes // shape[0]) if shape else 0
+                buf = out.detach().reshape(-1).view(torch.uint8).numpy()[at : at + hi - lo]
+            else:
+                buf = payload_buffer(hi - lo, what=f"tensor {path!r}, a piece of box {list(offsets)}+{list(shape)}")
+            start = 0
+            for ref in chunks:
+                a, b = start, start + ref.size
+                start = b
+                if b <= lo or a >= hi:
+                    continue
+                jobs.append(pool.submit(_fill, reader, ref, a, buf, lo, hi, path))
+            if start != int(np.prod(p_shape, dtype=np.int64)) * itemsize:  # a validated manifest never gets here
+                raise CorruptCheckpointError(f"tensor {path!r}: a piece's chunks do not add up to its box")
+            if whole:
+                continue
+            dest = tuple(slice(o - w, o - w + n) for o, w, n in zip(inter[0], offsets, inter[1]))
+            copies.append((torch.from_numpy(buf), dest, inter, tuple(strides), 0))
+        wait_all(jobs)
+    finally:
+        if direct:
+            # written through NumPy, which autograd does not see (a copy_ would bump it): a
+            # backward still pending over ``out`` must find it changed, even when a read failed
+            wait_done(jobs)  # none still writing into it
+            increment_version(out)
     with torch.no_grad():
         for raw, dest, box, box_strides, _ in copies:
             src = raw.view(dtype).as_strided(box[1], box_strides, 0) if raw.numel() else raw.view(dtype)

@@ -54,3 +54,39 @@ def test_dcp_load_into_conjugate_and_negative_views(tmp_path):
         dcp.load(dst, storage_reader=ckpt.dcp.StorageReader(url))
     for k in src:
         assert torch.equal(dst[k], src[k]), k
+
+
+def test_the_direct_write_is_seen_by_autograd(tmp_path):
+    """A destination saved for a pending backward must count as changed (its version bumped),
+    as a copy_ into it would: else backward silently uses the restored values."""
+    full = torch.randn(8, 6)
+    url, m = _rows(tmp_path, full)
+    out = torch.ones(4, 6)
+    x = torch.ones(4, 6, requires_grad=True)
+    y = (out * x).sum()  # out saved for the backward
+    before = out._version
+    read_region(Store(url), get_plugins().codecs, m, "w", (4, 0), (4, 6), out=out)
+    assert torch.equal(out, full[4:]) and out._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+def test_dcp_load_is_seen_by_autograd(tmp_path):
+    """dcp.load into a parameter a pending backward saved: the backward refuses, as with
+    DCP's own reader (a copy_), instead of silently using the loaded values."""
+    import torch.distributed.checkpoint as dcp
+
+    import ckpt.dcp
+
+    url = f"file://{tmp_path}/s"
+    src = {"w": torch.randn(4, 6)}
+    w = torch.ones(4, 6)
+    x = torch.ones(4, 6, requires_grad=True)
+    y = (w * x).sum()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(src, storage_writer=ckpt.dcp.StorageWriter(url, step=1))
+        dcp.load({"w": w}, storage_reader=ckpt.dcp.StorageReader(url))
+    assert torch.equal(w, src["w"])
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
