@@ -168,6 +168,11 @@ class StorageReader(_DCPReader):
             reads.append((item, path, entry, offsets, target))
         codecs = get_plugins().codecs
         reader = Reader(store, codecs)
+        # Targets sharing memory (tied weights) are read apart and copied one after the other
+        # (the last item's wins, as DCP's own reader leaves them): items read in parallel
+        # straight into one memory would mix, and one's hash would check the other's bytes.
+        shared = _sharing_memory([target for *_, target in reads])
+        late: list[tuple[torch.Tensor, Any]] = []
         with io_pool("ckpt-read") as chunk_pool, io_pool("ckpt-read-items", workers=4) as item_pool:
 
             def one(path: str, entry: TensorEntry, offsets: tuple[int, ...], target: torch.Tensor) -> torch.Tensor:
@@ -180,10 +185,48 @@ class StorageReader(_DCPReader):
                         target.copy_(out)
                 return target
 
-            futures = [item_pool.submit(one, path, entry, offsets, target) for _, path, entry, offsets, target in reads]
+            def apart(path: str, entry: TensorEntry, offsets: tuple[int, ...], target: torch.Tensor) -> torch.Tensor:
+                return read_box(reader, entry, path, offsets, tuple(target.shape), pool=chunk_pool)
+
+            futures = []
+            for i, (_, path, entry, offsets, target) in enumerate(reads):
+                fut = item_pool.submit(apart if i in shared else one, path, entry, offsets, target)
+                if i in shared:
+                    late.append((target, fut))
+                futures.append(fut)
             wait_all(futures)
-        for (item, *_), fut in zip(reads, futures):
-            planner.commit_tensor(item, fut.result())
+        with torch.no_grad():
+            for target, fut in late:
+                target.copy_(fut.result())
+        for item, *_, target in reads:
+            planner.commit_tensor(item, target)
         done: Future[None] = Future()
         done.set_result(None)
         return done
+
+
+def _sharing_memory(targets: list[torch.Tensor]) -> set[int]:
+    """Indices of the CPU ``targets`` whose memory (the span from first to last byte)
+    overlaps another's."""
+    spans = []
+    for i, t in enumerate(targets):
+        if t.device.type != "cpu" or t.numel() == 0:
+            continue
+        start = t.data_ptr()
+        last = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+        spans.append((start, start + (last + 1) * t.element_size(), i))
+    spans.sort()
+    out: set[int] = set()
+    group: list[int] = []
+    end = -1
+    for a, b, i in spans:
+        if group and a < end:
+            group.append(i)
+            end = max(end, b)
+            continue
+        if len(group) > 1:
+            out.update(group)
+        group, end = [i], b
+    if len(group) > 1:
+        out.update(group)
+    return out
