@@ -1,0 +1,28 @@
+"""Hostile checks of the collective restore decoding whole tensors into the live ones (two
+ranks, gloo on the CPU; tests/distributed/in_place_hostile_worker.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from .conftest import assert_ok, run_ranks
+
+WORKER = Path(__file__).with_name("in_place_hostile_worker.py")
+
+
+@pytest.mark.parametrize("scenario", ["damaged_on_one_rank", "sets_differ", "rewritten_between", "map_location"])
+def test_collective_in_place_restore(tmp_path, scenario):
+    """Damage of one rank's own value: an explicit step raises on both ranks with nothing
+    live changed, the latest falls back to the older step on both (no stale second pass);
+    ranks decoding different sets in place; an object rewritten between the passes on rank 0
+    raises on both, saying the live tensors may be partly overwritten; map_location."""
+    results = run_ranks(scenario, 2, tmp_path, worker=WORKER)
+    assert_ok(results)
+    if scenario == "damaged_on_one_rank":
+        assert all(f"RAISED {r} CorruptCheckpointError" in text for r, (_, text) in enumerate(results))
+    if scenario == "rewritten_between":
+        late = [line for _, text in results for line in text.splitlines() if line.startswith("LATE")]
+        assert len(late) == 2 and all("may be partly overwritten" in line for line in late), late
+        assert "rank 0 failed" in late[1]
