@@ -34,6 +34,7 @@ from torch.futures import Future
 from ckpt.errors import CheckpointError, CorruptCheckpointError
 from ckpt.hooks.manager import get_plugins
 from ckpt.interop.dcp_storage import Item, dcp_items, no_tensor, subtree
+from ckpt.io.memory import tensor_span
 from ckpt.io.reader import Reader
 from ckpt.io.region import pieces, read_box
 from ckpt.io.writer import dtype_name
@@ -208,14 +209,7 @@ class StorageReader(_DCPReader):
 def _sharing_memory(targets: list[torch.Tensor]) -> set[int]:
     """Indices of the CPU ``targets`` whose memory (the span from first to last byte)
     overlaps another's."""
-    spans = []
-    for i, t in enumerate(targets):
-        if t.device.type != "cpu" or t.numel() == 0:
-            continue
-        start = t.data_ptr()
-        last = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
-        spans.append((start, start + (last + 1) * t.element_size(), i))
-    spans.sort()
+    spans = sorted((a, b, i) for i, t in enumerate(targets) for a, b in [tensor_span(t)] if b > a)
     out: set[int] = set()
     group: list[int] = []
     end = -1

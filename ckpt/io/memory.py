@@ -15,6 +15,7 @@ import logging
 import mmap
 import sys
 import threading
+from typing import Any
 
 import numpy as np
 
@@ -91,3 +92,13 @@ def payload_buffer(nbytes: int, *, what: str) -> np.ndarray:
         return np.empty(nbytes, dtype=np.uint8)
     except (MemoryError, ValueError) as exc:  # numpy's _ArrayMemoryError; a negative size
         raise CheckpointError(f"{what}: cannot allocate {nbytes} bytes for it ({type(exc).__name__})") from None
+
+
+def tensor_span(t: Any) -> tuple[int, int]:
+    """The addresses ``[start, end)`` of the bytes of CPU tensor ``t`` (``(0, 0)`` for none):
+    from its first element to its last, whatever its strides."""
+    if t.device.type != "cpu" or t.numel() == 0:
+        return 0, 0
+    start = t.data_ptr()
+    last = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+    return start, start + (last + 1) * t.element_size()

@@ -20,6 +20,7 @@ from torch.autograd.graph import increment_version
 
 from ckpt.codecs.base import CodecRegistry
 from ckpt.errors import CheckpointError, CorruptCheckpointError
+from ckpt.io.memory import tensor_span
 from ckpt.io.plan import ReadPlan
 from ckpt.io.reader import read_tensors, stored_digests, verify_reads, writable_in_place
 from ckpt.snapshot.executor import cpu_threads
@@ -135,7 +136,7 @@ def _unaliased(
     one memory and hold the same stored bytes (the same object hashes) are read in place,
     once; any other overlap is read into fresh memory and loaded as before.
     """
-    spans = sorted((a, b, p) for p, t in live.items() for a, b in [_span(t)] if b > a)
+    spans = sorted((a, b, p) for p, t in live.items() for a, b in [tensor_span(t)] if b > a)
     groups: list[list[tuple[int, int, str]]] = []
     end = -1
     for a, b, p in spans:
@@ -161,15 +162,6 @@ def _unaliased(
             elif i:
                 out[p] = False
     return out
-
-
-def _span(t: torch.Tensor) -> tuple[int, int]:
-    """The addresses ``[start, end)`` of the bytes of CPU tensor ``t`` (``(0, 0)`` for none)."""
-    if t.device.type != "cpu" or t.numel() == 0:
-        return 0, 0
-    start = t.data_ptr()
-    last = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
-    return start, start + (last + 1) * t.element_size()
 
 
 def _into_live(entry: TensorEntry, live: torch.Tensor, codecs: CodecRegistry) -> bool:
