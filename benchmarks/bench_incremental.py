@@ -178,9 +178,13 @@ def full_pair(work: str, dtype: torch.dtype, log: Callable[[str], None], warmup:
         manifest = ckpt.read_manifest(urls[label], 2)
         old_keys = {r.key for r in ckpt.read_manifest(urls[label], 1).chunk_refs()}
         parts: dict[str, int] = {}
+        counted: set[str] = set()  # a packed object, shared by several tensors, counted once (first tensor's part)
         for path, entry in manifest.tensors.items():
             part = "weights" if path.startswith("model/") else path.rsplit("/", 1)[-1]
-            parts[part] = parts.get(part, 0) + sum(r.stored for r in entry.chunks if r.key not in old_keys)
+            for r in entry.chunks:
+                if r.key not in old_keys and r.key not in counted:
+                    counted.add(r.key)
+                    parts[part] = parts.get(part, 0) + r.stored
         out[label] = {
             "second_bytes_by_part": parts,
             "raw_bytes": second.raw_bytes,
