@@ -34,7 +34,7 @@ from torch.futures import Future
 from ckpt.errors import CheckpointError, CorruptCheckpointError
 from ckpt.hooks.manager import get_plugins
 from ckpt.interop.dcp_storage import Item, dcp_items, no_tensor, subtree
-from ckpt.io.memory import tensor_span
+from ckpt.io.memory import sharing_memory
 from ckpt.io.reader import Reader
 from ckpt.io.region import pieces, read_box
 from ckpt.io.writer import dtype_name
@@ -172,7 +172,7 @@ class StorageReader(_DCPReader):
         # Targets sharing memory (tied weights) are read apart and copied one after the other
         # (the last item's wins, as DCP's own reader leaves them): items read in parallel
         # straight into one memory would mix, and one's hash would check the other's bytes.
-        shared = _sharing_memory([target for *_, target in reads])
+        shared = {i for group in sharing_memory(enumerate(t for *_, t in reads)) for _, _, i in group}
         late: list[tuple[torch.Tensor, Any]] = []
         with io_pool("ckpt-read") as chunk_pool, io_pool("ckpt-read-items", workers=4) as item_pool:
 
@@ -204,23 +204,3 @@ class StorageReader(_DCPReader):
         done: Future[None] = Future()
         done.set_result(None)
         return done
-
-
-def _sharing_memory(targets: list[torch.Tensor]) -> set[int]:
-    """Indices of the CPU ``targets`` whose memory (the span from first to last byte)
-    overlaps another's."""
-    spans = sorted((a, b, i) for i, t in enumerate(targets) for a, b in [tensor_span(t)] if b > a)
-    out: set[int] = set()
-    group: list[int] = []
-    end = -1
-    for a, b, i in spans:
-        if group and a < end:
-            group.append(i)
-            end = max(end, b)
-            continue
-        if len(group) > 1:
-            out.update(group)
-        group, end = [i], b
-    if len(group) > 1:
-        out.update(group)
-    return out

@@ -15,13 +15,16 @@ import logging
 import mmap
 import sys
 import threading
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, TypeVar
 
 import numpy as np
 
 from ckpt.errors import CheckpointError
 
 log = logging.getLogger("ckpt")
+
+K = TypeVar("K")
 
 _MADV_POPULATE_WRITE = 23  # include/uapi/asm-generic/mman-common.h
 _PAGE = mmap.PAGESIZE
@@ -102,3 +105,19 @@ def tensor_span(t: Any) -> tuple[int, int]:
     start = t.data_ptr()
     last = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
     return start, start + (last + 1) * t.element_size()
+
+
+def sharing_memory(tensors: Iterable[tuple[K, Any]]) -> list[list[tuple[int, int, K]]]:
+    """The groups (two or more) of ``(key, tensor)`` whose memory spans (:func:`tensor_span`)
+    overlap, each member as ``(start, end, key)`` in address order."""
+    spans = sorted(((a, b, k) for k, t in tensors for a, b in [tensor_span(t)] if b > a), key=lambda s: s[:2])
+    groups: list[list[tuple[int, int, K]]] = []
+    end = -1
+    for a, b, k in spans:
+        if groups and a < end:
+            groups[-1].append((a, b, k))
+            end = max(end, b)
+        else:
+            groups.append([(a, b, k)])
+            end = b
+    return [g for g in groups if len(g) > 1]

@@ -7,7 +7,7 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -207,16 +207,25 @@ class _LentParent:
 
 def _xor_base(ref: ChunkRef) -> ChunkRef | None:
     """The full object a delta of ckpt's ``xor`` cites, when ``ref`` is one (else None)."""
-    citing = [step for step in ref.codec if "parent" in step]
-    if len(citing) != 1 or citing[0].get("name") != DELTA or not isinstance(citing[0]["parent"], Mapping):
-        return None
-    try:
-        base = ChunkRef.from_json(citing[0]["parent"])
-    except (KeyError, TypeError, ValueError):
-        return None  # the decode says what is wrong with it
-    if base.packed or any("parent" in step for step in base.codec):
+    base = _xor_parent(ref)
+    if not isinstance(base, ChunkRef) or base.packed or _xor_parent(base) is not None:
         return None
     return base
+
+
+def _xor_parent(ref: ChunkRef) -> ChunkRef | Literal[False] | None:
+    """The record ``ref``'s codec chain cites as the parent of ckpt's ``xor``; None when no
+    step cites a parent; False for anything else (several, a plugin's, a malformed record:
+    the decode says what is wrong with it)."""
+    citing = [step for step in ref.codec if "parent" in step]
+    if not citing:
+        return None
+    if len(citing) > 1 or citing[0].get("name") != DELTA or not isinstance(citing[0]["parent"], Mapping):
+        return False
+    try:
+        return ChunkRef.from_json(citing[0]["parent"])
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def empty_like_entry(entry: TensorEntry, path: str) -> torch.Tensor:
@@ -379,15 +388,12 @@ def stored_digests(ref: ChunkRef) -> list[tuple[ChunkRef, str]] | None:
         if not digest or current.stored < 0:
             return None
         links.append((current, digest))
-        citing = [step for step in current.codec if "parent" in step]
-        if not citing:
+        parent = _xor_parent(current)
+        if parent is None:
             return links
-        if len(citing) > 1 or citing[0].get("name") != DELTA or not isinstance(citing[0]["parent"], Mapping):
-            return None
-        try:
-            current = ChunkRef.from_json(citing[0]["parent"]).object_ref()
-        except (KeyError, TypeError, ValueError):
-            return None  # the decode says what is wrong with it
+        if not isinstance(parent, ChunkRef):
+            return None  # (a plugin's delta, or a malformed record: the decode says what is wrong)
+        current = parent.object_ref()
     return None
 
 

@@ -20,7 +20,7 @@ from torch.autograd.graph import increment_version
 
 from ckpt.codecs.base import CodecRegistry
 from ckpt.errors import CheckpointError, CorruptCheckpointError
-from ckpt.io.memory import tensor_span
+from ckpt.io.memory import sharing_memory
 from ckpt.io.plan import ReadPlan
 from ckpt.io.reader import read_tensors, stored_digests, verify_reads, writable_in_place
 from ckpt.snapshot.executor import cpu_threads
@@ -136,20 +136,8 @@ def _unaliased(
     one memory and hold the same stored bytes (the same object hashes) are read in place,
     once; any other overlap is read into fresh memory and loaded as before.
     """
-    spans = sorted((a, b, p) for p, t in live.items() for a, b in [tensor_span(t)] if b > a)
-    groups: list[list[tuple[int, int, str]]] = []
-    end = -1
-    for a, b, p in spans:
-        if groups and a < end:
-            groups[-1].append((a, b, p))
-            end = max(end, b)
-        else:
-            groups.append([(a, b, p)])
-            end = b
     out = {p: True for p in deferred}
-    for group in groups:
-        if len(group) < 2:
-            continue
+    for group in sharing_memory(live.items()):
         paths = [p for _, _, p in group]
         same = (
             all(p in deferred for p in paths)
