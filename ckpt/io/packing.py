@@ -11,16 +11,19 @@ Top-level subtrees (a module, an optimizer) never share an object, so
 packed before it in the same group (tied weights) cites the same slice instead of being
 packed twice.
 
-A small tensor whose bytes equal its slice of the parent's packed object keeps citing
-that slice (:func:`unchanged_slice`): frozen tensors are never written again, only the
-changed ones are packed. The order is the save's order, so a changed set packs the same
-way at every save. A changed pack whose layout (tensor
-paths, offsets and sizes) is the same as the parent's pack holding its first tensor may
-be stored as a delta of that object.
+Across saves a pack keeps its layout. A small tensor the parent checkpoint packed (same
+dtype and size) goes back to its slot of the parent's object (:class:`_Repack`): when
+every member is unchanged they all keep citing the parent's object and nothing is
+written; when some changed, the whole object is written again with the same layout, so
+that it can be stored as a delta of the parent's (:mod:`ckpt.codecs.delta`), where the
+unchanged members cost nothing. Without deltas (a raw tier, ``max_chain=1``) an unchanged
+small tensor keeps citing its parent slice (:func:`unchanged_slice`) and only the changed
+ones are packed anew.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -60,6 +63,31 @@ class _Pack:
     seen: dict[str, _Member] = field(default_factory=dict)
 
 
+@dataclass
+class _Repack:
+    """A parent's packed object being filled again, slot by slot, by this save's tensors."""
+
+    parent: ChunkRef  # the parent's whole-object record
+    layout: Layout
+    dtype: str
+    itemsize: int
+    #: each arriving member's bytes in its slot (zeros where none arrives)
+    buf: bytearray
+    waiting: set[str]
+    members: list[_Member] = field(default_factory=list)
+    #: offset -> the content hash written there by this save (twins share a slot)
+    filled: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _ParentPack:
+    layout: Layout
+    obj: ChunkRef  # the object's record
+    dtype: str
+    #: path -> the parent's own record of that tensor (its slice)
+    slices: Mapping[str, ChunkRef]
+
+
 def unchanged_slice(
     parent: Manifest, known: Mapping[str, ChunkRef], reader: Reader, path: str, view: memoryview, dtype: str
 ) -> ChunkRef | None:
@@ -84,25 +112,36 @@ def unchanged_slice(
     return ref if raw[ref.at : ref.at + ref.size] == view else None
 
 
-def parent_layouts(parent: Manifest | None) -> dict[str, tuple[Layout, ChunkRef]]:
-    """For each packed tensor of ``parent``: its object's layout and the object's record."""
+def parent_packs(parent: Manifest | None, capacity: int) -> dict[str, _ParentPack]:
+    """For each packed tensor of ``parent``: its object's layout and record.
+
+    Left out (their tensors are packed anew): objects over ``capacity`` bytes (a pack this
+    save would not write; the buffer filled again is that large), objects whose slots
+    overlap without being equal (not something ckpt writes): filling one slot again would
+    change another member's bytes, and objects whose members cover less than half of them
+    (the buffer filled again would be mostly gaps: memory a hostile manifest could make
+    any save spend, one buffer per small tensor).
+    """
     if parent is None:
         return {}
-    by_object: dict[tuple[str, str, int], list[tuple[str, int, int]]] = {}
-    first: dict[tuple[str, str, int], tuple[str, ChunkRef]] = {}
+    by_object: dict[tuple[str, str, int], dict[str, ChunkRef]] = {}
+    dtypes: dict[tuple[str, str, int], set[str]] = {}
     for path, entry in parent.tensors.items():
         if len(entry.chunks) != 1 or not entry.chunks[0].packed:
             continue
         ref = entry.chunks[0]
         ident = (ref.key, ref.hash, ref.of)
-        by_object.setdefault(ident, []).append((path, ref.at, ref.size))
-        first.setdefault(ident, (entry.dtype, ref))
-    out: dict[str, tuple[Layout, ChunkRef]] = {}
-    for ident, members in by_object.items():
-        layout = _layout(members)
-        obj = first[ident][1].object_ref()
-        for path, _at, _size in members:
-            out[path] = (layout, obj)
+        by_object.setdefault(ident, {})[path] = ref
+        dtypes.setdefault(ident, set()).add(entry.dtype)
+    out: dict[str, _ParentPack] = {}
+    for ident, slices in by_object.items():
+        layout = _layout((path, ref.at, ref.size) for path, ref in slices.items())
+        covered = _covered(layout, ident[2])
+        if ident[2] > capacity or len(dtypes[ident]) != 1 or covered is None or 2 * covered < ident[2]:
+            continue
+        found = _ParentPack(layout, next(iter(slices.values())).object_ref(), next(iter(dtypes[ident])), slices)
+        for path in slices:
+            out[path] = found
     return out
 
 
@@ -111,8 +150,28 @@ def _layout(members: Iterable[tuple[str, int, int]]) -> Layout:
     return tuple(sorted(members, key=lambda m: (m[1], m[0])))
 
 
+def _covered(layout: Layout, of: int) -> int | None:
+    """The bytes the slots of ``layout`` (in offset order) cover; None unless they are equal
+    or apart, never partly overlapping, and all within ``of`` bytes."""
+    end = covered = 0
+    prev: tuple[int, int] | None = None
+    for _path, at, size in layout:
+        if (at, size) == prev:
+            continue
+        if at < end:
+            return None
+        prev, end = (at, size), at + size
+        covered += size
+    return covered if end <= of else None
+
+
 class Packer:
-    """Collects small tensors into packs and writes each full pack with ``write`` on ``pool``."""
+    """Collects small tensors into packs and writes each full pack with ``write`` on ``pool``.
+
+    With ``parent`` (a save that may store deltas), a tensor the parent packed goes back to
+    its slot of the parent's object, and the object is written with that object as its
+    delta parent (``write`` cites an unchanged one: its hash is known).
+    """
 
     def __init__(
         self,
@@ -128,8 +187,9 @@ class Packer:
         self.capacity = capacity
         self._open: dict[tuple[str, str], _Pack] = {}
         self._lock = threading.Lock()
-        self._parents = parent_layouts(parent)
-        self._parent_dtypes = {p: e.dtype for p, e in parent.tensors.items()} if parent is not None else {}
+        self._parents = parent_packs(parent, capacity)
+        #: parent object key -> its repack (None once written)
+        self._repacks: dict[str, _Repack | None] = {}
         #: packs written (objects or dedup hits)
         self.packs = 0
         self._added: set[str] = set()
@@ -138,16 +198,24 @@ class Packer:
         """Whether tensor ``path`` was copied into a pack (its own memory is no longer needed)."""
         return path in self._added
 
+    def repacks(self, path: str, dtype: str, size: int) -> bool:
+        """Whether ``path`` goes back to its slot of a parent's packed object."""
+        found = self._parents.get(path)
+        return found is not None and found.dtype == dtype and found.slices[path].size == size
+
     def add(
         self, path: str, data: memoryview, dtype: str, itemsize: int, shape: tuple[int, ...]
     ) -> Future[TensorEntry]:
-        """Copy ``data`` into the open pack of ``dtype``; the future gives the tensor's entry."""
+        """Copy ``data`` into its pack; the future gives the tensor's entry."""
         fut: Future[TensorEntry] = Future()
+        digest = hash_bytes(data)
+        if self.repacks(path, dtype, len(data)) and self._refill(path, data, digest, itemsize, shape, fut):
+            self._added.add(path)
+            return fut
         self._added.add(path)
         size = len(data)
         # a subtree's tensors (``model/...``) pack apart from other subtrees'; bare top-level tensors together
         group = (path.split("/", 1)[0] if "/" in path else "", dtype)
-        digest = hash_bytes(data)
         with self._lock:
             pack = self._open.get(group)
             twin = pack.seen.get(digest) if pack is not None else None
@@ -166,43 +234,90 @@ class Packer:
             pack.used += size
         return fut
 
+    def _refill(
+        self,
+        path: str,
+        data: memoryview,
+        digest: str,
+        itemsize: int,
+        shape: tuple[int, ...],
+        fut: Future[TensorEntry],
+    ) -> bool:
+        """Put ``data`` back in its slot of the parent's object; False: pack it anew."""
+        found = self._parents[path]
+        key = found.obj.key
+        at = found.slices[path].at
+        size = len(data)
+        with self._lock:
+            if key not in self._repacks:
+                waiting = {p for p, _at, _size in found.layout}
+                self._repacks[key] = _Repack(
+                    found.obj, found.layout, found.dtype, itemsize, bytearray(found.obj.size), waiting
+                )
+            rp = self._repacks[key]
+            if rp is None or path not in rp.waiting:
+                return False
+            if rp.filled.setdefault(at, digest) != digest:
+                return False  # a twin in the parent, not any more: this one is packed apart
+            rp.waiting.discard(path)
+            rp.buf[at : at + size] = data
+            rp.members.append(_Member(path, at, size, shape, fut))
+            done = not rp.waiting
+            if done:
+                self._repacks[key] = None
+        if done:
+            self._submit(lambda: self._write_repack(rp), rp.members)
+        return True
+
     def flush(self) -> None:
         """Write every open pack (the end of a save)."""
         with self._lock:
             packs = list(self._open.values())
             self._open.clear()
+            repacks = [rp for rp in self._repacks.values() if rp is not None and rp.members]
+            self._repacks.clear()
+        for rp in repacks:
+            self._submit(functools.partial(self._write_repack, rp), rp.members)
         for pack in packs:
             self._seal(pack)
 
+    def _write_repack(self, rp: _Repack) -> None:
+        first = min(rp.members, key=lambda m: (m.at, m.path)).path
+        self._finish(
+            rp.members,
+            rp.dtype,
+            len(rp.buf),
+            lambda: self.write(first, memoryview(rp.buf), rp.dtype, rp.itemsize, rp.parent, rp.layout),
+        )
+
     def _seal(self, pack: _Pack) -> None:
+        self._submit(lambda: self._write_pack(pack), pack.members)
+
+    def _submit(self, job: Callable[[], None], members: list[_Member]) -> None:
         try:
-            self.pool.submit(self._write_pack, pack)
+            self.pool.submit(job)
         except BaseException as exc:  # a pool shut down: the members' futures must not hang
-            for m in pack.members:
+            for m in members:
                 m.future.set_exception(exc)
             raise
 
     def _write_pack(self, pack: _Pack) -> None:
+        data = memoryview(pack.buf)[: pack.used]
+        first = pack.members[0].path
+        self._finish(
+            pack.members, pack.dtype, pack.used, lambda: self.write(first, data, pack.dtype, pack.itemsize, None, ())
+        )
+
+    def _finish(self, members: list[_Member], dtype: str, of: int, write: Callable[[], ChunkRef]) -> None:
+        """Write one object and give each member its slice of it."""
         try:
-            data = memoryview(pack.buf)[: pack.used]
-            layout = _layout((m.path, m.at, m.size) for m in pack.members)
-            parent = self._delta_parent(pack, layout)
-            ref = self.write(pack.members[0].path, data, pack.dtype, pack.itemsize, parent, layout)
+            ref = write()
             self.packs += 1
         except BaseException as exc:  # noqa: BLE001 - forwarded to every member tensor
-            for m in pack.members:
+            for m in members:
                 m.future.set_exception(exc)
             return
         obj = ref.object_ref()
-        for m in pack.members:
-            chunk = replace(obj, size=m.size, at=m.at, of=pack.used)
-            m.future.set_result(TensorEntry(dtype=pack.dtype, shape=m.shape, nbytes=m.size, chunks=(chunk,)))
-
-    def _delta_parent(self, pack: _Pack, layout: Layout) -> ChunkRef | None:
-        """The parent's object of the same layout and dtype, if there is one."""
-        found = self._parents.get(pack.members[0].path)
-        if found is None or found[0] != layout or self._parent_dtypes.get(layout[0][0]) != pack.dtype:
-            return None
-        if found[1].size != pack.used:
-            return None
-        return found[1]
+        for m in members:
+            chunk = replace(obj, size=m.size, at=m.at, of=of)
+            m.future.set_result(TensorEntry(dtype=dtype, shape=m.shape, nbytes=m.size, chunks=(chunk,)))

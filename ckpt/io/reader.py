@@ -18,7 +18,7 @@ from ckpt.codecs.delta import NAME as DELTA
 from ckpt.errors import CheckpointError, CorruptCheckpointError
 from ckpt.io.hashing import hash_bytes
 from ckpt.io.memory import copy_into, payload_buffer, prefault
-from ckpt.io.plan import ChunkRead, ReadPlan
+from ckpt.io.plan import ChunkRead, ReadPlan, object_identity
 from ckpt.io.region import read_box
 from ckpt.snapshot.executor import io_pool, io_threads, wait_all
 from ckpt.state.tree import dtype_from_name
@@ -39,7 +39,7 @@ class Reader:
         self.codecs = codecs
         self.codec_context = store.codec_context
         self.cache_bytes = cache_bytes
-        self._cache: OrderedDict[tuple[str, str, int], np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str, int, int, str], np.ndarray] = OrderedDict()
         self._cached = 0
         self._cache_lock = threading.Lock()
         #: parent objects decoded by :meth:`raw_chunk` (cache misses)
@@ -65,9 +65,11 @@ class Reader:
     def _object_bytes(self, chunk: ChunkRef, *, what: str) -> tuple[memoryview, bool]:
         """:meth:`object_bytes`, and whether it was decoded (not found in the cache)."""
         chunk = chunk.object_ref()
-        # keyed by what the record promises, not by the key alone: two records naming one
-        # object with different hashes or sizes must not share a verified copy
-        cache_key = (chunk.key, chunk.hash, chunk.size)
+        # keyed by everything the record promises, not by the key alone: two records naming
+        # one object with different hashes, sizes, stored sizes or codec chains must not
+        # share a verified copy (a parent decoded by one delta's record of it would vouch
+        # for another delta's damaged record, which a reader without the cache refuses)
+        cache_key = object_identity(chunk)
         with self._cache_lock:
             hit = self._cache.get(cache_key)
             if hit is not None:

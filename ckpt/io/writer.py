@@ -204,7 +204,7 @@ class Writer:
         itemsize = keep.element_size()
         if 0 < len(view) < self.pack_bytes:
             self.stats.add(raw_bytes=len(view))
-            same = self._unchanged_slice(path, view, dtype)
+            same = None if self.packer.repacks(path, dtype, len(view)) else self._unchanged_slice(path, view, dtype)
             if same is not None:
                 # unchanged since the parent: cite its slice of the parent's packed object
                 self.stats.add(reused_bytes=len(view))

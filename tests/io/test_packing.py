@@ -15,6 +15,7 @@ import torch
 import ckpt
 from ckpt.errors import NewerSchemaError, SchemaError
 from ckpt.hooks.manager import get_plugins
+from ckpt.io.packing import parent_packs
 from ckpt.io.verify import verify_manifest
 from ckpt.storage.manifest import SCHEMA_VERSION, Manifest
 from ckpt.storage.store import Store
@@ -76,13 +77,19 @@ def test_unchanged_small_tensors_dedup_across_steps(tmp_path, small_packs):
     info = ckpt.save(url, state, step=2)
     assert set(stored_objects(Store(url))) == before
     assert info.write_stats.objects_written == 0
-    # one small tensor changes: it alone is packed and written; the others keep citing
-    # their slices of step 1's object
+    # one small tensor changes: its pack is written again with step 1's layout, as a delta
+    # of step 1's object, where the unchanged members cost nothing; the other packs
+    # (int64, bfloat16) are unchanged and still cited
     state["b07"][3] += 1.0
     info = ckpt.save(url, state, step=3)
-    assert info.write_stats.objects_written == 1 and info.write_stats.written_bytes < 200
+    stats = info.write_stats
+    assert stats.objects_written == 1 and stats.delta_objects == 1 and stats.written_bytes < 200
     m1, m3 = ckpt.read_manifest(url, 1), ckpt.read_manifest(url, 3)
-    assert m3.tensors["b06"] == m1.tensors["b06"] and m3.tensors["b07"].chunks[0].key not in before
+    r1, r3 = m1.tensors["b06"].chunks[0], m3.tensors["b06"].chunks[0]
+    assert (r3.at, r3.size, r3.of) == (r1.at, r1.size, r1.of) and r3.key not in before
+    assert r3.codec[0]["name"] == "xor" and r3.codec[0]["parent"]["key"] == r1.key
+    assert m3.tensors["ints"] == m1.tensors["ints"] and m3.tensors["half"] == m1.tensors["half"]
+    assert_same_state(ckpt.load(url, step=3), state)
     # the same tensors change again: a pack of the same layout as the parent's, stored as a delta
     for i in range(40):
         state[f"b{i:02d}"] += 1e-3
@@ -97,14 +104,138 @@ def test_unchanged_small_tensors_dedup_across_steps(tmp_path, small_packs):
     assert_same_state(ckpt.load(url, step=1)["b07"], _state()["b07"])
 
 
-def test_layout_change_writes_a_full_pack(tmp_path, small_packs):
+def _sound(url: str, step: int, expected: dict) -> None:
+    assert_same_state(ckpt.load(url, step=step), expected)
+    assert verify_manifest(Store(url), get_plugins().codecs, ckpt.read_manifest(url, step)) == []
+
+
+def test_twins_that_split_are_stored_apart(tmp_path, small_packs):
+    # two equal tensors share one slot; later one of them changes: the first to arrive takes
+    # the slot of the parent's object, the other is packed apart, and both read back right
+    url = f"file://{tmp_path}/s"
+    state = _state()
+    state["b01"] = state["b00"].clone()
+    ckpt.save(url, state, step=1)
+    m1 = ckpt.read_manifest(url, 1)
+    assert m1.tensors["b00"].chunks[0] == m1.tensors["b01"].chunks[0]
+    state["b00"] += 1.0
+    info = ckpt.save(url, state, step=2)
+    assert info.write_stats.objects_written == 2 and info.write_stats.delta_objects == 1
+    m2 = ckpt.read_manifest(url, 2)
+    assert m2.tensors["b00"].chunks[0].key != m2.tensors["b01"].chunks[0].key
+    _sound(url, 2, clone_state(state))
+    state["b01"] += 2.0  # the twin packed apart: still read right the save after
+    ckpt.save(url, state, step=3)
+    _sound(url, 3, clone_state(state))
+    _sound(url, 1, {**_state(), "b01": _state()["b00"]})
+
+
+def test_a_removed_member_leaves_a_zero_gap_and_later_saves_stay_deltas(tmp_path, small_packs):
     url = f"file://{tmp_path}/s"
     state = _state()
     ckpt.save(url, state, step=1)
-    state["extra"] = torch.ones(9)  # a new small tensor: the float32 pack's layout differs
-    state["b00"] += 1
+    of = ckpt.read_manifest(url, 1).tensors["b05"].chunks[0].of
+    del state["b05"]
+    state["b06"] += 1.0
+    info = ckpt.save(url, state, step=2)
+    assert info.write_stats.objects_written == 1 and info.write_stats.delta_objects == 1
+    m2 = ckpt.read_manifest(url, 2)
+    assert "b05" not in m2.tensors and m2.tensors["b06"].chunks[0].of == of
+    _sound(url, 2, clone_state(state))
+    state["b07"] += 1.0  # the object with a gap is still filled again, as a delta
+    info = ckpt.save(url, state, step=3)
+    assert info.write_stats.objects_written == 1 and info.write_stats.delta_objects == 1
+    assert ckpt.read_manifest(url, 3).tensors["b07"].chunks[0].of == of
+    _sound(url, 3, clone_state(state))
+
+
+def test_a_chain_of_repacks_reads_back_every_step(tmp_path, small_packs, monkeypatch):
+    monkeypatch.setenv("CKPT_DELTA_MAX_CHAIN", "4")
+    url = f"file://{tmp_path}/s"
+    state = _state()
+    saved = {}
+    for step in range(1, 12):
+        if step > 1:
+            state[f"b{step:02d}"] += float(step)
+        info = ckpt.save(url, state, step=step)
+        saved[step] = clone_state(state)
+        if step > 1:
+            # one object a save: a delta until the chain would pass max_chain, then in full
+            assert info.write_stats.objects_written == 1
+            assert info.write_stats.delta_objects == (0 if (step - 1) % 4 == 0 else 1), step
+    for step, expected in saved.items():
+        _sound(url, step, expected)
+
+
+@pytest.mark.parametrize("damage", ["overlap", "sparse"])
+def test_a_hostile_parent_layout_is_packed_anew(tmp_path, small_packs, damage):
+    # the parent's manifest puts two slots partly over each other, or gives a pack an object
+    # mostly of gaps: the next save packs those tensors anew (nothing filled again, no
+    # buffer of the hostile size) and what it saves reads back right
+    url = f"file://{tmp_path}/s"
+    state = _state()
+    ckpt.save(url, state, step=1)
+    assert "b06" in parent_packs(ckpt.read_manifest(url, 1), 128 * 1024)
+    path = tmp_path / "s" / "manifests" / "1.json"
+    doc = json.loads(path.read_bytes())
+    recs = [e["chunks"][0] for e in doc["tensors"].values() if e["chunks"] and "at" in e["chunks"][0]]
+    if damage == "overlap":
+        doc["tensors"]["b06"]["chunks"][0]["at"] = doc["tensors"]["b05"]["chunks"][0]["at"] + 4
+    else:
+        for rec in recs:
+            if rec["key"] == doc["tensors"]["b06"]["chunks"][0]["key"]:
+                rec["of"] = 64 * 1024  # at the cap the validator allows: mostly gaps
+    path.write_text(json.dumps(doc))
+    assert "b06" not in parent_packs(ckpt.read_manifest(url, 1), 128 * 1024)
+    state["b07"] += 1.0
     info = ckpt.save(url, state, step=2)
     assert info.write_stats.delta_objects == 0
+    refs = ckpt.read_manifest(url, 2).tensors
+    assert refs["b07"].chunks[0].key != doc["tensors"]["b07"]["chunks"][0]["key"]
+    _sound(url, 2, clone_state(state))
+
+
+@pytest.mark.parametrize("field", ["stored", "codec"])
+def test_a_damaged_parent_record_of_one_packed_member_is_refused_by_verify_and_load(tmp_path, small_packs, field):
+    # Every member of a packed delta carries its own copy of the parent's record. The copy
+    # of one member is damaged: verify must refuse it as load does, even though the other
+    # members' intact copies decode the same parent object first (no cached parent may
+    # vouch for a record that promises something else).
+    url = f"file://{tmp_path}/s"
+    state = _state()
+    ckpt.save(url, state, step=1)
+    state["b07"][3] += 1.0
+    ckpt.save(url, state, step=2)
+    path = tmp_path / "s" / "manifests" / "2.json"
+    doc = json.loads(path.read_bytes())
+    parent = doc["tensors"]["b06"]["chunks"][0]["codec"][0]["parent"]
+    if field == "stored":
+        parent["stored"] += 1
+    else:
+        parent["codec"] = [{"name": "zstd", "level": 3}]
+    path.write_text(json.dumps(doc))
+    manifest = ckpt.read_manifest(url, 2)
+    problems = verify_manifest(Store(url), get_plugins().codecs, manifest)
+    assert len(problems) == 1 and problems[0].tensor == "b06", problems
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt.load(url, step=2)
+    live = {k: torch.zeros_like(v) for k, v in state.items()}
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt.restore(url, live, step=2)
+    assert all(not v.any() for v in live.values())
+
+
+def test_a_new_tensor_packs_apart_and_the_old_pack_keeps_its_layout(tmp_path, small_packs):
+    url = f"file://{tmp_path}/s"
+    state = _state()
+    ckpt.save(url, state, step=1)
+    state["extra"] = torch.ones(9)  # a new small tensor: packed in a new object, in full
+    state["b00"] += 1  # the float32 pack: written again in step 1's layout, as a delta
+    info = ckpt.save(url, state, step=2)
+    assert info.write_stats.objects_written == 2 and info.write_stats.delta_objects == 1
+    m1, m2 = ckpt.read_manifest(url, 1), ckpt.read_manifest(url, 2)
+    assert m2.tensors["b00"].chunks[0].of == m1.tensors["b00"].chunks[0].of
+    assert all(step["name"] != "xor" for step in m2.tensors["extra"].chunks[0].codec)
     assert_same_state(ckpt.load(url), state)
 
 
