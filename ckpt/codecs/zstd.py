@@ -19,7 +19,7 @@ import zstandard
 from ckpt import config
 from ckpt.codecs.base import DecodeContext, EncodeContext
 from ckpt.errors import CorruptCheckpointError
-from ckpt.io.memory import copy_into
+from ckpt.io.memory import copy_into, page_aligned
 
 _local = threading.local()
 
@@ -72,15 +72,25 @@ _WORD = np.dtype("<u2")
 _WORDS: dict[int, np.dtype[Any]] = {2: _WORD, 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 
 
+#: elements split per block by :func:`_split_words`: a block's words (2 MiB of float32)
+#: stay in the cache while every plane's shift reads them
+_SPLIT_BLOCK = 512 * 1024
+
+
 def _split_words(data: memoryview, planes: np.ndarray) -> None:
     """Byte *i* of every element of ``data`` into ``planes[i]``: one shift and narrowing
     store per plane on the elements read as little-endian words (2, 4 or 8 bytes; 5 GB/s for
-    float32 on this project's machine, against 3.1-3.5 GB/s for strided byte copies)."""
+    float32 on an Intel machine of this project, against 3.1-3.5 GB/s for strided byte
+    copies), block by block: on an AMD EPYC one, 16 MiB of float32 split in 3.2-3.6 ms
+    instead of 4.5-4.9 when each plane's pass read all of the words."""
     k = planes.shape[0]
     words = np.frombuffer(data, dtype=_WORDS[k])
-    np.copyto(planes[0], words, casting="unsafe")  # the low byte
-    for i in range(1, k):
-        np.right_shift(words, 8 * i, out=planes[i], casting="unsafe")
+    for at in range(0, len(words), _SPLIT_BLOCK):
+        block = words[at : at + _SPLIT_BLOCK]
+        end = at + len(block)
+        np.copyto(planes[0, at:end], block, casting="unsafe")  # the low byte
+        for i in range(1, k):
+            np.right_shift(block, 8 * i, out=planes[i, at:end], casting="unsafe")
 
 
 def _join_words(low: np.ndarray, high: np.ndarray, out: memoryview) -> None:
@@ -223,7 +233,9 @@ class ByteGroupZstdCodec:
         # is written over its own rows, already read, and never reaches the next plane's
         # (it is shorter than them). No plane is copied out of a buffer of its own.
         table = _PLANE.size * k
-        out = np.empty(table + len(data), dtype=np.uint8)  # (what is returned is fully written)
+        # (what is returned is fully written); on a page, so that a local store's O_DIRECT
+        # write sends it as it is
+        out = page_aligned(table + len(data))
         planes = out[table:].reshape(k, n)
         if k in _WORDS:
             _split_words(data, planes)

@@ -97,6 +97,15 @@ def payload_buffer(nbytes: int, *, what: str) -> np.ndarray:
         raise CheckpointError(f"{what}: cannot allocate {nbytes} bytes for it ({type(exc).__name__})") from None
 
 
+def page_aligned(nbytes: int) -> np.ndarray:
+    """An uninitialised byte buffer of ``nbytes`` starting on a page: what a local store
+    writes around the page cache (``O_DIRECT``, :mod:`ckpt.storage.direct_io`) goes from it
+    to the device as it is, not through a copy into an aligned buffer."""
+    raw = np.empty(nbytes + _PAGE, dtype=np.uint8)
+    skip = -raw.ctypes.data % _PAGE
+    return raw[skip : skip + nbytes]
+
+
 def tensor_span(t: Any) -> tuple[int, int]:
     """The addresses ``[start, end)`` of the bytes of CPU tensor ``t`` (``(0, 0)`` for none):
     from its first element to its last, whatever its strides."""

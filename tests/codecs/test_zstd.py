@@ -71,6 +71,20 @@ def test_plane_k_holds_byte_k_of_every_element():
         assert plane == grid[:, k].tobytes(), f"plane {k}"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_planes_split_block_by_block_hold_byte_k_of_every_element(monkeypatch, dtype):
+    # the split goes block by block (cache-sized); small blocks here, the last one ragged
+    monkeypatch.setattr(zstd_codecs, "_SPLIT_BLOCK", 1000)
+    t = _weights(5001, dtype)
+    k = t.element_size()
+    payload, params = _encode(ByteGroupZstdCodec(), t)
+    grid = np.frombuffer(bytes(_bytes(t)), np.uint8).reshape(-1, k)
+    for i, (mode, body) in enumerate(_planes(payload, k)):
+        plane = body if mode == RAW else zstandard.ZstdDecompressor().decompress(body)
+        assert plane == grid[:, i].tobytes(), f"plane {i}"
+    assert _decode(ByteGroupZstdCodec(), payload, params, t.numel() * k) == bytes(_bytes(t))
+
+
 def test_mantissa_planes_stay_raw_and_the_exponent_plane_compresses():
     t = _weights(200_000)
     payload, _ = _encode(ByteGroupZstdCodec(), t)

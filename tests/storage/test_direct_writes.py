@@ -235,3 +235,28 @@ def test_writes_past_the_kernels_per_call_limit_stay_direct(tmp_path, monkeypatc
     if resident is None:
         pytest.skip("mincore is not available")
     assert resident < 0.01, resident
+
+
+def test_a_bgzstd_payload_is_written_direct_without_a_copy(tmp_path, monkeypatch):
+    # bgzstd builds its payload on a page: O_DIRECT sends it as it is, not through the
+    # per-thread aligned buffer (a copy of every byte of every compressed chunk)
+    from ckpt.codecs import EncodeContext
+    from ckpt.codecs.zstd import ByteGroupZstdCodec
+
+    weights = (torch.randn(1 << 20, generator=torch.Generator().manual_seed(3)) * 0.02).numpy()
+    payload, _ = ByteGroupZstdCodec().encode(
+        memoryview(weights.view(np.uint8)), EncodeContext(dtype="float32", itemsize=4)
+    )
+    assert np.frombuffer(payload, np.uint8).ctypes.data % A == 0
+    assert payload.nbytes > direct_io.MIN_BYTES
+
+    def no_copy() -> memoryview:
+        raise AssertionError("an aligned payload went through the bounce buffer")
+
+    monkeypatch.setattr(direct_io, "_bounce", no_copy)
+    path = tmp_path / "obj"
+    try:
+        direct_io.write_file(str(path), payload, sync=False)
+    except direct_io.Refused:
+        pytest.skip("this filesystem does not take O_DIRECT")
+    assert path.read_bytes() == bytes(payload)
