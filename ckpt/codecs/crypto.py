@@ -27,10 +27,9 @@ import struct
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from ckpt.codecs.base import INPUT_SIZE, CodecContext, DecodeContext, EncodeContext
 from ckpt.errors import CorruptCheckpointError, EncryptionError
+from ckpt.io.memory import page_aligned
 
 if TYPE_CHECKING:
     from ckpt.security.envelope import StoreKeys
@@ -79,7 +78,8 @@ def seal(keys: StoreKeys, object_key: str, data: memoryview, piece: int = PIECE_
     """``data`` sealed as object ``object_key`` of the store (see the module docstring)."""
     total = len(data)
     count = _pieces(total, piece)
-    view = np.empty(sealed_size(total, piece), dtype=np.uint8).data  # fully overwritten: no zero-fill
+    # fully overwritten (no zero-fill); on a page, so that a local store writes it direct
+    view = page_aligned(sealed_size(total, piece)).data
     base = os.urandom(NONCE_SIZE)
     view[:NONCE_SIZE] = base
     at = NONCE_SIZE
