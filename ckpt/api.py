@@ -286,10 +286,7 @@ def load(
 
     A checkpoint of a collective save comes back as full tensors (shards put together)
     with the per-rank values of ``rank`` (see :func:`ckpt.distributed.sharding.rank_view`);
-    it never communicates.
-
-    new locations, or a callable); NumPy arrays stay in host memory. ``encryption``: as
-    :func:`restore` takes it.
+    it never communicates. ``encryption``: as :func:`restore` takes it.
     """
     from ckpt.distributed.sharding import rank_view
 

@@ -34,8 +34,15 @@ class Reader:
     or by several links of one read, is fetched and verified once.
     """
 
-    def __init__(self, store: Store, codecs: CodecRegistry, *, cache_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(
+        self, store: Store, codecs: CodecRegistry, *, cache_bytes: int = 64 * 1024 * 1024, prefault_out: bool = True
+    ) -> None:
         self.store = store
+        #: whether destinations are mapped in (:func:`~ckpt.io.memory.prefault`) before a
+        #: decode writes them: fresh memory is, in one call instead of a fault per page;
+        #: live tensors (an in-place restore) are in memory already, where it would only
+        #: walk their pages (0.8 ms per 16 MiB chunk)
+        self.prefault_out = prefault_out
         self.codecs = codecs
         self.codec_context = store.codec_context
         self.cache_bytes = cache_bytes
@@ -105,7 +112,8 @@ class Reader:
         expected = ref.stored if ref.stored >= 0 else max_encoded_size(ref.size)
         if not ref.codec and ref.stored == len(out):
             # stored raw on local disk: read straight into the destination, then verify there
-            prefault(out)
+            if self.prefault_out:
+                prefault(out)
             got = self.store.read_object_into(ref.key, out, what=what)
             if got is not None:
                 self.check_payload(ref, out, out, what=what, in_place=got)
@@ -179,7 +187,8 @@ class Reader:
             raise CorruptCheckpointError(
                 f"{what}: object {ref.key} has {has} bytes, the manifest says {ref.stored} (truncated or replaced)"
             )
-        prefault(out)
+        if self.prefault_out:
+            prefault(out)
         try:
             with self._decode_context(ref) as ctx:
                 decode_chain(
@@ -269,6 +278,7 @@ def read_tensors(
     staged: list[tuple[torch.Tensor, torch.Tensor]] = []  # (live, host copy)
     targets: dict[str, memoryview] = {}
     hosts: dict[str, torch.Tensor] = {}
+    in_place: set[str] = set()  # paths decoded straight into their destinations
     for path in plan.paths:
         entry = plan.entry(path)
         dest = destinations.get(path)
@@ -276,6 +286,7 @@ def read_tensors(
             if dest.nbytes != entry.nbytes:
                 raise CheckpointError(f"tensor {path!r}: destination has {dest.nbytes} bytes, stored {entry.nbytes}")
             host = dest.detach()
+            in_place.add(path)
         else:
             host = empty_like_entry(entry, path)
             if dest is not None:
@@ -284,7 +295,9 @@ def read_tensors(
         hosts[path] = host
         targets[path] = host.reshape(-1).view(torch.uint8).numpy().data if entry.nbytes else memoryview(b"")
     with io_pool("ckpt-read", workers) as pool:
-        reader = Reader(store, codecs) if cache_parents else Reader(store, codecs, cache_bytes=0)
+        # only live destinations (an in-place restore): nothing fresh to map in
+        fresh = any(p not in in_place for p in plan.paths)
+        reader = Reader(store, codecs, prefault_out=fresh, **({} if cache_parents else {"cache_bytes": 0}))
 
         def job(r: ChunkRead) -> None:
             reader.read_chunk(r.ref, targets[r.path][r.offset : r.offset + r.ref.size], what=f"tensor {r.path!r}")

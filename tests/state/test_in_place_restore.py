@@ -104,6 +104,33 @@ def test_encoded_tensors_are_decoded_into_the_live_tensors(saved, reads):
     assert [s["exp_avg"].data_ptr() for s in fresh["optim"].state.values() if s["exp_avg"].dim() == 2] == moments
 
 
+def test_live_tensors_are_not_mapped_in_again_but_fresh_memory_is(saved, monkeypatch):
+    # prefault (madvise POPULATE_WRITE) maps fresh memory in at once; over live tensors,
+    # resident already, it would only walk their pages
+    import ckpt.io.memory as memory_mod
+    import ckpt.io.reader as reader_mod
+
+    url, state = saved
+    faulted: list[int] = []
+    real = memory_mod.prefault
+
+    def spy(view: memoryview) -> None:
+        faulted.append(memory_mod.tensor_span(torch.frombuffer(view, dtype=torch.uint8))[0] if len(view) else 0)
+        real(view)
+
+    monkeypatch.setattr(reader_mod, "prefault", spy)
+    fresh = _state(seed=3)
+    live = {t.data_ptr() for t in fresh["model"].parameters()}
+    live |= {s[k].data_ptr() for s in fresh["optim"].state.values() for k in ("exp_avg", "exp_avg_sq")}
+    assert ckpt.restore(url, fresh).step == 1
+    assert _same(_weights(fresh), _weights(state))
+    assert not live & set(faulted), "a live tensor was prefaulted"
+    faulted.clear()
+    loaded = ckpt.load(url, keys=["model"])  # into fresh memory: mapped in before it is decoded into
+    assert _same(dict(loaded["model"]), _weights(state))
+    assert faulted
+
+
 @pytest.mark.parametrize("which", ["first", "last"])
 def test_a_damaged_encoded_object_changes_nothing_live(saved, which):
     url, _ = saved
