@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckpt.codecs.base import INPUT_SIZE, CodecContext, DecodeContext, EncodeContext
 from ckpt.errors import CorruptCheckpointError, EncryptionError
-from ckpt.io.memory import page_aligned
+from ckpt.io.scratch import scratch
 
 if TYPE_CHECKING:
     from ckpt.security.envelope import StoreKeys
@@ -79,7 +79,7 @@ def seal(keys: StoreKeys, object_key: str, data: memoryview, piece: int = PIECE_
     total = len(data)
     count = _pieces(total, piece)
     # fully overwritten (no zero-fill); on a page, so that a local store writes it direct
-    view = page_aligned(sealed_size(total, piece)).data
+    view = scratch(sealed_size(total, piece)).data
     base = os.urandom(NONCE_SIZE)
     view[:NONCE_SIZE] = base
     at = NONCE_SIZE

@@ -37,6 +37,7 @@ import numpy as np
 
 from ckpt.codecs.base import CodecRegistry, DecodeContext, EncodeContext, default_chain, encode_chain
 from ckpt.errors import CorruptCheckpointError
+from ckpt.io.scratch import scratch
 
 #: the codec name recorded in manifests; never reuse it for another meaning
 NAME = "xor"
@@ -58,11 +59,11 @@ class XorDeltaCodec:
     #: decode tolerates ``payload`` aliasing ``out`` (see :func:`ckpt.codecs.decode_chain`)
     in_place = True
 
-    def encode(self, data: memoryview, ctx: EncodeContext) -> tuple[bytearray, dict[str, Any]] | None:
+    def encode(self, data: memoryview, ctx: EncodeContext) -> tuple[memoryview, dict[str, Any]] | None:
         if ctx.parent is None or ctx.parent_ref is None or len(ctx.parent) != len(data):
             return None
-        out = bytearray(len(data))
-        xor_into(data, ctx.parent, memoryview(out))
+        out = scratch(len(data)).data  # fully written by the XOR
+        xor_into(data, ctx.parent, out)
         return out, {"parent": dict(ctx.parent_ref)}
 
     def decode(self, payload: memoryview, out: memoryview, params: Mapping[str, Any], ctx: DecodeContext) -> None:

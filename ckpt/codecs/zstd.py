@@ -19,7 +19,8 @@ import zstandard
 from ckpt import config
 from ckpt.codecs.base import DecodeContext, EncodeContext
 from ckpt.errors import CorruptCheckpointError
-from ckpt.io.memory import copy_into, page_aligned
+from ckpt.io.memory import copy_into
+from ckpt.io.scratch import scratch
 
 _local = threading.local()
 
@@ -234,8 +235,8 @@ class ByteGroupZstdCodec:
         # (it is shorter than them). No plane is copied out of a buffer of its own.
         table = _PLANE.size * k
         # (what is returned is fully written); on a page, so that a local store's O_DIRECT
-        # write sends it as it is
-        out = page_aligned(table + len(data))
+        # write sends it as it is; reused from one object to the next within a writer's scope
+        out = scratch(table + len(data))
         planes = out[table:].reshape(k, n)
         if k in _WORDS:
             _split_words(data, planes)

@@ -30,8 +30,12 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from ckpt.errors import CheckpointError
+from ckpt.io import scratch
 from ckpt.io.hashing import hash_bytes
+from ckpt.io.memory import copy_into
 from ckpt.io.reader import Reader
 from ckpt.storage.manifest import ChunkRef, Manifest, TensorEntry
 
@@ -56,7 +60,8 @@ class _Member:
 class _Pack:
     dtype: str
     itemsize: int
-    buf: bytearray
+    #: lent by ckpt.io.scratch (at least the capacity), given back once the pack is written
+    buf: np.ndarray
     used: int = 0
     members: list[_Member] = field(default_factory=list)
     #: content hash of each member's bytes -> the member (equal tensors share a slice)
@@ -71,8 +76,10 @@ class _Repack:
     layout: Layout
     dtype: str
     itemsize: int
-    #: each arriving member's bytes in its slot (zeros where none arrives)
-    buf: bytearray
+    #: each arriving member's bytes in its slot (zeros where none arrives): the object's
+    #: size of a buffer lent by ckpt.io.scratch, given back (``lent``) once it is written
+    buf: np.ndarray
+    lent: np.ndarray
     waiting: set[str]
     members: list[_Member] = field(default_factory=list)
     #: offset -> the content hash written there by this save (twins share a slot)
@@ -226,8 +233,8 @@ class Packer:
                 self._seal(self._open.pop(group))
                 pack = None
             if pack is None:
-                pack = self._open[group] = _Pack(dtype, itemsize, bytearray())
-            pack.buf += data
+                pack = self._open[group] = _Pack(dtype, itemsize, scratch.lend(self.capacity))
+            copy_into(pack.buf[pack.used : pack.used + size].data, data)
             member = _Member(path, pack.used, size, shape, fut)
             pack.members.append(member)
             pack.seen.setdefault(digest, member)
@@ -251,16 +258,17 @@ class Packer:
         with self._lock:
             if key not in self._repacks:
                 waiting = {p for p, _at, _size in found.layout}
-                self._repacks[key] = _Repack(
-                    found.obj, found.layout, found.dtype, itemsize, bytearray(found.obj.size), waiting
-                )
+                lent = scratch.lend(found.obj.size)
+                buf = lent[: found.obj.size]
+                buf.fill(0)  # the slots no tensor fills again
+                self._repacks[key] = _Repack(found.obj, found.layout, found.dtype, itemsize, buf, lent, waiting)
             rp = self._repacks[key]
             if rp is None or path not in rp.waiting:
                 return False
             if rp.filled.setdefault(at, digest) != digest:
                 return False  # a twin in the parent, not any more: this one is packed apart
             rp.waiting.discard(path)
-            rp.buf[at : at + size] = data
+            copy_into(rp.buf[at : at + size].data, data)
             rp.members.append(_Member(path, at, size, shape, fut))
             done = not rp.waiting
             if done:
@@ -287,8 +295,9 @@ class Packer:
             rp.members,
             rp.dtype,
             len(rp.buf),
-            lambda: self.write(first, memoryview(rp.buf), rp.dtype, rp.itemsize, rp.parent, rp.layout),
+            lambda: self.write(first, rp.buf.data, rp.dtype, rp.itemsize, rp.parent, rp.layout),
         )
+        scratch.give_back(rp.lent)
 
     def _seal(self, pack: _Pack) -> None:
         self._submit(lambda: self._write_pack(pack), pack.members)
@@ -302,11 +311,12 @@ class Packer:
             raise
 
     def _write_pack(self, pack: _Pack) -> None:
-        data = memoryview(pack.buf)[: pack.used]
+        data = pack.buf[: pack.used].data
         first = pack.members[0].path
         self._finish(
             pack.members, pack.dtype, pack.used, lambda: self.write(first, data, pack.dtype, pack.itemsize, None, ())
         )
+        scratch.give_back(pack.buf)
 
     def _finish(self, members: list[_Member], dtype: str, of: int, write: Callable[[], ChunkRef]) -> None:
         """Write one object and give each member its slice of it."""

@@ -16,6 +16,7 @@ from ckpt.codecs.base import CodecRegistry, DecodeContext, decode_chain, max_enc
 from ckpt.codecs.crypto import ObjectDecodeContext
 from ckpt.codecs.delta import NAME as DELTA
 from ckpt.errors import CheckpointError, CorruptCheckpointError
+from ckpt.io import scratch
 from ckpt.io.hashing import hash_bytes
 from ckpt.io.memory import copy_into, payload_buffer, prefault
 from ckpt.io.plan import ChunkRead, ReadPlan, object_identity
@@ -51,7 +52,6 @@ class Reader:
         self._cache_lock = threading.Lock()
         #: parent objects decoded by :meth:`raw_chunk` (cache misses)
         self.parent_decodes = 0
-        self._buffers: list[np.ndarray] = []  # payload buffers, see _scratch
 
     def raw_chunk(self, ref: Mapping[str, Any], *, what: str | None = None) -> memoryview:
         """DecodeContext: a verified chunk by its manifest record (delta parents)."""
@@ -146,24 +146,13 @@ class Reader:
 
     @contextlib.contextmanager
     def _scratch(self, nbytes: int) -> Iterator[memoryview]:
-        """A buffer of ``nbytes`` for one payload, reused by later reads of this Reader (a
-        delta's parent read while its child's payload is in use takes another one)."""
-        with self._cache_lock:
-            found = next((i for i, b in enumerate(self._buffers) if b.nbytes >= nbytes), None)
-            buf = self._buffers.pop(found) if found is not None else None
-            if buf is None and self._buffers:
-                # a free buffer too small for this payload is replaced by the new one: never
-                # more buffers than payloads in use at once (objects read in growing order
-                # would otherwise keep one buffer per size, without bound)
-                self._buffers.pop(min(range(len(self._buffers)), key=lambda i: self._buffers[i].nbytes))
-        if buf is None:
-            # contents undefined: only what is read is used
-            buf = payload_buffer(nbytes, what="an object's payload")
+        """A buffer of ``nbytes`` for one payload, lent by :mod:`ckpt.io.scratch` and given
+        back after it: a later read (of this restore or the next) finds it mapped in."""
+        buf = scratch.lend(nbytes, what="an object's payload")  # contents undefined: only what is read is used
         try:
             yield buf.data[:nbytes]
         finally:
-            with self._cache_lock:
-                self._buffers.append(buf)
+            scratch.give_back(buf)
 
     def check_payload(
         self, ref: ChunkRef, payload: bytes | memoryview, out: memoryview, *, what: str, in_place: int | None = None
@@ -307,12 +296,16 @@ def read_tensors(
         def packed_job(reads: list[ChunkRead]) -> None:
             # one decode and verification of the shared object, then a slice per tensor
             obj = reads[0].ref.object_ref()
-            raw = payload_buffer(obj.size, what=f"{tensors_named(r.path for r in reads)}, packed object {obj.key}")
-            reader.read_object(obj, raw.data, what=tensors_named(r.path for r in reads))
-            for r in reads:
-                copy_into(targets[r.path][r.offset : r.offset + r.ref.size], raw.data[r.ref.at : r.ref.at + r.ref.size])
-                if progress is not None:
-                    progress(r.ref.size)
+            buf = scratch.lend(obj.size, what=f"{tensors_named(r.path for r in reads)}, packed object {obj.key}")
+            try:
+                raw = buf.data[: obj.size]
+                reader.read_object(obj, raw, what=tensors_named(r.path for r in reads))
+                for r in reads:
+                    copy_into(targets[r.path][r.offset : r.offset + r.ref.size], raw[r.ref.at : r.ref.at + r.ref.size])
+                    if progress is not None:
+                        progress(r.ref.size)
+            finally:
+                scratch.give_back(buf)
 
         # packs first: each is one task holding many tensors, which must not end the read alone
         futures = [pool.submit(packed_job, reads) for reads in plan.packed_objects().values()]

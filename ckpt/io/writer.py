@@ -31,7 +31,7 @@ from ckpt.codecs import crypto
 from ckpt.codecs import delta as deltamod
 from ckpt.codecs.base import CodecRegistry, EncodeContext
 from ckpt.errors import CheckpointError, UnsupportedValueError
-from ckpt.io import delta_bases
+from ckpt.io import delta_bases, scratch
 from ckpt.io.hashing import hash_bytes
 from ckpt.io.packing import Layout, Packer, unchanged_slice
 from ckpt.io.reader import Reader
@@ -307,18 +307,21 @@ class Writer:
             self.stats.add(reused_bytes=len(data))
             return other.result()
         try:
-            payload, chain, key = self._encode(path, data, h, dtype, itemsize, parent, parent_view)
-            self.store.put_object(key, payload)
+            # the payload is built in buffers lent for this object alone (ckpt.io.scratch):
+            # not used after the block
+            with scratch.scope():
+                payload, chain, key = self._encode(path, data, h, dtype, itemsize, parent, parent_view)
+                self.store.put_object(key, payload)
+                # an encoded object's stored bytes hashed too: a restore checks them before decoding
+                stored_hash = hash_bytes(payload) if chain else ""
+                stored = len(payload)
+                del payload
         except BaseException as exc:
             mine.set_exception(exc)
             raise
-        # an encoded object's stored bytes hashed too: a restore checks them before decoding
-        stored_hash = hash_bytes(payload) if chain else ""
-        ref = ChunkRef(
-            hash=h, key=key, size=len(data), stored=len(payload), codec=tuple(chain), stored_hash=stored_hash
-        )
+        ref = ChunkRef(hash=h, key=key, size=len(data), stored=stored, codec=tuple(chain), stored_hash=stored_hash)
         delta_object = any(s.get("name") == deltamod.NAME for s in chain)
-        self.stats.add(written_bytes=len(payload), objects_written=1, delta_objects=int(delta_object))
+        self.stats.add(written_bytes=stored, objects_written=1, delta_objects=int(delta_object))
         mine.set_result(ref)
         return ref
 

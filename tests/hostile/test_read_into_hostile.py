@@ -14,6 +14,7 @@ import torch
 import ckpt
 from ckpt.errors import CheckpointError
 from ckpt.hooks.manager import get_plugins
+from ckpt.io import scratch
 from ckpt.io.reader import Reader
 from ckpt.storage.commit import load_manifest
 from ckpt.storage.store import Store
@@ -33,6 +34,7 @@ def _growing(n: int, size: int) -> dict[str, torch.Tensor]:
 
 def test_payload_buffers_stay_bounded_by_the_largest_object(tmp_path, monkeypatch):
     monkeypatch.setenv("CKPT_PACK_BYTES", "0")  # an object per tensor
+    pool = scratch._Pool(scratch.KEEP_BYTES)
     url = str(tmp_path / "s")
     tensors = _growing(24, 256 * 1024)
     ckpt.save(url, dict(tensors), step=1)
@@ -42,13 +44,15 @@ def test_payload_buffers_stay_bounded_by_the_largest_object(tmp_path, monkeypatc
     stored = [r.stored for _, r in refs]
     assert stored == sorted(stored) and stored[0] < stored[-1] // 4  # each read needs a larger buffer
     reader = Reader(store, get_plugins().codecs)
+    monkeypatch.setattr(scratch, "_pool", pool)  # (the save above used the process's)
     for path, ref in refs:  # one after the other, as one pool thread (or a copy, an export) does
         out = torch.empty(ref.size, dtype=torch.uint8)
         reader.read_chunk(ref, out.numpy().data, what=f"tensor {path!r}")
         assert torch.equal(out, tensors[path].view(torch.uint8))
-    # never more than one payload in use at a time: one buffer of the largest, not one per size
-    held = sum(b.nbytes for b in reader._buffers)
-    assert held <= max(stored) + 1, (held, max(stored))
+    # never more than one payload in use at a time: one buffer (of a whole MiB) lent again
+    # and again, not one per size
+    assert max(stored) + 1 <= 1 << 20
+    assert pool.held() == 1 << 20 and len(pool._free) == 1
 
 
 _THREADS_FAIL = """
@@ -110,10 +114,12 @@ def test_a_buffer_size_no_host_can_hold_is_a_checkpoint_error(nbytes):
 
     with pytest.raises(CheckpointError, match=r"tensor 'w', chunk k: cannot allocate"):
         payload_buffer(nbytes, what="tensor 'w', chunk k")
+    with pytest.raises(CheckpointError, match=r"tensor 'w', chunk k: cannot allocate"):
+        scratch.lend(nbytes, what="tensor 'w', chunk k")
 
 
-def test_a_remote_store_reader_holds_no_payload_buffer():
-    """A remote store's payloads come back as bytes: the Reader allocates no buffer of its own for them."""
+def test_a_remote_store_reader_holds_no_payload_buffer(monkeypatch):
+    """A remote store's payloads come back as bytes: the Reader takes no buffer for them."""
     import uuid
 
     url = f"memory://read-into-{uuid.uuid4().hex}"
@@ -123,9 +129,11 @@ def test_a_remote_store_reader_holds_no_payload_buffer():
     assert not store.local
     m = load_manifest(store, 1)
     reader = Reader(store, get_plugins().codecs)
+    pool = scratch._Pool(scratch.KEEP_BYTES)
+    monkeypatch.setattr(scratch, "_pool", pool)
     for path in sorted(m.tensors):
         ref = m.tensors[path].chunks[0]
         out = torch.empty(ref.size, dtype=torch.uint8)
         reader.read_chunk(ref, out.numpy().data, what=f"tensor {path!r}")
         assert torch.equal(out, tensors[path].view(torch.uint8)[: ref.size])
-    assert reader._buffers == []
+    assert pool.held() == 0
