@@ -11,14 +11,15 @@ Top-level subtrees (a module, an optimizer) never share an object, so
 packed before it in the same group (tied weights) cites the same slice instead of being
 packed twice.
 
+An unchanged small tensor keeps citing its slice of the parent's packed object
+(:func:`unchanged_slice`): frozen tensors (a LoRA base's) never move to a new object.
 Across saves a pack keeps its layout. A small tensor the parent checkpoint packed (same
-dtype and size) goes back to its slot of the parent's object (:class:`_Repack`): when
-every member is unchanged they all keep citing the parent's object and nothing is
-written; when some changed, the whole object is written again with the same layout, so
-that it can be stored as a delta of the parent's (:mod:`ckpt.codecs.delta`), where the
-unchanged members cost nothing. Without deltas (a raw tier, ``max_chain=1``) an unchanged
-small tensor keeps citing its parent slice (:func:`unchanged_slice`) and only the changed
-ones are packed anew.
+dtype and size) goes back to its slot of a copy of the parent's object (:class:`_Repack`,
+which starts as the parent's bytes): when every tensor is unchanged nothing is written;
+when some changed, the object is written again with the same layout, so that it can be
+stored as a delta of the parent's (:mod:`ckpt.codecs.delta`), where the unchanged slots
+cost nothing, and the changed tensors cite it. Without deltas (a raw tier,
+``max_chain=1``) the changed ones are packed anew.
 """
 
 from __future__ import annotations
@@ -187,9 +188,14 @@ class Packer:
         *,
         capacity: int,
         parent: Manifest | None = None,
+        parent_bytes: Callable[[ChunkRef], memoryview | None] | None = None,
     ) -> None:
         self.pool = pool
         self.write = write
+        #: a parent's packed object, decoded and verified (None when it cannot be read): what a
+        #: repack starts from, so that slots no tensor of this save fills again (a removed
+        #: tensor's, or one citing another object) cost nothing in the delta
+        self.parent_bytes = parent_bytes
         #: raw bytes of a pack at most (the chunk size)
         self.capacity = capacity
         self._open: dict[tuple[str, str], _Pack] = {}
@@ -211,15 +217,30 @@ class Packer:
         return found is not None and found.dtype == dtype and found.slices[path].size == size
 
     def add(
-        self, path: str, data: memoryview, dtype: str, itemsize: int, shape: tuple[int, ...]
+        self,
+        path: str,
+        data: memoryview,
+        dtype: str,
+        itemsize: int,
+        shape: tuple[int, ...],
+        unchanged: ChunkRef | None = None,
     ) -> Future[TensorEntry]:
-        """Copy ``data`` into its pack; the future gives the tensor's entry."""
+        """Copy ``data`` into its pack; the future gives the tensor's entry.
+
+        ``unchanged``: the parent's record of ``path``, whose bytes equal ``data``. The tensor
+        keeps citing it (frozen tensors, a LoRA base's, never move to a new object); when it
+        goes back to its slot of a repack, its bytes are put there too (the delta is zero there).
+        """
         fut: Future[TensorEntry] = Future()
+        if unchanged is not None:
+            fut.set_result(TensorEntry(dtype=dtype, shape=shape, nbytes=len(data), chunks=(unchanged,)))
         digest = hash_bytes(data)
-        if self.repacks(path, dtype, len(data)) and self._refill(path, data, digest, itemsize, shape, fut):
+        if self.repacks(path, dtype, len(data)) and self._refill(path, data, digest, itemsize, shape, fut, unchanged):
             self._added.add(path)
             return fut
         self._added.add(path)
+        if unchanged is not None:
+            return fut
         size = len(data)
         # a subtree's tensors (``model/...``) pack apart from other subtrees'; bare top-level tensors together
         group = (path.split("/", 1)[0] if "/" in path else "", dtype)
@@ -249,6 +270,7 @@ class Packer:
         itemsize: int,
         shape: tuple[int, ...],
         fut: Future[TensorEntry],
+        unchanged: ChunkRef | None,
     ) -> bool:
         """Put ``data`` back in its slot of the parent's object; False: pack it anew."""
         found = self._parents[path]
@@ -260,7 +282,7 @@ class Packer:
                 waiting = {p for p, _at, _size in found.layout}
                 lent = scratch.lend(found.obj.size)
                 buf = lent[: found.obj.size]
-                buf.fill(0)  # the slots no tensor fills again
+                self._start(buf, found.obj)
                 self._repacks[key] = _Repack(found.obj, found.layout, found.dtype, itemsize, buf, lent, waiting)
             rp = self._repacks[key]
             if rp is None or path not in rp.waiting:
@@ -269,21 +291,37 @@ class Packer:
                 return False  # a twin in the parent, not any more: this one is packed apart
             rp.waiting.discard(path)
             copy_into(rp.buf[at : at + size].data, data)
-            rp.members.append(_Member(path, at, size, shape, fut))
+            if unchanged is None:  # (an unchanged tensor's entry is settled: its parent record)
+                rp.members.append(_Member(path, at, size, shape, fut))
             done = not rp.waiting
             if done:
                 self._repacks[key] = None
         if done:
-            self._submit(lambda: self._write_repack(rp), rp.members)
+            if rp.members:
+                self._submit(lambda: self._write_repack(rp), rp.members)
+            else:  # every tensor unchanged: they all cite the parent's object, nothing is written
+                scratch.give_back(rp.lent)
         return True
+
+    def _start(self, buf: np.ndarray, obj: ChunkRef) -> None:
+        """A repack's buffer starts as the parent's object (or zeros when it cannot be read)."""
+        raw = self.parent_bytes(obj) if self.parent_bytes is not None else None
+        if raw is not None and len(raw) == len(buf):
+            copy_into(buf.data, raw)
+        else:
+            buf.fill(0)  # never a former user's bytes
 
     def flush(self) -> None:
         """Write every open pack (the end of a save)."""
         with self._lock:
             packs = list(self._open.values())
             self._open.clear()
-            repacks = [rp for rp in self._repacks.values() if rp is not None and rp.members]
+            repacks = [rp for rp in self._repacks.values() if rp is not None]
             self._repacks.clear()
+        for rp in repacks:
+            if not rp.members:
+                scratch.give_back(rp.lent)
+        repacks = [rp for rp in repacks if rp.members]
         for rp in repacks:
             self._submit(functools.partial(self._write_repack, rp), rp.members)
         for pack in packs:

@@ -169,7 +169,13 @@ class Writer:
         self.pack_bytes = min(max(0, pack_bytes), chunk_bytes)
         # packs of a few MiB: few enough objects, and enough of them to encode and decode in parallel
         capacity = min(chunk_bytes, max(PACK_CAPACITY, self.pack_bytes))
-        self.packer = Packer(pool, self._write_pack, capacity=capacity, parent=parent if self.delta else None)
+        self.packer = Packer(
+            pool,
+            self._write_pack,
+            capacity=capacity,
+            parent=parent if self.delta else None,
+            parent_bytes=self._parent_pack,
+        )
 
     def _write_pack(
         self, path: str, data: memoryview, dtype: str, itemsize: int, parent: ChunkRef | None, layout: Layout
@@ -204,7 +210,12 @@ class Writer:
         itemsize = keep.element_size()
         if 0 < len(view) < self.pack_bytes:
             self.stats.add(raw_bytes=len(view))
-            same = None if self.packer.repacks(path, dtype, len(view)) else self._unchanged_slice(path, view, dtype)
+            same = self._unchanged_slice(path, view, dtype)
+            if self.packer.repacks(path, dtype, len(view)):
+                # back to its slot of the parent's object (an unchanged tensor keeps its record)
+                if same is not None:
+                    self.stats.add(reused_bytes=len(view))
+                return self.packer.add(path, view, dtype, itemsize, tuple(keep.shape), unchanged=same)
             if same is not None:
                 # unchanged since the parent: cite its slice of the parent's packed object
                 self.stats.add(reused_bytes=len(view))
@@ -256,9 +267,23 @@ class Writer:
     def _unchanged_slice(self, path: str, view: memoryview, dtype: str) -> ChunkRef | None:
         if self.parent is None:
             return None
-        if self._pack_reader is None:
-            self._pack_reader = Reader(self.store, self.codecs, cache_bytes=PARENT_PACK_CACHE)
-        return unchanged_slice(self.parent, self.known, self._pack_reader, path, view, dtype)
+        return unchanged_slice(self.parent, self.known, self._parent_packs(), path, view, dtype)
+
+    def _parent_packs(self) -> Reader:
+        """The reader of the parent's packed objects (verified, cached: each decoded once a save)."""
+        with self._lock:
+            if self._pack_reader is None:
+                self._pack_reader = Reader(self.store, self.codecs, cache_bytes=PARENT_PACK_CACHE)
+            return self._pack_reader
+
+    def _parent_pack(self, obj: ChunkRef) -> memoryview | None:
+        """A parent's packed object, decoded and verified; None when it cannot be read."""
+        if obj.hash not in self.known:
+            return None
+        try:
+            return self._parent_packs().object_bytes(obj, what=f"parent packed object {obj.key}")
+        except CheckpointError:
+            return None
 
     def _delta_parents(
         self, path: str, dtype: str, spans: list[tuple[int, int]]
