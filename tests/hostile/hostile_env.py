@@ -120,7 +120,9 @@ def build_base(kind: str) -> Base:
     base = Base(url=url, root=root, tmp=tmp, canary=os.path.join(tmp, "canary.bin"))
     store = base.store
     # packed objects (schema 2) assembled from their tensors, over both steps: step 2 cites
-    # slices of step 1's packs for the small tensors it did not change
+    # slices of step 1's packs for the small tensors it did not change, and a pack it fills
+    # again (a delta of step 1's) starts as step 1's object: the unchanged tensors' slots
+    # hold their bytes, though they cite step 1's object
     packs: dict[str, bytearray] = {}
     for step in (1, 2):
         base.reference[step] = ckpt.load(url, step=step)
@@ -133,7 +135,11 @@ def build_base(kind: str) -> Base:
             for c in entry.chunks:
                 piece = raw[offset : offset + c.size]
                 if c.packed:
-                    packs.setdefault(c.hash, bytearray(c.of))[c.at : c.at + c.size] = piece
+                    if c.hash not in packs:
+                        parent = next((s["parent"] for s in c.codec if "parent" in s), None)
+                        start = packs.get(parent["hash"]) if parent is not None else None
+                        packs[c.hash] = bytearray(start) if start is not None else bytearray(c.of)
+                    packs[c.hash][c.at : c.at + c.size] = piece
                 else:
                     assert xxhash.xxh3_128_hexdigest(piece) == c.hash
                     base.raw_by_hash[c.hash] = piece
