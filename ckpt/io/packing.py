@@ -77,8 +77,8 @@ class _Repack:
     layout: Layout
     dtype: str
     itemsize: int
-    #: each arriving member's bytes in its slot (zeros where none arrives): the object's
-    #: size of a buffer lent by ckpt.io.scratch, given back (``lent``) once it is written
+    #: the parent's object, each arriving tensor's bytes put in its slot: the object's size
+    #: of a buffer lent by ckpt.io.scratch, given back (``lent``) once it is written
     buf: np.ndarray
     lent: np.ndarray
     waiting: set[str]
@@ -297,10 +297,7 @@ class Packer:
             if done:
                 self._repacks[key] = None
         if done:
-            if rp.members:
-                self._submit(lambda: self._write_repack(rp), rp.members)
-            else:  # every tensor unchanged: they all cite the parent's object, nothing is written
-                scratch.give_back(rp.lent)
+            self._close(rp)
         return True
 
     def _start(self, buf: np.ndarray, obj: ChunkRef) -> None:
@@ -319,13 +316,17 @@ class Packer:
             repacks = [rp for rp in self._repacks.values() if rp is not None]
             self._repacks.clear()
         for rp in repacks:
-            if not rp.members:
-                scratch.give_back(rp.lent)
-        repacks = [rp for rp in repacks if rp.members]
-        for rp in repacks:
-            self._submit(functools.partial(self._write_repack, rp), rp.members)
+            self._close(rp)
         for pack in packs:
             self._seal(pack)
+
+    def _close(self, rp: _Repack) -> None:
+        """Write a repack that some tensor changed; one whose tensors are all unchanged (they
+        cite the parent's object) is not written."""
+        if rp.members:
+            self._submit(functools.partial(self._write_repack, rp), rp.members)
+        else:
+            scratch.give_back(rp.lent)
 
     def _write_repack(self, rp: _Repack) -> None:
         first = min(rp.members, key=lambda m: (m.at, m.path)).path

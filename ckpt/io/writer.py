@@ -197,6 +197,12 @@ class Writer:
                 break
             parts.append(keep.reshape(-1).view(torch.uint8))
         parent_view = torch.cat(parts).numpy().data if len(parts) == len(layout) else None
+        if parent_view is None:
+            # else the parent's object as its repack started from it (read back, decoded and
+            # verified once a save, cached), not read and decoded from the store a second time
+            parent_view = self._parent_pack(parent)
+            if parent_view is not None:
+                self.stats.add(parent_reads=1, parent_decodes=1)
         return self._write_chunk(path, data, dtype, itemsize, parent, parent_view)
 
     def flush(self) -> None:
