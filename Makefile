@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv demo test test-fast lint typecheck format bench bench-smoke bench-frameworks bench-gpu clean node_modules
 
-$(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml)
+$(STAMP): pyproject.toml setup.py ckpt/codecs/_planes.c $(wildcard plugins/*/pyproject.toml)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) --upgrade pip 2>&1 | grep -v "is ignored" || true
 	$(PIP) "$(TORCH_PIN)" 2>&1 | grep -v "is ignored" || true

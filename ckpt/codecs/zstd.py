@@ -17,6 +17,7 @@ import numpy as np
 import zstandard
 
 from ckpt import config
+from ckpt.codecs import planes as byte_planes
 from ckpt.codecs.base import DecodeContext, EncodeContext
 from ckpt.errors import CorruptCheckpointError
 from ckpt.io.memory import copy_into
@@ -59,45 +60,6 @@ REPEAT_PARAMS = dict(PLANE_PARAMS, hash_log=14, window_log=20)
 _PLANE_SETTINGS = {"planes": PLANE_PARAMS, "repeats": REPEAT_PARAMS}
 #: a sample that REPEAT_PARAMS makes this much smaller than PLANE_PARAMS picks them
 _REPEATS_GAIN = 1.25
-
-
-# Elements of 2, 4 and 8 bytes are split into planes with shifts on words, and two-byte ones
-# (bf16, fp16) joined back the same way: faster than numpy's strided byte copies on this
-# project's machine (8 Mi bf16 elements: split 1.8 ms instead of 5.5, join 2.0-2.3 ms instead
-# of 4.5; 4 Mi float32 ones split in 3.3 ms instead of 4.8-5.4). Each ufunc writes its
-# narrowing (split) or widening (join) cast straight into its output: no temporary the size
-# of the chunk. (Joining 4-byte elements by shifts was no faster than strided copies.)
-# Plane i is byte i of each element in memory: the words are read little-endian everywhere.
-_WORD = np.dtype("<u2")
-#: elements of these sizes are split by shifts on words (16-byte ones by strided copies)
-_WORDS: dict[int, np.dtype[Any]] = {2: _WORD, 4: np.dtype("<u4"), 8: np.dtype("<u8")}
-
-
-#: elements split per block by :func:`_split_words`: a block's words (2 MiB of float32)
-#: stay in the cache while every plane's shift reads them
-_SPLIT_BLOCK = 512 * 1024
-
-
-def _split_words(data: memoryview, planes: np.ndarray) -> None:
-    """Byte *i* of every element of ``data`` into ``planes[i]``: one shift and narrowing
-    store per plane on the elements read as little-endian words (2, 4 or 8 bytes; 5 GB/s for
-    float32 on an Intel machine of this project, against 3.1-3.5 GB/s for strided byte
-    copies), block by block: on an AMD EPYC one, 16 MiB of float32 split in 3.2-3.6 ms
-    instead of 4.5-4.9 when each plane's pass read all of the words."""
-    k = planes.shape[0]
-    words = np.frombuffer(data, dtype=_WORDS[k])
-    for at in range(0, len(words), _SPLIT_BLOCK):
-        block = words[at : at + _SPLIT_BLOCK]
-        end = at + len(block)
-        np.copyto(planes[0, at:end], block, casting="unsafe")  # the low byte
-        for i in range(1, k):
-            np.right_shift(block, 8 * i, out=planes[i, at:end], casting="unsafe")
-
-
-def _join_words(low: np.ndarray, high: np.ndarray, out: memoryview) -> None:
-    words = np.frombuffer(out, dtype=_WORD)
-    np.left_shift(high, 8, out=words, dtype=_WORD)
-    np.bitwise_or(words, low, out=words)
 
 
 def _decompressor() -> zstandard.ZstdDecompressor:
@@ -238,10 +200,7 @@ class ByteGroupZstdCodec:
         # write sends it as it is; reused from one object to the next within a writer's scope
         out = scratch(table + len(data))
         planes = out[table:].reshape(k, n)
-        if k in _WORDS:
-            _split_words(data, planes)
-        else:
-            np.copyto(planes, np.frombuffer(data, dtype=np.uint8).reshape(n, k).T)
+        byte_planes.split(data, planes)
         view = out.data
         pos = table
         compressed = False
@@ -264,7 +223,6 @@ class ByteGroupZstdCodec:
         if type(k) is not int or k not in ITEMSIZES or len(out) % k:
             raise CorruptCheckpointError(f"bgzstd: bad itemsize {str(k)[:40]} for {len(out)} bytes")
         n = len(out) // k
-        grid = np.frombuffer(out, dtype=np.uint8).reshape(-1, k)
         planes: list[np.ndarray] = []
         pos = _PLANE.size * k
         if len(payload) < pos:
@@ -283,14 +241,10 @@ class ByteGroupZstdCodec:
                 plane = np.frombuffer(_decompress_exact(body, n, f"bgzstd plane {i}"), dtype=np.uint8)
             else:
                 raise CorruptCheckpointError(f"bgzstd: plane {i} has unknown mode {mode}")
-            if k == 2:
-                planes.append(plane)
-            else:
-                grid[:, i] = plane
+            planes.append(plane)
         if pos != len(payload):
             raise CorruptCheckpointError(f"bgzstd: {len(payload) - pos} trailing bytes")
-        if k == 2:
-            _join_words(planes[0], planes[1], out)
+        byte_planes.join(planes, out)
 
     def raw_planes(self, payload: memoryview, size: int, params: Mapping[str, Any]) -> dict[int, memoryview] | None:
         """The planes of a ``size``-byte chunk stored raw (byte *i* of every element, by *i*),
@@ -341,10 +295,5 @@ class ByteGroupZstdCodec:
             else:
                 return None
         out = np.empty(m * k, dtype=np.uint8)  # fully written below
-        if k == 2:
-            _join_words(planes[0], planes[1], out.data)
-        else:
-            grid = out.reshape(m, k)
-            for i, plane in enumerate(planes):
-                grid[:, i] = plane
+        byte_planes.join(planes, out.data)
         return out.data

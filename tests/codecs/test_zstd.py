@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import ckpt
 from ckpt.codecs import EncodeContext
+from ckpt.codecs import planes as byte_planes
 from ckpt.codecs import zstd as zstd_codecs
 from ckpt.codecs.base import decode_prefix, default_chain
 from ckpt.codecs.zstd import PLANE_PARAMS, ByteGroupZstdCodec, ZstdCodec
@@ -69,20 +70,6 @@ def test_plane_k_holds_byte_k_of_every_element():
     for k, (mode, body) in enumerate(_planes(payload, 4)):
         plane = body if mode == RAW else zstandard.ZstdDecompressor().decompress(body)
         assert plane == grid[:, k].tobytes(), f"plane {k}"
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
-def test_planes_split_block_by_block_hold_byte_k_of_every_element(monkeypatch, dtype):
-    # the split goes block by block (cache-sized); small blocks here, the last one ragged
-    monkeypatch.setattr(zstd_codecs, "_SPLIT_BLOCK", 1000)
-    t = _weights(5001, dtype)
-    k = t.element_size()
-    payload, params = _encode(ByteGroupZstdCodec(), t)
-    grid = np.frombuffer(bytes(_bytes(t)), np.uint8).reshape(-1, k)
-    for i, (mode, body) in enumerate(_planes(payload, k)):
-        plane = body if mode == RAW else zstandard.ZstdDecompressor().decompress(body)
-        assert plane == grid[:, i].tobytes(), f"plane {i}"
-    assert _decode(ByteGroupZstdCodec(), payload, params, t.numel() * k) == bytes(_bytes(t))
 
 
 def test_mantissa_planes_stay_raw_and_the_exponent_plane_compresses():
@@ -337,15 +324,17 @@ def test_encodes_on_many_threads_at_once_each_decode_to_their_own_data(dtype):
     seed=st.integers(0, 2**32 - 1),
 )
 def test_planes_split_by_shifts_hold_byte_i_of_each_element_at_any_alignment(k, n, at, distinct, seed):
-    """The word shifts (2, 4, 8 bytes) against the strided byte copy they replace, on views
-    at any offset (words read unaligned); every size round-trips, whole and by prefix."""
+    """The split (compiled loops and numpy's word shifts) against a strided byte copy, on
+    views at any offset (words read unaligned); every size round-trips, whole and by prefix."""
     raw = np.random.default_rng(seed).integers(0, distinct, at + n * k, dtype=np.uint16).astype(np.uint8)
     data = memoryview(raw)[at:]
     grid = raw[at:].reshape(n, k)
-    if k in zstd_codecs._WORDS:
+    for native in {byte_planes.native, None}:
         planes = np.empty((k, n), dtype=np.uint8)
-        zstd_codecs._split_words(data, planes)
-        assert np.array_equal(planes, grid.T)
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(byte_planes, "native", native)
+            byte_planes.split(data, planes)
+        assert np.array_equal(planes, grid.T), f"native={native is not None}"
     codec = ByteGroupZstdCodec()
     result = codec.encode(data, EncodeContext(dtype="float32", itemsize=k))
     if result is None:
