@@ -357,7 +357,7 @@ def verify_reads(store: Store, codecs: CodecRegistry, plan: ReadPlan) -> None:
 
         def job(r: ChunkRead) -> None:
             obj = r.ref.object_ref()
-            what = f"tensor {r.path!r}"
+            what = tensors_named(packs[object_identity(obj)]) if r.ref.packed else f"tensor {r.path!r}"
             links = stored_digests(obj)
             # on local disk: its stored bytes (and a delta's parents') hashed as they stream by
             if links is not None and all(matches(o, digest, what) for o, digest in links):
@@ -369,7 +369,14 @@ def verify_reads(store: Store, codecs: CodecRegistry, plan: ReadPlan) -> None:
             with reader._scratch(obj.size) as buf:
                 reader.read_object(obj, buf, what=what)
 
-        wait_all([pool.submit(job, r) for r in plan.reads])
+        # one job per object a record promises: a packed object's tensors are verified together
+        first: dict[tuple[str, str, int, int, str], ChunkRead] = {}
+        packs: dict[tuple[str, str, int, int, str], list[str]] = {}
+        for r in plan.reads:
+            ident = object_identity(r.ref.object_ref())
+            first.setdefault(ident, r)
+            packs.setdefault(ident, []).append(r.path)
+        wait_all([pool.submit(job, r) for r in first.values()])
 
 
 #: delta links :func:`stored_digests` follows (a writer cites the last full object: one)

@@ -2,7 +2,8 @@
 :func:`ckpt.state.restore.prepare_restore`): :func:`read_verified` verifies, nothing live
 changes; :func:`decode_in_place` decodes into the live tensors once every rank has verified.
 
-A tensor qualifies when its objects are verified by reading their stored bytes (raw, or
+A tensor qualifies, packed or not (a packed object is decoded once into a reused buffer and
+sliced into its tensors), when its objects are verified by reading their stored bytes (raw, or
 encoded with a recorded ``stored_hash``; a delta with its parents'; :func:`ckpt.io.reader.stored_digests`)
 with codecs this reader has, and its live tensor is contiguous CPU memory of the stored
 size that no other live tensor overlaps (exact aliases holding the same stored bytes are
@@ -153,11 +154,11 @@ def _unaliased(
 
 
 def _into_live(entry: TensorEntry, live: torch.Tensor, codecs: CodecRegistry) -> bool:
-    """Whether ``entry`` is stored unpacked and unsharded in objects reading verifies (see
+    """Whether ``entry`` is stored unsharded in objects reading verifies (see
     :func:`ckpt.io.reader.stored_digests`) and this reader has the codecs of, parents' too (an object of a
     newer ckpt, or of a plugin not installed here, is refused by the read into fresh memory,
     before anything live changes), and ``live`` can take it in place."""
-    if not entry.chunks or entry.shards or any(c.packed for c in entry.chunks):
+    if not entry.chunks or entry.shards:
         return False
     if not writable_in_place(live) or live.nbytes != entry.nbytes:
         return False

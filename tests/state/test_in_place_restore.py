@@ -100,8 +100,46 @@ def test_encoded_tensors_are_decoded_into_the_live_tensors(saved, reads):
     assert set(encoded) <= in_place and not (set(encoded) & fresh_reads)
     # the very same memory holds the restored values
     assert {n: p.data_ptr() for n, p in fresh["model"].named_parameters()} == ptrs
-    # (the weights' moments: the biases' are small, packed and loaded from fresh memory)
     assert [s["exp_avg"].data_ptr() for s in fresh["optim"].state.values() if s["exp_avg"].dim() == 2] == moments
+
+
+def _packed(url: str, step: int) -> dict[str, str]:
+    """The packed tensors, with the key of the object each is packed in."""
+    m = load_manifest(Store(url), step)
+    return {p: e.chunks[0].key for p, e in m.tensors.items() if e.chunks and e.chunks[0].packed}
+
+
+def test_packed_tensors_are_copied_from_their_object_into_the_live_tensors(saved, reads):
+    # the biases and their moments share packed objects: decoded once into a reused buffer,
+    # then sliced into the live tensors (no fresh tensor, no load_state_dict copy)
+    url, state = saved
+    packed = _packed(url, 1)
+    assert any(p.startswith("model/") for p in packed) and any(p.startswith("optim/") for p in packed)
+    fresh = _state(seed=3)
+    biases = {n: p.data_ptr() for n, p in fresh["model"].named_parameters() if n.endswith("bias")}
+    assert ckpt.restore(url, fresh).step == 1
+    assert _same(_weights(fresh), _weights(state))
+    for a, b in zip(state["optim"].state.values(), fresh["optim"].state.values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    in_place = {p for _, dest in reads for p in dest}
+    fresh_reads = {p for paths, dest in reads if not dest for p in paths}
+    assert set(packed) <= in_place and not (set(packed) & fresh_reads)
+    assert {n: p.data_ptr() for n, p in fresh["model"].named_parameters() if n.endswith("bias")} == biases
+
+
+def test_a_damaged_packed_object_changes_nothing_live(saved):
+    url, _ = saved
+    packed = _packed(url, 1)
+    key = packed[sorted(p for p in packed if p.startswith("model/"))[0]]
+    corrupt_object(Store(url), key)
+    fresh = _state(seed=3)
+    before = _weights(fresh)
+    moments = [s["exp_avg"].clone() for s in fresh["optim"].state.values()]
+    with pytest.raises(ckpt.CorruptCheckpointError, match=key) as err:
+        ckpt.restore(url, fresh, step=1)
+    assert "partly overwritten" not in str(err.value)
+    assert _same(_weights(fresh), before)
+    assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(moments, fresh["optim"].state.values()))
 
 
 def test_live_tensors_are_not_mapped_in_again_but_fresh_memory_is(saved, monkeypatch):
