@@ -143,7 +143,7 @@ def _unaliased(
         same = (
             all(p in deferred for p in paths)
             and len({(a, b) for a, b, _ in group}) == 1
-            and len({tuple(c.hash for c in manifest.tensors[p].chunks) for p in paths}) == 1
+            and len({_stored_bytes(manifest.tensors[p]) for p in paths}) == 1
         )
         for i, p in enumerate(paths):
             if not same:
@@ -151,6 +151,12 @@ def _unaliased(
             elif i:
                 out[p] = False
     return out
+
+
+def _stored_bytes(entry: TensorEntry) -> tuple[tuple[str, int, int, int], ...]:
+    """What a record says a tensor's bytes are: each chunk's content hash, and for a packed
+    one (whose hash is the whole object's) its slice of that object."""
+    return tuple((c.hash, c.at, c.size, c.of) for c in entry.chunks)
 
 
 def _into_live(entry: TensorEntry, live: torch.Tensor, codecs: CodecRegistry) -> bool:

@@ -150,6 +150,21 @@ def test_tied_live_weights_holding_one_stored_tensor_are_read_once_in_place(tmp_
     assert len([p for p in in_place if p in ("m/a.weight", "m/b.weight")]) == 1
 
 
+def test_tied_live_tensors_packed_apart_take_the_checkpoint_as_a_load_does(tmp_path):
+    """Two small tensors packed in one object (their records cite the same object hash, at
+    different offsets), restored into one live memory: not "the same stored bytes" read once
+    (the first one's values for both), but loaded one after the other: the second wins."""
+    url = str(tmp_path / "store")
+    saved = torch.nn.ParameterDict({"a": torch.full((16,), 1.0), "b": torch.full((16,), 2.0)})
+    ckpt.save(url, {"m": saved}, step=1)
+    records = ckpt.read_manifest(url, 1).tensors
+    assert records["m/a"].chunks[0].packed and records["m/a"].chunks[0].hash == records["m/b"].chunks[0].hash
+    live = torch.nn.ParameterDict({"a": torch.zeros(16)})
+    live["b"] = live["a"]
+    ckpt.restore(url, {"m": live}, step=1)
+    assert live["a"] is live["b"] and torch.equal(live["b"], saved["b"])
+
+
 def test_overlapping_live_tensors_are_restored_as_a_load_does(tmp_path):
     """A plain tensor and a view of its first half, saved apart: the later key wins, as the
     loads copy them in order."""
