@@ -30,12 +30,13 @@ import torch.distributed as dist
 
 from ckpt.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
 from ckpt.hooks.manager import get_plugins
+from ckpt.io.memory import sharing_memory
 from ckpt.io.reader import Reader
 from ckpt.security.envelope import open_store
 from ckpt.security.keys import Encryption
 from ckpt.state import tree as treemod
 from ckpt.state.capture import load_into
-from ckpt.state.in_place import InPlace, decode_in_place, read_verified
+from ckpt.state.in_place import Box, InPlace, box_in_place, decode_in_place, read_verified, verify_boxes
 from ckpt.state.placement import DEFAULT_LOCATION, Placer, placer
 from ckpt.state.restore import as_mapping, decode_values, fit_live
 from ckpt.storage.commit import load_manifest
@@ -45,7 +46,7 @@ from ckpt.storage.store import Store
 from ckpt.types import CheckpointInfo
 
 from .coordinator import _Failed, check_parts, ckpt_group, gather_all
-from .sharding import is_dtensor, rank_view, read_into_dtensor
+from .sharding import is_dtensor, local_box, rank_view, read_into_dtensor
 
 log = logging.getLogger("ckpt")
 
@@ -203,14 +204,51 @@ def _prepare(
     )
     boxed = [p for p in wanted if is_dtensor(live.get(p))]
     whole = [p for p in wanted if p not in set(boxed)]
-    tensors, later = read_verified(
-        store, plugins.codecs, manifest, live, whole, refused, in_place=in_place and place is None
-    )
+    in_place = in_place and place is None
+    tensors, later = read_verified(store, plugins.codecs, manifest, live, whole, refused, in_place=in_place)
     if place is not None:
         tensors = {p: place(t, manifest.devices.get(p, DEFAULT_LOCATION)) for p, t in tensors.items()}
+    boxes = _boxes_in_place(manifest, live, boxed, refused, later, plugins.codecs) if in_place else {}
+    if boxes:
+        verify_boxes(store, plugins.codecs, boxes)
+        if later is None:
+            later = InPlace(store, None, {}, manifest.step)
+        later.boxes.update(boxes)
     if later is not None:
         tensors.update(later.values())
     reader = Reader(store, plugins.codecs)
     for p in boxed:
-        tensors[p] = read_into_dtensor(store, plugins.codecs, manifest, p, live[p], reader=reader)
+        if p not in boxes:
+            tensors[p] = read_into_dtensor(store, plugins.codecs, manifest, p, live[p], reader=reader)
     return decode_values(manifest, state, keys, tensors, plugins, strict=strict), missing, unexpected, later
+
+
+def _boxes_in_place(
+    manifest: Manifest,
+    live: Mapping[str, Any],
+    boxed: list[str],
+    refused: set[str],
+    later: InPlace | None,
+    codecs: Any,
+) -> dict[str, Box]:
+    """The live DTensors of ``boxed`` whose box (this rank's shard) is decoded straight into
+    their local tensor once every rank has verified (:func:`ckpt.state.in_place.box_in_place`),
+    as whole tensors are: no fresh memory for the box, no copy of it by the adapters. Not one
+    whose local memory another live tensor read in place shares (tied weights are read into
+    fresh memory and loaded one after the other, as before)."""
+    boxes: dict[str, Box] = {}
+    for p in boxed:
+        if p in refused:
+            continue
+        value = live[p]
+        offsets, shape = local_box(value, p)
+        local = value.to_local()
+        entry = manifest.tensors[p]
+        if tuple(local.shape) == shape and box_in_place(entry, offsets, local, codecs):
+            boxes[p] = Box(entry, offsets, shape, local, value)
+    whole = later.live if later is not None else {}
+    named = [*((p, b.out) for p, b in boxes.items()), *whole.items()]
+    for group in sharing_memory(named):
+        for _, _, p in group:
+            boxes.pop(p, None)
+    return boxes

@@ -334,6 +334,11 @@ def read_tensors(
 def verify_reads(store: Store, codecs: CodecRegistry, plan: ReadPlan) -> None:
     """Read and verify every chunk of ``plan`` into reused buffers, keeping nothing: the first
     pass of an in-place restore (:func:`ckpt.state.restore.prepare_restore`)."""
+    verify_objects(store, codecs, [(r.ref, r.path) for r in plan.reads])
+
+
+def verify_objects(store: Store, codecs: CodecRegistry, reads: Iterable[tuple[ChunkRef, str]]) -> None:
+    """:func:`verify_reads` of chunk records, each with the path of the tensor reading it."""
     # objects whose stored bytes hashed right (a delta's base once), by what was checked: a
     # record of the same object naming another stored size is checked on its own
     seen: set[tuple[str, str, int]] = set()
@@ -355,9 +360,9 @@ def verify_reads(store: Store, codecs: CodecRegistry, plan: ReadPlan) -> None:
                 seen.add(checked)
             return True
 
-        def job(r: ChunkRead) -> None:
-            obj = r.ref.object_ref()
-            what = tensors_named(packs[object_identity(obj)]) if r.ref.packed else f"tensor {r.path!r}"
+        def job(ref: ChunkRef, path: str) -> None:
+            obj = ref.object_ref()
+            what = tensors_named(packs[object_identity(obj)]) if ref.packed else f"tensor {path!r}"
             links = stored_digests(obj)
             # on local disk: its stored bytes (and a delta's parents') hashed as they stream by
             if links is not None and all(matches(o, digest, what) for o, digest in links):
@@ -370,13 +375,13 @@ def verify_reads(store: Store, codecs: CodecRegistry, plan: ReadPlan) -> None:
                 reader.read_object(obj, buf, what=what)
 
         # one job per object a record promises: a packed object's tensors are verified together
-        first: dict[tuple[str, str, int, int, str], ChunkRead] = {}
+        first: dict[tuple[str, str, int, int, str], tuple[ChunkRef, str]] = {}
         packs: dict[tuple[str, str, int, int, str], list[str]] = {}
-        for r in plan.reads:
-            ident = object_identity(r.ref.object_ref())
-            first.setdefault(ident, r)
-            packs.setdefault(ident, []).append(r.path)
-        wait_all([pool.submit(job, r) for r in first.values()])
+        for ref, path in reads:
+            ident = object_identity(ref.object_ref())
+            first.setdefault(ident, (ref, path))
+            packs.setdefault(ident, []).append(path)
+        wait_all([pool.submit(job, ref, path) for ref, path in first.values()])
 
 
 #: delta links :func:`stored_digests` follows (a writer cites the last full object: one)

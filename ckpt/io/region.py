@@ -59,6 +59,38 @@ def _strides(shape: Sequence[int]) -> list[int]:
     return out[::-1]
 
 
+def _piece_range(want: Box, piece: Box, itemsize: int) -> tuple[Box, int, int] | None:
+    """The part of box ``want`` in stored piece ``piece`` and the byte range ``[lo, hi)`` of
+    the piece's row-major bytes from its first to its last element (None: no overlap)."""
+    if not all(n > 0 for n in want[1]):
+        return None
+    inter = intersect(want, piece)
+    if inter is None:
+        return None
+    strides = _strides(piece[1])
+    rel = [o - po for o, po in zip(inter[0], piece[0])]
+    first = sum(r * s for r, s in zip(rel, strides))
+    last = sum((r + n - 1) * s for r, n, s in zip(rel, inter[1], strides))
+    return inter, first * itemsize, (last + 1) * itemsize
+
+
+def box_chunks(entry: TensorEntry, offsets: Sequence[int], shape: Sequence[int]) -> list[ChunkRef]:
+    """The chunk records :func:`read_box` reads for the box ``offsets`` + ``shape`` of ``entry``."""
+    want: Box = (tuple(offsets), tuple(shape))
+    out: list[ChunkRef] = []
+    for p_off, p_shape, chunks in pieces(entry):
+        span = _piece_range(want, (p_off, p_shape), DTYPE_ITEMSIZE[entry.dtype])
+        if span is None:
+            continue
+        _, lo, hi = span
+        start = 0
+        for ref in chunks:
+            a, start = start, start + ref.size
+            if start > lo and a < hi:
+                out.append(ref)
+    return out
+
+
 def read_box(
     reader: Reader,
     entry: TensorEntry,
@@ -98,14 +130,11 @@ def read_box(
     direct = False  # some piece decoded straight into out
     try:
         for p_off, p_shape, chunks in pieces(entry):
-            inter = intersect(want, (p_off, p_shape)) if all(n > 0 for n in shape) else None
-            if inter is None:
+            span = _piece_range(want, (p_off, p_shape), itemsize)
+            if span is None:
                 continue
+            inter, lo, hi = span
             strides = _strides(p_shape)
-            rel = [o - po for o, po in zip(inter[0], p_off)]
-            first = sum(r * s for r, s in zip(rel, strides))
-            last = sum((r + n - 1) * s for r, n, s in zip(rel, inter[1], strides))
-            lo, hi = first * itemsize, (last + 1) * itemsize
             # A whole piece spanning whole rows of the box (the box itself, or a shard of rows
             # of it) is a contiguous range of a contiguous destination: decoded straight into it.
             whole = inter == (p_off, p_shape) and inter[0][1:] == offsets[1:] and inter[1][1:] == shape[1:]

@@ -12,9 +12,10 @@ read once). Everything else is read into fresh memory and loaded by the adapters
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.autograd.graph import increment_version
@@ -23,10 +24,25 @@ from ckpt.codecs.base import CodecRegistry
 from ckpt.errors import CheckpointError, CorruptCheckpointError
 from ckpt.io.memory import sharing_memory
 from ckpt.io.plan import ReadPlan
-from ckpt.io.reader import read_tensors, stored_digests, verify_reads, writable_in_place
-from ckpt.snapshot.executor import cpu_threads
-from ckpt.storage.manifest import Manifest, TensorEntry
+from ckpt.io.reader import Reader, read_tensors, stored_digests, verify_objects, verify_reads, writable_in_place
+from ckpt.io.region import box_chunks, read_box
+from ckpt.snapshot.executor import cpu_threads, io_pool, wait_all
+from ckpt.state.tree import dtype_from_name
+from ckpt.storage.manifest import ChunkRef, Manifest, TensorEntry
 from ckpt.storage.store import Store
+
+
+@dataclass(frozen=True)
+class Box:
+    """A box of a stored tensor decoded straight into a live tensor's memory: this rank's
+    shard of a live DTensor (``value``), its local tensor ``out`` (see
+    :mod:`ckpt.distributed.restore`)."""
+
+    entry: TensorEntry
+    offsets: tuple[int, ...]
+    shape: tuple[int, ...]
+    out: torch.Tensor
+    value: Any
 
 
 @dataclass
@@ -35,18 +51,22 @@ class InPlace:
     into the live tensors."""
 
     store: Store
-    plan: ReadPlan
+    plan: ReadPlan | None
     live: dict[str, torch.Tensor]
     #: the checkpoint's step (named by a late failure)
     step: int
+    #: boxes of stored tensors read into live memory, by path (their objects verified too)
+    boxes: dict[str, Box] = field(default_factory=dict)
 
-    def values(self) -> dict[str, torch.Tensor]:
+    def values(self) -> dict[str, Any]:
         """The live tensors' memory as the values the adapters load, filled by
         :func:`decode_in_place`. Decoding a value may set requires_grad on it (a stored
         tensor that needs grad), which must not change a live tensor: those that do not
         require grad already are given as aliases. Those that do are given themselves, so
         a module's load, copying each onto itself, does nothing (an alias it would copy)."""
-        return {p: t if t.requires_grad else t.detach() for p, t in self.live.items()}
+        out: dict[str, Any] = {p: t if t.requires_grad else t.detach() for p, t in self.live.items()}
+        out.update({p: b.value if b.value.requires_grad else b.value.detach() for p, b in self.boxes.items()})
+        return out
 
 
 def read_verified(
@@ -84,7 +104,10 @@ def decode_in_place(ip: InPlace, codecs: CodecRegistry) -> None:
     tensors may be partly overwritten."""
     try:
         # just read by the verifying pass, so in the page cache: decoding is CPU work
-        read_tensors(ip.store, codecs, ip.plan, destinations=ip.live, workers=cpu_threads(), cache_parents=False)
+        if ip.plan is not None:
+            read_tensors(ip.store, codecs, ip.plan, destinations=ip.live, workers=cpu_threads(), cache_parents=False)
+        if ip.boxes:
+            _decode_boxes(ip, codecs)
     except CheckpointError as exc:
         damage = (
             # what a pass-1 check of its stored bytes cannot tell apart
@@ -100,8 +123,48 @@ def decode_in_place(ip: InPlace, codecs: CodecRegistry) -> None:
     finally:
         # written through NumPy, which autograd does not see: a backward still pending
         # over these tensors must find them changed
-        for tensor in ip.live.values():
+        for tensor in [*ip.live.values(), *(b.out for b in ip.boxes.values())]:
             increment_version(tensor)
+
+
+def _decode_boxes(ip: InPlace, codecs: CodecRegistry) -> None:
+    """The boxes of ``ip`` decoded into their live memory, several at once (each box's
+    chunks on a pool of their own: a box waiting on its chunks never holds a thread they need)."""
+    reader = Reader(ip.store, codecs, cache_bytes=0, prefault_out=False)
+    with io_pool("ckpt-read", cpu_threads()) as chunks, io_pool("ckpt-boxes", cpu_threads()) as boxes:
+        wait_all(
+            [
+                boxes.submit(read_box, reader, b.entry, p, b.offsets, b.shape, pool=chunks, out=b.out)
+                for p, b in ip.boxes.items()
+            ]
+        )
+
+
+def verify_boxes(store: Store, codecs: CodecRegistry, boxes: Mapping[str, Box]) -> None:
+    """The first pass for ``boxes``: the stored bytes of every object each box reads hashed
+    (see :func:`box_in_place` for which boxes qualify)."""
+    verify_objects(
+        store, codecs, [(ref, p) for p, b in boxes.items() for ref in box_chunks(b.entry, b.offsets, b.shape)]
+    )
+
+
+def box_in_place(entry: TensorEntry, offsets: tuple[int, ...], out: torch.Tensor, codecs: CodecRegistry) -> bool:
+    """Whether the box ``offsets`` + ``out.shape`` of stored ``entry`` may be decoded
+    straight into ``out`` after a first pass: ``out`` is contiguous CPU memory of the stored
+    dtype, the box lies in the tensor, and every object it reads is one reading verifies
+    (unpacked, as :func:`_into_live` asks of a whole tensor's)."""
+    shape = tuple(out.shape)
+    if not writable_in_place(out) or len(offsets) != len(entry.shape) or len(shape) != len(entry.shape):
+        return False
+    try:
+        if dtype_from_name(entry.dtype, what="") != out.dtype:
+            return False
+    except CheckpointError:  # a dtype this torch lacks: the read into fresh memory says so
+        return False
+    if any(o < 0 or n < 0 or o + n > g for o, n, g in zip(offsets, shape, entry.shape)):
+        return False
+    refs = box_chunks(entry, offsets, shape)
+    return all(not c.packed for c in refs) and _verifiable(refs, codecs)
 
 
 def in_place_targets(
@@ -168,7 +231,13 @@ def _into_live(entry: TensorEntry, live: torch.Tensor, codecs: CodecRegistry) ->
         return False
     if not writable_in_place(live) or live.nbytes != entry.nbytes:
         return False
-    links = [stored_digests(c) for c in entry.chunks]
+    return _verifiable(entry.chunks, codecs)
+
+
+def _verifiable(refs: Iterable[ChunkRef], codecs: CodecRegistry) -> bool:
+    """Whether reading the stored bytes of ``refs``' objects verifies them and this reader
+    has the codecs of each, parents' too."""
+    links = [stored_digests(c) for c in refs]
     return all(
         objs is not None and all(step.get("name") in codecs for obj, _ in objs for step in obj.codec) for objs in links
     )

@@ -45,6 +45,80 @@ def damage(url: str, step: int, rank: int, path: str) -> None:
         p.write_bytes(bytes(data))
 
 
+def fsdp_state(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 512))  # 1 MiB shards: not packed
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(4, 512)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    return model, opt
+
+
+def locals_of(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {f"model/{n}": p.to_local() for n, p in model.named_parameters()}
+    for i, s in enumerate(opt.state.values()):
+        out.update({f"optim/state/{i}/{k}": v.to_local() for k, v in s.items() if k != "step"})
+    return out
+
+
+def fsdp(url: str, rank: int, *, damaged: bool, where: str) -> None:
+    import ckpt.state.in_place as in_place_mod
+
+    model, opt = fsdp_state(1)
+    ckpt.save(url, {"model": model, "optim": opt}, step=1)
+    want = {k: v.clone() for k, v in locals_of(model, opt).items()}
+    live_model, live_opt = fsdp_state(2)
+    live = locals_of(live_model, live_opt)
+    before = {k: v.clone() for k, v in live.items()}
+    ptrs = {k: v.data_ptr() for k, v in live.items()}
+    boxes: list[str] = []
+    real = in_place_mod.read_box
+
+    def spy(reader, entry, path, offsets, shape, **kw):  # type: ignore[no-untyped-def]
+        boxes.append(path)
+        return real(reader, entry, path, offsets, shape, **kw)
+
+    in_place_mod.read_box = spy  # type: ignore[assignment]
+    state = {"model": live_model, "optim": live_opt}
+    if damaged:  # an object only rank 1's box reads: every rank raises, nothing live changes
+        if rank == 0:
+            view = rank_view(ckpt.read_manifest(url, step=1), 1, warn=False)
+            shard = view.tensors["model/0.weight"].shards[1]
+            p = Path(Store(url).object_path(shard.chunks[0].key))
+            data = bytearray(p.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            p.write_bytes(bytes(data))
+        dist.barrier()
+        try:
+            ckpt.restore(url, state, step=1)
+        except ckpt.CheckpointError as exc:
+            print("RAISED", rank, type(exc).__name__, str(exc)[:200])
+        else:
+            raise AssertionError("no error")
+        assert not boxes, boxes
+        now = locals_of(live_model, live_opt)
+        assert all(torch.equal(now[k], before[k]) for k in before), "live changed"
+        return
+    assert ckpt.restore(url, state).step == 1
+    now = locals_of(live_model, live_opt)
+    for k, v in want.items():
+        assert torch.equal(now[k], v), k
+    # the weights' boxes and their moments' (the biases' are small: packed, read into fresh memory)
+    assert {"model/0.weight", "model/1.weight", "optim/state/0/exp_avg", "optim/state/2/exp_avg_sq"} <= set(boxes)
+    moved = sorted(k for k, v in now.items() if v.data_ptr() != ptrs[k] and k in boxes)
+    assert not moved, f"local shards replaced, not filled: {moved}"
+    live_model(torch.randn(4, 512)).sum().backward()  # still trains
+    live_opt.step()
+
+
 def main() -> None:
     scenario, where = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")
@@ -91,6 +165,8 @@ def main() -> None:
             print("LATE", rank, type(exc).__name__, str(exc)[:400].replace("\n", " "))
         else:
             raise AssertionError("no error")
+    elif scenario in ("fsdp", "fsdp_damaged"):  # FSDP2 shards: each rank's box into its local tensors
+        fsdp(url, rank, damaged=scenario == "fsdp_damaged", where=where)
     elif scenario == "map_location":
         info = ckpt.restore(url, live, map_location="cpu")
         assert info.step == 2 and same(live, two)

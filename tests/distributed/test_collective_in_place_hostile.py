@@ -12,15 +12,19 @@ from .conftest import assert_ok, run_ranks
 WORKER = Path(__file__).with_name("in_place_hostile_worker.py")
 
 
-@pytest.mark.parametrize("scenario", ["damaged_on_one_rank", "sets_differ", "rewritten_between", "map_location"])
+@pytest.mark.parametrize(
+    "scenario", ["damaged_on_one_rank", "sets_differ", "rewritten_between", "map_location", "fsdp", "fsdp_damaged"]
+)
 def test_collective_in_place_restore(tmp_path, scenario):
     """Damage of one rank's own value: an explicit step raises on both ranks with nothing
     live changed, the latest falls back to the older step on both (no stale second pass);
     ranks decoding different sets in place; an object rewritten between the passes on rank 0
-    raises on both, saying the live tensors may be partly overwritten; map_location."""
+    raises on both, saying the live tensors may be partly overwritten; map_location; FSDP2
+    shards decoded straight into each rank's local tensors, and a damaged shard object that
+    one rank reads failing every rank with nothing live changed."""
     results = run_ranks(scenario, 2, tmp_path, worker=WORKER)
     assert_ok(results)
-    if scenario == "damaged_on_one_rank":
+    if scenario in ("damaged_on_one_rank", "fsdp_damaged"):
         assert all(f"RAISED {r} CorruptCheckpointError" in text for r, (_, text) in enumerate(results))
     if scenario == "rewritten_between":
         late = [line for _, text in results for line in text.splitlines() if line.startswith("LATE")]
