@@ -37,12 +37,26 @@ def same(state: dict, want: dict) -> bool:
 def damage(url: str, step: int, rank: int, path: str) -> None:
     """Flip a byte in the middle of every object of ``path`` in ``rank``'s view of ``step``."""
     view = rank_view(ckpt.read_manifest(url, step=step), rank, warn=False)
-    store = Store(url)
     for ref in view.tensors[path].chunks:
-        p = Path(store.object_path(ref.key))
-        data = bytearray(p.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        p.write_bytes(bytes(data))
+        flip(url, ref.key)
+
+
+def flip(url: str, key: str) -> None:
+    """Flip a byte in the middle of object ``key``."""
+    p = Path(Store(url).object_path(key))
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+
+def refused(url: str, state: dict, step: int, rank: int) -> None:
+    """A restore of ``step`` that must raise a CheckpointError (printed for the test)."""
+    try:
+        ckpt.restore(url, state, step=step)
+    except ckpt.CheckpointError as exc:
+        print("RAISED", rank, type(exc).__name__, str(exc)[:200])
+    else:
+        raise AssertionError("no error")
 
 
 def fsdp_state(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -91,18 +105,9 @@ def fsdp(url: str, rank: int, *, damaged: bool, where: str) -> None:
     if damaged:  # an object only rank 1's box reads: every rank raises, nothing live changes
         if rank == 0:
             view = rank_view(ckpt.read_manifest(url, step=1), 1, warn=False)
-            shard = view.tensors["model/0.weight"].shards[1]
-            p = Path(Store(url).object_path(shard.chunks[0].key))
-            data = bytearray(p.read_bytes())
-            data[len(data) // 2] ^= 0xFF
-            p.write_bytes(bytes(data))
+            flip(url, view.tensors["model/0.weight"].shards[1].chunks[0].key)
         dist.barrier()
-        try:
-            ckpt.restore(url, state, step=1)
-        except ckpt.CheckpointError as exc:
-            print("RAISED", rank, type(exc).__name__, str(exc)[:200])
-        else:
-            raise AssertionError("no error")
+        refused(url, state, 1, rank)
         assert not boxes, boxes
         now = locals_of(live_model, live_opt)
         assert all(torch.equal(now[k], before[k]) for k in before), "live changed"
@@ -133,12 +138,7 @@ def main() -> None:
             damage(url, 2, 1, "mine/t")
         dist.barrier()
         fill(live, 7.0)
-        try:
-            ckpt.restore(url, live, step=2)
-        except ckpt.CheckpointError as exc:
-            print("RAISED", rank, type(exc).__name__, str(exc)[:200])
-        else:
-            raise AssertionError("no error")
+        refused(url, live, 2, rank)
         assert (live["model"]["w"] == 7).all() and (live["mine"]["t"] == 7).all(), "live changed"
         info = ckpt.restore(url, live)  # the latest: falls back to step 1 on every rank
         assert info.step == 1, info.step
