@@ -14,7 +14,8 @@ world size saved them; replicated and plain tensors are read whole on every rank
 All or nothing across ranks: every rank reads, verifies and checks everything first; only
 when every rank reports success does any rank load into its live objects. A failure on any
 rank raises CheckpointError on every rank and changes nothing live. From local disk, whole
-tensors are verified by their stored bytes and decoded straight into the live tensors
+tensors, and DTensor boxes made of whole stored pieces (restored at the layout that saved
+them), are verified by their stored bytes and decoded straight into the live (local) tensors
 afterwards, as in a single process (:mod:`ckpt.state.in_place`); a failure of that second
 pass on any rank (an object rewritten in between) raises on every rank, saying the live
 tensors may be partly overwritten.

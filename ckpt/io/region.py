@@ -74,6 +74,24 @@ def _piece_range(want: Box, piece: Box, itemsize: int) -> tuple[Box, int, int] |
     return inter, first * itemsize, (last + 1) * itemsize
 
 
+def _whole_rows(inter: Box, piece: Box, want: Box) -> bool:
+    """Whether ``inter``, the part of box ``want`` in ``piece``, is the whole piece and spans
+    whole rows of the box: a contiguous byte range of a contiguous destination."""
+    return inter == piece and inter[0][1:] == want[0][1:] and inter[1][1:] == want[1][1:]
+
+
+def box_read_whole(entry: TensorEntry, offsets: Sequence[int], shape: Sequence[int]) -> bool:
+    """Whether :func:`read_box` decodes every piece of this box straight into a contiguous
+    destination, taking no buffer of its own (the box is made of whole stored pieces: a
+    shard restored at the layout that saved it, or a whole tensor)."""
+    want: Box = (tuple(offsets), tuple(shape))
+    for p_off, p_shape, _ in pieces(entry):
+        span = _piece_range(want, (p_off, p_shape), DTYPE_ITEMSIZE[entry.dtype])
+        if span is not None and not _whole_rows(span[0], (p_off, p_shape), want):
+            return False
+    return True
+
+
 def box_chunks(entry: TensorEntry, offsets: Sequence[int], shape: Sequence[int]) -> list[ChunkRef]:
     """The chunk records :func:`read_box` reads for the box ``offsets`` + ``shape`` of ``entry``."""
     want: Box = (tuple(offsets), tuple(shape))
@@ -137,7 +155,7 @@ def read_box(
             strides = _strides(p_shape)
             # A whole piece spanning whole rows of the box (the box itself, or a shard of rows
             # of it) is a contiguous range of a contiguous destination: decoded straight into it.
-            whole = inter == (p_off, p_shape) and inter[0][1:] == offsets[1:] and inter[1][1:] == shape[1:]
+            whole = _whole_rows(inter, (p_off, p_shape), want)
             # (not a conjugate or negative view: its memory holds other values than it reads as)
             whole = whole and out.is_contiguous() and not out.is_conj() and not out.is_neg()
             if whole:

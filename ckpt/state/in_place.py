@@ -25,7 +25,7 @@ from ckpt.errors import CheckpointError, CorruptCheckpointError
 from ckpt.io.memory import sharing_memory
 from ckpt.io.plan import ReadPlan
 from ckpt.io.reader import Reader, read_tensors, stored_digests, verify_objects, verify_reads, writable_in_place
-from ckpt.io.region import box_chunks, read_box
+from ckpt.io.region import box_chunks, box_read_whole, read_box
 from ckpt.snapshot.executor import cpu_threads, io_pool, wait_all
 from ckpt.state.tree import dtype_from_name
 from ckpt.storage.manifest import ChunkRef, Manifest, TensorEntry
@@ -151,8 +151,10 @@ def verify_boxes(store: Store, codecs: CodecRegistry, boxes: Mapping[str, Box]) 
 def box_in_place(entry: TensorEntry, offsets: tuple[int, ...], out: torch.Tensor, codecs: CodecRegistry) -> bool:
     """Whether the box ``offsets`` + ``out.shape`` of stored ``entry`` may be decoded
     straight into ``out`` after a first pass: ``out`` is contiguous CPU memory of the stored
-    dtype, the box lies in the tensor, and every object it reads is one reading verifies
-    (unpacked, as :func:`_into_live` asks of a whole tensor's)."""
+    dtype, the box lies in the tensor and is made of whole stored pieces (decoded straight
+    into ``out``: nothing to allocate once live memory is being written), and every object
+    it reads is one reading verifies (unpacked, as :func:`_into_live` asks of a whole
+    tensor's)."""
     shape = tuple(out.shape)
     if not writable_in_place(out) or len(offsets) != len(entry.shape) or len(shape) != len(entry.shape):
         return False
@@ -162,6 +164,8 @@ def box_in_place(entry: TensorEntry, offsets: tuple[int, ...], out: torch.Tensor
     except CheckpointError:  # a dtype this torch lacks: the read into fresh memory says so
         return False
     if any(o < 0 or n < 0 or o + n > g for o, n, g in zip(offsets, shape, entry.shape)):
+        return False
+    if not box_read_whole(entry, offsets, shape):  # a resharded box: its buffers are taken in the first pass
         return False
     refs = box_chunks(entry, offsets, shape)
     return all(not c.packed for c in refs) and _verifiable(refs, codecs)

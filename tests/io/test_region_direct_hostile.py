@@ -110,3 +110,40 @@ def test_dcp_load_into_tied_targets_of_different_stored_tensors(tmp_path):
             w = torch.zeros(1024, 1024)
             dcp.load({"a": w, "b": w}, storage_reader=ckpt.dcp.StorageReader(url))
             assert torch.equal(w, src["a"]) or torch.equal(w, src["b"])
+
+
+def test_which_boxes_are_read_whole_and_which_chunks_they_read(tmp_path):
+    """box_read_whole (boxes an in-place restore decodes straight into live memory, taking no
+    buffer once live memory is being written) and box_chunks (what the verifying pass hashes
+    for them): exactly the objects read_box reads."""
+    from ckpt.io.region import box_chunks, box_read_whole
+
+    full = torch.randn(8, 6)
+    url, m = _rows(tmp_path, full)  # two stored row boxes, [0:4] and [4:8], 40-byte chunks
+    entry = m.tensors["w"]
+    top, bottom = entry.shards
+    assert box_read_whole(entry, (4, 0), (4, 6)) and box_chunks(entry, (4, 0), (4, 6)) == list(bottom.chunks)
+    assert box_read_whole(entry, (0, 0), (8, 6)) and box_chunks(entry, (0, 0), (8, 6)) == [*top.chunks, *bottom.chunks]
+    # resharded: rows 2..6 cut both stored boxes; columns 0..3 cut every row
+    assert not box_read_whole(entry, (2, 0), (4, 6))
+    assert not box_read_whole(entry, (0, 0), (8, 3))
+    assert box_chunks(entry, (2, 0), (4, 6)) == [c for c in (*top.chunks, *bottom.chunks)][1:-1]
+    read: list[str] = []
+
+    class Spy:
+        def __init__(self, reader):
+            self.reader = reader
+
+        def read_chunk(self, ref, out, *, what):
+            read.append(ref.key)
+            return self.reader.read_chunk(ref, out, what=what)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ckpt.io.reader import Reader
+    from ckpt.io.region import read_box
+
+    with ThreadPoolExecutor(2) as pool:
+        got = read_box(Spy(Reader(Store(url), get_plugins().codecs)), entry, "w", (2, 0), (4, 6), pool=pool)
+    assert torch.equal(got, full[2:6])
+    assert sorted(read) == sorted(c.key for c in box_chunks(entry, (2, 0), (4, 6)))
