@@ -87,6 +87,13 @@ def pack_bytes() -> int:
     return max(0, _int("CKPT_PACK_BYTES", 1024 * 1024))
 
 
+def native_planes() -> bool:
+    """``CKPT_NATIVE_PLANES``: ``0`` moves bgzstd's byte planes with numpy instead of the
+    compiled loops of ``ckpt/codecs/_planes.c`` (same bytes, slower; where the extension was
+    not built, numpy is used anyway)."""
+    return os.environ.get("CKPT_NATIVE_PLANES", "1") != "0"
+
+
 def zstd_level_override() -> int | None:
     """``CKPT_ZSTD_LEVEL`` when set; byte planes of floats otherwise use tuned settings (``ckpt.codecs.zstd.PLANE_PARAMS``)."""
     return zstd_level() if os.environ.get("CKPT_ZSTD_LEVEL") else None

@@ -10,16 +10,17 @@ Plane *i* is byte *i* of each element in memory: little-endian words everywhere.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+from ckpt import config
+
 
 def _load_native() -> ModuleType | None:
-    if os.environ.get("CKPT_NATIVE_PLANES", "1") == "0":
+    if not config.native_planes():
         return None
     try:
         from ckpt.codecs import _planes

@@ -37,7 +37,7 @@ def backend(request, monkeypatch):
 
 def test_the_extension_is_built_and_used():
     native = _compiled()
-    assert planes.native is (None if planes.os.environ.get("CKPT_NATIVE_PLANES") == "0" else native)
+    assert planes.native is (native if planes.config.native_planes() else None)
 
 
 def _reference(data: bytes, k: int) -> np.ndarray:
