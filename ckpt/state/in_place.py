@@ -64,9 +64,8 @@ class InPlace:
         tensor that needs grad), which must not change a live tensor: those that do not
         require grad already are given as aliases. Those that do are given themselves, so
         a module's load, copying each onto itself, does nothing (an alias it would copy)."""
-        out: dict[str, Any] = {p: t if t.requires_grad else t.detach() for p, t in self.live.items()}
-        out.update({p: b.value if b.value.requires_grad else b.value.detach() for p, b in self.boxes.items()})
-        return out
+        values: dict[str, Any] = {**self.live, **{p: b.value for p, b in self.boxes.items()}}
+        return {p: t if t.requires_grad else t.detach() for p, t in values.items()}
 
 
 def read_verified(

@@ -127,7 +127,7 @@ def test_which_boxes_are_read_whole_and_which_chunks_they_read(tmp_path):
     # resharded: rows 2..6 cut both stored boxes; columns 0..3 cut every row
     assert not box_read_whole(entry, (2, 0), (4, 6))
     assert not box_read_whole(entry, (0, 0), (8, 3))
-    assert box_chunks(entry, (2, 0), (4, 6)) == [c for c in (*top.chunks, *bottom.chunks)][1:-1]
+    assert box_chunks(entry, (2, 0), (4, 6)) == [*top.chunks, *bottom.chunks][1:-1]
     read: list[str] = []
 
     class Spy:
