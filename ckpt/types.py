@@ -34,6 +34,8 @@ class SaveStats:
     #: parent chunks read back and decoded whole, verified or refused (the rest of ``parent_reads``: probed
     #: from their first bytes only, or not readable)
     parent_decodes: int = 0
+    #: bytes of parent objects read back: ranges for the probe, whole objects to decode
+    parent_bytes_read: int = 0
 
 
 @dataclass(frozen=True)

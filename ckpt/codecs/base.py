@@ -15,7 +15,7 @@ store gives its codecs (keys, later) arrives with every call in a :class:`CodecC
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -78,7 +78,10 @@ class Codec(Protocol):
 
         A codec may also have ``decode_prefix(payload, size, nbytes, params)``: the first
         bytes (at least ``min(nbytes, size)``, at most ``size``) of its ``size``-byte input,
-        decoded without the rest, or None; see :func:`decode_prefix`.
+        decoded without the rest, or None; see :func:`decode_prefix`. And
+        ``decode_prefix_from(read, stored, size, nbytes, params)``: the same of a payload of
+        ``stored`` bytes that ``read(start, end)`` gives in ranges, reading no more of it
+        than those bytes need; see :func:`decode_prefix_from`.
         """
 
 
@@ -201,20 +204,43 @@ def decode_prefix(
     are **not verified** (the content hash covers the whole chunk): estimates only (the
     delta probe of :mod:`ckpt.codecs.delta`), never data.
     """
+    return decode_prefix_from(registry, chain, lambda a, b: payload[a:b], len(payload), size, nbytes)
+
+
+def decode_prefix_from(
+    registry: CodecRegistry,
+    chain: Sequence[Mapping[str, Any]],
+    read: Callable[[int, int], bytes | memoryview],
+    stored: int,
+    size: int,
+    nbytes: int,
+) -> memoryview | None:
+    """:func:`decode_prefix` of a payload of ``stored`` bytes that ``read(start, end)`` gives
+    in ranges (an object in a store): a codec with ``decode_prefix_from`` reads only what
+    the first bytes need; one with only ``decode_prefix`` is given the whole payload."""
     want = min(nbytes, size)
     if not chain:
-        return payload[:want] if len(payload) == size else None
+        if stored != size:
+            return None
+        head = read(0, want)
+        return memoryview(head) if len(head) == want else None
     step = chain[0]
     if len(chain) != 1 or not isinstance(step, Mapping) or INPUT_SIZE in step:
         return None
     name = step.get("name")
     if not isinstance(name, str) or name not in registry:
         return None
-    prefix = getattr(registry.get(name), "decode_prefix", None)
-    if prefix is None:
+    codec = registry.get(name)
+    ranged = getattr(codec, "decode_prefix_from", None)
+    prefix = getattr(codec, "decode_prefix", None)
+    if ranged is None and prefix is None:
         return None
     try:
-        out = prefix(payload, size, nbytes, step)
+        if ranged is not None:
+            out = ranged(read, stored, size, nbytes, step)
+        elif prefix is not None:
+            payload = read(0, stored)
+            out = prefix(memoryview(payload), size, nbytes, step) if len(payload) == stored else None
     except (CorruptCheckpointError, ValueError, TypeError, KeyError, IndexError, OverflowError, struct.error):
         return None  # a third party's codec refusing it: the whole decode says why
     if out is None or not want <= len(out) <= size:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -146,6 +146,27 @@ class ZstdCodec:
         """The first ``min(nbytes, size)`` bytes of a ``size``-byte chunk (see :func:`ckpt.codecs.base.decode_prefix`)."""
         return _decompress_prefix(payload, min(nbytes, size))
 
+    def decode_prefix_from(
+        self, read: ReadRange, stored: int, size: int, nbytes: int, params: Mapping[str, Any]
+    ) -> bytes | None:
+        """:meth:`decode_prefix` of a payload of ``stored`` bytes that ``read(start, end)``
+        gives in ranges: only the frame's first bytes are read."""
+        want = min(nbytes, size)
+        return _decompress_prefix(read(0, min(stored, prefix_input_bound(want))), want)
+
+
+def prefix_input_bound(nbytes: int) -> int:
+    """The most bytes of a zstd frame that decoding its first ``nbytes`` can take: the frame
+    header and every block up to the one holding byte ``nbytes`` (a block decodes to at most
+    128 KiB and is never stored larger than that plus its 3-byte header)."""
+    return 18 + nbytes + _BLOCK + 3 * (nbytes // _BLOCK + 2)
+
+
+#: zstd's largest block (decoded)
+_BLOCK = 128 * 1024
+#: ``read(start, end)``: bytes ``[start, end)`` of a payload (fewer when it is shorter)
+ReadRange = Callable[[int, int], "bytes | memoryview"]
+
 
 _PLANE = struct.Struct("<BQ")  # mode (0 raw, 1 zstd), stored length
 #: element sizes bgzstd groups bytes by (every dtype of 2 bytes or more)
@@ -250,20 +271,20 @@ class ByteGroupZstdCodec:
         """The planes of a ``size``-byte chunk stored raw (byte *i* of every element, by *i*),
         read in place: no decoding. None for a plane table :meth:`decode` would refuse.
         **Unverified**, like :meth:`decode_prefix`: for estimates only."""
-        k = params.get("itemsize")
-        if type(k) is not int or k not in ITEMSIZES or size % k or len(payload) < _PLANE.size * k:
+        table = _plane_table(lambda a, b: payload[a:b], len(payload), size, params)
+        if table is None:
             return None
-        n = size // k
-        raw: dict[int, memoryview] = {}
-        pos = _PLANE.size * k
-        for i in range(k):
-            mode, length = _PLANE.unpack_from(payload, i * _PLANE.size)
-            if mode not in (_RAW, _ZSTD) or (mode == _RAW and length != n) or pos + length > len(payload):
-                return None
-            if mode == _RAW:
-                raw[i] = payload[pos : pos + length]
-            pos += length
-        return raw if pos == len(payload) else None
+        return {i: payload[pos : pos + length] for i, (mode, pos, length) in enumerate(table[2]) if mode == _RAW}
+
+    def raw_planes_from(
+        self, read: ReadRange, stored: int, size: int, params: Mapping[str, Any]
+    ) -> dict[int, PlaneRange] | None:
+        """:meth:`raw_planes` of a payload of ``stored`` bytes that ``read(start, end)`` gives
+        in ranges: each plane is read only where it is sliced (:class:`PlaneRange`)."""
+        table = _plane_table(read, stored, size, params)
+        if table is None:
+            return None
+        return {i: PlaneRange(read, pos, length) for i, (mode, pos, length) in enumerate(table[2]) if mode == _RAW}
 
     def decode_prefix(
         self, payload: memoryview, size: int, nbytes: int, params: Mapping[str, Any]
@@ -272,28 +293,68 @@ class ByteGroupZstdCodec:
         chunk: only the first bytes of each plane are decompressed (see
         :func:`ckpt.codecs.base.decode_prefix`). None for a payload :meth:`decode` would refuse
         in its table or in those first bytes."""
-        k = params.get("itemsize")
-        if type(k) is not int or k not in ITEMSIZES or size % k or len(payload) < _PLANE.size * k:
+        return self.decode_prefix_from(lambda a, b: payload[a:b], len(payload), size, nbytes, params)
+
+    def decode_prefix_from(
+        self, read: ReadRange, stored: int, size: int, nbytes: int, params: Mapping[str, Any]
+    ) -> memoryview | None:
+        """:meth:`decode_prefix` of a payload of ``stored`` bytes that ``read(start, end)``
+        gives in ranges: only the plane table and each plane's first bytes are read."""
+        table = _plane_table(read, stored, size, params, whole=False)
+        if table is None:
             return None
-        n = size // k
+        k, n, planes = table
         m = min(n, -(-nbytes // k))  # elements
-        planes: list[np.ndarray] = []
-        pos = _PLANE.size * k
-        for i in range(k):
-            mode, length = _PLANE.unpack_from(payload, i * _PLANE.size)
-            body = payload[pos : pos + length]
-            pos += length
-            if len(body) != length:
-                return None
-            if mode == _RAW and length == n:
-                planes.append(np.frombuffer(body, dtype=np.uint8, count=m))
-            elif mode == _ZSTD:
-                raw = _decompress_prefix(body, m)
-                if raw is None:
-                    return None
-                planes.append(np.frombuffer(raw, dtype=np.uint8))
+        parts: list[np.ndarray] = []
+        for mode, pos, length in planes:
+            if mode == _RAW:
+                body = read(pos, pos + m)
+                raw: bytes | memoryview | None = body if len(body) == m else None
             else:
+                raw = _decompress_prefix(read(pos, pos + min(length, prefix_input_bound(m))), m)
+            if raw is None:
                 return None
+            parts.append(np.frombuffer(raw, dtype=np.uint8, count=m))
         out = np.empty(m * k, dtype=np.uint8)  # fully written below
-        byte_planes.join(planes, out.data)
+        byte_planes.join(parts, out.data)
         return out.data
+
+
+class PlaneRange:
+    """A plane stored raw in a payload read in ranges: its length, and its bytes where sliced."""
+
+    def __init__(self, read: ReadRange, pos: int, length: int) -> None:
+        self._read, self._pos, self._len = read, pos, length
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, part: slice) -> bytes | memoryview:
+        a, b, step = part.indices(self._len)
+        if step != 1:
+            raise ValueError("a plane is read in contiguous ranges only")
+        return self._read(self._pos + a, self._pos + max(a, b))
+
+
+def _plane_table(
+    read: ReadRange, stored: int, size: int, params: Mapping[str, Any], *, whole: bool = True
+) -> tuple[int, int, list[tuple[int, int, int]]] | None:
+    """``(itemsize, elements, [(mode, position, length) of each plane])`` of a bgzstd payload
+    of ``stored`` bytes; None for a table :meth:`ByteGroupZstdCodec.decode` would refuse
+    (bytes past the last plane aside unless ``whole``: a prefix does not look that far)."""
+    k = params.get("itemsize")
+    if type(k) is not int or k not in ITEMSIZES or size % k or stored < _PLANE.size * k:
+        return None
+    head = read(0, _PLANE.size * k)
+    if len(head) != _PLANE.size * k:
+        return None
+    n = size // k
+    planes: list[tuple[int, int, int]] = []
+    pos = _PLANE.size * k
+    for i in range(k):
+        mode, length = _PLANE.unpack_from(head, i * _PLANE.size)
+        if mode not in (_RAW, _ZSTD) or (mode == _RAW and length != n) or pos + length > stored:
+            return None
+        planes.append((mode, pos, length))
+        pos += length
+    return (k, n, planes) if pos == stored or not whole else None

@@ -92,6 +92,8 @@ class WriteStats:
     #: parent chunks read back and decoded whole, verified or refused (the rest of ``parent_reads``: probed
     #: from their first bytes only, or not readable)
     parent_decodes: int = 0
+    #: bytes of parent objects read back: ranges for the probe, whole objects to decode
+    parent_bytes_read: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **deltas: int) -> None:
@@ -202,7 +204,7 @@ class Writer:
             # verified once a save, cached), not read and decoded from the store a second time
             parent_view = self._parent_pack(parent)
             if parent_view is not None:
-                self.stats.add(parent_reads=1, parent_decodes=1)
+                self.stats.add(parent_reads=1, parent_decodes=1, parent_bytes_read=max(parent.stored, 0))
         return self._write_chunk(path, data, dtype, itemsize, parent, parent_view)
 
     def flush(self) -> None:
@@ -382,7 +384,11 @@ class Writer:
             assert base_ref is not None  # a base record exists only when a parent does
             base = self._delta_base(path, base_ref, base_record, age, parent_view if base_ref is parent else None)
         ctx = EncodeContext(dtype=dtype, itemsize=itemsize, codec_context=self.store.codec_context)
-        choice = deltamod.choose(self.codecs, data, ctx, base)
+        try:
+            choice = deltamod.choose(self.codecs, data, ctx, base)
+        finally:
+            if base is not None:
+                base.close()
         if choice.tried:
             self.stats.tried_delta(path, choice.delta)
         if choice.probed:

@@ -37,6 +37,7 @@ is a :class:`CorruptCheckpointError` naming it, never a hang or a read.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -270,6 +271,55 @@ class Store(LocalFiles, ManifestsAndRefs):
             return self._read(self.object_path(key), limit)
         except FileNotFoundError:
             raise self._missing(key, what) from None
+
+    @contextlib.contextmanager
+    def object_ranges(self, key: str, *, what: str = "") -> Iterator[Callable[[int, int], bytes]]:
+        """``read(start, end)``: bytes ``[start, end)`` of object ``key`` (fewer when it is
+        shorter), for as long as the block runs: locally the file opened once (confined as
+        :meth:`read` is) and read with ``pread``, remotely a ranged GET each."""
+        path = self.object_path(key)
+
+        def check(start: int, end: int) -> None:
+            if not 0 <= start <= end:
+                raise ValueError(f"bad range [{start}, {end}) of object {key}")
+
+        if self.local:
+            with contextlib.ExitStack() as stack:
+                try:
+                    f, _size = self._io(f"opening object {key}", lambda: stack.enter_context(self._open_local(path)))
+                except FileNotFoundError:
+                    raise self._missing(key, what) from None
+                fd = f.fileno()
+
+                def pread(start: int, end: int) -> bytes:
+                    check(start, end)
+                    return self._io(f"reading object {key}", lambda: os.pread(fd, end - start, start))
+
+                yield pread
+            return
+
+        def get(start: int, end: int) -> bytes:
+            check(start, end)
+            if start == end:
+                return b""
+
+            def ranged() -> bytes:
+                try:
+                    return self.fs.cat_file(path, start=start, end=end)
+                except FileNotFoundError:
+                    raise
+                except Exception as exc:
+                    # S3 and Azure answer a range past the end with 416 (InvalidRange)
+                    if unreachable_reason(exc) is None and self.fs.info(path).get("size", 0) <= start:
+                        return b""
+                    raise
+
+            try:
+                return self._io(f"reading object {key}", ranged)
+            except FileNotFoundError:
+                raise self._missing(key, what) from None
+
+        yield get
 
     def has_object(self, key: str) -> bool:
         return self.exists(self.object_path(key))

@@ -5,6 +5,7 @@ against, and stores whose bases cannot be cut short (sealed, packed) still get d
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 import ckpt
 from ckpt.codecs import EncodeContext
 from ckpt.codecs import delta as deltamod
-from ckpt.codecs.base import decode_prefix, default_chain, encode_chain
+from ckpt.codecs.base import decode_prefix, decode_prefix_from, default_chain, encode_chain
 from ckpt.storage.store import Store
 from ckpt.testing import assert_same_state, clone_state, get_plugins
 from ckpt.testing.store_urls import store_url_fixture
@@ -22,8 +23,8 @@ store_url = store_url_fixture(["file", "s3"], servers={"s3": "s3_server"})
 N = 4 * deltamod.PROBE_BYTES // 4  # float32 elements: the smallest chunk that is probed
 
 
-def _weights(seed: int = 7) -> torch.Tensor:
-    return torch.randn(N, generator=torch.Generator().manual_seed(seed)) * 0.02
+def _weights(seed: int = 7, n: int = N) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 0.02
 
 
 def test_a_base_whose_first_bytes_lie_is_never_written_against(store_url, caplog):
@@ -138,3 +139,132 @@ def test_nearly_valid_plane_tables_give_exact_raw_planes_or_none(case, head):
         deltamod._first_bytes_understate(data, data[: min(head, n // 2) * k], (k, planes), 1)
     got = decode_prefix(get_plugins().codecs, [params], memoryview(payload), n * k, head)
     assert got is None or min(head, n * k) <= len(got) <= n * k
+
+
+def test_a_probe_that_favours_a_full_object_reads_ranges_of_the_base_not_all_of_it(store_url):
+    """A chunk rewritten everywhere (every byte differs from its base's): the probe decides
+    from the base's plane table, the first bytes of its planes and samples of its raw
+    planes, read in ranges, and never reads or decodes the rest of it."""
+    state = {"w": _weights(n=4 << 20)}  # one 16 MiB chunk
+    ckpt.save(store_url, state, step=0)
+    ref = ckpt.read_manifest(store_url, 0).tensors["w"].chunks[0]
+    state["w"].copy_(_weights(seed=8, n=4 << 20))
+    stats = ckpt.save(store_url, state, step=1).write_stats
+    assert stats is not None
+    assert (stats.probes, stats.parent_reads, stats.parent_decodes, stats.delta_objects) == (1, 1, 0, 0)
+    assert 0 < stats.parent_bytes_read < ref.stored // 8
+    assert_same_state(ckpt.load(store_url, step=1), clone_state(state))
+
+
+def test_a_kept_delta_reads_its_base_whole_once(store_url):
+    state = {"w": _weights(n=4 << 20)}
+    ckpt.save(store_url, state, step=0)
+    ref = ckpt.read_manifest(store_url, 0).tensors["w"].chunks[0]
+    state["w"] += 1e-6
+    stats = ckpt.save(store_url, state, step=1).write_stats
+    assert stats is not None
+    assert (stats.parent_reads, stats.parent_decodes, stats.delta_objects) == (1, 1, 1)
+    assert ref.stored <= stats.parent_bytes_read < ref.stored * 1.1  # the ranges of the probe, then the whole
+    assert_same_state(ckpt.load(store_url, step=1), clone_state(state))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    k=st.sampled_from([2, 4, 8]),
+    n=st.integers(min_value=1, max_value=70_000),
+    head=st.integers(min_value=1, max_value=300_000),
+    noise=st.floats(min_value=0.0, max_value=1.0),
+    cut=st.integers(min_value=-64, max_value=64),
+)
+def test_a_prefix_read_in_ranges_is_the_prefix_of_the_whole_payload(k, n, head, noise, cut):
+    """``decode_prefix_from`` (ranges) gives what ``decode_prefix`` gives on the whole payload,
+    and the start of the chunk when the payload is intact; a payload cut short or padded
+    (``cut``) gives the same answer both ways, never an exception."""
+    rng = np.random.default_rng(n)
+    data = (rng.standard_normal(n) * 0.02).astype({2: np.float16, 4: np.float32, 8: np.float64}[k])
+    data[: int(n * noise)] = 0
+    raw = memoryview(data.view(np.uint8).reshape(-1))
+    registry = get_plugins().codecs
+    dtype = {2: "float16", 4: "float32", 8: "float64"}[k]
+    payload, chain = encode_chain(registry, default_chain(dtype), raw, EncodeContext(dtype=dtype, itemsize=k))
+    payload = bytes(payload)
+    if cut < 0:
+        payload = payload[:cut]
+    elif cut > 0:
+        payload += bytes(cut)
+    reads: list[tuple[int, int]] = []
+
+    def read(a: int, b: int) -> bytes:
+        reads.append((a, b))
+        return payload[a:b]
+
+    whole = decode_prefix(registry, chain, memoryview(payload), len(raw), head)
+    ranged = decode_prefix_from(registry, chain, read, len(payload), len(raw), head)
+    assert (whole is None) == (ranged is None)
+    if ranged is not None:
+        assert bytes(ranged) == bytes(whole)
+    if cut == 0 and chain:
+        assert ranged is not None and bytes(ranged[: min(head, len(raw))]) == bytes(raw[:head])
+    if chain and len(raw) > 4 * head + 4 * 1024 * 1024:  # a prefix reads a small part of a large payload
+        assert sum(b - a for a, b in reads) < len(payload) // 2
+
+
+def test_object_ranges_read_what_lies_there_and_refuse_what_does_not(store_url):
+    from ckpt.errors import MissingObjectError
+
+    store = Store(store_url)
+    body = bytes(range(256)) * 40
+    store.put_object("ab" * 16, body)
+    with store.object_ranges("ab" * 16) as read:
+        assert read(0, 10) == body[:10]
+        assert read(5000, 5300) == body[5000:5300]
+        assert read(len(body) - 4, len(body) + 100) == body[-4:]  # short at the end
+        assert read(len(body) + 10, len(body) + 20) == b""  # past it
+        assert read(7, 7) == b""
+    try:
+        with store.object_ranges("cd" * 16, what="tensor 'w'") as read:
+            read(0, 10)
+    except MissingObjectError as exc:
+        assert "cd" * 16 in str(exc) and "tensor 'w'" in str(exc)
+    else:
+        raise AssertionError("a missing object was read")
+
+
+def test_the_probe_leaves_no_object_open(tmp_path, monkeypatch):
+    """Each probed base is opened once for its ranges and closed once its chunk is encoded."""
+    import os
+
+    monkeypatch.setenv("CKPT_CHUNK_BYTES", str(N * 4))
+    url = str(tmp_path / "store")
+    w = torch.cat([_weights(seed=s) for s in range(6)])
+    state = {"w": w}
+    ckpt.save(url, state, step=0)
+    fds = len(os.listdir("/proc/self/fd"))
+    state["w"].copy_(torch.cat([_weights(seed=10 + s) for s in range(6)]))
+    stats = ckpt.save(url, state, step=1).write_stats
+    assert stats is not None and stats.probes == 6 and stats.parent_reads == 6
+    assert len(os.listdir("/proc/self/fd")) <= fds
+
+
+@pytest.mark.parametrize("keep", [0, 40, 300_000, -1])
+@pytest.mark.parametrize("change", ["small", "everywhere"])
+def test_a_base_cut_short_after_its_save_costs_compression_only(tmp_path, caplog, keep, change):
+    """The base object truncated (to nothing, into its plane table, into its planes, by one
+    byte): whatever ranges the probe can still read, the chunk is written in full, never
+    against the damaged base, and restores bit-exact."""
+    url = str(tmp_path / "store")
+    state = {"w": _weights(n=1 << 20)}
+    ckpt.save(url, state, step=0)
+    ref = ckpt.read_manifest(url, 0).tensors["w"].chunks[0]
+    path = Store(url).object_path(ref.key)
+    with open(path, "r+b") as f:
+        f.truncate(ref.stored - 1 if keep < 0 else keep)
+    if change == "small":
+        state["w"] += 1e-6
+    else:
+        state["w"].copy_(_weights(seed=9, n=1 << 20))
+    with caplog.at_level("WARNING", logger="ckpt"):
+        stats = ckpt.save(url, state, step=1).write_stats
+    assert stats is not None and stats.delta_objects == 0
+    assert all(deltamod.chain_depth(r.codec) == 0 for r in ckpt.read_manifest(url, 1).chunk_refs())
+    assert_same_state(ckpt.load(url, step=1), clone_state(state))
