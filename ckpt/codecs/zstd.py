@@ -156,9 +156,11 @@ class ZstdCodec:
 
 
 def prefix_input_bound(nbytes: int) -> int:
-    """The most bytes of a zstd frame that decoding its first ``nbytes`` can take: the frame
-    header and every block up to the one holding byte ``nbytes`` (a block decodes to at most
-    128 KiB and is never stored larger than that plus its 3-byte header)."""
+    """The bytes of a zstd frame that decoding its first ``nbytes`` takes, as zstd's encoder
+    writes frames: the frame header and every block up to the one holding byte ``nbytes``
+    (a block decodes to at most 128 KiB and is never stored larger than that plus its
+    3-byte header). A valid frame padded with empty blocks can take more: its prefix is
+    then None, and a caller decodes the object whole (verified) instead."""
     return 18 + nbytes + _BLOCK + 3 * (nbytes // _BLOCK + 2)
 
 

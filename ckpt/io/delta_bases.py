@@ -57,11 +57,18 @@ class StoredBase:
         self._small: dict[tuple[int, int], bytes] = {}
         self._ranges: Callable[[int, int], bytes] | None = None
         self._open = contextlib.ExitStack()
+        self._closed = False
 
     def base(self, record: Mapping[str, Any], age: int) -> DeltaBase:
         return DeltaBase(
-            record, age, whole=self.whole, prefix=self.prefix, raw_planes=self.raw_planes, close=self._open.close
+            record, age, whole=self.whole, prefix=self.prefix, raw_planes=self.raw_planes, close=self.close
         )
+
+    def close(self) -> None:
+        """Close the object the ranges were read from; no range is read after this."""
+        self._closed = True
+        self._ranges = None
+        self._open.close()
 
     def _first_read(self) -> None:
         if not self._read_once:
@@ -72,8 +79,13 @@ class StoredBase:
         """Bytes ``[start, end)`` of the stored object within its recorded size (``b""`` once
         it could not be read): what the probe reads instead of the whole object."""
         end = min(end, self.ref.stored)
-        if self._failed or start >= end:
+        if self._failed or self._closed or start >= end:
             return b""
+        if not self.reader.store.local:
+            # a ranged GET each would cost a round trip and a request per range (about 17
+            # for a float32 chunk): a remote object is fetched whole once and sliced
+            payload = self.payload()
+            return b"" if payload is None else bytes(payload[start:end])
         if (start, end) in self._small:  # the plane table, read by the prefix and the raw planes
             return self._small[start, end]
         self._first_read()
@@ -96,18 +108,19 @@ class StoredBase:
             limit = ref.stored if ref.stored >= 0 else max_encoded_size(ref.size)
             self._first_read()
             try:
-                # locally into a buffer reused from one object to the next (the writer's scope)
+                if not self.reader.store.local:
+                    self._payload = memoryview(self.reader.store.get_object(ref.key, what=self.what, limit=limit + 1))
+                    self.count(parent_bytes_read=len(self._payload))
+                    return self._payload
+                # into a buffer reused from one object to the next (the writer's scope)
                 buf = scratch(limit)
                 got = self.reader.store.read_object_into(ref.key, buf.data, what=self.what)
-                if got is None:
-                    self._payload = memoryview(self.reader.store.get_object(ref.key, what=self.what, limit=limit + 1))
-                elif got > limit:
+                if got is None or got > limit:
                     raise CorruptCheckpointError(
                         f"{self.what}: object {ref.key} has more than {limit} bytes, "
                         f"the manifest says {ref.stored} (replaced)"
                     )
-                else:
-                    self._payload = buf.data[:got]
+                self._payload = buf.data[:got]
                 self.count(parent_bytes_read=len(self._payload))
             except CheckpointError as exc:
                 self._fail(exc)
