@@ -36,6 +36,9 @@ class SaveStats:
     parent_decodes: int = 0
     #: bytes of parent objects read back: ranges for the probe, whole objects to decode
     parent_bytes_read: int = 0
+    #: tensor path -> whether a delta of any of its chunks saved what ``ckpt.codecs.delta.MIN_GAIN``
+    #: asks of the full encoding (paths tried); a Checkpointer stops trying the others for a while
+    delta_paid: dict[str, bool] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

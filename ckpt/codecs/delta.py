@@ -236,6 +236,10 @@ class Choice:
     tried: bool
     #: the choice was made from samples
     probed: bool
+    #: the delta kept saved what :data:`MIN_GAIN` asks of the full encoding (estimated from
+    #: the samples when probed: a delta the samples overrated is kept, being smaller than
+    #: the raw chunk, but a run does not try again soon; see :class:`DeltaLearner`)
+    paid: bool = False
 
 
 def choose(registry: CodecRegistry, data: memoryview, ctx: EncodeContext, base: DeltaBase | None) -> Choice:
@@ -310,7 +314,8 @@ def choose(registry: CodecRegistry, data: memoryview, ctx: EncodeContext, base: 
                 return full(False, True)  # the base cannot be read: nothing was tried
             payload, chain = as_delta(whole)
             if wins(payload, chain, len(data)):
-                return Choice(payload, chain, delta=True, tried=True, probed=True)
+                paid = len(payload) + overhead < full_est * MIN_GAIN
+                return Choice(payload, chain, delta=True, tried=True, probed=True, paid=paid)
         return full(True, True)
     whole = base.whole()
     if whole is None:
@@ -318,7 +323,7 @@ def choose(registry: CodecRegistry, data: memoryview, ctx: EncodeContext, base: 
     payload, chain = encode_chain(registry, full_chain, data, ctx)
     dpayload, dchain = as_delta(whole)
     if wins(dpayload, dchain, len(payload) * MIN_GAIN):
-        return Choice(dpayload, dchain, delta=True, tried=True, probed=False)
+        return Choice(dpayload, dchain, delta=True, tried=True, probed=False, paid=True)
     return Choice(payload, chain, delta=False, tried=True, probed=False)
 
 
@@ -408,7 +413,8 @@ class DeltaLearner:
         return frozenset(p for p, n in self._rest.items() if n > 0)
 
     def learn(self, outcomes: Mapping[str, bool]) -> None:
-        """After a save: ``outcomes`` maps each tensor tried to whether a delta was kept."""
+        """After a save: ``outcomes`` maps each tensor tried to whether a delta of it paid
+        (``SaveStats.delta_paid``)."""
         for path in list(self._rest):
             self._rest[path] -= 1
             if self._rest[path] <= 0:

@@ -94,6 +94,8 @@ class WriteStats:
     parent_decodes: int = 0
     #: bytes of parent objects read back: ranges for the probe, whole objects to decode
     parent_bytes_read: int = 0
+    #: tensor path -> whether a delta of any of its chunks saved what ``MIN_GAIN`` asks (paths tried)
+    delta_paid: dict[str, bool] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **deltas: int) -> None:
@@ -101,14 +103,16 @@ class WriteStats:
             for k, v in deltas.items():
                 setattr(self, k, getattr(self, k) + v)
 
-    def tried_delta(self, path: str, kept: bool) -> None:
+    def tried_delta(self, path: str, kept: bool, paid: bool) -> None:
         with self._lock:
             self.delta_outcome[path] = self.delta_outcome.get(path, False) or kept
+            self.delta_paid[path] = self.delta_paid.get(path, False) or paid
 
     def frozen(self) -> SaveStats:
         with self._lock:
             values = {f.name: getattr(self, f.name) for f in dataclasses.fields(SaveStats)}
         values["delta_outcome"] = dict(values["delta_outcome"])
+        values["delta_paid"] = dict(values["delta_paid"])
         return SaveStats(**values)
 
 
@@ -390,7 +394,7 @@ class Writer:
             if base is not None:
                 base.close()
         if choice.tried:
-            self.stats.tried_delta(path, choice.delta)
+            self.stats.tried_delta(path, choice.delta, choice.paid)
         if choice.probed:
             self.stats.add(probes=1)
         # an encrypted store keys objects by a keyed hash and seals them last (ckpt.codecs.crypto)

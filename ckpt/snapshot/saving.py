@@ -251,7 +251,7 @@ class Saving:
                 lease=self._writer,
             )
             if info.write_stats is not None:
-                self._deltas.learn(info.write_stats.delta_outcome)
+                self._deltas.learn(info.write_stats.delta_paid)
             self._parent = info.manifest
             self._after_commit(info)
             return info

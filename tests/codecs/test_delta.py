@@ -505,3 +505,30 @@ def test_a_tree_citing_a_delta_tensor_twice_loads_it_once(tmp_path):
     store.write(store.path("manifests", "1.json"), json.dumps(doc).encode())
     loaded = ckpt.load(url, step=1)
     assert torch.equal(loaded["model"]["extra"], model.state_dict()[path.split("/", 1)[1]])
+
+
+@pytest.mark.parametrize("change", ["nudged", "replaced"])
+def test_a_delta_the_samples_overrate_is_kept_but_not_counted_as_paid(change):
+    """The probe sees the base's first bytes equal to the chunk's (a perfect delta there).
+    Past them the chunk is its base nudged (a delta that pays) or replaced by other values
+    of the same scale: a delta that is still smaller than the raw chunk (kept, so the
+    encoding is not wasted) but saves less than MIN_GAIN asks of the full encoding, so it
+    does not count as paid and a Checkpointer stops trying it for a while."""
+    g = torch.Generator().manual_seed(5)
+    n = 16 * deltamod.PROBE_BYTES // 4  # the probed head is 1/16 of it
+    new = torch.randn(n, generator=g) * 0.02
+    old = new + 1e-6 * torch.randn(n, generator=g) if change == "nudged" else torch.randn(n, generator=g) * 0.02
+    old[: deltamod.PROBE_BYTES // 4] = new[: deltamod.PROBE_BYTES // 4]
+    data = memoryview(new.numpy().view("uint8"))
+    base_bytes = memoryview(old.numpy().view("uint8"))
+    record = {"hash": "0" * 32, "size": len(data)}
+    base = deltamod.DeltaBase(record, 1, whole=lambda: base_bytes, prefix=lambda k: base_bytes[:k])
+    registry = get_plugins().codecs
+    ctx = EncodeContext(dtype="float32", itemsize=4)
+    choice = deltamod.choose(registry, data, ctx, base)
+    full = len(deltamod.encode_chain(registry, deltamod.default_chain("float32"), data, ctx)[0])
+    assert choice.delta and choice.tried and choice.probed and len(choice.payload) < len(data)
+    assert choice.paid == (len(choice.payload) < full * deltamod.MIN_GAIN) == (change == "nudged")
+    learner = deltamod.DeltaLearner(retry_after=2)
+    learner.learn({"w": choice.paid})
+    assert ("w" in learner.skip()) == (change == "replaced")
