@@ -176,13 +176,35 @@ def restore(
         except Exception as exc:  # noqa: BLE001 - reported to every rank
             err, done = exc, _Failed(rank, exc)
     check_parts(gather_all(group, done, what), err, what)  # a late failure raises on every rank
-    for key, value in values.items():
-        live[key] = load_into(live[key], value, treemod.escape(key), plugins, strict=strict)
     info = CheckpointInfo.from_manifest(manifest, store.url)
     if not strict:
         info = info.with_keys(missing=missing, unexpected=unexpected)
-    plugins.after_restore(info=info, state=live)
+    load_on_every_rank(group, live, values, plugins, info, strict=strict, what=what)
     return info
+
+
+def load_on_every_rank(
+    group: Any,
+    live: MutableMapping[str, Any],
+    values: Mapping[str, Any],
+    plugins: Any,
+    info: CheckpointInfo,
+    *,
+    strict: bool,
+    what: str,
+) -> None:
+    """Load the decoded ``values`` into the ``live`` objects and run the after-restore hooks,
+    then agree: an adapter or hook failing on one rank raises on every rank (the failing one
+    with its own error), so a job never goes on with some ranks restored and one not."""
+    loaded: Any = True
+    err: BaseException | None = None
+    try:
+        for key, value in values.items():
+            live[key] = load_into(live[key], value, treemod.escape(key), plugins, strict=strict)
+        plugins.after_restore(info=info, state=live)
+    except Exception as exc:  # noqa: BLE001 - reported to every rank
+        err, loaded = exc, _Failed(dist.get_rank(), exc)
+    check_parts(gather_all(group, loaded, what), err, what)
 
 
 def _prepare(

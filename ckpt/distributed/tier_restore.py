@@ -28,8 +28,6 @@ from typing import Any
 import torch.distributed as dist
 
 from ckpt.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
-from ckpt.state import tree as treemod
-from ckpt.state.capture import load_into
 from ckpt.state.restore import as_mapping
 from ckpt.storage.commit import load_manifest
 from ckpt.storage.manifest import Manifest
@@ -38,7 +36,7 @@ from ckpt.storage.tier_checks import created
 from ckpt.types import CheckpointInfo
 
 from .coordinator import _Failed, check_parts, gather_all
-from .restore import _older, _prepare
+from .restore import _older, _prepare, load_on_every_rank
 from .sharding import rank_view
 from .tiers import RankTier, Version, base_of, identity, prepare_local, save_of
 
@@ -212,11 +210,9 @@ def restore_tiers(
             check_parts(olders, err, what)
             head = olders[0]
     values, source, manifest, why = prepared
-    for key, value in values.items():
-        live[key] = load_into(live[key], value, treemod.escape(key), plugins, strict=True)
     url = tier.store.url if source == "local" else durable.url
     info = CheckpointInfo.from_manifest(manifest, url)
-    plugins.after_restore(info=info, state=live)
+    load_on_every_rank(group, live, values, plugins, info, strict=True, what=what)
     level = logging.INFO if source == "local" and not skipped else logging.WARNING
     log.log(
         level,

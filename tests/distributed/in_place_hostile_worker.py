@@ -165,6 +165,27 @@ def main() -> None:
             print("LATE", rank, type(exc).__name__, str(exc)[:400].replace("\n", " "))
         else:
             raise AssertionError("no error")
+    elif scenario == "load_fails_on_one_rank":  # an adapter raising on rank 1 after every gather
+        import ckpt.distributed.restore as dist_restore
+
+        real_load = dist_restore.load_into
+
+        def failing(obj, value, path, plugins, *, strict):  # type: ignore[no-untyped-def]
+            if path == "mine":
+                raise RuntimeError("the adapter of 'mine' refused it")
+            return real_load(obj, value, path, plugins, strict=strict)
+
+        if rank == 1:
+            dist_restore.load_into = failing  # type: ignore[assignment]
+        try:
+            ckpt.restore(url, live, step=2)
+        except ckpt.CheckpointError as exc:
+            print("LOADFAIL", rank, type(exc).__name__, str(exc)[:400].replace("\n", " "))
+        else:
+            raise AssertionError("no error")
+        dist_restore.load_into = real_load  # type: ignore[assignment]
+        info = ckpt.restore(url, live, step=2)  # and the next restore works on both
+        assert info.step == 2 and same(live, two)
     elif scenario in ("fsdp", "fsdp_damaged"):  # FSDP2 shards: each rank's box into its local tensors
         fsdp(url, rank, damaged=scenario == "fsdp_damaged", where=where)
     elif scenario == "map_location":

@@ -13,7 +13,16 @@ WORKER = Path(__file__).with_name("in_place_hostile_worker.py")
 
 
 @pytest.mark.parametrize(
-    "scenario", ["damaged_on_one_rank", "sets_differ", "rewritten_between", "map_location", "fsdp", "fsdp_damaged"]
+    "scenario",
+    [
+        "damaged_on_one_rank",
+        "sets_differ",
+        "rewritten_between",
+        "load_fails_on_one_rank",
+        "map_location",
+        "fsdp",
+        "fsdp_damaged",
+    ],
 )
 def test_collective_in_place_restore(tmp_path, scenario):
     """Damage of one rank's own value: an explicit step raises on both ranks with nothing
@@ -21,7 +30,8 @@ def test_collective_in_place_restore(tmp_path, scenario):
     ranks decoding different sets in place; an object rewritten between the passes on rank 0
     raises on both, saying the live tensors may be partly overwritten; map_location; FSDP2
     shards decoded straight into each rank's local tensors, and a damaged shard object that
-    one rank reads failing every rank with nothing live changed."""
+    one rank reads failing every rank with nothing live changed; an adapter failing on one
+    rank after every gather failing every rank, not only its own."""
     results = run_ranks(scenario, 2, tmp_path, worker=WORKER)
     assert_ok(results)
     if scenario in ("damaged_on_one_rank", "fsdp_damaged"):
@@ -30,3 +40,8 @@ def test_collective_in_place_restore(tmp_path, scenario):
         late = [line for _, text in results for line in text.splitlines() if line.startswith("LATE")]
         assert len(late) == 2 and all("may be partly overwritten" in line for line in late), late
         assert "rank 0 failed" in late[1]
+    if scenario == "load_fails_on_one_rank":
+        lines = [line for _, text in results for line in text.splitlines() if line.startswith("LOADFAIL")]
+        assert len(lines) == 2, lines
+        assert any(line.startswith("LOADFAIL 0 CheckpointError") and "rank 1 failed" in line for line in lines), lines
+        assert any(line.startswith("LOADFAIL 1 CheckpointError") and "refused it" in line for line in lines), lines
