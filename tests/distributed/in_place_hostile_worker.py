@@ -49,12 +49,12 @@ def flip(url: str, key: str) -> None:
     p.write_bytes(bytes(data))
 
 
-def refused(url: str, state: dict, step: int, rank: int) -> None:
-    """A restore of ``step`` that must raise a CheckpointError (printed for the test)."""
+def refused(url: str, state: dict, step: int, rank: int, tag: str = "RAISED") -> None:
+    """A restore of ``step`` that must raise a CheckpointError (printed for the test after ``tag``)."""
     try:
         ckpt.restore(url, state, step=step)
     except ckpt.CheckpointError as exc:
-        print("RAISED", rank, type(exc).__name__, str(exc)[:200])
+        print(tag, rank, type(exc).__name__, str(exc)[:400].replace("\n", " "))
     else:
         raise AssertionError("no error")
 
@@ -159,12 +159,7 @@ def main() -> None:
 
         if rank == 0:
             dist_restore.decode_in_place = rewritten  # type: ignore[assignment]
-        try:
-            ckpt.restore(url, live, step=2)
-        except ckpt.CheckpointError as exc:
-            print("LATE", rank, type(exc).__name__, str(exc)[:400].replace("\n", " "))
-        else:
-            raise AssertionError("no error")
+        refused(url, live, 2, rank, "LATE")
     elif scenario == "load_fails_on_one_rank":  # an adapter raising on rank 1 after every gather
         import ckpt.distributed.restore as dist_restore
 
@@ -177,12 +172,7 @@ def main() -> None:
 
         if rank == 1:
             dist_restore.load_into = failing  # type: ignore[assignment]
-        try:
-            ckpt.restore(url, live, step=2)
-        except ckpt.CheckpointError as exc:
-            print("LOADFAIL", rank, type(exc).__name__, str(exc)[:400].replace("\n", " "))
-        else:
-            raise AssertionError("no error")
+        refused(url, live, 2, rank, "LOADFAIL")
         dist_restore.load_into = real_load  # type: ignore[assignment]
         info = ckpt.restore(url, live, step=2)  # and the next restore works on both
         assert info.step == 2 and same(live, two)
