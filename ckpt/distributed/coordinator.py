@@ -35,8 +35,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ckpt import config
-from ckpt.errors import CheckpointError, EncryptionError
+from ckpt import config, errors
+from ckpt.errors import CheckpointError
 from ckpt.hooks.manager import get_plugins
 from ckpt.io.hashing import hash_bytes
 from ckpt.io.writer import host_bytes, write_objects
@@ -81,8 +81,14 @@ class _Failed:
     def __init__(self, rank: int, exc: BaseException) -> None:
         self.rank = rank
         self.message = f"{type(exc).__name__}: {exc}"[:2000]
-        #: an EncryptionError stays one on the other ranks (a wrong key, a foreign store)
-        self.encryption = isinstance(exc, EncryptionError)
+        #: the ckpt error class the other ranks raise: the failing rank's own (a wrong key is an
+        #: EncryptionError, a live object that does not fit a StateMismatchError on every rank),
+        #: CheckpointError for anything else
+        self.kind = type(exc).__name__ if _ckpt_error(type(exc)) else CheckpointError.__name__
+
+
+def _ckpt_error(cls: type) -> bool:
+    return issubclass(cls, CheckpointError) and getattr(errors, cls.__name__, None) is cls
 
 
 def gather_all(group: Any, value: Any, what: str) -> list[Any]:
@@ -104,7 +110,9 @@ def check_parts(parts: list[Any], mine: BaseException | None, what: str) -> None
         if isinstance(mine, CheckpointError):
             raise mine
         raise CheckpointError(f"{what}: {type(mine).__name__}: {mine}") from mine
-    kind = EncryptionError if failed[0].encryption else CheckpointError
+    kind = getattr(errors, failed[0].kind, CheckpointError)
+    if not (isinstance(kind, type) and _ckpt_error(kind)):
+        kind = CheckpointError
     raise kind(f"{what}: rank {failed[0].rank} failed: {failed[0].message}")
 
 

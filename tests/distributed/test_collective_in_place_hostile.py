@@ -42,6 +42,10 @@ def test_collective_in_place_restore(tmp_path, scenario):
         assert "rank 0 failed" in late[1]
     if scenario == "load_fails_on_one_rank":
         lines = [line for _, text in results for line in text.splitlines() if line.startswith("LOADFAIL")]
-        assert len(lines) == 2, lines
-        assert any(line.startswith("LOADFAIL 0 CheckpointError") and "rank 1 failed" in line for line in lines), lines
-        assert any(line.startswith("LOADFAIL 1 CheckpointError") and "refused it" in line for line in lines), lines
+        assert len(lines) == 4, lines
+        # the failing rank's own error class on every rank
+        assert any(line.startswith("LOADFAIL 0 StateMismatchError") and "rank 1 failed" in line for line in lines)
+        assert any(line.startswith("LOADFAIL 1 StateMismatchError") and "refused it" in line for line in lines)
+        # an error of no ckpt class: wrapped on the failing rank, named on the other
+        assert any(line.startswith("LOADFAIL2 0 CheckpointError") and "RuntimeError" in line for line in lines)
+        assert any(line.startswith("LOADFAIL2 1 CheckpointError") and "refused it" in line for line in lines)
