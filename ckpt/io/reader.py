@@ -283,6 +283,8 @@ def read_tensors(
         result[path] = dest if dest is not None else host
         hosts[path] = host
         targets[path] = host.reshape(-1).view(torch.uint8).numpy().data if entry.nbytes else memoryview(b"")
+    if not plan.reads and not staged:  # (every tensor empty, or none asked for: no pool to start)
+        return result
     with io_pool("ckpt-read", workers) as pool:
         # only live destinations (an in-place restore): nothing fresh to map in
         fresh = any(p not in in_place for p in plan.paths)

@@ -13,7 +13,6 @@ read once). Everything else is read into fresh memory and loaded by the adapters
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +85,7 @@ def read_verified(
     plan = None
     if in_place:
         deferred, plan = in_place_targets(manifest, live, wanted, refused, codecs)
-    with ThreadPoolExecutor(1, thread_name_prefix="ckpt-verify") as side:
+    with io_pool("ckpt-verify-side", 1) as side:
         verified = side.submit(verify_reads, store, codecs, plan) if plan is not None else None
         # Into fresh host memory, not the live tensors: a chunk failing verification must not
         # leave a module half-overwritten.

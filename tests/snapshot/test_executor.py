@@ -1,0 +1,119 @@
+"""ckpt.snapshot.executor.io_pool: a call's pool, kept idle for the next call only when the
+call left none of its work behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import pytest
+
+from ckpt.snapshot import executor
+from ckpt.snapshot.executor import io_pool
+
+
+@pytest.fixture(autouse=True)
+def _no_idle_pools():
+    executor.shut_idle_pools()
+    yield
+    executor.shut_idle_pools()
+
+
+def test_shut_idle_pools_ends_their_threads():
+    with io_pool("t-shut", 2) as pool:
+        pool.submit(lambda: 1).result()
+    assert any(t.name.startswith("t-shut") for t in threading.enumerate())
+    executor.shut_idle_pools()
+    assert pool._shutdown and not any(t.name.startswith("t-shut") for t in threading.enumerate())
+
+
+def _threads(pool) -> set[int]:
+    """The idents of every thread of ``pool`` (one job per worker, held at a barrier)."""
+    n = pool._max_workers
+    gate = threading.Barrier(n)
+
+    def who() -> int:
+        gate.wait(timeout=10)
+        return threading.get_ident()
+
+    return {f.result() for f in [pool.submit(who) for _ in range(n)]}
+
+
+def test_a_finished_call_leaves_its_pool_to_the_next_call_of_its_name_and_size():
+    with io_pool("t-reuse", 3) as pool:
+        first = _threads(pool)
+    with io_pool("t-reuse", 3) as again:
+        assert again is pool
+        assert _threads(again) == first  # no thread started
+    with io_pool("t-reuse", 2) as other:  # another size: another pool
+        assert other is not pool
+
+
+def test_calls_at_once_never_share_a_pool():
+    with io_pool("t-nested", 2) as outer, io_pool("t-nested", 2) as inner:
+        assert outer is not inner
+        assert not (_threads(outer) & _threads(inner))
+    # both idle again; one of them is kept, the other shut down
+    assert sum(1 for key in executor._idle if key == ("t-nested", 2)) == 1
+
+
+def test_a_call_ending_in_an_error_shuts_its_pool_down():
+    with pytest.raises(KeyError), io_pool("t-error", 2) as pool:
+        pool.submit(lambda: 1).result()
+        raise KeyError("boom")
+    assert pool._shutdown
+    with io_pool("t-error", 2) as fresh:
+        assert fresh is not pool
+
+
+def test_work_left_running_is_waited_for_and_its_pool_not_kept():
+    done = threading.Event()
+
+    def slow() -> None:
+        time.sleep(0.2)
+        done.set()
+
+    with io_pool("t-left", 2) as pool:
+        pool.submit(slow)  # never waited on by the call
+    assert done.is_set()  # the call's end waited for it
+    assert pool._shutdown
+    assert ("t-left", 2) not in executor._idle or executor._idle[("t-left", 2)] is not pool
+
+
+def test_a_failing_job_still_counts_as_finished():
+    with io_pool("t-failing", 2) as pool, pytest.raises(ZeroDivisionError):
+        pool.submit(lambda: 1 / 0).result()
+    assert executor._idle.get(("t-failing", 2)) is pool
+
+
+def test_idle_threads_stay_bounded():
+    for i in range(executor.IDLE_THREADS):
+        with io_pool(f"t-bound-{i}", 4):
+            pass
+    assert sum(p.workers for p in executor._idle.values()) <= executor.IDLE_THREADS
+    with io_pool("t-big", executor.IDLE_THREADS + 1) as big:
+        pass
+    assert big._shutdown  # larger than all the idle threads allowed: never kept
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not sys.platform.startswith("linux"), reason="fork is POSIX's")
+def test_a_forked_child_does_not_inherit_idle_pools_without_threads():
+    """A DataLoader worker forked after a restore: the parent's idle pools have no threads in
+    it, and work given to one would never run."""
+    with io_pool("t-fork", 2) as pool:
+        pool.submit(lambda: 1).result()
+    assert executor._idle.get(("t-fork", 2)) is pool
+    pid = os.fork()
+    if pid == 0:  # the child: must finish its call, not hang
+        signal.alarm(20)
+        try:
+            with io_pool("t-fork", 2) as child_pool:
+                ok = child_pool is not pool and child_pool.submit(lambda: 41 + 1).result(timeout=10) == 42
+        except BaseException:
+            ok = False
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
