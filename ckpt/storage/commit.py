@@ -92,14 +92,15 @@ def new_manifest(
 def settle_stored_bytes(manifest: Manifest, written_bytes: int) -> Manifest:
     """``manifest`` whose ``stored_bytes`` counts ``written_bytes`` and the manifest itself
     (its own digits change its length, so the count is settled)."""
-    stored = written_bytes + len(manifest.to_json_bytes())
-    for _ in range(3):
-        manifest = dataclasses.replace(manifest, stored_bytes=stored)
-        now = written_bytes + len(manifest.to_json_bytes())
+    # Serialized once: only the digits of stored_bytes change the file's length.
+    rest = len(manifest.to_json_bytes()) - len(str(manifest.stored_bytes))
+    stored = written_bytes + rest + len(str(written_bytes))
+    for _ in range(3):  # (a fixed point within two rounds: the digits grow by one at most)
+        now = written_bytes + rest + len(str(stored))
         if now == stored:
             break
         stored = now
-    return manifest
+    return dataclasses.replace(manifest, stored_bytes=stored)
 
 
 def commit(store: Store, manifest: Manifest) -> None:

@@ -125,3 +125,17 @@ def test_hashing_is_a_small_part_of_save_time():
     hashing = best(lambda: hash_bytes(data))
     encoding = best(lambda: codec.encode(data, ctx))
     assert hashing * 5 < encoding, (hashing, encoding)
+
+
+def test_stored_bytes_count_the_manifest_across_a_change_of_digits(store_url):
+    """stored_bytes includes the manifest's own length, which its digits change: settled
+    from one serialization for written sizes on either side of every power of ten."""
+    from ckpt.storage.commit import load_manifest, settle_stored_bytes
+
+    ckpt.save(store_url, {"x": torch.randn(100)}, step=0)
+    manifest = load_manifest(Store(store_url), 0)
+    for digits in range(1, 13):
+        for written in (10**digits - 1 - len(manifest.to_json_bytes()), 10**digits - 700, 10**digits - 3, 10**digits):
+            written = max(0, written)
+            settled = settle_stored_bytes(manifest, written)
+            assert settled.stored_bytes == written + len(settled.to_json_bytes()), written
