@@ -62,6 +62,14 @@ _PLANE_SETTINGS = {"planes": PLANE_PARAMS, "repeats": REPEAT_PARAMS}
 _REPEATS_GAIN = 1.25
 
 
+def release_thread_contexts() -> None:
+    """Drop this thread's compressors and its decompressor of frames in part (which may
+    hold a window of up to :data:`PREFIX_WINDOW`): a thread kept idle between calls
+    (:func:`ckpt.snapshot.executor.io_pool`) must not hold them meanwhile."""
+    _local.cctx = None
+    _local.prefix_dctx = None
+
+
 def _decompressor() -> zstandard.ZstdDecompressor:
     d = getattr(_local, "dctx", None)
     if d is None:

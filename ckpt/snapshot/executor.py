@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -57,53 +57,38 @@ def new_io_pool(name: str = "ckpt-io", *, nice: int = 0, workers: int | None = N
 
 
 class _CallPool(ThreadPoolExecutor):
-    """An :func:`io_pool`'s executor: counts the work given to it that has not finished,
-    so that it is kept for a later call only when none is left."""
+    """An :func:`io_pool`'s executor, whose every worker can be made to wait at one gate."""
 
     def __init__(self, workers: int, name: str) -> None:
         super().__init__(workers, thread_name_prefix=name)
         self.workers = workers
-        self._pending = 0
-        self._pending_lock = threading.Lock()
+        self.closed = False
 
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
-        def run() -> Any:
-            # counted off before its future is done: whoever waited on it finds it counted
-            # (a cancelled job never is: its pool is then shut down, not kept)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._finished()
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.closed = True
+        super().shutdown(wait=wait, cancel_futures=cancel_futures)
 
-        with self._pending_lock:
-            self._pending += 1
-        try:
-            return super().submit(run)
-        except BaseException:
-            self._finished()
-            raise
+    def gather_workers(self, each: Callable[[], None] | None = None) -> None:
+        """Return once every worker has run ``each`` and waits at one gate, so has finished
+        all the work given before (its futures' callbacks included: they run on the worker
+        that finished it). Starts the workers of a new pool, before any work is given to
+        it. On any failure (a thread that cannot start, an interrupt) the pool is shut down."""
 
-    def start_threads(self) -> None:
-        """Every worker started, waiting for work (not counted as work: see :func:`io_pool`)."""
+        def arrive() -> None:
+            if each is not None:
+                each()
+            gate.wait()
+
         gate = threading.Barrier(self.workers + 1)
         try:
             for _ in range(self.workers):
-                super().submit(gate.wait)
+                self.submit(arrive)
             gate.wait()
         except BaseException:
-            # a thread that could not start (or an interrupt): the threads already waiting
-            # must not wait forever, with the pool's shutdown waiting on them
+            # the threads already waiting must not wait forever, with the shutdown waiting on them
             gate.abort()
             self.shutdown(wait=True)
             raise
-
-    def _finished(self) -> None:
-        with self._pending_lock:
-            self._pending -= 1
-
-    def idle(self) -> bool:
-        with self._pending_lock:
-            return self._pending == 0
 
 
 #: pools of :func:`io_pool` between calls, by (name, workers): one each, 64 threads in all
@@ -132,6 +117,12 @@ def shut_idle_pools() -> None:
         pool.shutdown(wait=True)
 
 
+def _take_idle(key: tuple[str, int]) -> _CallPool | None:
+    with _idle_lock:
+        pool = _idle.pop(key, None)
+    return pool if pool is not None and not pool.closed else None
+
+
 def _keep_idle(key: tuple[str, int], pool: _CallPool) -> bool:
     with _idle_lock:
         if key in _idle or sum(p.workers for p in _idle.values()) + pool.workers > IDLE_THREADS:
@@ -140,31 +131,44 @@ def _keep_idle(key: tuple[str, int], pool: _CallPool) -> bool:
         return True
 
 
+def _release_thread_state() -> None:
+    """What a worker lets go of before it idles: its zstd contexts (a compressor at
+    ``CKPT_ZSTD_LEVEL=19`` holds 90 MiB), made again by the next call that needs one."""
+    from ckpt.codecs.zstd import release_thread_contexts
+
+    release_thread_contexts()
+
+
 @contextlib.contextmanager
 def io_pool(name: str = "ckpt-io", workers: int | None = None) -> Iterator[ThreadPoolExecutor]:
     """A pool for one call (save, restore, verify, export), its own for the call.
 
     Its threads are started before any work is given to it: a thread started while its
     siblings already decode waits milliseconds for the GIL to report itself started (a
-    restore of a 90 MB model spent a third of its time starting threads that way). When
-    the call ends with none of its work left, the pool is kept, idle, for the next call of
-    that name and size, which starts none (creating and shutting down a restore's pools
-    took a fifth of a 31 ms restore of bf16 MiniLM); else it is shut down, waiting for its
-    work, as when the call ends by an error.
+    restore of a 90 MB model spent a third of its time starting threads that way).
+
+    When the call ends, every worker finishes the work it was given (its callbacks
+    included) and drops its zstd contexts; the pool is then kept, idle, for the next call
+    of that name and size, which starts no thread (starting and stopping a restore's pools
+    took a fifth of a 31 ms restore of bf16 MiniLM). A call ending by an error shuts its
+    pool down instead, waiting for its work.
     """
     n = workers or io_threads()
     key = (name, n)
-    with _idle_lock:
-        pool = _idle.pop(key, None)
+    pool = _take_idle(key)
     if pool is None:
         pool = _CallPool(n, name)
-        pool.start_threads()
+        pool.gather_workers()
     kept = False
     try:
         yield pool
-        kept = pool.idle() and _keep_idle(key, pool)
+        pool.gather_workers(_release_thread_state)
+        kept = _keep_idle(key, pool)
     finally:
         if not kept:
+            with _idle_lock:  # (an interrupt may have come after it was kept)
+                if _idle.get(key) is pool:
+                    del _idle[key]
             pool.shutdown(wait=True)
 
 

@@ -1,5 +1,6 @@
-"""ckpt.snapshot.executor.io_pool: a call's pool, kept idle for the next call only when the
-call left none of its work behind."""
+"""ckpt.snapshot.executor.io_pool: a call's pool, kept idle for the next call once every
+worker has finished the call's work and dropped its zstd contexts; shut down when the call
+ends by an error."""
 
 from __future__ import annotations
 
@@ -30,16 +31,20 @@ def test_shut_idle_pools_ends_their_threads():
     assert pool._shutdown and not any(t.name.startswith("t-shut") for t in threading.enumerate())
 
 
-def _threads(pool) -> set[int]:
-    """The idents of every thread of ``pool`` (one job per worker, held at a barrier)."""
+def _on_every_worker(pool, fn):
+    """``fn()`` run once on every worker of ``pool`` (one job each, held at a barrier)."""
     n = pool._max_workers
     gate = threading.Barrier(n)
 
-    def who() -> int:
+    def job():
         gate.wait(timeout=10)
-        return threading.get_ident()
+        return threading.get_ident(), fn()
 
-    return {f.result() for f in [pool.submit(who) for _ in range(n)]}
+    return [f.result() for f in [pool.submit(job) for _ in range(n)]]
+
+
+def _threads(pool) -> set[int]:
+    return {ident for ident, _ in _on_every_worker(pool, lambda: None)}
 
 
 def test_a_finished_call_leaves_its_pool_to_the_next_call_of_its_name_and_size():
@@ -69,7 +74,7 @@ def test_a_call_ending_in_an_error_shuts_its_pool_down():
         assert fresh is not pool
 
 
-def test_work_left_running_is_waited_for_and_its_pool_not_kept():
+def test_work_left_running_is_waited_for_before_the_pool_is_kept():
     done = threading.Event()
 
     def slow() -> None:
@@ -79,8 +84,7 @@ def test_work_left_running_is_waited_for_and_its_pool_not_kept():
     with io_pool("t-left", 2) as pool:
         pool.submit(slow)  # never waited on by the call
     assert done.is_set()  # the call's end waited for it
-    assert pool._shutdown
-    assert ("t-left", 2) not in executor._idle or executor._idle[("t-left", 2)] is not pool
+    assert executor._idle.get(("t-left", 2)) is pool  # then kept: nothing of the call runs on it
 
 
 def test_a_failing_job_still_counts_as_finished():
@@ -117,3 +121,54 @@ def test_a_forked_child_does_not_inherit_idle_pools_without_threads():
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
+def test_the_call_returns_after_the_callbacks_of_its_work():
+    """A progress callback (``add_done_callback``) runs on the worker after the job: the call
+    must not return before it, as it did not when the pool was shut down at its end."""
+    order = []
+
+    def slow_callback(_future) -> None:
+        time.sleep(0.2)
+        order.append("callback")
+
+    with io_pool("t-callbacks", 2) as pool:
+        pool.submit(lambda: 1).add_done_callback(slow_callback)
+    order.append("returned")
+    assert order == ["callback", "returned"]
+
+
+def test_an_interrupt_as_the_pool_is_kept_leaves_no_shut_pool_to_the_next_call(monkeypatch):
+    kept = executor._keep_idle
+
+    def interrupted(key, pool):
+        kept(key, pool)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(executor, "_keep_idle", interrupted)
+    with pytest.raises(KeyboardInterrupt), io_pool("t-interrupt", 2) as pool:
+        pass
+    assert pool._shutdown
+    monkeypatch.setattr(executor, "_keep_idle", kept)
+    with io_pool("t-interrupt", 2) as fresh:
+        assert fresh is not pool
+        assert fresh.submit(lambda: 7).result(timeout=10) == 7
+    # and one found shut down in the idle pools (any other way) is never handed out
+    with executor._idle_lock:
+        executor._idle[("t-interrupt", 2)] = pool
+    with io_pool("t-interrupt", 2) as again:
+        assert again is not pool
+
+
+def test_idle_workers_hold_no_zstd_compressors():
+    """A compressor at CKPT_ZSTD_LEVEL=19 holds 90 MiB: an idle worker must not keep one."""
+    from ckpt.codecs import zstd
+
+    with io_pool("t-contexts", 2) as pool:
+        _on_every_worker(pool, lambda: zstd._compressor(3).compress(b"x" * 1000))
+    with io_pool("t-contexts", 2) as again:
+        assert again is pool
+        held = _on_every_worker(
+            again, lambda: (getattr(zstd._local, "cctx", None), getattr(zstd._local, "prefix_dctx", None))
+        )
+    assert [h for _, h in held] == [(None, None)] * 2
