@@ -150,11 +150,13 @@ def test_budget_smaller_than_a_tensor_is_a_clear_error(tmp_path):
 
 
 def test_rss_does_not_grow_over_20_saves(tmp_path):
-    """RSS settles: the median over saves 51-70 is within one state copy of the median over 31-50.
+    """RSS settles: the median over saves 51-70 is within four state copies of the median over 31-50.
 
     Malloc arenas of the worker threads keep growing for the first ~30 saves and then wander by
     +-10 MB from save to save (measured over 120 saves), so single samples are noise; medians of
-    two windows are not. A leak of one state copy per save would put them ~250 MB apart.
+    two windows are less so, but still moved 14.6 and 16.3 MB (more than one 12.6 MB state copy)
+    in 2 of 5 runs of unchanged code on the 2-core CI machine. A leak of a fifth of a state copy
+    per save would put them ~50 MB apart, one copy per save ~250 MB.
     """
     model, opt = _mlp(width=512, depth=4)
     _train_step(model, opt, width=512)
@@ -172,7 +174,7 @@ def test_rss_does_not_grow_over_20_saves(tmp_path):
     first, second = (sorted(w)[len(w) // 2] for w in windows)
     grown = second - first
     # one state copy is ~12 MB; 20 leaked copies would be ~240 MB
-    assert grown < state_bytes, f"RSS median grew by {grown} bytes over 20 saves (state {state_bytes})"
+    assert grown < 4 * state_bytes, f"RSS median grew by {grown} bytes over 20 saves (state {state_bytes})"
 
 
 class _FailingPuts:
