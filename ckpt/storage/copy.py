@@ -379,8 +379,10 @@ def _commit_copy(
     lease: WriterLease,
     src_order: dict[int, tuple[int, int, int]],
     as_latest: bool | None,
+    settle: Callable[[Manifest], Manifest] | None = None,
 ) -> Manifest:
-    """Write ``manifest`` to ``dst`` after its objects (which are durable by now)."""
+    """Write ``manifest`` to ``dst`` after its objects (which are durable by now);
+    ``settle`` redoes what the manifest counts of itself once its ``seq`` is set."""
     latest = find_latest(dst)
     current = latest.manifest
     if as_latest is None:
@@ -396,10 +398,12 @@ def _commit_copy(
         as_latest = not older
     if as_latest:
         out = dataclasses.replace(manifest, seq=latest.top_seq + 1)
+        out = settle(out) if settle is not None else out
         lease.check()  # a writer that lost the store must not commit over the new one
         dst.commit(out.step, seal_for(dst, out, out.to_json_bytes()), seq=out.seq)
     else:
         out = dataclasses.replace(manifest, seq=None)
+        out = settle(out) if settle is not None else out
         lease.check()
         dst.sync_dirs()
         dst.write(dst.manifest_path(out.step), seal_for(dst, out, out.to_json_bytes()))

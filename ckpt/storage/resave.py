@@ -89,8 +89,9 @@ def resave_step(
     entries = _unpack(manifest, packs, entries)
     stats.objects = written.objects_written
     stats.bytes = written.written_bytes
-    out = _durable_manifest(manifest, entries, written.written_bytes)
-    committed = _commit_copy(dst, out, lease, {}, True)
+    out = _durable_manifest(manifest, entries)
+    # its stored size settled as a save's is, once the copy has its seq
+    committed = _commit_copy(dst, out, lease, {}, True, lambda m: settle_stored_bytes(m, written.written_bytes))
     stats.checkpoints = 1
     return CopyResult(CheckpointInfo.from_manifest(committed, dst.url), stats)
 
@@ -204,7 +205,6 @@ def _read_back(
             batch, size = [], 0
 
 
-def _durable_manifest(manifest: Manifest, entries: dict[str, TensorEntry], written: int) -> Manifest:
-    """``manifest`` citing the durable tier's objects, its stored size settled as a save's is."""
-    out = dataclasses.replace(manifest, tensors={p: entries[p] for p in manifest.tensors}, seq=None)
-    return settle_stored_bytes(out, written)
+def _durable_manifest(manifest: Manifest, entries: dict[str, TensorEntry]) -> Manifest:
+    """``manifest`` citing the durable tier's objects."""
+    return dataclasses.replace(manifest, tensors={p: entries[p] for p in manifest.tensors}, seq=None)

@@ -9,6 +9,7 @@ import torch
 
 import ckpt
 from ckpt.storage.store import Store
+from ckpt.testing import stored_objects
 
 from .conftest import assert_ok, run_ranks
 
@@ -26,6 +27,10 @@ def test_ddp_shared_state_once_and_per_rank_values(suite):
     url = str(suite[0] / "ddp" / "store")
     m = ckpt.read_manifest(url)
     assert m.world_size == 2
+    # what the collective save put in the store: every rank's objects and the manifest, whose
+    # own length (world_size included) stored_bytes counts
+    store = Store(url)
+    assert m.stored_bytes == sum(stored_objects(store).values()) + len(store.read_manifest(1))
     assert "model/0.weight" in m.tensors and not any(p.startswith("$rank/") and "model" in p for p in m.tensors)
     assert {"$rank/0/rank/t", "$rank/1/rank/t"} <= set(m.tensors)
     assert m.tree["step"] == 7 and m.tree["rank"]["value"] == {"$rank": [0, 1]}

@@ -14,6 +14,7 @@ from ckpt.hooks.manager import get_plugins
 from ckpt.io.verify import verify_manifest
 from ckpt.storage.commit import load_manifest
 from ckpt.storage.store import Store
+from ckpt.testing import stored_objects
 
 
 def _big_state(seed: int = 0) -> dict:
@@ -177,3 +178,15 @@ def test_a_local_object_rewritten_between_the_two_reads_is_restored_from_the_dur
         assert ck.restore(fresh).step == 1
     assert same(weights(fresh), want)  # the durable copy restored over the partly written tensors
     assert "changed after it was verified" in caplog.text
+
+
+def test_the_durable_copy_counts_its_own_manifest(store_url, tmp_path):
+    """stored_bytes of a persisted copy: its objects and its manifest as written, seq included."""
+    state = _big_state()
+    with ckpt.Checkpointer(store_url, local=str(tmp_path / "local"), persist_every=1) as ck:
+        _step(state, 1)
+        ck.save(state, step=1).wait()
+    store = Store(store_url)
+    m = load_manifest(store, 1)
+    assert m.seq is not None
+    assert m.stored_bytes == sum(stored_objects(store).values()) + len(store.read_manifest(1))
