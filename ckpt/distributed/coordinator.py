@@ -46,14 +46,7 @@ from ckpt.snapshot.executor import io_pool
 from ckpt.state import tree as treemod
 from ckpt.state.capture import capture
 from ckpt.state.restore import as_mapping
-from ckpt.storage.commit import (
-    commit,
-    latest_for_save,
-    load_manifest,
-    new_manifest,
-    process_run_id,
-    settle_stored_bytes,
-)
+from ckpt.storage.commit import commit, latest_for_save, load_manifest, new_manifest, process_run_id
 from ckpt.storage.manifest import DTYPE_ITEMSIZE, RANK_TAG, Manifest, Shard, TensorEntry, check_step, tiling_problem
 from ckpt.storage.store import Store
 from ckpt.storage.writer_lease import WriterLease
@@ -458,9 +451,8 @@ def _manifest(
         classes=plan.classes,
         devices=plan.devices,
         meta=meta,
+        world_size=world,
     )
-    # settled again: world_size is part of the manifest whose length stored_bytes counts
-    manifest = settle_stored_bytes(dataclasses.replace(manifest, world_size=world), stored)
     Manifest.from_doc(_doc(manifest), where=f"step {step} (before commit)")  # what loads would refuse
     return manifest
 

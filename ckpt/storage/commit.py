@@ -61,10 +61,12 @@ def new_manifest(
     run: str = "",
     classes: Mapping[str, str] | None = None,
     devices: Mapping[str, str] | None = None,
+    world_size: int = 0,
 ) -> Manifest:
     """The manifest of a save whose objects took ``written_bytes``; ``stored_bytes`` counts
     the manifest itself too. ``parent`` is the checkpoint the save continues from (and
-    deduplicates against); re-saving the parent's own step continues from what it did."""
+    deduplicates against); re-saving the parent's own step continues from what it did.
+    ``world_size``: the ranks of a collective save (0: one process)."""
     if parent is None:
         parent_step = None
     else:
@@ -85,6 +87,7 @@ def new_manifest(
         run=run,
         classes=dict(classes or {}),
         devices=dict(devices or {}),
+        world_size=world_size,
     )
     return settle_stored_bytes(manifest, written_bytes)
 

@@ -87,7 +87,7 @@ def test_work_left_running_is_waited_for_before_the_pool_is_kept():
     assert executor._idle.get(("t-left", 2)) is pool  # then kept: nothing of the call runs on it
 
 
-def test_a_failing_job_still_counts_as_finished():
+def test_a_failing_job_leaves_its_pool_to_be_kept():
     with io_pool("t-failing", 2) as pool, pytest.raises(ZeroDivisionError):
         pool.submit(lambda: 1 / 0).result()
     assert executor._idle.get(("t-failing", 2)) is pool
