@@ -222,6 +222,8 @@ class DeltaBase:
     raw_planes: Callable[[], tuple[int, Mapping[int, Sliceable]] | None] = _no_planes
     #: gives back what reading it holds (an open object): called once the chunk is encoded
     close: Callable[[], None] = _nothing
+    #: read back from the store (its fetches wait on I/O), not held in memory
+    stored: bool = False
 
 
 @dataclass(frozen=True)

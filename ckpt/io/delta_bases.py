@@ -61,7 +61,13 @@ class StoredBase:
 
     def base(self, record: Mapping[str, Any], age: int) -> DeltaBase:
         return DeltaBase(
-            record, age, whole=self.whole, prefix=self.prefix, raw_planes=self.raw_planes, close=self.close
+            record,
+            age,
+            whole=self.whole,
+            prefix=self.prefix,
+            raw_planes=self.raw_planes,
+            close=self.close,
+            stored=True,
         )
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ afterwards (the argument is in :mod:`ckpt.storage.retention`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -35,7 +36,7 @@ from ckpt.io import delta_bases, scratch
 from ckpt.io.hashing import hash_bytes
 from ckpt.io.packing import Layout, Packer, unchanged_slice
 from ckpt.io.reader import Reader
-from ckpt.snapshot.executor import wait_all
+from ckpt.snapshot.executor import core_slot, wait_all
 from ckpt.storage.manifest import ChunkRef, Manifest, TensorEntry
 from ckpt.storage.store import Store
 from ckpt.types import SaveStats
@@ -388,8 +389,11 @@ class Writer:
             assert base_ref is not None  # a base record exists only when a parent does
             base = self._delta_base(path, base_ref, base_record, age, parent_view if base_ref is parent else None)
         ctx = EncodeContext(dtype=dtype, itemsize=itemsize, codec_context=self.store.codec_context)
+        # CPU work, one per core (see core_slot); not while a base is read from the store
+        cores = contextlib.nullcontext() if base is not None and base.stored else core_slot()
         try:
-            choice = deltamod.choose(self.codecs, data, ctx, base)
+            with cores:
+                choice = deltamod.choose(self.codecs, data, ctx, base)
         finally:
             if base is not None:
                 base.close()

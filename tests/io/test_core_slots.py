@@ -1,0 +1,136 @@
+"""A save's encodes run one per core (ckpt.snapshot.executor.core_slot) while its writes
+overlap on the I/O pool's other threads; an encode waiting on the store for its delta base
+takes no slot; a forked child does not inherit slots held by its parent's threads."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+import ckpt
+from ckpt.codecs import delta as deltamod
+from ckpt.snapshot import executor
+from ckpt.testing import assert_same_state, clone_state
+
+
+def _state(n: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    # each tensor above the pack threshold and below a chunk: one object each
+    return {f"t{i}": torch.randn(512 * 1024, generator=g) * 0.02 for i in range(n)}
+
+
+def test_encodes_run_one_per_core_while_the_pool_has_more_threads(tmp_path, monkeypatch):
+    monkeypatch.setenv("CKPT_THREADS", "8")
+    real = deltamod.choose
+    lock = threading.Lock()
+    running = 0
+    most = 0
+    threads: set[str] = set()
+
+    def choose(*args, **kwargs):
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+            threads.add(threading.current_thread().name)
+        try:
+            time.sleep(0.02)  # long enough for every pool thread to arrive meanwhile
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(deltamod, "choose", choose)
+    state = _state()
+    ckpt.save(str(tmp_path / "store"), {"state": state}, step=1)
+    cores = executor.cpu_threads()
+    assert 1 <= most <= cores, (most, cores)
+    if cores > 1:
+        assert len(threads) > 1  # still spread over the pool's threads
+    restored = {"state": {k: torch.zeros_like(v) for k, v in state.items()}}
+    ckpt.restore(str(tmp_path / "store"), restored)
+    assert_same_state(restored["state"], state)
+
+
+def test_an_encode_reading_its_base_from_the_store_takes_no_core_slot(tmp_path):
+    """A delta against the stored parent (a plain save after a plain save) reads the base
+    from the store, which waits on I/O (a GET on a remote store): it must not hold a core
+    meanwhile. Every slot is held here; such a save still completes."""
+    url = str(tmp_path / "store")
+    state = _state(4)
+    ckpt.save(url, {"state": state}, step=1)
+    changed = clone_state(state)
+    for v in changed.values():
+        v[:1024] += 1.0  # a small change: each chunk is a delta candidate of its stored parent
+    slots = executor.core_slot()
+    held = 0
+    for _ in range(executor.cpu_threads()):
+        assert slots.acquire(timeout=5)
+        held += 1
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def save() -> None:
+        try:
+            info = ckpt.save(url, {"state": changed}, step=2)
+            assert info.write_stats is not None and info.write_stats.parent_reads == len(changed)
+        except BaseException as exc:  # reported below
+            failure.append(exc)
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=save, daemon=True)
+    worker.start()
+    try:
+        finished = done.wait(timeout=60)
+    finally:
+        for _ in range(held):
+            slots.release()
+    worker.join(timeout=60)
+    assert finished, "a save of deltas against stored bases waited for a core slot"
+    assert not failure, failure
+    restored = {"state": {k: torch.zeros_like(v) for k, v in state.items()}}
+    ckpt.restore(url, restored, step=2)
+    assert_same_state(restored["state"], changed)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not sys.platform.startswith("linux"), reason="fork is POSIX's")
+def test_a_forked_child_does_not_wait_on_slots_its_parent_held(tmp_path):
+    state = _state(2)  # made before the fork: torch's own thread pool is not the subject here
+    slots = executor.core_slot()
+    n = executor.cpu_threads()
+    for _ in range(n):
+        assert slots.acquire(timeout=5)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: the threads holding the slots are not here
+            try:
+                torch.set_num_threads(1)
+                ckpt.save(str(tmp_path / "child"), {"state": state}, step=1)
+                ok = True
+            except BaseException:
+                ok = False
+            os._exit(0 if ok else 1)
+        deadline = time.monotonic() + 60
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if not done:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    finally:
+        for _ in range(n):
+            slots.release()
+    assert done, "the forked child's save waited on core slots its parent's threads held"
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    restored = {"state": {k: torch.zeros_like(v) for k, v in state.items()}}
+    ckpt.restore(str(tmp_path / "child"), restored)
+    assert_same_state(restored["state"], state)
