@@ -87,6 +87,9 @@ class Plugins:
         self._run_registration("ckpt_register_key_providers", self.key_providers)
         self._adapters: AdapterRegistry | None = None
         self._adapters_lock = threading.RLock()  # a plugin may look adapters up while registering
+        #: a plugin's distribution version, by its name (with the plugin it is of): read from
+        #: its metadata once, not on every save's manifest (a parse of its METADATA, ~0.3 ms)
+        self._dist_versions: dict[str, tuple[object, str]] = {}
 
     @property
     def adapters(self) -> AdapterRegistry:
@@ -149,9 +152,17 @@ class Plugins:
                 continue
             dist = dists.get(id(plugin))
             hooks = tuple(sorted(h.name for h in self.pm.get_hookcallers(plugin) or ()))
-            version = dist.version if dist is not None else _core_version()
+            version = self._dist_version(name, plugin, dist) if dist is not None else _core_version()
             out.append(PluginInfo(name=name, version=version, hooks=hooks))
         return out
+
+    def _dist_version(self, name: str, plugin: object, dist: Any) -> str:
+        known = self._dist_versions.get(name)
+        if known is not None and known[0] is plugin:
+            return known[1]
+        version = str(dist.version)
+        self._dist_versions[name] = (plugin, version)
+        return version
 
     def versions(self) -> dict[str, str]:
         """Name -> version of every loaded plugin, recorded in each manifest."""
