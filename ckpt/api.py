@@ -104,7 +104,7 @@ def write_checkpoint(
     )
     if lease is not None:
         lease.check()  # a writer that lost the store meanwhile must not commit over the new one
-    commit(store, manifest)
+    manifest = commit(store, manifest, written_bytes=stats.written_bytes)
     info = dataclasses.replace(CheckpointInfo.from_manifest(manifest, store.url), write_stats=stats)
     plugins.after_commit(info=info)
     return info

@@ -387,7 +387,7 @@ def commit_collective(
                     plan, written, step=step, parent=parent, seq=seq, world=world, plugins=plugins, meta=meta
                 )
                 lease.check()
-                commit(store, manifest)
+                manifest = commit(store, manifest, written_bytes=sum(stats.written_bytes for _, stats in written))
                 result = CheckpointInfo.from_manifest(manifest, store.url)
             except Exception as exc:  # noqa: BLE001
                 err, result = exc, _Failed(rank, exc)

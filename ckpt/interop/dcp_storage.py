@@ -319,7 +319,8 @@ class StorageWriter(_DCPWriter):
             _check_present(store, manifest, pool)
             manifest = dataclasses.replace(manifest, seq=next_seq(store))
             lease.check()
-            commit(store, manifest)
+            # (new_manifest's stored_bytes: what the ranks wrote, which commit settles)
+            manifest = commit(store, manifest, written_bytes=manifest.stored_bytes)
         self.manifest = manifest
         get_plugins().after_commit(info=CheckpointInfo.from_manifest(manifest, store.url))
 

@@ -1,10 +1,11 @@
 """The commit: a manifest built from a save's entries, written after its objects, then the ref.
 
-A checkpoint exists once its manifest does. :func:`new_manifest` settles the manifest's
-own size into ``stored_bytes`` and records its lineage: ``parent`` (the step the save
-continues from), ``seq`` (one more than the highest commit sequence of the store, see
-:func:`latest_for_save`) and ``run`` (the writer). :func:`commit` makes the objects
-durable, writes the manifest, then ``refs/latest``. :func:`load_manifest` is the one way
+A checkpoint exists once its manifest does. :func:`new_manifest` records its lineage:
+``parent`` (the step the save continues from), ``seq`` (one more than the highest commit
+sequence of the store, see :func:`latest_for_save`) and ``run`` (the writer).
+:func:`commit` settles ``stored_bytes`` (the save's objects and the manifest's own file as
+written, sealed in an encrypted store: :func:`settled`), makes the objects durable, writes
+the manifest, then ``refs/latest``. :func:`load_manifest` is the one way
 back in; without a step it takes the latest readable checkpoint (:mod:`ckpt.storage.lineage`).
 """
 
@@ -63,15 +64,15 @@ def new_manifest(
     devices: Mapping[str, str] | None = None,
     world_size: int = 0,
 ) -> Manifest:
-    """The manifest of a save whose objects took ``written_bytes``; ``stored_bytes`` counts
-    the manifest itself too. ``parent`` is the checkpoint the save continues from (and
-    deduplicates against); re-saving the parent's own step continues from what it did.
-    ``world_size``: the ranks of a collective save (0: one process)."""
+    """The manifest of a save whose objects took ``written_bytes`` (its ``stored_bytes``
+    until :func:`commit` counts the manifest's own file too). ``parent`` is the checkpoint
+    the save continues from (and deduplicates against); re-saving the parent's own step
+    continues from what it did. ``world_size``: the ranks of a collective save (0: one process)."""
     if parent is None:
         parent_step = None
     else:
         parent_step = parent.parent if parent.step == step else parent.step
-    manifest = Manifest(
+    return Manifest(
         step=step,
         created=utcnow(),
         tree=tree,
@@ -79,7 +80,7 @@ def new_manifest(
         tensors=dict(tensors),
         parent=parent_step,
         raw_bytes=raw_bytes,
-        stored_bytes=0,
+        stored_bytes=written_bytes,
         chunk_bytes=chunk_bytes,
         plugins=dict(plugins),
         meta=dict(meta or {}),
@@ -89,12 +90,11 @@ def new_manifest(
         devices=dict(devices or {}),
         world_size=world_size,
     )
-    return settle_stored_bytes(manifest, written_bytes)
 
 
 def settle_stored_bytes(manifest: Manifest, written_bytes: int) -> Manifest:
-    """``manifest`` whose ``stored_bytes`` counts ``written_bytes`` and the manifest itself
-    (its own digits change its length, so the count is settled)."""
+    """``manifest`` whose ``stored_bytes`` counts ``written_bytes`` and the manifest's JSON
+    itself (its own digits change its length, so the count is settled)."""
     # Serialized once: only the digits of stored_bytes change the file's length.
     rest = len(manifest.to_json_bytes()) - len(str(manifest.stored_bytes))
     stored = written_bytes + rest + len(str(written_bytes))
@@ -106,14 +106,27 @@ def settle_stored_bytes(manifest: Manifest, written_bytes: int) -> Manifest:
     return dataclasses.replace(manifest, stored_bytes=stored)
 
 
-def commit(store: Store, manifest: Manifest) -> None:
-    """Make ``manifest``'s checkpoint visible: objects durable, then the manifest, then the ref.
+def settled(store: Store, manifest: Manifest, written_bytes: int) -> tuple[Manifest, bytes]:
+    """``manifest`` as committed to ``store`` by a save whose objects took ``written_bytes``,
+    and its file: ``stored_bytes`` counts the objects and that file, which an encrypted store
+    seals. Called last, once nothing else of the manifest changes (its ``seq`` set)."""
+    # A sealed manifest's envelope (its header, nonce and tag) depends on the manifest's step,
+    # seq, run, parent and objects, not on the body's length: sealing nothing measures it.
+    envelope = len(seal_for(store, manifest, b""))
+    manifest = settle_stored_bytes(manifest, written_bytes + envelope)
+    return manifest, seal_for(store, manifest, manifest.to_json_bytes())
+
+
+def commit(store: Store, manifest: Manifest, *, written_bytes: int) -> Manifest:
+    """Make ``manifest``'s checkpoint visible: objects durable, then the manifest, then the
+    ref. Returns the manifest as committed (``stored_bytes`` settled, see :func:`settled`).
 
     A step that exists is replaced atomically (the manifest is one whole-file write) and
     said so in the log: the earlier checkpoint of that step is gone.
     """
     replacing = store.exists(store.manifest_path(manifest.step))
-    store.commit(manifest.step, seal_for(store, manifest, manifest.to_json_bytes()), seq=manifest.seq)
+    manifest, file = settled(store, manifest, written_bytes)
+    store.commit(manifest.step, file, seq=manifest.seq)
     if replacing:
         log.warning("re-saved step %d of %s: the earlier checkpoint of that step is replaced", manifest.step, store.url)
     log.info(
@@ -124,6 +137,7 @@ def commit(store: Store, manifest: Manifest) -> None:
         manifest.raw_bytes,
         manifest.stored_bytes,
     )
+    return manifest
 
 
 def load_manifest(store: Store, step: int | None) -> Manifest:

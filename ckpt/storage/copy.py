@@ -49,6 +49,7 @@ from ckpt.security.binding import bind_destination, open_source
 from ckpt.security.envelope import seal_for
 from ckpt.security.keys import Encryption
 from ckpt.snapshot.executor import io_pool, wait_all
+from ckpt.storage.commit import settled
 from ckpt.storage.lineage import find_latest, order_key, parse_manifest, read_lineage
 from ckpt.storage.manifest import ChunkRef, Manifest, TensorEntry, check_step
 from ckpt.storage.store import Store
@@ -379,10 +380,12 @@ def _commit_copy(
     lease: WriterLease,
     src_order: dict[int, tuple[int, int, int]],
     as_latest: bool | None,
-    settle: Callable[[Manifest], Manifest] | None = None,
+    written_bytes: int | None = None,
 ) -> Manifest:
-    """Write ``manifest`` to ``dst`` after its objects (which are durable by now);
-    ``settle`` redoes what the manifest counts of itself once its ``seq`` is set."""
+    """Write ``manifest`` to ``dst`` after its objects (which are durable by now). With
+    ``written_bytes`` (a copy that wrote its objects anew), ``stored_bytes`` is settled as a
+    save's is, once the ``seq`` is set (:func:`ckpt.storage.commit.settled`); else it is the
+    source's."""
     latest = find_latest(dst)
     current = latest.manifest
     if as_latest is None:
@@ -397,16 +400,14 @@ def _commit_copy(
         )
         as_latest = not older
     if as_latest:
-        out = dataclasses.replace(manifest, seq=latest.top_seq + 1)
-        out = settle(out) if settle is not None else out
+        out, file = _file(dst, dataclasses.replace(manifest, seq=latest.top_seq + 1), written_bytes)
         lease.check()  # a writer that lost the store must not commit over the new one
-        dst.commit(out.step, seal_for(dst, out, out.to_json_bytes()), seq=out.seq)
+        dst.commit(out.step, file, seq=out.seq)
     else:
-        out = dataclasses.replace(manifest, seq=None)
-        out = settle(out) if settle is not None else out
+        out, file = _file(dst, dataclasses.replace(manifest, seq=None), written_bytes)
         lease.check()
         dst.sync_dirs()
-        dst.write(dst.manifest_path(out.step), seal_for(dst, out, out.to_json_bytes()))
+        dst.write(dst.manifest_path(out.step), file)
         dst.sync_dirs()
         log.info(
             "step %d copied to %s without becoming its latest (step %s is newer)",
@@ -416,3 +417,10 @@ def _commit_copy(
         )
     lease.protect([s for s in lease.protected if s != out.step] + [out.step])
     return out
+
+
+def _file(dst: Store, manifest: Manifest, written_bytes: int | None) -> tuple[Manifest, bytes]:
+    """``manifest`` as written to ``dst`` and its file (see :func:`_commit_copy`)."""
+    if written_bytes is not None:
+        return settled(dst, manifest, written_bytes)
+    return manifest, seal_for(dst, manifest, manifest.to_json_bytes())

@@ -38,7 +38,6 @@ from ckpt.io.writer import write_objects
 from ckpt.security.binding import bind_destination
 from ckpt.snapshot.executor import new_io_pool
 from ckpt.state.tree import dtype_from_name
-from ckpt.storage.commit import settle_stored_bytes
 from ckpt.storage.copy import CopyResult, CopyStats, _commit_copy, _existing, _source_manifests, same_checkpoint
 from ckpt.storage.lineage import find_latest
 from ckpt.storage.manifest import ChunkRef, Manifest, TensorEntry
@@ -91,7 +90,7 @@ def resave_step(
     stats.bytes = written.written_bytes
     out = _durable_manifest(manifest, entries)
     # its stored size settled as a save's is, once the copy has its seq
-    committed = _commit_copy(dst, out, lease, {}, True, lambda m: settle_stored_bytes(m, written.written_bytes))
+    committed = _commit_copy(dst, out, lease, {}, True, written.written_bytes)
     stats.checkpoints = 1
     return CopyResult(CheckpointInfo.from_manifest(committed, dst.url), stats)
 

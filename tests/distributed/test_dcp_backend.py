@@ -247,6 +247,26 @@ def test_single_process_round_trip_bit_exact(tmp_path):
     assert ckpt.read_manifest(url).schema == 1  # nothing sharded: readable by any ckpt
 
 
+def test_stored_bytes_count_the_objects_and_the_manifest_as_written(tmp_path):
+    """The seq is set after the manifest is built: stored_bytes must count it too (it was
+    settled before, and fell 8 bytes short)."""
+    import torch.distributed.checkpoint as dcp
+
+    import ckpt
+    import ckpt.dcp
+    from ckpt.storage.store import Store
+    from ckpt.testing import stored_objects
+
+    url = str(tmp_path / "s")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(_plain_state(), storage_writer=ckpt.dcp.StorageWriter(url, step=1))
+    m = ckpt.read_manifest(url, step=1)
+    store = Store(url)
+    assert m.seq is not None
+    assert m.stored_bytes == sum(stored_objects(store).values()) + len(store.read_manifest(1))
+
+
 def test_next_save_deduplicates_and_writes_deltas_against_the_parent(tmp_path):
     import torch.distributed.checkpoint as dcp
 

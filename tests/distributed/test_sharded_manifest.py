@@ -56,8 +56,7 @@ def save_sharded(url, full: torch.Tensor, boxes, *, step=1, chunk_bytes=64) -> M
         plugins={},
         seq=step,
     )
-    commit(store, m)
-    return m
+    return commit(store, m, written_bytes=stats.written_bytes)
 
 
 def test_sharded_entry_round_trips_and_reads_full(tmp_path):
@@ -149,7 +148,7 @@ def test_region_of_plain_entry_reads_only_overlapping_chunks(tmp_path):
         plugins={},
         seq=1,
     )
-    commit(store, m)
+    commit(store, m, written_bytes=stats.written_bytes)
     store = Store(url)
     m = ckpt.read_manifest(url)
     assert len(m.tensors["w"].chunks) == 4

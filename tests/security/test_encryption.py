@@ -195,6 +195,39 @@ def test_encrypted_size_overhead_is_small(tmp_path):
     assert secret.write_stats.written_bytes <= plain.write_stats.written_bytes * 1.01, "compressed, then encrypted"
 
 
+def _manifest_file_bytes(url: str, step: int) -> int:
+    fs, root = fsspec.core.url_to_fs(url)
+    return int(fs.size(f"{root}/manifests/{step}.json"))
+
+
+def test_stored_bytes_count_the_sealed_manifest(tmp_path):
+    """stored_bytes counts a save's objects and its manifest file as written: in an encrypted
+    store the sealed file, its envelope (header, nonce, tag) included; a save and a
+    Checkpointer's durable copy of its local tier alike."""
+    enc = Encryption(KEY)
+    url = f"file://{tmp_path}/s"
+    state = _state()
+    info = ckpt.save(url, state, step=1, encryption=enc)
+    objects = {o.key: o.size for o in Store(url).list_objects()}
+    sealed = _manifest_file_bytes(url, 1)
+    assert info.stored_bytes == sum(objects.values()) + sealed
+    manifest = ckpt.read_manifest(url, 1, encryption=enc)
+    assert manifest.stored_bytes == info.stored_bytes
+    assert sealed > len(manifest.to_json_bytes()) + 28  # an envelope, which the count includes
+    state[SECRET_NAME].add_(1)  # one tensor changes: a second save writes its object alone
+    second = ckpt.save(url, state, step=2, encryption=enc)
+    assert second.write_stats is not None
+    assert second.stored_bytes == second.write_stats.written_bytes + _manifest_file_bytes(url, 2)
+
+    durable = f"file://{tmp_path}/d"
+    with ckpt.Checkpointer(durable, local=str(tmp_path / "local"), persist_every=1, encryption=enc) as ck:
+        ck.save(state, step=3).wait()
+    m = ckpt.read_manifest(durable, 3, encryption=enc)
+    assert m.seq is not None
+    copied = {o.key: o.size for o in Store(durable).list_objects()}
+    assert m.stored_bytes == sum(copied.values()) + _manifest_file_bytes(durable, 3)
+
+
 def test_checkpointer_round_trip(tmp_path):
     url = f"file://{tmp_path}/s"
     state = _state()
