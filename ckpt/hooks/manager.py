@@ -89,7 +89,7 @@ class Plugins:
         self._adapters_lock = threading.RLock()  # a plugin may look adapters up while registering
         #: a plugin's distribution version, by its name (with the plugin it is of): read from
         #: its metadata once, not on every save's manifest (a parse of its METADATA, ~0.3 ms)
-        self._dist_versions: dict[str, tuple[object, str]] = {}
+        self._dist_versions: dict[str, tuple[object, str | None]] = {}
 
     @property
     def adapters(self) -> AdapterRegistry:
@@ -156,11 +156,11 @@ class Plugins:
             out.append(PluginInfo(name=name, version=version, hooks=hooks))
         return out
 
-    def _dist_version(self, name: str, plugin: object, dist: Any) -> str:
+    def _dist_version(self, name: str, plugin: object, dist: Any) -> str | None:
         known = self._dist_versions.get(name)
         if known is not None and known[0] is plugin:
             return known[1]
-        version = str(dist.version)
+        version: str | None = dist.version  # None for metadata without a Version field
         self._dist_versions[name] = (plugin, version)
         return version
 

@@ -103,12 +103,17 @@ def test_entry_point_plugin_is_discovered_and_listed(fake_plugin):
     assert isinstance(plugins.adapters.for_object(mod.Point()), mod.PointAdapter)
 
 
-def test_plugin_versions_are_read_from_metadata_once(fake_plugin, monkeypatch):
+def test_plugin_versions_are_read_from_metadata_once(fake_plugin, monkeypatch, tmp_path):
     """Every save records the plugins' versions: parsing each distribution's METADATA every
-    time cost a save about a millisecond."""
+    time cost a save about a millisecond. A distribution without a Version field is recorded
+    as "" (not "None"), the first time and after."""
     _point_module(fake_plugin)
+    fake_plugin("ckpt-nover", "")
+    (metadata,) = tmp_path.glob("site-ckpt_nover_*/*.dist-info/METADATA")
+    metadata.write_text("Metadata-Version: 2.1\nName: ckpt-nover\n")
     plugins = get_plugins()
     first = plugins.versions()
+    assert first["ckpt-nover"] == ""
     reads: list[str] = []
     real = importlib.metadata.PathDistribution.read_text
 
