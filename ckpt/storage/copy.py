@@ -46,7 +46,6 @@ from ckpt.codecs.delta import chunk_records
 from ckpt.errors import CheckpointError, CorruptCheckpointError, MissingObjectError, NoCheckpointError
 from ckpt.io.reader import Reader
 from ckpt.security.binding import bind_destination, open_source
-from ckpt.security.envelope import seal_for
 from ckpt.security.keys import Encryption
 from ckpt.snapshot.executor import io_pool, wait_all
 from ckpt.storage.commit import settled
@@ -245,8 +244,9 @@ def _copy_all(
                 continue
             lease.protect([*lease.protected, manifest.step], in_flight=manifest.step)
             needed = _records(manifest)
+            wrote = [0]  # bytes of this checkpoint's objects written to dst (not those it held)
 
-            def one(ref: ChunkRef, manifest: Manifest = manifest) -> None:
+            def one(ref: ChunkRef, manifest: Manifest = manifest, wrote: list[int] = wrote) -> None:
                 if _held(present, ref):
                     with lock:
                         stats.skipped += 1
@@ -267,13 +267,14 @@ def _copy_all(
                 with lock:
                     stats.objects += 1
                     stats.bytes += moved
+                    wrote[0] += moved
                     if present is not None:
                         present[ref.key] = moved
                 if progress is not None:
                     progress(moved, total)
 
             wait_all([pool.submit(one, r) for r in needed.values()])
-            committed = _commit_copy(dst, manifest, lease, src_order, as_latest)
+            committed = _commit_copy(dst, manifest, lease, src_order, as_latest, wrote[0])
             stats.checkpoints += 1
             newest = CheckpointInfo.from_manifest(committed, dst.url)
     assert newest is not None  # manifests is never empty
@@ -380,12 +381,12 @@ def _commit_copy(
     lease: WriterLease,
     src_order: dict[int, tuple[int, int, int]],
     as_latest: bool | None,
-    written_bytes: int | None = None,
+    written_bytes: int,
 ) -> Manifest:
-    """Write ``manifest`` to ``dst`` after its objects (which are durable by now). With
-    ``written_bytes`` (a copy that wrote its objects anew), ``stored_bytes`` is settled as a
-    save's is, once the ``seq`` is set (:func:`ckpt.storage.commit.settled`); else it is the
-    source's."""
+    """Write ``manifest`` to ``dst`` after its objects (which are durable by now), the copy
+    having written ``written_bytes`` of them (those ``dst`` held already are not counted):
+    ``stored_bytes`` counts them and the manifest file as written, settled as a save's is,
+    once the ``seq`` is set (:func:`ckpt.storage.commit.settled`)."""
     latest = find_latest(dst)
     current = latest.manifest
     if as_latest is None:
@@ -400,11 +401,11 @@ def _commit_copy(
         )
         as_latest = not older
     if as_latest:
-        out, file = _file(dst, dataclasses.replace(manifest, seq=latest.top_seq + 1), written_bytes)
+        out, file = settled(dst, dataclasses.replace(manifest, seq=latest.top_seq + 1), written_bytes)
         lease.check()  # a writer that lost the store must not commit over the new one
         dst.commit(out.step, file, seq=out.seq)
     else:
-        out, file = _file(dst, dataclasses.replace(manifest, seq=None), written_bytes)
+        out, file = settled(dst, dataclasses.replace(manifest, seq=None), written_bytes)
         lease.check()
         dst.sync_dirs()
         dst.write(dst.manifest_path(out.step), file)
@@ -417,10 +418,3 @@ def _commit_copy(
         )
     lease.protect([s for s in lease.protected if s != out.step] + [out.step])
     return out
-
-
-def _file(dst: Store, manifest: Manifest, written_bytes: int | None) -> tuple[Manifest, bytes]:
-    """``manifest`` as written to ``dst`` and its file (see :func:`_commit_copy`)."""
-    if written_bytes is not None:
-        return settled(dst, manifest, written_bytes)
-    return manifest, seal_for(dst, manifest, manifest.to_json_bytes())

@@ -21,6 +21,7 @@ from ckpt.cli import build_cli
 from ckpt.storage.copy import copy_stores
 from ckpt.storage.store import Store
 from ckpt.storage.writer_lease import WriterLease
+from ckpt.testing import stored_objects
 
 HERE = Path(__file__).resolve().parent
 
@@ -63,6 +64,31 @@ def test_copy_one_step_keeps_lineage_and_older_copies_do_not_become_latest(store
     assert m.parent == 2 and m.run == ckpt.read_manifest(src, 3).run
     ckpt.copy(src, store_url, step=1)  # promoting an older one leaves the latest alone
     assert ckpt.steps(store_url) == [1, 3] and ckpt.latest_step(store_url) == 3
+
+
+def test_a_copied_checkpoint_counts_what_the_copy_wrote(store_url, tmp_path):
+    """stored_bytes of a copy, as of a save: the objects it wrote to the destination and its
+    manifest file as written there, with the destination's own seq (or none, for an older
+    step), not the source's count."""
+    src = str(tmp_path / "src")
+    _frozen_run(src, [1, 2, 3])
+    dst = Store(store_url)
+    ckpt.save(store_url, {"other": torch.ones(4)}, step=0)  # history of its own: another seq
+
+    def copied(step: int) -> tuple[ckpt.CheckpointInfo, int]:
+        before = stored_objects(dst)
+        info = ckpt.copy(src, store_url, step=step)
+        after = stored_objects(dst)
+        return info, sum(after[k] for k in after.keys() - before.keys())
+
+    three, wrote = copied(3)
+    m = ckpt.read_manifest(store_url, 3)
+    assert m.seq == 2 and ckpt.read_manifest(src, 3).seq == 3
+    assert three.stored_bytes == m.stored_bytes == wrote + len(dst.read_manifest(3))
+    one, wrote = copied(1)  # older than the latest: committed without a seq
+    m = ckpt.read_manifest(store_url, 1)
+    assert m.seq is None and ckpt.latest_step(store_url) == 3
+    assert one.stored_bytes == m.stored_bytes == wrote + len(dst.read_manifest(1))
 
 
 def test_copy_verifies_what_it_moves(store_url, tmp_path):
