@@ -390,9 +390,8 @@ class Writer:
             base = self._delta_base(path, base_ref, base_record, age, parent_view if base_ref is parent else None)
         ctx = EncodeContext(dtype=dtype, itemsize=itemsize, codec_context=self.store.codec_context)
         # CPU work, one per core (see core_slot); not while a base is read from the store
-        cores = contextlib.nullcontext() if base is not None and base.stored else core_slot()
         try:
-            with cores:
+            with contextlib.nullcontext() if base is not None and base.stored else core_slot():
                 choice = deltamod.choose(self.codecs, data, ctx, base)
         finally:
             if base is not None:

@@ -49,23 +49,35 @@ def cpu_threads() -> int:
 
 _cores: dict[int, threading.BoundedSemaphore] = {}
 _cores_lock = threading.Lock()
+_thread_state = threading.local()
 
 
-def core_slot() -> threading.BoundedSemaphore:
-    """The process's :func:`cpu_threads` slots, one held around a job's step that is CPU
-    work alone, waits on nothing and takes no other slot (a save's encode): an I/O pool
-    has more threads than cores so that waits overlap, but its CPU steps run better one
-    per core. All 8 writing threads encoding at once finish their first objects together,
-    late, and the device waits meanwhile; one encode per core finishes the first object
-    in a core's time and its write starts then. Measured on this project's 2-core machine,
-    saving the 1.2 GB benchmark state (five saves per run, alternated): medians of 494-517 ms
-    with 2 slots against 585-618 ms without; the MiniLM saves did not change."""
+def core_slots() -> threading.BoundedSemaphore:
+    """The process's :func:`cpu_threads` slots (see :func:`core_slot`)."""
     n = cpu_threads()
     with _cores_lock:
         slots = _cores.get(n)
         if slots is None:
             slots = _cores[n] = threading.BoundedSemaphore(n)
     return slots
+
+
+def core_slot() -> contextlib.AbstractContextManager[Any]:
+    """One of :func:`core_slots`, held around a job's step that is CPU work alone, waits on
+    nothing and takes no other slot (a save's encode): an I/O pool has more threads than
+    cores so that waits overlap, but its CPU steps run better one per core. All 8 writing
+    threads encoding at once finish their first objects together, late, and the device waits
+    meanwhile; one encode per core finishes the first object in a core's time and its write
+    starts then. Measured on this project's 2-core machine, saving the 1.2 GB benchmark state
+    (five saves per run, alternated): medians of 494-517 ms with 2 slots against 585-618 ms
+    without; the MiniLM saves did not change.
+
+    A demoted thread (:func:`lower_priority`: the Checkpointer's background encodes) takes
+    none: holding a core's slot at low priority would make a save of normal priority wait
+    for it while training keeps the cores busy; the scheduler already serves it last."""
+    if getattr(_thread_state, "demoted", False):
+        return contextlib.nullcontext()
+    return core_slots()
 
 
 def new_io_pool(name: str = "ckpt-io", *, nice: int = 0, workers: int | None = None) -> ThreadPoolExecutor:
@@ -199,7 +211,10 @@ def io_pool(name: str = "ckpt-io", workers: int | None = None) -> Iterator[Threa
 def lower_priority(nice: int) -> None:
     """Demote the calling thread by ``nice`` (Linux schedules threads separately; elsewhere a no-op)."""
     # only Linux schedules threads by their own id; elsewhere the id could name another process
-    if not nice or not sys.platform.startswith("linux") or not hasattr(os, "setpriority"):
+    if not nice:
+        return
+    _thread_state.demoted = True  # (see core_slot)
+    if not sys.platform.startswith("linux") or not hasattr(os, "setpriority"):
         return
     try:
         tid = threading.get_native_id()

@@ -68,7 +68,7 @@ def test_an_encode_reading_its_base_from_the_store_takes_no_core_slot(tmp_path):
     changed = clone_state(state)
     for v in changed.values():
         v[:1024] += 1.0  # a small change: each chunk is a delta candidate of its stored parent
-    slots = executor.core_slot()
+    slots = executor.core_slots()
     held = 0
     for _ in range(executor.cpu_threads()):
         assert slots.acquire(timeout=5)
@@ -100,10 +100,36 @@ def test_an_encode_reading_its_base_from_the_store_takes_no_core_slot(tmp_path):
     assert_same_state(restored["state"], changed)
 
 
+def test_a_checkpointers_background_encodes_take_no_core_slot(tmp_path):
+    """The Checkpointer's encodes run demoted (CKPT_BACKGROUND_NICE): holding a core's slot
+    at low priority would make a save of normal priority wait behind them while training
+    keeps the cores busy. Every slot is held here; a background save still commits."""
+    state = _state(4)
+    slots = executor.core_slots()
+    held = 0
+    for _ in range(executor.cpu_threads()):
+        assert slots.acquire(timeout=5)
+        held += 1
+    with ckpt.Checkpointer(str(tmp_path / "store")) as ck:
+        try:  # (the slots go back before the Checkpointer waits for its save on exit)
+            pending = ck.save({"state": state}, step=1)
+            try:
+                info = pending.wait(timeout=60)
+            except ckpt.CheckpointError:
+                info = None
+        finally:
+            for _ in range(held):
+                slots.release()
+    assert info is not None and info.step == 1, "the background save waited for a core slot"
+    restored = {"state": {k: torch.zeros_like(v) for k, v in state.items()}}
+    ckpt.restore(str(tmp_path / "store"), restored)
+    assert_same_state(restored["state"], state)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork") or not sys.platform.startswith("linux"), reason="fork is POSIX's")
 def test_a_forked_child_does_not_wait_on_slots_its_parent_held(tmp_path):
     state = _state(2)  # made before the fork: torch's own thread pool is not the subject here
-    slots = executor.core_slot()
+    slots = executor.core_slots()
     n = executor.cpu_threads()
     for _ in range(n):
         assert slots.acquire(timeout=5)
