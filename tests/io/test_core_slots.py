@@ -4,11 +4,13 @@ takes no slot; a forked child does not inherit slots held by its parent's thread
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -23,6 +25,27 @@ def _state(n: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     # each tensor above the pack threshold and below a chunk: one object each
     return {f"t{i}": torch.randn(512 * 1024, generator=g) * 0.02 for i in range(n)}
+
+
+@contextlib.contextmanager
+def _every_slot_held() -> Iterator[None]:
+    """Every core slot of this process held by the test's thread for the block."""
+    slots = executor.core_slots()
+    held = 0
+    try:
+        for _ in range(executor.cpu_threads()):
+            assert slots.acquire(timeout=5)
+            held += 1
+        yield
+    finally:
+        for _ in range(held):
+            slots.release()
+
+
+def _assert_restores(url: str, state: dict[str, torch.Tensor], step: int | None = None) -> None:
+    restored = {"state": {k: torch.zeros_like(v) for k, v in state.items()}}
+    ckpt.restore(url, restored, step=step)
+    assert_same_state(restored["state"], state)
 
 
 def test_encodes_run_one_per_core_while_the_pool_has_more_threads(tmp_path, monkeypatch):
@@ -53,9 +76,7 @@ def test_encodes_run_one_per_core_while_the_pool_has_more_threads(tmp_path, monk
     assert 1 <= most <= cores, (most, cores)
     if cores > 1:
         assert len(threads) > 1  # still spread over the pool's threads
-    restored = {"state": {k: torch.zeros_like(v) for k, v in state.items()}}
-    ckpt.restore(str(tmp_path / "store"), restored)
-    assert_same_state(restored["state"], state)
+    _assert_restores(str(tmp_path / "store"), state)
 
 
 def test_an_encode_reading_its_base_from_the_store_takes_no_core_slot(tmp_path):
@@ -68,11 +89,6 @@ def test_an_encode_reading_its_base_from_the_store_takes_no_core_slot(tmp_path):
     changed = clone_state(state)
     for v in changed.values():
         v[:1024] += 1.0  # a small change: each chunk is a delta candidate of its stored parent
-    slots = executor.core_slots()
-    held = 0
-    for _ in range(executor.cpu_threads()):
-        assert slots.acquire(timeout=5)
-        held += 1
     done = threading.Event()
     failure: list[BaseException] = []
 
@@ -86,18 +102,13 @@ def test_an_encode_reading_its_base_from_the_store_takes_no_core_slot(tmp_path):
             done.set()
 
     worker = threading.Thread(target=save, daemon=True)
-    worker.start()
-    try:
+    with _every_slot_held():
+        worker.start()
         finished = done.wait(timeout=60)
-    finally:
-        for _ in range(held):
-            slots.release()
     worker.join(timeout=60)
     assert finished, "a save of deltas against stored bases waited for a core slot"
     assert not failure, failure
-    restored = {"state": {k: torch.zeros_like(v) for k, v in state.items()}}
-    ckpt.restore(url, restored, step=2)
-    assert_same_state(restored["state"], changed)
+    _assert_restores(url, changed, step=2)
 
 
 def test_a_checkpointers_background_encodes_take_no_core_slot(tmp_path):
@@ -105,35 +116,21 @@ def test_a_checkpointers_background_encodes_take_no_core_slot(tmp_path):
     at low priority would make a save of normal priority wait behind them while training
     keeps the cores busy. Every slot is held here; a background save still commits."""
     state = _state(4)
-    slots = executor.core_slots()
-    held = 0
-    for _ in range(executor.cpu_threads()):
-        assert slots.acquire(timeout=5)
-        held += 1
-    with ckpt.Checkpointer(str(tmp_path / "store")) as ck:
-        try:  # (the slots go back before the Checkpointer waits for its save on exit)
-            pending = ck.save({"state": state}, step=1)
-            try:
-                info = pending.wait(timeout=60)
-            except ckpt.CheckpointError:
-                info = None
-        finally:
-            for _ in range(held):
-                slots.release()
+    # (the slots go back before the Checkpointer waits for its save on exit)
+    with ckpt.Checkpointer(str(tmp_path / "store")) as ck, _every_slot_held():
+        pending = ck.save({"state": state}, step=1)
+        try:
+            info = pending.wait(timeout=60)
+        except ckpt.CheckpointError:
+            info = None
     assert info is not None and info.step == 1, "the background save waited for a core slot"
-    restored = {"state": {k: torch.zeros_like(v) for k, v in state.items()}}
-    ckpt.restore(str(tmp_path / "store"), restored)
-    assert_same_state(restored["state"], state)
+    _assert_restores(str(tmp_path / "store"), state)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork") or not sys.platform.startswith("linux"), reason="fork is POSIX's")
 def test_a_forked_child_does_not_wait_on_slots_its_parent_held(tmp_path):
     state = _state(2)  # made before the fork: torch's own thread pool is not the subject here
-    slots = executor.core_slots()
-    n = executor.cpu_threads()
-    for _ in range(n):
-        assert slots.acquire(timeout=5)
-    try:
+    with _every_slot_held():
         pid = os.fork()
         if pid == 0:  # the child: the threads holding the slots are not here
             try:
@@ -152,11 +149,6 @@ def test_a_forked_child_does_not_wait_on_slots_its_parent_held(tmp_path):
         if not done:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-    finally:
-        for _ in range(n):
-            slots.release()
     assert done, "the forked child's save waited on core slots its parent's threads held"
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
-    restored = {"state": {k: torch.zeros_like(v) for k, v in state.items()}}
-    ckpt.restore(str(tmp_path / "child"), restored)
-    assert_same_state(restored["state"], state)
+    _assert_restores(str(tmp_path / "child"), state)
