@@ -69,7 +69,8 @@ from ckpt.codecs import delta as deltamod
 from ckpt.errors import CheckpointError, CorruptCheckpointError, UnsupportedValueError
 from ckpt.hooks.manager import get_plugins
 from ckpt.io.region import pieces
-from ckpt.io.writer import Writer, dtype_name, present_objects, reusable
+from ckpt.io.reuse import present_objects, reusable
+from ckpt.io.writer import Writer, dtype_name
 from ckpt.security.envelope import before_write, open_store
 from ckpt.security.keys import Encryption
 from ckpt.snapshot.executor import io_pool, wait_all
