@@ -37,6 +37,7 @@ from ckpt.security.envelope import open_store
 from ckpt.security.keys import Encryption
 from ckpt.state import tree as treemod
 from ckpt.state.capture import load_into
+from ckpt.state.dataloader import untrack
 from ckpt.state.in_place import Box, InPlace, box_in_place, decode_in_place, read_verified, verify_boxes
 from ckpt.state.placement import DEFAULT_LOCATION, Placer, placer
 from ckpt.state.restore import as_mapping, decode_values, fit_live
@@ -222,8 +223,38 @@ def _prepare(
     in a single process: the caller decodes the returned :class:`InPlace` into the live
     tensors once every rank has verified its reads."""
     refused: set[str] = set()
+    tracked: list[Any] = []
+    try:
+        return _prepare_tracked(
+            store,
+            plugins,
+            manifest,
+            state,
+            strict=strict,
+            place=place,
+            in_place=in_place,
+            refused=refused,
+            tracked=tracked,
+        )
+    except BaseException:
+        untrack(tracked)  # refused here: this rank's loaders as they were
+        raise
+
+
+def _prepare_tracked(
+    store: Store,
+    plugins: Any,
+    manifest: Manifest,
+    state: Mapping[str, Any],
+    *,
+    strict: bool,
+    place: Placer | None,
+    in_place: bool,
+    refused: set[str],
+    tracked: list[Any],
+) -> tuple[dict[str, Any], list[str], list[str], InPlace | None]:
     keys, live, wanted, missing, unexpected = fit_live(
-        store, plugins, manifest, state, strict=strict, not_in_place=refused
+        store, plugins, manifest, state, strict=strict, not_in_place=refused, tracked=tracked
     )
     boxed = [p for p in wanted if is_dtensor(live.get(p))]
     whole = [p for p in wanted if p not in set(boxed)]

@@ -49,7 +49,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -378,12 +378,26 @@ def track(loader: DataLoader) -> DataLoader:
     return loader
 
 
-def track_all(state: Mapping[str, Any]) -> None:
-    """Track every DataLoader found in a state mapping (nested mappings and lists too)."""
+def track_all(state: Mapping[str, Any]) -> list[DataLoader]:
+    """Track every DataLoader found in a state mapping (nested mappings and lists too);
+    returns those that were not tracked before."""
     from ckpt.state.tree import instances
 
-    for loader in instances(state, DataLoader):
+    new = [loader for loader in instances(state, DataLoader) if not (_is_tracked(loader) or _is_stateful(loader))]
+    for loader in new:
         track(loader)
+    return new
+
+
+def untrack(loaders: Iterable[DataLoader]) -> None:
+    """Undo :func:`track` of ``loaders`` (a refused restore tracked them): each is of its
+    own class again, without a position."""
+    for loader in loaders:
+        if not _is_tracked(loader):
+            continue
+        # the class _tracked_class derived the tracked one from (single inheritance)
+        loader.__class__ = type(loader).__mro__[1]
+        loader.__dict__.pop("_ckpt_position", None)
 
 
 def _is_stateful(obj: Any) -> bool:
@@ -424,7 +438,8 @@ class DataLoaderAdapter:
             )
         if not isinstance(tree.get("start", {}), Mapping):
             raise StateMismatchError("DataLoader position in the checkpoint has no generator states mapping")
-        live = {name: _get(gen) for name, gen in _generators(obj).items()}
+        gens = _generators(obj)
+        live = {name: _get(gen) for name, gen in gens.items()}
         for name, state in tree.get("start", {}).items():
             if state is None:
                 continue
@@ -433,6 +448,12 @@ class DataLoaderAdapter:
                 like is not None and state.shape != like.shape
             ):
                 raise StateMismatchError(f"DataLoader generator state {name!r} does not fit its generator")
+            if name in gens:  # tried on a throw-away generator of its device: the contents
+                gen = gens[name]
+                try:
+                    torch.Generator(device="cpu" if gen is None else gen.device).set_state(state)
+                except (RuntimeError, ValueError) as exc:
+                    raise StateMismatchError(f"DataLoader generator state {name!r} is not one ({exc})") from None
         length = tree.get("length")
         if length is not None and hasattr(obj.dataset, "__len__") and len(obj) != length:
             raise StateMismatchError(
@@ -448,7 +469,7 @@ class DataLoaderAdapter:
             # left (the tiers load the local checkpoint, then maybe a newer one over it)
             pos.resume = None
             return
-        pos.resume = {"epoch": pos.epoch, "batches": int(tree["batches"]), "start": dict(tree["start"])}
+        pos.resume = {"epoch": pos.epoch, "batches": int(tree["batches"]), "start": dict(tree.get("start") or {})}
 
 
 class StatefulDataLoaderAdapter:

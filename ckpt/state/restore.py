@@ -27,7 +27,7 @@ from ckpt.errors import CheckpointError, CorruptCheckpointError, StateMismatchEr
 from ckpt.hooks.manager import Plugins
 from ckpt.state import tree as treemod
 from ckpt.state.capture import as_numpy, capture, check_into, live_tensors, load_into, qualified_name
-from ckpt.state.dataloader import track_all
+from ckpt.state.dataloader import track_all, untrack
 from ckpt.state.in_place import InPlace, decode_in_place, read_verified
 from ckpt.state.placement import DEFAULT_LOCATION, Placer
 from ckpt.storage.commit import load_manifest
@@ -160,8 +160,20 @@ def apply_restore(prepared: Prepared, *, hooks: bool = True) -> CheckpointInfo:
     if prepared.in_place is not None:  # verified already: now into the live tensors, verified again
         decode_in_place(prepared.in_place, plugins.codecs)
     # Everything is read, verified and checked: from here on only loads that fit.
-    for key, value in prepared.values.items():
-        state[key] = load_into(state[key], value, treemod.escape(key), plugins, strict=strict)
+    loaded: list[str] = []
+    try:
+        for key, value in prepared.values.items():
+            state[key] = load_into(state[key], value, treemod.escape(key), plugins, strict=strict)
+            loaded.append(key)
+    except CheckpointError as exc:
+        changed = [*(["the tensors decoded in place"] if prepared.in_place is not None else []), *map(repr, loaded)]
+        if not changed:
+            raise
+        # (an adapter whose check() let through what its load() refuses)
+        raise type(exc)(
+            f"{exc} (after the live objects began to take step {prepared.manifest.step}: "
+            f"{', '.join(changed[:6])} may hold it already; restore another checkpoint)"
+        ) from None
     info = CheckpointInfo.from_manifest(prepared.manifest, prepared.store_url)
     if not strict:
         info = info.with_keys(missing=prepared.missing, unexpected=prepared.unexpected)
@@ -225,16 +237,22 @@ def _prepare(
     tensors :func:`apply_restore` reads in place (see :func:`prepare_restore`)."""
     manifest = rank_view(manifest, 0)  # a collective save's checkpoint in one process: rank 0's values
     refused: set[str] = set()
-    keys, live, wanted, missing, unexpected = fit_live(
-        store, plugins, manifest, state, strict=strict, not_in_place=refused
-    )
-    in_place = (store.local if in_place is None else in_place) and place is None
-    tensors, later = read_verified(store, plugins.codecs, manifest, live, wanted, refused, in_place=in_place)
-    if place is not None:
-        tensors = {p: place(t, manifest.devices.get(p, DEFAULT_LOCATION)) for p, t in tensors.items()}
-    if later is not None:
-        tensors.update(later.values())
-    return decode_values(manifest, state, keys, tensors, plugins, strict=strict), missing, unexpected, later
+    tracked: list[Any] = []
+    try:
+        keys, live, wanted, missing, unexpected = fit_live(
+            store, plugins, manifest, state, strict=strict, not_in_place=refused, tracked=tracked
+        )
+        in_place = (store.local if in_place is None else in_place) and place is None
+        tensors, later = read_verified(store, plugins.codecs, manifest, live, wanted, refused, in_place=in_place)
+        if place is not None:
+            tensors = {p: place(t, manifest.devices.get(p, DEFAULT_LOCATION)) for p, t in tensors.items()}
+        if later is not None:
+            tensors.update(later.values())
+        values = decode_values(manifest, state, keys, tensors, plugins, strict=strict)
+    except BaseException:
+        untrack(tracked)  # refused: nothing live changed, loaders included
+        raise
+    return values, missing, unexpected, later
 
 
 def fit_live(
@@ -245,6 +263,7 @@ def fit_live(
     *,
     strict: bool,
     not_in_place: set[str] | None = None,
+    tracked: list[Any] | None = None,
 ) -> tuple[list[str], dict[str, torch.Tensor], list[str], list[str], list[str]]:
     """Check ``state``'s live objects against ``manifest`` before anything is read: the keys
     restored, the live tensors by path, the stored tensor paths to read, and the missing and
@@ -255,7 +274,9 @@ def fit_live(
     be read-only, a memory map, or held elsewhere), and the tensors of objects whose
     adapter's ``check`` may read their values (it must see the checkpoint's, not the live
     ones the decode overwrites after it: see ``checks_tensor_values`` in
-    :class:`ckpt.state.adapters.Adapter`)."""
+    :class:`ckpt.state.adapters.Adapter`). ``tracked`` receives the DataLoaders tracked for
+    this restore, which the caller untracks (:func:`~ckpt.state.dataloader.untrack`) when
+    it refuses the checkpoint later."""
     stored_tree = manifest.tree
     if not isinstance(stored_tree, dict):
         raise CheckpointError(f"checkpoint step {manifest.step} of {store.url} has no state mapping")
@@ -266,7 +287,31 @@ def fit_live(
             f"it holds {', '.join(map(repr, stored_tree))} (restore with strict=False to load what matches)"
         )
     keys = [k for k in state if k in stored_tree]
-    track_all(state)  # a restored DataLoader must replay its position on the next iter()
+    # a restored DataLoader must replay its position on the next iter(); one tracked for this
+    # restore alone is untracked again if it is refused (here, or by the caller: ``tracked``)
+    newly = track_all({k: state[k] for k in keys})
+    if tracked is not None:
+        tracked.extend(newly)
+    try:
+        return _fit_tracked(store, plugins, manifest, state, keys, strict=strict, not_in_place=not_in_place)
+    except BaseException:
+        untrack(newly)
+        raise
+
+
+def _fit_tracked(
+    store: Store,
+    plugins: Plugins,
+    manifest: Manifest,
+    state: Mapping[str, Any],
+    keys: list[str],
+    *,
+    strict: bool,
+    not_in_place: set[str] | None,
+) -> tuple[list[str], dict[str, torch.Tensor], list[str], list[str], list[str]]:
+    """:func:`fit_live` of ``keys``, their DataLoaders tracked."""
+    stored_tree = manifest.tree
+    absent = [k for k in state if k not in stored_tree]
     live_tree, live_adapters = capture({k: state[k] for k in keys}, plugins)
     for path, name in live_adapters.items():
         saved = manifest.adapters.get(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import types
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -132,12 +133,56 @@ class OptimizerAdapter:
             twin.load_state_dict(dict(tree))
         except Exception as exc:  # noqa: BLE001 - whatever torch raises, the live optimizer is untouched
             raise _mismatch(kind, f"{type(exc).__name__}: {exc}") from None
+        if type(obj) in _PARAM_SHAPED_STATE:
+            _check_state_shapes(kind, twin)
 
     def load(self, obj: torch.optim.Optimizer, tree: Mapping[str, Any]) -> None:
         try:
             obj.load_state_dict(cast("dict[str, Any]", tree))  # decoded trees are dicts
         except (ValueError, KeyError, RuntimeError) as exc:
             raise _mismatch(f"optimizer {type(obj).__name__}", exc) from None
+
+
+#: torch's optimizers whose per-parameter state tensors all have their parameter's shape,
+#: scalars aside (``step``, ASGD's ``eta`` and ``mu``). Exact classes: a subclass may keep
+#: state of other shapes, as Adafactor's factored moments and LBFGS's flat history do.
+_PARAM_SHAPED_STATE = frozenset(
+    getattr(torch.optim, name)
+    for name in (
+        "SGD",
+        "Adam",
+        "AdamW",
+        "Adagrad",
+        "Adadelta",
+        "Adamax",
+        "ASGD",
+        "NAdam",
+        "RAdam",
+        "RMSprop",
+        "Rprop",
+        "SparseAdam",
+    )
+    if hasattr(torch.optim, name)
+)
+
+
+def _check_state_shapes(kind: str, twin: torch.optim.Optimizer) -> None:
+    """Each state tensor ``twin`` (loaded with the checkpoint) holds has its parameter's shape.
+
+    torch's ``load_state_dict`` compares no shapes: state of another model's parameters
+    loads into an optimizer that has not stepped yet (the usual resume) and fails at its
+    first step instead, or worse, broadcasts."""
+    index = {p: i for i, p in enumerate(p for g in twin.param_groups for p in g["params"])}
+    for param, state in twin.state.items():
+        if not isinstance(state, Mapping) or not isinstance(param, torch.Tensor):
+            continue
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                raise _mismatch(
+                    kind,
+                    f"state {index.get(param, '?')}/{key} has shape {list(value.shape)}, "
+                    f"its parameter {list(param.shape)}",
+                )
 
 
 def _check_groups(kind: str, obj: torch.optim.Optimizer, tree: Mapping[str, Any]) -> None:
@@ -181,7 +226,7 @@ class SchedulerAdapter:
         lambdas = tree.get("lr_lambdas")
         if lambdas is not None and (not isinstance(lambdas, list) or len(lambdas) != len(live.get("lr_lambdas") or [])):
             raise _mismatch(kind, "lr_lambdas do not match its parameter groups")
-        twin = copy.copy(obj)
+        twin = _scheduler_twin(obj)
         try:
             twin.load_state_dict(dict(tree))
         except Exception as exc:  # noqa: BLE001 - whatever the scheduler raises, the live one is untouched
@@ -189,6 +234,26 @@ class SchedulerAdapter:
 
     def load(self, obj: Any, tree: Mapping[str, Any]) -> None:
         obj.load_state_dict(dict(tree))
+
+
+def _scheduler_twin(obj: Any) -> Any:
+    """A copy of scheduler ``obj`` whose ``load_state_dict`` changes nothing of ``obj``.
+
+    Loading is a ``__dict__.update`` of the scheduler, which a shallow copy takes alone, and
+    then writes into what the copy shares with ``obj``: ``SequentialLR`` and
+    ``ChainedScheduler`` load each of their schedulers (twinned here in turn), ``LambdaLR``
+    and ``MultiplicativeLR`` update their lambdas' ``__dict__`` (each a copy here; a plain
+    function, whose state torch does not save, a blank stand-in)."""
+    twin = copy.copy(obj)
+    inner = getattr(obj, "_schedulers", None)
+    if isinstance(inner, (list, tuple)):
+        twin._schedulers = [_scheduler_twin(s) for s in inner]
+    lambdas = getattr(obj, "lr_lambdas", None)
+    if isinstance(lambdas, (list, tuple)):
+        twin.lr_lambdas = [
+            types.SimpleNamespace() if isinstance(f, types.FunctionType) else copy.copy(f) for f in lambdas
+        ]
+    return twin
 
 
 #: what an enabled GradScaler's state_dict holds, and the types it takes
@@ -245,17 +310,28 @@ class GeneratorAdapter:
 
     def check(self, obj: torch.Generator, tree: Mapping[str, Any]) -> None:
         _check_rng_bytes(
-            f"generator on {obj.device}", tree.get("state") if isinstance(tree, Mapping) else None, obj.get_state()
+            f"generator on {obj.device}",
+            tree.get("state") if isinstance(tree, Mapping) else None,
+            obj.get_state(),
+            obj.device,
         )
 
     def load(self, obj: torch.Generator, tree: Mapping[str, Any]) -> None:
         obj.set_state(tree["state"])
 
 
-def _check_rng_bytes(kind: str, state: Any, like: torch.Tensor) -> None:
+def _check_rng_bytes(kind: str, state: Any, like: torch.Tensor, device: torch.device | str | None = "cpu") -> None:
+    """``state`` fits a generator whose state is like ``like``: uint8 of its shape, and taken
+    by a throw-away generator on ``device`` (None: not tried), which checks the contents
+    (an mt19937 state that is not one is refused there, not by the live generator)."""
     if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.shape != like.shape:
         got = f"{state.dtype}{list(state.shape)}" if isinstance(state, torch.Tensor) else type(state).__name__
         raise _mismatch(kind, f"its state is {got}, expected uint8{list(like.shape)}")
+    if device is not None:
+        try:
+            torch.Generator(device=device).set_state(state)
+        except (RuntimeError, ValueError) as exc:
+            raise _mismatch(kind, f"its state is not one ({exc})") from None
 
 
 class RNG:
@@ -308,7 +384,7 @@ class RNGAdapter:
         if not isinstance(cuda, list):
             raise _mismatch("CUDA RNGs", "not a list of states")
         for i, state in enumerate(cuda[: torch.cuda.device_count() if torch.cuda.is_available() else 0]):
-            _check_rng_bytes(f"CUDA RNG {i}", state, torch.cuda.get_rng_state(i))
+            _check_rng_bytes(f"CUDA RNG {i}", state, torch.cuda.get_rng_state(i), f"cuda:{i}")
 
     def load(self, obj: RNG, tree: Mapping[str, Any]) -> None:
         random.setstate(tree["python"])
