@@ -60,6 +60,17 @@ def _active(model: Any) -> list[str]:
     return [active] if isinstance(active, str) else list(active)
 
 
+def _check_tensor(what: str, live: torch.Tensor, value: Any) -> None:
+    """A stored value the live tensor can take in place: a tensor of its shape and dtype."""
+    if not isinstance(value, torch.Tensor):
+        raise StateMismatchError(f"{what}: the live object is a tensor, the checkpoint holds {type(value).__name__}")
+    if value.shape != live.shape or value.dtype != live.dtype:
+        raise StateMismatchError(
+            f"{what}: the checkpoint holds {value.dtype}{list(value.shape)}, "
+            f"the live tensor is {live.dtype}{list(live.shape)}"
+        )
+
+
 def _is_adapter_key(key: str, names: set[str]) -> bool:
     return any(part in names for part in key.split("."))
 
@@ -68,6 +79,11 @@ class PeftModelAdapter:
     """``peft.PeftModel`` <-> {peft configs, base weights, adapter weights}."""
 
     name = "peft.PeftModel"
+    #: restore checks the stored tensors are exactly the live ones before writing any
+    exact_tensors = True
+    #: check() reads shapes, dtypes and configs, never tensor values: the tensors may be
+    #: decoded in place, so it refuses everything load() would
+    checks_tensor_values = False
 
     def handles(self, obj: Any) -> bool:
         peft = sys.modules.get("peft")  # no peft imported: obj cannot be a PeftModel
@@ -85,26 +101,79 @@ class PeftModelAdapter:
             "adapter": {k: v for k, v in state.items() if _is_adapter_key(k, names)},
         }
 
-    def load(self, obj: Any, tree: Mapping[str, Any]) -> None:
+    def check(self, obj: Any, tree: Mapping[str, Any], strict: bool = True) -> None:
+        """Refuse ``tree`` before anything live changes (restore's first pass).
+
+        A restore may decode this model's tensors straight into the live ones between
+        ``check`` and :meth:`load`, so every ground :meth:`load` has to refuse is here:
+        the tree's layout, the adapters and their configs (a same-shaped LoRA with another
+        ``lora_alpha`` or dropout differs only there), the active adapters, and the
+        state-dict keys (all of them with ``strict``, as ``load_state_dict`` wants) with
+        each tensor's shape and dtype. The configs must match with ``strict=False`` too:
+        weights trained under one scaling are not a partial state of another. Only shapes,
+        dtypes and structure are read, never tensor values.
+        """
         kind = type(obj).__name__
-        saved = tree["peft"]["adapters"]
+        if not isinstance(tree, Mapping):
+            raise StateMismatchError(f"{kind}: its state is a {type(tree).__name__}, not a mapping")
+        meta = tree.get("peft")
+        if not isinstance(meta, Mapping) or not isinstance(meta.get("adapters"), Mapping):
+            raise StateMismatchError(f"{kind}: the checkpoint holds no peft adapter configs")
+        for part in ("base", "adapter"):
+            if not isinstance(tree.get(part), Mapping):
+                raise StateMismatchError(f"{kind}: the checkpoint's {part!r} weights are not a mapping")
+        saved = meta["adapters"]
         live = {n: config_doc(c) for n, c in obj.peft_config.items()}
         if set(saved) != set(live):
             raise StateMismatchError(
                 f"{kind}: checkpoint has peft adapters {sorted(saved)}, the live model has {sorted(live)}"
             )
         for name in sorted(saved):
+            if not isinstance(saved[name], Mapping):
+                raise StateMismatchError(f"{kind}: adapter {name!r}'s saved config is not a mapping")
             for field in sorted(set(saved[name]) | set(live[name])):
                 a, b = saved[name].get(field), live[name].get(field)
                 if a != b:
                     raise StateMismatchError(
                         f"{kind}: adapter {name!r} was saved with {field}={a!r}, the live model has {field}={b!r}"
                     )
-        combined: dict[str, torch.Tensor] = {**tree["base"], **tree["adapter"]}
+        active = meta.get("active") or []
+        if not isinstance(active, list) or not all(isinstance(n, str) for n in active):
+            raise StateMismatchError(f"{kind}: the checkpoint's active adapters are not a list of names")
+        unknown = [n for n in active if n not in live]
+        if unknown:
+            raise StateMismatchError(f"{kind}: the checkpoint's active adapters {unknown} are not in the live model")
+        if active and active != _active(obj) and len(active) > 1:
+            raise StateMismatchError(
+                f"{kind}: the checkpoint has active adapters {active}, the live model {_active(obj)}; "
+                "a PeftModel activates one adapter at a time: activate them on the live model before restoring"
+            )
+        combined = _combined(tree)
+        state = obj.state_dict()
+        if strict:
+            missing = [k for k in state if k not in combined]
+            unexpected = [k for k in combined if k not in state]
+            if missing or unexpected:
+                raise StateMismatchError(
+                    f"checkpoint does not fit this {kind}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
+                )
+        for key, value in combined.items():
+            target = state.get(key)
+            if isinstance(target, torch.Tensor):
+                _check_tensor(f"{kind}.{key}", target, value)
+
+    def load(self, obj: Any, tree: Mapping[str, Any], strict: bool = True) -> None:
+        self.check(obj, tree, strict=strict)  # passed in a restore's first pass; here for a direct call
+        kind = type(obj).__name__
         try:
-            obj.load_state_dict(combined, strict=True)
+            obj.load_state_dict(_combined(tree), strict=strict)
         except RuntimeError as exc:
             raise StateMismatchError(f"checkpoint does not fit this {kind}: {exc}") from None
         active = list(tree["peft"].get("active") or [])
         if active and active != _active(obj) and hasattr(obj, "set_adapter"):
-            obj.set_adapter(active[0] if len(active) == 1 else active)
+            obj.set_adapter(active[0])  # check() refused more than one
+
+
+def _combined(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """The state dict a tree's base and adapter weights make together."""
+    return {**tree["base"], **tree["adapter"]}

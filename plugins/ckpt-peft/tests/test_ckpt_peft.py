@@ -10,6 +10,7 @@ import subprocess
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -116,6 +117,109 @@ def test_restore_into_a_different_lora_config_is_refused(make_lora_minilm, minil
     with pytest.raises(ckpt.StateMismatchError, match="lora_A.default.weight"):
         ckpt.restore(url, {"model": smaller})
     assert_same_state(clone_state(smaller.state_dict()), before)
+
+
+def _tiny_lora_with_adam(seed: int, layers: int = 1, **lora: Any):
+    """A tiny random BERT with LoRA on query/value (``lora`` overrides the config's fields)
+    and an AdamW that has taken one step, so both hold state a restore could overwrite."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
+    fields = {"r": 2, "lora_alpha": 16, "target_modules": ["query", "value"], "lora_dropout": 0.0, **lora}
+    model = get_peft_model(BertModel(config), LoraConfig(init_lora_weights=False, **fields))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 64, (2, 5))
+    model(input_ids=ids).last_hidden_state.sum().backward()
+    opt.step()
+    opt.zero_grad()
+    return model, opt
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize(
+    ("field", "saved", "live"), [("lora_alpha", 8, 16), ("lora_dropout", 0.0, 0.1)], ids=["alpha", "dropout"]
+)
+def test_a_refused_config_leaves_every_live_tensor_unchanged(tmp_path, field, saved, live, strict):
+    """A config that differs in a same-shape field is refused in the restore's first pass:
+    from a local store the tensors are decoded straight into the live ones before the
+    adapters load, so a refusal in load() would come after the model (frozen base weights
+    too) and the optimizer had changed."""
+    url = str(tmp_path / "run")  # local disk: the restore decodes in place
+    model, opt = _tiny_lora_with_adam(0, **{field: saved})
+    ckpt.save(url, {"model": model, "opt": opt}, step=1)
+
+    other, other_opt = _tiny_lora_with_adam(1, **{field: live})
+    model_before = clone_state(other.state_dict())
+    opt_before = clone_state(other_opt.state_dict())
+    assert any(not torch.equal(t, model.state_dict()[k]) for k, t in model_before.items())  # the restore would show
+    with pytest.raises(ckpt.StateMismatchError, match=rf"adapter 'default' was saved with {field}={saved!r}"):
+        ckpt.restore(url, {"model": other, "opt": other_opt}, strict=strict)
+    assert_same_state(clone_state(other.state_dict()), model_before)
+    assert_same_state(clone_state(other_opt.state_dict()), opt_before)
+
+
+@pytest.mark.parametrize("saved_layers, live_layers", [(1, 2), (2, 1)], ids=["missing", "unexpected"])
+def test_strict_false_loads_what_matches_and_reports_the_rest(tmp_path, saved_layers, live_layers):
+    """Same LoRA config, a base with another number of layers: strict refuses before
+    anything changes; strict=False loads the tensors both have and reports the others."""
+    saved, _ = _tiny_lora_with_adam(0, layers=saved_layers)
+    live, _ = _tiny_lora_with_adam(1, layers=live_layers)
+    url = str(tmp_path / "run")
+    ckpt.save(url, {"model": saved}, step=1)
+    before = clone_state(live.state_dict())
+    with pytest.raises(ckpt.StateMismatchError, match="layer.1"):
+        ckpt.restore(url, {"model": live})
+    assert_same_state(clone_state(live.state_dict()), before)
+
+    info = ckpt.restore(url, {"model": live}, strict=False)
+    reported = info.missing_keys if live_layers > saved_layers else info.unexpected_keys
+    assert reported and all(".layer.1." in k for k in reported)
+    assert not (info.unexpected_keys if live_layers > saved_layers else info.missing_keys)
+    mine, theirs = live.state_dict(), saved.state_dict()
+    common = set(mine) & set(theirs)
+    assert common and all(torch.equal(mine[k], theirs[k]) for k in common)
+    assert all(torch.equal(mine[k], before[k]) for k in set(mine) - common)
+
+
+_BAD_TREES = {
+    "unknown active adapter": lambda t: {**t, "peft": {**t["peft"], "active": ["nope"]}},
+    "missing key": lambda t: {**t, "base": dict(list(t["base"].items())[1:])},
+    "unexpected key": lambda t: {**t, "adapter": {**t["adapter"], "extra.weight": torch.zeros(1)}},
+    "wrong shape": lambda t: {**t, "base": {k: v[..., :1] for k, v in t["base"].items()}},
+    "no configs": lambda t: {**t, "peft": {"active": ["default"]}},
+    "other adapter name": lambda t: {**t, "peft": {**t["peft"], "adapters": {"x": t["peft"]["adapters"]["default"]}}},
+}
+
+
+@pytest.mark.parametrize("what", sorted(_BAD_TREES))
+def test_check_refuses_what_load_would(what):
+    """The adapter's check() takes every ground load() has to refuse; load() refuses the
+    same before it writes anything (a direct call has no first pass)."""
+    from ckpt_peft.adapter import PeftModelAdapter
+
+    adapter = PeftModelAdapter()
+    model, _ = _tiny_lora_with_adam(0)
+    tree = adapter.state(model)
+    adapter.check(model, tree)  # its own state fits
+    other, _ = _tiny_lora_with_adam(1)
+    before = clone_state(other.state_dict())
+    bad = _BAD_TREES[what](tree)
+    with pytest.raises(ckpt.StateMismatchError):
+        adapter.check(other, bad)
+    with pytest.raises(ckpt.StateMismatchError):
+        adapter.load(other, bad)
+    assert_same_state(clone_state(other.state_dict()), before)
+    adapter.load(other, tree)
+    assert_same_state(clone_state(other.state_dict()), clone_state(model.state_dict()))
 
 
 # -- the adapter conformance suite, on a tiny random BERT ----------------------------------
