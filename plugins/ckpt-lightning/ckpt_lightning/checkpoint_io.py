@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Mapping
@@ -348,14 +349,23 @@ class CkptCheckpointIO(CheckpointIO):
         if not isinstance(states, Mapping):
             log.warning("checkpoint %s holds no RNG states: the resumed run will not be bit-exact", path)
             return
-        rngmod.apply(states)
-        if not _saved_at_epoch_end(tree):
-            self._rng.arm(states)
+        previous = rngmod.capture(states)
+        try:
+            rngmod.apply(states)
+        except ckpt.CheckpointError:
+            rngmod.apply(previous)  # states that do not fit change none of the RNGs
+            raise
+        # kept until training resumes: a resume Lightning refuses gets them back (teardown)
+        self._rng.arm(states, previous, reapply=not _saved_at_epoch_end(tree))
 
     # -- lifecycle -----------------------------------------------------------------------
     def teardown(self) -> None:
-        """Wait for the save in flight, finish pending deletions and markers, close the writer."""
-        self._rng.disarm()
+        """Wait for the save in flight, finish pending deletions and markers, close the writer.
+
+        Lightning calls it at the end of every run, and while handling the exception of a
+        failed one: a run that failed before training resumed from the checkpoint loaded
+        (Lightning refused it) gets back the process RNG states the load replaced."""
+        self._rng.undo(_failing())
         self._resumed = None
         ck = self._ck
         if ck is None:
@@ -424,6 +434,17 @@ def _signature(checkpoint: Mapping[str, Any]) -> tuple:
 
     walk(checkpoint, "")
     return tuple(out)
+
+
+def _failing() -> BaseException | None:
+    """The exception the run is failing with, when Lightning tears it down while handling one.
+
+    Lightning's tuner ends a ``fit`` it ran with ``_TunerExitException`` right after restoring
+    its own checkpoint: that run did not fail."""
+    exc = sys.exc_info()[1]
+    if exc is None or any(c.__name__ == "_TunerExitException" for c in type(exc).__mro__):
+        return None
+    return exc
 
 
 def _saved_at_epoch_end(tree: Mapping[str, Any]) -> bool:

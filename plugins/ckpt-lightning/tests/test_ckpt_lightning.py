@@ -5,6 +5,7 @@ map_location resolve as Lightning expects; the store is an ordinary ckpt store."
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -237,6 +238,141 @@ def test_resume_by_generated_path_step_path_and_last(tmp_path):
         CkptCheckpointIO(f"file://{tmp_path}/other").load_checkpoint(ck_dir / MARKER_NAME)
     with pytest.raises(ckpt.CheckpointError, match="names no checkpoint"):
         CkptCheckpointIO(url).load_checkpoint(ck_dir / "epoch=0-whatever.ckpt")
+
+
+def _process_rngs() -> tuple[Any, torch.Tensor, Any]:
+    import numpy as np
+
+    return random.getstate(), torch.get_rng_state(), np.random.get_state()
+
+
+def _assert_same_rngs(a: tuple[Any, torch.Tensor, Any], b: tuple[Any, torch.Tensor, Any]) -> None:
+    assert a[0] == b[0], "Python's random changed"
+    assert torch.equal(a[1], b[1]), "torch's RNG changed"
+    assert a[2][0] == b[2][0] and np_equal(a[2][1], b[2][1]) and a[2][2:] == b[2][2:], "NumPy's RNG changed"
+
+
+def np_equal(a: Any, b: Any) -> bool:
+    import numpy as np
+
+    return bool(np.array_equal(a, b))
+
+
+@pytest.mark.parametrize("every", [3, 5], ids=["mid-epoch", "epoch-end"])
+def test_a_resume_lightning_refuses_changes_no_rng_and_the_model_as_its_own_io_does(tmp_path, every):
+    """A module whose layers have other shapes: Lightning refuses the checkpoint after
+    load_checkpoint returned. The process RNGs (Python, NumPy, torch) end as they were, as
+    with Lightning's own TorchCheckpointIO (which restores none), and the model as that IO
+    leaves it (torch's load_state_dict copies the tensors whose shapes match before it
+    reports the others: Lightning's doing, the same with any CheckpointIO)."""
+    import numpy as np
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    url, ck_dir, torch_dir = f"file://{tmp_path}/store", tmp_path / "ck", tmp_path / "torch"
+    fit(make_trainer(url, str(ck_dir), max_steps=every, every=every))  # 5 steps an epoch
+    assert ckpt.steps(url) == [every]
+    # the same run, checkpointed by Lightning's default TorchCheckpointIO
+    fit(
+        L.Trainer(
+            max_steps=every,
+            callbacks=[ModelCheckpoint(dirpath=torch_dir, every_n_train_steps=every, save_top_k=-1)],
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            devices=1,
+            default_root_dir=tmp_path,
+        )
+    )
+    (torch_path,) = torch_dir.glob("*.ckpt")
+    saved = ckpt.load(url, step=every)["state_dict"]
+    refused = [k for k, t in Net(width=16).state_dict().items() if t.shape != saved[k].shape]
+    assert len(refused) == 5  # all but net.5.bias, which torch copies before it raises
+
+    left: dict[str, dict[str, torch.Tensor]] = {}
+    for io in ("ckpt", "torch"):
+        random.seed(7)
+        np.random.seed(7)
+        torch.manual_seed(7)
+        other = Net(width=16)  # net.0 is (16, 8), the checkpoint's (32, 8)
+        data = make_loader()
+        weights, before = clone_state(other.state_dict()), _process_rngs()
+        if io == "ckpt":
+            trainer = make_trainer(url, str(ck_dir), max_steps=every + 2, every=every)
+            path = "last"
+        else:
+            trainer = L.Trainer(
+                max_steps=every + 2,
+                logger=False,
+                enable_progress_bar=False,
+                accelerator="cpu",
+                default_root_dir=tmp_path,
+            )
+            path = str(torch_path)
+        with pytest.raises(RuntimeError, match="size mismatch for net.0.weight"):
+            trainer.fit(other, data, ckpt_path=path)
+        _assert_same_rngs(_process_rngs(), before)
+        left[io] = clone_state(other.state_dict())
+        assert all(torch.equal(left[io][k], weights[k]) for k in refused)
+        if io == "ckpt":  # nothing left armed that a later step would apply
+            assert not trainer.strategy.checkpoint_io._rng.armed
+            torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1).step()
+            _assert_same_rngs(_process_rngs(), before)
+    assert_same_state(left["ckpt"], left["torch"])
+
+
+def test_a_successful_load_applies_the_rng_states_and_keeps_them(tmp_path):
+    """The states applied at load stay once training resumed (the first optimizer step),
+    and after a run ending without an error, even one that never stepped."""
+    url, ck_dir = f"file://{tmp_path}/store", tmp_path / "ck"
+    fit(make_trainer(url, str(ck_dir), max_steps=5, every=5))
+    io = CkptCheckpointIO(url)
+    saved = ckpt.load(url, step=5)["ckpt_lightning"]["rng"]
+    torch.manual_seed(7)
+    io.load_checkpoint(io.path(5))
+    assert torch.equal(torch.get_rng_state(), saved["torch"])
+    io.teardown()  # no exception being handled: a run that ended
+    assert torch.equal(torch.get_rng_state(), saved["torch"])
+
+    torch.manual_seed(7)
+    io.load_checkpoint(io.path(5))
+    torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1).step()  # training resumed
+    after_step = torch.get_rng_state()
+    try:
+        raise ValueError("a failure in training, after the load")
+    except ValueError:
+        io.teardown()
+    assert torch.equal(torch.get_rng_state(), after_step)
+
+
+def test_the_tuner_restoring_its_own_checkpoint_keeps_its_rng_states(tmp_path, monkeypatch):
+    """Lightning's learning-rate finder saves a checkpoint, trains a few steps, loads the
+    checkpoint back and ends its fit with an exception it swallows: not a failed run, so
+    the states loaded stay (the process RNGs are as at the tuner's save)."""
+    from lightning.pytorch.tuner import Tuner
+
+    monkeypatch.chdir(tmp_path)  # the tuner saves its checkpoint under the trainer's root directory, the cwd
+    url = f"file://{tmp_path}/store"
+    trainer = make_trainer(url, str(tmp_path / "ck"), max_steps=20, every=50)
+    L.seed_everything(1234, verbose=False)
+    Tuner(trainer).lr_find(Net(), train_dataloaders=make_loader("plain"), num_training=3)
+    (step,) = ckpt.steps(url)
+    saved = ckpt.load(url, step=step)["ckpt_lightning"]["rng"]
+    assert torch.equal(torch.get_rng_state(), saved["torch"])
+    assert random.getstate() == saved["python"]
+
+
+def test_rng_states_that_do_not_fit_change_none_of_the_rngs(tmp_path):
+    url = f"file://{tmp_path}/store"
+    io = CkptCheckpointIO(url)
+    random.seed(3)
+    torch.manual_seed(3)
+    before = _process_rngs()
+    bad = {"python": random.Random(5).getstate(), "torch": torch.zeros(3, dtype=torch.uint8)}
+    with pytest.raises(ckpt.StateMismatchError, match="RNG states"):
+        io._restore_rng({}, {"rng": bad}, "x")
+    _assert_same_rngs(_process_rngs(), before)
+    io.teardown()
 
 
 def test_last_without_any_checkpoint_starts_fresh(tmp_path):
