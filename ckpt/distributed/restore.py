@@ -37,7 +37,7 @@ from ckpt.security.envelope import open_store
 from ckpt.security.keys import Encryption
 from ckpt.state import tree as treemod
 from ckpt.state.capture import load_into
-from ckpt.state.dataloader import untrack
+from ckpt.state.dataloader import untracked_if_refused
 from ckpt.state.in_place import Box, InPlace, box_in_place, decode_in_place, read_verified, verify_boxes
 from ckpt.state.placement import DEFAULT_LOCATION, Placer, placer
 from ckpt.state.restore import as_mapping, decode_values, fit_live
@@ -223,58 +223,29 @@ def _prepare(
     in a single process: the caller decodes the returned :class:`InPlace` into the live
     tensors once every rank has verified its reads."""
     refused: set[str] = set()
-    tracked: list[Any] = []
-    try:
-        return _prepare_tracked(
-            store,
-            plugins,
-            manifest,
-            state,
-            strict=strict,
-            place=place,
-            in_place=in_place,
-            refused=refused,
-            tracked=tracked,
+    with untracked_if_refused() as tracked:  # refused here: this rank's loaders as they were
+        keys, live, wanted, missing, unexpected = fit_live(
+            store, plugins, manifest, state, strict=strict, not_in_place=refused, tracked=tracked
         )
-    except BaseException:
-        untrack(tracked)  # refused here: this rank's loaders as they were
-        raise
-
-
-def _prepare_tracked(
-    store: Store,
-    plugins: Any,
-    manifest: Manifest,
-    state: Mapping[str, Any],
-    *,
-    strict: bool,
-    place: Placer | None,
-    in_place: bool,
-    refused: set[str],
-    tracked: list[Any],
-) -> tuple[dict[str, Any], list[str], list[str], InPlace | None]:
-    keys, live, wanted, missing, unexpected = fit_live(
-        store, plugins, manifest, state, strict=strict, not_in_place=refused, tracked=tracked
-    )
-    boxed = [p for p in wanted if is_dtensor(live.get(p))]
-    whole = [p for p in wanted if p not in set(boxed)]
-    in_place = in_place and place is None
-    tensors, later = read_verified(store, plugins.codecs, manifest, live, whole, refused, in_place=in_place)
-    if place is not None:
-        tensors = {p: place(t, manifest.devices.get(p, DEFAULT_LOCATION)) for p, t in tensors.items()}
-    boxes = _boxes_in_place(manifest, live, boxed, refused, later, plugins.codecs) if in_place else {}
-    if boxes:
-        verify_boxes(store, plugins.codecs, boxes)
-        if later is None:
-            later = InPlace(store, None, {}, manifest.step)
-        later.boxes.update(boxes)
-    if later is not None:
-        tensors.update(later.values())
-    reader = Reader(store, plugins.codecs)
-    for p in boxed:
-        if p not in boxes:
-            tensors[p] = read_into_dtensor(store, plugins.codecs, manifest, p, live[p], reader=reader)
-    return decode_values(manifest, state, keys, tensors, plugins, strict=strict), missing, unexpected, later
+        boxed = [p for p in wanted if is_dtensor(live.get(p))]
+        whole = [p for p in wanted if p not in set(boxed)]
+        in_place = in_place and place is None
+        tensors, later = read_verified(store, plugins.codecs, manifest, live, whole, refused, in_place=in_place)
+        if place is not None:
+            tensors = {p: place(t, manifest.devices.get(p, DEFAULT_LOCATION)) for p, t in tensors.items()}
+        boxes = _boxes_in_place(manifest, live, boxed, refused, later, plugins.codecs) if in_place else {}
+        if boxes:
+            verify_boxes(store, plugins.codecs, boxes)
+            if later is None:
+                later = InPlace(store, None, {}, manifest.step)
+            later.boxes.update(boxes)
+        if later is not None:
+            tensors.update(later.values())
+        reader = Reader(store, plugins.codecs)
+        for p in boxed:
+            if p not in boxes:
+                tensors[p] = read_into_dtensor(store, plugins.codecs, manifest, p, live[p], reader=reader)
+        return decode_values(manifest, state, keys, tensors, plugins, strict=strict), missing, unexpected, later
 
 
 def _boxes_in_place(

@@ -28,6 +28,7 @@ from ckpt.io.reader import Reader
 from ckpt.io.region import read_box
 from ckpt.snapshot.executor import io_pool
 from ckpt.storage.manifest import RANK_TAG, Manifest, TensorEntry
+from ckpt.storage.manifest_check import has_rank_node
 from ckpt.storage.store import Store
 
 log = logging.getLogger("ckpt")
@@ -152,20 +153,7 @@ def saved_rank(manifest: Manifest, rank: int, *, warn: bool = True) -> int:
 
 
 def has_per_rank(manifest: Manifest) -> bool:
-    return any(p.startswith(RANK_TAG + "/") for p in manifest.tensors) or _has_rank(manifest.tree)
-
-
-def _has_rank(node: Any) -> bool:
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if isinstance(n, dict):
-            if RANK_TAG in n:
-                return True
-            stack.extend(n.values())
-        elif isinstance(n, list):
-            stack.extend(n)
-    return False
+    return any(p.startswith(RANK_TAG + "/") for p in manifest.tensors) or has_rank_node(manifest.tree)
 
 
 def resolve_ranks(node: Any, rank: int) -> Any:

@@ -40,6 +40,7 @@ RNG state already includes that draw), so training's RNG stream is not shifted.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import hashlib
 import os
@@ -387,6 +388,19 @@ def track_all(state: Mapping[str, Any]) -> list[DataLoader]:
     for loader in new:
         track(loader)
     return new
+
+
+@contextlib.contextmanager
+def untracked_if_refused() -> Iterator[list[DataLoader]]:
+    """A list for the DataLoaders a restore tracks (:func:`track_all`'s result), which are
+    untracked again (:func:`untrack`) when the block raises: a refused restore leaves them as
+    they were."""
+    tracked: list[DataLoader] = []
+    try:
+        yield tracked
+    except BaseException:
+        untrack(tracked)
+        raise
 
 
 def untrack(loaders: Iterable[DataLoader]) -> None:

@@ -27,7 +27,7 @@ from ckpt.errors import CheckpointError, CorruptCheckpointError, StateMismatchEr
 from ckpt.hooks.manager import Plugins
 from ckpt.state import tree as treemod
 from ckpt.state.capture import as_numpy, capture, check_into, live_tensors, load_into, qualified_name
-from ckpt.state.dataloader import track_all, untrack
+from ckpt.state.dataloader import track_all, untracked_if_refused
 from ckpt.state.in_place import InPlace, decode_in_place, read_verified
 from ckpt.state.placement import DEFAULT_LOCATION, Placer
 from ckpt.storage.commit import load_manifest
@@ -237,8 +237,7 @@ def _prepare(
     tensors :func:`apply_restore` reads in place (see :func:`prepare_restore`)."""
     manifest = rank_view(manifest, 0)  # a collective save's checkpoint in one process: rank 0's values
     refused: set[str] = set()
-    tracked: list[Any] = []
-    try:
+    with untracked_if_refused() as tracked:  # refused: nothing live changed, loaders included
         keys, live, wanted, missing, unexpected = fit_live(
             store, plugins, manifest, state, strict=strict, not_in_place=refused, tracked=tracked
         )
@@ -249,9 +248,6 @@ def _prepare(
         if later is not None:
             tensors.update(later.values())
         values = decode_values(manifest, state, keys, tensors, plugins, strict=strict)
-    except BaseException:
-        untrack(tracked)  # refused: nothing live changed, loaders included
-        raise
     return values, missing, unexpected, later
 
 
@@ -275,8 +271,8 @@ def fit_live(
     adapter's ``check`` may read their values (it must see the checkpoint's, not the live
     ones the decode overwrites after it: see ``checks_tensor_values`` in
     :class:`ckpt.state.adapters.Adapter`). ``tracked`` receives the DataLoaders tracked for
-    this restore, which the caller untracks (:func:`~ckpt.state.dataloader.untrack`) when
-    it refuses the checkpoint later."""
+    this restore, for the caller to untrack when it refuses the checkpoint later
+    (:func:`~ckpt.state.dataloader.untracked_if_refused`)."""
     stored_tree = manifest.tree
     if not isinstance(stored_tree, dict):
         raise CheckpointError(f"checkpoint step {manifest.step} of {store.url} has no state mapping")
@@ -289,49 +285,30 @@ def fit_live(
     keys = [k for k in state if k in stored_tree]
     # a restored DataLoader must replay its position on the next iter(); one tracked for this
     # restore alone is untracked again if it is refused (here, or by the caller: ``tracked``)
-    newly = track_all({k: state[k] for k in keys})
-    if tracked is not None:
-        tracked.extend(newly)
-    try:
-        return _fit_tracked(store, plugins, manifest, state, keys, strict=strict, not_in_place=not_in_place)
-    except BaseException:
-        untrack(newly)
-        raise
-
-
-def _fit_tracked(
-    store: Store,
-    plugins: Plugins,
-    manifest: Manifest,
-    state: Mapping[str, Any],
-    keys: list[str],
-    *,
-    strict: bool,
-    not_in_place: set[str] | None,
-) -> tuple[list[str], dict[str, torch.Tensor], list[str], list[str], list[str]]:
-    """:func:`fit_live` of ``keys``, their DataLoaders tracked."""
-    stored_tree = manifest.tree
-    absent = [k for k in state if k not in stored_tree]
-    live_tree, live_adapters = capture({k: state[k] for k in keys}, plugins)
-    for path, name in live_adapters.items():
-        saved = manifest.adapters.get(path)
-        if saved != name:
-            raise StateMismatchError(
-                f"{path!r} was saved {'by adapter ' + repr(saved) if saved else 'as plain data'}, "
-                f"but the live object needs adapter {name!r}"
-            )
-        _check_class(manifest, path, state, plugins, name)
-    live: dict[str, torch.Tensor] = {}
-    for key in keys:
-        live_tensors(live_tree[key], treemod.escape(key), live, not_in_place)
-    if not_in_place is not None:
-        valued = [p for p, name in live_adapters.items() if _checks_values(plugins.adapters.get(name))]
-        not_in_place.update(p for p in live for a in valued if p == a or p.startswith(a + "/"))
-    exact = [p for p, name in live_adapters.items() if getattr(plugins.adapters.get(name), "exact_tensors", False)]
-    missing, unexpected = _fit(manifest, live, exact, strict)
-    missing = [*map(str, absent), *missing]
-    wanted = [p for key in keys for p in treemod.tensor_paths(stored_tree[key])]
-    return keys, live, wanted, missing, unexpected
+    with untracked_if_refused() as newly:
+        newly.extend(track_all({k: state[k] for k in keys}))
+        if tracked is not None:
+            tracked.extend(newly)
+        live_tree, live_adapters = capture({k: state[k] for k in keys}, plugins)
+        for path, name in live_adapters.items():
+            saved = manifest.adapters.get(path)
+            if saved != name:
+                raise StateMismatchError(
+                    f"{path!r} was saved {'by adapter ' + repr(saved) if saved else 'as plain data'}, "
+                    f"but the live object needs adapter {name!r}"
+                )
+            _check_class(manifest, path, state, plugins, name)
+        live: dict[str, torch.Tensor] = {}
+        for key in keys:
+            live_tensors(live_tree[key], treemod.escape(key), live, not_in_place)
+        if not_in_place is not None:
+            valued = [p for p, name in live_adapters.items() if _checks_values(plugins.adapters.get(name))]
+            not_in_place.update(p for p in live for a in valued if p == a or p.startswith(a + "/"))
+        exact = [p for p, name in live_adapters.items() if getattr(plugins.adapters.get(name), "exact_tensors", False)]
+        missing, unexpected = _fit(manifest, live, exact, strict)
+        missing = [*map(str, absent), *missing]
+        wanted = [p for key in keys for p in treemod.tensor_paths(stored_tree[key])]
+        return keys, live, wanted, missing, unexpected
 
 
 def _checks_values(adapter: Any) -> bool:

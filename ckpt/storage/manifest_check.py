@@ -338,7 +338,7 @@ class Validator:
                 raise self.fail(
                     f"{where}: a {RANK_TAG} node must hold a list of world_size ({self.world_size}) values only"
                 )
-            if any(_has_rank_node(v) for v in values):
+            if any(has_rank_node(v) for v in values):
                 raise self.fail(f"{where}: {RANK_TAG} nodes nest")
         if "$tensor" in node:
             ref = node["$tensor"]
@@ -358,7 +358,8 @@ _TAG_KEYS: dict[str, frozenset[str]] = {
 }
 
 
-def _has_rank_node(node: Any) -> bool:
+def has_rank_node(node: Any) -> bool:
+    """Whether a ``$rank`` node lies anywhere in ``node`` (without recursion)."""
     stack = [node]
     while stack:
         n = stack.pop()
