@@ -76,7 +76,7 @@ def gc_cmd(
        "removed_steps": [int], "removed_objects": int, "freed_bytes": int,
        "held_steps": [int], "sweep_skipped": str|null}
 
-    Exit codes: 0 ok, 1 a kept manifest is unreadable (nothing deleted), 2 bad URL or option.
+    Exit codes: 0 ok, 1 a kept manifest or a lease is unreadable (nothing deleted), 2 bad URL or option.
     """
     from ckpt.storage.retention import collect
 

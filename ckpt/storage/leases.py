@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckpt import config
-from ckpt.errors import CheckpointError
+from ckpt.errors import CheckpointError, CorruptCheckpointError
 from ckpt.storage.manifest import check_step
 from ckpt.storage.store import Store
 
@@ -131,8 +131,16 @@ def local_state(holder: Holder) -> bool | None:
 # -- lease files ------------------------------------------------------------------------------
 
 
+#: the latest time a lease may name (the end of year 9999, what a datetime can show): a
+#: lease is untrusted input, and a time past it is no clock's
+_MAX_TIME = 253402300799.0
+
+
 def _iso(t: float) -> str:
-    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, ValueError, OSError):  # (a parsed lease's times are in range)
+        return f"{t!r} (not a time)"
 
 
 @dataclass(frozen=True)
@@ -184,14 +192,20 @@ class LeaseRecord:
     @classmethod
     def parse(cls, path: str, raw: bytes) -> LeaseRecord:
         """A lease file's record; ValueError when it is not one."""
-        doc = json.loads(raw)
+        try:
+            doc = json.loads(raw)
+        except RecursionError:
+            raise ValueError("nested too deeply to parse") from None
+        except UnicodeDecodeError as exc:  # (a ValueError too, said plainly)
+            raise ValueError(f"not UTF-8 text ({exc.reason})") from None
         if not isinstance(doc, dict):
             raise ValueError("not a JSON object")
 
         def num(name: str, default: float | None = None) -> float:
             v = doc.get(name, default)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-                raise ValueError(f"{name} is not a number")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= _MAX_TIME:
+                # (NaN fails the comparison; a huge int fails it before float() would overflow)
+                raise ValueError(f"{name} is not a time (seconds since 1970, up to year 9999)")
             return float(v)
 
         def text(name: str, default: str | None = None) -> str | None:
@@ -282,21 +296,27 @@ def read_lease(store: Store, path: str) -> LeaseRecord | None:
 
 
 def read_leases(store: Store) -> list[LeaseRecord]:
-    """Every readable lease of ``store`` (unreadable files are logged and skipped)."""
+    """Every lease of ``store``. One that cannot be read (damaged, or written by a newer ckpt)
+    is a CorruptCheckpointError: what it protects is unknown, and garbage collection, which
+    reads them, must not delete what a lease it cannot read may hold."""
     out = []
     for path in lease_files(store):
         try:
             record = read_lease(store, path)
         except ValueError as exc:
-            log.warning("ignoring unreadable lease %s in %s: %s", path, store.url, exc)
-            continue
+            raise CorruptCheckpointError(
+                f"lease {path} of {store.url} is unreadable ({exc}): what it protects is unknown, so garbage "
+                "collection stops here and deletes nothing more. A newer ckpt's lease: collect with that "
+                "version. A damaged one: `ckpt unlock` removes a writer lease, any other can be deleted"
+            ) from None
         if record is not None:  # released meanwhile
             out.append(record)
     return out
 
 
 def live_leases(store: Store, *, now: float | None = None, grace: float | None = None) -> list[LeaseRecord]:
-    """The leases of ``store`` that GC honours now (see :meth:`LeaseRecord.honoured`)."""
+    """The leases of ``store`` that GC honours now (see :meth:`LeaseRecord.honoured`); an
+    unreadable one stops it (:func:`read_leases`)."""
     now = time.time() if now is None else now
     grace = config.gc_grace_seconds() if grace is None else grace
     return [r for r in read_leases(store) if r.honoured(now, grace)]

@@ -218,8 +218,46 @@ def test_lease_of_the_first_format_is_honoured(store_url):
     store.write(path, json.dumps({"step": 0, "pid": 1, "host": "h", "expires": time.time() + 60}).encode())
     assert [(r.kind, r.protect) for r in live_leases(store)] == [("step", (0,))]
     assert collect(store_url, keep_last=1, grace_seconds=0).kept_steps == (0, 2)
-    store.write(path, b'{"step": "zero"}')  # unreadable: ignored (logged), never a crash
-    assert live_leases(store) == []
+    store.write(path, b'{"step": "zero"}')  # unreadable: what it holds is unknown, gc stops
+    with pytest.raises(ckpt.CorruptCheckpointError, match="0123abcd.json"):
+        live_leases(store)
+
+
+_LEASE = {"kind": "step", "id": "x", "host": "h", "pid": 1, "since": 1.0, "heartbeat": 1.0, "protect": [0]}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        json.dumps({**_LEASE, "kind": "reader"}).encode(),  # a newer ckpt's kind
+        json.dumps({**_LEASE, "kind": "writer", "pid": "1", "in_flight": 3, "in_flight_since": 1.0}).encode(),
+        b"[" * 60000,
+        json.dumps({**_LEASE, "heartbeat": 10**400}).encode(),
+        json.dumps({**_LEASE, "heartbeat": 1e999}).encode().replace(b"Infinity", b"1e999"),
+        json.dumps({**_LEASE, "since": 1e12}).encode(),
+        b"\xff\xfe{}",
+    ],
+    ids=["newer-kind", "pid-text", "deep", "huge-int", "overflow", "year-33658", "not-utf8"],
+)
+def test_a_lease_gc_cannot_read_stops_it_and_a_save_still_runs(tmp_path, raw):
+    """A lease that cannot be read may protect any step: gc deleted what it held, or died
+    with a RecursionError, OverflowError or ValueError. It stops, naming the file, with
+    nothing deleted; a save treats an unreadable writer lease as free, as before."""
+    url = str(tmp_path / "s")
+    _delta_run(url, steps=3)
+    store = Store(url)
+    objects = {o.key for o in store.list_objects()}
+    _age_everything(store)
+    for name in ("other.json", "writer.json"):
+        path = store.path("leases", name)
+        store.write(path, raw)
+        with pytest.raises(ckpt.CorruptCheckpointError, match=f"lease .*{name}.* is unreadable"):
+            collect(url, keep_last=1, grace_seconds=0)
+        assert store.steps() == [0, 1, 2] and {o.key for o in store.list_objects()} == objects
+        store.delete(path)
+    store.write(store.path("leases", "writer.json"), raw)
+    ckpt.save(url, {"s": {"w": torch.ones(2)}}, step=3)
+    assert ckpt.latest_step(url) == 3
 
 
 def test_expired_lease_is_ignored_and_cleaned_up(store_url):
