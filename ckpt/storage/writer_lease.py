@@ -132,7 +132,19 @@ class WriterLease:
         beat = heartbeat_seconds()
         watched: tuple[tuple[str, float], float] | None = None  # (id, heartbeat) seen, and when first
         while True:
-            current = self._read()
+            try:
+                current = read_lease(self.store, self.path)
+            except ValueError as exc:
+                # Not "free": creating ours beside it fails as long as it is there. A newer
+                # ckpt's live writer may hold it (its format unknown here): one writer per store.
+                if not take_over:
+                    raise CheckpointError(
+                        f"the writer lease {self.path} of {self.store.url} is unreadable ({exc}): a newer ckpt's "
+                        f"writer may hold it, or it is damaged. One writer per store: `ckpt unlock {self.store.url}` "
+                        "removes it, take_over=True (CKPT_WRITER_TAKE_OVER=1) takes it over"
+                    ) from None
+                log.warning("%s takes over the unreadable writer lease of %s (%s)", self.what, self.store.url, exc)
+                break
             if current is None:
                 created = self._create_local() if self.store.local else None
                 if created is None:

@@ -239,10 +239,11 @@ _LEASE = {"kind": "step", "id": "x", "host": "h", "pid": 1, "since": 1.0, "heart
     ],
     ids=["newer-kind", "pid-text", "deep", "huge-int", "overflow", "year-33658", "not-utf8"],
 )
-def test_a_lease_gc_cannot_read_stops_it_and_a_save_still_runs(tmp_path, raw):
+def test_a_lease_that_cannot_be_read_stops_gc_and_a_writer(tmp_path, monkeypatch, raw):
     """A lease that cannot be read may protect any step: gc deleted what it held, or died
     with a RecursionError, OverflowError or ValueError. It stops, naming the file, with
-    nothing deleted; a save treats an unreadable writer lease as free, as before."""
+    nothing deleted. An unreadable writer lease (a newer ckpt's writer may hold it) refuses
+    a save, naming it, unless taken over: a save looped on it forever, or died."""
     url = str(tmp_path / "s")
     _delta_run(url, steps=3)
     store = Store(url)
@@ -256,6 +257,9 @@ def test_a_lease_gc_cannot_read_stops_it_and_a_save_still_runs(tmp_path, raw):
         assert store.steps() == [0, 1, 2] and {o.key for o in store.list_objects()} == objects
         store.delete(path)
     store.write(store.path("leases", "writer.json"), raw)
+    with pytest.raises(ckpt.CheckpointError, match="writer lease .*writer.json.* is unreadable"):
+        ckpt.save(url, {"s": {"w": torch.ones(2)}}, step=3)
+    monkeypatch.setenv("CKPT_WRITER_TAKE_OVER", "1")
     ckpt.save(url, {"s": {"w": torch.ones(2)}}, step=3)
     assert ckpt.latest_step(url) == 3
 
