@@ -170,10 +170,15 @@ def apply_restore(prepared: Prepared, *, hooks: bool = True) -> CheckpointInfo:
         if not changed:
             raise
         # (an adapter whose check() let through what its load() refuses)
-        raise type(exc)(
+        said = (
             f"{exc} (after the live objects began to take step {prepared.manifest.step}: "
             f"{', '.join(changed[:6])} may hold it already; restore another checkpoint)"
-        ) from None
+        )
+        try:
+            reworded = type(exc)(said)
+        except Exception:  # noqa: BLE001 - a plugin's error class built otherwise: the nearest of ckpt's
+            reworded = (StateMismatchError if isinstance(exc, StateMismatchError) else CheckpointError)(said)
+        raise reworded from exc
     info = CheckpointInfo.from_manifest(prepared.manifest, prepared.store_url)
     if not strict:
         info = info.with_keys(missing=prepared.missing, unexpected=prepared.unexpected)

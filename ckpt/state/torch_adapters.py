@@ -242,18 +242,30 @@ def _scheduler_twin(obj: Any) -> Any:
     Loading is a ``__dict__.update`` of the scheduler, which a shallow copy takes alone, and
     then writes into what the copy shares with ``obj``: ``SequentialLR`` and
     ``ChainedScheduler`` load each of their schedulers (twinned here in turn), ``LambdaLR``
-    and ``MultiplicativeLR`` update their lambdas' ``__dict__`` (each a copy here; a plain
-    function, whose state torch does not save, a blank stand-in)."""
+    and ``MultiplicativeLR`` update their lambdas' ``__dict__``, ``CyclicLR`` its custom
+    ``scale_fn``'s (each a copy here, see :func:`_own_copy`)."""
     twin = copy.copy(obj)
     inner = getattr(obj, "_schedulers", None)
     if isinstance(inner, (list, tuple)):
         twin._schedulers = [_scheduler_twin(s) for s in inner]
     lambdas = getattr(obj, "lr_lambdas", None)
     if isinstance(lambdas, (list, tuple)):
-        twin.lr_lambdas = [
-            types.SimpleNamespace() if isinstance(f, types.FunctionType) else copy.copy(f) for f in lambdas
-        ]
+        twin.lr_lambdas = [_own_copy(f) for f in lambdas]
+    if getattr(obj, "_scale_fn_custom", None) is not None:
+        twin._scale_fn_custom = _own_copy(obj._scale_fn_custom)
     return twin
+
+
+def _own_copy(fn: Any) -> Any:
+    """What a scheduler's twin may load a callable's saved ``__dict__`` into: a copy of it,
+    or a blank stand-in for a function (whose state torch does not save) or for an object
+    that cannot be copied (loading only updates its ``__dict__``)."""
+    if isinstance(fn, types.FunctionType):
+        return types.SimpleNamespace()
+    try:
+        return copy.copy(fn)
+    except Exception:  # noqa: BLE001 - any object may refuse copying; the stand-in takes the load as well
+        return types.SimpleNamespace()
 
 
 #: what an enabled GradScaler's state_dict holds, and the types it takes

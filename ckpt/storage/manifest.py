@@ -34,7 +34,7 @@ manifest and the field, tensor or object:
 
 - size: at most ``CKPT_MAX_MANIFEST_BYTES`` (256 MiB), checked before parsing; nesting:
   the state tree and ``meta`` at most ``CKPT_MAX_TREE_DEPTH`` levels (128), delta parent
-  records at most ``MAX_DELTA_DEPTH`` links (or ``CKPT_DELTA_MAX_CHAIN`` when larger),
+  records at most ``manifest_check.MAX_DELTA_DEPTH`` links (or ``CKPT_DELTA_MAX_CHAIN`` when larger),
   without any cycle; deeper JSON than the parser can take is refused, never a RecursionError;
 - object keys: ``<32 hex>`` (the xxh3-128 content address) or ``<32 hex>.x<16 hex>`` (a
   delta, :func:`ckpt.codecs.delta.delta_key`); hashes: 32 hex; tensor paths: JSON-pointer
@@ -63,7 +63,7 @@ Schema 2 (distributed checkpoints, written by :mod:`ckpt.distributed`; a writer 
   ``shape`` is the GLOBAL shape; a shard's chunks hold the row-major bytes of the box
   ``tensor[o0:o0+s0, o1:o1+s1]``. Boxes lie inside the global shape, are pairwise disjoint
   and cover it (volumes sum to numel; empty boxes allowed). Checked without allocating per
-  element: the boxes' cut points give a grid of at most ``MAX_SHARD_CELLS`` cells, each
+  element: the boxes' cut points give a grid of at most ``manifest_check.MAX_SHARD_CELLS`` cells, each
   of which exactly one box must cover. :class:`TensorEntry` has ``chunks == ()`` and
   ``shards`` (:class:`Shard`); :attr:`TensorEntry.refs` and :meth:`Manifest.chunk_refs`
   list every chunk of either kind (gc, verify and copy see them).

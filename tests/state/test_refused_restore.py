@@ -228,3 +228,72 @@ def test_a_load_failing_after_the_live_objects_changed_says_so(tmp_path, fake_pl
     with pytest.raises(ckpt.StateMismatchError) as exc:
         ckpt.restore(url, {"box": Box()})
     assert "began to take" not in str(exc.value)
+
+
+class Scale:
+    """A callable-object ``scale_fn``: CyclicLR saves (and loads into) its ``__dict__``."""
+
+    def __init__(self, a: float) -> None:
+        self.a = a
+
+    def __call__(self, x: float) -> float:
+        return 1.0 / (self.a * x + 1)
+
+
+class Uncopyable(Warmup):
+    """A lambda object whose state saves (its ``__dict__``) but that refuses copying."""
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("Uncopyable objects cannot be copied")
+
+
+def test_a_cyclic_schedulers_scale_fn_is_left_and_an_uncopyable_lambda_still_loads(tmp_path):
+    url = str(tmp_path / "s")
+
+    def cyclic(a: float):
+        opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1, momentum=0.9)
+        return opt, torch.optim.lr_scheduler.CyclicLR(opt, 0.01, 0.1, scale_fn=Scale(a))
+
+    opt, sched = cyclic(5.0)
+    opt.step()
+    sched.step()
+    ckpt.save(url, {"sched": sched, "scaler": torch.amp.GradScaler("cpu")}, step=1)
+    _, live = cyclic(1.0)
+    with pytest.raises(ckpt.StateMismatchError, match="GradScaler"):
+        ckpt.restore(url, {"sched": live, "scaler": torch.amp.GradScaler("cpu", enabled=False)})
+    assert live._scale_fn_custom.a == 1.0, "the live scale_fn took the checkpoint's"
+
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    lam = torch.optim.lr_scheduler.LambdaLR(opt, Uncopyable(3.0))
+    ckpt.save(str(tmp_path / "u"), {"sched": lam}, step=1)
+    live_lam = torch.optim.lr_scheduler.LambdaLR(opt, Uncopyable(1.0))
+    ckpt.restore(str(tmp_path / "u"), {"sched": live_lam})  # torch's own load takes it: so must ckpt's check
+    assert live_lam.lr_lambdas[0].k == 3.0
+
+
+FAILING_LOAD_OWN_ERROR = FAILING_LOAD_PLUGIN.replace(
+    '        raise ckpt.StateMismatchError("fake.Box: refused in load")',
+    """        class BoxError(ckpt.StateMismatchError):
+            def __init__(self, key, detail):
+                super().__init__(f"{key}: {detail}")
+
+        raise BoxError("fake.Box", "refused in load")""",
+)
+
+
+def test_a_late_load_failure_of_an_error_class_built_otherwise_is_still_a_checkpoint_error(tmp_path, fake_plugin):
+    """Rewording the error by its own class failed on one whose __init__ takes other
+    arguments: a TypeError reached the caller instead."""
+    import importlib
+
+    from ckpt.hooks.manager import get_plugins
+
+    assert FAILING_LOAD_OWN_ERROR != FAILING_LOAD_PLUGIN
+    module = fake_plugin("ckpt-fake-box2", FAILING_LOAD_OWN_ERROR)
+    get_plugins()
+    Box = importlib.import_module(module).Box
+    url = str(tmp_path / "s")
+    ckpt.save(url, {"model": torch.nn.Linear(64, 64), "box": Box()}, step=1)
+    with pytest.raises(ckpt.StateMismatchError, match="fake.Box: refused in load .*may hold it already") as exc:
+        ckpt.restore(url, {"model": torch.nn.Linear(64, 64), "box": Box()})
+    assert type(exc.value.__cause__).__name__ == "BoxError"
