@@ -118,65 +118,67 @@ def restore(
     if isinstance(picked[0], _NoCheckpoint):
         raise err if err is not None else NoCheckpointError(f"{what}: {picked[0].message}")
     check_parts(picked, err, what)
-    skipped: list[str] = []
-    candidate = picked[0]
-    while True:
-        prepared: Any = None
-        err = None
-        try:
-            manifest = load_manifest(store, candidate)
-            view = rank_view(manifest, rank)
-            values, missing, unexpected, later = _prepare(
-                store, plugins, view, live, strict=strict, place=place, in_place=store.local
-            )
-            prepared = True
-        except CorruptCheckpointError as exc:
-            err, prepared = exc, _Damaged(rank, exc)
-        except Exception as exc:  # noqa: BLE001
-            err, prepared = exc, _Failed(rank, exc)
-        outcomes = gather_all(group, prepared, what)
-        failed = [o for o in outcomes if isinstance(o, _Failed)]
-        if not failed:
-            break
-        if any(not isinstance(o, _Damaged) for o in failed):  # a misfit: an older one would not fit either
-            check_parts(outcomes, err, what)
-        if step is not None:  # damage of an explicit step raises on every rank
-            if err is not None:
-                raise err
-            raise CorruptCheckpointError(
-                f"{what}: step {candidate} is damaged on rank {failed[0].rank}: {failed[0].message}"
-            )
-        skipped.append(f"step {candidate} (rank {failed[0].rank}: {failed[0].message})")
-        older: Any = None
-        err = None
-        if rank == 0:
+    # loaders this rank tracks for the restore are untracked again when any rank refuses it
+    with untracked_if_refused() as tracked:
+        skipped: list[str] = []
+        candidate = picked[0]
+        while True:
+            prepared: Any = None
+            err = None
             try:
-                older = _older(store, candidate)
+                manifest = load_manifest(store, candidate)
+                view = rank_view(manifest, rank)
+                values, missing, unexpected, later = _prepare(
+                    store, plugins, view, live, strict=strict, place=place, in_place=store.local, tracked=tracked
+                )
+                prepared = True
+            except CorruptCheckpointError as exc:
+                err, prepared = exc, _Damaged(rank, exc)
             except Exception as exc:  # noqa: BLE001
-                err, older = exc, _Failed(rank, exc)
-        olders = gather_all(group, older, what)
-        check_parts(olders, err, what)
-        if olders[0] is None:
-            raise CorruptCheckpointError(f"{what}: no intact checkpoint; skipped {'; '.join(skipped)}")
-        log.warning(
-            "collective restore from %s: step %d is damaged on rank %d; trying step %d",
-            url,
-            candidate,
-            failed[0].rank,
-            olders[0],
-        )
-        candidate = olders[0]
-    if skipped:
-        log.warning("restored step %d of %s after skipping %s", manifest.step, url, "; ".join(skipped))
-    # every rank has read, verified and checked everything: decode in place, then load
-    done: Any = True
-    err = None
-    if later is not None:
-        try:
-            decode_in_place(later, plugins.codecs)
-        except Exception as exc:  # noqa: BLE001 - reported to every rank
-            err, done = exc, _Failed(rank, exc)
-    check_parts(gather_all(group, done, what), err, what)  # a late failure raises on every rank
+                err, prepared = exc, _Failed(rank, exc)
+            outcomes = gather_all(group, prepared, what)
+            failed = [o for o in outcomes if isinstance(o, _Failed)]
+            if not failed:
+                break
+            if any(not isinstance(o, _Damaged) for o in failed):  # a misfit: an older one would not fit either
+                check_parts(outcomes, err, what)
+            if step is not None:  # damage of an explicit step raises on every rank
+                if err is not None:
+                    raise err
+                raise CorruptCheckpointError(
+                    f"{what}: step {candidate} is damaged on rank {failed[0].rank}: {failed[0].message}"
+                )
+            skipped.append(f"step {candidate} (rank {failed[0].rank}: {failed[0].message})")
+            older: Any = None
+            err = None
+            if rank == 0:
+                try:
+                    older = _older(store, candidate)
+                except Exception as exc:  # noqa: BLE001
+                    err, older = exc, _Failed(rank, exc)
+            olders = gather_all(group, older, what)
+            check_parts(olders, err, what)
+            if olders[0] is None:
+                raise CorruptCheckpointError(f"{what}: no intact checkpoint; skipped {'; '.join(skipped)}")
+            log.warning(
+                "collective restore from %s: step %d is damaged on rank %d; trying step %d",
+                url,
+                candidate,
+                failed[0].rank,
+                olders[0],
+            )
+            candidate = olders[0]
+        if skipped:
+            log.warning("restored step %d of %s after skipping %s", manifest.step, url, "; ".join(skipped))
+        # every rank has read, verified and checked everything: decode in place, then load
+        done: Any = True
+        err = None
+        if later is not None:
+            try:
+                decode_in_place(later, plugins.codecs)
+            except Exception as exc:  # noqa: BLE001 - reported to every rank
+                err, done = exc, _Failed(rank, exc)
+        check_parts(gather_all(group, done, what), err, what)  # a late failure raises on every rank
     info = CheckpointInfo.from_manifest(manifest, store.url)
     if not strict:
         info = info.with_keys(missing=missing, unexpected=unexpected)
@@ -217,16 +219,19 @@ def _prepare(
     strict: bool,
     place: Placer | None,
     in_place: bool = False,
+    tracked: list[Any] | None = None,
 ) -> tuple[dict[str, Any], list[str], list[str], InPlace | None]:
     """As :func:`ckpt.state.restore._prepare`, reading only this rank's box of each live
     DTensor. With ``in_place`` (a store on local disk), whole tensors are only verified, as
     in a single process: the caller decodes the returned :class:`InPlace` into the live
     tensors once every rank has verified its reads."""
     refused: set[str] = set()
-    with untracked_if_refused() as tracked:  # refused here: this rank's loaders as they were
+    with untracked_if_refused() as mine:  # refused here: this rank's loaders as they were
         keys, live, wanted, missing, unexpected = fit_live(
-            store, plugins, manifest, state, strict=strict, not_in_place=refused, tracked=tracked
+            store, plugins, manifest, state, strict=strict, not_in_place=refused, tracked=mine
         )
+        if tracked is not None:
+            tracked.extend(mine)
         boxed = [p for p in wanted if is_dtensor(live.get(p))]
         whole = [p for p in wanted if p not in set(boxed)]
         in_place = in_place and place is None

@@ -187,6 +187,16 @@ def main() -> None:
         assert info.step == 2 and same(live, two)
     elif scenario in ("fsdp", "fsdp_damaged"):  # FSDP2 shards: each rank's box into its local tensors
         fsdp(url, rank, damaged=scenario == "fsdp_damaged", where=where)
+    elif scenario == "loader_refused_on_one_rank":  # rank 1's model misfits: rank 0 untracks its loader too
+        url = os.path.join(where, "l")
+        data = list(range(16))
+        saved = ckpt.track(torch.utils.data.DataLoader(data, batch_size=4))
+        ckpt.save(url, {"m": torch.nn.Linear(4, 4), "loader": saved}, step=1)
+        loader = torch.utils.data.DataLoader(data, batch_size=4)
+        refused(url, {"m": torch.nn.Linear(4 if rank == 0 else 3, 4), "loader": loader}, 1, rank)
+        assert type(loader) is torch.utils.data.DataLoader, f"rank {rank}: {type(loader).__name__}"
+        assert ckpt.restore(url, {"m": torch.nn.Linear(4, 4), "loader": loader}).step == 1
+        assert type(loader) is not torch.utils.data.DataLoader, "a restore that fits tracks it"
     elif scenario == "map_location":
         info = ckpt.restore(url, live, map_location="cpu")
         assert info.step == 2 and same(live, two)

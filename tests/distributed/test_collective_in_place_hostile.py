@@ -19,6 +19,7 @@ WORKER = Path(__file__).with_name("in_place_hostile_worker.py")
         "sets_differ",
         "rewritten_between",
         "load_fails_on_one_rank",
+        "loader_refused_on_one_rank",
         "map_location",
         "fsdp",
         "fsdp_damaged",
@@ -31,11 +32,14 @@ def test_collective_in_place_restore(tmp_path, scenario):
     raises on both, saying the live tensors may be partly overwritten; map_location; FSDP2
     shards decoded straight into each rank's local tensors, and a damaged shard object that
     one rank reads failing every rank with nothing live changed; an adapter failing on one
-    rank after every gather failing every rank, not only its own."""
+    rank after every gather failing every rank, not only its own; a loader a restore tracked
+    untracked again on every rank when one rank refuses."""
     results = run_ranks(scenario, 2, tmp_path, worker=WORKER)
     assert_ok(results)
     if scenario in ("damaged_on_one_rank", "fsdp_damaged"):
         assert all(f"RAISED {r} CorruptCheckpointError" in text for r, (_, text) in enumerate(results))
+    if scenario == "loader_refused_on_one_rank":
+        assert all(f"RAISED {r} StateMismatchError" in text for r, (_, text) in enumerate(results))
     if scenario == "rewritten_between":
         late = [line for _, text in results for line in text.splitlines() if line.startswith("LATE")]
         assert len(late) == 2 and all("may be partly overwritten" in line for line in late), late
