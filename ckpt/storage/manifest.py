@@ -86,6 +86,7 @@ Schema 2 (distributed checkpoints, written by :mod:`ckpt.distributed`; a writer 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -203,7 +204,7 @@ class Manifest:
                 f"manifest {where} is larger than {limit} bytes (CKPT_MAX_MANIFEST_BYTES); refusing to parse it"
             )
         try:
-            doc = json.loads(data, parse_constant=_no_constant)
+            doc = json.loads(data, parse_constant=_no_constant, parse_float=_finite)
         except RecursionError:
             raise SchemaError(f"manifest {where} is nested too deeply to parse") from None
         except (ValueError, UnicodeDecodeError) as exc:
@@ -221,6 +222,15 @@ class Manifest:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")  # NaN and Infinity: non-finite floats are tagged in trees
+
+
+def _finite(text: str) -> float:
+    """A JSON number with a fraction or exponent, which must be a finite float: ``1e999``
+    overflows to infinity, a value no writer stores untagged."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is out of a float's range")
+    return value
 
 
 def _check_writable(manifest: Manifest) -> None:

@@ -172,6 +172,17 @@ def test_json_that_is_too_deep_or_not_json():
         Manifest.from_json_bytes(json.dumps(_doc()).replace("4096", "NaN").encode(), where="x")
     with pytest.raises(SchemaError, match="not valid JSON"):
         Manifest.from_json_bytes(b'{"step": ' + b"9" * 5000 + b"}", where="x")
+    # a number that overflows a float is infinity, which no writer stores untagged: the CLI's
+    # JSON output and the safetensors export died on it with a ValueError (hostile review)
+    for number in ("1e999", "-1e999", "1" + "0" * 400 + ".0"):
+        doc = _doc()
+        doc["meta"] = {"epoch": "X"}
+        body = json.dumps(doc).replace('"X"', number).encode()
+        with pytest.raises(SchemaError, match="out of a float's range"):
+            Manifest.from_json_bytes(body, where="x")
+    doc = _doc()
+    doc["meta"] = {"lr": 1e-300, "big": 1.5e308}  # finite extremes still load
+    assert Manifest.from_json_bytes(json.dumps(doc).encode(), where="x").meta == {"lr": 1e-300, "big": 1.5e308}
 
 
 def test_manifest_size_limit(monkeypatch):
