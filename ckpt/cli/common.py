@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -160,11 +161,21 @@ def created(s: str) -> str:
 
 
 def short(value: Any, width: int = 60) -> str:
-    """An encoded tree value as Python prints it (``inf``, ``(1, 2)``), cut to ``width``."""
+    """An encoded tree value as Python prints it (``inf``, ``(1, 2)``), cut to ``width``,
+    :func:`printable`."""
     from ckpt.cli.values import python_text
 
-    text = python_text(value)
+    text = printable(python_text(value))
     return text if len(text) <= width else text[: width - 3] + "..."
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` from a store (a tree key, a file name) with its control characters escaped
+    (``\\x1b``): a hostile store must not drive the terminal or forge a line of output."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def emit_json(doc: Any) -> None:

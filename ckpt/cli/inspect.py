@@ -18,6 +18,7 @@ from ckpt.cli.common import (
     key_options,
     open_store,
     plugins,
+    printable,
     progress_bar,
     report_step_errors,
     short,
@@ -186,7 +187,7 @@ def show_cmd(url: str, step: int | None, as_json: bool, storage_options: dict[st
     if leaves:
         click.echo("values:")
         for path, value in leaves.items():
-            click.echo(f"  {path.replace('/', '.')} = {short(value)}")
+            click.echo(f"  {printable(path.replace('/', '.'))} = {short(value)}")
 
 
 _STATUS_STYLE = {"new": "green", "dedup": "cyan", "partial": "yellow", "delta": "magenta"}
@@ -202,20 +203,20 @@ def _rich_tree(head: str, tree: Any, by_path: dict[str, dict]) -> Any:
         shape = "[" + ", ".join(map(str, t["shape"])) + "]"
         style = _STATUS_STYLE.get(t["status"], "white")
         return (
-            f"[bold]{escape(key)}[/]  {t['dtype']}{shape}  {escape(t['codec'])}  {fmt_bytes(t['stored'])}  "
+            f"[bold]{escape(printable(key))}[/]  {t['dtype']}{shape}  {escape(t['codec'])}  {fmt_bytes(t['stored'])}  "
             f"[{style}]{t['status']}[/]" + (f"  {t['layout']}" if t.get("layout") else "")
         )
 
     def add(node: Any, key: str, value: Any) -> None:
         if isinstance(value, dict) and "$tensor" in value:
             t = by_path.get(str(value["$tensor"]))
-            node.add(tensor_label(key, t) if t else escape(key))
+            node.add(tensor_label(key, t) if t else escape(printable(key)))
             return
         children = treemod.children(value)
         if children is None:
-            node.add(f"{escape(key)} [dim]= {escape(short(value))}[/]")
+            node.add(f"{escape(printable(key))} [dim]= {escape(short(value))}[/]")
             return
-        branch = node.add(f"[bold blue]{escape(key)}[/]")
+        branch = node.add(f"[bold blue]{escape(printable(key))}[/]")
         for k, v in children:
             add(branch, k, v)
 
@@ -288,7 +289,7 @@ def diff_cmd(url: str, a: int, b: int, as_json: bool, storage_options: dict[str,
     for v in doc["values_changed"]:
         old = short(v["a"], 40) if "a" in v else "(absent)"
         new = short(v["b"], 40) if "b" in v else "(absent)"
-        click.echo(f"value {v['path'].replace('/', '.')}: {old} -> {new}")
+        click.echo(f"value {printable(v['path'].replace('/', '.'))}: {old} -> {new}")
     sh = doc["shared"]
     click.echo(
         f"step {a} -> {b}: {len(doc['changed'])} changed, {len(doc['added'])} added, {len(doc['removed'])} removed, "
@@ -358,7 +359,7 @@ def verify_cmd(url: str, step: int | None, as_json: bool, storage_options: dict[
         )
     else:
         for p in doc["problems"]:
-            click.echo(f"BAD {'object ' + p['key'] if p['key'] else 'manifest'}: {p['error']}")
+            click.echo(printable(f"BAD {'object ' + p['key'] if p['key'] else 'manifest'}: {p['error']}"))
             for r in p["references"]:
                 if r["tensor"] is not None:
                     click.echo(f"    used by step {r['step']} tensor {r['tensor']!r}")

@@ -514,3 +514,28 @@ def test_report_skips_a_malformed_nested_parent_record():
         codec=({"name": "xor", "parent": {"hash": "cd" * 16, "size": 8, "codec": ["bgzstd"]}},),
     )
     assert [r.key for r in report._closure(bad)] == [bad.key]
+
+
+def test_control_characters_from_a_store_never_reach_the_terminal(tmp_path):
+    """A tree key or a stray file name with control characters: show, diff and verify
+    printed them raw (a hostile store cleared the screen, set the title, forged a line)."""
+    url = str(tmp_path / "s")
+    ckpt.save(url, {"t": torch.ones(2), "epoch": 1}, step=1)
+    ckpt.save(url, {"t": torch.ones(2), "epoch": 2}, step=2)
+    path = tmp_path / "s" / "manifests" / "2.json"
+    doc = json.loads(path.read_text())
+    doc["tree"]["x\x1b[2J\nOK: 9 checkpoint(s) verified"] = doc["tree"].pop("epoch")
+    doc["adapters"] = {}
+    path.write_text(json.dumps(doc))
+    (tmp_path / "s" / "manifests" / "\x1b]0;owned\x07.json").write_text("{}")
+    tty = {"TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "0", "COLUMNS": "200"}
+    for args, env in (
+        (["show", url], None),
+        (["show", url], tty),
+        (["diff", url, "1", "2"], None),
+        (["verify", url], None),
+    ):
+        out = CliRunner(env=env).invoke(build_cli(), args, catch_exceptions=False).output
+        assert "\x07" not in out and "\x1b[2J" not in out and "\x1b]0" not in out, (args, out)
+        assert "\nOK: 9" not in out, (args, out)
+        assert "\\x1b" in out, (args, out)
