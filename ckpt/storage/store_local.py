@@ -89,7 +89,11 @@ class LocalFiles:
             if above == below:
                 break
             below = above
+        root = (self.root or os.sep).rstrip(os.sep)
+        if missing and (below == root or below.startswith(root + os.sep)):
+            self._check_inside(below)  # what is made under a folder inside the store stays inside
         self.fs.makedirs(directory, exist_ok=True)
+        self._check_inside(directory)
         if missing:
             with self._dirs_lock:
                 self._dirty_dirs.update(os.path.dirname(d) for d in missing)
@@ -172,17 +176,30 @@ class LocalFiles:
             want = size + 1 if limit is None else min(limit, size + 1)
             return f.read(want)
 
-    @contextlib.contextmanager
-    def _open_local(self, path: str) -> Iterator[tuple[io.BufferedReader, int]]:
-        """A local file of the store opened for reading, and its size: only a regular file
-        under the store's root (symlinks resolved), never a FIFO or a device."""
-        real = os.path.realpath(path)
+    def _check_inside(self, folder: str) -> None:
+        """Refuse to write in ``folder`` when it leads out of the store (a symlink): reads
+        refuse what lies there, so a write must not land there."""
+        real = os.path.realpath(folder)
+        if not self._inside(real):
+            raise CorruptCheckpointError(
+                f"the folder {folder} of {self.url} leads to {real}, outside the store: refusing to write there"
+            )
+
+    def _inside(self, real: str) -> bool:
+        """Whether resolved path ``real`` lies under the store's root (symlinks resolved too)."""
         root = self._real_root
         if root is None:
             root = os.path.realpath(self.root or "/")
             if os.path.isdir(root):
                 self._real_root = root
-        if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+        return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+    @contextlib.contextmanager
+    def _open_local(self, path: str) -> Iterator[tuple[io.BufferedReader, int]]:
+        """A local file of the store opened for reading, and its size: only a regular file
+        under the store's root (symlinks resolved), never a FIFO or a device."""
+        real = os.path.realpath(path)
+        if not self._inside(real):
             raise CorruptCheckpointError(
                 f"{path} of {self.url} leads to {real}, outside the store: refusing to read it"
             )
