@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ckpt.errors import StateMismatchError
+from ckpt.state.torch_adapters import check_tensor
 
 #: config fields that describe where or how a model was made, not its shape
 _VOLATILE = frozenset(
@@ -58,17 +59,6 @@ def _active(model: Any) -> list[str]:
     if active is None:
         active = getattr(model, "active_adapter", [])
     return [active] if isinstance(active, str) else list(active)
-
-
-def _check_tensor(what: str, live: torch.Tensor, value: Any) -> None:
-    """A stored value the live tensor can take in place: a tensor of its shape and dtype."""
-    if not isinstance(value, torch.Tensor):
-        raise StateMismatchError(f"{what}: the live object is a tensor, the checkpoint holds {type(value).__name__}")
-    if value.shape != live.shape or value.dtype != live.dtype:
-        raise StateMismatchError(
-            f"{what}: the checkpoint holds {value.dtype}{list(value.shape)}, "
-            f"the live tensor is {live.dtype}{list(live.shape)}"
-        )
 
 
 def _is_adapter_key(key: str, names: set[str]) -> bool:
@@ -160,7 +150,7 @@ class PeftModelAdapter:
         for key, value in combined.items():
             target = state.get(key)
             if isinstance(target, torch.Tensor):
-                _check_tensor(f"{kind}.{key}", target, value)
+                check_tensor(f"{kind}.{key}", target, value)
 
     def load(self, obj: Any, tree: Mapping[str, Any], strict: bool = True) -> None:
         self.check(obj, tree, strict=strict)  # passed in a restore's first pass; here for a direct call
