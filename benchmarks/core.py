@@ -5,6 +5,9 @@ the durable commit), restores into fresh pre-built objects with its files in the
 once first: ckpt writes large objects around it; timed until the values are in the model
 and optimizer) and is checked bit-exact against the saved state; then its
 files leave the page cache (benchmarks/cache.py) and it restores again: the cold figure.
+Each workload is measured in a fresh process of its own, and every restore starts with the
+memory of a fresh process (:func:`benchmarks.common.fresh_heap`), as a resumed job restores
+(see :func:`measure_isolated`).
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def bench_workload(w: Workload, systems: list[System], workdir: str, log, cold: 
             stored = common.dir_bytes(path)
             dst = w.fresh()
             warm = cache.load([path])  # every system's files in the page cache (see cache.load)
-            gc.collect()
+            common.fresh_heap()  # no system restores into pages an earlier one freed
             t0 = now()
             s.restore(dst, path)
             t_restore = now() - t0
@@ -98,8 +101,8 @@ def bench_workload(w: Workload, systems: list[System], workdir: str, log, cold: 
             if cold != "off":
                 del dst
                 dst = w.fresh()
-                gc.collect()
                 cache.evict([path], cold)
+                common.fresh_heap()
                 resident = cache.resident_fraction([path])
                 t0 = now()
                 s.restore(dst, path)
@@ -127,6 +130,7 @@ def bench_workload(w: Workload, systems: list[System], workdir: str, log, cold: 
             del dst
             common.rmtree(path)
     out: dict[str, Any] = {
+        "name": w.name,
         "title": w.title,
         "raw_bytes": raw,
         "repeats": w.repeats,
@@ -232,33 +236,97 @@ def targets(workloads: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def run(*, smoke: bool, workdir: str, log=print, cold: str = "auto", mlp_layers: int = 24) -> dict[str, Any]:
+#: what each workload is built from, in the process that measures it (see :func:`run`)
+WorkloadSpec = tuple[str, dict[str, Any]]
+
+
+def workload_specs(smoke: bool, mlp_layers: int) -> list[WorkloadSpec]:
+    if smoke:
+        return [
+            ("mlp", {"layers": 4, "width": 64, "repeats": 1, "batch": 4}),
+            ("minilm", {"dtype": "float32", "repeats": 1, "limit_bytes": 2 * 2**20}),
+            ("minilm", {"dtype": "bfloat16", "repeats": 1, "limit_bytes": 2 * 2**20}),
+        ]
+    return [
+        ("mlp", {"layers": mlp_layers, "width": 2048, "repeats": 3}),
+        ("minilm", {"dtype": "float32", "repeats": 5}),
+        ("minilm", {"dtype": "bfloat16", "repeats": 5}),
+    ]
+
+
+def build_workload(spec: WorkloadSpec) -> Workload:
     import torch
 
-    from benchmarks.common import minilm_workload, mlp_workload
+    kind, kw = spec
+    if kind == "mlp":
+        return common.mlp_workload(**kw)
+    return common.minilm_workload(getattr(torch, kw["dtype"]), kw["repeats"], kw.get("limit_bytes"))
 
-    if smoke:
-        loads = [
-            mlp_workload(layers=4, width=64, repeats=1, batch=4),
-            minilm_workload(torch.float32, repeats=1, limit_bytes=2 * 2**20),
-            minilm_workload(torch.bfloat16, repeats=1, limit_bytes=2 * 2**20),
-        ]
-    else:
-        common.warm_memory(4.0)
-        loads = [
-            mlp_workload(layers=mlp_layers, width=2048, repeats=3),
-            minilm_workload(torch.float32, repeats=5),
-            minilm_workload(torch.bfloat16, repeats=5),
-        ]
+
+def _measure_in_child(spec: WorkloadSpec, workdir: str, cold: str, warm_gib: float, out: Any) -> None:
+    """One workload measured in this fresh process; log lines and the result go to ``out``."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed.*")
+    try:
+        if warm_gib:
+            common.warm_memory(warm_gib)
+        res = bench_workload(build_workload(spec), all_systems(), workdir, lambda m: out.put(("log", m)), cold=cold)
+        out.put(("result", res))
+    except BaseException as exc:  # reported by the parent, which raises it
+        import traceback
+
+        out.put(("error", "".join(traceback.format_exception(exc))))
+
+
+def measure_isolated(spec: WorkloadSpec, workdir: str, log, cold: str, warm_gib: float) -> dict[str, Any]:
+    """:func:`bench_workload` of ``spec`` in a fresh interpreter, as a resume runs.
+
+    A process that has just loaded and freed another state keeps its heap mapped in: a
+    torch.load of MiniLM after the 1.2 GB one in the same process took 16-17 ms instead of
+    50-57 (fresh memory for every tensor it allocates costs page faults; ckpt and DCP fill
+    the live tensors and allocate little). A resumed job loads into a fresh process, so
+    each workload is measured in one of its own.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    child = ctx.Process(target=_measure_in_child, args=(spec, workdir, cold, warm_gib, out), daemon=True)
+    child.start()
+    try:
+        while True:
+            try:
+                kind, value = out.get(timeout=5)
+            except Exception:  # queue.Empty: is it still running?
+                if not child.is_alive():
+                    raise RuntimeError(f"core benchmark of {spec} died (exit code {child.exitcode})") from None
+                continue
+            if kind == "log":
+                log(value)
+            elif kind == "error":
+                raise RuntimeError(f"core benchmark of {spec} failed:\n{value}")
+            else:
+                return value
+    finally:
+        child.join(timeout=60)
+        if child.is_alive():
+            child.kill()
+
+
+def run(*, smoke: bool, workdir: str, log=print, cold: str = "auto", mlp_layers: int = 24) -> dict[str, Any]:
     method, cold_note = cache.resolve(cold)
-    log(f"[core] cold restores: {cold_note}")
-    systems = all_systems()
+    log(f"[core] cold restores: {cold_note}; each workload measured in a fresh process")
     results: dict[str, Any] = {}
-    for w in loads:
-        results[w.name] = bench_workload(w, systems, workdir, log, cold=method)
+    for spec in workload_specs(smoke, mlp_layers):
+        res = measure_isolated(spec, workdir, log, method, 0.0 if smoke else 4.0)
+        results[res.pop("name")] = res
+    systems = all_systems()
     return {
         "workloads": results,
         "targets": targets(results),
         "systems": [s.name for s in systems],
         "cold": {"method": method, "note": cold_note},
+        "isolation": "each workload measured in a fresh process" + ("" if smoke else " (spawned, 4 GiB touched first)"),
     }

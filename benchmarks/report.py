@@ -78,6 +78,9 @@ def core_markdown(res: dict[str, Any]) -> str:
     lines += [
         "- Every system saves the same live objects in one process run to a fresh local directory and restores",
         "  into fresh pre-built model/optimizer objects (optimizer state materialised, different values);",
+        "  each workload runs in a fresh process of its own, and every restore starts with the memory of a",
+        "  fresh process (ckpt's buffer pool emptied, the C heap's free pages given back with malloc_trim), as",
+        "  a resumed job restores: no system reads into pages another system's restore freed;",
         "  restore time ends when the values are in the objects (load_state_dict included), not at a lazy mmap.",
         "  Each system's restore is compared byte-for-byte with the saved state (`bit-exact`); ckpt's is asserted.",
         "- Save time includes fsync for every system (ckpt fsyncs objects, directories, manifest and ref; torch.save",

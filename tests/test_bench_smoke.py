@@ -56,6 +56,7 @@ def smoke_results(tmp_path_factory) -> Path:
 def test_core_results_have_every_system_and_workload(smoke_results):
     data = json.loads((smoke_results / "core.json").read_text())
     assert data["smoke"] is True and data["section"] == "core"
+    assert "fresh process" in data["isolation"]  # each workload measured in a spawned interpreter
     assert set(data["workloads"]) == CORE_WORKLOADS
     for name, w in data["workloads"].items():
         assert set(w["systems"]) == CORE_SYSTEMS, name
