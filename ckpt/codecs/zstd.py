@@ -8,10 +8,11 @@ header is never trusted for an allocation.
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import IO, Any, cast
 
 import numpy as np
 import zstandard
@@ -63,11 +64,13 @@ _REPEATS_GAIN = 1.25
 
 
 def release_thread_contexts() -> None:
-    """Drop this thread's compressors and its decompressor of frames in part (which may
-    hold a window of up to :data:`PREFIX_WINDOW`): a thread kept idle between calls
-    (:func:`ckpt.snapshot.executor.io_pool`) must not hold them meanwhile."""
+    """Drop this thread's compressors, its decompressors of frames in part or streamed (which
+    may hold a window of up to :data:`PREFIX_WINDOW` each) and its stream buffer: a thread
+    kept idle between calls (:func:`ckpt.snapshot.executor.io_pool`) must not hold them meanwhile."""
     _local.cctx = None
     _local.prefix_dctx = None
+    _local.stream_dctx = None
+    _local.stream_planes = None
 
 
 def _decompressor() -> zstandard.ZstdDecompressor:
@@ -277,6 +280,74 @@ class ByteGroupZstdCodec:
             raise CorruptCheckpointError(f"bgzstd: {len(payload) - pos} trailing bytes")
         byte_planes.join(planes, out)
 
+    def decode_file(
+        self, fd: int, stored: int, out: memoryview, params: Mapping[str, Any], digest: Any, what: str
+    ) -> bool:
+        """:meth:`decode` of the payload of ``stored`` bytes in open file ``fd``, streamed:
+        a block of elements at a time, each plane's part of it read (raw) or decompressed
+        into a small buffer of this thread, joined into ``out`` and hashed into ``digest``
+        while in the CPU's cache. No buffer the size of the payload or of a plane: a
+        restore's memory stays the live tensors' (fresh buffers cost a page fault per page).
+
+        False, with nothing written, where it does not apply (a plane table :meth:`decode`
+        refuses, a frame declaring another size or a window over :data:`PREFIX_WINDOW`):
+        decode the payload whole then, which says what is wrong with it. Bytes a zstd plane
+        holds past its frame are not looked at: for payloads whose stored bytes were
+        verified already, and whose output ``digest`` verifies.
+        """
+        table = _plane_table(lambda a, b: os.pread(fd, b - a, a), stored, len(out), params)
+        if table is None:
+            return False
+        k, n, planes = table
+        sources: list[Any] = []
+        for mode, pos, length in planes:
+            if mode == _RAW:
+                sources.append(pos)
+                continue
+            head = os.pread(fd, min(length, _FRAME_HEADER_MAX), pos)
+            try:
+                frame = zstandard.get_frame_parameters(head)
+            except zstandard.ZstdError:
+                return False
+            if frame.content_size != n or frame.window_size > PREFIX_WINDOW:
+                return False
+            # a decompressor of its own for each plane: they are read in turns, block by block
+            dctx = _stream_decompressor(sum(not isinstance(x, int) for x in sources))
+            span = cast(IO[bytes], _FileSpan(fd, pos, length))
+            sources.append(dctx.stream_reader(span, read_size=_BLOCK, read_across_frames=False))
+        m = max(1, min(STREAM_ELEMENTS, _STREAM_MAX_BLOCK // k))
+        bufs = _stream_buffers(k, m)
+        dest = np.frombuffer(out, dtype=np.uint8)
+        try:
+            for a in range(0, n, m):
+                b = min(n, a + m)
+                parts = [buf[: b - a] for buf in bufs]
+                for i, src in enumerate(sources):
+                    part = parts[i]
+                    if isinstance(src, int):
+                        got = os.preadv(fd, [part.data], src + a)
+                        if got != b - a:
+                            raise CorruptCheckpointError(f"bgzstd: raw plane {i} ends at byte {a + got} of {n}")
+                        continue
+                    got = 0
+                    view = part.data
+                    while got < b - a:
+                        r = src.readinto(view[got:])
+                        if not r:
+                            raise CorruptCheckpointError(
+                                f"zstd frame of bgzstd plane {i} decodes to {a + got} bytes, expected {n}"
+                            )
+                        got += r
+                block = dest[a * k : b * k]
+                byte_planes.join(parts, block.data)
+                digest.update(block.data)
+            for i, src in enumerate(sources):
+                if not isinstance(src, int) and src.read(1):
+                    raise CorruptCheckpointError(f"zstd frame of bgzstd plane {i} decodes to more than {n} bytes")
+        except zstandard.ZstdError as exc:
+            raise CorruptCheckpointError(f"zstd frame of {what} does not decode: {exc}") from None
+        return True
+
     def raw_planes(self, payload: memoryview, size: int, params: Mapping[str, Any]) -> dict[int, memoryview] | None:
         """The planes of a ``size``-byte chunk stored raw (byte *i* of every element, by *i*),
         read in place: no decoding. None for a plane table :meth:`decode` would refuse.
@@ -328,6 +399,50 @@ class ByteGroupZstdCodec:
         out = np.empty(m * k, dtype=np.uint8)  # fully written below
         byte_planes.join(parts, out.data)
         return out.data
+
+
+#: elements a streamed bgzstd decode (:meth:`ByteGroupZstdCodec.decode_file`) joins at a
+#: time: their planes and the joined bytes stay in the CPU's cache (1 MiB of output at most)
+STREAM_ELEMENTS = 1 << 18
+_STREAM_MAX_BLOCK = 1 << 20
+#: the longest zstd frame header (ZSTD_FRAMEHEADERSIZE_MAX)
+_FRAME_HEADER_MAX = 18
+
+
+class _FileSpan:
+    """``read(n)`` over bytes ``[pos, pos + length)`` of an open file (positional reads: no
+    shared offset), what zstd's stream reader takes as its source."""
+
+    def __init__(self, fd: int, pos: int, length: int) -> None:
+        self._fd, self._pos, self._left = fd, pos, length
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._left if n < 0 else min(n, self._left)
+        if n <= 0:
+            return b""
+        got = os.pread(self._fd, n, self._pos)
+        self._pos += len(got)
+        self._left -= len(got) if got else self._left  # a file cut short ends the span
+        return got
+
+
+def _stream_decompressor(i: int) -> zstandard.ZstdDecompressor:
+    """This thread's ``i``-th decompressor for :meth:`ByteGroupZstdCodec.decode_file`
+    (windows bounded as :func:`_prefix_decompressor`'s)."""
+    have: list[zstandard.ZstdDecompressor] | None = getattr(_local, "stream_dctx", None)
+    if have is None:
+        have = _local.stream_dctx = []
+    while len(have) <= i:
+        have.append(zstandard.ZstdDecompressor(max_window_size=PREFIX_WINDOW))
+    return have[i]
+
+
+def _stream_buffers(k: int, m: int) -> list[np.ndarray]:
+    """This thread's ``k`` plane buffers of ``m`` bytes for :meth:`ByteGroupZstdCodec.decode_file`."""
+    bufs: np.ndarray | None = getattr(_local, "stream_planes", None)
+    if bufs is None or bufs.size < _STREAM_MAX_BLOCK:
+        bufs = _local.stream_planes = np.empty(_STREAM_MAX_BLOCK, dtype=np.uint8)
+    return [bufs[i * m : (i + 1) * m] for i in range(k)]
 
 
 class PlaneRange:

@@ -11,10 +11,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import xxhash
 
 from ckpt.codecs.base import CodecRegistry, DecodeContext, decode_chain, max_encoded_size
 from ckpt.codecs.crypto import ObjectDecodeContext
 from ckpt.codecs.delta import NAME as DELTA
+from ckpt.codecs.zstd import ByteGroupZstdCodec
 from ckpt.errors import CheckpointError, CorruptCheckpointError
 from ckpt.io import scratch
 from ckpt.io.hashing import hash_bytes
@@ -36,9 +38,18 @@ class Reader:
     """
 
     def __init__(
-        self, store: Store, codecs: CodecRegistry, *, cache_bytes: int = 64 * 1024 * 1024, prefault_out: bool = True
+        self,
+        store: Store,
+        codecs: CodecRegistry,
+        *,
+        cache_bytes: int = 64 * 1024 * 1024,
+        prefault_out: bool = True,
+        stream: bool = False,
     ) -> None:
         self.store = store
+        #: whether large bgzstd objects on local disk are decoded a block at a time
+        #: (:meth:`_stream`), for a read whose objects' stored bytes were verified already
+        self.stream = stream
         #: whether destinations are mapped in (:func:`~ckpt.io.memory.prefault`) before a
         #: decode writes them: fresh memory is, in one call instead of a fault per page;
         #: live tensors (an in-place restore) are in memory already, where it would only
@@ -110,6 +121,15 @@ class Reader:
         # Never more than one byte past what the manifest records (or, for a parent record
         # without a stored size, past what any codec chain makes of the raw size).
         expected = ref.stored if ref.stored >= 0 else max_encoded_size(ref.size)
+        # byte planes on local disk, decoded a block at a time: no buffer the payload's size
+        streamed = (
+            self.stream
+            and self.store.local
+            and _streamable(self.codecs, ref, len(out))
+            and self.store.with_object_file(ref.key, lambda fd, size: self._stream(ref, fd, size, out, what), what=what)
+        )
+        if streamed:
+            return
         if not ref.codec and ref.stored == len(out):
             # stored raw on local disk: read straight into the destination, then verify there
             if self.prefault_out:
@@ -126,6 +146,28 @@ class Reader:
                     return
         payload = self.store.get_object(ref.key, what=what, limit=expected + 1)
         self.check_payload(ref, payload, out, what=what)
+
+    def _stream(self, ref: ChunkRef, fd: int, size: int, out: memoryview, what: str) -> bool:
+        """Object ``ref`` (one bgzstd step) streamed from ``fd`` into ``out`` and verified;
+        False, nothing written, where its payload must be decoded whole."""
+        if size != ref.stored:
+            has = f"more than {ref.stored}" if size > ref.stored else str(size)
+            raise CorruptCheckpointError(
+                f"{what}: object {ref.key} has {has} bytes, the manifest says {ref.stored} (truncated or replaced)"
+            )
+        if self.prefault_out:
+            prefault(out)
+        digest = xxhash.xxh3_128()
+        codec = self.codecs.get(BGZSTD, what=what)
+        assert isinstance(codec, ByteGroupZstdCodec)  # (see _streamable)
+        try:
+            if not codec.decode_file(fd, size, out, ref.codec[0], digest, f"{what}, object {ref.key}"):
+                return False
+        except CorruptCheckpointError as exc:
+            raise CorruptCheckpointError(f"{what}: object {ref.key} is corrupt: {exc}") from None
+        if digest.hexdigest() != ref.hash:
+            raise CorruptCheckpointError(f"{what}: object {ref.key} fails verification (content hash mismatch)")
+        return True
 
     @contextlib.contextmanager
     def _decode_context(self, ref: ChunkRef) -> Iterator[DecodeContext]:
@@ -190,6 +232,19 @@ class Reader:
             raise CorruptCheckpointError(f"{what}: object {ref.key} fails verification (content hash mismatch)")
 
 
+BGZSTD = ByteGroupZstdCodec.name
+#: objects below this many raw bytes are decoded whole (see :meth:`Reader._stream`)
+STREAM_MIN_BYTES = 1 << 20
+
+
+def _streamable(codecs: CodecRegistry, ref: ChunkRef, size: int) -> bool:
+    """Whether object ``ref`` (of ``size`` raw bytes) is one bgzstd step of ckpt's own codec,
+    large enough to gain from :meth:`Reader._stream`."""
+    if size < STREAM_MIN_BYTES or len(ref.codec) != 1 or ref.codec[0].get("name") != BGZSTD:
+        return False
+    return isinstance(codecs.get(BGZSTD, what=""), ByteGroupZstdCodec) if BGZSTD in codecs else False
+
+
 class _LentParent:
     """A :class:`DecodeContext` that answers the parent record ``base`` with ``raw``, its
     bytes already read and verified, and any other with ``reader``'s :meth:`Reader.raw_chunk`."""
@@ -252,6 +307,7 @@ def read_tensors(
     progress: Callable[[int], None] | None = None,
     workers: int | None = None,
     cache_parents: bool = True,
+    stream: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Carry out ``plan``: every tensor of it decoded and verified, in parallel.
 
@@ -260,7 +316,8 @@ def read_tensors(
     tensors. ``progress(n)`` is called with the raw bytes of each chunk done; ``workers``
     sizes the pool (default :func:`~ckpt.snapshot.executor.io_threads`); ``cache_parents``
     False: a delta's parent is decoded for it alone, into a reused buffer (see
-    :meth:`Reader._decode_context`), not kept for other chunks citing it.
+    :meth:`Reader._decode_context`), not kept for other chunks citing it; ``stream``: the
+    plan's objects were verified by their stored bytes already (see :meth:`Reader._stream`).
     """
     destinations = destinations or {}
     result: dict[str, torch.Tensor] = {}
@@ -288,7 +345,9 @@ def read_tensors(
     with io_pool("ckpt-read", workers) as pool:
         # only live destinations (an in-place restore): nothing fresh to map in
         fresh = any(p not in in_place for p in plan.paths)
-        reader = Reader(store, codecs, prefault_out=fresh, **({} if cache_parents else {"cache_bytes": 0}))
+        reader = Reader(
+            store, codecs, prefault_out=fresh, stream=stream, **({} if cache_parents else {"cache_bytes": 0})
+        )
 
         def job(r: ChunkRead) -> None:
             reader.read_chunk(r.ref, targets[r.path][r.offset : r.offset + r.ref.size], what=f"tensor {r.path!r}")

@@ -103,7 +103,9 @@ def decode_in_place(ip: InPlace, codecs: CodecRegistry) -> None:
     try:
         # just read by the verifying pass, so in the page cache: decoding is CPU work
         if ip.plan is not None:
-            read_tensors(ip.store, codecs, ip.plan, destinations=ip.live, workers=cpu_threads(), cache_parents=False)
+            read_tensors(
+                ip.store, codecs, ip.plan, destinations=ip.live, workers=cpu_threads(), cache_parents=False, stream=True
+            )
         if ip.boxes:
             _decode_boxes(ip, codecs)
     except CheckpointError as exc:
@@ -128,7 +130,7 @@ def decode_in_place(ip: InPlace, codecs: CodecRegistry) -> None:
 def _decode_boxes(ip: InPlace, codecs: CodecRegistry) -> None:
     """The boxes of ``ip`` decoded into their live memory, several at once (each box's
     chunks on a pool of their own: a box waiting on its chunks never holds a thread they need)."""
-    reader = Reader(ip.store, codecs, cache_bytes=0, prefault_out=False)
+    reader = Reader(ip.store, codecs, cache_bytes=0, prefault_out=False, stream=True)
     with io_pool("ckpt-read", cpu_threads()) as chunks, io_pool("ckpt-boxes", cpu_threads()) as boxes:
         wait_all(
             [
