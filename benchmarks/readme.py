@@ -187,13 +187,21 @@ def render() -> str:
         "`python -m benchmarks.bench_incremental` and `python -m benchmarks.bench_remote` the others;",
         "`python -m benchmarks.readme` copies the",
         "headline tables below from `benchmarks/results/` (full tables, JSON and notes there).",
-        "Every peer runs on the same state in the same process run; ratios are against the peer",
+        "Every peer runs on the same state in the same process; ratios are against the peer",
         "named in the column. Targets are printed as PASS/FAIL by the benchmark itself.",
         "",
         line_with(core, "- Machine:"),
         line_with(core, "- Software:"),
         line_with(core, "- Date:"),
-        *[line for line in (line_with(core, "- Warm restore:"), line_with(core, "- Cold restore:")) if line],
+        *[
+            line
+            for line in (
+                line_with(core, "- Fresh memory:"),
+                line_with(core, "- Warm restore:"),
+                line_with(core, "- Cold restore:"),
+            )
+            if line
+        ],
         "",
         *[block for title, picks in LAYOUT for block in _blocks(title, picks, docs)],
         END,

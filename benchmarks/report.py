@@ -76,15 +76,15 @@ def core_markdown(res: dict[str, Any]) -> str:
         res.get("other_cpu_cores"),
     )
     lines += [
-        "- Every system saves the same live objects in one process run to a fresh local directory and restores",
+        "- Every system saves the same live objects in one process to a fresh local directory and restores",
         "  into fresh pre-built model/optimizer objects (optimizer state materialised, different values);",
-        "  each workload runs in a fresh process of its own, and every restore starts with the memory of a",
-        "  fresh process (ckpt's buffer pool emptied, the C heap's free pages given back with malloc_trim), as",
-        "  a resumed job restores: no system reads into pages another system's restore freed;",
         "  restore time ends when the values are in the objects (load_state_dict included), not at a lazy mmap.",
         "  Each system's restore is compared byte-for-byte with the saved state (`bit-exact`); ckpt's is asserted.",
         "- Save time includes fsync for every system (ckpt fsyncs objects, directories, manifest and ref; torch.save",
         "  and safetensors are followed by fsync of the file and directory; DCP's FileSystemWriter fsyncs by default).",
+        "- Fresh memory: each workload runs in a process of its own, and every restore starts with the memory "
+        "of a fresh process (ckpt's buffer pool emptied, the C heap's free pages given back with malloc_trim), "
+        "as a resumed job restores: no system reads into pages an earlier restore freed.",
         "- Warm restore: after the save, every system's files are read once so the page cache holds them all "
         "(ckpt writes objects of 1 MiB or more around the page cache, so right after its save they are not cached).",
         f"- Cold restore: {cold_sentence(res)}.",

@@ -235,8 +235,8 @@ def restore(
     Under an initialized ``torch.distributed`` default group of several ranks it is
     collective (:mod:`ckpt.distributed.restore`): DTensors resharded to the live layout.
 
-    error before any data is read. An encrypted store needs its ``encryption`` (a missing or
-    wrong key is an :class:`ckpt.EncryptionError` before any data is read).
+    An encrypted store needs its ``encryption`` (a missing or wrong key is an
+    :class:`ckpt.EncryptionError` before any data is read).
     """
     if _distributed():
         from ckpt.distributed.restore import restore as collective_restore
