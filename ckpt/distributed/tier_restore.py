@@ -28,6 +28,7 @@ from typing import Any
 import torch.distributed as dist
 
 from ckpt.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
+from ckpt.state.dataloader import untracked_if_refused
 from ckpt.state.restore import as_mapping
 from ckpt.storage.commit import load_manifest
 from ckpt.storage.manifest import Manifest
@@ -162,53 +163,55 @@ def restore_tiers(
         )
     tried: set[tuple[int, str | None]] = set()
     skipped: list[str] = []
-    while True:
-        candidates = _merge(locals_, head, tried)
-        if not candidates:
-            if not skipped:
-                raise NoCheckpointError(
-                    f"{what}: no checkpoint{'' if step is None else f' of step {step}'} in either tier"
-                )
-            raise CorruptCheckpointError(f"{what}: no intact checkpoint; skipped {'; '.join(skipped)}")
-        c = candidates[0]
-        tried.add((c.step, c.save))
-        err = None
-        prepared: Any
-        try:
-            prepared = _attempt(tier, durable, plugins, live, c, mine.get(c.step), rank)
-            result: Any = True
-        except CorruptCheckpointError as exc:
-            err, result = exc, _Damaged(rank, exc)
-        except CheckpointError as exc:
-            # a local-only candidate that does not fit is passed over; anything the durable
-            # copy refuses (a live state of another shape) would refuse every candidate
-            err, result = exc, (_Damaged(rank, exc) if not c.durable else _Failed(rank, exc))
-        except Exception as exc:  # noqa: BLE001
-            err, result = exc, _Failed(rank, exc)
-        outcomes = gather_all(group, result, what)
-        failed = [o for o in outcomes if isinstance(o, _Failed)]
-        if not failed:
-            break
-        if any(not isinstance(o, _Damaged) for o in failed):
-            check_parts(outcomes, err, what)
-        skipped.append(f"{c.describe()} (rank {failed[0].rank}: {failed[0].message})")
-        log.warning(
-            "restore: %s is damaged on rank %d (%s); trying an older one",
-            c.describe(),
-            failed[0].rank,
-            failed[0].message,
-        )
-        if c.durable and step is None:  # the next durable candidate down its lineage
+    # the DataLoaders tracked for candidates: untracked again when every one is refused
+    with untracked_if_refused() as tracked:
+        while True:
+            candidates = _merge(locals_, head, tried)
+            if not candidates:
+                if not skipped:
+                    raise NoCheckpointError(
+                        f"{what}: no checkpoint{'' if step is None else f' of step {step}'} in either tier"
+                    )
+                raise CorruptCheckpointError(f"{what}: no intact checkpoint; skipped {'; '.join(skipped)}")
+            c = candidates[0]
+            tried.add((c.step, c.save))
             err = None
-            older: Any = None
-            if rank == 0:
-                try:
-                    older = _durable_version(durable, None, below=c.step)
-                except Exception as exc:  # noqa: BLE001
-                    err, older = exc, _Failed(rank, exc)
-            olders = gather_all(group, older, what)
-            check_parts(olders, err, what)
-            head = olders[0]
+            prepared: Any
+            try:
+                prepared = _attempt(tier, durable, plugins, live, c, mine.get(c.step), rank, tracked)
+                result: Any = True
+            except CorruptCheckpointError as exc:
+                err, result = exc, _Damaged(rank, exc)
+            except CheckpointError as exc:
+                # a local-only candidate that does not fit is passed over; anything the durable
+                # copy refuses (a live state of another shape) would refuse every candidate
+                err, result = exc, (_Damaged(rank, exc) if not c.durable else _Failed(rank, exc))
+            except Exception as exc:  # noqa: BLE001
+                err, result = exc, _Failed(rank, exc)
+            outcomes = gather_all(group, result, what)
+            failed = [o for o in outcomes if isinstance(o, _Failed)]
+            if not failed:
+                break
+            if any(not isinstance(o, _Damaged) for o in failed):
+                check_parts(outcomes, err, what)
+            skipped.append(f"{c.describe()} (rank {failed[0].rank}: {failed[0].message})")
+            log.warning(
+                "restore: %s is damaged on rank %d (%s); trying an older one",
+                c.describe(),
+                failed[0].rank,
+                failed[0].message,
+            )
+            if c.durable and step is None:  # the next durable candidate down its lineage
+                err = None
+                older: Any = None
+                if rank == 0:
+                    try:
+                        older = _durable_version(durable, None, below=c.step)
+                    except Exception as exc:  # noqa: BLE001
+                        err, older = exc, _Failed(rank, exc)
+                olders = gather_all(group, older, what)
+                check_parts(olders, err, what)
+                head = olders[0]
     values, source, manifest, why = prepared
     url = tier.store.url if source == "local" else durable.url
     info = CheckpointInfo.from_manifest(manifest, url)
@@ -228,16 +231,24 @@ def restore_tiers(
 
 
 def _attempt(
-    tier: RankTier, durable: Store, plugins: Any, live: Any, c: Candidate, mine: Version | None, rank: int
+    tier: RankTier,
+    durable: Store,
+    plugins: Any,
+    live: Any,
+    c: Candidate,
+    mine: Version | None,
+    rank: int,
+    tracked: list[Any],
 ) -> tuple[dict[str, Any], str, Manifest, str]:
-    """Read, verify and fit candidate ``c`` on this rank: (values, tier, manifest, why that tier)."""
+    """Read, verify and fit candidate ``c`` on this rank: (values, tier, manifest, why that
+    tier); ``tracked`` receives the DataLoaders tracked for it."""
     why = ""
     if mine is not None and c.save is not None and mine.save == c.save:
         try:
             manifest = tier.load(c.step)
             if identity(manifest, tier.world, tier.rank) != c.save:
                 raise CorruptCheckpointError(f"step {c.step} of {tier.store.url} changed meanwhile")
-            values, _, _ = prepare_local(tier.store, plugins, manifest, live)
+            values, _, _ = prepare_local(tier.store, plugins, manifest, live, tracked=tracked)
             return values, "local", manifest, ""
         except CheckpointError as exc:
             if not c.durable:
@@ -255,5 +266,7 @@ def _attempt(
     manifest = load_manifest(durable, c.step)
     if (save_of(manifest) or None) != c.save:
         raise CorruptCheckpointError(f"step {c.step} of {durable.url} changed meanwhile")
-    values, _, _, _ = _prepare(durable, plugins, rank_view(manifest, rank), live, strict=True, place=None)
+    values, _, _, _ = _prepare(
+        durable, plugins, rank_view(manifest, rank), live, strict=True, place=None, tracked=tracked
+    )
     return values, "durable", manifest, why

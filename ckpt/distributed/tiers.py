@@ -226,11 +226,12 @@ def _boxes(manifest: Manifest) -> dict[str, tuple[tuple[int, ...], tuple[int, ..
 
 
 def prepare_local(
-    store: Store, plugins: Any, manifest: Manifest, state: Mapping[str, Any]
+    store: Store, plugins: Any, manifest: Manifest, state: Mapping[str, Any], *, tracked: list[Any] | None = None
 ) -> tuple[dict[str, Any], list[str], list[str]]:
     """Read, verify and check this rank's local checkpoint against the live objects (nothing
     live changes): as :func:`ckpt.distributed.restore._prepare`, each live DTensor taking the
-    stored local shard, which must be its very box (same mesh and placements as saved)."""
+    stored local shard, which must be its very box (same mesh and placements as saved).
+    ``tracked`` receives the DataLoaders tracked for it (see :func:`ckpt.state.restore.fit_live`)."""
     boxes = _boxes(manifest)
     # the view the live objects are checked against: each box as a one-shard global entry
     tensors = dict(manifest.tensors)
@@ -241,7 +242,7 @@ def prepare_local(
         nbytes = int(torch.Size(gshape).numel()) * DTYPE_ITEMSIZE[e.dtype]
         tensors[path] = TensorEntry(e.dtype, gshape, nbytes, (), (Shard(offsets, e.shape, e.chunks),))
     view = dataclasses.replace(manifest, tensors=tensors)
-    keys, live, wanted, missing, unexpected = fit_live(store, plugins, view, state, strict=True)
+    keys, live, wanted, missing, unexpected = fit_live(store, plugins, view, state, strict=True, tracked=tracked)
     read: dict[str, torch.Tensor] = {}
     for p in wanted:
         t = live.get(p)

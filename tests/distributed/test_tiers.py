@@ -85,3 +85,12 @@ def test_rank_local_tiers_persist_restore_and_fall_back(tmp_path, s3_server):
     assert all(torch.equal(ckpt.load(url, step=7)["model"][k], v) for k, v in ref[7]["model"].items())
     mark = json.loads((tmp_path / "local" / "rank-00001" / "tier.json").read_text())
     assert mark == {"durable": url, "world_size": 3, "rank": 1}
+
+
+def test_a_restore_refused_on_another_rank_leaves_the_loaders_untracked(tmp_path):
+    """Rank 0 prepares its local tier's copy (its DataLoader tracked for it); rank 1's model
+    does not fit: the restore is refused on both, and rank 0's loader is a plain DataLoader again."""
+    results = run_ranks("loader", 2, tmp_path, worker=WORKER, timeout=90)
+    assert_ok(results)
+    for _, out in results:
+        assert "REFUSED" in out

@@ -240,11 +240,33 @@ def resize(where: str, rank: int) -> None:
     assert ckpt.read_manifest(url, 9).world_size == 3
 
 
+def loader(where: str, rank: int) -> None:
+    """A restore refused on rank 1 only (its model misfits) after rank 0 prepared its local
+    tier's copy: rank 0's DataLoader is left untracked, as it was."""
+    url, local = os.path.join(where, "durable"), os.path.join(where, "local")
+    data = list(range(16))
+    saved = ckpt.track(torch.utils.data.DataLoader(data, batch_size=4))
+    ck = ckpt.Checkpointer(url, local=local, persist_every=1, state={"m": torch.nn.Linear(4, 4), "loader": saved})
+    ck.save(step=1)
+    ck.wait()
+    ck.close()
+    plain = torch.utils.data.DataLoader(data, batch_size=4)
+    live = {"m": torch.nn.Linear(4 if rank == 0 else 3, 4), "loader": plain}
+    ck = ckpt.Checkpointer(url, local=local, state=live)
+    try:
+        ck.restore()
+        raise AssertionError(f"rank {rank}: restored a model of another shape")
+    except ckpt.CheckpointError as exc:
+        print(f"REFUSED {type(exc).__name__}", flush=True)
+    assert type(plain) is torch.utils.data.DataLoader, f"rank {rank}: {type(plain).__name__}"
+    ck.close()
+
+
 def main() -> None:
     scenario, where = sys.argv[1], sys.argv[2]
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(message)s")
     dist.init_process_group("gloo")
-    {"tiers": tiers, "resize": resize}[scenario](where, dist.get_rank())
+    {"tiers": tiers, "resize": resize, "loader": loader}[scenario](where, dist.get_rank())
     dist.barrier()
     print("OK")
     sys.stdout.flush()
