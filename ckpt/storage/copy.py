@@ -44,6 +44,7 @@ from typing import Any
 from ckpt.codecs.base import CodecRegistry, max_encoded_size
 from ckpt.codecs.delta import chunk_records
 from ckpt.errors import CheckpointError, CorruptCheckpointError, MissingObjectError, NoCheckpointError
+from ckpt.io.hashing import hash_bytes
 from ckpt.io.reader import Reader
 from ckpt.security.binding import bind_destination, open_source
 from ckpt.security.keys import Encryption
@@ -75,6 +76,8 @@ class CopyStats:
     bytes: int = 0
     #: objects the destination already held (not moved)
     skipped: int = 0
+    #: objects the destination held at their size but with other bytes (``verify_existing``): copied again
+    replaced: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ def copy(
     storage_options: dict[str, Any] | None = None,
     dst_storage_options: dict[str, Any] | None = None,
     encryption: Encryption | None = None,
+    verify_existing: bool = False,
 ) -> CheckpointInfo:
     """Copy checkpoint ``step`` (every checkpoint when None) of ``src_url`` to ``dst_url``.
 
@@ -103,6 +107,11 @@ def copy(
     the destination holds the same store afterwards (:mod:`ckpt.security.binding`: it gets
     the source's descriptor, or must have it already; re-encryption is not supported).
 
+    An object the destination holds at its recorded size is taken as it is, unless
+    ``verify_existing``: then its stored bytes are read and hashed, and one that does not
+    match its record (damaged in place, or a record without a stored hash) is copied again.
+    That reads every shared object back from the destination (from S3: downloads it).
+
     :raises EncryptionError: an encrypted source without its key (or a wrong one), a
         destination that is another encrypted store, or plain and encrypted mixed.
     :raises CheckpointError: a source manifest or object is malformed, missing or fails
@@ -110,7 +119,7 @@ def copy(
         live writer.
     """
     src, dst = Store(src_url, storage_options), Store(dst_url, dst_storage_options)
-    return copy_stores(src, dst, step=step, encryption=encryption).info
+    return copy_stores(src, dst, step=step, encryption=encryption, verify_existing=verify_existing).info
 
 
 def copy_stores(
@@ -124,6 +133,7 @@ def copy_stores(
     codecs: CodecRegistry | None = None,
     as_latest: bool | None = None,
     encryption: Encryption | None = None,
+    verify_existing: bool = False,
 ) -> CopyResult:
     """:func:`copy` between open stores, with what it moved.
 
@@ -134,6 +144,7 @@ def copy_stores(
         writing run persisting its own checkpoints); None: decided as the module says.
     :param encryption: the key of an encrypted source (None: a plain source, or stores the
         caller opened already, :func:`ckpt.security.envelope.open_store`).
+    :param verify_existing: see :func:`copy`.
     """
     if codecs is None:
         from ckpt.hooks.manager import get_plugins
@@ -143,10 +154,10 @@ def copy_stores(
     manifests = _source_manifests(src, step, steps)
     if lease is not None:
         bind_destination(src, dst, encryption)
-        return _copy_all(src, dst, manifests, lease, progress, codecs, as_latest)
+        return _copy_all(src, dst, manifests, lease, progress, codecs, as_latest, verify_existing)
     with WriterLease(dst, what=f"ckpt copy from {src.url}") as own:
         bind_destination(src, dst, encryption)  # an encrypted source's descriptor, before any object
-        return _copy_all(src, dst, manifests, own, progress, codecs, as_latest)
+        return _copy_all(src, dst, manifests, own, progress, codecs, as_latest, verify_existing)
 
 
 def _source_manifests(src: Store, step: int | None, steps: Iterable[int] | None) -> list[Manifest]:
@@ -218,6 +229,7 @@ def _copy_all(
     progress: Progress | None,
     codecs: CodecRegistry,
     as_latest: bool | None,
+    verify_existing: bool = False,
 ) -> CopyResult:
     stats = CopyStats()
     try:
@@ -247,7 +259,12 @@ def _copy_all(
             wrote = [0]  # bytes of this checkpoint's objects written to dst (not those it held)
 
             def one(ref: ChunkRef, manifest: Manifest = manifest, wrote: list[int] = wrote) -> None:
-                if _held(present, ref):
+                there = _held(present, ref) or (present is None and dst.has_object(ref.key))
+                if there and verify_existing and not _intact(dst, ref):
+                    log.warning("%s holds object %s with other bytes than recorded: copying it again", dst.url, ref.key)
+                    with lock:
+                        stats.replaced += 1
+                elif there:
                     with lock:
                         stats.skipped += 1
                     return
@@ -259,10 +276,6 @@ def _copy_all(
                         present[ref.key],
                         ref.stored,
                     )
-                if present is None and dst.has_object(ref.key):
-                    with lock:
-                        stats.skipped += 1
-                    return
                 moved = _copy_object(src, dst, reader, ref, f"step {manifest.step} of {src.url}")
                 with lock:
                     stats.objects += 1
@@ -331,6 +344,23 @@ def _held(present: dict[str, int] | None, ref: ChunkRef) -> bool:
     An object there at another size is a torn write of a backend whose writes are not
     atomic (a copier killed while writing it): it is copied again, over it."""
     return present is not None and ref.key in present and (ref.stored < 0 or present[ref.key] == ref.stored)
+
+
+def _intact(dst: Store, ref: ChunkRef) -> bool:
+    """Whether the destination's object ``ref`` holds the stored bytes its record hashes
+    (``stored_hash``; a raw object's content hash). False for a record without one."""
+    digest = ref.stored_hash if ref.codec else ref.hash if ref.stored == ref.size else ""
+    if not digest or ref.stored < 0:
+        return False
+    what = f"object {ref.key} at {dst.url}"
+    try:
+        got = dst.hash_object(ref.key, ref.stored, what=what)
+        if got is None:  # a remote store: fetched (at most one byte past the record)
+            payload = dst.get_object(ref.key, what=what, limit=ref.stored + 1)
+            got = (hash_bytes(payload), len(payload))
+    except MissingObjectError:
+        return False
+    return got == (digest, ref.stored)
 
 
 def _check_sources(src: Store, manifests: list[Manifest], present: dict[str, int] | None) -> None:

@@ -208,3 +208,49 @@ def test_a_torn_object_in_the_destination_is_copied_again(tmp_path, monkeypatch,
     assert "a torn write" in caplog.text and torn.name in caplog.text
     out = ckpt.load(dst)
     assert all(torch.equal(out[k], v) for k, v in state.items())
+
+
+def _largest(url: str, step: int) -> str:
+    store = Store(url)
+    return max(keys_of(store, step), key=lambda k: len(store.get_object(k)))
+
+
+def test_verify_dst_copies_again_an_object_damaged_in_place(store_url, tmp_path):
+    """An object the destination holds at its size is trusted by default; with verify_existing
+    (``ckpt cp --verify-dst``) its bytes are hashed and one damaged in place is copied again."""
+    src = str(tmp_path / "src")
+    _frozen_run(src, [1])
+    copy_stores(Store(src), Store(store_url))
+    dst = Store(store_url)
+    key = _largest(src, 1)  # the frozen base
+    good = dst.get_object(key)
+    dst.put_object(key, os.urandom(len(good)))  # same size, other bytes
+    _frozen_run(src, [2])
+    plain = copy_stores(Store(src), dst, step=2)
+    assert plain.stats.replaced == 0 and dst.get_object(key) != good  # trusted: still damaged
+    with pytest.raises(ckpt.CorruptCheckpointError, match=key):
+        ckpt.load(store_url, step=2)
+    _frozen_run(src, [3])
+    checked = copy_stores(Store(src), dst, step=3, verify_existing=True)
+    assert checked.stats.replaced == 1
+    assert dst.get_object(key) == good
+    got = ckpt.load(store_url, step=3)
+    assert torch.equal(got["head"], torch.full((8,), 3.0))
+
+
+def test_cli_cp_verify_dst_reports_what_it_replaced(tmp_path):
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    _frozen_run(src, [1, 2])
+    runner = CliRunner()
+    assert runner.invoke(build_cli(), ["cp", src, dst, "--step", "1"]).exit_code == 0
+    key = _largest(src, 1)
+    with open(Store(dst).object_path(key), "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff" * 8)
+    r = runner.invoke(build_cli(), ["cp", src, dst, "--verify-dst", "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert doc["replaced_objects"] == 1 and doc["checkpoints"] == 1
+    assert ckpt.load(dst, step=2)["base"].shape == (256, 256)
+    r = runner.invoke(build_cli(), ["verify", dst], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
