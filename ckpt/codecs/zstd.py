@@ -290,10 +290,11 @@ class ByteGroupZstdCodec:
         restore's memory stays the live tensors' (fresh buffers cost a page fault per page).
 
         False, with nothing written, where it does not apply (a plane table :meth:`decode`
-        refuses, a frame declaring another size or a window over :data:`PREFIX_WINDOW`):
-        decode the payload whole then, which says what is wrong with it. Bytes a zstd plane
-        holds past its frame are not looked at: for payloads whose stored bytes were
-        verified already, and whose output ``digest`` verifies.
+        refuses, a compressed plane that is not one zstd frame of the plane's size, or whose
+        window is over :data:`PREFIX_WINDOW`): decode the payload whole then, which says what
+        is wrong with it. A frame that fails midway has written part of ``out``; the caller's
+        ``digest`` check is what verifies it (for payloads whose stored bytes were verified).
+        Memory: a window per compressed plane (128 KiB to 1 MiB for ckpt's own frames).
         """
         table = _plane_table(lambda a, b: os.pread(fd, b - a, a), stored, len(out), params)
         if table is None:
@@ -309,7 +310,11 @@ class ByteGroupZstdCodec:
                 frame = zstandard.get_frame_parameters(head)
             except zstandard.ZstdError:
                 return False
-            if frame.content_size != n or frame.window_size > PREFIX_WINDOW:
+            # one zstd frame filling the plane, as the whole decode demands (no skippable or
+            # empty frames around it), declaring the plane's size and a bounded window
+            if not head.startswith(_ZSTD_MAGIC) or frame.content_size != n or frame.window_size > PREFIX_WINDOW:
+                return False
+            if _frame_size(fd, pos, head, length) != length:
                 return False
             # a decompressor of its own for each plane: they are read in turns, block by block
             dctx = _stream_decompressor(sum(not isinstance(x, int) for x in sources))
@@ -407,6 +412,33 @@ STREAM_ELEMENTS = 1 << 18
 _STREAM_MAX_BLOCK = 1 << 20
 #: the longest zstd frame header (ZSTD_FRAMEHEADERSIZE_MAX)
 _FRAME_HEADER_MAX = 18
+
+
+#: the magic number that starts a zstd frame (RFC 8878), little-endian
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_BLOCK_HEADER = 3
+
+
+def _frame_size(fd: int, start: int, head: bytes, limit: int) -> int | None:
+    """The length of the zstd frame at byte ``start`` of file ``fd``, whose header is ``head``
+    (RFC 8878: its header, then blocks up to the last, then a checksum when the header says
+    so), reading each block's header; None for a block of the reserved type or a frame
+    running past ``limit`` bytes. What libzstd's ``ZSTD_findFrameCompressedSize`` says, which
+    python-zstandard does not expose: a plane must be exactly one frame."""
+    try:
+        pos = zstandard.frame_header_size(head)
+    except zstandard.ZstdError:
+        return None
+    checksum = 4 if head[4] & 0x04 else 0
+    while pos + _BLOCK_HEADER <= limit:
+        header = int.from_bytes(os.pread(fd, _BLOCK_HEADER, start + pos), "little")
+        kind, size = (header >> 1) & 3, header >> 3
+        if kind == 3:  # reserved
+            return None
+        pos += _BLOCK_HEADER + (1 if kind == 1 else size)  # an RLE block stores one byte
+        if header & 1:  # the last block
+            return pos + checksum
+    return None
 
 
 class _FileSpan:

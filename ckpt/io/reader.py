@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import struct
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -161,10 +162,15 @@ class Reader:
         codec = self.codecs.get(BGZSTD, what=what)
         assert isinstance(codec, ByteGroupZstdCodec)  # (see _streamable)
         try:
-            if not codec.decode_file(fd, size, out, ref.codec[0], digest, f"{what}, object {ref.key}"):
+            if not codec.decode_file(fd, size, out, ref.codec[0], digest, "it"):
                 return False
         except CorruptCheckpointError as exc:
             raise CorruptCheckpointError(f"{what}: object {ref.key} is corrupt: {exc}") from None
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError, struct.error) as exc:
+            # what the whole decode calls corrupt too (decode_chain); an OSError is the store's
+            raise CorruptCheckpointError(
+                f"{what}: object {ref.key} is corrupt: bgzstd cannot decode it ({type(exc).__name__}: {exc})"
+            ) from None
         if digest.hexdigest() != ref.hash:
             raise CorruptCheckpointError(f"{what}: object {ref.key} fails verification (content hash mismatch)")
         return True

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 
 import numpy as np
 import pytest
 import torch
 import xxhash
+import zstandard
 
 import ckpt
 import ckpt.codecs.zstd as zstd_mod
@@ -209,3 +211,79 @@ def test_stored_bytes_forged_to_hash_as_recorded_are_found_by_the_streamed_decod
     store.write(store.manifest_path(1), json.dumps(doc).encode())
     with pytest.raises(ckpt.CorruptCheckpointError, match="partly overwritten"):
         ckpt.restore(url, _state(seed=3), step=1)
+
+
+_PLANE = struct.Struct("<BQ")
+_EXTRA = {
+    "an empty frame after it": lambda frame: frame + zstandard.ZstdCompressor().compress(b""),
+    "a skippable frame after it": lambda frame: frame + struct.pack("<II", 0x184D2A50, 4) + b"junk",
+    "a skippable frame before it": lambda frame: struct.pack("<II", 0x184D2A50, 4) + b"junk" + frame,
+    "a byte after it": lambda frame: frame + b"\x00",
+}
+
+
+def _with_extra(payload: bytes, k: int, extra) -> bytes:
+    """``payload`` with its (first) zstd plane changed by ``extra``, the plane table to match."""
+    planes, pos = [], _PLANE.size * k
+    for i in range(k):
+        mode, length = _PLANE.unpack_from(payload, i * _PLANE.size)
+        planes.append([mode, payload[pos : pos + length]])
+        pos += length
+    plane = next(p for p in planes if p[0] == 1)
+    plane[1] = extra(plane[1])
+    return b"".join(_PLANE.pack(m, len(b)) for m, b in planes) + b"".join(b for _, b in planes)
+
+
+@pytest.mark.parametrize("extra", list(_EXTRA))
+def test_a_plane_that_is_not_exactly_one_frame_is_left_to_the_whole_decode(tmp_path, extra):
+    data = _floats(torch.float32, 40_000)
+    path, payload, params = _payload_file(tmp_path, data, 4)
+    bad = _with_extra(payload, 4, _EXTRA[extra])
+    with open(path, "wb") as f:
+        f.write(bad)
+    out = np.full(data.size, 0xAB, dtype=np.uint8)
+    assert _stream(path, len(bad), params, out)[0] is False
+    assert not (out != 0xAB).any()
+    with pytest.raises(CorruptCheckpointError):  # which refuses it
+        ByteGroupZstdCodec().decode(memoryview(bad), out.data, params, None)
+
+
+@pytest.mark.parametrize("extra", ["an empty frame after it", "a skippable frame before it"])
+def test_a_restore_in_place_refuses_extra_frames_as_a_restore_into_fresh_memory_does(tmp_path, extra):
+    """Stored bytes forged to hash as recorded, whose plane holds a frame that decodes to
+    nothing besides the right one: refused in place as through fresh memory."""
+    torch.manual_seed(0)
+    w = torch.randn(1 << 20) * 0.02  # 4 MiB: streamed by default
+    url = str(tmp_path / "store")
+    ckpt.save(url, {"w": w}, step=1)
+    store = Store(url)
+    ref = next(c for e in load_manifest(store, 1).tensors.values() for c in e.chunks)
+    bad = _with_extra(store.get_object(ref.key), ref.codec[0]["itemsize"], _EXTRA[extra])
+    with open(store.object_path(ref.key), "wb") as f:
+        f.write(bad)
+    doc = json.loads(store.read_manifest(1))
+    chunk = doc["tensors"]["w"]["chunks"][0]
+    chunk["stored"], chunk["stored_hash"] = len(bad), xxhash.xxh3_128_hexdigest(bad)
+    store.write(store.manifest_path(1), json.dumps(doc).encode())
+    for live in (torch.zeros(1 << 20), torch.zeros(2 << 20)[::2]):  # in place; through fresh memory
+        with pytest.raises(ckpt.CorruptCheckpointError, match=ref.key):
+            ckpt.restore(url, {"w": live}, step=1)
+
+
+def test_a_decode_error_of_the_stream_is_corruption_not_a_store_failure(tmp_path, monkeypatch):
+    """What the whole decode calls corrupt (a ValueError out of a codec) is corrupt in the
+    streamed decode too: not a StoreError, and not retried as an I/O failure would be."""
+    url = str(tmp_path / "store")
+    w = torch.randn(1 << 20) * 0.02
+    ckpt.save(url, {"w": w}, step=1)
+    calls = []
+
+    def broken(planes, out):
+        calls.append(1)
+        raise ValueError("planes of unequal length")
+
+    monkeypatch.setattr(zstd_mod.byte_planes, "join", broken)
+    with pytest.raises(ckpt.CorruptCheckpointError, match="ValueError") as err:
+        ckpt.restore(url, {"w": torch.zeros(1 << 20)}, step=1)
+    assert not isinstance(err.value, ckpt.StoreError) and "partly overwritten" in str(err.value)
+    assert len(calls) == 1
