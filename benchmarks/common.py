@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gc
 import os
@@ -9,7 +10,7 @@ import platform
 import shutil
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,21 +118,23 @@ def warm_memory(gib: float) -> None:
     del blocks
 
 
-def fresh_heap() -> None:
-    """Memory as a freshly started job has it, before a timed restore: ckpt's pool of reused
-    buffers emptied and the C heap's free pages given back to the kernel (glibc's
+@contextlib.contextmanager
+def fresh_memory() -> Iterator[None]:
+    """Memory as a freshly started job has it, for a timed restore: ckpt's pool of reused
+    buffers empty and the C heap's free pages given back to the kernel (glibc's
     ``malloc_trim``), so that whatever a system allocates takes fresh pages, as it does when
     a resumed job restores, not pages an earlier system's restore freed (a torch.load of
-    bf16 MiniLM took 17-19 ms on pages freed by other restores, 36-38 ms on fresh ones;
-    ckpt's restore 33-34 ms with its pool kept, 32-42 ms without).
+    bf16 MiniLM took 17-19 ms on pages freed by other restores, 36-38 ms on fresh ones).
+    The pool's buffers are held aside meanwhile and given back after: the saves that follow
+    find them, as a training job's later checkpoints do.
     """
     import ctypes
     import ctypes.util
 
     from ckpt.io import scratch
 
+    held = scratch.release()
     gc.collect()
-    scratch.release()
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
@@ -140,6 +143,11 @@ def fresh_heap() -> None:
         trim = None
     if trim is not None:  # glibc only
         trim(0)
+    try:
+        yield
+    finally:
+        for buf in held:
+            scratch.give_back(buf)
 
 
 # -- timing -----------------------------------------------------------------------------

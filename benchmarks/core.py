@@ -6,7 +6,7 @@ once first: ckpt writes large objects around it; timed until the values are in t
 and optimizer) and is checked bit-exact against the saved state; then its
 files leave the page cache (benchmarks/cache.py) and it restores again: the cold figure.
 Each workload is measured in a fresh process of its own, and every restore starts with the
-memory of a fresh process (:func:`benchmarks.common.fresh_heap`), as a resumed job restores
+memory of a fresh process (:func:`benchmarks.common.fresh_memory`), as a resumed job restores
 (see :func:`measure_isolated`).
 """
 
@@ -92,21 +92,21 @@ def bench_workload(w: Workload, systems: list[System], workdir: str, log, cold: 
             stored = common.dir_bytes(path)
             dst = w.fresh()
             warm = cache.load([path])  # every system's files in the page cache (see cache.load)
-            common.fresh_heap()  # no system restores into pages an earlier one freed
-            t0 = now()
-            s.restore(dst, path)
-            t_restore = now() - t0
+            with common.fresh_memory():  # no system restores into pages an earlier one freed
+                t0 = now()
+                s.restore(dst, path)
+                t_restore = now() - t0
             problem = common.state_diff(src, dst)
             cold_note = ""
             if cold != "off":
                 del dst
                 dst = w.fresh()
                 cache.evict([path], cold)
-                common.fresh_heap()
                 resident = cache.resident_fraction([path])
-                t0 = now()
-                s.restore(dst, path)
-                t_cold = now() - t0
+                with common.fresh_memory():
+                    t0 = now()
+                    s.restore(dst, path)
+                    t_cold = now() - t0
                 problem = problem or common.state_diff(src, dst)
                 per[s.name]["restore_cold_s"].append(t_cold)
                 per[s.name]["resident_after_evict"].append(resident)

@@ -105,13 +105,12 @@ def give_back(buf: np.ndarray) -> None:
     _pool.give([buf])
 
 
-def release() -> int:
-    """Drop every buffer the pool holds (the memory goes back once nothing else uses it), as
-    at the start of a process: bytes dropped."""
+def release() -> list[np.ndarray]:
+    """Take every buffer out of the pool, as at the start of a process: dropping them gives
+    their memory back (once nothing else uses them); :func:`give_back` returns them."""
     with _pool._lock:
-        dropped = sum(b.nbytes for b in _pool._free)
-        _pool._free = []
-    return dropped
+        taken, _pool._free = _pool._free, []
+    return taken
 
 
 def held() -> int:

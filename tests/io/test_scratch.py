@@ -147,14 +147,18 @@ def test_saves_after_a_dirty_pool_store_the_same_objects(tmp_path, monkeypatch):
     assert dirty.held() > 0  # the buffers were used and given back
 
 
-def test_release_drops_what_the_pool_holds(monkeypatch):
+def test_release_takes_what_the_pool_holds(monkeypatch):
     pool = scratch._Pool(scratch.KEEP_BYTES)
     monkeypatch.setattr(scratch, "_pool", pool)
     a, b = scratch.lend(3 << 20), scratch.lend(1 << 20)
     scratch.give_back(a)
     scratch.give_back(b)
     assert scratch.held() == (3 << 20) + (1 << 20)
-    assert scratch.release() == (4 << 20)
+    taken = scratch.release()
+    assert sorted(b.nbytes for b in taken) == [1 << 20, 3 << 20]
     assert scratch.held() == 0
     fresh = scratch.lend(1 << 20)  # a later lend allocates again
     assert fresh is not a and fresh is not b
+    for buf in taken:  # and what was taken can be given back
+        scratch.give_back(buf)
+    assert scratch.held() == (4 << 20)
