@@ -68,6 +68,8 @@ class ManifestsAndRefs:
 
         def manifest_path(self, step: int) -> str: ...
 
+        def _inside(self, real: str) -> bool: ...
+
         def read(self, path: str, *, limit: int | None = None) -> bytes: ...
 
         def write(self, path: str, data: bytes | memoryview) -> None: ...
@@ -133,9 +135,19 @@ class ManifestsAndRefs:
         )
 
     def read_manifest(self, step: int) -> bytes:
-        """The manifest JSON of ``step`` (an encrypted store's opened and authenticated)."""
+        """The manifest JSON of ``step`` (an encrypted store's opened and authenticated).
+
+        On local disk a symbolic link at a manifest's name is not one: the listing skips it
+        (:meth:`steps`, so gc does not protect the objects it names), and so does this. (One
+        leading out of the store, or any other file that is not a regular one, the read refuses.)"""
+        path = self.manifest_path(step)
+        if self.local and os.path.islink(path) and self._inside(os.path.realpath(path)):
+            raise CorruptCheckpointError(
+                f"manifests/{step}.json of {self.url} is a symbolic link within it, not a committed manifest "
+                "(ckpt never writes one; the listing and gc skip it): refusing to read it"
+            )
         try:
-            return manifest_json(self.codec_context, step, self.read(self.manifest_path(step)))
+            return manifest_json(self.codec_context, step, self.read(path))
         except FileNotFoundError:
             pass
         hint = ""
