@@ -59,7 +59,20 @@ class _NoCheckpoint(_Failed):
 
 
 class _Damaged(_Failed):
-    """A rank's outcome when the candidate checkpoint is missing or corrupt in its reads."""
+    """A rank's outcome when the candidate checkpoint is missing or corrupt in its reads (in
+    a restore from the tiers: in every tier it could read it from), or does not fit there
+    while an older one may."""
+
+
+def failures(group: Any, outcome: Any, err: BaseException | None, what: str) -> list[_Failed]:
+    """Every rank's ``outcome`` of preparing one candidate checkpoint gathered: the ranks that
+    failed (none: every rank prepared it). A failure other than damage (a misfit: an older
+    candidate would not fit either) raises on every rank (:func:`check_parts`)."""
+    outcomes = gather_all(group, outcome, what)
+    failed = [o for o in outcomes if isinstance(o, _Failed)]
+    if any(not isinstance(o, _Damaged) for o in failed):
+        check_parts(outcomes, err, what)
+    return failed
 
 
 def _first(store: Store, step: int | None) -> int:
@@ -136,12 +149,9 @@ def restore(
                 err, prepared = exc, _Damaged(rank, exc)
             except Exception as exc:  # noqa: BLE001
                 err, prepared = exc, _Failed(rank, exc)
-            outcomes = gather_all(group, prepared, what)
-            failed = [o for o in outcomes if isinstance(o, _Failed)]
+            failed = failures(group, prepared, err, what)
             if not failed:
                 break
-            if any(not isinstance(o, _Damaged) for o in failed):  # a misfit: an older one would not fit either
-                check_parts(outcomes, err, what)
             if step is not None:  # damage of an explicit step raises on every rank
                 if err is not None:
                     raise err

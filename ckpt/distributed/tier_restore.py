@@ -37,15 +37,11 @@ from ckpt.storage.tier_checks import created
 from ckpt.types import CheckpointInfo
 
 from .coordinator import _Failed, check_parts, gather_all
-from .restore import _older, _prepare, load_on_every_rank
+from .restore import _Damaged, _older, _prepare, failures, load_on_every_rank
 from .sharding import rank_view
 from .tiers import RankTier, Version, base_of, identity, prepare_local, save_of
 
 log = logging.getLogger("ckpt")
-
-
-class _Damaged(_Failed):
-    """A rank's outcome when it cannot read the candidate from any tier."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,12 +184,9 @@ def restore_tiers(
                 err, result = exc, (_Damaged(rank, exc) if not c.durable else _Failed(rank, exc))
             except Exception as exc:  # noqa: BLE001
                 err, result = exc, _Failed(rank, exc)
-            outcomes = gather_all(group, result, what)
-            failed = [o for o in outcomes if isinstance(o, _Failed)]
+            failed = failures(group, result, err, what)
             if not failed:
                 break
-            if any(not isinstance(o, _Damaged) for o in failed):
-                check_parts(outcomes, err, what)
             skipped.append(f"{c.describe()} (rank {failed[0].rank}: {failed[0].message})")
             log.warning(
                 "restore: %s is damaged on rank %d (%s); trying an older one",

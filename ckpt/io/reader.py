@@ -471,8 +471,8 @@ def stored_digests(ref: ChunkRef) -> list[tuple[ChunkRef, str]] | None:
     links: list[tuple[ChunkRef, str]] = []
     current = ref.object_ref()
     while len(links) <= MAX_LINKS:
-        digest = current.stored_hash if current.codec else current.hash if current.stored == current.size else ""
-        if not digest or current.stored < 0:
+        digest = stored_digest(current)
+        if not digest:
             return None
         links.append((current, digest))
         parent = _xor_parent(current)
@@ -482,6 +482,14 @@ def stored_digests(ref: ChunkRef) -> list[tuple[ChunkRef, str]] | None:
             return None  # (a plugin's delta, or a malformed record: the decode says what is wrong)
         current = parent.object_ref()
     return None
+
+
+def stored_digest(ref: ChunkRef) -> str:
+    """What the stored bytes of object ``ref`` hash to by its record: its ``stored_hash``
+    when encoded, its content hash when raw; "" when the record does not say."""
+    if ref.stored < 0:
+        return ""
+    return ref.stored_hash if ref.codec else ref.hash if ref.stored == ref.size else ""
 
 
 def tensors_named(paths: Iterable[str], limit: int = 8) -> str:

@@ -45,7 +45,7 @@ from ckpt.codecs.base import CodecRegistry, max_encoded_size
 from ckpt.codecs.delta import chunk_records
 from ckpt.errors import CheckpointError, CorruptCheckpointError, MissingObjectError, NoCheckpointError
 from ckpt.io.hashing import hash_bytes
-from ckpt.io.reader import Reader
+from ckpt.io.reader import Reader, stored_digest
 from ckpt.security.binding import bind_destination, open_source
 from ckpt.security.keys import Encryption
 from ckpt.snapshot.executor import io_pool, wait_all
@@ -349,8 +349,8 @@ def _held(present: dict[str, int] | None, ref: ChunkRef) -> bool:
 def _intact(dst: Store, ref: ChunkRef) -> bool:
     """Whether the destination's object ``ref`` holds the stored bytes its record hashes
     (``stored_hash``; a raw object's content hash). False for a record without one."""
-    digest = ref.stored_hash if ref.codec else ref.hash if ref.stored == ref.size else ""
-    if not digest or ref.stored < 0:
+    digest = stored_digest(ref)
+    if not digest:
         return False
     what = f"object {ref.key} at {dst.url}"
     try:

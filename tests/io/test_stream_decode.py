@@ -287,3 +287,32 @@ def test_a_decode_error_of_the_stream_is_corruption_not_a_store_failure(tmp_path
         ckpt.restore(url, {"w": torch.zeros(1 << 20)}, step=1)
     assert not isinstance(err.value, ckpt.StoreError) and "partly overwritten" in str(err.value)
     assert len(calls) == 1
+
+
+def _tiny_block_frame(data: bytes) -> bytes:
+    """A valid zstd frame of ``data`` made of one raw block per byte (RFC 8878)."""
+    assert len(data) < 256
+    head = zstd_mod._ZSTD_MAGIC + bytes([0x20, len(data)])  # single segment, a 1-byte content size
+    blocks = b"".join(
+        ((1 << 3) | (i == len(data) - 1)).to_bytes(3, "little") + data[i : i + 1] for i in range(len(data))
+    )
+    return head + blocks
+
+
+def test_a_frame_of_more_blocks_than_its_content_needs_is_left_to_the_whole_decode(tmp_path):
+    """Walking a frame's block headers costs a read each: a frame of tiny blocks (hostile:
+    ckpt's frames hold blocks of up to 128 KiB) is left to the whole decode, which runs
+    through them in C."""
+    data = _floats(torch.bfloat16, 200)
+    planes = data.reshape(-1, 2).T.copy()
+    frame = _tiny_block_frame(planes[1].tobytes())
+    assert zstandard.ZstdDecompressor().decompress(frame) == planes[1].tobytes()  # a valid frame
+    payload = _PLANE.pack(0, 200) + _PLANE.pack(1, len(frame)) + planes[0].tobytes() + frame
+    path = str(tmp_path / "payload")
+    with open(path, "wb") as f:
+        f.write(payload)
+    out = np.full(data.size, 0xAB, dtype=np.uint8)
+    assert _stream(path, len(payload), {"itemsize": 2}, out)[0] is False
+    assert not (out != 0xAB).any()
+    ByteGroupZstdCodec().decode(memoryview(payload), out.data, {"itemsize": 2}, None)
+    assert out.tobytes() == data.tobytes()
