@@ -24,7 +24,7 @@ tensors may be partly overwritten.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 import torch.distributed as dist
@@ -181,14 +181,8 @@ def restore(
         if skipped:
             log.warning("restored step %d of %s after skipping %s", manifest.step, url, "; ".join(skipped))
         # every rank has read, verified and checked everything: decode in place, then load
-        done: Any = True
-        err = None
-        if later is not None:
-            try:
-                decode_in_place(later, plugins.codecs)
-            except Exception as exc:  # noqa: BLE001 - reported to every rank
-                err, done = exc, _Failed(rank, exc)
-        check_parts(gather_all(group, done, what), err, what)  # a late failure raises on every rank
+        if later is not None:  # a late failure raises on every rank
+            on_every_rank(group, lambda: decode_in_place(later, plugins.codecs), what)
     info = CheckpointInfo.from_manifest(manifest, store.url)
     if not strict:
         info = info.with_keys(missing=missing, unexpected=unexpected)
@@ -206,18 +200,31 @@ def load_on_every_rank(
     strict: bool,
     what: str,
 ) -> None:
-    """Load the decoded ``values`` into the ``live`` objects and run the after-restore hooks,
-    then agree: an adapter or hook failing on one rank raises on every rank (the failing one
-    with its own error), so a job never goes on with some ranks restored and one not."""
-    loaded: Any = True
-    err: BaseException | None = None
-    try:
+    """Load the decoded ``values`` into the ``live`` objects, agree, then run the
+    after-restore hooks and agree again: an adapter or hook failing on one rank raises on
+    every rank (the failing one with its own error), so a job never goes on with some ranks
+    restored and one not. The hooks run only once every rank has loaded, on every rank: a
+    hook may run collectives of its own (a barrier, a broadcast of what it restored) without
+    meeting a rank that has already left for ckpt's agreement."""
+
+    def load() -> None:
         for key, value in values.items():
             live[key] = load_into(live[key], value, treemod.escape(key), plugins, strict=strict)
-        plugins.after_restore(info=info, state=live)
+
+    on_every_rank(group, load, what)
+    on_every_rank(group, lambda: plugins.after_restore(info=info, state=live), what)
+
+
+def on_every_rank(group: Any, fn: Callable[[], object], what: str) -> None:
+    """Run ``fn`` on this rank, then agree: if it raised on any rank, raise on every rank
+    (the failing one its own error, the others a CheckpointError naming it)."""
+    ok: Any = True
+    err: BaseException | None = None
+    try:
+        fn()
     except Exception as exc:  # noqa: BLE001 - reported to every rank
-        err, loaded = exc, _Failed(dist.get_rank(), exc)
-    check_parts(gather_all(group, loaded, what), err, what)
+        err, ok = exc, _Failed(dist.get_rank(), exc)
+    check_parts(gather_all(group, ok, what), err, what)
 
 
 def _prepare(

@@ -98,6 +98,10 @@ def ckpt_after_commit(info: CheckpointInfo) -> None:
 def ckpt_after_restore(info: CheckpointInfo, state: Mapping[str, Any]) -> None:
     """Called after a checkpoint has been loaded into live objects.
 
+    In a collective restore it runs on every rank once every rank has loaded (and on none
+    if one rank's load failed), so a hook may run collectives of its own; a hook raising
+    on one rank raises on every rank.
+
     :param info: the checkpoint restored.
     :param state: the user's state mapping, now holding the restored values.
     """

@@ -64,7 +64,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     if scenario == "suite":  # several scenarios in one launch (process start-up is the cost)
-        for name in ("ddp", "fail", "async", "in_place"):
+        for name in ("ddp", "fail", "async", "in_place", "hooks"):
             run(name, os.path.join(where, name), rank)
     else:
         run(scenario, where, rank)
@@ -212,6 +212,7 @@ def run(scenario: str, where: str, rank: int) -> None:
         assert torch.equal(state["mine"]["t"], torch.full((300_000,), float(rank)))
         assert {"model/0.weight", "optim/state/0/exp_avg", "mine/t"} <= set(filled), filled
         assert model[0].weight.data_ptr() == ptr
+        decode_in_place = dist_restore.decode_in_place
         if rank == 1:  # the second pass fails on one rank (an object rewritten in between): every rank raises
 
             def rewritten(ip, codecs):
@@ -224,10 +225,59 @@ def run(scenario: str, where: str, rank: int) -> None:
             print("LATE", rank, type(exc).__name__, str(exc)[:300])
         else:
             raise AssertionError("no error")
+        finally:
+            dist_restore.decode_in_place = decode_in_place  # type: ignore[assignment]
+            in_place_mod.read_tensors = read  # type: ignore[assignment]
+    elif scenario == "hooks":
+        after_restore_collective(url, rank)
     elif scenario == "checkpointer":  # refusals, retention, resume, preemption, damaged newest
         checkpointer_features(where, rank)
     else:
         raise SystemExit(f"unknown scenario {scenario}")
+
+
+def after_restore_collective(url: str, rank: int) -> None:
+    """An after-restore hook with a collective of its own runs on every rank once every rank
+    has loaded, and on none when one rank's load fails (which raises on every rank)."""
+    import datetime
+
+    import ckpt.distributed.restore as dist_restore
+    from ckpt.hooks.manager import get_plugins
+
+    calls: list[float] = []
+
+    class CollectiveHook:
+        @ckpt.hookimpl
+        def ckpt_after_restore(self, info, state):
+            t = torch.ones(1)
+            dist.all_reduce(t, async_op=True).wait(timeout=datetime.timedelta(seconds=20))
+            calls.append(t.item())
+
+    hook = CollectiveHook()
+    pm = get_plugins().pm
+    pm.register(hook, name="collective-hook")
+    real = dist_restore.load_into
+    try:
+        ckpt.save(url, {"x": torch.ones(3)}, step=1)
+        state = {"x": torch.zeros(3)}
+        ckpt.restore(url, state)
+        assert calls == [2.0] and torch.equal(state["x"], torch.ones(3)), calls
+        if rank == 1:
+
+            def broken(*a, **k):
+                raise RuntimeError("adapter failed (test)")
+
+            dist_restore.load_into = broken  # type: ignore[assignment]
+        try:
+            ckpt.restore(url, state)
+        except Exception as exc:  # printed for the test to check
+            print("HOOKS", rank, type(exc).__name__, str(exc)[:300])
+        else:
+            raise AssertionError("no error")
+        assert calls == [2.0], calls  # no rank ran the hook after a failed load
+    finally:
+        dist_restore.load_into = real  # type: ignore[assignment]
+        pm.unregister(hook)
 
 
 def checkpointer_features(where: str, rank: int) -> None:

@@ -58,6 +58,17 @@ def test_whole_tensors_are_decoded_into_the_live_tensors_and_a_late_failure_rais
     assert late[0].startswith("LATE 0") and "rank 1" in late[0]
 
 
+def test_after_restore_hooks_run_once_every_rank_has_loaded(suite):
+    """A hook running a collective of its own: it meets the other ranks' after a good
+    restore; when one rank's load fails, every rank raises and none runs the hook (the
+    worker asserts the calls)."""
+    _, results = suite
+    lines = [line for _, text in results for line in text.splitlines() if line.startswith("HOOKS")]
+    assert len(lines) == 2, lines
+    assert lines[1].startswith("HOOKS 1 ") and "adapter failed (test)" in lines[1], lines
+    assert lines[0].startswith("HOOKS 0 ") and "rank 1" in lines[0], lines
+
+
 def test_failing_rank_raises_everywhere_and_writes_no_manifest(suite):
     where, results = suite
     assert all("RAISED" in text for _, text in results)
