@@ -160,36 +160,39 @@ class DistributedCheckpointer:
         self._wait_inflight()
         self._raise_pending()
         err: BaseException | None = None
+        interrupted: BaseException | None = None
         part: Any
         local: dict[str, torch.Tensor] = {}
         try:
             part, local = capture_local(state, self._plugins)
             # local staging: the training may change its tensors as soon as this returns
             local = {p: t.detach().to("cpu", copy=True) for p, t in local.items()}
-        except Exception as exc:  # noqa: BLE001 - reported to every rank by the background commit
+        except BaseException as exc:  # noqa: BLE001 - reported to every rank by the background commit
             err, part = exc, _Failed(dist.get_rank(), exc)
+            if not isinstance(exc, Exception):  # a KeyboardInterrupt: the other ranks learn of it
+                interrupted, err = exc, CheckpointError(f"step {step}: {type(exc).__name__} on this rank")
         self._last_saved_step = step
         if self.tiers is not None:
             protect = {self._restored_step} if self._restored_step is not None else set()
             fut = self._thread.submit(self.tiers.commit, step, part, local, err, self.tiers.next_save(), protect)
-            fut.add_done_callback(self._done)
-            self._inflight = fut
-            return fut
-        fut = self._thread.submit(
-            commit_collective,
-            self.store,
-            self._plugins,
-            self._group,
-            step=step,
-            part=part,
-            local=local,
-            err=err,
-            encryption=self._encryption,
-            take_over=self.take_over,
-            after=self._prune,
-        )
+        else:
+            fut = self._thread.submit(
+                commit_collective,
+                self.store,
+                self._plugins,
+                self._group,
+                step=step,
+                part=part,
+                local=local,
+                err=err,
+                encryption=self._encryption,
+                take_over=self.take_over,
+                after=self._prune,
+            )
         fut.add_done_callback(self._done)
         self._inflight = fut
+        if interrupted is not None:  # the background commit tells the other ranks; this one stops
+            raise interrupted
         return fut
 
     def wait_persisted(self) -> None:

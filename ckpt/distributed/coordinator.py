@@ -102,12 +102,16 @@ def gather_all(group: Any, value: Any, what: str) -> list[Any]:
 
 
 def check_parts(parts: list[Any], mine: BaseException | None, what: str) -> None:
-    """Raise on every rank when any rank failed (the failing rank re-raises its own error)."""
+    """Raise on every rank when any rank failed (the failing rank re-raises its own error).
+
+    The ranks report a KeyboardInterrupt or SystemExit too (the sites that gather them catch
+    BaseException), so that the other ranks raise at once instead of waiting at the next
+    gather until ``CKPT_DIST_TIMEOUT``; the interrupted rank re-raises it as it is."""
     failed = [p for p in parts if isinstance(p, _Failed)]
     if not failed:
         return
     if mine is not None:
-        if isinstance(mine, CheckpointError):
+        if isinstance(mine, CheckpointError) or not isinstance(mine, Exception):
             raise mine
         raise CheckpointError(f"{what}: {type(mine).__name__}: {mine}") from mine
     kind = getattr(errors, failed[0].kind, CheckpointError)
@@ -304,7 +308,7 @@ def save(
         part, local = capture_local(state, plugins)
         if dist.get_rank() == 0:
             plugins.before_save(url=store.url, step=step, tree=part.tree)
-    except Exception as exc:  # noqa: BLE001 - reported to every rank, re-raised here
+    except BaseException as exc:  # noqa: BLE001 - reported to every rank, re-raised here
         err, part = exc, _Failed(dist.get_rank(), exc)
     return commit_collective(store, plugins, group, step=step, part=part, local=local, err=err, encryption=encryption)
 
@@ -348,7 +352,7 @@ def commit_collective(
             latest = latest_for_save(store)
             lease.saving(step, latest.manifest)
             head = (None if latest.manifest is None else latest.manifest.step, latest.top_seq + 1)
-    except Exception as exc:  # noqa: BLE001
+    except BaseException as exc:  # noqa: BLE001
         err, head = exc, _Failed(rank, exc)
     try:
         heads = gather_all(group, head, what)
@@ -375,7 +379,7 @@ def commit_collective(
                 )
             store.sync_dirs()  # this rank's objects (and new folders) durable before rank 0 commits
             out = (entries, stats)
-        except Exception as exc:  # noqa: BLE001
+        except BaseException as exc:  # noqa: BLE001
             err, out = exc, _Failed(rank, exc)
         written = gather_all(group, out, what)
         check_parts(written, err, what)
@@ -389,7 +393,7 @@ def commit_collective(
                 lease.check()
                 manifest = commit(store, manifest, written_bytes=sum(stats.written_bytes for _, stats in written))
                 result = CheckpointInfo.from_manifest(manifest, store.url)
-            except Exception as exc:  # noqa: BLE001
+            except BaseException as exc:  # noqa: BLE001
                 err, result = exc, _Failed(rank, exc)
         results = gather_all(group, result, what)
         check_parts(results, err, what)

@@ -125,7 +125,7 @@ def restore(
             chosen = _first(store, step)
     except NoCheckpointError as exc:
         err, chosen = exc, _NoCheckpoint(rank, exc)
-    except Exception as exc:  # noqa: BLE001 - reported to every rank
+    except BaseException as exc:  # noqa: BLE001 - reported to every rank
         err, chosen = exc, _Failed(rank, exc)
     picked = gather_all(group, chosen, what)
     if isinstance(picked[0], _NoCheckpoint):
@@ -147,7 +147,7 @@ def restore(
                 prepared = True
             except CorruptCheckpointError as exc:
                 err, prepared = exc, _Damaged(rank, exc)
-            except Exception as exc:  # noqa: BLE001
+            except BaseException as exc:  # noqa: BLE001
                 err, prepared = exc, _Failed(rank, exc)
             failed = failures(group, prepared, err, what)
             if not failed:
@@ -164,7 +164,7 @@ def restore(
             if rank == 0:
                 try:
                     older = _older(store, candidate)
-                except Exception as exc:  # noqa: BLE001
+                except BaseException as exc:  # noqa: BLE001
                     err, older = exc, _Failed(rank, exc)
             olders = gather_all(group, older, what)
             check_parts(olders, err, what)
@@ -222,7 +222,7 @@ def on_every_rank(group: Any, fn: Callable[[], object], what: str) -> None:
     err: BaseException | None = None
     try:
         fn()
-    except Exception as exc:  # noqa: BLE001 - reported to every rank
+    except BaseException as exc:  # noqa: BLE001 - reported to every rank
         err, ok = exc, _Failed(dist.get_rank(), exc)
     check_parts(gather_all(group, ok, what), err, what)
 

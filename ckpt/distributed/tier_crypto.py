@@ -64,7 +64,7 @@ def bind_ranks(
     if rank == 0:
         try:
             chosen = _choose(durable, encryption, locals_)
-        except Exception as exc:  # noqa: BLE001 - refused on every rank
+        except BaseException as exc:  # noqa: BLE001 - refused on every rank
             err, chosen = exc, _Failed(rank, exc)
     outs = gather_all(group, chosen, what)  # rank 0's choice (or refusal) reaches every rank
     check_parts(outs, err, what)
@@ -73,7 +73,7 @@ def bind_ranks(
     out: Any = True
     try:
         _bind(local, durable, encryption, doc, locals_[rank][0], rank)
-    except Exception as exc:  # noqa: BLE001 - refused on every rank
+    except BaseException as exc:  # noqa: BLE001 - refused on every rank
         err, out = exc, _Failed(rank, exc)
     check_parts(gather_all(group, out, what), err, what)
 

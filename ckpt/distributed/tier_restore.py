@@ -146,7 +146,7 @@ def restore_tiers(
         live = mapping
         mine = {s: v for s, v in tier.versions().items() if step is None or s == step}
         out = (mine, _durable_version(durable, step) if rank == 0 else None)
-    except Exception as exc:  # noqa: BLE001 - reported to every rank
+    except BaseException as exc:  # noqa: BLE001 - reported to every rank
         err, out = exc, _Failed(rank, exc)
     outs = gather_all(group, out, what)
     check_parts(outs, err, what)
@@ -182,7 +182,7 @@ def restore_tiers(
                 # a local-only candidate that does not fit is passed over; anything the durable
                 # copy refuses (a live state of another shape) would refuse every candidate
                 err, result = exc, (_Damaged(rank, exc) if not c.durable else _Failed(rank, exc))
-            except Exception as exc:  # noqa: BLE001
+            except BaseException as exc:  # noqa: BLE001
                 err, result = exc, _Failed(rank, exc)
             failed = failures(group, result, err, what)
             if not failed:
@@ -200,7 +200,7 @@ def restore_tiers(
                 if rank == 0:
                     try:
                         older = _durable_version(durable, None, below=c.step)
-                    except Exception as exc:  # noqa: BLE001
+                    except BaseException as exc:  # noqa: BLE001
                         err, older = exc, _Failed(rank, exc)
                 olders = gather_all(group, older, what)
                 check_parts(olders, err, what)

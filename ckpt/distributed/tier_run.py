@@ -119,7 +119,7 @@ class TierRun:
             tier.store.compress = compress  # raw by default, as one process's local tier
             if encryption is not None:
                 out = local_descriptor(tier.store)
-        except Exception as exc:  # noqa: BLE001 - refused on every rank
+        except BaseException as exc:  # noqa: BLE001 - refused on every rank
             err, out = exc, _Failed(dist.get_rank(), exc)
         what = f"opening the local tiers of {durable.url}"
         outs = gather_all(group, out, what)
@@ -159,7 +159,7 @@ class TierRun:
                 info = self.tier.commit(
                     self.plugins, step=step, part=part, tensors=local, save=save, base=self.base, protect=protect
                 )
-            except Exception as exc:  # noqa: BLE001 - reported to every rank
+            except BaseException as exc:  # noqa: BLE001 - reported to every rank
                 err, out = exc, _Failed(rank, exc)
         what = f"saving step {step} to the local tiers of {self.durable.url}"
         outs = gather_all(self.group, out, what)
@@ -237,7 +237,7 @@ class TierRun:
             tensors: dict[str, torch.Tensor] = {}
             try:
                 part, tensors = part_from_local(self.tier.store, self.plugins, self.tier.load(newest[0]))
-            except Exception as exc:  # noqa: BLE001 - reported to every rank
+            except BaseException as exc:  # noqa: BLE001 - reported to every rank
                 err, part = exc, _Failed(dist.get_rank(), exc)
             try:
                 self._pool.submit(self._persist, newest[0], part, tensors, newest[1], err).result()

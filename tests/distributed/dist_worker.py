@@ -64,7 +64,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     if scenario == "suite":  # several scenarios in one launch (process start-up is the cost)
-        for name in ("ddp", "fail", "async", "in_place", "hooks"):
+        for name in ("ddp", "fail", "async", "in_place", "hooks", "interrupt"):
             run(name, os.path.join(where, name), rank)
     else:
         run(scenario, where, rank)
@@ -230,6 +230,8 @@ def run(scenario: str, where: str, rank: int) -> None:
             in_place_mod.read_tensors = read  # type: ignore[assignment]
     elif scenario == "hooks":
         after_restore_collective(url, rank)
+    elif scenario == "interrupt":
+        interrupted_rank(url, rank)
     elif scenario == "checkpointer":  # refusals, retention, resume, preemption, damaged newest
         checkpointer_features(where, rank)
     else:
@@ -278,6 +280,64 @@ def after_restore_collective(url: str, rank: int) -> None:
     finally:
         dist_restore.load_into = real  # type: ignore[assignment]
         pm.unregister(hook)
+
+
+def interrupted_rank(url: str, rank: int) -> None:
+    """A KeyboardInterrupt on rank 1 in the middle of a collective save and of a restore: it
+    reaches rank 1 as it is, rank 0 raises at once naming it, nothing is committed, and the
+    ranks' collectives still line up afterwards (the next save and restore work)."""
+    import time
+
+    import ckpt.distributed.coordinator as coord
+    import ckpt.distributed.restore as dist_restore
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    ckpt.save(url, {"x": torch.ones(3)}, step=1)
+    state = {"x": torch.zeros(3)}
+    for what, module, name, call in (
+        ("save", coord, "write_objects", lambda: ckpt.save(url, {"x": torch.full((3,), 2.0)}, step=2)),
+        ("restore", dist_restore, "load_into", lambda: ckpt.restore(url, state)),
+    ):
+        real = getattr(module, name)
+        if rank == 1:
+            setattr(module, name, interrupt)
+        t0 = time.monotonic()
+        try:
+            call()
+        except KeyboardInterrupt:
+            print("INTERRUPT", what, rank, "KeyboardInterrupt")
+        except ckpt.CheckpointError as exc:
+            print("INTERRUPT", what, rank, type(exc).__name__, f"{time.monotonic() - t0:.1f}s", str(exc)[:300])
+        else:
+            raise AssertionError(f"{what}: no error")
+        finally:
+            setattr(module, name, real)
+    # the Checkpointer: interrupted while it stages; rank 0's background commit learns of it
+    import ckpt.distributed.checkpointer as dist_checkpointer
+
+    real = dist_checkpointer.capture_local
+    if rank == 1:
+        dist_checkpointer.capture_local = interrupt  # type: ignore[assignment]
+    ck = ckpt.Checkpointer(url + "-async", state={"x": torch.ones(3)})
+    t0 = time.monotonic()
+    try:
+        ck.save(step=1).result(timeout=60)
+    except KeyboardInterrupt:
+        print("INTERRUPT checkpointer", rank, "KeyboardInterrupt")
+    except ckpt.CheckpointError as exc:
+        print("INTERRUPT checkpointer", rank, type(exc).__name__, f"{time.monotonic() - t0:.1f}s", str(exc)[:300])
+    else:
+        raise AssertionError("checkpointer: no error")
+    finally:
+        dist_checkpointer.capture_local = real  # type: ignore[assignment]
+        ck.close(raise_errors=False)
+    assert ckpt.steps(url + "-async") == []
+    assert ckpt.steps(url) == [1], ckpt.steps(url)
+    ckpt.save(url, {"x": torch.full((3,), 3.0)}, step=3)
+    ckpt.restore(url, state)
+    assert ckpt.steps(url) == [1, 3] and torch.equal(state["x"], torch.full((3,), 3.0))
 
 
 def checkpointer_features(where: str, rank: int) -> None:

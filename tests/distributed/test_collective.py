@@ -69,6 +69,21 @@ def test_after_restore_hooks_run_once_every_rank_has_loaded(suite):
     assert lines[0].startswith("HOOKS 0 ") and "rank 1" in lines[0], lines
 
 
+def test_a_keyboard_interrupt_on_one_rank_raises_on_every_rank_at_once(suite):
+    """Rank 1 interrupted while it writes its objects, while it loads, and while a
+    Checkpointer stages: it gets the
+    KeyboardInterrupt itself, rank 0 a CheckpointError naming it without waiting for the
+    ranks' timeout, and the next collective save and restore work (the worker checks)."""
+    _, results = suite
+    lines = [line for _, text in results for line in text.splitlines() if line.startswith("INTERRUPT")]
+    assert len(lines) == 6, lines
+    for what in ("save", "restore", "checkpointer"):
+        assert f"INTERRUPT {what} 1 KeyboardInterrupt" in lines, lines
+        (mine,) = [line for line in lines if line.startswith(f"INTERRUPT {what} 0 CheckpointError")]
+        assert "rank 1 failed: KeyboardInterrupt" in mine, mine
+        assert float(mine.split()[4].rstrip("s")) < 30, mine  # not CKPT_DIST_TIMEOUT
+
+
 def test_failing_rank_raises_everywhere_and_writes_no_manifest(suite):
     where, results = suite
     assert all("RAISED" in text for _, text in results)
