@@ -133,19 +133,30 @@ LAYOUT: list[tuple[str, list[tuple[Any, ...]]]] = [
             (
                 "lightning",
                 "Frameworks: Lightning",
-                "Lightning (2026-12-02, Intel Xeon, 2 cores; other processes used 0.15 of them):",
+                "Lightning ({when}):",
                 False,
             ),
             (
                 "transformers",
                 "Frameworks: Hugging Face",
-                "Hugging Face Trainer (2026-12-02, Intel Xeon, 2 cores, shared: other processes used 1.62 of them; measured "
-                "before the Checkpointer copied guarded tensors ahead of store I/O):",
+                "Hugging Face Trainer ({when}):",
                 False,
             ),
         ],
     ),
 ]
+
+
+def when(md: str | None) -> str:
+    """Where and when a results file was measured, from its header: date, CPU and cores, and
+    the load other processes put on the machine meanwhile."""
+    text = md or ""
+    date = line_with(text, "- Date:").removeprefix("- Date:").strip()
+    machine = ", ".join(line_with(text, "- Machine:").removeprefix("- Machine:").strip().split(", ")[:2])
+    load = re.search(r"^- Other processes used ([0-9.]+) of", text, flags=re.M)
+    parts = [p for p in (date, machine) if p]
+    out = ", ".join(parts) or "date and machine not recorded"
+    return out + (f"; other processes used {load.group(1)} of the cores" if load else "")
 
 
 def _blocks(title: str, picks: list[tuple[Any, ...]], docs: dict[str, str | None]) -> list[str]:
@@ -158,6 +169,7 @@ def _blocks(title: str, picks: list[tuple[Any, ...]], docs: dict[str, str | None
         body = tables(section(docs[name], heading))
         if first_only:
             body = body.split("\n\n")[0]
+        caption = caption.replace("{when}", when(docs[name]))
         out += ([caption, ""] if caption else []) + [body, ""]
     return out
 

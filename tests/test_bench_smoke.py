@@ -140,6 +140,17 @@ def test_readme_section_is_rendered_from_the_committed_results():
     assert readme.render() in (readme.ROOT / "README.md").read_text(), "run python -m benchmarks.readme"
 
 
+def test_readme_captions_say_where_and_when_each_frameworks_run_was_measured():
+    from benchmarks import readme
+
+    md = "- Machine: AMD EPYC, 2 cores, 23.5 GiB RAM\n- Date: 2026-12-05 10:56 UTC\n- Other processes used 0.42 of the 2 cores\n"
+    assert readme.when(md) == "2026-12-05 10:56 UTC, AMD EPYC, 2 cores; other processes used 0.42 of the cores"
+    assert readme.when(None) == "date and machine not recorded"
+    for name, label in (("lightning", "Lightning ("), ("transformers", "Hugging Face Trainer (")):
+        doc = (readme.RESULTS / f"{name}.md").read_text()
+        assert f"{label}{readme.when(doc)}):" in readme.render()
+
+
 def test_frameworks_section_runs_each_framework_against_its_plugin(tmp_path):
     """Lightning's and the HF Trainer's default checkpointing vs the ckpt plugins, tiny sizes."""
     pytest.importorskip("ckpt_lightning")
