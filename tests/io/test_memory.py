@@ -52,3 +52,27 @@ def test_a_source_of_another_size_is_refused_not_broadcast(n, src):
     with pytest.raises(ValueError):
         copy_into(memoryview(dst), src)
     assert dst == bytearray(n), "nothing written"
+
+
+@pytest.mark.parametrize("n", [1, 4095, memory.HUGE_BYTES - 1, memory.HUGE_BYTES, 3 * memory.HUGE_BYTES + 4097])
+def test_page_aligned_buffers_start_on_a_page_and_large_ones_on_a_huge_page(n):
+    buf = memory.page_aligned(n)
+    assert buf.nbytes == n and buf.flags.writeable and buf.flags.c_contiguous
+    assert buf.ctypes.data % 4096 == 0
+    if memory._huge and n >= memory.HUGE_BYTES:
+        assert buf.ctypes.data % memory.HUGE_BYTES == 0
+    data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
+    buf[:] = data
+    view = buf[n // 2 :]
+    del buf
+    import gc
+
+    gc.collect()
+    assert view.tobytes() == data[n // 2 :].tobytes(), "the mapping outlives the buffer while a view uses it"
+
+
+def test_a_large_buffer_the_host_cannot_map_is_a_memory_error():
+    with pytest.raises(MemoryError):
+        memory.page_aligned(1 << 62)
+    with pytest.raises((MemoryError, ValueError)):
+        memory.page_aligned(1 << 64)
