@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
@@ -91,14 +92,62 @@ def _ckpt_error(cls: type) -> bool:
     return issubclass(cls, CheckpointError) and getattr(errors, cls.__name__, None) is cls
 
 
-def gather_all(group: Any, value: Any, what: str) -> list[Any]:
-    """All-gather ``value``; a failed collective (a dead rank, a timeout) is a CheckpointError."""
+#: the gather reporting this rank's interrupt to the others, while a second Ctrl-C left it running
+_report: threading.Event | None = None
+
+
+def gather_all(group: Any, value: Any, what: str, mine: BaseException | None = None) -> list[Any]:
+    """All-gather ``value``; a failed collective (a dead rank, a timeout) is a CheckpointError.
+
+    ``mine``: this rank's failure, whose report ``value`` is. When it is a KeyboardInterrupt
+    or SystemExit, the report still goes to the other ranks (they raise at once instead of
+    waiting out ``CKPT_DIST_TIMEOUT`` at their next gather), but from a thread of its own:
+    the gather waits for the slowest rank, and a second Ctrl-C ends that wait at once (the
+    gloo wait itself cannot be interrupted), and the next gather waits for that report to
+    arrive before it starts. A gather that fails then re-raises ``mine``."""
+    global _report
+    if _report is not None:  # an interrupted rank's report still on its way: collectives stay in order
+        _report.wait()
+        _report = None
     out: list[Any] = [None] * dist.get_world_size(group)
-    try:
-        dist.all_gather_object(out, value, group=group)
-    except Exception as exc:  # noqa: BLE001 - gloo reports peers gone as RuntimeError/DistBackendError
+    interrupted = mine is not None and not isinstance(mine, Exception)
+    failed: list[BaseException] = []
+    done = threading.Event()
+
+    def gather() -> None:
+        try:
+            dist.all_gather_object(out, value, group=group)
+        except Exception as exc:  # noqa: BLE001 - gloo reports peers gone as RuntimeError/DistBackendError
+            failed.append(exc)
+        finally:
+            done.set()
+
+    if interrupted:
+        _report = done
+        threading.Thread(target=gather, name="ckpt-report-interrupt", daemon=True).start()
+        done.wait()  # a second KeyboardInterrupt raises here (Thread.join would be left broken by it)
+        _report = None
+    else:
+        gather()
+    if failed:
+        if interrupted:
+            assert mine is not None
+            raise mine
+        exc = failed[0]
         raise CheckpointError(f"{what}: the other ranks did not answer ({type(exc).__name__}: {exc})") from None
     return out
+
+
+def same_step(step: int, parts: list[tuple[int, Any]], what: str) -> list[Any]:
+    """The parts of ``(step, part)`` pairs every rank gathered, once they all are for ``step``:
+    a rank that missed a save (interrupted before it staged, say) would otherwise have its
+    next step's values committed under this one, silently. Raised on every rank, before
+    anything is written."""
+    steps = [s for s, _ in parts]
+    if any(s != step for s in steps):
+        ranks = ", ".join(f"rank {r}: step {s}" for r, s in enumerate(steps))
+        raise CheckpointError(f"{what}: the ranks are not saving the same step ({ranks}); nothing is committed")
+    return [p for _, p in parts]
 
 
 def check_parts(parts: list[Any], mine: BaseException | None, what: str) -> None:
@@ -339,8 +388,9 @@ def commit_collective(
     ``meta`` is recorded in the manifest (a rank tier's save id, :mod:`ckpt.distributed.tiers`)."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     what = f"collective save of step {step} to {store.url}"
-    parts = gather_all(group, part, what)
-    check_parts(parts, err, what)
+    pairs = gather_all(group, (step, part), what, err)
+    check_parts([p for _, p in pairs], err, what)
+    parts = same_step(step, pairs, what)
     plan = plan_save(parts)
     lease = None
     head: Any = None
@@ -355,7 +405,7 @@ def commit_collective(
     except BaseException as exc:  # noqa: BLE001
         err, head = exc, _Failed(rank, exc)
     try:
-        heads = gather_all(group, head, what)
+        heads = gather_all(group, head, what, err)
         check_parts(heads, err, what)
         parent_step, seq = heads[0]
         out: Any
@@ -381,7 +431,7 @@ def commit_collective(
             out = (entries, stats)
         except BaseException as exc:  # noqa: BLE001
             err, out = exc, _Failed(rank, exc)
-        written = gather_all(group, out, what)
+        written = gather_all(group, out, what, err)
         check_parts(written, err, what)
         result: Any = None
         if rank == 0:
@@ -395,7 +445,7 @@ def commit_collective(
                 result = CheckpointInfo.from_manifest(manifest, store.url)
             except BaseException as exc:  # noqa: BLE001
                 err, result = exc, _Failed(rank, exc)
-        results = gather_all(group, result, what)
+        results = gather_all(group, result, what, err)
         check_parts(results, err, what)
         info = dataclasses.replace(results[0], write_stats=written[rank][1])
         plugins.after_commit(info=info)

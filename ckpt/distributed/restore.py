@@ -68,7 +68,7 @@ def failures(group: Any, outcome: Any, err: BaseException | None, what: str) -> 
     """Every rank's ``outcome`` of preparing one candidate checkpoint gathered: the ranks that
     failed (none: every rank prepared it). A failure other than damage (a misfit: an older
     candidate would not fit either) raises on every rank (:func:`check_parts`)."""
-    outcomes = gather_all(group, outcome, what)
+    outcomes = gather_all(group, outcome, what, err)
     failed = [o for o in outcomes if isinstance(o, _Failed)]
     if any(not isinstance(o, _Damaged) for o in failed):
         check_parts(outcomes, err, what)
@@ -127,7 +127,7 @@ def restore(
         err, chosen = exc, _NoCheckpoint(rank, exc)
     except BaseException as exc:  # noqa: BLE001 - reported to every rank
         err, chosen = exc, _Failed(rank, exc)
-    picked = gather_all(group, chosen, what)
+    picked = gather_all(group, chosen, what, err)
     if isinstance(picked[0], _NoCheckpoint):
         raise err if err is not None else NoCheckpointError(f"{what}: {picked[0].message}")
     check_parts(picked, err, what)
@@ -166,7 +166,7 @@ def restore(
                     older = _older(store, candidate)
                 except BaseException as exc:  # noqa: BLE001
                     err, older = exc, _Failed(rank, exc)
-            olders = gather_all(group, older, what)
+            olders = gather_all(group, older, what, err)
             check_parts(olders, err, what)
             if olders[0] is None:
                 raise CorruptCheckpointError(f"{what}: no intact checkpoint; skipped {'; '.join(skipped)}")
@@ -224,7 +224,7 @@ def on_every_rank(group: Any, fn: Callable[[], object], what: str) -> None:
         fn()
     except BaseException as exc:  # noqa: BLE001 - reported to every rank
         err, ok = exc, _Failed(dist.get_rank(), exc)
-    check_parts(gather_all(group, ok, what), err, what)
+    check_parts(gather_all(group, ok, what, err), err, what)
 
 
 def _prepare(

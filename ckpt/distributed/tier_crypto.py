@@ -66,7 +66,7 @@ def bind_ranks(
             chosen = _choose(durable, encryption, locals_)
         except BaseException as exc:  # noqa: BLE001 - refused on every rank
             err, chosen = exc, _Failed(rank, exc)
-    outs = gather_all(group, chosen, what)  # rank 0's choice (or refusal) reaches every rank
+    outs = gather_all(group, chosen, what, err)  # rank 0's choice (or refusal) reaches every rank
     check_parts(outs, err, what)
     doc = outs[0]
     err = None
@@ -75,7 +75,7 @@ def bind_ranks(
         _bind(local, durable, encryption, doc, locals_[rank][0], rank)
     except BaseException as exc:  # noqa: BLE001 - refused on every rank
         err, out = exc, _Failed(rank, exc)
-    check_parts(gather_all(group, out, what), err, what)
+    check_parts(gather_all(group, out, what, err), err, what)
 
 
 def _choose(durable: Store, encryption: Encryption, locals_: list[LocalDescriptor]) -> dict[str, Any]:

@@ -148,7 +148,7 @@ def restore_tiers(
         out = (mine, _durable_version(durable, step) if rank == 0 else None)
     except BaseException as exc:  # noqa: BLE001 - reported to every rank
         err, out = exc, _Failed(rank, exc)
-    outs = gather_all(group, out, what)
+    outs = gather_all(group, out, what, err)
     check_parts(outs, err, what)
     locals_ = [o[0] for o in outs]
     head: Version | None = outs[0][1]
@@ -202,7 +202,7 @@ def restore_tiers(
                         older = _durable_version(durable, None, below=c.step)
                     except BaseException as exc:  # noqa: BLE001
                         err, older = exc, _Failed(rank, exc)
-                olders = gather_all(group, older, what)
+                olders = gather_all(group, older, what, err)
                 check_parts(olders, err, what)
                 head = olders[0]
     values, source, manifest, why = prepared

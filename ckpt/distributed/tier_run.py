@@ -35,7 +35,7 @@ from ckpt.storage.store import Store
 from ckpt.storage.writer_lease import WriterLease
 from ckpt.types import CheckpointInfo
 
-from .coordinator import _Failed, check_parts, commit_collective, gather_all
+from .coordinator import _Failed, check_parts, commit_collective, gather_all, same_step
 from .tier_crypto import bind_ranks, local_descriptor
 from .tiers import META, RankTier, part_from_local
 
@@ -122,7 +122,7 @@ class TierRun:
         except BaseException as exc:  # noqa: BLE001 - refused on every rank
             err, out = exc, _Failed(dist.get_rank(), exc)
         what = f"opening the local tiers of {durable.url}"
-        outs = gather_all(group, out, what)
+        outs = gather_all(group, out, what, err)
         try:
             check_parts(outs, err, what)
             assert tier is not None
@@ -162,8 +162,9 @@ class TierRun:
             except BaseException as exc:  # noqa: BLE001 - reported to every rank
                 err, out = exc, _Failed(rank, exc)
         what = f"saving step {step} to the local tiers of {self.durable.url}"
-        outs = gather_all(self.group, out, what)
-        check_parts(outs, err, what)
+        pairs = gather_all(self.group, (step, out), what, err)
+        check_parts([o for _, o in pairs], err, what)
+        outs = same_step(step, pairs, what)
         self.newest = (step, save)
         if self.persist_every is not None and step % self.persist_every == 0:
             if any(outs):

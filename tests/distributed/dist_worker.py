@@ -232,6 +232,8 @@ def run(scenario: str, where: str, rank: int) -> None:
         after_restore_collective(url, rank)
     elif scenario == "interrupt":
         interrupted_rank(url, rank)
+    elif scenario == "interrupt_wait":
+        interrupt_while_waiting(url, rank)
     elif scenario == "checkpointer":  # refusals, retention, resume, preemption, damaged newest
         checkpointer_features(where, rank)
     else:
@@ -338,6 +340,75 @@ def interrupted_rank(url: str, rank: int) -> None:
     ckpt.save(url, {"x": torch.full((3,), 3.0)}, step=3)
     ckpt.restore(url, state)
     assert ckpt.steps(url) == [1, 3] and torch.equal(state["x"], torch.full((3,), 3.0))
+    # a rank that missed a save (interrupted before it staged) is one step ahead of the others:
+    # its values are never committed under their step, by ckpt.save or the Checkpointer
+    try:
+        ckpt.save(url, {"x": torch.full((3,), 9.0)}, step=4 + rank)
+    except ckpt.CheckpointError as exc:
+        print("MISSED save", rank, str(exc)[:300])
+    else:
+        raise AssertionError("steps 4 and 5 committed as one")
+    ck = ckpt.Checkpointer(url + "-missed", state={"x": torch.ones(3)})
+    try:
+        ck.save(step=2 + rank).result(timeout=60)
+    except ckpt.CheckpointError as exc:
+        print("MISSED checkpointer", rank, str(exc)[:300])
+    else:
+        raise AssertionError("steps 2 and 3 committed as one")
+    finally:
+        ck.close(raise_errors=False)
+    assert ckpt.steps(url) == [1, 3] and ckpt.steps(url + "-missed") == []
+
+
+def interrupt_while_waiting(url: str, rank: int) -> None:
+    """Rank 0 interrupted in a save while rank 1 is slow: a second Ctrl-C ends rank 0's wait
+    for rank 1 at once; and when rank 1 dies instead, rank 0 still gets its KeyboardInterrupt."""
+    import threading
+    import time
+
+    import ckpt.distributed.coordinator as coord
+
+    ckpt.save(url, {"x": torch.ones(3)}, step=1)
+    real = coord.write_objects
+
+    def slow(*a, **k):
+        time.sleep(6)
+        return real(*a, **k)
+
+    def interrupt_twice(*a, **k):
+        threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        raise KeyboardInterrupt
+
+    coord.write_objects = interrupt_twice if rank == 0 else slow  # type: ignore[assignment]
+    t0 = time.monotonic()
+    try:
+        ckpt.save(url, {"x": torch.full((3,), 2.0)}, step=2)
+    except KeyboardInterrupt:
+        print("WAIT second", rank, f"{time.monotonic() - t0:.1f}s")
+    except ckpt.CheckpointError as exc:
+        print("WAIT second", rank, type(exc).__name__, str(exc)[:200])
+    # rank 0's report still reaches rank 1 once it answers: rank 0's next gather waits for it
+
+    def die(*a, **k):
+        print("WAIT rank 1 exits")
+        sys.stdout.flush()
+        os._exit(0)
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    coord.write_objects = interrupt if rank == 0 else die  # type: ignore[assignment]
+    try:
+        ckpt.save(url, {"x": torch.full((3,), 3.0)}, step=3)
+    except KeyboardInterrupt:
+        print("WAIT dead", rank, "KeyboardInterrupt")
+    except ckpt.CheckpointError as exc:
+        print("WAIT dead", rank, type(exc).__name__, str(exc)[:200])
+    coord.write_objects = real  # type: ignore[assignment]
+    assert ckpt.steps(url) == [1], ckpt.steps(url)
+    print("OK")
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def checkpointer_features(where: str, rank: int) -> None:

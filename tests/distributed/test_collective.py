@@ -84,6 +84,27 @@ def test_a_keyboard_interrupt_on_one_rank_raises_on_every_rank_at_once(suite):
         assert float(mine.split()[4].rstrip("s")) < 30, mine  # not CKPT_DIST_TIMEOUT
 
 
+def test_a_rank_one_save_ahead_is_refused_not_committed_under_the_others_step(suite):
+    """Rank 1 saving the step after rank 0's (it missed one): every rank raises, for ckpt.save
+    and the Checkpointer, and neither step is committed (the worker checks the steps)."""
+    _, results = suite
+    lines = [line for _, text in results for line in text.splitlines() if line.startswith("MISSED")]
+    assert len(lines) == 4, lines
+    for line in lines:
+        assert "the ranks are not saving the same step (rank 0: step" in line, line
+
+
+def test_an_interrupted_rank_waiting_for_a_slow_one_leaves_at_a_second_ctrl_c_and_keeps_its_interrupt(tmp_path):
+    results = run_ranks("interrupt_wait", 2, tmp_path, timeout=120)
+    text0, text1 = results[0][1], results[1][1]
+    assert results[0][0] == 0 and text0.rstrip().endswith("OK"), text0[-3000:]
+    second = [line for line in text0.splitlines() if line.startswith("WAIT second 0")]
+    assert second and float(second[0].split()[3].rstrip("s")) < 4, text0  # rank 1 answers after 6 s
+    assert "WAIT second 1 CheckpointError" in text1 and "rank 0 failed: KeyboardInterrupt" in text1, text1
+    assert "WAIT dead 0 KeyboardInterrupt" in text0, text0  # not "the other ranks did not answer"
+    assert "WAIT rank 1 exits" in text1
+
+
 def test_failing_rank_raises_everywhere_and_writes_no_manifest(suite):
     where, results = suite
     assert all("RAISED" in text for _, text in results)
