@@ -226,9 +226,18 @@ class TierRun:
             newest = self.newest
             if newest is None or newest == self.persisted:
                 return None
-            if not persist:
+            # every rank persists, or none: a rank closing after an error (a KeyboardInterrupt
+            # leaving its ``with`` block) would leave the others waiting in the persist's gathers
+            what = f"closing the local tiers of {self.durable.url}"
+            try:
+                every = all(gather_all(self.group, persist, what))
+            except CheckpointError as exc:  # the other ranks gone
+                log.error("%s", exc)
+                return exc if persist else None
+            if not every:
                 log.warning(
-                    "closing after an error: step %d of the local tiers is not persisted to %s",
+                    "closing after an error%s: step %d of the local tiers is not persisted to %s",
+                    "" if not persist else " on another rank",
                     newest[0],
                     self.durable.url,
                 )

@@ -94,3 +94,14 @@ def test_a_restore_refused_on_another_rank_leaves_the_loaders_untracked(tmp_path
     assert_ok(results)
     for _, out in results:
         assert "REFUSED" in out
+
+
+def test_a_rank_closing_after_an_interrupt_and_one_closing_as_usual_neither_persist_nor_wait(tmp_path):
+    """Rank 1 interrupted in its last save closes without persisting; rank 0's close, which
+    would persist step 1, agrees with it instead of waiting for it until CKPT_DIST_TIMEOUT."""
+    results = run_ranks("interrupted_close", 2, tmp_path, worker=WORKER, timeout=90, env={"CKPT_DIST_TIMEOUT": "60"})
+    assert_ok(results)
+    assert "INTERRUPTED" in results[1][1]
+    (closed,) = [line for line in results[0][1].splitlines() if line.startswith("CLOSED")]
+    assert float(closed.split()[1].rstrip("s")) < 20 and "rank 1 failed: KeyboardInterrupt" in closed, closed
+    assert "not persisted" in results[0][1] and "on another rank" in results[0][1], results[0][1][-2000:]

@@ -262,11 +262,48 @@ def loader(where: str, rank: int) -> None:
     ck.close()
 
 
+def interrupted_close(where: str, rank: int) -> None:
+    """Rank 1 interrupted in its last save leaves its ``with`` block (close without raising,
+    nothing persisted); rank 0 closes as usual: neither persists alone, and rank 0 does not
+    wait for rank 1 in the persist's gathers until CKPT_DIST_TIMEOUT."""
+    import time
+
+    import ckpt.distributed.checkpointer as dist_checkpointer
+
+    durable, local = os.path.join(where, "durable"), os.path.join(where, "local")
+    state = {"x": torch.full((4,), float(rank))}
+    real = dist_checkpointer.capture_local
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    try:
+        with ckpt.Checkpointer(durable, local=local, state=state) as ck:
+            ck.save(step=1).result(timeout=60)
+            if rank == 1:
+                dist_checkpointer.capture_local = interrupt  # type: ignore[assignment]
+            try:
+                ck.save(step=2)
+            except KeyboardInterrupt:
+                print("INTERRUPTED", flush=True)
+                raise
+            t0 = time.monotonic()
+    except KeyboardInterrupt:
+        pass
+    except ckpt.CheckpointError as exc:  # rank 0: the failed save of step 2, raised at close
+        print(f"CLOSED {time.monotonic() - t0:.1f}s {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+    finally:
+        dist_checkpointer.capture_local = real  # type: ignore[assignment]
+    assert ckpt.steps(durable) == [], ckpt.steps(durable)
+    assert 1 in Store(os.path.join(local, f"rank-{rank:05d}")).steps()  # what a restart restores stands
+
+
 def main() -> None:
     scenario, where = sys.argv[1], sys.argv[2]
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(message)s")
     dist.init_process_group("gloo")
-    {"tiers": tiers, "resize": resize, "loader": loader}[scenario](where, dist.get_rank())
+    scenarios = {"tiers": tiers, "resize": resize, "loader": loader, "interrupted_close": interrupted_close}
+    scenarios[scenario](where, dist.get_rank())
     dist.barrier()
     print("OK")
     sys.stdout.flush()
