@@ -92,8 +92,10 @@ def _ckpt_error(cls: type) -> bool:
     return issubclass(cls, CheckpointError) and getattr(errors, cls.__name__, None) is cls
 
 
-#: the gather reporting this rank's interrupt to the others, while a second Ctrl-C left it running
-_report: threading.Event | None = None
+#: per group, the gather reporting this rank's interrupt to the others while a second Ctrl-C
+#: left it running: that group's next gather waits for it
+_reports: dict[Any, threading.Event] = {}
+_reports_lock = threading.Lock()
 
 
 def gather_all(group: Any, value: Any, what: str, mine: BaseException | None = None) -> list[Any]:
@@ -105,10 +107,10 @@ def gather_all(group: Any, value: Any, what: str, mine: BaseException | None = N
     the gather waits for the slowest rank, and a second Ctrl-C ends that wait at once (the
     gloo wait itself cannot be interrupted), and the next gather waits for that report to
     arrive before it starts. A gather that fails then re-raises ``mine``."""
-    global _report
-    if _report is not None:  # an interrupted rank's report still on its way: collectives stay in order
-        _report.wait()
-        _report = None
+    with _reports_lock:
+        report = _reports.get(group)
+    if report is not None:  # an interrupted rank's report still on its way: this group's gathers stay in order
+        report.wait()
     out: list[Any] = [None] * dist.get_world_size(group)
     interrupted = mine is not None and not isinstance(mine, Exception)
     failed: list[BaseException] = []
@@ -123,10 +125,13 @@ def gather_all(group: Any, value: Any, what: str, mine: BaseException | None = N
             done.set()
 
     if interrupted:
-        _report = done
+        with _reports_lock:
+            _reports[group] = done
         threading.Thread(target=gather, name="ckpt-report-interrupt", daemon=True).start()
         done.wait()  # a second KeyboardInterrupt raises here (Thread.join would be left broken by it)
-        _report = None
+        with _reports_lock:
+            if _reports.get(group) is done:
+                del _reports[group]
     else:
         gather()
     if failed:

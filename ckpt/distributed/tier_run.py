@@ -224,24 +224,27 @@ class TierRun:
         try:
             self.wait()
             newest = self.newest
-            if newest is None or newest == self.persisted:
-                return None
-            # every rank persists, or none: a rank closing after an error (a KeyboardInterrupt
-            # leaving its ``with`` block) would leave the others waiting in the persist's gathers
+            due = newest is not None and newest != self.persisted
+            # every rank persists, or none, agreed before any rank decides alone: a rank closing
+            # after an error (a KeyboardInterrupt leaving its ``with`` block), or one that did
+            # not record the last persist (its after-commit hook failed), would otherwise leave
+            # the others waiting for it in the persist's gathers
             what = f"closing the local tiers of {self.durable.url}"
             try:
-                every = all(gather_all(self.group, persist, what))
+                wants = gather_all(self.group, (due, persist), what)
             except CheckpointError as exc:  # the other ranks gone
                 log.error("%s", exc)
-                return exc if persist else None
-            if not every:
+                return exc if persist and due else None
+            if not all(d for d, _ in wants):  # persisted (the ranks that did not record it failed after)
+                return None
+            if not all(p for _, p in wants):
                 log.warning(
-                    "closing after an error%s: step %d of the local tiers is not persisted to %s",
-                    "" if not persist else " on another rank",
-                    newest[0],
+                    "closing after an error%s: the newest local checkpoint is not persisted to %s",
+                    " on another rank" if persist and due else "",
                     self.durable.url,
                 )
                 return None
+            assert newest is not None
             err: BaseException | None = None
             part: Any
             tensors: dict[str, torch.Tensor] = {}

@@ -233,6 +233,7 @@ def run(scenario: str, where: str, rank: int) -> None:
     elif scenario == "interrupt":
         interrupted_rank(url, rank)
     elif scenario == "interrupt_wait":
+        report_keeps_to_its_group(os.path.join(where, "group"), rank)
         interrupt_while_waiting(url, rank)
     elif scenario == "checkpointer":  # refusals, retention, resume, preemption, damaged newest
         checkpointer_features(where, rank)
@@ -409,6 +410,48 @@ def interrupt_while_waiting(url: str, rank: int) -> None:
     print("OK")
     sys.stdout.flush()
     os._exit(0)
+
+
+def report_keeps_to_its_group(where: str, rank: int) -> None:
+    """Rank 0 interrupted (a real SIGINT) in a synchronous save while its Checkpointer's commit,
+    on the Checkpointer's own group, still waits for rank 1, which reaches the synchronous save
+    only after that commit: the interrupt's report orders ckpt's group, not the Checkpointer's."""
+    import threading
+    import time
+
+    from ckpt.hooks.manager import get_plugins
+
+    a, b = os.path.join(where, "A"), os.path.join(where, "B")
+    ckpt.save(b, {"x": torch.zeros(4)}, step=0)
+    ck = ckpt.Checkpointer(a, state={"x": torch.ones(4)})
+    ck.save(step=1).result(timeout=60)
+
+    class Slow:
+        @ckpt.hookimpl
+        def ckpt_before_save(self, url, step, tree):
+            if url == b and step == 1:
+                time.sleep(2)
+
+    t0 = time.monotonic()
+    if rank == 0:
+        get_plugins().pm.register(Slow(), name="slow-before-save")
+        ck.save(step=2)
+        threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        try:
+            ckpt.save(b, {"x": torch.ones(4)}, step=1)
+        except KeyboardInterrupt:
+            print(f"GROUP 0 KeyboardInterrupt {time.monotonic() - t0:.1f}s", flush=True)
+        ck.wait()
+    else:
+        time.sleep(3)
+        ck.save(step=2)
+        ck.wait()
+        try:
+            ckpt.save(b, {"x": torch.ones(4)}, step=1)
+        except ckpt.CheckpointError as exc:
+            print(f"GROUP 1 {time.monotonic() - t0:.1f}s {str(exc)[:200]}", flush=True)
+    ck.close()
+    assert ckpt.steps(a) == [1, 2] and ckpt.steps(b) == [0]
 
 
 def checkpointer_features(where: str, rank: int) -> None:

@@ -95,8 +95,13 @@ def test_a_rank_one_save_ahead_is_refused_not_committed_under_the_others_step(su
 
 
 def test_an_interrupted_rank_waiting_for_a_slow_one_leaves_at_a_second_ctrl_c_and_keeps_its_interrupt(tmp_path):
-    results = run_ranks("interrupt_wait", 2, tmp_path, timeout=120)
+    results = run_ranks("interrupt_wait", 2, tmp_path, timeout=120, env={"CKPT_DIST_TIMEOUT": "30"})
     text0, text1 = results[0][1], results[1][1]
+    # first, the report of an interrupt on ckpt's group leaves the Checkpointer's group alone
+    (group0,) = [line for line in text0.splitlines() if line.startswith("GROUP 0 KeyboardInterrupt")]
+    assert float(group0.split()[3].rstrip("s")) < 10, group0  # not CKPT_DIST_TIMEOUT
+    (group1,) = [line for line in text1.splitlines() if line.startswith("GROUP 1")]
+    assert "rank 0 failed: KeyboardInterrupt" in group1, group1
     assert results[0][0] == 0 and text0.rstrip().endswith("OK"), text0[-3000:]
     second = [line for line in text0.splitlines() if line.startswith("WAIT second 0")]
     assert second and float(second[0].split()[3].rstrip("s")) < 4, text0  # rank 1 answers after 6 s

@@ -96,11 +96,15 @@ def test_a_restore_refused_on_another_rank_leaves_the_loaders_untracked(tmp_path
         assert "REFUSED" in out
 
 
-def test_a_rank_closing_after_an_interrupt_and_one_closing_as_usual_neither_persist_nor_wait(tmp_path):
+def test_ranks_that_disagree_about_persisting_at_close_agree_instead_of_waiting(tmp_path):
     """Rank 1 interrupted in its last save closes without persisting; rank 0's close, which
-    would persist step 1, agrees with it instead of waiting for it until CKPT_DIST_TIMEOUT."""
-    results = run_ranks("interrupted_close", 2, tmp_path, worker=WORKER, timeout=90, env={"CKPT_DIST_TIMEOUT": "60"})
+    would persist step 1, agrees with it instead of waiting for it until CKPT_DIST_TIMEOUT.
+    Then the last persist recorded on rank 0 only: neither persists again, neither waits."""
+    results = run_ranks("closing", 2, tmp_path, worker=WORKER, timeout=120, env={"CKPT_DIST_TIMEOUT": "60"})
     assert_ok(results)
+    for _, out in results:
+        (agreed,) = [line for line in out.splitlines() if line.startswith("AGREED")]
+        assert float(agreed.split()[1].rstrip("s")) < 20, agreed
     assert "INTERRUPTED" in results[1][1]
     (closed,) = [line for line in results[0][1].splitlines() if line.startswith("CLOSED")]
     assert float(closed.split()[1].rstrip("s")) < 20 and "rank 1 failed: KeyboardInterrupt" in closed, closed

@@ -298,11 +298,49 @@ def interrupted_close(where: str, rank: int) -> None:
     assert 1 in Store(os.path.join(local, f"rank-{rank:05d}")).steps()  # what a restart restores stands
 
 
+def persisted_on_one_rank(where: str, rank: int) -> None:
+    """The last persist recorded on rank 0 only (rank 1's after-commit hook failed after it):
+    at close, rank 0 has nothing to persist and rank 1 has; they agree instead of rank 1
+    waiting for rank 0 in a persist of its own."""
+    import time
+
+    from ckpt.hooks.manager import get_plugins
+
+    durable, local = os.path.join(where, "durable"), os.path.join(where, "local")
+
+    class FailingOnRank1:
+        @ckpt.hookimpl
+        def ckpt_after_commit(self, info):
+            if rank == 1 and info.url == durable:
+                raise RuntimeError("after-commit hook failed on rank 1 (test)")
+
+    hook = FailingOnRank1()
+    get_plugins().pm.register(hook, name="failing-after-commit")
+    try:
+        ck = ckpt.Checkpointer(durable, local=local, state={"x": torch.ones(4)}, persist_every=1)
+        ck.save(step=1).result(timeout=60)
+        try:
+            ck.wait_persisted()
+        except ckpt.CheckpointError:
+            assert rank == 1
+        t0 = time.monotonic()
+        ck.close()
+        print(f"AGREED {time.monotonic() - t0:.1f}s", flush=True)
+    finally:
+        get_plugins().pm.unregister(hook)
+    assert ckpt.steps(durable) == [1]
+
+
+def closing(where: str, rank: int) -> None:
+    interrupted_close(os.path.join(where, "interrupted"), rank)
+    persisted_on_one_rank(os.path.join(where, "persisted"), rank)
+
+
 def main() -> None:
     scenario, where = sys.argv[1], sys.argv[2]
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(message)s")
     dist.init_process_group("gloo")
-    scenarios = {"tiers": tiers, "resize": resize, "loader": loader, "interrupted_close": interrupted_close}
+    scenarios = {"tiers": tiers, "resize": resize, "loader": loader, "closing": closing}
     scenarios[scenario](where, dist.get_rank())
     dist.barrier()
     print("OK")
