@@ -157,20 +157,27 @@ class DistributedCheckpointer:
         state = self._state if state is None else state
         if state is None:
             raise CheckpointError("Checkpointer.save() needs a state")
-        self._wait_inflight()
-        self._raise_pending()
         err: BaseException | None = None
         interrupted: BaseException | None = None
-        part: Any
+        part: Any = None
         local: dict[str, torch.Tensor] = {}
         try:
-            part, local = capture_local(state, self._plugins)
-            # local staging: the training may change its tensors as soon as this returns
-            local = {p: t.detach().to("cpu", copy=True) for p, t in local.items()}
-        except BaseException as exc:  # noqa: BLE001 - reported to every rank by the background commit
-            err, part = exc, _Failed(dist.get_rank(), exc)
-            if not isinstance(exc, Exception):  # a KeyboardInterrupt: the other ranks learn of it
-                interrupted, err = exc, CheckpointError(f"step {step}: {type(exc).__name__} on this rank")
+            self._wait_inflight()
+        except BaseException as exc:  # noqa: BLE001 - a KeyboardInterrupt while the last commit runs
+            interrupted = exc
+        if interrupted is None:
+            self._raise_pending()  # the same on every rank: their commits' outcomes are agreed
+            try:
+                part, local = capture_local(state, self._plugins)
+                # local staging: the training may change its tensors as soon as this returns
+                local = {p: t.detach().to("cpu", copy=True) for p, t in local.items()}
+            except BaseException as exc:  # noqa: BLE001 - reported to every rank by the background commit
+                err, part = exc, _Failed(dist.get_rank(), exc)
+                if not isinstance(exc, Exception):
+                    interrupted = exc
+        if interrupted is not None:  # the other ranks learn of it from this step's commit, queued all the same
+            part = _Failed(dist.get_rank(), interrupted)
+            err = CheckpointError(f"step {step}: {type(interrupted).__name__} on this rank")
         self._last_saved_step = step
         if self.tiers is not None:
             protect = {self._restored_step} if self._restored_step is not None else set()

@@ -337,6 +337,33 @@ def interrupted_rank(url: str, rank: int) -> None:
         dist_checkpointer.capture_local = real  # type: ignore[assignment]
         ck.close(raise_errors=False)
     assert ckpt.steps(url + "-async") == []
+    # interrupted while save() waits for the last commit (before it stages): the step's commit
+    # still goes out, failed, so the ranks stay in step: the next save raises that failure on
+    # every rank, the one after commits every rank's own values
+    real_wait = dist_checkpointer.DistributedCheckpointer._wait_inflight
+
+    def wait_then_interrupt(self):
+        real_wait(self)
+        raise KeyboardInterrupt
+
+    mine = {"shared": torch.zeros(2), "mine": torch.zeros(2)}
+    ck = ckpt.Checkpointer(url + "-waiting", state=mine)
+    for s in (1, 2, 3, 4):
+        mine["shared"].fill_(s)
+        mine["mine"].fill_(10 * s + rank)
+        if rank == 1 and s == 2:
+            dist_checkpointer.DistributedCheckpointer._wait_inflight = wait_then_interrupt  # type: ignore[method-assign]
+        try:
+            ck.save(step=s)
+        except (KeyboardInterrupt, ckpt.CheckpointError) as exc:
+            print("WAITING", s, rank, type(exc).__name__, flush=True)
+        finally:
+            dist_checkpointer.DistributedCheckpointer._wait_inflight = real_wait  # type: ignore[method-assign]
+    ck.close()
+    assert ckpt.steps(url + "-waiting") == [1, 4], ckpt.steps(url + "-waiting")
+    got = {"shared": torch.zeros(2), "mine": torch.zeros(2)}
+    ckpt.restore(url + "-waiting", got, step=4)
+    assert got["shared"].tolist() == [4.0, 4.0] and got["mine"].tolist() == [40.0 + rank] * 2, got
     assert ckpt.steps(url) == [1], ckpt.steps(url)
     ckpt.save(url, {"x": torch.full((3,), 3.0)}, step=3)
     ckpt.restore(url, state)

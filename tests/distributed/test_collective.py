@@ -82,6 +82,12 @@ def test_a_keyboard_interrupt_on_one_rank_raises_on_every_rank_at_once(suite):
         (mine,) = [line for line in lines if line.startswith(f"INTERRUPT {what} 0 CheckpointError")]
         assert "rank 1 failed: KeyboardInterrupt" in mine, mine
         assert float(mine.split()[4].rstrip("s")) < 30, mine  # not CKPT_DIST_TIMEOUT
+    waiting = sorted(line for _, text in results for line in text.splitlines() if line.startswith("WAITING"))
+    assert waiting == [
+        "WAITING 2 1 KeyboardInterrupt",
+        "WAITING 3 0 CheckpointError",
+        "WAITING 3 1 CheckpointError",
+    ], waiting
 
 
 def test_a_rank_one_save_ahead_is_refused_not_committed_under_the_others_step(suite):
