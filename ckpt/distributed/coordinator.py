@@ -112,7 +112,7 @@ def gather_all(group: Any, value: Any, what: str, mine: BaseException | None = N
     if report is not None:  # an interrupted rank's report still on its way: this group's gathers stay in order
         report.wait()
     out: list[Any] = [None] * dist.get_world_size(group)
-    interrupted = mine is not None and not isinstance(mine, Exception)
+    interrupt = mine if mine is not None and not isinstance(mine, Exception) else None
     failed: list[BaseException] = []
     done = threading.Event()
 
@@ -124,7 +124,7 @@ def gather_all(group: Any, value: Any, what: str, mine: BaseException | None = N
         finally:
             done.set()
 
-    if interrupted:
+    if interrupt is not None:
         with _reports_lock:
             _reports[group] = done
         threading.Thread(target=gather, name="ckpt-report-interrupt", daemon=True).start()
@@ -135,9 +135,8 @@ def gather_all(group: Any, value: Any, what: str, mine: BaseException | None = N
     else:
         gather()
     if failed:
-        if interrupted:
-            assert mine is not None
-            raise mine
+        if interrupt is not None:
+            raise interrupt
         exc = failed[0]
         raise CheckpointError(f"{what}: the other ranks did not answer ({type(exc).__name__}: {exc})") from None
     return out
