@@ -53,6 +53,7 @@ from ckpt.storage.store import Store
 from ckpt.storage.writer_lease import WriterLease
 from ckpt.types import CheckpointInfo
 
+from . import interrupts
 from .sharding import is_dtensor, local_shard, rank_prefix
 
 log = logging.getLogger("ckpt")
@@ -92,27 +93,47 @@ def _ckpt_error(cls: type) -> bool:
     return issubclass(cls, CheckpointError) and getattr(errors, cls.__name__, None) is cls
 
 
-#: per group, the gather reporting this rank's interrupt to the others while a second Ctrl-C
-#: left it running: that group's next gather waits for it
+#: per group, a gather this rank left running (a second Ctrl-C ended its wait): that group's
+#: next gather waits for it, so the group's collectives stay in order
 _reports: dict[Any, threading.Event] = {}
 _reports_lock = threading.Lock()
 
 
-def gather_all(group: Any, value: Any, what: str, mine: BaseException | None = None) -> list[Any]:
+def gather_all(
+    group: Any,
+    value: Any,
+    what: str,
+    mine: BaseException | None = None,
+    *,
+    report: bool = True,
+    sent: Callable[[_Failed], Any] | None = None,
+) -> list[Any]:
     """All-gather ``value``; a failed collective (a dead rank, a timeout) is a CheckpointError.
 
-    ``mine``: this rank's failure, whose report ``value`` is. When it is a KeyboardInterrupt
-    or SystemExit, the report still goes to the other ranks (they raise at once instead of
-    waiting out ``CKPT_DIST_TIMEOUT`` at their next gather), but from a thread of its own:
-    the gather waits for the slowest rank, and a second Ctrl-C ends that wait at once (the
-    gloo wait itself cannot be interrupted), and the next gather waits for that report to
-    arrive before it starts. A gather that fails then re-raises ``mine``."""
+    ``mine``: this rank's failure, whose report ``value`` is; a failed gather then re-raises
+    a KeyboardInterrupt or SystemExit ``mine``. With ``report``, a SIGINT this rank's protocol
+    deferred (:mod:`ckpt.distributed.interrupts`) is sent as its failure instead of ``value``
+    (``sent`` puts it in the site's shape: ``(step, failure)``, say): every caller of such a
+    gather checks the parts (:func:`check_parts`).
+
+    On the main thread the gather runs on a thread of its own and the main thread waits for
+    it: the gather waits for the slowest rank, the gloo wait cannot be interrupted, and a
+    second Ctrl-C must end that wait at once. The next gather on the group then waits for the
+    one left running before it starts."""
     with _reports_lock:
-        report = _reports.get(group)
-    if report is not None:  # an interrupted rank's report still on its way: this group's gathers stay in order
-        report.wait()
-    out: list[Any] = [None] * dist.get_world_size(group)
+        left = _reports.get(group)
+    if left is not None:
+        left.wait()
+        with _reports_lock:
+            if _reports.get(group) is left:
+                del _reports[group]
+    if mine is None and report and (deferred := interrupts.report()) is not None:
+        mine, value = deferred, _Failed(dist.get_rank(group), deferred)
+        value = value if sent is None else sent(value)
     interrupt = mine if mine is not None and not isinstance(mine, Exception) else None
+    if interrupt is not None:
+        interrupts.stopping()
+    out: list[Any] = [None] * dist.get_world_size(group)
     failed: list[BaseException] = []
     done = threading.Event()
 
@@ -124,14 +145,14 @@ def gather_all(group: Any, value: Any, what: str, mine: BaseException | None = N
         finally:
             done.set()
 
-    if interrupt is not None:
-        with _reports_lock:
-            _reports[group] = done
-        threading.Thread(target=gather, name="ckpt-report-interrupt", daemon=True).start()
-        done.wait()  # a second KeyboardInterrupt raises here (Thread.join would be left broken by it)
-        with _reports_lock:
-            if _reports.get(group) is done:
-                del _reports[group]
+    if threading.current_thread() is threading.main_thread():  # where a signal can land
+        threading.Thread(target=gather, name="ckpt-gather", daemon=True).start()
+        try:
+            done.wait()  # Thread.join would be left broken by a KeyboardInterrupt (Python 3.11)
+        except BaseException:
+            with _reports_lock:
+                _reports[group] = done
+            raise
     else:
         gather()
     if failed:
@@ -341,6 +362,7 @@ def _parent_view(parent: Manifest | None, mine: list[tuple[str, str, str, tuple 
     return dataclasses.replace(parent, tensors={**keep, **tensors})
 
 
+@interrupts.deferred()
 def save(
     url: str,
     state: Any,
@@ -366,6 +388,7 @@ def save(
     return commit_collective(store, plugins, group, step=step, part=part, local=local, err=err, encryption=encryption)
 
 
+@interrupts.deferred()
 def commit_collective(
     store: Store,
     plugins: Any,
@@ -392,7 +415,7 @@ def commit_collective(
     ``meta`` is recorded in the manifest (a rank tier's save id, :mod:`ckpt.distributed.tiers`)."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     what = f"collective save of step {step} to {store.url}"
-    pairs = gather_all(group, (step, part), what, err)
+    pairs = gather_all(group, (step, part), what, err, sent=lambda failed: (step, failed))
     check_parts([p for _, p in pairs], err, what)
     parts = same_step(step, pairs, what)
     plan = plan_save(parts)
@@ -449,7 +472,9 @@ def commit_collective(
                 result = CheckpointInfo.from_manifest(manifest, store.url)
             except BaseException as exc:  # noqa: BLE001
                 err, result = exc, _Failed(rank, exc)
-        results = gather_all(group, result, what, err)
+        # not ``report``: once the manifest is written, a Ctrl-C noted since is raised after
+        # the ranks know the step is committed, never sent as a failure of a committed step
+        results = gather_all(group, result, what, err, report=False)
         check_parts(results, err, what)
         info = dataclasses.replace(results[0], write_stats=written[rank][1])
         plugins.after_commit(info=info)

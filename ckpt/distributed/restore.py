@@ -47,6 +47,7 @@ from ckpt.storage.manifest import Manifest
 from ckpt.storage.store import Store
 from ckpt.types import CheckpointInfo
 
+from . import interrupts
 from .coordinator import _Failed, check_parts, ckpt_group, gather_all
 from .sharding import is_dtensor, local_box, rank_view, read_into_dtensor
 
@@ -96,6 +97,7 @@ def _older(store: Store, step: int) -> int | None:
     return next((s for s in lineage.before(step) if s in manifests), None)
 
 
+@interrupts.deferred()
 def restore(
     url: str,
     state: Any,

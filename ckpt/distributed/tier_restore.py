@@ -36,6 +36,7 @@ from ckpt.storage.store import Store
 from ckpt.storage.tier_checks import created
 from ckpt.types import CheckpointInfo
 
+from . import interrupts
 from .coordinator import _Failed, check_parts, gather_all
 from .restore import _Damaged, _older, _prepare, failures, load_on_every_rank
 from .sharding import rank_view
@@ -130,6 +131,7 @@ def _newer(a: Candidate, b: Candidate) -> int:
     return (a.key > b.key) - (a.key < b.key)
 
 
+@interrupts.deferred()
 def restore_tiers(
     tier: RankTier, durable: Store, plugins: Any, group: Any, state: Any, *, step: int | None
 ) -> Restored:

@@ -35,6 +35,7 @@ from ckpt.storage.store import Store
 from ckpt.storage.writer_lease import WriterLease
 from ckpt.types import CheckpointInfo
 
+from . import interrupts
 from .coordinator import _Failed, check_parts, commit_collective, gather_all, same_step
 from .tier_crypto import bind_ranks, local_descriptor
 from .tiers import META, RankTier, part_from_local
@@ -71,6 +72,7 @@ class TierRun:
     ``prune`` is the durable tier's retention, run by the coordinator after each persist.
     """
 
+    @interrupts.deferred()
     def __init__(
         self,
         local: str,
@@ -162,7 +164,7 @@ class TierRun:
             except BaseException as exc:  # noqa: BLE001 - reported to every rank
                 err, out = exc, _Failed(rank, exc)
         what = f"saving step {step} to the local tiers of {self.durable.url}"
-        pairs = gather_all(self.group, (step, out), what, err)
+        pairs = gather_all(self.group, (step, out), what, err, sent=lambda failed: (step, failed))
         check_parts([o for _, o in pairs], err, what)
         outs = same_step(step, pairs, what)
         self.newest = (step, save)
@@ -218,6 +220,7 @@ class TierRun:
             if durable:
                 self.persisted = self.newest
 
+    @interrupts.deferred()
     def close(self, *, persist: bool) -> CheckpointError | None:
         """Finish the persists, persist the newest local checkpoint (read back from the local
         tier) unless ``persist`` is false, release the local tier; returns that persist's error."""
@@ -231,7 +234,8 @@ class TierRun:
             # the others waiting for it in the persist's gathers
             what = f"closing the local tiers of {self.durable.url}"
             try:
-                wants = gather_all(self.group, (due, persist), what)
+                # a rank interrupted (Ctrl-C) while it closes wants no persist either
+                wants = gather_all(self.group, (due, persist and not interrupts.pending()), what, report=False)
             except CheckpointError as exc:  # the other ranks gone
                 log.error("%s", exc)
                 return exc if persist and due else None

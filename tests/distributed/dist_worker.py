@@ -235,6 +235,8 @@ def run(scenario: str, where: str, rank: int) -> None:
     elif scenario == "interrupt_wait":
         report_keeps_to_its_group(os.path.join(where, "group"), rank)
         interrupt_while_waiting(url, rank)
+    elif scenario == "sigint":
+        sigint_anywhere(url, rank)
     elif scenario == "checkpointer":  # refusals, retention, resume, preemption, damaged newest
         checkpointer_features(where, rank)
     else:
@@ -437,6 +439,103 @@ def interrupt_while_waiting(url: str, rank: int) -> None:
     print("OK")
     sys.stdout.flush()
     os._exit(0)
+
+
+def _outcome(what: str, rank: int, call) -> None:
+    """Print how ``call`` ended on this rank: ``SIGINT <what> <rank> <outcome> <seconds>s ...``."""
+    import time
+
+    t0 = time.monotonic()
+    try:
+        got = call()
+    except KeyboardInterrupt:
+        print("SIGINT", what, rank, "KeyboardInterrupt", f"{time.monotonic() - t0:.1f}s", flush=True)
+    except ckpt.CheckpointError as exc:
+        print("SIGINT", what, rank, type(exc).__name__, f"{time.monotonic() - t0:.1f}s", str(exc)[:300], flush=True)
+    else:
+        print("SIGINT", what, rank, "returned", f"{time.monotonic() - t0:.1f}s", got, flush=True)
+
+
+def sigint_anywhere(url: str, rank: int) -> None:
+    """Real SIGINTs, landing where a Ctrl-C does: while the rank waits for a slow one inside
+    ckpt's gathers, and right after rank 0 wrote the manifest. The interrupted rank gets its
+    KeyboardInterrupt, the others a CheckpointError naming it (or, once the step is committed,
+    the step), and the ranks stay in step: every later save and restore works. Last, two
+    SIGINTs: the second stops the waiting rank at once."""
+    import threading
+    import time
+
+    import ckpt.distributed.coordinator as coord
+    import ckpt.distributed.restore as dist_restore
+
+    def sigint_at(seconds: float) -> None:
+        threading.Timer(seconds, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+
+    def x(v: float) -> dict:
+        return {"x": torch.full((3,), v), "r": {"rank": torch.full((2,), float(10 * v + rank))}}
+
+    ckpt.save(url, x(1.0), step=1)
+    real_capture, real_commit, real_first = coord.capture_local, coord.commit, dist_restore._first
+
+    def slow_capture(*a, **k):
+        time.sleep(2.5)
+        return real_capture(*a, **k)
+
+    # 1. rank 1 waits in the save's first gather for rank 0 (slow to capture) and gets a SIGINT
+    if rank == 0:
+        coord.capture_local = slow_capture  # type: ignore[assignment]
+    else:
+        sigint_at(1.0)
+    _outcome("save", rank, lambda: ckpt.save(url, x(2.0), step=2).step)
+    coord.capture_local = real_capture  # type: ignore[assignment]
+    assert ckpt.steps(url) == [1], ckpt.steps(url)
+
+    # 2. rank 0 gets a SIGINT right after it wrote step 3's manifest: step 3 is committed and
+    # every rank is told so; rank 0 raises the interrupt afterwards
+    def commit_then_sigint(*a, **k):
+        out = real_commit(*a, **k)
+        os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    if rank == 0:
+        coord.commit = commit_then_sigint  # type: ignore[assignment]
+    _outcome("committed", rank, lambda: ckpt.save(url, x(3.0), step=3).step)
+    coord.commit = real_commit  # type: ignore[assignment]
+    assert ckpt.steps(url) == [1, 3], ckpt.steps(url)
+
+    # 3. rank 1 waits in the restore's first gather for rank 0 (slow to pick the step)
+    def slow_first(*a, **k):
+        time.sleep(2.5)
+        return real_first(*a, **k)
+
+    live = x(0.0)
+    if rank == 0:
+        dist_restore._first = slow_first  # type: ignore[assignment]
+    else:
+        sigint_at(1.0)
+    _outcome("restore", rank, lambda: ckpt.restore(url, live).step)
+    dist_restore._first = real_first  # type: ignore[assignment]
+    assert torch.equal(live["x"], torch.zeros(3)) and torch.equal(live["r"]["rank"], torch.full((2,), float(rank)))
+
+    # still in step: a save and a restore of every rank's own values
+    ckpt.save(url, x(4.0), step=4)
+    assert ckpt.restore(url, live).step == 4
+    assert torch.equal(live["x"], torch.full((3,), 4.0)), live
+    assert torch.equal(live["r"]["rank"], torch.full((2,), 40.0 + rank)), live
+    print("SIGINT in step", rank, flush=True)
+
+    # 4. two SIGINTs on rank 1 while rank 0 is slow: the second ends rank 1's wait at once
+    if rank == 0:
+        coord.capture_local = slow_capture  # type: ignore[assignment]
+        _outcome("twice", rank, lambda: ckpt.save(url, x(5.0), step=5).step)
+        coord.capture_local = real_capture  # type: ignore[assignment]
+        assert ckpt.steps(url) == [1, 3, 4], ckpt.steps(url)
+    else:
+        sigint_at(0.5)
+        sigint_at(1.0)
+        _outcome("twice", rank, lambda: ckpt.save(url, x(5.0), step=5).step)
+    print("OK", flush=True)
+    os._exit(0)  # rank 1 left the protocol: no barrier
 
 
 def report_keeps_to_its_group(where: str, rank: int) -> None:

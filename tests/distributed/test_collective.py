@@ -116,6 +116,29 @@ def test_an_interrupted_rank_waiting_for_a_slow_one_leaves_at_a_second_ctrl_c_an
     assert "WAIT rank 1 exits" in text1
 
 
+def test_a_real_sigint_wherever_it_lands_stops_every_rank_in_step(tmp_path):
+    """Real SIGINTs: on a rank waiting in ckpt's gathers for a slow one (save, restore), and on
+    rank 0 right after it wrote the manifest. The worker checks the store and that a later
+    save and restore of every rank's own values work."""
+    results = run_ranks("sigint", 2, tmp_path, timeout=120, env={"CKPT_DIST_TIMEOUT": "30"})
+    assert all(code == 0 for code, _ in results), results
+    lines = [line for _, text in results for line in text.splitlines() if line.startswith("SIGINT")]
+    got = {tuple(line.split()[1:3]): line for line in lines}
+    for what in ("save", "restore"):
+        assert got[(what, "1")].split()[3] == "KeyboardInterrupt", lines
+        assert got[(what, "0")].split()[3] == "CheckpointError", lines
+        assert "rank 1 failed: KeyboardInterrupt" in got[(what, "0")], lines
+    # committed: rank 0 stops after the ranks agree on it, rank 1 returns it
+    assert got[("committed", "0")].split()[3] == "KeyboardInterrupt", lines
+    assert got[("committed", "1")].split()[3:4] + got[("committed", "1")].split()[5:] == ["returned", "3"], lines
+    assert "SIGINT in step 0" in lines and "SIGINT in step 1" in lines, lines
+    # a second SIGINT ends rank 1's wait (rank 0 is 2.5 s late); rank 0 sees rank 1 gone
+    twice = got[("twice", "1")].split()
+    assert twice[3] == "KeyboardInterrupt" and float(twice[4].rstrip("s")) < 2.0, lines
+    assert got[("twice", "0")].split()[3] == "CheckpointError", lines
+    assert float(got[("twice", "0")].split()[4].rstrip("s")) < 25, lines  # not CKPT_DIST_TIMEOUT
+
+
 def test_failing_rank_raises_everywhere_and_writes_no_manifest(suite):
     where, results = suite
     assert all("RAISED" in text for _, text in results)
