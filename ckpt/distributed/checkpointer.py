@@ -55,7 +55,8 @@ from ckpt.storage.store import Store
 from ckpt.storage.writer_lease import WriterLease
 from ckpt.types import CheckpointInfo
 
-from .coordinator import _Failed, capture_local, commit_collective
+from .coordinator import capture_local, commit_collective
+from .exchange import Failed
 from .preempt import Preemption
 from .tier_run import TierRun, check_args
 
@@ -172,11 +173,11 @@ class DistributedCheckpointer:
                 # local staging: the training may change its tensors as soon as this returns
                 local = {p: t.detach().to("cpu", copy=True) for p, t in local.items()}
             except BaseException as exc:  # noqa: BLE001 - reported to every rank by the background commit
-                err, part = exc, _Failed(dist.get_rank(), exc)
+                err, part = exc, Failed(dist.get_rank(), exc)
                 if not isinstance(exc, Exception):
                     interrupted = exc
         if interrupted is not None:  # the other ranks learn of it from this step's commit, queued all the same
-            part = _Failed(dist.get_rank(), interrupted)
+            part = Failed(dist.get_rank(), interrupted)
             err = CheckpointError(f"step {step}: {type(interrupted).__name__} on this rank")
         self._last_saved_step = step
         if self.tiers is not None:
@@ -278,7 +279,7 @@ class DistributedCheckpointer:
             info = restore(self.url, state, step=step, encryption=self._encryption)
             self._restored_step = info.step
             return info
-        from .coordinator import ckpt_group
+        from .exchange import ckpt_group
         from .tier_restore import restore_tiers
 
         self.wait_persisted()

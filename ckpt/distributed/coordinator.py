@@ -28,15 +28,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import threading
 from collections.abc import Callable, Mapping
-from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ckpt import config, errors
+from ckpt import config
 from ckpt.errors import CheckpointError
 from ckpt.hooks.manager import get_plugins
 from ckpt.io.hashing import hash_bytes
@@ -54,145 +52,10 @@ from ckpt.storage.writer_lease import WriterLease
 from ckpt.types import CheckpointInfo
 
 from . import interrupts
+from .exchange import Failed, check_parts, ckpt_group, gather_all, same_step
 from .sharding import is_dtensor, local_shard, rank_prefix
 
 log = logging.getLogger("ckpt")
-
-_GROUPS: dict[Any, Any] = {}
-
-
-def active() -> bool:
-    """Whether a call runs under an initialized default group of more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def ckpt_group() -> Any:
-    """ckpt's own gloo group over every rank (created collectively on first use, then kept)."""
-    default = dist.distributed_c10d._get_default_group()
-    group = _GROUPS.get(default)
-    if group is None:
-        timeout = timedelta(seconds=config.dist_timeout_seconds())
-        group = dist.new_group(backend="gloo", timeout=timeout)
-        _GROUPS[default] = group
-    return group
-
-
-class _Failed:
-    """What a rank sends instead of its part when it failed."""
-
-    def __init__(self, rank: int, exc: BaseException) -> None:
-        self.rank = rank
-        self.message = f"{type(exc).__name__}: {exc}"[:2000]
-        #: the ckpt error class the other ranks raise: the failing rank's own (a wrong key is an
-        #: EncryptionError, a live object that does not fit a StateMismatchError on every rank),
-        #: CheckpointError for anything else
-        self.kind = type(exc).__name__ if _ckpt_error(type(exc)) else CheckpointError.__name__
-
-
-def _ckpt_error(cls: type) -> bool:
-    return issubclass(cls, CheckpointError) and getattr(errors, cls.__name__, None) is cls
-
-
-#: per group, a gather this rank left running (a second Ctrl-C ended its wait): that group's
-#: next gather waits for it, so the group's collectives stay in order
-_reports: dict[Any, threading.Event] = {}
-_reports_lock = threading.Lock()
-
-
-def gather_all(
-    group: Any,
-    value: Any,
-    what: str,
-    mine: BaseException | None = None,
-    *,
-    report: bool = True,
-    sent: Callable[[_Failed], Any] | None = None,
-) -> list[Any]:
-    """All-gather ``value``; a failed collective (a dead rank, a timeout) is a CheckpointError.
-
-    ``mine``: this rank's failure, whose report ``value`` is; a failed gather then re-raises
-    a KeyboardInterrupt or SystemExit ``mine``. With ``report``, a SIGINT this rank's protocol
-    deferred (:mod:`ckpt.distributed.interrupts`) is sent as its failure instead of ``value``
-    (``sent`` puts it in the site's shape: ``(step, failure)``, say): every caller of such a
-    gather checks the parts (:func:`check_parts`).
-
-    On the main thread the gather runs on a thread of its own and the main thread waits for
-    it: the gather waits for the slowest rank, the gloo wait cannot be interrupted, and a
-    second Ctrl-C must end that wait at once. The next gather on the group then waits for the
-    one left running before it starts."""
-    with _reports_lock:
-        left = _reports.get(group)
-    if left is not None:
-        left.wait()
-        with _reports_lock:
-            if _reports.get(group) is left:
-                del _reports[group]
-    if mine is None and report and (deferred := interrupts.report()) is not None:
-        mine, value = deferred, _Failed(dist.get_rank(group), deferred)
-        value = value if sent is None else sent(value)
-    interrupt = mine if mine is not None and not isinstance(mine, Exception) else None
-    if interrupt is not None:
-        interrupts.stopping()
-    out: list[Any] = [None] * dist.get_world_size(group)
-    failed: list[BaseException] = []
-    done = threading.Event()
-
-    def gather() -> None:
-        try:
-            dist.all_gather_object(out, value, group=group)
-        except Exception as exc:  # noqa: BLE001 - gloo reports peers gone as RuntimeError/DistBackendError
-            failed.append(exc)
-        finally:
-            done.set()
-
-    if threading.current_thread() is threading.main_thread():  # where a signal can land
-        threading.Thread(target=gather, name="ckpt-gather", daemon=True).start()
-        try:
-            done.wait()  # Thread.join would be left broken by a KeyboardInterrupt (Python 3.11)
-        except BaseException:
-            with _reports_lock:
-                _reports[group] = done
-            raise
-    else:
-        gather()
-    if failed:
-        if interrupt is not None:
-            raise interrupt
-        exc = failed[0]
-        raise CheckpointError(f"{what}: the other ranks did not answer ({type(exc).__name__}: {exc})") from None
-    return out
-
-
-def same_step(step: int, parts: list[tuple[int, Any]], what: str) -> list[Any]:
-    """The parts of ``(step, part)`` pairs every rank gathered, once they all are for ``step``:
-    a rank that missed a save (interrupted before it staged, say) would otherwise have its
-    next step's values committed under this one, silently. Raised on every rank, before
-    anything is written."""
-    steps = [s for s, _ in parts]
-    if any(s != step for s in steps):
-        ranks = ", ".join(f"rank {r}: step {s}" for r, s in enumerate(steps))
-        raise CheckpointError(f"{what}: the ranks are not saving the same step ({ranks}); nothing is committed")
-    return [p for _, p in parts]
-
-
-def check_parts(parts: list[Any], mine: BaseException | None, what: str) -> None:
-    """Raise on every rank when any rank failed (the failing rank re-raises its own error).
-
-    The ranks report a KeyboardInterrupt or SystemExit too (the sites that gather them catch
-    BaseException), so that the other ranks raise at once instead of waiting at the next
-    gather until ``CKPT_DIST_TIMEOUT``; the interrupted rank re-raises it as it is."""
-    failed = [p for p in parts if isinstance(p, _Failed)]
-    if not failed:
-        return
-    if mine is not None:
-        if isinstance(mine, CheckpointError) or not isinstance(mine, Exception):
-            raise mine
-        raise CheckpointError(f"{what}: {type(mine).__name__}: {mine}") from mine
-    kind = getattr(errors, failed[0].kind, CheckpointError)
-    if not (isinstance(kind, type) and _ckpt_error(kind)):
-        kind = CheckpointError
-    raise kind(f"{what}: rank {failed[0].rank} failed: {failed[0].message}")
-
 
 # -- capture ----------------------------------------------------------------------------------
 
@@ -384,7 +247,7 @@ def save(
         if dist.get_rank() == 0:
             plugins.before_save(url=store.url, step=step, tree=part.tree)
     except BaseException as exc:  # noqa: BLE001 - reported to every rank, re-raised here
-        err, part = exc, _Failed(dist.get_rank(), exc)
+        err, part = exc, Failed(dist.get_rank(), exc)
     return commit_collective(store, plugins, group, step=step, part=part, local=local, err=err, encryption=encryption)
 
 
@@ -430,7 +293,7 @@ def commit_collective(
             lease.saving(step, latest.manifest)
             head = (None if latest.manifest is None else latest.manifest.step, latest.top_seq + 1)
     except BaseException as exc:  # noqa: BLE001
-        err, head = exc, _Failed(rank, exc)
+        err, head = exc, Failed(rank, exc)
     try:
         heads = gather_all(group, head, what, err)
         check_parts(heads, err, what)
@@ -457,7 +320,7 @@ def commit_collective(
             store.sync_dirs()  # this rank's objects (and new folders) durable before rank 0 commits
             out = (entries, stats)
         except BaseException as exc:  # noqa: BLE001
-            err, out = exc, _Failed(rank, exc)
+            err, out = exc, Failed(rank, exc)
         written = gather_all(group, out, what, err)
         check_parts(written, err, what)
         result: Any = None
@@ -471,7 +334,7 @@ def commit_collective(
                 manifest = commit(store, manifest, written_bytes=sum(stats.written_bytes for _, stats in written))
                 result = CheckpointInfo.from_manifest(manifest, store.url)
             except BaseException as exc:  # noqa: BLE001
-                err, result = exc, _Failed(rank, exc)
+                err, result = exc, Failed(rank, exc)
         # not ``report``: once the manifest is written, a Ctrl-C noted since is raised after
         # the ranks know the step is committed, never sent as a failure of a committed step
         results = gather_all(group, result, what, err, report=False)

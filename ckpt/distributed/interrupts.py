@@ -9,7 +9,7 @@ only one Python delivers signals to), :func:`deferred` notes the first SIGINT in
 raising it:
 
 - the protocol's next gather sends it as this rank's failure
-  (:func:`ckpt.distributed.coordinator.gather_all`), so every rank raises there, as for any
+  (:func:`ckpt.distributed.exchange.gather_all`), so every rank raises there, as for any
   rank's failure, and nothing more is written;
 - a gather after which a failure would be wrong (the one that tells the ranks the manifest is
   written: the step *is* committed) sends its value as usual;

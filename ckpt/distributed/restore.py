@@ -48,29 +48,29 @@ from ckpt.storage.store import Store
 from ckpt.types import CheckpointInfo
 
 from . import interrupts
-from .coordinator import _Failed, check_parts, ckpt_group, gather_all
+from .exchange import Failed, check_parts, ckpt_group, gather_all
 from .sharding import is_dtensor, local_box, rank_view, read_into_dtensor
 
 log = logging.getLogger("ckpt")
 
 
-class _NoCheckpoint(_Failed):
+class _NoCheckpoint(Failed):
     """What rank 0 sends when the store holds no (such) checkpoint: every rank raises
     NoCheckpointError, as a single-process restore does."""
 
 
-class _Damaged(_Failed):
+class _Damaged(Failed):
     """A rank's outcome when the candidate checkpoint is missing or corrupt in its reads (in
     a restore from the tiers: in every tier it could read it from), or does not fit there
     while an older one may."""
 
 
-def failures(group: Any, outcome: Any, err: BaseException | None, what: str) -> list[_Failed]:
+def failures(group: Any, outcome: Any, err: BaseException | None, what: str) -> list[Failed]:
     """Every rank's ``outcome`` of preparing one candidate checkpoint gathered: the ranks that
     failed (none: every rank prepared it). A failure other than damage (a misfit: an older
     candidate would not fit either) raises on every rank (:func:`check_parts`)."""
     outcomes = gather_all(group, outcome, what, err)
-    failed = [o for o in outcomes if isinstance(o, _Failed)]
+    failed = [o for o in outcomes if isinstance(o, Failed)]
     if any(not isinstance(o, _Damaged) for o in failed):
         check_parts(outcomes, err, what)
     return failed
@@ -128,7 +128,7 @@ def restore(
     except NoCheckpointError as exc:
         err, chosen = exc, _NoCheckpoint(rank, exc)
     except BaseException as exc:  # noqa: BLE001 - reported to every rank
-        err, chosen = exc, _Failed(rank, exc)
+        err, chosen = exc, Failed(rank, exc)
     picked = gather_all(group, chosen, what, err)
     if isinstance(picked[0], _NoCheckpoint):
         raise err if err is not None else NoCheckpointError(f"{what}: {picked[0].message}")
@@ -150,7 +150,7 @@ def restore(
             except CorruptCheckpointError as exc:
                 err, prepared = exc, _Damaged(rank, exc)
             except BaseException as exc:  # noqa: BLE001
-                err, prepared = exc, _Failed(rank, exc)
+                err, prepared = exc, Failed(rank, exc)
             failed = failures(group, prepared, err, what)
             if not failed:
                 break
@@ -167,7 +167,7 @@ def restore(
                 try:
                     older = _older(store, candidate)
                 except BaseException as exc:  # noqa: BLE001
-                    err, older = exc, _Failed(rank, exc)
+                    err, older = exc, Failed(rank, exc)
             olders = gather_all(group, older, what, err)
             check_parts(olders, err, what)
             if olders[0] is None:
@@ -225,7 +225,7 @@ def on_every_rank(group: Any, fn: Callable[[], object], what: str) -> None:
     try:
         fn()
     except BaseException as exc:  # noqa: BLE001 - reported to every rank
-        err, ok = exc, _Failed(dist.get_rank(), exc)
+        err, ok = exc, Failed(dist.get_rank(), exc)
     check_parts(gather_all(group, ok, what, err), err, what)
 
 

@@ -35,7 +35,7 @@ from ckpt.security.envelope import _attach, _unwrap, keys_of, open_store, read_d
 from ckpt.security.keys import Encryption
 from ckpt.storage.store import Store
 
-from .coordinator import _Failed, check_parts, gather_all
+from .exchange import Failed, check_parts, gather_all
 
 #: what a rank tells about its local tier: (store id, descriptor JSON) or None, and whether
 #: it holds plain checkpoints
@@ -65,7 +65,7 @@ def bind_ranks(
         try:
             chosen = _choose(durable, encryption, locals_)
         except BaseException as exc:  # noqa: BLE001 - refused on every rank
-            err, chosen = exc, _Failed(rank, exc)
+            err, chosen = exc, Failed(rank, exc)
     outs = gather_all(group, chosen, what, err)  # rank 0's choice (or refusal) reaches every rank
     check_parts(outs, err, what)
     doc = outs[0]
@@ -74,7 +74,7 @@ def bind_ranks(
     try:
         _bind(local, durable, encryption, doc, locals_[rank][0], rank)
     except BaseException as exc:  # noqa: BLE001 - refused on every rank
-        err, out = exc, _Failed(rank, exc)
+        err, out = exc, Failed(rank, exc)
     check_parts(gather_all(group, out, what, err), err, what)
 
 

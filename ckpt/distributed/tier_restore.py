@@ -37,7 +37,7 @@ from ckpt.storage.tier_checks import created
 from ckpt.types import CheckpointInfo
 
 from . import interrupts
-from .coordinator import _Failed, check_parts, gather_all
+from .exchange import Failed, check_parts, gather_all
 from .restore import _Damaged, _older, _prepare, failures, load_on_every_rank
 from .sharding import rank_view
 from .tiers import RankTier, Version, base_of, identity, prepare_local, save_of
@@ -149,7 +149,7 @@ def restore_tiers(
         mine = {s: v for s, v in tier.versions().items() if step is None or s == step}
         out = (mine, _durable_version(durable, step) if rank == 0 else None)
     except BaseException as exc:  # noqa: BLE001 - reported to every rank
-        err, out = exc, _Failed(rank, exc)
+        err, out = exc, Failed(rank, exc)
     outs = gather_all(group, out, what, err)
     check_parts(outs, err, what)
     locals_ = [o[0] for o in outs]
@@ -183,9 +183,9 @@ def restore_tiers(
             except CheckpointError as exc:
                 # a local-only candidate that does not fit is passed over; anything the durable
                 # copy refuses (a live state of another shape) would refuse every candidate
-                err, result = exc, (_Damaged(rank, exc) if not c.durable else _Failed(rank, exc))
+                err, result = exc, (_Damaged(rank, exc) if not c.durable else Failed(rank, exc))
             except BaseException as exc:  # noqa: BLE001
-                err, result = exc, _Failed(rank, exc)
+                err, result = exc, Failed(rank, exc)
             failed = failures(group, result, err, what)
             if not failed:
                 break
@@ -203,7 +203,7 @@ def restore_tiers(
                     try:
                         older = _durable_version(durable, None, below=c.step)
                     except BaseException as exc:  # noqa: BLE001
-                        err, older = exc, _Failed(rank, exc)
+                        err, older = exc, Failed(rank, exc)
                 olders = gather_all(group, older, what, err)
                 check_parts(olders, err, what)
                 head = olders[0]

@@ -36,7 +36,8 @@ from ckpt.storage.writer_lease import WriterLease
 from ckpt.types import CheckpointInfo
 
 from . import interrupts
-from .coordinator import _Failed, check_parts, commit_collective, gather_all, same_step
+from .coordinator import commit_collective
+from .exchange import Failed, check_parts, gather_all, same_step
 from .tier_crypto import bind_ranks, local_descriptor
 from .tiers import META, RankTier, part_from_local
 
@@ -122,7 +123,7 @@ class TierRun:
             if encryption is not None:
                 out = local_descriptor(tier.store)
         except BaseException as exc:  # noqa: BLE001 - refused on every rank
-            err, out = exc, _Failed(dist.get_rank(), exc)
+            err, out = exc, Failed(dist.get_rank(), exc)
         what = f"opening the local tiers of {durable.url}"
         outs = gather_all(group, out, what, err)
         try:
@@ -162,7 +163,7 @@ class TierRun:
                     self.plugins, step=step, part=part, tensors=local, save=save, base=self.base, protect=protect
                 )
             except BaseException as exc:  # noqa: BLE001 - reported to every rank
-                err, out = exc, _Failed(rank, exc)
+                err, out = exc, Failed(rank, exc)
         what = f"saving step {step} to the local tiers of {self.durable.url}"
         pairs = gather_all(self.group, (step, out), what, err, sent=lambda failed: (step, failed))
         check_parts([o for _, o in pairs], err, what)
@@ -255,7 +256,7 @@ class TierRun:
             try:
                 part, tensors = part_from_local(self.tier.store, self.plugins, self.tier.load(newest[0]))
             except BaseException as exc:  # noqa: BLE001 - reported to every rank
-                err, part = exc, _Failed(dist.get_rank(), exc)
+                err, part = exc, Failed(dist.get_rank(), exc)
             try:
                 self._pool.submit(self._persist, newest[0], part, tensors, newest[1], err).result()
             except CheckpointError as exc:  # the local checkpoint stands

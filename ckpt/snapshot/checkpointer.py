@@ -85,7 +85,7 @@ class Checkpointer(Saving):
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         # under torch.distributed with several ranks: the collective variant
         if cls is Checkpointer and "torch.distributed" in sys.modules:
-            from ckpt.distributed.coordinator import active
+            from ckpt.distributed.exchange import active
 
             if active():
                 from ckpt.distributed.checkpointer import DistributedCheckpointer

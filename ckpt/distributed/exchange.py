@@ -1,0 +1,161 @@
+"""How the ranks agree: ckpt's own gloo group and its gathers, where every rank reports its
+part or its failure, and every rank raises when any failed.
+
+Each step of a collective protocol (:mod:`ckpt.distributed.coordinator`,
+:mod:`ckpt.distributed.restore`, the tiers) runs on every rank, catches any failure of its
+own (BaseException: a KeyboardInterrupt too, as torch DCP's ``_DistWrapper`` does) and sends
+it as a :class:`Failed` in the step's gather instead of its part; :func:`check_parts` then
+raises on every rank at once, the failing rank its own error, the others a CheckpointError
+naming it, rather than leaving them to wait at their next gather until ``CKPT_DIST_TIMEOUT``.
+A SIGINT landing between those sites is deferred to the next gather
+(:mod:`ckpt.distributed.interrupts`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+from ckpt import config, errors
+from ckpt.errors import CheckpointError
+
+from . import interrupts
+
+_GROUPS: dict[Any, Any] = {}
+
+
+def active() -> bool:
+    """Whether a call runs under an initialized default group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def ckpt_group() -> Any:
+    """ckpt's own gloo group over every rank (created collectively on first use, then kept)."""
+    default = dist.distributed_c10d._get_default_group()
+    group = _GROUPS.get(default)
+    if group is None:
+        timeout = timedelta(seconds=config.dist_timeout_seconds())
+        group = dist.new_group(backend="gloo", timeout=timeout)
+        _GROUPS[default] = group
+    return group
+
+
+class Failed:
+    """What a rank sends instead of its part when it failed."""
+
+    def __init__(self, rank: int, exc: BaseException) -> None:
+        self.rank = rank
+        self.message = f"{type(exc).__name__}: {exc}"[:2000]
+        #: the ckpt error class the other ranks raise: the failing rank's own (a wrong key is an
+        #: EncryptionError, a live object that does not fit a StateMismatchError on every rank),
+        #: CheckpointError for anything else
+        self.kind = type(exc).__name__ if _ckpt_error(type(exc)) else CheckpointError.__name__
+
+
+def _ckpt_error(cls: type) -> bool:
+    return issubclass(cls, CheckpointError) and getattr(errors, cls.__name__, None) is cls
+
+
+#: per group, a gather this rank left running (a second Ctrl-C ended its wait): that group's
+#: next gather waits for it, so the group's collectives stay in order
+_reports: dict[Any, threading.Event] = {}
+_reports_lock = threading.Lock()
+
+
+def gather_all(
+    group: Any,
+    value: Any,
+    what: str,
+    mine: BaseException | None = None,
+    *,
+    report: bool = True,
+    sent: Callable[[Failed], Any] | None = None,
+) -> list[Any]:
+    """All-gather ``value``; a failed collective (a dead rank, a timeout) is a CheckpointError.
+
+    ``mine``: this rank's failure, whose report ``value`` is; a failed gather then re-raises
+    a KeyboardInterrupt or SystemExit ``mine``. With ``report``, a SIGINT this rank's protocol
+    deferred (:mod:`ckpt.distributed.interrupts`) is sent as its failure instead of ``value``
+    (``sent`` puts it in the site's shape: ``(step, failure)``, say): every caller of such a
+    gather checks the parts (:func:`check_parts`).
+
+    On the main thread the gather runs on a thread of its own and the main thread waits for
+    it: the gather waits for the slowest rank, the gloo wait cannot be interrupted, and a
+    second Ctrl-C must end that wait at once. The next gather on the group then waits for the
+    one left running before it starts."""
+    with _reports_lock:
+        left = _reports.get(group)
+    if left is not None:
+        left.wait()
+        with _reports_lock:
+            if _reports.get(group) is left:
+                del _reports[group]
+    if mine is None and report and (deferred := interrupts.report()) is not None:
+        mine, value = deferred, Failed(dist.get_rank(group), deferred)
+        value = value if sent is None else sent(value)
+    interrupt = mine if mine is not None and not isinstance(mine, Exception) else None
+    if interrupt is not None:
+        interrupts.stopping()
+    out: list[Any] = [None] * dist.get_world_size(group)
+    failed: list[BaseException] = []
+    done = threading.Event()
+
+    def gather() -> None:
+        try:
+            dist.all_gather_object(out, value, group=group)
+        except Exception as exc:  # noqa: BLE001 - gloo reports peers gone as RuntimeError/DistBackendError
+            failed.append(exc)
+        finally:
+            done.set()
+
+    if threading.current_thread() is threading.main_thread():  # where a signal can land
+        threading.Thread(target=gather, name="ckpt-gather", daemon=True).start()
+        try:
+            done.wait()  # Thread.join would be left broken by a KeyboardInterrupt (Python 3.11)
+        except BaseException:
+            with _reports_lock:
+                _reports[group] = done
+            raise
+    else:
+        gather()
+    if failed:
+        if interrupt is not None:
+            raise interrupt
+        exc = failed[0]
+        raise CheckpointError(f"{what}: the other ranks did not answer ({type(exc).__name__}: {exc})") from None
+    return out
+
+
+def same_step(step: int, parts: list[tuple[int, Any]], what: str) -> list[Any]:
+    """The parts of ``(step, part)`` pairs every rank gathered, once they all are for ``step``:
+    a rank that missed a save (interrupted before it staged, say) would otherwise have its
+    next step's values committed under this one, silently. Raised on every rank, before
+    anything is written."""
+    steps = [s for s, _ in parts]
+    if any(s != step for s in steps):
+        ranks = ", ".join(f"rank {r}: step {s}" for r, s in enumerate(steps))
+        raise CheckpointError(f"{what}: the ranks are not saving the same step ({ranks}); nothing is committed")
+    return [p for _, p in parts]
+
+
+def check_parts(parts: list[Any], mine: BaseException | None, what: str) -> None:
+    """Raise on every rank when any rank failed (the failing rank re-raises its own error).
+
+    The ranks report a KeyboardInterrupt or SystemExit too (the sites that gather them catch
+    BaseException), so that the other ranks raise at once instead of waiting at the next
+    gather until ``CKPT_DIST_TIMEOUT``; the interrupted rank re-raises it as it is."""
+    failed = [p for p in parts if isinstance(p, Failed)]
+    if not failed:
+        return
+    if mine is not None:
+        if isinstance(mine, CheckpointError) or not isinstance(mine, Exception):
+            raise mine
+        raise CheckpointError(f"{what}: {type(mine).__name__}: {mine}") from mine
+    kind = getattr(errors, failed[0].kind, CheckpointError)
+    if not (isinstance(kind, type) and _ckpt_error(kind)):
+        kind = CheckpointError
+    raise kind(f"{what}: rank {failed[0].rank} failed: {failed[0].message}")
