@@ -4,7 +4,7 @@ changes; :func:`decode_in_place` decodes into the live tensors once every rank h
 
 A tensor qualifies, packed or not (a packed object is decoded once into a reused buffer and
 sliced into its tensors), when its objects are verified by reading their stored bytes (raw, or
-encoded with a recorded ``stored_hash``; a delta with its parents'; :func:`ckpt.io.reader.stored_digests`)
+encoded with a recorded ``stored_hash``; a delta with its parents'; :func:`ckpt.io.verify.stored_digests`)
 with codecs this reader has, and its live tensor is contiguous CPU memory of the stored
 size that no other live tensor overlaps (exact aliases holding the same stored bytes are
 read once). Everything else is read into fresh memory and loaded by the adapters.
@@ -23,8 +23,9 @@ from ckpt.codecs.base import CodecRegistry
 from ckpt.errors import CheckpointError, CorruptCheckpointError
 from ckpt.io.memory import sharing_memory
 from ckpt.io.plan import ReadPlan
-from ckpt.io.reader import Reader, read_tensors, stored_digests, verify_objects, verify_reads, writable_in_place
+from ckpt.io.reader import Reader, read_tensors, writable_in_place
 from ckpt.io.region import box_chunks, box_read_whole, read_box
+from ckpt.io.verify import stored_digests, verify_objects, verify_reads
 from ckpt.snapshot.executor import cpu_threads, io_pool, wait_all
 from ckpt.state.tree import dtype_from_name
 from ckpt.storage.manifest import ChunkRef, Manifest, TensorEntry
@@ -228,7 +229,7 @@ def _stored_bytes(entry: TensorEntry) -> tuple[tuple[str, int, int, int], ...]:
 
 def _into_live(entry: TensorEntry, live: torch.Tensor, codecs: CodecRegistry) -> bool:
     """Whether ``entry`` is stored unsharded in objects reading verifies (see
-    :func:`ckpt.io.reader.stored_digests`) and this reader has the codecs of, parents' too (an object of a
+    :func:`ckpt.io.verify.stored_digests`) and this reader has the codecs of, parents' too (an object of a
     newer ckpt, or of a plugin not installed here, is refused by the read into fresh memory,
     before anything live changes), and ``live`` can take it in place."""
     if not entry.chunks or entry.shards:

@@ -135,7 +135,7 @@ def prepare_restore(
     ``in_place`` (default: when ``store`` is on local disk, where a second read of an object
     costs a copy from the page cache, not a transfer): tensors whose objects reading alone
     verifies (raw ones, and encoded ones whose manifest records the hash of their stored
-    bytes, a delta's parents too; see :func:`ckpt.io.reader.stored_digests`) and whose live tensor is contiguous CPU
+    bytes, a delta's parents too; see :func:`ckpt.io.verify.stored_digests`) and whose live tensor is contiguous CPU
     memory are verified here by streaming their objects through a small buffer, and decoded
     by :func:`apply_restore` straight into the live tensors, where they are verified once
     more. No fresh memory the size of the state is needed, nor a copy of it into the live

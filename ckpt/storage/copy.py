@@ -45,7 +45,8 @@ from ckpt.codecs.base import CodecRegistry, max_encoded_size
 from ckpt.codecs.delta import chunk_records
 from ckpt.errors import CheckpointError, CorruptCheckpointError, MissingObjectError, NoCheckpointError
 from ckpt.io.hashing import hash_bytes
-from ckpt.io.reader import Reader, stored_digest
+from ckpt.io.reader import Reader
+from ckpt.io.verify import stored_digest
 from ckpt.security.binding import bind_destination, open_source
 from ckpt.security.keys import Encryption
 from ckpt.snapshot.executor import io_pool, wait_all
