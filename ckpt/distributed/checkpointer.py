@@ -55,6 +55,7 @@ from ckpt.storage.store import Store
 from ckpt.storage.writer_lease import WriterLease
 from ckpt.types import CheckpointInfo
 
+from . import interrupts
 from .coordinator import capture_local, commit_collective
 from .exchange import Failed
 from .preempt import Preemption
@@ -267,6 +268,7 @@ class DistributedCheckpointer:
         self._raise_pending()
         return None if fut is None or fut.exception() is not None else fut.result()
 
+    @interrupts.deferred()  # a Ctrl-C in the restore's last exchange is raised after this rank's bookkeeping
     def restore(self, state: MutableMapping[str, Any] | None = None, step: int | None = None) -> CheckpointInfo:
         """Collective restore (after the save in flight), as ``ckpt.restore``."""
         from .restore import restore

@@ -278,8 +278,8 @@ def commit_collective(
     ``meta`` is recorded in the manifest (a rank tier's save id, :mod:`ckpt.distributed.tiers`)."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     what = f"collective save of step {step} to {store.url}"
-    pairs = gather_all(group, (step, part), what, err, sent=lambda failed: (step, failed))
-    check_parts([p for _, p in pairs], err, what)
+    pairs = gather_all(group, (step, part), what, err)
+    check_parts(pairs, err, what)
     parts = same_step(step, pairs, what)
     plan = plan_save(parts)
     lease = None
@@ -337,7 +337,7 @@ def commit_collective(
                 err, result = exc, Failed(rank, exc)
         # not ``report``: once the manifest is written, a Ctrl-C noted since is raised after
         # the ranks know the step is committed, never sent as a failure of a committed step
-        results = gather_all(group, result, what, err, report=False)
+        results = gather_all(group, result, what, err, report=False, last=True)
         check_parts(results, err, what)
         info = dataclasses.replace(results[0], write_stats=written[rank][1])
         plugins.after_commit(info=info)

@@ -13,8 +13,8 @@ A SIGINT landing between those sites is deferred to the next gather
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -24,6 +24,8 @@ from ckpt import config, errors
 from ckpt.errors import CheckpointError
 
 from . import interrupts
+
+log = logging.getLogger("ckpt")
 
 _GROUPS: dict[Any, Any] = {}
 
@@ -63,30 +65,29 @@ def _ckpt_error(cls: type) -> bool:
 #: per group, a gather this rank left running (a second Ctrl-C ended its wait): that group's
 #: next gather waits for it, so the group's collectives stay in order
 _reports: dict[Any, threading.Event] = {}
+#: per group, the protocol this rank left in the middle (a second Ctrl-C in one of its
+#: gathers, which sent this rank's value): the other ranks went on with it
+_abandoned: dict[Any, str] = {}
 _reports_lock = threading.Lock()
 
 
 def gather_all(
-    group: Any,
-    value: Any,
-    what: str,
-    mine: BaseException | None = None,
-    *,
-    report: bool = True,
-    sent: Callable[[Failed], Any] | None = None,
+    group: Any, value: Any, what: str, mine: BaseException | None = None, *, report: bool = True, last: bool = False
 ) -> list[Any]:
     """All-gather ``value``; a failed collective (a dead rank, a timeout) is a CheckpointError.
 
     ``mine``: this rank's failure, whose report ``value`` is; a failed gather then re-raises
     a KeyboardInterrupt or SystemExit ``mine``. With ``report``, a SIGINT this rank's protocol
-    deferred (:mod:`ckpt.distributed.interrupts`) is sent as its failure instead of ``value``
-    (``sent`` puts it in the site's shape: ``(step, failure)``, say): every caller of such a
-    gather checks the parts (:func:`check_parts`).
+    deferred (:mod:`ckpt.distributed.interrupts`) is sent as its failure instead of ``value``:
+    every caller of such a gather checks the parts (:func:`check_parts`).
 
     On the main thread the gather runs on a thread of its own and the main thread waits for
     it: the gather waits for the slowest rank, the gloo wait cannot be interrupted, and a
     second Ctrl-C must end that wait at once. The next gather on the group then waits for the
-    one left running before it starts."""
+    one left running before it starts. When that one carried this rank's value (not a
+    failure) and was not the ``last`` of its protocol, the other ranks went on with the
+    protocol this rank left: the next gather first sends them this rank's failure, where they
+    are (at their next gather: they raise), then goes on with its own call, in step again."""
     with _reports_lock:
         left = _reports.get(group)
     if left is not None:
@@ -94,12 +95,32 @@ def gather_all(
         with _reports_lock:
             if _reports.get(group) is left:
                 del _reports[group]
+    with _reports_lock:
+        abandoned = _abandoned.pop(group, None)
+    rank = dist.get_rank(group)
+    if abandoned is not None:  # (left again, this gather's failure still reaches them: no more to tell)
+        behind = CheckpointError(
+            f"rank {rank} left the {abandoned} before the other ranks finished it (a second Ctrl-C)"
+        )
+        _gather(group, Failed(rank, behind), f"{what}: telling the other ranks that {behind}")
+        log.warning("%s: told the other ranks that %s", what, behind)
     if mine is None and report and (deferred := interrupts.report()) is not None:
-        mine, value = deferred, Failed(dist.get_rank(group), deferred)
-        value = value if sent is None else sent(value)
+        mine, value = deferred, Failed(rank, deferred)
     interrupt = mine if mine is not None and not isinstance(mine, Exception) else None
     if interrupt is not None:
         interrupts.stopping()
+    try:
+        # this rank's value sent, the others go on with the protocol: the next gather tells them
+        return _gather(group, value, what, abandons=mine is None and not last)
+    except CheckpointError:
+        if interrupt is not None:
+            raise interrupt from None
+        raise
+
+
+def _gather(group: Any, value: Any, what: str, *, abandons: bool = False) -> list[Any]:
+    """:func:`gather_all`'s collective (see there); ``abandons``: leaving it (an interrupt
+    ending the wait) leaves the protocol ``what`` behind on the other ranks."""
     out: list[Any] = [None] * dist.get_world_size(group)
     failed: list[BaseException] = []
     done = threading.Event()
@@ -119,12 +140,12 @@ def gather_all(
         except BaseException:
             with _reports_lock:
                 _reports[group] = done
+                if abandons:
+                    _abandoned[group] = what
             raise
     else:
         gather()
     if failed:
-        if interrupt is not None:
-            raise interrupt
         exc = failed[0]
         raise CheckpointError(f"{what}: the other ranks did not answer ({type(exc).__name__}: {exc})") from None
     return out
@@ -142,13 +163,23 @@ def same_step(step: int, parts: list[tuple[int, Any]], what: str) -> list[Any]:
     return [p for _, p in parts]
 
 
+def _failure(part: Any) -> Failed | None:
+    """A rank's failure in what it sent: a Failed, alone or as the part of a ``(step, part)``."""
+    if isinstance(part, Failed):
+        return part
+    if isinstance(part, tuple) and len(part) == 2 and isinstance(part[1], Failed):
+        return part[1]
+    return None
+
+
 def check_parts(parts: list[Any], mine: BaseException | None, what: str) -> None:
     """Raise on every rank when any rank failed (the failing rank re-raises its own error).
+    A part may be a ``(step, part)`` pair (:func:`same_step`): check before unpacking it.
 
     The ranks report a KeyboardInterrupt or SystemExit too (the sites that gather them catch
     BaseException), so that the other ranks raise at once instead of waiting at the next
     gather until ``CKPT_DIST_TIMEOUT``; the interrupted rank re-raises it as it is."""
-    failed = [p for p in parts if isinstance(p, Failed)]
+    failed = [f for f in map(_failure, parts) if f is not None]
     if not failed:
         return
     if mine is not None:

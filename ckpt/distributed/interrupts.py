@@ -8,18 +8,21 @@ interrupt meets the wrong collective next. So while a protocol runs on the main 
 only one Python delivers signals to), :func:`deferred` notes the first SIGINT instead of
 raising it:
 
-- the protocol's next gather sends it as this rank's failure
-  (:func:`ckpt.distributed.exchange.gather_all`), so every rank raises there, as for any
-  rank's failure, and nothing more is written;
-- a gather after which a failure would be wrong (the one that tells the ranks the manifest is
+- with Python's own SIGINT handler (which raises KeyboardInterrupt), the protocol's next
+  gather sends it as this rank's failure (:func:`ckpt.distributed.exchange.gather_all`), so
+  every rank raises there, as for any rank's failure, and nothing more is written; a gather
+  after which a failure would be wrong (the one that tells the ranks the manifest is
   written: the step *is* committed) sends its value as usual;
-- when the protocol ends, the interrupt is raised on this rank (the previous SIGINT handler
-  runs: Python's default raises KeyboardInterrupt).
+- when the protocol ends, the previous handler runs: Python's raises the KeyboardInterrupt
+  on this rank; a handler of the job's own (one that sets a flag to stop after the next
+  checkpoint, say) runs then, and the protocol, which it may not want stopped, is not
+  reported as failed.
 
-A second SIGINT, or one arriving while this rank already reports an interrupt, runs the
-previous handler at once: this rank stops where it is (the user insists), and the others
-find out when it exits, or after ``CKPT_DIST_TIMEOUT``. Nothing changes where SIGINT is
-ignored or left to the system's default (the process dies; the others see a closed peer).
+A SIGINT arriving while one is noted, or while this rank already reports an interrupt, runs
+the previous handler at once: this rank stops where it is (the user insists); see
+:func:`ckpt.distributed.exchange.gather_all` for how the ranks get back in step. Nothing
+changes where SIGINT is ignored or left to the system's default (the process dies; the
+others see a closed peer).
 """
 
 from __future__ import annotations
@@ -28,59 +31,74 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
 log = logging.getLogger("ckpt")
 
 
-class _State:
-    """The main thread's protocol in progress (signal handlers run there only)."""
+class _Protocol:
+    """One protocol's SIGINT handling on the main thread (installed by :func:`deferred`)."""
 
-    def __init__(self) -> None:
-        #: the SIGINT handler to restore (and to run for a deferred interrupt); None: no protocol
-        self.previous: Any = None
-        #: a noted SIGINT, raised at the protocol's end (the frame it interrupted)
+    def __init__(self, previous: Callable[[int, FrameType | None], Any]) -> None:
+        #: the handler to restore, and to run for a noted interrupt
+        self.previous = previous
+        #: a noted SIGINT, run at the protocol's end (the frame it interrupted)
         self.pending = False
         self.frame: FrameType | None = None
-        #: the rank already stops (it reports an interrupt): the next SIGINT raises at once
+        #: the rank already stops (it reports an interrupt, or the user insisted): the next
+        #: SIGINT runs the previous handler at once
         self.stopping = False
+        #: the protocol ended: a SIGINT reaching this handler (not restored yet, or restored
+        #: too late) goes straight to the previous one
+        self.closed = False
+
+    def on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        if self.closed:
+            self.previous(signum, frame)
+        elif self.pending or self.stopping:
+            self.stopping = True  # the noted one still runs at the end, unless this raises
+            self.previous(signum, frame)
+        else:
+            self.pending, self.frame = True, frame
+            log.warning(
+                "Ctrl-C during a collective checkpoint: every rank stops at the next exchange, so that "
+                "they stay in step; Ctrl-C again stops this rank at once"
+            )
+
+    @property
+    def raises(self) -> bool:
+        """Whether the previous handler is Python's, which raises KeyboardInterrupt."""
+        return self.previous is signal.default_int_handler
 
 
-_state = _State()
-
-
-def _on_sigint(signum: int, frame: FrameType | None) -> None:
-    previous = _state.previous
-    if _state.pending or _state.stopping or previous is None:
-        _state.pending = False
-        (previous or signal.default_int_handler)(signum, frame)
-        return
-    _state.pending, _state.frame = True, frame
-    log.warning(
-        "Ctrl-C during a collective checkpoint: every rank stops at the next exchange, so that "
-        "they stay in step; Ctrl-C again stops this rank at once"
-    )
+#: the protocol running on the main thread (None: none, or SIGINT is not deferred)
+_current: _Protocol | None = None
 
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
     """Defer SIGINT on the main thread for the duration of a collective protocol (see the
-    module docstring); a decorator too. Nested uses, and uses on other threads, change nothing."""
-    if _state.previous is not None or threading.current_thread() is not threading.main_thread():
+    module docstring); a decorator too. Nested uses, and uses on other threads, change nothing.
+
+    Its end survives a SIGINT at any point of it: the protocol is marked ended first, in
+    statements a signal handler cannot run between, after which the handler only forwards."""
+    global _current
+    if _current is not None or threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.getsignal(signal.SIGINT)
     if not callable(previous):  # ignored, the system's default, or set outside Python
         yield
         return
+    proto = _Protocol(previous)
     try:
-        signal.signal(signal.SIGINT, _on_sigint)
+        signal.signal(signal.SIGINT, proto.on_sigint)
     except ValueError:  # not the main interpreter
         yield
         return
-    _state.previous, _state.pending, _state.frame, _state.stopping = previous, False, None, False
+    _current = proto
     stopped: BaseException | None = None
     try:
         yield
@@ -88,29 +106,36 @@ def deferred() -> Iterator[None]:
         stopped = exc
         raise
     finally:
-        if signal.getsignal(signal.SIGINT) is _on_sigint:  # first: a SIGINT from now on is the previous handler's
-            signal.signal(signal.SIGINT, previous)
-        pending, frame = _state.pending, _state.frame
-        _state.previous, _state.pending, _state.frame, _state.stopping = None, False, None, False
-        if pending and (stopped is None or isinstance(stopped, Exception)):  # not when already stopping
-            previous(signal.SIGINT, frame)
+        proto.closed = True
+        _current = None
+        try:
+            if signal.getsignal(signal.SIGINT) == proto.on_sigint:
+                signal.signal(signal.SIGINT, previous)
+        finally:
+            if proto.pending and (stopped is None or isinstance(stopped, Exception)):  # not when stopping already
+                proto.pending = False
+                previous(signal.SIGINT, proto.frame)
 
 
 def pending() -> bool:
-    """Whether this thread's protocol holds a SIGINT not raised yet."""
-    return _state.pending and threading.current_thread() is threading.main_thread()
+    """Whether this thread's protocol holds a SIGINT not run yet."""
+    proto = _current
+    return proto is not None and proto.pending and threading.current_thread() is threading.main_thread()
 
 
 def stopping() -> None:
     """This rank reports an interrupt of its own (a KeyboardInterrupt caught by a protocol's
-    site): a SIGINT from now to the protocol's end raises at once."""
-    if threading.current_thread() is threading.main_thread():
-        _state.stopping = True
+    site): a SIGINT from now to the protocol's end runs the previous handler at once."""
+    proto = _current
+    if proto is not None and threading.current_thread() is threading.main_thread():
+        proto.stopping = True
 
 
 def report() -> KeyboardInterrupt | None:
     """The interrupt this thread's protocol holds, to send as this rank's failure (it is
-    still raised at the protocol's end); None when there is none."""
-    if not pending():
+    still raised at the protocol's end); None when there is none, or when the job's own
+    handler is to decide what a Ctrl-C does."""
+    proto = _current
+    if not pending() or proto is None or not proto.raises:
         return None
     return KeyboardInterrupt("Ctrl-C")

@@ -214,19 +214,20 @@ def load_on_every_rank(
             live[key] = load_into(live[key], value, treemod.escape(key), plugins, strict=strict)
 
     on_every_rank(group, load, what)
-    on_every_rank(group, lambda: plugins.after_restore(info=info, state=live), what)
+    on_every_rank(group, lambda: plugins.after_restore(info=info, state=live), what, last=True)
 
 
-def on_every_rank(group: Any, fn: Callable[[], object], what: str) -> None:
+def on_every_rank(group: Any, fn: Callable[[], object], what: str, *, last: bool = False) -> None:
     """Run ``fn`` on this rank, then agree: if it raised on any rank, raise on every rank
-    (the failing one its own error, the others a CheckpointError naming it)."""
+    (the failing one its own error, the others a CheckpointError naming it). ``last``: the
+    protocol's last exchange (:func:`~ckpt.distributed.exchange.gather_all`)."""
     ok: Any = True
     err: BaseException | None = None
     try:
         fn()
     except BaseException as exc:  # noqa: BLE001 - reported to every rank
         err, ok = exc, Failed(dist.get_rank(), exc)
-    check_parts(gather_all(group, ok, what, err), err, what)
+    check_parts(gather_all(group, ok, what, err, last=last), err, what)
 
 
 def _prepare(

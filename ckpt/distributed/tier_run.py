@@ -73,7 +73,6 @@ class TierRun:
     ``prune`` is the durable tier's retention, run by the coordinator after each persist.
     """
 
-    @interrupts.deferred()
     def __init__(
         self,
         local: str,
@@ -94,11 +93,6 @@ class TierRun:
         self.encryption = encryption
         self.persist_every, self.take_over = persist_every, take_over
         self._on_done, self._prune = on_done, prune
-        # the save ids of this run, shared by every rank
-        run = [new_run_id()]
-        dist.broadcast_object_list(run, src=0, group=group)
-        self._run, self._saves = str(run[0]), 0
-        self._persist_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=config.dist_timeout_seconds()))
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-dist-persist")
         self._persisting: Future[CheckpointInfo] | None = None
         #: (step, save id) of the newest local checkpoint and of the newest one persisted
@@ -106,31 +100,43 @@ class TierRun:
         self.persisted: tuple[int, str] | None = None
         #: the save id this run restored from (its saves record it: newer than it, whatever the clocks)
         self.base: str | None = None
-        err: BaseException | None = None
-        out: Any = True
+        what = f"opening the local tiers of {durable.url}"
         tier: RankTier | None = None
         try:
-            tier = RankTier(
-                local,
-                durable,
-                rank=dist.get_rank(),
-                world=dist.get_world_size(),
-                keep_last=keep_last,
-                storage_options=storage_options,
-                take_over=take_over,
-            )
-            tier.store.compress = compress  # raw by default, as one process's local tier
-            if encryption is not None:
-                out = local_descriptor(tier.store)
-        except BaseException as exc:  # noqa: BLE001 - refused on every rank
-            err, out = exc, Failed(dist.get_rank(), exc)
-        what = f"opening the local tiers of {durable.url}"
-        outs = gather_all(group, out, what, err)
-        try:
-            check_parts(outs, err, what)
-            assert tier is not None
-            if encryption is not None:  # one descriptor for every tier (ckpt.distributed.tier_crypto)
-                bind_ranks(tier.store, durable, group, encryption, outs)
+            with interrupts.deferred():  # a Ctrl-C noted in here is raised after the cleanup below
+                # the save ids of this run, shared by every rank
+                run = [new_run_id()]
+                dist.broadcast_object_list(run, src=0, group=group)
+                self._run, self._saves = str(run[0]), 0
+                self._persist_group = dist.new_group(
+                    backend="gloo", timeout=timedelta(seconds=config.dist_timeout_seconds())
+                )
+                err: BaseException | None = None
+                out: Any = True
+                try:
+                    tier = RankTier(
+                        local,
+                        durable,
+                        rank=dist.get_rank(),
+                        world=dist.get_world_size(),
+                        keep_last=keep_last,
+                        storage_options=storage_options,
+                        take_over=take_over,
+                    )
+                    tier.store.compress = compress  # raw by default, as one process's local tier
+                    if encryption is not None:
+                        out = local_descriptor(tier.store)
+                except BaseException as exc:  # noqa: BLE001 - refused on every rank
+                    err, out = exc, Failed(dist.get_rank(), exc)
+                outs = gather_all(group, out, what, err)
+                check_parts(outs, err, what)
+                assert tier is not None
+                if encryption is not None:  # one descriptor for every tier (ckpt.distributed.tier_crypto)
+                    bind_ranks(tier.store, durable, group, encryption, outs)
+                # agreed once more, every tier open: a Ctrl-C noted while this rank waited in
+                # the gathers above reaches every rank here (all close their tiers), rather
+                # than being raised on this rank alone once the others hold a Checkpointer
+                check_parts(gather_all(group, True, what, last=True), None, what)
         except BaseException:
             if tier is not None:
                 tier.close()
@@ -165,8 +171,8 @@ class TierRun:
             except BaseException as exc:  # noqa: BLE001 - reported to every rank
                 err, out = exc, Failed(rank, exc)
         what = f"saving step {step} to the local tiers of {self.durable.url}"
-        pairs = gather_all(self.group, (step, out), what, err, sent=lambda failed: (step, failed))
-        check_parts([o for _, o in pairs], err, what)
+        pairs = gather_all(self.group, (step, out), what, err, last=True)
+        check_parts(pairs, err, what)
         outs = same_step(step, pairs, what)
         self.newest = (step, save)
         if self.persist_every is not None and step % self.persist_every == 0:
@@ -224,7 +230,10 @@ class TierRun:
     @interrupts.deferred()
     def close(self, *, persist: bool) -> CheckpointError | None:
         """Finish the persists, persist the newest local checkpoint (read back from the local
-        tier) unless ``persist`` is false, release the local tier; returns that persist's error."""
+        tier) unless ``persist`` is false, release the local tier; returns that persist's error.
+        Interrupted (a second Ctrl-C: see :mod:`ckpt.distributed.interrupts`), it releases the
+        local tier without waiting for the persist under way."""
+        stopped = False
         try:
             self.wait()
             newest = self.newest
@@ -236,8 +245,11 @@ class TierRun:
             what = f"closing the local tiers of {self.durable.url}"
             try:
                 # a rank interrupted (Ctrl-C) while it closes wants no persist either
-                wants = gather_all(self.group, (due, persist and not interrupts.pending()), what, report=False)
-            except CheckpointError as exc:  # the other ranks gone
+                wants = gather_all(
+                    self.group, (due, persist and not interrupts.pending()), what, report=False, last=True
+                )
+                check_parts(wants, None, what)
+            except CheckpointError as exc:  # the other ranks gone, or out of step
                 log.error("%s", exc)
                 return exc if persist and due else None
             if not all(d for d, _ in wants):  # persisted (the ranks that did not record it failed after)
@@ -268,6 +280,11 @@ class TierRun:
                 )
                 return exc
             return None
+        except BaseException as exc:
+            stopped = not isinstance(exc, Exception)
+            raise
         finally:
-            self._pool.shutdown(wait=True)
-            self.tier.close()
+            try:
+                self._pool.shutdown(wait=not stopped)
+            finally:
+                self.tier.close()

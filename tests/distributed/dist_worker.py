@@ -524,18 +524,33 @@ def sigint_anywhere(url: str, rank: int) -> None:
     assert torch.equal(live["r"]["rank"], torch.full((2,), 40.0 + rank)), live
     print("SIGINT in step", rank, flush=True)
 
-    # 4. two SIGINTs on rank 1 while rank 0 is slow: the second ends rank 1's wait at once
+    # 4. two SIGINTs on rank 1 while rank 0 is slow: the second ends rank 1's wait at once.
+    # Its value is on its way: rank 0 goes on with the save, and rank 1's next call first
+    # tells it that rank 1 left (rank 0 raises there), then both save step 6 in step
     if rank == 0:
         coord.capture_local = slow_capture  # type: ignore[assignment]
-        _outcome("twice", rank, lambda: ckpt.save(url, x(5.0), step=5).step)
-        coord.capture_local = real_capture  # type: ignore[assignment]
-        assert ckpt.steps(url) == [1, 3, 4], ckpt.steps(url)
     else:
         sigint_at(0.5)
         sigint_at(1.0)
-        _outcome("twice", rank, lambda: ckpt.save(url, x(5.0), step=5).step)
-    print("OK", flush=True)
-    os._exit(0)  # rank 1 left the protocol: no barrier
+    _outcome("twice", rank, lambda: ckpt.save(url, x(5.0), step=5).step)
+    coord.capture_local = real_capture  # type: ignore[assignment]
+    _outcome("after", rank, lambda: ckpt.save(url, x(6.0), step=6).step)
+    assert ckpt.steps(url) == [1, 3, 4, 6], ckpt.steps(url)
+    assert ckpt.restore(url, live).step == 6 and torch.equal(live["r"]["rank"], torch.full((2,), 60.0 + rank))
+
+    # 5. the job's own SIGINT handler, which does not raise (it asks the loop to stop after
+    # the next checkpoint): rank 1's save is not failed for it, the handler runs once after
+    calls: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
+    if rank == 0:
+        coord.capture_local = slow_capture  # type: ignore[assignment]
+    else:
+        sigint_at(1.0)
+    _outcome("handled", rank, lambda: (ckpt.save(url, x(7.0), step=7).step, len(calls)))
+    coord.capture_local = real_capture  # type: ignore[assignment]
+    assert signal.getsignal(signal.SIGINT) is not previous and len(calls) == rank, calls  # the job's handler back
+    signal.signal(signal.SIGINT, previous)
+    assert ckpt.steps(url) == [1, 3, 4, 6, 7], ckpt.steps(url)
 
 
 def report_keeps_to_its_group(where: str, rank: int) -> None:

@@ -109,3 +109,16 @@ def test_ranks_that_disagree_about_persisting_at_close_agree_instead_of_waiting(
     (closed,) = [line for line in results[0][1].splitlines() if line.startswith("CLOSED")]
     assert float(closed.split()[1].rstrip("s")) < 20 and "rank 1 failed: KeyboardInterrupt" in closed, closed
     assert "not persisted" in results[0][1] and "on another rank" in results[0][1], results[0][1][-2000:]
+    # real SIGINTs on rank 1 (the worker checks that no local tier stays held and the persist completes)
+    lines = {
+        tuple(line.split()[1:3]): line.split()[3:]
+        for _, out in results
+        for line in out.splitlines()
+        if line.startswith("SIGTIER")
+    }
+    assert lines[("open", "1")][0] == "KeyboardInterrupt", lines
+    assert lines[("open", "0")][0] == "CheckpointError" and "rank 1 failed: KeyboardInterrupt" in " ".join(
+        lines[("open", "0")]
+    ), lines
+    assert lines[("close", "1")][0] == "KeyboardInterrupt" and float(lines[("close", "1")][1].rstrip("s")) < 3, lines
+    assert lines[("close", "0")][0] == "closed", lines

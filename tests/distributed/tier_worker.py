@@ -331,9 +331,72 @@ def persisted_on_one_rank(where: str, rank: int) -> None:
     assert ckpt.steps(durable) == [1]
 
 
+def sigint_tiers(where: str, rank: int) -> None:
+    """Real SIGINTs on rank 1. While it waits for rank 0 (slow to open its local tier) to
+    build a Checkpointer: every rank raises, and neither holds its local tier after. While it
+    closes, a persist due and rank 0 slow to read it back: the second Ctrl-C stops rank 1 at
+    once and releases its local tier; the persist still completes."""
+    import threading
+    import time
+
+    import ckpt.distributed.tier_run as tier_run
+
+    durable, local = os.path.join(where, "durable"), os.path.join(where, "local")
+    state = {"x": torch.full((4,), float(rank))}
+    real_tier, real_part = tier_run.RankTier, tier_run.part_from_local
+
+    def sigint_at(*seconds: float) -> None:
+        for s in seconds:
+            threading.Timer(s, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+
+    def slow_tier(*a, **k):
+        time.sleep(2.5)
+        return real_tier(*a, **k)
+
+    def slow_part(*a, **k):
+        time.sleep(4)
+        return real_part(*a, **k)
+
+    if rank == 0:
+        tier_run.RankTier = slow_tier  # type: ignore[assignment, misc]
+    else:
+        sigint_at(1.0)
+    t0 = time.monotonic()
+    try:
+        ckpt.Checkpointer(durable, local=local, state=state)
+    except KeyboardInterrupt:
+        print(f"SIGTIER open {rank} KeyboardInterrupt {time.monotonic() - t0:.1f}s", flush=True)
+    except ckpt.CheckpointError as exc:
+        print(f"SIGTIER open {rank} CheckpointError {time.monotonic() - t0:.1f}s {str(exc)[:200]}", flush=True)
+    else:
+        raise AssertionError("the Checkpointer was built on every rank")
+    finally:
+        tier_run.RankTier = real_tier  # type: ignore[misc]
+    ck = ckpt.Checkpointer(durable, local=local, state=state)  # no tier left held: no take_over needed
+    ck.save(step=1).result(timeout=60)
+    if rank == 0:
+        tier_run.part_from_local = slow_part  # type: ignore[assignment]
+    else:
+        sigint_at(1.0, 1.5)
+    t0 = time.monotonic()
+    try:
+        ck.close()
+    except KeyboardInterrupt:
+        print(f"SIGTIER close {rank} KeyboardInterrupt {time.monotonic() - t0:.1f}s", flush=True)
+    else:
+        print(f"SIGTIER close {rank} closed {time.monotonic() - t0:.1f}s", flush=True)
+    finally:
+        tier_run.part_from_local = real_part  # type: ignore[assignment]
+    ck = ckpt.Checkpointer(durable, local=local, state=state)  # rank 1's local tier released
+    assert ck.restore().step == 1 and torch.equal(state["x"], torch.full((4,), float(rank)))
+    ck.close()
+    assert ckpt.steps(durable) == [1], ckpt.steps(durable)
+
+
 def closing(where: str, rank: int) -> None:
     interrupted_close(os.path.join(where, "interrupted"), rank)
     persisted_on_one_rank(os.path.join(where, "persisted"), rank)
+    sigint_tiers(os.path.join(where, "sigint"), rank)
 
 
 def main() -> None:
