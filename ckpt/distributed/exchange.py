@@ -13,7 +13,6 @@ A SIGINT landing between those sites is deferred to the next gather
 
 from __future__ import annotations
 
-import logging
 import threading
 from datetime import timedelta
 from typing import Any
@@ -24,8 +23,6 @@ from ckpt import config, errors
 from ckpt.errors import CheckpointError
 
 from . import interrupts
-
-log = logging.getLogger("ckpt")
 
 _GROUPS: dict[Any, Any] = {}
 
@@ -62,13 +59,52 @@ def _ckpt_error(cls: type) -> bool:
     return issubclass(cls, CheckpointError) and getattr(errors, cls.__name__, None) is cls
 
 
-#: per group, a gather this rank left running (a second Ctrl-C ended its wait): that group's
-#: next gather waits for it, so the group's collectives stay in order
-_reports: dict[Any, threading.Event] = {}
-#: per group, the protocol this rank left in the middle (a second Ctrl-C in one of its
-#: gathers, which sent this rank's value): the other ranks went on with it
-_abandoned: dict[Any, str] = {}
-_reports_lock = threading.Lock()
+class _Gather:
+    """One gather of a protocol, as this rank ran it: what the protocol's end needs to tell
+    whether this rank, leaving it here (a second Ctrl-C), left the other ranks in it."""
+
+    def __init__(self, group: Any, what: str, size: int, *, last: bool) -> None:
+        self.group, self.what, self.last = group, what, last
+        self.out: list[Any] = [None] * size
+        self.failed: list[BaseException] = []
+        self.done = threading.Event()
+
+    def left(self) -> None:
+        """This rank left its protocol after (or during) this gather: the group's next gather
+        waits for it, and looks at what it gathered (:func:`_check_left`)."""
+        with _left_lock:
+            _left.setdefault(self.group, self)
+
+    def ended_protocol(self) -> bool:
+        """Whether every rank ended the protocol at this gather: its last, or one that gathered
+        a failure (every rank raises at it: :func:`check_parts`), or one that failed."""
+        return self.last or bool(self.failed) or any(_failure(p) is not None for p in self.out)
+
+
+#: per group, the gather of a protocol this rank left (a second Ctrl-C)
+_left: dict[Any, _Gather] = {}
+_left_lock = threading.Lock()
+
+
+def _check_left(group: Any, what: str) -> None:
+    """Before a gather on ``group``: wait for a gather this rank left running, then refuse
+    when the other ranks went on with the protocol this rank left (its exchanges are out of
+    step with theirs: the next would meet another of their collectives)."""
+    with _left_lock:
+        left = _left.get(group)
+    if left is None:
+        return
+    left.done.wait()
+    if left.ended_protocol():
+        with _left_lock:
+            if _left.get(group) is left:
+                del _left[group]
+        return
+    raise CheckpointError(
+        f"{what}: not started: this rank left the {left.what} in the middle (a second Ctrl-C) "
+        "while the other ranks went on with it; ckpt's exchanges on this rank are out of step "
+        "with theirs from then on: restart the job"
+    )
 
 
 def gather_all(
@@ -79,51 +115,34 @@ def gather_all(
     ``mine``: this rank's failure, whose report ``value`` is; a failed gather then re-raises
     a KeyboardInterrupt or SystemExit ``mine``. With ``report``, a SIGINT this rank's protocol
     deferred (:mod:`ckpt.distributed.interrupts`) is sent as its failure instead of ``value``:
-    every caller of such a gather checks the parts (:func:`check_parts`).
+    every caller of such a gather checks the parts (:func:`check_parts`). ``last``: the
+    protocol ends at this gather on every rank.
 
     On the main thread the gather runs on a thread of its own and the main thread waits for
     it: the gather waits for the slowest rank, the gloo wait cannot be interrupted, and a
     second Ctrl-C must end that wait at once. The next gather on the group then waits for the
-    one left running before it starts. When that one carried this rank's value (not a
-    failure) and was not the ``last`` of its protocol, the other ranks went on with the
-    protocol this rank left: the next gather first sends them this rank's failure, where they
-    are (at their next gather: they raise), then goes on with its own call, in step again."""
-    with _reports_lock:
-        left = _reports.get(group)
-    if left is not None:
-        left.wait()
-        with _reports_lock:
-            if _reports.get(group) is left:
-                del _reports[group]
-    with _reports_lock:
-        abandoned = _abandoned.pop(group, None)
+    one left running, and raises if the other ranks went on with the protocol this rank left
+    (:func:`_check_left`): nothing is sent that would meet the wrong collective."""
+    _check_left(group, what)
     rank = dist.get_rank(group)
-    if abandoned is not None:  # (left again, this gather's failure still reaches them: no more to tell)
-        behind = CheckpointError(
-            f"rank {rank} left the {abandoned} before the other ranks finished it (a second Ctrl-C)"
-        )
-        _gather(group, Failed(rank, behind), f"{what}: telling the other ranks that {behind}")
-        log.warning("%s: told the other ranks that %s", what, behind)
     if mine is None and report and (deferred := interrupts.report()) is not None:
         mine, value = deferred, Failed(rank, deferred)
     interrupt = mine if mine is not None and not isinstance(mine, Exception) else None
     if interrupt is not None:
         interrupts.stopping()
+    record = _Gather(group, what, dist.get_world_size(group), last=last)
+    interrupts.gathered(record)
     try:
-        # this rank's value sent, the others go on with the protocol: the next gather tells them
-        return _gather(group, value, what, abandons=mine is None and not last)
+        return _gather(record, value)
     except CheckpointError:
         if interrupt is not None:
             raise interrupt from None
         raise
 
 
-def _gather(group: Any, value: Any, what: str, *, abandons: bool = False) -> list[Any]:
-    """:func:`gather_all`'s collective (see there); ``abandons``: leaving it (an interrupt
-    ending the wait) leaves the protocol ``what`` behind on the other ranks."""
-    out: list[Any] = [None] * dist.get_world_size(group)
-    failed: list[BaseException] = []
-    done = threading.Event()
+def _gather(record: _Gather, value: Any) -> list[Any]:
+    """:func:`gather_all`'s collective, into ``record``."""
+    group, out, failed, done = record.group, record.out, record.failed, record.done
 
     def gather() -> None:
         try:
@@ -138,16 +157,13 @@ def _gather(group: Any, value: Any, what: str, *, abandons: bool = False) -> lis
         try:
             done.wait()  # Thread.join would be left broken by a KeyboardInterrupt (Python 3.11)
         except BaseException:
-            with _reports_lock:
-                _reports[group] = done
-                if abandons:
-                    _abandoned[group] = what
+            record.left()  # still running: the group's next gather waits for it
             raise
     else:
         gather()
     if failed:
         exc = failed[0]
-        raise CheckpointError(f"{what}: the other ranks did not answer ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"{record.what}: the other ranks did not answer ({type(exc).__name__}: {exc})") from None
     return out
 
 

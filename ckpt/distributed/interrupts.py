@@ -19,10 +19,11 @@ raising it:
   reported as failed.
 
 A SIGINT arriving while one is noted, or while this rank already reports an interrupt, runs
-the previous handler at once: this rank stops where it is (the user insists); see
-:func:`ckpt.distributed.exchange.gather_all` for how the ranks get back in step. Nothing
-changes where SIGINT is ignored or left to the system's default (the process dies; the
-others see a closed peer).
+the previous handler at once: this rank stops where it is (the user insists). When it leaves
+the protocol in the middle so, while the other ranks go on with it, its exchanges are out of
+step with theirs: its next ckpt call on that group raises instead of meeting the wrong
+collective (:func:`ckpt.distributed.exchange.gather_all`). Nothing changes where SIGINT is
+ignored or left to the system's default (the process dies; the others see a closed peer).
 """
 
 from __future__ import annotations
@@ -53,19 +54,32 @@ class _Protocol:
         #: the protocol ended: a SIGINT reaching this handler (not restored yet, or restored
         #: too late) goes straight to the previous one
         self.closed = False
+        #: a SIGINT ran the previous handler in the middle of the protocol (the user insisted)
+        self.escaped = False
+        #: the protocol's latest gather (:func:`ckpt.distributed.exchange.gather_all`), told
+        #: when the rank leaves the protocol by an escaped SIGINT (``left()``)
+        self.last_gather: Any = None
 
     def on_sigint(self, signum: int, frame: FrameType | None) -> None:
         if self.closed:
             self.previous(signum, frame)
         elif self.pending or self.stopping:
-            self.stopping = True  # the noted one still runs at the end, unless this raises
+            self.stopping = self.escaped = True  # the noted one still runs at the end, unless this raises
             self.previous(signum, frame)
         else:
             self.pending, self.frame = True, frame
             log.warning(
-                "Ctrl-C during a collective checkpoint: every rank stops at the next exchange, so that "
-                "they stay in step; Ctrl-C again stops this rank at once"
+                "Ctrl-C during a collective checkpoint: %s; Ctrl-C again stops this rank at once",
+                "every rank stops at the next exchange, so that they stay in step"
+                if self.raises
+                else "the job's SIGINT handler runs when it ends",
             )
+
+    def run_pending(self) -> None:
+        """Run the job's own handler for a noted SIGINT now (see :func:`run_pending`)."""
+        if self.pending and not self.raises:
+            self.pending = False
+            self.previous(signal.SIGINT, self.frame)
 
     @property
     def raises(self) -> bool:
@@ -82,13 +96,17 @@ def deferred() -> Iterator[None]:
     """Defer SIGINT on the main thread for the duration of a collective protocol (see the
     module docstring); a decorator too. Nested uses, and uses on other threads, change nothing.
 
-    Its end survives a SIGINT at any point of it: the protocol is marked ended first, in
-    statements a signal handler cannot run between, after which the handler only forwards."""
+    Its end survives a SIGINT at any point of it: the protocol is marked ended first (two
+    plain assignments, between which CPython runs no signal handler), after which its
+    handler only forwards; a SIGINT that keeps it from being restored leaves a forwarder,
+    which the next protocol looks through."""
     global _current
     if _current is not None or threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.getsignal(signal.SIGINT)
+    while isinstance(getattr(previous, "__self__", None), _Protocol):  # one a SIGINT left installed
+        previous = previous.__self__.previous  # type: ignore[union-attr]
     if not callable(previous):  # ignored, the system's default, or set outside Python
         yield
         return
@@ -109,12 +127,16 @@ def deferred() -> Iterator[None]:
         proto.closed = True
         _current = None
         try:
-            if signal.getsignal(signal.SIGINT) == proto.on_sigint:
-                signal.signal(signal.SIGINT, previous)
+            if proto.escaped and stopped is not None and proto.last_gather is not None:
+                proto.last_gather.left()  # the rank left in the middle: were the others still in it?
         finally:
-            if proto.pending and (stopped is None or isinstance(stopped, Exception)):  # not when stopping already
-                proto.pending = False
-                previous(signal.SIGINT, proto.frame)
+            try:
+                if signal.getsignal(signal.SIGINT) == proto.on_sigint:
+                    signal.signal(signal.SIGINT, previous)
+            finally:
+                if proto.pending and (stopped is None or isinstance(stopped, Exception)):  # not when stopping already
+                    proto.pending = False
+                    previous(signal.SIGINT, proto.frame)
 
 
 def pending() -> bool:
@@ -139,3 +161,20 @@ def report() -> KeyboardInterrupt | None:
     if not pending() or proto is None or not proto.raises:
         return None
     return KeyboardInterrupt("Ctrl-C")
+
+
+def gathered(record: Any) -> None:
+    """The protocol running on this thread reached a gather (``record``: see ``last_gather``)."""
+    proto = _current
+    if proto is not None and threading.current_thread() is threading.main_thread():
+        proto.last_gather = record
+
+
+def run_pending() -> None:
+    """Run the job's own SIGINT handler now for a SIGINT the protocol noted, at a site whose
+    failure reaches every rank (a constructor's last agreement: raised at its end, on one rank
+    only, it would leave the others holding what this rank dropped). Python's own handler is
+    left to :func:`report`."""
+    proto = _current
+    if proto is not None and threading.current_thread() is threading.main_thread():
+        proto.run_pending()

@@ -135,8 +135,15 @@ class TierRun:
                     bind_ranks(tier.store, durable, group, encryption, outs)
                 # agreed once more, every tier open: a Ctrl-C noted while this rank waited in
                 # the gathers above reaches every rank here (all close their tiers), rather
-                # than being raised on this rank alone once the others hold a Checkpointer
-                check_parts(gather_all(group, True, what, last=True), None, what)
+                # than being raised on this rank alone once the others hold a Checkpointer;
+                # so does what the job's own SIGINT handler raises for it
+                ok: Any = True
+                err = None
+                try:
+                    interrupts.run_pending()
+                except BaseException as exc:  # noqa: BLE001 - reported to every rank
+                    err, ok = exc, Failed(dist.get_rank(), exc)
+                check_parts(gather_all(group, ok, what, err, last=True), err, what)
         except BaseException:
             if tier is not None:
                 tier.close()

@@ -524,15 +524,18 @@ def sigint_anywhere(url: str, rank: int) -> None:
     assert torch.equal(live["r"]["rank"], torch.full((2,), 40.0 + rank)), live
     print("SIGINT in step", rank, flush=True)
 
-    # 4. two SIGINTs on rank 1 while rank 0 is slow: the second ends rank 1's wait at once.
-    # Its value is on its way: rank 0 goes on with the save, and rank 1's next call first
-    # tells it that rank 1 left (rank 0 raises there), then both save step 6 in step
+    # 4. two SIGINTs on rank 1, the second ending its wait in the save's first gather, where
+    # rank 0 (slow) sends a failure of its own: every rank ends the save there, in step
+    def slow_failing_capture(*a, **k):
+        time.sleep(2.5)
+        raise ValueError("capture failed on rank 0 (test)")
+
     if rank == 0:
-        coord.capture_local = slow_capture  # type: ignore[assignment]
+        coord.capture_local = slow_failing_capture  # type: ignore[assignment]
     else:
         sigint_at(0.5)
         sigint_at(1.0)
-    _outcome("twice", rank, lambda: ckpt.save(url, x(5.0), step=5).step)
+    _outcome("failed", rank, lambda: ckpt.save(url, x(5.0), step=5).step)
     coord.capture_local = real_capture  # type: ignore[assignment]
     _outcome("after", rank, lambda: ckpt.save(url, x(6.0), step=6).step)
     assert ckpt.steps(url) == [1, 3, 4, 6], ckpt.steps(url)
@@ -551,6 +554,22 @@ def sigint_anywhere(url: str, rank: int) -> None:
     assert signal.getsignal(signal.SIGINT) is not previous and len(calls) == rank, calls  # the job's handler back
     signal.signal(signal.SIGINT, previous)
     assert ckpt.steps(url) == [1, 3, 4, 6, 7], ckpt.steps(url)
+
+    # 6. two SIGINTs on rank 1 in the save's first gather, whose values rank 0 goes on with:
+    # rank 1's next call refuses (out of step) instead of meeting rank 0's next gather; rank 0
+    # raises once rank 1 exits
+    if rank == 0:
+        coord.capture_local = slow_capture  # type: ignore[assignment]
+        _outcome("twice", rank, lambda: ckpt.save(url, x(8.0), step=8).step)
+        coord.capture_local = real_capture  # type: ignore[assignment]
+        assert ckpt.steps(url) == [1, 3, 4, 6, 7], ckpt.steps(url)
+    else:
+        sigint_at(0.5)
+        sigint_at(1.0)
+        _outcome("twice", rank, lambda: ckpt.save(url, x(8.0), step=8).step)
+        _outcome("refused", rank, lambda: ckpt.save(url, x(9.0), step=9).step)
+    print("OK", flush=True)
+    os._exit(0)  # rank 1 out of step: no barrier
 
 
 def report_keeps_to_its_group(where: str, rank: int) -> None:

@@ -132,19 +132,26 @@ def test_a_real_sigint_wherever_it_lands_stops_every_rank_in_step(tmp_path):
     assert got[("committed", "0")].split()[3] == "KeyboardInterrupt", lines
     assert got[("committed", "1")].split()[3:4] + got[("committed", "1")].split()[5:] == ["returned", "3"], lines
     assert "SIGINT in step 0" in lines and "SIGINT in step 1" in lines, lines
-    # a second SIGINT ends rank 1's wait (rank 0 is 2.5 s late); rank 0 finishes the save
-    # without it, told by rank 1's next call, and the save after commits on both
-    twice = got[("twice", "1")].split()
-    assert twice[3] == "KeyboardInterrupt" and float(twice[4].rstrip("s")) < 2.0, lines
-    assert got[("twice", "0")].split()[3] == "CheckpointError", lines
-    assert "rank 1 left the collective save of step 5 to " in got[("twice", "0")], lines
-    assert "before the other ranks finished it (a second Ctrl-C)" in got[("twice", "0")], lines
-    assert float(got[("twice", "0")].split()[4].rstrip("s")) < 25, lines  # not CKPT_DIST_TIMEOUT
+    # a second SIGINT ends rank 1's wait at once (rank 0 is 2.5 s late). When rank 0 sent a
+    # failure in that gather, every rank ended the save there, and the next save commits
+    failed = got[("failed", "1")].split()
+    assert failed[3] == "KeyboardInterrupt" and float(failed[4].rstrip("s")) < 2.0, lines
+    assert got[("failed", "0")].split()[3] == "CheckpointError" and "capture failed on rank 0" in got[("failed", "0")]
     for r in ("0", "1"):
         assert got[("after", r)].split()[3] == "returned" and got[("after", r)].split()[5:] == ["6"], lines
     # the job's own handler: the save commits on both, rank 1's handler ran once, after it
     assert got[("handled", "0")].split()[5:] == ["(7,", "0)"], lines
     assert got[("handled", "1")].split()[5:] == ["(7,", "1)"], lines
+    # when rank 0 went on with the save rank 1 left, rank 1's next call refuses rather than
+    # meet rank 0's next gather; rank 0 raises when rank 1 exits (not after CKPT_DIST_TIMEOUT)
+    twice = got[("twice", "1")].split()
+    assert twice[3] == "KeyboardInterrupt" and float(twice[4].rstrip("s")) < 2.0, lines
+    refused = got[("refused", "1")]
+    assert (
+        refused.split()[3] == "CheckpointError" and "in the middle (a second Ctrl-C) while the other ranks" in refused
+    )
+    assert got[("twice", "0")].split()[3] == "CheckpointError", lines
+    assert float(got[("twice", "0")].split()[4].rstrip("s")) < 25, lines
 
 
 def test_failing_rank_raises_everywhere_and_writes_no_manifest(suite):

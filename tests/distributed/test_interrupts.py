@@ -110,3 +110,31 @@ def test_a_sigint_while_the_protocol_ends_leaves_nothing_behind(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         proto.on_sigint(signal.SIGINT, None)
     assert not proto.pending
+
+
+def test_a_forwarder_left_installed_is_looked_through():
+    """A SIGINT storm can keep an ended protocol's handler from being restored (helper-49
+    G8): it only forwards, and the next protocol defers as with Python's own handler."""
+    ended = interrupts._Protocol(signal.default_int_handler)
+    ended.closed = True
+    previous = signal.signal(signal.SIGINT, ended.on_sigint)
+    try:
+        with pytest.raises(KeyboardInterrupt), interrupts.deferred():
+            sigint()
+            assert isinstance(interrupts.report(), KeyboardInterrupt)  # reported: Python's handler
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_the_jobs_own_handler_can_be_run_at_a_site():
+    calls = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
+    try:
+        with interrupts.deferred():
+            sigint()
+            interrupts.run_pending()  # a constructor's last agreement
+            assert calls == [signal.SIGINT] and not interrupts.pending()
+        assert calls == [signal.SIGINT]  # not again at the end
+    finally:
+        signal.signal(signal.SIGINT, previous)

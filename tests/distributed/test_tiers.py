@@ -120,5 +120,10 @@ def test_ranks_that_disagree_about_persisting_at_close_agree_instead_of_waiting(
     assert lines[("open", "0")][0] == "CheckpointError" and "rank 1 failed: KeyboardInterrupt" in " ".join(
         lines[("open", "0")]
     ), lines
+    # (an error of no ckpt class reaches its own rank as a CheckpointError caused by it)
+    assert lines[("handler", "1")][0] == "CheckpointError" and "Stop: stop (test)" in " ".join(lines[("handler", "1")])
+    assert lines[("handler", "0")][0] == "CheckpointError" and "rank 1 failed: Stop: stop (test)" in " ".join(
+        lines[("handler", "0")]
+    )
     assert lines[("close", "1")][0] == "KeyboardInterrupt" and float(lines[("close", "1")][1].rstrip("s")) < 3, lines
     assert lines[("close", "0")][0] == "closed", lines

@@ -372,6 +372,28 @@ def sigint_tiers(where: str, rank: int) -> None:
         raise AssertionError("the Checkpointer was built on every rank")
     finally:
         tier_run.RankTier = real_tier  # type: ignore[misc]
+
+    # the job's own handler, which raises: every rank raises there too (rank 1 its error)
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop("stop (test)")
+
+    previous = signal.signal(signal.SIGINT, stop)
+    if rank == 0:
+        tier_run.RankTier = slow_tier  # type: ignore[assignment, misc]
+    else:
+        sigint_at(1.0)
+    try:
+        ckpt.Checkpointer(durable, local=local, state=state)
+    except ckpt.CheckpointError as exc:
+        print(f"SIGTIER handler {rank} CheckpointError {str(exc)[:200]}", flush=True)
+    else:
+        raise AssertionError("the Checkpointer was built on every rank")
+    finally:
+        tier_run.RankTier = real_tier  # type: ignore[misc]
+        signal.signal(signal.SIGINT, previous)
     ck = ckpt.Checkpointer(durable, local=local, state=state)  # no tier left held: no take_over needed
     ck.save(step=1).result(timeout=60)
     if rank == 0:
