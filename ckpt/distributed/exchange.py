@@ -46,6 +46,9 @@ def ckpt_group() -> Any:
 class Failed:
     """What a rank sends instead of its part when it failed."""
 
+    #: whether every rank ends its protocol at the gather that carries it (:func:`check_parts`)
+    ends = True
+
     def __init__(self, rank: int, exc: BaseException) -> None:
         self.rank = rank
         self.message = f"{type(exc).__name__}: {exc}"[:2000]
@@ -77,8 +80,8 @@ class _Gather:
 
     def ended_protocol(self) -> bool:
         """Whether every rank ended the protocol at this gather: its last, or one that gathered
-        a failure (every rank raises at it: :func:`check_parts`), or one that failed."""
-        return self.last or bool(self.failed) or any(_failure(p) is not None for p in self.out)
+        a failure every rank raises at (:func:`check_parts`), or one that failed."""
+        return self.last or bool(self.failed) or any((f := _failure(p)) is not None and f.ends for p in self.out)
 
 
 #: per group, the gather of a protocol this rank left (a second Ctrl-C)

@@ -64,6 +64,9 @@ class _Damaged(Failed):
     a restore from the tiers: in every tier it could read it from), or does not fit there
     while an older one may."""
 
+    #: the ranks may go on to an older candidate (:func:`failures`)
+    ends = False
+
 
 def failures(group: Any, outcome: Any, err: BaseException | None, what: str) -> list[Failed]:
     """Every rank's ``outcome`` of preparing one candidate checkpoint gathered: the ranks that
