@@ -239,6 +239,7 @@ def save(
     plugins = get_plugins()
     store = Store(url, storage_options)
     group = ckpt_group()
+    interrupts.entering(group, f"collective save of step {step} to {store.url}")
     err: BaseException | None = None
     part: Any
     local: dict[str, torch.Tensor] = {}
@@ -278,6 +279,7 @@ def commit_collective(
     ``meta`` is recorded in the manifest (a rank tier's save id, :mod:`ckpt.distributed.tiers`)."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     what = f"collective save of step {step} to {store.url}"
+    interrupts.entering(group, what)
     pairs = gather_all(group, (step, part), what, err)
     check_parts(pairs, err, what)
     parts = same_step(step, pairs, what)

@@ -72,6 +72,15 @@ class _Gather:
         self.failed: list[BaseException] = []
         self.done = threading.Event()
 
+    def run(self, value: Any) -> None:
+        """The collective (on the thread that runs it)."""
+        try:
+            dist.all_gather_object(self.out, value, group=self.group)
+        except Exception as exc:  # noqa: BLE001 - gloo reports peers gone as RuntimeError/DistBackendError
+            self.failed.append(exc)
+        finally:
+            self.done.set()
+
     def left(self) -> None:
         """This rank left its protocol after (or during) this gather: the group's next gather
         waits for it, and looks at what it gathered (:func:`_check_left`)."""
@@ -145,29 +154,30 @@ def gather_all(
 
 def _gather(record: _Gather, value: Any) -> list[Any]:
     """:func:`gather_all`'s collective, into ``record``."""
-    group, out, failed, done = record.group, record.out, record.failed, record.done
-
-    def gather() -> None:
-        try:
-            dist.all_gather_object(out, value, group=group)
-        except Exception as exc:  # noqa: BLE001 - gloo reports peers gone as RuntimeError/DistBackendError
-            failed.append(exc)
-        finally:
-            done.set()
-
     if threading.current_thread() is threading.main_thread():  # where a signal can land
-        threading.Thread(target=gather, name="ckpt-gather", daemon=True).start()
+        threading.Thread(target=record.run, args=(value,), name="ckpt-gather", daemon=True).start()
         try:
-            done.wait()  # Thread.join would be left broken by a KeyboardInterrupt (Python 3.11)
+            record.done.wait()  # Thread.join would be left broken by a KeyboardInterrupt (Python 3.11)
         except BaseException:
             record.left()  # still running: the group's next gather waits for it
             raise
     else:
-        gather()
-    if failed:
-        exc = failed[0]
+        record.run(value)
+    if record.failed:
+        exc = record.failed[0]
         raise CheckpointError(f"{record.what}: the other ranks did not answer ({type(exc).__name__}: {exc})") from None
-    return out
+    return record.out
+
+
+def left_before_gathering(group: Any, what: str, exc: BaseException) -> None:
+    """This rank left ``what`` (a second Ctrl-C) before its first gather on ``group``, where the
+    other ranks wait for it: its failure still goes to them, from a thread, as that gather
+    (every such first gather checks the parts: they raise there); the group's next gather
+    waits for it (:func:`_check_left`: a failure gathered, the ranks are in step)."""
+    record = _Gather(group, what, dist.get_world_size(group), last=False)
+    failure = Failed(dist.get_rank(group), exc)
+    threading.Thread(target=record.run, args=(failure,), name="ckpt-gather", daemon=True).start()
+    record.left()
 
 
 def same_step(step: int, parts: list[tuple[int, Any]], what: str) -> list[Any]:

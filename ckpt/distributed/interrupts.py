@@ -59,6 +59,9 @@ class _Protocol:
         #: the protocol's latest gather (:func:`ckpt.distributed.exchange.gather_all`), told
         #: when the rank leaves the protocol by an escaped SIGINT (``left()``)
         self.last_gather: Any = None
+        #: the group of the protocol's first gather, and what it is (:func:`entering`)
+        self.group: Any = None
+        self.what = ""
 
     def on_sigint(self, signum: int, frame: FrameType | None) -> None:
         if self.closed:
@@ -127,8 +130,13 @@ def deferred() -> Iterator[None]:
         proto.closed = True
         _current = None
         try:
-            if proto.escaped and stopped is not None and proto.last_gather is not None:
-                proto.last_gather.left()  # the rank left in the middle: were the others still in it?
+            if proto.escaped and stopped is not None:  # the rank left in the middle: were the others still in it?
+                if proto.last_gather is not None:
+                    proto.last_gather.left()
+                elif proto.group is not None:  # they wait in the first gather
+                    from ckpt.distributed.exchange import left_before_gathering  # (exchange imports this module)
+
+                    left_before_gathering(proto.group, proto.what, stopped)
         finally:
             try:
                 if signal.getsignal(signal.SIGINT) == proto.on_sigint:
@@ -168,6 +176,16 @@ def gathered(record: Any) -> None:
     proto = _current
     if proto is not None and threading.current_thread() is threading.main_thread():
         proto.last_gather = record
+
+
+def entering(group: Any, what: str) -> None:
+    """The protocol running on this thread gathers first on ``group`` (``what`` it is): left
+    before that gather, this rank still sends the others its failure there
+    (:func:`ckpt.distributed.exchange.left_before_gathering`). The outermost protocol's
+    call counts."""
+    proto = _current
+    if proto is not None and proto.group is None and threading.current_thread() is threading.main_thread():
+        proto.group, proto.what = group, what
 
 
 def run_pending() -> None:

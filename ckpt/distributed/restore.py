@@ -115,6 +115,7 @@ def restore(
     group = ckpt_group()
     rank = dist.get_rank()
     what = f"collective restore from {url}"
+    interrupts.entering(group, what)
     plugins = get_plugins()
     err: BaseException | None = None
     chosen: Any = None

@@ -138,6 +138,7 @@ def restore_tiers(
     """Restore the newest checkpoint across the tiers on every rank (see the module docstring)."""
     rank = dist.get_rank(group)
     what = f"collective restore from the tiers of {durable.url}"
+    interrupts.entering(group, what)
     err: BaseException | None = None
     out: Any
     live: MutableMapping[str, Any] = {}

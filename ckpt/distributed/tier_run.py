@@ -240,6 +240,8 @@ class TierRun:
         tier) unless ``persist`` is false, release the local tier; returns that persist's error.
         Interrupted (a second Ctrl-C: see :mod:`ckpt.distributed.interrupts`), it releases the
         local tier without waiting for the persist under way."""
+        what = f"closing the local tiers of {self.durable.url}"
+        interrupts.entering(self.group, what)  # (left at a second Ctrl-C while it waits: still told)
         stopped = False
         try:
             self.wait()
@@ -249,7 +251,6 @@ class TierRun:
             # after an error (a KeyboardInterrupt leaving its ``with`` block), or one that did
             # not record the last persist (its after-commit hook failed), would otherwise leave
             # the others waiting for it in the persist's gathers
-            what = f"closing the local tiers of {self.durable.url}"
             try:
                 # a rank interrupted (Ctrl-C) while it closes wants no persist either
                 wants = gather_all(

@@ -555,7 +555,30 @@ def sigint_anywhere(url: str, rank: int) -> None:
     signal.signal(signal.SIGINT, previous)
     assert ckpt.steps(url) == [1, 3, 4, 6, 7], ckpt.steps(url)
 
-    # 6. two SIGINTs on rank 1 in the save's first gather, whose values rank 0 goes on with:
+    # 6. two SIGINTs on rank 1 while a Checkpointer's restore waits for the commit in flight
+    # (rank 0's is slow), before the restore's first gather: that gather still carries rank
+    # 1's failure, so rank 0 raises there, and the next restore is in step
+    real_write = coord.write_objects
+
+    def slow_write(*a, **k):
+        time.sleep(3)
+        return real_write(*a, **k)
+
+    ck = ckpt.Checkpointer(url + "-ck", state=x(1.0))
+    ck.save(step=1).result(timeout=60)
+    if rank == 0:
+        coord.write_objects = slow_write  # type: ignore[assignment]
+    ck.save(state=x(2.0), step=2)
+    if rank == 1:
+        sigint_at(0.5)
+        sigint_at(1.0)
+    _outcome("waiting", rank, lambda: ck.restore(x(0.0)).step)
+    coord.write_objects = real_write  # type: ignore[assignment]
+    mine = x(0.0)
+    assert ck.restore(mine).step == 2 and torch.equal(mine["r"]["rank"], torch.full((2,), 20.0 + rank)), mine
+    ck.close()
+
+    # 7. two SIGINTs on rank 1 in the save's first gather, whose values rank 0 goes on with:
     # rank 1's next call refuses (out of step) instead of meeting rank 0's next gather; rank 0
     # raises once rank 1 exits
     if rank == 0:

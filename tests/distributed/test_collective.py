@@ -142,6 +142,12 @@ def test_a_real_sigint_wherever_it_lands_stops_every_rank_in_step(tmp_path):
     # the job's own handler: the save commits on both, rank 1's handler ran once, after it
     assert got[("handled", "0")].split()[5:] == ["(7,", "0)"], lines
     assert got[("handled", "1")].split()[5:] == ["(7,", "1)"], lines
+    # left while a Checkpointer's restore waited for its commit: rank 0 raises at the first gather
+    assert got[("waiting", "1")].split()[3] == "KeyboardInterrupt", lines
+    assert (
+        got[("waiting", "0")].split()[3] == "CheckpointError"
+        and "rank 1 failed: KeyboardInterrupt" in got[("waiting", "0")]
+    )
     # when rank 0 went on with the save rank 1 left, rank 1's next call refuses rather than
     # meet rank 0's next gather; rank 0 raises when rank 1 exits (not after CKPT_DIST_TIMEOUT)
     twice = got[("twice", "1")].split()
