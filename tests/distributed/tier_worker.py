@@ -357,21 +357,25 @@ def sigint_tiers(where: str, rank: int) -> None:
         time.sleep(4)
         return real_part(*a, **k)
 
-    if rank == 0:
-        tier_run.RankTier = slow_tier  # type: ignore[assignment, misc]
-    else:
-        sigint_at(1.0)
-    t0 = time.monotonic()
-    try:
-        ckpt.Checkpointer(durable, local=local, state=state)
-    except KeyboardInterrupt:
-        print(f"SIGTIER open {rank} KeyboardInterrupt {time.monotonic() - t0:.1f}s", flush=True)
-    except ckpt.CheckpointError as exc:
-        print(f"SIGTIER open {rank} CheckpointError {time.monotonic() - t0:.1f}s {str(exc)[:200]}", flush=True)
-    else:
-        raise AssertionError("the Checkpointer was built on every rank")
-    finally:
-        tier_run.RankTier = real_tier  # type: ignore[misc]
+    def open_interrupted(label: str) -> None:
+        """Build a Checkpointer, rank 0 slow to open its local tier, rank 1 SIGINT at 1 s."""
+        if rank == 0:
+            tier_run.RankTier = slow_tier  # type: ignore[assignment, misc]
+        else:
+            sigint_at(1.0)
+        t0 = time.monotonic()
+        try:
+            ckpt.Checkpointer(durable, local=local, state=state)
+        except KeyboardInterrupt:
+            print(f"SIGTIER {label} {rank} KeyboardInterrupt {time.monotonic() - t0:.1f}s", flush=True)
+        except ckpt.CheckpointError as exc:
+            print(f"SIGTIER {label} {rank} CheckpointError {time.monotonic() - t0:.1f}s {str(exc)[:200]}", flush=True)
+        else:
+            raise AssertionError("the Checkpointer was built on every rank")
+        finally:
+            tier_run.RankTier = real_tier  # type: ignore[misc]
+
+    open_interrupted("open")
 
     # the job's own handler, which raises: every rank raises there too (rank 1 its error)
     class Stop(Exception):
@@ -381,18 +385,9 @@ def sigint_tiers(where: str, rank: int) -> None:
         raise Stop("stop (test)")
 
     previous = signal.signal(signal.SIGINT, stop)
-    if rank == 0:
-        tier_run.RankTier = slow_tier  # type: ignore[assignment, misc]
-    else:
-        sigint_at(1.0)
     try:
-        ckpt.Checkpointer(durable, local=local, state=state)
-    except ckpt.CheckpointError as exc:
-        print(f"SIGTIER handler {rank} CheckpointError {str(exc)[:200]}", flush=True)
-    else:
-        raise AssertionError("the Checkpointer was built on every rank")
+        open_interrupted("handler")
     finally:
-        tier_run.RankTier = real_tier  # type: ignore[misc]
         signal.signal(signal.SIGINT, previous)
     ck = ckpt.Checkpointer(durable, local=local, state=state)  # no tier left held: no take_over needed
     ck.save(step=1).result(timeout=60)
