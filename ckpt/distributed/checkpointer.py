@@ -271,11 +271,11 @@ class DistributedCheckpointer:
     @interrupts.deferred()  # a Ctrl-C in the restore's last exchange is raised after this rank's bookkeeping
     def restore(self, state: MutableMapping[str, Any] | None = None, step: int | None = None) -> CheckpointInfo:
         """Collective restore (after the save in flight), as ``ckpt.restore``."""
-        from .exchange import ckpt_group
+        from .exchange import ckpt_group, entering
         from .restore import restore
 
         # (left at a second Ctrl-C while it waits, the restore's first gather still tells the others)
-        interrupts.entering(ckpt_group(), f"restore of {self.url}")
+        entering(ckpt_group(), f"restore of {self.url}")
         self.wait()
         state = self._state if state is None else state
         if state is None:

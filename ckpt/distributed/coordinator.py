@@ -52,7 +52,7 @@ from ckpt.storage.writer_lease import WriterLease
 from ckpt.types import CheckpointInfo
 
 from . import interrupts
-from .exchange import Failed, check_parts, ckpt_group, gather_all, same_step
+from .exchange import Failed, check_parts, ckpt_group, entering, gather_all, same_step
 from .sharding import is_dtensor, local_shard, rank_prefix
 
 log = logging.getLogger("ckpt")
@@ -239,7 +239,7 @@ def save(
     plugins = get_plugins()
     store = Store(url, storage_options)
     group = ckpt_group()
-    interrupts.entering(group, f"collective save of step {step} to {store.url}")
+    entering(group, f"collective save of step {step} to {store.url}")
     err: BaseException | None = None
     part: Any
     local: dict[str, torch.Tensor] = {}
@@ -279,7 +279,7 @@ def commit_collective(
     ``meta`` is recorded in the manifest (a rank tier's save id, :mod:`ckpt.distributed.tiers`)."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     what = f"collective save of step {step} to {store.url}"
-    interrupts.entering(group, what)
+    entering(group, what)
     pairs = gather_all(group, (step, part), what, err)
     check_parts(pairs, err, what)
     parts = same_step(step, pairs, what)

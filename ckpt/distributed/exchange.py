@@ -169,6 +169,13 @@ def _gather(record: _Gather, value: Any) -> list[Any]:
     return record.out
 
 
+def entering(group: Any, what: str) -> None:
+    """A protocol ``what`` starts on this thread, its first gather on ``group``: left before
+    that gather (a second Ctrl-C), this rank still sends the others its failure there
+    (:func:`left_before_gathering`)."""
+    interrupts.entering(lambda exc: left_before_gathering(group, what, exc))
+
+
 def left_before_gathering(group: Any, what: str, exc: BaseException) -> None:
     """This rank left ``what`` (a second Ctrl-C) before its first gather on ``group``, where the
     other ranks wait for it: its failure still goes to them, from a thread, as that gather

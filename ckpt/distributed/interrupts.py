@@ -59,9 +59,9 @@ class _Protocol:
         #: the protocol's latest gather (:func:`ckpt.distributed.exchange.gather_all`), told
         #: when the rank leaves the protocol by an escaped SIGINT (``left()``)
         self.last_gather: Any = None
-        #: the group of the protocol's first gather, and what it is (:func:`entering`)
-        self.group: Any = None
-        self.what = ""
+        #: what tells the others, where they wait in the protocol's first gather, that this
+        #: rank left before it (:func:`entering`)
+        self.left_early: Callable[[BaseException], None] | None = None
 
     def on_sigint(self, signum: int, frame: FrameType | None) -> None:
         if self.closed:
@@ -133,10 +133,8 @@ def deferred() -> Iterator[None]:
             if proto.escaped and stopped is not None:  # the rank left in the middle: were the others still in it?
                 if proto.last_gather is not None:
                     proto.last_gather.left()
-                elif proto.group is not None:  # they wait in the first gather
-                    from ckpt.distributed.exchange import left_before_gathering  # (exchange imports this module)
-
-                    left_before_gathering(proto.group, proto.what, stopped)
+                elif proto.left_early is not None:  # they wait in the first gather
+                    proto.left_early(stopped)
         finally:
             try:
                 if signal.getsignal(signal.SIGINT) == proto.on_sigint:
@@ -178,14 +176,13 @@ def gathered(record: Any) -> None:
         proto.last_gather = record
 
 
-def entering(group: Any, what: str) -> None:
-    """The protocol running on this thread gathers first on ``group`` (``what`` it is): left
-    before that gather, this rank still sends the others its failure there
-    (:func:`ckpt.distributed.exchange.left_before_gathering`). The outermost protocol's
+def entering(left_early: Callable[[BaseException], None]) -> None:
+    """How the protocol running on this thread tells the others that this rank left it before
+    its first gather (:func:`ckpt.distributed.exchange.entering`). The outermost protocol's
     call counts."""
     proto = _current
-    if proto is not None and proto.group is None and threading.current_thread() is threading.main_thread():
-        proto.group, proto.what = group, what
+    if proto is not None and proto.left_early is None and threading.current_thread() is threading.main_thread():
+        proto.left_early = left_early
 
 
 def run_pending() -> None:

@@ -48,7 +48,7 @@ from ckpt.storage.store import Store
 from ckpt.types import CheckpointInfo
 
 from . import interrupts
-from .exchange import Failed, check_parts, ckpt_group, gather_all
+from .exchange import Failed, check_parts, ckpt_group, entering, gather_all
 from .sharding import is_dtensor, local_box, rank_view, read_into_dtensor
 
 log = logging.getLogger("ckpt")
@@ -115,7 +115,7 @@ def restore(
     group = ckpt_group()
     rank = dist.get_rank()
     what = f"collective restore from {url}"
-    interrupts.entering(group, what)
+    entering(group, what)
     plugins = get_plugins()
     err: BaseException | None = None
     chosen: Any = None

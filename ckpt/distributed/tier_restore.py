@@ -37,7 +37,7 @@ from ckpt.storage.tier_checks import created
 from ckpt.types import CheckpointInfo
 
 from . import interrupts
-from .exchange import Failed, check_parts, gather_all
+from .exchange import Failed, check_parts, entering, gather_all
 from .restore import _Damaged, _older, _prepare, failures, load_on_every_rank
 from .sharding import rank_view
 from .tiers import RankTier, Version, base_of, identity, prepare_local, save_of
@@ -138,7 +138,7 @@ def restore_tiers(
     """Restore the newest checkpoint across the tiers on every rank (see the module docstring)."""
     rank = dist.get_rank(group)
     what = f"collective restore from the tiers of {durable.url}"
-    interrupts.entering(group, what)
+    entering(group, what)
     err: BaseException | None = None
     out: Any
     live: MutableMapping[str, Any] = {}

@@ -37,7 +37,7 @@ from ckpt.types import CheckpointInfo
 
 from . import interrupts
 from .coordinator import commit_collective
-from .exchange import Failed, check_parts, gather_all, same_step
+from .exchange import Failed, check_parts, entering, gather_all, same_step
 from .tier_crypto import bind_ranks, local_descriptor
 from .tiers import META, RankTier, part_from_local
 
@@ -241,7 +241,7 @@ class TierRun:
         Interrupted (a second Ctrl-C: see :mod:`ckpt.distributed.interrupts`), it releases the
         local tier without waiting for the persist under way."""
         what = f"closing the local tiers of {self.durable.url}"
-        interrupts.entering(self.group, what)  # (left at a second Ctrl-C while it waits: still told)
+        entering(self.group, what)  # (left at a second Ctrl-C while it waits: still told)
         stopped = False
         try:
             self.wait()
