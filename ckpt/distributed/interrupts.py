@@ -145,17 +145,21 @@ def deferred() -> Iterator[None]:
                     previous(signal.SIGINT, proto.frame)
 
 
+def _here() -> _Protocol | None:
+    """The protocol running on this thread: only the main thread's is deferred."""
+    return _current if threading.current_thread() is threading.main_thread() else None
+
+
 def pending() -> bool:
     """Whether this thread's protocol holds a SIGINT not run yet."""
-    proto = _current
-    return proto is not None and proto.pending and threading.current_thread() is threading.main_thread()
+    proto = _here()
+    return proto is not None and proto.pending
 
 
 def stopping() -> None:
     """This rank reports an interrupt of its own (a KeyboardInterrupt caught by a protocol's
     site): a SIGINT from now to the protocol's end runs the previous handler at once."""
-    proto = _current
-    if proto is not None and threading.current_thread() is threading.main_thread():
+    if (proto := _here()) is not None:
         proto.stopping = True
 
 
@@ -163,16 +167,15 @@ def report() -> KeyboardInterrupt | None:
     """The interrupt this thread's protocol holds, to send as this rank's failure (it is
     still raised at the protocol's end); None when there is none, or when the job's own
     handler is to decide what a Ctrl-C does."""
-    proto = _current
-    if not pending() or proto is None or not proto.raises:
+    proto = _here()
+    if proto is None or not proto.pending or not proto.raises:
         return None
     return KeyboardInterrupt("Ctrl-C")
 
 
 def gathered(record: Any) -> None:
     """The protocol running on this thread reached a gather (``record``: see ``last_gather``)."""
-    proto = _current
-    if proto is not None and threading.current_thread() is threading.main_thread():
+    if (proto := _here()) is not None:
         proto.last_gather = record
 
 
@@ -180,8 +183,8 @@ def entering(left_early: Callable[[BaseException], None]) -> None:
     """How the protocol running on this thread tells the others that this rank left it before
     its first gather (:func:`ckpt.distributed.exchange.entering`). The outermost protocol's
     call counts."""
-    proto = _current
-    if proto is not None and proto.left_early is None and threading.current_thread() is threading.main_thread():
+    proto = _here()
+    if proto is not None and proto.left_early is None:
         proto.left_early = left_early
 
 
@@ -190,6 +193,5 @@ def run_pending() -> None:
     failure reaches every rank (a constructor's last agreement: raised at its end, on one rank
     only, it would leave the others holding what this rank dropped). Python's own handler is
     left to :func:`report`."""
-    proto = _current
-    if proto is not None and threading.current_thread() is threading.main_thread():
+    if (proto := _here()) is not None:
         proto.run_pending()
