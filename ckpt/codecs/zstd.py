@@ -21,7 +21,7 @@ from ckpt import config
 from ckpt.codecs import planes as byte_planes
 from ckpt.codecs.base import DecodeContext, EncodeContext
 from ckpt.errors import CorruptCheckpointError
-from ckpt.io.memory import copy_into
+from ckpt.io.memory import Scatter, copy_into
 from ckpt.io.scratch import scratch
 
 _local = threading.local()
@@ -281,13 +281,15 @@ class ByteGroupZstdCodec:
         byte_planes.join(planes, out)
 
     def decode_file(
-        self, fd: int, stored: int, out: memoryview, params: Mapping[str, Any], digest: Any, what: str
+        self, fd: int, stored: int, out: memoryview | Scatter, params: Mapping[str, Any], digest: Any, what: str
     ) -> bool:
         """:meth:`decode` of the payload of ``stored`` bytes in open file ``fd``, streamed:
         a block of elements at a time, each plane's part of it read (raw) or decompressed
         into a small buffer of this thread, joined into ``out`` and hashed into ``digest``
         while in the CPU's cache. No buffer the size of the payload or of a plane: a
         restore's memory stays the live tensors' (fresh buffers cost a page fault per page).
+        ``out`` a :class:`~ckpt.io.memory.Scatter`: each block is joined into a buffer of
+        this thread, hashed, and its ranges copied on (a packed object's tensors).
 
         False, with nothing written, where it does not apply (a plane table :meth:`decode`
         refuses, a compressed plane that is not one zstd frame of the plane's size, or whose
@@ -321,8 +323,9 @@ class ByteGroupZstdCodec:
             span = cast(IO[bytes], _FileSpan(fd, pos, length))
             sources.append(dctx.stream_reader(span, read_size=_BLOCK, read_across_frames=False))
         m = max(1, _STREAM_MAX_BLOCK // k)
-        bufs = _stream_buffers(k, m)
-        dest = np.frombuffer(out, dtype=np.uint8)
+        scatter = out if isinstance(out, Scatter) else None
+        bufs, joined = _stream_buffers(k, m, joined=scatter is not None)
+        dest = joined if joined is not None else np.frombuffer(cast(memoryview, out), dtype=np.uint8)
         try:
             for a in range(0, n, m):
                 b = min(n, a + m)
@@ -343,9 +346,11 @@ class ByteGroupZstdCodec:
                                 f"zstd frame of bgzstd plane {i} decodes to {a + got} bytes, expected {n}"
                             )
                         got += r
-                block = dest[a * k : b * k]
+                block = dest[: (b - a) * k] if scatter is not None else dest[a * k : b * k]
                 byte_planes.join(parts, block.data)
                 digest.update(block.data)
+                if scatter is not None:
+                    scatter.write(a * k, block.data)
             for i, src in enumerate(sources):
                 if not isinstance(src, int) and src.read(1):
                     raise CorruptCheckpointError(f"zstd frame of bgzstd plane {i} decodes to more than {n} bytes")
@@ -473,12 +478,14 @@ def _stream_decompressor(i: int) -> zstandard.ZstdDecompressor:
     return have[i]
 
 
-def _stream_buffers(k: int, m: int) -> list[np.ndarray]:
-    """This thread's ``k`` plane buffers of ``m`` bytes for :meth:`ByteGroupZstdCodec.decode_file`."""
+def _stream_buffers(k: int, m: int, *, joined: bool) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """This thread's ``k`` plane buffers of ``m`` bytes for :meth:`ByteGroupZstdCodec.decode_file`,
+    and (``joined``) one of ``k * m`` bytes that a block is joined into."""
+    need = k * m * (2 if joined else 1)
     bufs: np.ndarray | None = getattr(_local, "stream_planes", None)
-    if bufs is None or bufs.size < k * m:
-        bufs = _local.stream_planes = np.empty(k * m, dtype=np.uint8)
-    return [bufs[i * m : (i + 1) * m] for i in range(k)]
+    if bufs is None or bufs.size < need:
+        bufs = _local.stream_planes = np.empty(need, dtype=np.uint8)
+    return [bufs[i * m : (i + 1) * m] for i in range(k)], bufs[k * m : 2 * k * m] if joined else None
 
 
 class PlaneRange:

@@ -89,6 +89,37 @@ def copy_into(dst: memoryview, src: bytes | bytearray | memoryview) -> None:
     np.copyto(to, source)
 
 
+class Scatter:
+    """Where a streamed decode (:meth:`ckpt.codecs.zstd.ByteGroupZstdCodec.decode_file`) puts
+    an object's bytes when they are not one buffer: byte ranges of it, each copied into a
+    destination of its own as the blocks come by (the tensors of a packed object), the rest
+    only read. No buffer the object's size: a restore in a fresh process would fault one in.
+
+    ``parts`` are ``(at, dest)``: bytes ``[at, at + len(dest))`` of the object go to ``dest``.
+    A range past the object's ``nbytes`` is a ValueError (a manifest validated never has one).
+    """
+
+    def __init__(self, nbytes: int, parts: Iterable[tuple[int, memoryview]]) -> None:
+        self.nbytes = nbytes
+        self.parts = sorted(parts, key=lambda p: p[0])
+        for at, dest in self.parts:
+            if at < 0 or at + dest.nbytes > nbytes:
+                raise ValueError(f"bytes [{at}, {at + dest.nbytes}) of an object of {nbytes}")
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def write(self, at: int, block: memoryview) -> None:
+        """Bytes ``[at, at + len(block))`` of the object, given in increasing order."""
+        end = at + block.nbytes
+        for start, dest in self.parts:
+            if start >= end:
+                break
+            lo, hi = max(at, start), min(end, start + dest.nbytes)
+            if lo < hi:
+                copy_into(dest[lo - start : hi - start], block[lo - at : hi - at])
+
+
 def payload_buffer(nbytes: int, *, what: str) -> np.ndarray:
     """An uninitialised byte buffer of ``nbytes``, a size a manifest gave (an object's, a
     packed object's, a box's): one the host cannot allocate is a CheckpointError, as for a tensor."""

@@ -21,7 +21,7 @@ from ckpt.codecs.zstd import ByteGroupZstdCodec
 from ckpt.errors import CheckpointError, CorruptCheckpointError
 from ckpt.io import scratch
 from ckpt.io.hashing import hash_bytes
-from ckpt.io.memory import copy_into, payload_buffer, prefault
+from ckpt.io.memory import Scatter, copy_into, payload_buffer, prefault
 from ckpt.io.plan import ChunkRead, ReadPlan, object_identity
 from ckpt.io.region import read_box
 from ckpt.snapshot.executor import io_pool, io_threads, wait_all
@@ -148,7 +148,19 @@ class Reader:
         payload = self.store.get_object(ref.key, what=what, limit=expected + 1)
         self.check_payload(ref, payload, out, what=what)
 
-    def _stream(self, ref: ChunkRef, fd: int, size: int, out: memoryview, what: str) -> bool:
+    def read_object_scattered(self, ref: ChunkRef, parts: list[tuple[int, memoryview]], *, what: str) -> bool:
+        """The whole object of ``ref`` streamed (see :meth:`_stream`) and verified, its byte
+        ranges ``(at, dest)`` copied into their destinations as they come by, through no buffer
+        of the object's size (the tensors of a packed object). False, nothing written, where
+        it cannot be streamed: read it whole then."""
+        ref = ref.object_ref()
+        if not (self.stream and self.store.local and _streamable(self.codecs, ref, ref.size)):
+            return False
+        out = Scatter(ref.size, parts)
+        done = self.store.with_object_file(ref.key, lambda fd, size: self._stream(ref, fd, size, out, what), what=what)
+        return bool(done)
+
+    def _stream(self, ref: ChunkRef, fd: int, size: int, out: memoryview | Scatter, what: str) -> bool:
         """Object ``ref`` (one bgzstd step) streamed from ``fd`` into ``out`` and verified;
         False, nothing written, where its payload must be decoded whole."""
         if size != ref.stored:
@@ -156,7 +168,7 @@ class Reader:
             raise CorruptCheckpointError(
                 f"{what}: object {ref.key} has {has} bytes, the manifest says {ref.stored} (truncated or replaced)"
             )
-        if self.prefault_out:
+        if self.prefault_out and isinstance(out, memoryview):
             prefault(out)
         digest = xxhash.xxh3_128()
         codec = self.codecs.get(BGZSTD, what=what)
@@ -363,16 +375,21 @@ def read_tensors(
         def packed_job(reads: list[ChunkRead]) -> None:
             # one decode and verification of the shared object, then a slice per tensor
             obj = reads[0].ref.object_ref()
-            buf = scratch.lend(obj.size, what=f"{tensors_named(r.path for r in reads)}, packed object {obj.key}")
-            try:
-                raw = buf.data[: obj.size]
-                reader.read_object(obj, raw, what=tensors_named(r.path for r in reads))
+            what = tensors_named(r.path for r in reads)
+            parts = [(r.ref.at, targets[r.path][r.offset : r.offset + r.ref.size]) for r in reads]
+            # streamed (verified stored bytes): each block copied on, no buffer of its size
+            if not reader.read_object_scattered(obj, parts, what=what):
+                buf = scratch.lend(obj.size, what=f"{what}, packed object {obj.key}")
+                try:
+                    raw = buf.data[: obj.size]
+                    reader.read_object(obj, raw, what=what)
+                    for at, dest in parts:
+                        copy_into(dest, raw[at : at + dest.nbytes])
+                finally:
+                    scratch.give_back(buf)
+            if progress is not None:
                 for r in reads:
-                    copy_into(targets[r.path][r.offset : r.offset + r.ref.size], raw[r.ref.at : r.ref.at + r.ref.size])
-                    if progress is not None:
-                        progress(r.ref.size)
-            finally:
-                scratch.give_back(buf)
+                    progress(r.ref.size)
 
         # packs first: each is one task holding many tensors, which must not end the read alone
         futures = [pool.submit(packed_job, reads) for reads in plan.packed_objects().values()]

@@ -2,8 +2,8 @@
 :func:`ckpt.state.restore.prepare_restore`): :func:`read_verified` verifies, nothing live
 changes; :func:`decode_in_place` decodes into the live tensors once every rank has verified.
 
-A tensor qualifies, packed or not (a packed object is decoded once into a reused buffer and
-sliced into its tensors), when its objects are verified by reading their stored bytes (raw, or
+A tensor qualifies, packed or not (a packed object is decoded once: streamed into its tensors
+a block at a time, or, small or not streamable, into a reused buffer sliced into them), when its objects are verified by reading their stored bytes (raw, or
 encoded with a recorded ``stored_hash``; a delta with its parents'; :func:`ckpt.io.verify.stored_digests`)
 with codecs this reader has, and its live tensor is contiguous CPU memory of the stored
 size that no other live tensor overlaps (exact aliases holding the same stored bytes are

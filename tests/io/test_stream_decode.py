@@ -19,6 +19,7 @@ import ckpt.codecs.zstd as zstd_mod
 import ckpt.io.reader as reader_mod
 from ckpt.codecs.zstd import ByteGroupZstdCodec
 from ckpt.errors import CorruptCheckpointError
+from ckpt.io.memory import Scatter
 from ckpt.storage.commit import load_manifest
 from ckpt.storage.store import Store
 
@@ -316,3 +317,71 @@ def test_a_frame_of_more_blocks_than_its_content_needs_is_left_to_the_whole_deco
     assert not (out != 0xAB).any()
     ByteGroupZstdCodec().decode(memoryview(payload), out.data, {"itemsize": 2}, None)
     assert out.tobytes() == data.tobytes()
+
+
+# -- packed objects: streamed into their tensors (a Scatter), no buffer of the object's size --
+
+
+def test_a_scattered_decode_copies_each_range_and_hashes_the_whole_object(tmp_path, small_blocks):
+    data = _floats(torch.float32, 50_001)
+    path, payload, params = _payload_file(tmp_path, data, 4)
+    ranges = [(0, 10), (4095, 9000), (8000, 20_000), (123_456, 76_548)]  # across blocks; overlapping; to the end
+    dests = [np.full(size, 0xAB, dtype=np.uint8) for _, size in ranges]
+    out = Scatter(data.size, [(at, d.data) for (at, _), d in zip(ranges, dests)])
+    digest = xxhash.xxh3_128()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert ByteGroupZstdCodec().decode_file(fd, len(payload), out, params, digest, "test")
+    finally:
+        os.close(fd)
+    for (at, size), d in zip(ranges, dests):
+        assert d.tobytes() == data[at : at + size].tobytes()
+    assert digest.hexdigest() == xxhash.xxh3_128_hexdigest(data.tobytes())
+
+
+def test_a_scatter_refuses_a_range_past_the_object():
+    with pytest.raises(ValueError):
+        Scatter(100, [(90, memoryview(bytearray(11)))])
+    with pytest.raises(ValueError):
+        Scatter(100, [(-1, memoryview(bytearray(1)))])
+
+
+def _small_state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"t{i:02d}": torch.randn(30_000, generator=g) * 0.02 for i in range(68)}  # 120 kB each: two full packs
+
+
+def test_a_restore_in_place_streams_packed_objects_into_their_tensors(tmp_path, monkeypatch):
+    url = str(tmp_path / "store")
+    state = _small_state(0)
+    ckpt.save(url, state, step=1)
+    packs = {c.key: c.object_size for e in load_manifest(Store(url), 1).tensors.values() for c in e.chunks}
+    assert all(c.packed for e in load_manifest(Store(url), 1).tensors.values() for c in e.chunks)
+    assert len(packs) > 1 and min(packs.values()) >= reader_mod.STREAM_MIN_BYTES
+    lent: list[int] = []
+    real = reader_mod.scratch.lend
+    monkeypatch.setattr(reader_mod.scratch, "lend", lambda n, **kw: lent.append(n) or real(n, **kw))
+    live = _small_state(1)
+    assert ckpt.restore(url, live).step == 1
+    assert all(torch.equal(live[k], state[k]) for k in state)
+    assert not [n for n in lent if n in packs.values()]  # no buffer of a packed object's size
+
+
+def test_a_packed_object_forged_to_pass_the_first_pass_is_refused_in_the_second(tmp_path):
+    url = str(tmp_path / "store")
+    ckpt.save(url, _small_state(0), step=1)
+    store = Store(url)
+    ref = next(c for e in load_manifest(store, 1).tensors.values() for c in e.chunks)
+    bad = bytearray(store.get_object(ref.key))
+    pos, length = _zstd_plane(bytes(bad), dict(ref.codec[0]), ref.object_size)
+    bad[pos + length // 2] ^= 0xFF
+    with open(store.object_path(ref.key), "wb") as f:
+        f.write(bad)
+    doc = json.loads(store.read_manifest(1))
+    for entry in doc["tensors"].values():
+        for chunk in entry["chunks"]:
+            if chunk["key"] == ref.key:
+                chunk["stored_hash"] = xxhash.xxh3_128_hexdigest(bytes(bad))
+    store.write(store.manifest_path(1), json.dumps(doc).encode())
+    with pytest.raises(ckpt.CorruptCheckpointError, match="partly overwritten"):
+        ckpt.restore(url, _small_state(1), step=1)
