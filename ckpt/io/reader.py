@@ -251,6 +251,10 @@ class Reader:
 
 
 BGZSTD = ByteGroupZstdCodec.name
+#: a packed object may hold this many bytes more than twice what a read of it takes (the
+#: slots of tensors removed since, others not read); ckpt writes packs of 4 MiB (at most
+#: the chunk size, or ``CKPT_PACK_BYTES`` when larger)
+PACK_SLACK_BYTES = 64 << 20
 #: objects below this many raw bytes are decoded whole (see :meth:`Reader._stream`)
 STREAM_MIN_BYTES = 1 << 20
 
@@ -357,7 +361,8 @@ def read_tensors(
                 staged.append((dest, host))
         result[path] = dest if dest is not None else host
         hosts[path] = host
-        targets[path] = host.reshape(-1).view(torch.uint8).numpy().data if entry.nbytes else memoryview(b"")
+        # (an empty one writable too: a packed record of no bytes copies nothing into it)
+        targets[path] = host.reshape(-1).view(torch.uint8).numpy().data if entry.nbytes else memoryview(bytearray())
     if not plan.reads and not staged:  # (every tensor empty, or none asked for: no pool to start)
         return result
     with io_pool("ckpt-read", workers) as pool:
@@ -377,8 +382,17 @@ def read_tensors(
             obj = reads[0].ref.object_ref()
             what = tensors_named(r.path for r in reads)
             parts = [(r.ref.at, targets[r.path][r.offset : r.offset + r.ref.size]) for r in reads]
-            # streamed (verified stored bytes): each block copied on, no buffer of its size
-            if not reader.read_object_scattered(obj, parts, what=what):
+            wanted = sum(r.ref.size for r in reads)
+            if obj.size > 2 * wanted + PACK_SLACK_BYTES:
+                # a forged size (runs of zeros store 64 GiB in 2 MiB) would cost that much memory
+                # or decoding for a few tensors: ckpt's packs hold 4 MiB (at most the chunk size)
+                raise CorruptCheckpointError(
+                    f"{what}: packed object {obj.key} declares {obj.size} bytes, of which these tensors read "
+                    f"{wanted}: larger than a pack of them can be"
+                )
+            # streamed (verified stored bytes): each block copied on, no buffer of its size;
+            # only an object these reads fill half of at least
+            if not (2 * wanted >= obj.size and reader.read_object_scattered(obj, parts, what=what)):
                 buf = scratch.lend(obj.size, what=f"{what}, packed object {obj.key}")
                 try:
                     raw = buf.data[: obj.size]
@@ -394,7 +408,8 @@ def read_tensors(
         # packs first: each is one task holding many tensors, which must not end the read alone
         futures = [pool.submit(packed_job, reads) for reads in plan.packed_objects().values()]
         futures += [pool.submit(job, r) for r in plan.reads if not r.ref.packed and r.shard is None]
-        wait_all(futures)
+        # one object refused refuses the read: what is not started yet is not decoded for nothing
+        wait_all(futures, cancel_on_error=True)
         for path in plan.paths:  # sharded tensors (schema 2): their boxes put together
             entry = plan.entry(path)
             if entry.shards:

@@ -45,12 +45,16 @@ class _Pool:
         self._lock = threading.Lock()
         #: bytes lent and not given back, and the most that ever were at once
         self._out = self._peak = 0
+        #: what each buffer lent and not given back counts in ``_out``, by id: one that
+        #: :func:`release` took out, or that was never lent, counts for nothing when given
+        self._lent_ids: dict[int, int] = {}
 
     def bound(self) -> int:
         """Bytes the pool keeps now: what was lent at once at most, within its bounds."""
         return min(self.most, max(self.keep, self._peak))
 
     def _lent(self, buf: np.ndarray) -> np.ndarray:
+        self._lent_ids[id(buf)] = buf.nbytes
         self._out += buf.nbytes
         self._peak = max(self._peak, self._out)
         return buf
@@ -72,7 +76,7 @@ class _Pool:
 
     def give(self, bufs: list[np.ndarray]) -> None:
         with self._lock:
-            self._out = max(0, self._out - sum(b.nbytes for b in bufs))
+            self._out -= sum(self._lent_ids.pop(id(b), 0) for b in bufs)
             free = sorted(self._free + bufs, key=lambda b: b.nbytes, reverse=True)
             kept, total, keep = [], 0, self.bound()
             for b in free:  # the largest first: they serve any smaller payload too
@@ -132,7 +136,6 @@ def release() -> list[np.ndarray]:
     their memory back (once nothing else uses them); :func:`give_back` returns them."""
     with _pool._lock:
         taken, _pool._free = _pool._free, []
-        _pool._out += sum(b.nbytes for b in taken)  # out of the pool, as if lent
     return taken
 
 

@@ -14,6 +14,7 @@ those threads.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -241,10 +242,23 @@ class Background:
         self.io.shutdown(wait=True)
 
 
-def wait_all(futures: Iterable[Future[Any]]) -> None:
-    """Wait for every future, then raise the first error (never leaves work running)."""
+def wait_all(futures: Iterable[Future[Any]], *, cancel_on_error: bool = False) -> None:
+    """Wait for every future, then raise the first error (never leaves work running).
+
+    ``cancel_on_error``: once one fails, those a pool has not started are cancelled (their
+    work would be thrown away), and only the running ones are waited for. Only for futures
+    a pool's ``submit`` gave: one that code sets itself must not be cancelled under it."""
+    futures = list(futures)
+    cancelled: set[int] = set()
+    if cancel_on_error:
+        _, pending = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+        if any(f.done() and not f.cancelled() and f.exception() is not None for f in futures):
+            cancelled = {id(f) for f in pending if f.cancel()}
+        concurrent.futures.wait(futures)
     first: BaseException | None = None
-    for f in list(futures):
+    for f in futures:
+        if id(f) in cancelled:
+            continue
         try:
             f.result()
         except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others finish

@@ -385,3 +385,59 @@ def test_a_packed_object_forged_to_pass_the_first_pass_is_refused_in_the_second(
     store.write(store.manifest_path(1), json.dumps(doc).encode())
     with pytest.raises(ckpt.CorruptCheckpointError, match="partly overwritten"):
         ckpt.restore(url, _small_state(1), step=1)
+
+
+def _rle_zeros(n: int) -> bytes:
+    """One zstd frame of ``n`` zero bytes made of run-length blocks (RFC 8878): 4 bytes a 128 KiB."""
+    block = 128 * 1024
+    head = zstd_mod._ZSTD_MAGIC + bytes([0xC0, (17 - 10) << 3]) + n.to_bytes(8, "little")
+    full, last = divmod(n, block)
+    sizes = [block] * full + ([last] if last else [])
+    return head + b"".join(
+        ((s << 3) | (1 << 1) | (i == len(sizes) - 1)).to_bytes(3, "little") + b"\0" for i, s in enumerate(sizes)
+    )
+
+
+@pytest.mark.parametrize("read", ["restore", "load"])
+def test_a_packed_object_forged_to_declare_a_huge_size_is_refused_at_once(tmp_path, read):
+    """Runs of zeros store 4 GiB in 128 KiB: a packed object declaring far more bytes than
+    its tensors read is refused, not decoded (nor allocated) for a few small tensors."""
+    url = str(tmp_path / "store")
+    state = _small_state(0)
+    ckpt.save(url, state, step=1)
+    store = Store(url)
+    key = next(c.key for e in load_manifest(store, 1).tensors.values() for c in e.chunks)
+    of = 4 << 30
+    frame = _rle_zeros(of // 4)
+    payload = _PLANE.pack(1, len(frame)) * 4 + frame * 4
+    with open(store.object_path(key), "wb") as f:
+        f.write(payload)
+    doc = json.loads(store.read_manifest(1))
+    doc["chunk_bytes"] = of
+    for entry in doc["tensors"].values():
+        for chunk in entry["chunks"]:
+            if chunk["key"] == key:
+                chunk.update(of=of, stored=len(payload), stored_hash=xxhash.xxh3_128_hexdigest(payload))
+    store.write(store.manifest_path(1), json.dumps(doc).encode())
+    with pytest.raises(ckpt.CorruptCheckpointError, match=f"packed object {key} declares {of} bytes"):
+        if read == "restore":
+            ckpt.restore(url, _small_state(1), step=1)
+        else:
+            ckpt.load(url, step=1)
+
+
+@pytest.mark.parametrize("n", [30_000, 3_000])  # a pack streamed, a pack decoded whole
+def test_a_packed_record_of_no_bytes_reads_nothing(tmp_path, n):
+    url = str(tmp_path / "store")
+    state = {f"t{i:02d}": torch.randn(n) for i in range(68)}
+    ckpt.save(url, state, step=1)
+    store = Store(url)
+    doc = json.loads(store.read_manifest(1))
+    entry = doc["tensors"]["t05"]
+    entry["shape"], entry["nbytes"], entry["chunks"][0]["size"] = [0], 0, 0
+    store.write(store.manifest_path(1), json.dumps(doc).encode())
+    state["t05"] = torch.zeros(0)
+    live = {k: torch.zeros_like(v) for k, v in state.items()}
+    ckpt.restore(url, live, step=1)
+    loaded = ckpt.load(url, step=1)
+    assert all(torch.equal(live[k], state[k]) and torch.equal(loaded[k], state[k]) for k in state)

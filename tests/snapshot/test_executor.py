@@ -172,3 +172,30 @@ def test_idle_workers_hold_no_zstd_compressors():
             again, lambda: (getattr(zstd._local, "cctx", None), getattr(zstd._local, "prefix_dctx", None))
         )
     assert [h for _, h in held] == [(None, None)] * 2
+
+
+def test_wait_all_cancelling_on_error_runs_nothing_more_and_raises_the_error():
+    ran: list[int] = []
+    gate = threading.Event()
+
+    def job(i: int) -> None:
+        if i == 0:
+            gate.wait(5)
+            raise ValueError("object 0 refused")
+        time.sleep(0.05)  # (the one that starts while the error is being seen)
+        ran.append(i)
+
+    with io_pool("test-cancel", 1) as pool:
+        futures = [pool.submit(job, i) for i in range(20)]
+        gate.set()
+        with pytest.raises(ValueError, match="object 0 refused"):
+            executor.wait_all(futures, cancel_on_error=True)
+        assert all(f.done() for f in futures)  # nothing left running
+    assert len(ran) <= 1  # one thread: of the 19 behind the failure, the one it started at most
+    ran.clear()
+
+    with io_pool("test-cancel", 1) as pool:  # without it, every job runs before the error
+        futures = [pool.submit(job, i) for i in range(20)]
+        with pytest.raises(ValueError):
+            executor.wait_all(futures)
+    assert ran == list(range(1, 20))
