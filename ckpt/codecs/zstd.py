@@ -135,8 +135,8 @@ _MIN_SAVING = 0.02
 #: a byte plane is compressed only when that saves at least this fraction of it. Below that,
 #: Huffman coding a plane costs more than it saves: it is ~1 ns a byte to encode and as
 #: much to decode, for a few percent of the bytes. The low mantissa planes of
-#: all-MiniLM-L6-v2's fp32 weights save 2.8% and 1.5%: compressing them took 19 of the 80
-#: ms of CPU its save took, for 1.3% of its store (1.216x instead of 1.20x).
+#: all-MiniLM-L6-v2's fp32 weights save 2.8% and 1.5%: compressing them took about 19 of
+#: the ~100 ms of CPU its save took, for 0.5% of its store (1.216x instead of 1.210x).
 _PLANE_MIN_SAVING = 0.05
 #: bytes of a plane compressed to decide, by the saving, whether to compress all of it; a
 #: plane of 4 samples or fewer is compressed and kept or not as a whole

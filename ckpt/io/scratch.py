@@ -43,11 +43,11 @@ class _Pool:
         self.keep, self.most = keep, max(keep, most)
         self._free: list[np.ndarray] = []
         self._lock = threading.Lock()
-        #: bytes lent and not given back, and the most that ever were at once
-        self._out = self._peak = 0
-        #: what each buffer lent and not given back counts in ``_out``, by id: one that
-        #: :func:`release` took out, or that was never lent, counts for nothing when given
+        #: the bytes of each buffer lent and not given back, by id (one that :func:`release`
+        #: took out, or that was never lent, counts for nothing when given), and the most
+        #: bytes that ever were lent at once
         self._lent_ids: dict[int, int] = {}
+        self._peak = 0
 
     def bound(self) -> int:
         """Bytes the pool keeps now: what was lent at once at most, within its bounds."""
@@ -55,8 +55,7 @@ class _Pool:
 
     def _lent(self, buf: np.ndarray) -> np.ndarray:
         self._lent_ids[id(buf)] = buf.nbytes
-        self._out += buf.nbytes
-        self._peak = max(self._peak, self._out)
+        self._peak = max(self._peak, sum(self._lent_ids.values()))
         return buf
 
     def take(self, nbytes: int, what: str = "a buffer") -> np.ndarray:
@@ -76,7 +75,8 @@ class _Pool:
 
     def give(self, bufs: list[np.ndarray]) -> None:
         with self._lock:
-            self._out -= sum(self._lent_ids.pop(id(b), 0) for b in bufs)
+            for b in bufs:
+                self._lent_ids.pop(id(b), None)
             free = sorted(self._free + bufs, key=lambda b: b.nbytes, reverse=True)
             kept, total, keep = [], 0, self.bound()
             for b in free:  # the largest first: they serve any smaller payload too
