@@ -137,5 +137,22 @@ def test_stored_bytes_count_the_manifest_across_a_change_of_digits(store_url):
     for digits in range(1, 13):
         for written in (10**digits - 1 - len(manifest.to_json_bytes()), 10**digits - 700, 10**digits - 3, 10**digits):
             written = max(0, written)
-            settled = settle_stored_bytes(manifest, written)
-            assert settled.stored_bytes == written + len(settled.to_json_bytes()), written
+            settled, body = settle_stored_bytes(manifest, written)
+            assert body == settled.to_json_bytes(), written  # the digits put in place
+            assert settled.stored_bytes == written + len(body), written
+
+
+def test_stored_bytes_settled_when_its_field_text_is_also_in_meta(store_url):
+    """A meta entry spelled like the stored_bytes field (same name, same value) is left alone:
+    the body is serialized again, not patched in both places."""
+    import dataclasses
+
+    from ckpt.storage.commit import load_manifest, settle_stored_bytes
+
+    ckpt.save(store_url, {"x": torch.randn(100)}, step=0)
+    manifest = load_manifest(Store(store_url), 0)
+    manifest = dataclasses.replace(manifest, meta={"stored_bytes": manifest.stored_bytes, "z": 1})
+    settled, body = settle_stored_bytes(manifest, 12345)
+    assert body == settled.to_json_bytes()
+    assert settled.meta["stored_bytes"] == manifest.stored_bytes != settled.stored_bytes
+    assert settled.stored_bytes == 12345 + len(body)
