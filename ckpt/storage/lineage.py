@@ -201,6 +201,7 @@ def find_latest(store: ManifestStore, *, repair: bool = False) -> Latest:
             )
         try:
             store.write_latest(best.step, best.seq)
+            store.sync_dirs()
         except CheckpointError as exc:
             log.warning("refs/latest of %s could not be repaired (%s); it is only a hint", store.url, exc)
     return latest

@@ -193,15 +193,12 @@ class Store(LocalFiles, ManifestsAndRefs):
         # parts' worth on; below that one PUT. Other backends decide themselves.
         return {"chunksize": config.part_bytes()} if self._s3 else {}
 
-    def write(self, path: str, data: bytes | memoryview, *, durable: bool = True) -> None:
-        """Write one whole file atomically (temp + fsync + rename locally; one upload remotely).
-
-        ``durable`` False: locally, neither the file nor its rename is fsynced (a hint that a
-        crash may leave stale, or lose: ``refs/latest``); readers see it all the same."""
+    def write(self, path: str, data: bytes | memoryview) -> None:
+        """Write one whole file atomically (temp + fsync + rename locally; one upload remotely)."""
         what = f"writing {path}"
         try:
             if self.local:
-                self._io(what, lambda: self._write_local(path, data, durable=durable), "write")
+                self._io(what, lambda: self._write_local(path, data), "write")
                 return
             body = bytes(data) if isinstance(data, memoryview) else data
             options = self._put_options(len(body))
@@ -266,10 +263,6 @@ class Store(LocalFiles, ManifestsAndRefs):
     # -- objects -------------------------------------------------------------------------
     def put_object(self, key: str, payload: bytes | memoryview) -> None:
         self.write(self.object_path(key), payload)
-        # its folder's entry made durable now, by the writing thread while others still encode
-        # and write, not all at the commit, which waits on them (up to 2 ms for the ~20 new
-        # folders of a 17-object save, on this project's machine)
-        self.sync_dirs()
 
     def get_object(self, key: str, *, what: str = "", limit: int | None = None) -> bytes:
         """Object ``key``, or its first ``limit`` bytes when it is longer (a reader passes the

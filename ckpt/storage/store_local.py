@@ -102,11 +102,11 @@ class LocalFiles:
                 self._dirty_dirs.update(os.path.dirname(d) for d in missing)
         self._made_dirs.add(directory)
 
-    def _write_local(self, path: str, data: bytes | memoryview, *, durable: bool = True) -> None:
+    def _write_local(self, path: str, data: bytes | memoryview) -> None:
         directory = os.path.dirname(path)
         self._mkdir(directory)
         tmp = temporary_name(path)
-        sync = durable and config.fsync()
+        sync = config.fsync()
         # fsynced anyway and not read until a restore: large objects skip the page cache
         direct = sync and self.direct_writes and memoryview(data).nbytes >= direct_io.MIN_BYTES
         try:
@@ -123,9 +123,8 @@ class LocalFiles:
             except OSError:
                 pass
             raise
-        if durable:
-            with self._dirs_lock:
-                self._dirty_dirs.add(directory)
+        with self._dirs_lock:
+            self._dirty_dirs.add(directory)
 
     def _write_direct(self, tmp: str, data: bytes | memoryview) -> bool:
         """``tmp`` written around the page cache and fsynced; False when this filesystem

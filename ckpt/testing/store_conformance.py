@@ -56,12 +56,12 @@ def spy_writes(before: Callable[[str, memoryview | bytes], None] | None = None) 
     lock = threading.Lock()
     real = Store.write
 
-    def write(self: Store, path: str, data: memoryview | bytes, **how: bool) -> None:
+    def write(self: Store, path: str, data: memoryview | bytes) -> None:
         if before is not None:
             before(path, data)
         with lock:
             written.append(path)
-        real(self, path, data, **how)
+        real(self, path, data)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Store, "write", write)
