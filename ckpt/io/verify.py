@@ -78,7 +78,7 @@ def verify_objects(store: Store, codecs: CodecRegistry, reads: Iterable[tuple[Ch
     # A local store's objects are hashed as they stream by: CPU work when they are in the page
     # cache (a restore that follows a save, or a second restore), one thread per core then.
     # The 1.2 GB benchmark state on this project's 2-core machine: its stored bytes hashed in
-    # 80 ms by 2 threads, 108 ms by 8, and its restore 289 ms against 320 (medians of 8);
+    # 77-92 ms by 2 threads, 104-110 ms by 8, and its restore 289 ms against 320 (medians of 8);
     # read from the device, 2 threads and 8 restored it alike (699 and 689 ms).
     with io_pool("ckpt-verify", cpu_threads() if store.local else None) as pool:
         # decodes as the second pass will (cache_bytes=0, see read_tensors' cache_parents): a

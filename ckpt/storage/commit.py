@@ -105,9 +105,9 @@ def settle_stored_bytes(manifest: Manifest, written_bytes: int) -> tuple[Manifes
             break
         stored = now
     settled = dataclasses.replace(manifest, stored_bytes=stored)
-    # and its digits put in place (0.8 ms less than serializing again, for MiniLM's 105
-    # tensors), where the field's text is found once (a meta key of that name and value
-    # aside: then serialized again)
+    # and its digits put in place, where the field's text is found once (a meta key of that
+    # name and value aside: then serialized again): settling a bf16 MiniLM save's manifest
+    # (104 tensors) took 1.6-1.7 ms serializing twice, 1.0 ms once (medians of 20 saves)
     field = b'"stored_bytes":%d,' % manifest.stored_bytes
     if body.count(field) == 1:
         return settled, body.replace(field, b'"stored_bytes":%d,' % stored)
